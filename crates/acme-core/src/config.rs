@@ -1,0 +1,251 @@
+//! Pipeline configuration: a serde struct with defaults, a builder and `validate()`.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// Default schema of the source tables.
+pub const DEFAULT_SCHEMA: &str = "operations";
+/// Default source tables.
+pub const DEFAULT_TABLES: [&str; 4] = ["customers", "products", "orders", "order_items"];
+/// Default rows per Arrow record batch.
+pub const DEFAULT_BATCH_ROWS: usize = 64 * 1024;
+/// Default target size of a Parquet data file, in bytes.
+pub const DEFAULT_TARGET_FILE_BYTES: u64 = 128 * 1024 * 1024;
+/// Default number of parallel copy connections per snapshot.
+pub const DEFAULT_SNAPSHOT_PARALLELISM: usize = 2;
+/// Default name of the logical replication slot acme owns.
+pub const DEFAULT_SLOT: &str = "acme_slot";
+/// Default name of the publication acme reads.
+pub const DEFAULT_PUBLICATION: &str = "acme_publication";
+/// Default longest time a change waits before its micro-batch is committed.
+pub const DEFAULT_FLUSH_INTERVAL: Duration = Duration::from_millis(200);
+/// Default largest number of changes in one micro-batch.
+pub const DEFAULT_MAX_BATCH_CHANGES: usize = 200_000;
+
+/// Configuration of an acme pipeline.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct AcmeConfig {
+    /// PostgreSQL URL of the source (`postgres://user:password@host:port/db?sslmode=...`).
+    pub source_url: Option<String>,
+    /// Where the layers live: a local path, `file:///path` or `s3://bucket/prefix`.
+    pub storage_url: String,
+    /// Options for the object store (for S3: `aws_endpoint`, `aws_region`, `aws_allow_http`, ...).
+    pub storage_options: HashMap<String, String>,
+    /// Source schema.
+    pub schema: String,
+    /// Source tables to replicate.
+    pub tables: Vec<String>,
+    /// Rows per Arrow record batch.
+    pub batch_rows: usize,
+    /// Target Parquet file size in bytes.
+    pub target_file_bytes: u64,
+    /// Parallel copy connections used by the snapshot.
+    pub snapshot_parallelism: usize,
+    /// Replication slot name.
+    pub slot: String,
+    /// Publication name.
+    pub publication: String,
+    /// Longest time a change waits before its micro-batch is committed.
+    #[serde(with = "duration_millis")]
+    pub flush_interval: Duration,
+    /// Largest number of changes in one micro-batch.
+    pub max_batch_changes: usize,
+}
+
+impl Default for AcmeConfig {
+    fn default() -> Self {
+        Self {
+            source_url: None,
+            storage_url: "./acme-warehouse".to_string(),
+            storage_options: HashMap::new(),
+            schema: DEFAULT_SCHEMA.to_string(),
+            tables: DEFAULT_TABLES.iter().map(|t| t.to_string()).collect(),
+            batch_rows: DEFAULT_BATCH_ROWS,
+            target_file_bytes: DEFAULT_TARGET_FILE_BYTES,
+            snapshot_parallelism: DEFAULT_SNAPSHOT_PARALLELISM,
+            slot: DEFAULT_SLOT.to_string(),
+            publication: DEFAULT_PUBLICATION.to_string(),
+            flush_interval: DEFAULT_FLUSH_INTERVAL,
+            max_batch_changes: DEFAULT_MAX_BATCH_CHANGES,
+        }
+    }
+}
+
+impl AcmeConfig {
+    /// Start a builder from the defaults.
+    pub fn builder() -> AcmeConfigBuilder {
+        AcmeConfigBuilder { config: AcmeConfig::default() }
+    }
+
+    /// Check every setting; the error names the setting and what is expected.
+    pub fn validate(&self) -> Result<()> {
+        let invalid = |setting, message: &str| Err(Error::Config { setting, message: message.to_string() });
+        if self.storage_url.trim().is_empty() {
+            return invalid("storage_url", "must not be empty");
+        }
+        if self.tables.is_empty() {
+            return invalid("tables", "select at least one source table");
+        }
+        for name in self.tables.iter().chain([&self.schema, &self.slot, &self.publication]) {
+            if !is_identifier(name) {
+                return Err(Error::Config {
+                    setting: "tables/schema/slot/publication",
+                    message: format!("`{name}` is not a plain identifier (letters, digits, underscores)"),
+                });
+            }
+        }
+        if self.batch_rows == 0 || self.batch_rows > 16 * 1024 * 1024 {
+            return invalid("batch_rows", "must be between 1 and 16777216");
+        }
+        if self.target_file_bytes < 1024 * 1024 {
+            return invalid("target_file_bytes", "must be at least 1 MiB");
+        }
+        if self.snapshot_parallelism == 0 || self.snapshot_parallelism > 64 {
+            return invalid("snapshot_parallelism", "must be between 1 and 64");
+        }
+        if self.flush_interval.is_zero() {
+            return invalid("flush_interval", "must be positive");
+        }
+        if self.max_batch_changes == 0 {
+            return invalid("max_batch_changes", "must be positive");
+        }
+        Ok(())
+    }
+}
+
+/// A PostgreSQL identifier acme accepts without quoting: `[a-z_][a-z0-9_]*`.
+pub fn is_identifier(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_lowercase() || c == '_')
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && name.len() <= 63
+}
+
+/// Builder of [`AcmeConfig`]; `build()` validates.
+#[derive(Debug, Clone)]
+pub struct AcmeConfigBuilder {
+    config: AcmeConfig,
+}
+
+impl AcmeConfigBuilder {
+    /// The source PostgreSQL URL.
+    pub fn source_url(mut self, url: impl Into<String>) -> Self {
+        self.config.source_url = Some(url.into());
+        self
+    }
+
+    /// Where the layers live.
+    pub fn storage_url(mut self, url: impl Into<String>) -> Self {
+        self.config.storage_url = url.into();
+        self
+    }
+
+    /// One object-store option (e.g. `aws_endpoint`).
+    pub fn storage_option(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.config.storage_options.insert(key.into(), value.into());
+        self
+    }
+
+    /// The source schema.
+    pub fn schema(mut self, schema: impl Into<String>) -> Self {
+        self.config.schema = schema.into();
+        self
+    }
+
+    /// The source tables to replicate.
+    pub fn tables<I, S>(mut self, tables: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.config.tables = tables.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Rows per record batch.
+    pub fn batch_rows(mut self, rows: usize) -> Self {
+        self.config.batch_rows = rows;
+        self
+    }
+
+    /// Target Parquet file size.
+    pub fn target_file_bytes(mut self, bytes: u64) -> Self {
+        self.config.target_file_bytes = bytes;
+        self
+    }
+
+    /// Parallel copy connections of the snapshot.
+    pub fn snapshot_parallelism(mut self, n: usize) -> Self {
+        self.config.snapshot_parallelism = n;
+        self
+    }
+
+    /// Replication slot name.
+    pub fn slot(mut self, slot: impl Into<String>) -> Self {
+        self.config.slot = slot.into();
+        self
+    }
+
+    /// Publication name.
+    pub fn publication(mut self, publication: impl Into<String>) -> Self {
+        self.config.publication = publication.into();
+        self
+    }
+
+    /// Longest wait before a micro-batch commits.
+    pub fn flush_interval(mut self, interval: Duration) -> Self {
+        self.config.flush_interval = interval;
+        self
+    }
+
+    /// Largest micro-batch.
+    pub fn max_batch_changes(mut self, n: usize) -> Self {
+        self.config.max_batch_changes = n;
+        self
+    }
+
+    /// Validate and return the configuration.
+    pub fn build(self) -> Result<AcmeConfig> {
+        self.config.validate()?;
+        Ok(self.config)
+    }
+}
+
+mod duration_millis {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(d.as_millis() as u64)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        Ok(Duration::from_millis(u64::deserialize(d)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_validate() {
+        assert!(AcmeConfig::default().validate().is_ok());
+    }
+
+    #[test]
+    fn builder_rejects_bad_settings_with_the_setting_name() {
+        let err = AcmeConfig::builder().batch_rows(0).build().expect_err("zero batch");
+        assert!(err.to_string().contains("batch_rows"), "{err}");
+        let err = AcmeConfig::builder().tables(["orders; drop"]).build().expect_err("bad name");
+        assert!(err.to_string().contains("orders; drop"), "{err}");
+        let err = AcmeConfig::builder().tables(Vec::<String>::new()).build().expect_err("no tables");
+        assert!(err.to_string().contains("tables"), "{err}");
+    }
+}

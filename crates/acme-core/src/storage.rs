@@ -1,0 +1,340 @@
+//! The storage layout and the one commit path every layer uses.
+//!
+//! Every layer table is a Delta Lake table at `<storage>/<layer>/<table>`. Data is streamed
+//! into Parquet files by a [`LayerWriter`]; a commit adds those files to the Delta log
+//! together with a Delta *application transaction* (`txn`) action that records the source
+//! position (the LSN) the commit covers. Readers never see half a commit, and after a restart
+//! [`LayerTable::position`] tells exactly what is already stored.
+
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use arrow::array::RecordBatch;
+use arrow::datatypes::Schema;
+use deltalake::kernel::engine::arrow_conversion::TryIntoKernel;
+use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
+use deltalake::kernel::{Action, Add, StructType, Transaction};
+use deltalake::logstore::LogStoreRef;
+use deltalake::protocol::{DeltaOperation, SaveMode};
+use deltalake::writer::{DeltaWriter, RecordBatchWriter};
+use deltalake::{DeltaTable, DeltaTableBuilder};
+use object_store::ObjectStore;
+use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::properties::WriterProperties;
+use url::Url;
+
+use crate::error::{Error, Result};
+
+/// The three layers of the warehouse.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Layer {
+    /// Every change as it happened (append-only).
+    Raw,
+    /// SCD type-2 history per entity.
+    Intermediate,
+    /// The dimensional star model.
+    Presentation,
+}
+
+impl Layer {
+    /// The directory name of the layer.
+    pub fn dir(&self) -> &'static str {
+        match self {
+            Layer::Raw => "raw",
+            Layer::Intermediate => "intermediate",
+            Layer::Presentation => "presentation",
+        }
+    }
+}
+
+/// A position committed with a layer commit: a Delta application transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Position {
+    /// Who wrote it (for example `acme-cdc`).
+    pub app_id: String,
+    /// Monotonic version: the source LSN the commit covers (inclusive).
+    pub version: i64,
+}
+
+impl Position {
+    /// A position for `app_id` at `version`.
+    pub fn new(app_id: impl Into<String>, version: i64) -> Self {
+        Self { app_id: app_id.into(), version }
+    }
+}
+
+/// Where the layers live and how to reach them.
+#[derive(Debug, Clone)]
+pub struct Storage {
+    root: Url,
+    options: HashMap<String, String>,
+    backend: Option<Arc<dyn ObjectStore>>,
+}
+
+impl Storage {
+    /// Storage at `url`: a local path, `file:///path` or `s3://bucket/prefix`.
+    ///
+    /// For S3, the standard `AWS_*` environment variables apply, and `options` may set
+    /// object_store's S3 keys (`aws_endpoint`, `aws_region`, `aws_allow_http`, ...).
+    pub fn new(url: &str, options: HashMap<String, String>) -> Result<Self> {
+        let bad = |message: &str| Error::StorageUrl { url: url.to_string(), message: message.to_string() };
+        let trimmed = url.trim();
+        if trimmed.is_empty() {
+            return Err(bad("empty"));
+        }
+        let root = if trimmed.contains("://") {
+            let mut parsed = Url::parse(trimmed).map_err(|e| bad(&e.to_string()))?;
+            if !parsed.path().ends_with('/') {
+                let path = format!("{}/", parsed.path());
+                parsed.set_path(&path);
+            }
+            parsed
+        } else {
+            let path = std::path::Path::new(trimmed);
+            std::fs::create_dir_all(path).map_err(|e| bad(&format!("cannot create the directory: {e}")))?;
+            let absolute = std::fs::canonicalize(path).map_err(|e| bad(&e.to_string()))?;
+            Url::from_directory_path(&absolute).map_err(|_| bad("not an absolute path"))?
+        };
+        let backend: Option<Arc<dyn ObjectStore>> = match root.scheme() {
+            "file" => {
+                let dir = root.to_file_path().map_err(|_| bad("not a local path"))?;
+                std::fs::create_dir_all(&dir).map_err(|e| bad(&format!("cannot create the directory: {e}")))?;
+                None
+            }
+            "s3" | "s3a" => {
+                let bucket = root.host_str().ok_or_else(|| bad("missing bucket name"))?;
+                let mut builder = AmazonS3Builder::from_env().with_bucket_name(bucket);
+                for (key, value) in &options {
+                    let key = AmazonS3ConfigKey::from_str(&key.to_ascii_lowercase())
+                        .map_err(|_| bad(&format!("unknown S3 storage option `{key}`")))?;
+                    builder = builder.with_config(key, value.trim_end_matches('/'));
+                }
+                let store = builder.build().map_err(|source| Error::ObjectStore { url: url.to_string(), source })?;
+                Some(Arc::new(store))
+            }
+            other => return Err(bad(&format!("unsupported scheme `{other}`"))),
+        };
+        Ok(Self { root, options, backend })
+    }
+
+    /// The root URL (always ends with `/`).
+    pub fn root(&self) -> &Url {
+        &self.root
+    }
+
+    /// The URL of a layer table.
+    pub fn table_url(&self, layer: Layer, table: &str) -> Result<Url> {
+        self.root.join(&format!("{}/{table}/", layer.dir())).map_err(|e| Error::StorageUrl {
+            url: self.root.to_string(),
+            message: format!("cannot address table {table}: {e}"),
+        })
+    }
+
+    fn builder(&self, url: &Url) -> Result<DeltaTableBuilder> {
+        let name = url.to_string();
+        let builder = DeltaTableBuilder::from_url(url.clone()).map_err(Error::delta(name, "open"))?;
+        Ok(match &self.backend {
+            Some(store) => builder.with_storage_backend(Arc::clone(store), url.clone()),
+            None => builder.with_storage_options(self.options.clone()),
+        })
+    }
+
+    fn log_store(&self, url: &Url, name: &str) -> Result<LogStoreRef> {
+        self.builder(url)?.build_storage().map_err(Error::delta(name, "open storage"))
+    }
+
+    /// Open a layer table if it exists.
+    pub async fn open(&self, layer: Layer, table: &str) -> Result<Option<LayerTable>> {
+        let url = self.table_url(layer, table)?;
+        let name = format!("{}/{table}", layer.dir());
+        let mut delta = self.builder(&url)?.build().map_err(Error::delta(&name, "open"))?;
+        if !delta.verify_deltatable_existence().await.map_err(Error::delta(&name, "check existence"))? {
+            return Ok(None);
+        }
+        delta.load().await.map_err(Error::delta(&name, "load"))?;
+        Ok(Some(LayerTable { name, delta }))
+    }
+
+    /// Open a layer table, creating it with `schema` when it does not exist yet.
+    pub async fn open_or_create(&self, layer: Layer, table: &str, schema: &Schema) -> Result<LayerTable> {
+        if let Some(existing) = self.open(layer, table).await? {
+            return Ok(existing);
+        }
+        let url = self.table_url(layer, table)?;
+        let name = format!("{}/{table}", layer.dir());
+        let kernel: StructType = schema.try_into_kernel().map_err(|e| Error::SchemaMismatch {
+            table: name.clone(),
+            message: format!("the Arrow schema has no Delta equivalent: {e}"),
+        })?;
+        let created = deltalake::operations::create::CreateBuilder::new()
+            .with_location(url.to_string())
+            .with_log_store(self.log_store(&url, &name)?)
+            .with_table_name(table)
+            .with_columns(kernel.fields().cloned())
+            .with_save_mode(deltalake::protocol::SaveMode::Ignore)
+            .await;
+        match created {
+            Ok(delta) => Ok(LayerTable { name, delta }),
+            // Another writer created it first: open theirs.
+            Err(_) => self
+                .open(layer, table)
+                .await?
+                .ok_or_else(|| Error::Internal(format!("table {name} neither created nor found"))),
+        }
+    }
+}
+
+/// One Delta table of a layer.
+#[derive(Debug, Clone)]
+pub struct LayerTable {
+    name: String,
+    delta: DeltaTable,
+}
+
+impl LayerTable {
+    /// `layer/table`.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The underlying Delta table.
+    pub fn delta(&self) -> &DeltaTable {
+        &self.delta
+    }
+
+    /// The loaded version of the table.
+    pub fn version(&self) -> Option<u64> {
+        self.delta.version()
+    }
+
+    /// Reload the table's latest state.
+    pub async fn refresh(&mut self) -> Result<()> {
+        self.delta.update_state().await.map_err(Error::delta(&self.name, "refresh"))
+    }
+
+    /// The Arrow schema of the table.
+    pub fn schema(&self) -> Result<Arc<Schema>> {
+        let snapshot = self.delta.snapshot().map_err(Error::delta(&self.name, "read schema"))?;
+        Ok(snapshot.snapshot().arrow_schema())
+    }
+
+    /// The last position committed by `app_id`, if any.
+    pub async fn position(&self, app_id: &str) -> Result<Option<i64>> {
+        let snapshot = self.delta.snapshot().map_err(Error::delta(&self.name, "read position"))?;
+        snapshot
+            .transaction_version(self.delta.log_store().as_ref(), app_id)
+            .await
+            .map_err(Error::delta(&self.name, "read position"))
+    }
+
+    /// A writer that streams batches into new Parquet files of this table.
+    pub fn writer(&self, target_file_bytes: u64) -> Result<LayerWriter> {
+        let inner = RecordBatchWriter::for_table(&self.delta)
+            .map_err(Error::delta(&self.name, "create writer"))?
+            .with_target_file_size(target_file_bytes)
+            .with_writer_properties(writer_properties());
+        Ok(LayerWriter { inner, rows: 0 })
+    }
+}
+
+/// Parquet settings of every layer file: zstd level 1 (fast and compact), page statistics.
+pub fn writer_properties() -> WriterProperties {
+    WriterProperties::builder()
+        .set_compression(Compression::ZSTD(ZstdLevel::try_new(1).unwrap_or_default()))
+        .set_max_row_group_row_count(Some(1024 * 1024))
+        .build()
+}
+
+/// What a commit did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommitOutcome {
+    /// A new table version holding the data and the position.
+    Committed {
+        /// The new Delta version.
+        version: u64,
+        /// Files added.
+        files: usize,
+    },
+    /// The position was already stored: nothing was written (exactly-once on replay).
+    AlreadyCommitted,
+}
+
+/// Whether a commit appends files or replaces every file of the table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommitMode {
+    /// Add the new files to the table.
+    Append,
+    /// Remove every active file and add the new ones (a full rewrite, e.g. a re-run snapshot).
+    ReplaceAll,
+}
+
+impl LayerTable {
+    /// Commit `adds` and `position` atomically as one new table version: the one commit path
+    /// of every layer. When `position` is already stored, nothing is committed.
+    pub async fn commit(&mut self, adds: Vec<Add>, position: &Position, mode: CommitMode) -> Result<CommitOutcome> {
+        self.refresh().await?;
+        if let Some(stored) = self.position(&position.app_id).await?
+            && stored >= position.version
+        {
+            return Ok(CommitOutcome::AlreadyCommitted);
+        }
+        let files = adds.len();
+        let mut actions: Vec<Action> = Vec::with_capacity(files);
+        let snapshot = self.delta.snapshot().map_err(Error::delta(&self.name, "commit"))?;
+        if mode == CommitMode::ReplaceAll {
+            actions.extend(snapshot.log_data().iter().map(|file| Action::Remove(file.remove_action(true))));
+        }
+        actions.extend(adds.into_iter().map(Action::Add));
+        let operation = DeltaOperation::Write {
+            mode: match mode {
+                CommitMode::Append => SaveMode::Append,
+                CommitMode::ReplaceAll => SaveMode::Overwrite,
+            },
+            partition_by: None,
+            predicate: None,
+        };
+        let properties = CommitProperties::default()
+            .with_application_transaction(Transaction::new(&position.app_id, position.version));
+        let finalized = CommitBuilder::from(properties)
+            .with_actions(actions)
+            .build(Some(snapshot), self.delta.log_store(), operation)
+            .await
+            .map_err(Error::delta(&self.name, "commit"))?;
+        let version = finalized.version();
+        self.delta.state = Some(finalized.snapshot());
+        Ok(CommitOutcome::Committed { version, files })
+    }
+}
+
+/// Streams record batches into Parquet files of one layer table; nothing is visible to
+/// readers until the files are committed with [`LayerTable::commit`].
+pub struct LayerWriter {
+    inner: RecordBatchWriter,
+    rows: u64,
+}
+
+impl std::fmt::Debug for LayerWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LayerWriter").field("rows", &self.rows).finish()
+    }
+}
+
+impl LayerWriter {
+    /// Stream one batch into the open file (a new file starts at the target size).
+    pub async fn write(&mut self, table_name: &str, batch: RecordBatch) -> Result<()> {
+        self.rows += batch.num_rows() as u64;
+        self.inner.write(batch).await.map_err(Error::delta(table_name, "write"))
+    }
+
+    /// Rows written so far.
+    pub fn rows(&self) -> u64 {
+        self.rows
+    }
+
+    /// Finish the open files and return their Add actions, ready for [`LayerTable::commit`].
+    pub async fn finish(mut self, table_name: &str) -> Result<Vec<Add>> {
+        self.inner.flush().await.map_err(Error::delta(table_name, "finish files"))
+    }
+}

@@ -1,0 +1,112 @@
+//! The error type of acme-ingest.
+
+/// Result alias with [`IngestError`] as the default error type.
+pub type Result<T, E = IngestError> = std::result::Result<T, E>;
+
+/// What can go wrong while reading the source and writing the raw layer.
+///
+/// Messages name the table, column, setting or slot concerned and say what to do.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum IngestError {
+    /// No source URL was configured.
+    #[error("no source database: set `source_url` (postgres://user:password@host:port/database)")]
+    NoSource,
+    /// The source URL does not parse.
+    #[error("invalid source URL ({message}); expected postgres://user:password@host:port/database")]
+    BadUrl {
+        /// What is wrong (never the password).
+        message: String,
+    },
+    /// Cannot connect to the source.
+    #[error("cannot connect to PostgreSQL at {target}: check host, port, user, password and database")]
+    Connect {
+        /// host:port/database (never the password).
+        target: String,
+        /// The cause.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    /// A source statement failed.
+    #[error("PostgreSQL error while {context}")]
+    Source {
+        /// What acme was doing.
+        context: String,
+        /// The cause.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    /// A configured table does not exist.
+    #[error("source table {table} does not exist (or is not visible to this user); check `tables` and `schema`")]
+    MissingTable {
+        /// Qualified table name.
+        table: String,
+    },
+    /// A table has no columns acme can read.
+    #[error("source table {table} has no columns")]
+    NoColumns {
+        /// Qualified table name.
+        table: String,
+    },
+    /// A column type has no exact Arrow counterpart.
+    #[error(
+        "unsupported column type: {table}.{column} is {type_name}; acme copies int2/4/8, float4/8, numeric, bool, \
+         text/varchar/char, date, timestamp(tz), time, uuid, json(b) and bytea: exclude the table or change the column"
+    )]
+    UnsupportedType {
+        /// Qualified table name.
+        table: String,
+        /// Column name.
+        column: String,
+        /// The PostgreSQL type.
+        type_name: String,
+    },
+    /// A numeric value does not fit its Decimal128 column.
+    #[error("value {value} of {table}.{column} cannot be stored exactly: {message}")]
+    NumericOutOfRange {
+        /// Qualified table name.
+        table: String,
+        /// Column name.
+        column: String,
+        /// The value as text.
+        value: String,
+        /// Why.
+        message: String,
+    },
+    /// The wire data of a value is malformed.
+    #[error("malformed value in {table}.{column}: {message}")]
+    BadValue {
+        /// Qualified table name.
+        table: String,
+        /// Column name.
+        column: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// The binary COPY stream is malformed.
+    #[error("malformed COPY data for {table}: {message}")]
+    BadCopy {
+        /// Qualified table name.
+        table: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// A storage operation failed.
+    #[error(transparent)]
+    Storage(#[from] acme_core::Error),
+    /// Arrow failed to assemble a batch.
+    #[error("Arrow error while building a batch of {table}")]
+    Arrow {
+        /// Qualified table name.
+        table: String,
+        /// The cause.
+        #[source]
+        source: arrow::error::ArrowError,
+    },
+    /// A background task failed.
+    #[error("a pipeline task stopped unexpectedly: {0}")]
+    Task(String),
+    /// A bug in acme.
+    #[error("internal error (a bug in acme, please report it): {0}")]
+    Internal(String),
+}

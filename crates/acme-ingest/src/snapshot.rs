@@ -1,0 +1,549 @@
+//! The initial snapshot: a consistent copy of the source tables into the raw layer.
+//!
+//! One REPEATABLE READ transaction exports its snapshot; every copy connection imports it, so
+//! all tables are read at the same instant. Tables are split into physical block ranges
+//! (`ctid` ranges, so any table can be split, whatever its key) copied in parallel with
+//! `COPY ... TO STDOUT (FORMAT binary)`. Each copy worker decodes straight into Arrow builders
+//! and hands full batches to its own Parquet writer task, so copying, decoding and encoding
+//! overlap, and memory is bounded by the batch size and the channel depth, never by the table
+//! size. Each raw table gets one Delta commit carrying the snapshot LSN.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use acme_core::deltalake::kernel::Add;
+use acme_core::raw::{self, Operation};
+use acme_core::{AcmeConfig, CommitMode, CommitOutcome, Layer, LayerTable, Position, Storage};
+use arrow::array::{ArrayRef, Int64Array, RecordBatch, StringArray, TimestampMicrosecondArray, new_null_array};
+use bytes::{Buf, Bytes, BytesMut};
+use futures::StreamExt;
+use tokio::sync::{Mutex, mpsc};
+
+use crate::decode::{ColumnBuilder, ValueContext};
+use crate::error::{IngestError, Result};
+use crate::lsn::Lsn;
+use crate::source::{SourceTable, SourceUrl};
+
+const COPY_SIGNATURE: &[u8; 11] = b"PGCOPY\n\xff\r\n\0";
+/// Batches in flight between one copy worker and its writer task.
+const CHANNEL_DEPTH: usize = 2;
+/// Smallest range of blocks one copy covers (8 MiB of heap).
+const MIN_RANGE_PAGES: i64 = 1024;
+
+/// Live progress of a snapshot, per table: poll it from another task (a progress bar).
+#[derive(Debug, Default)]
+pub struct SnapshotProgress {
+    tables: std::sync::Mutex<Vec<Arc<TableProgress>>>,
+}
+
+/// Progress of one table.
+#[derive(Debug)]
+pub struct TableProgress {
+    /// `schema.table`.
+    pub table: String,
+    /// Rows decoded so far.
+    pub rows: AtomicU64,
+    /// COPY bytes received so far.
+    pub bytes: AtomicU64,
+    /// Estimated heap size of the table in bytes (for a progress bar's length).
+    pub estimated_bytes: AtomicU64,
+    /// Set when the table is committed.
+    pub done: AtomicBool,
+}
+
+impl SnapshotProgress {
+    /// A snapshot of the per-table progress.
+    pub fn tables(&self) -> Vec<Arc<TableProgress>> {
+        self.tables.lock().map(|t| t.clone()).unwrap_or_default()
+    }
+
+    fn register(&self, table: String, estimated: u64) -> Arc<TableProgress> {
+        let entry = Arc::new(TableProgress {
+            table,
+            rows: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            estimated_bytes: AtomicU64::new(estimated),
+            done: AtomicBool::new(false),
+        });
+        if let Ok(mut tables) = self.tables.lock() {
+            tables.push(Arc::clone(&entry));
+        }
+        entry
+    }
+}
+
+/// What one table's snapshot wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableSnapshot {
+    /// `schema.table`.
+    pub table: String,
+    /// Rows copied.
+    pub rows: u64,
+    /// COPY bytes received.
+    pub bytes: u64,
+    /// Parquet files committed.
+    pub files: usize,
+}
+
+/// What a snapshot did.
+#[derive(Debug, Clone)]
+pub struct SnapshotReport {
+    /// The source WAL position the snapshot stands at.
+    pub lsn: Lsn,
+    /// The exported snapshot's visibility (`pg_current_snapshot()` text: `xmin:xmax:xip,...`).
+    pub visibility: String,
+    /// Per table.
+    pub tables: Vec<TableSnapshot>,
+    /// True when the raw layer already held a complete snapshot and nothing was copied.
+    pub already_done: bool,
+    /// Wall time.
+    pub elapsed: Duration,
+}
+
+/// Builder of a snapshot run; `.await` (or [`Snapshot::run`]) runs it.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    config: AcmeConfig,
+    progress: Option<Arc<SnapshotProgress>>,
+}
+
+impl Snapshot {
+    /// A snapshot of the tables of `config` into its storage.
+    pub fn new(config: AcmeConfig) -> Self {
+        Self { config, progress: None }
+    }
+
+    /// Report progress into `progress`.
+    pub fn with_progress(mut self, progress: Arc<SnapshotProgress>) -> Self {
+        self.progress = Some(progress);
+        self
+    }
+
+    /// Run the snapshot.
+    pub async fn run(self) -> Result<SnapshotReport> {
+        let started = Instant::now();
+        self.config.validate()?;
+        let url = SourceUrl::parse(self.config.source_url.as_deref().ok_or(IngestError::NoSource)?)?;
+        let storage = Storage::new(&self.config.storage_url, self.config.storage_options.clone())?;
+        let control = url.connect().await?;
+        let mut tables = Vec::with_capacity(self.config.tables.len());
+        for name in &self.config.tables {
+            tables.push(SourceTable::load(&control, &self.config.schema, name).await?);
+        }
+        let mut layer_tables = Vec::with_capacity(tables.len());
+        for table in &tables {
+            layer_tables.push(storage.open_or_create(Layer::Raw, &table.name, &table.raw_schema()).await?);
+        }
+        let mut stored = Vec::with_capacity(tables.len());
+        for layer in &layer_tables {
+            stored.push(layer.position(raw::SNAPSHOT_APP).await?);
+        }
+        if let Some(Some(lsn)) = stored.first()
+            && stored.iter().all(|p| *p == Some(*lsn))
+        {
+            tracing::info!(lsn = %Lsn(*lsn as u64), "raw layer already holds a complete snapshot");
+            return Ok(SnapshotReport {
+                lsn: Lsn(*lsn as u64),
+                visibility: String::new(),
+                tables: Vec::new(),
+                already_done: true,
+                elapsed: started.elapsed(),
+            });
+        }
+
+        fn ctx(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> IngestError {
+            move |source| IngestError::Source { context: what.to_string(), source }
+        }
+        control
+            .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            .await
+            .map_err(ctx("starting the snapshot transaction"))?;
+        let row = control
+            .query_one(
+                "SELECT pg_export_snapshot(), pg_current_wal_lsn()::text, pg_current_snapshot()::text, \
+                 (extract(epoch from clock_timestamp()) * 1000000)::int8, current_setting('block_size')::int8",
+                &[],
+            )
+            .await
+            .map_err(ctx("exporting the snapshot"))?;
+        let snapshot_id: String = row.get(0);
+        let lsn = Lsn::parse(&row.get::<_, String>(1))?;
+        let visibility: String = row.get(2);
+        let taken_at_micros: i64 = row.get(3);
+        let block_size: i64 = row.get(4);
+        tracing::info!(%lsn, snapshot = %snapshot_id, "snapshot taken");
+
+        // Plan block ranges, biggest tables first.
+        let progress = self.progress.clone().unwrap_or_default();
+        let mut plan: Vec<(usize, i64, Option<i64>)> = Vec::new();
+        let mut sizes = Vec::with_capacity(tables.len());
+        for table in &tables {
+            let pages: i64 = control
+                .query_one("SELECT pg_relation_size($1::int8::oid) / $2::int8", &[&i64::from(table.oid), &block_size])
+                .await
+                .map_err(ctx("measuring the tables"))?
+                .get(0);
+            sizes.push(pages);
+        }
+        let total_pages: i64 = sizes.iter().sum();
+        let range_pages = (total_pages / (self.config.snapshot_parallelism as i64 * 8)).max(MIN_RANGE_PAGES);
+        let mut order: Vec<usize> = (0..tables.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(sizes[i]));
+        let mut table_progress = vec![None; tables.len()];
+        for &i in &order {
+            table_progress[i] = Some(progress.register(tables[i].qualified(), (sizes[i] * block_size) as u64));
+            let mut start = 0;
+            loop {
+                let end = start + range_pages;
+                if end >= sizes[i] {
+                    plan.push((i, start, None));
+                    break;
+                }
+                plan.push((i, start, Some(end)));
+                start = end;
+            }
+        }
+        let table_progress: Vec<Arc<TableProgress>> = table_progress.into_iter().flatten().collect();
+
+        let shared = Arc::new(Shared {
+            tables: tables.clone(),
+            layer_tables: layer_tables.clone(),
+            queue: Mutex::new(plan.into_iter().collect()),
+            progress: table_progress.clone(),
+            lsn,
+            taken_at_micros,
+            batch_rows: self.config.batch_rows,
+            target_file_bytes: self.config.target_file_bytes,
+        });
+        let mut workers = Vec::new();
+        for worker in 0..self.config.snapshot_parallelism {
+            let client = url.connect().await?;
+            client
+                .batch_execute(&format!(
+                    "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT '{snapshot_id}'"
+                ))
+                .await
+                .map_err(ctx("importing the exported snapshot"))?;
+            let shared = Arc::clone(&shared);
+            workers.push(tokio::spawn(async move { copy_worker(worker, client, shared).await }));
+        }
+        let mut adds: HashMap<usize, Vec<Add>> = HashMap::new();
+        let mut first_error = None;
+        for worker in workers {
+            match worker.await {
+                Ok(Ok(files)) => {
+                    for (table, files) in files {
+                        adds.entry(table).or_default().extend(files);
+                    }
+                }
+                Ok(Err(e)) => first_error = first_error.or(Some(e)),
+                Err(e) => first_error = first_error.or(Some(IngestError::Task(e.to_string()))),
+            }
+        }
+        let _ = control.batch_execute("COMMIT").await;
+        if let Some(e) = first_error {
+            return Err(e);
+        }
+
+        // Commit each raw table with the snapshot position. A table that holds files of an
+        // earlier, unfinished snapshot is replaced whole.
+        let position = Position::new(raw::SNAPSHOT_APP, lsn.0 as i64);
+        let mut report_tables = Vec::with_capacity(tables.len());
+        for (i, layer) in layer_tables.iter_mut().enumerate() {
+            let files = adds.remove(&i).unwrap_or_default();
+            let outcome = layer.commit(files, &position, CommitMode::ReplaceAll).await?;
+            let files = match outcome {
+                CommitOutcome::Committed { files, .. } => files,
+                CommitOutcome::AlreadyCommitted => 0,
+            };
+            let p = &table_progress.iter().find(|p| p.table == tables[i].qualified());
+            let (rows, bytes) =
+                p.map(|p| (p.rows.load(Ordering::Relaxed), p.bytes.load(Ordering::Relaxed))).unwrap_or_default();
+            if let Some(p) = p {
+                p.done.store(true, Ordering::Relaxed);
+            }
+            tracing::info!(table = %tables[i].qualified(), rows, bytes, files, "snapshot table committed");
+            report_tables.push(TableSnapshot { table: tables[i].qualified(), rows, bytes, files });
+        }
+        Ok(SnapshotReport { lsn, visibility, tables: report_tables, already_done: false, elapsed: started.elapsed() })
+    }
+}
+
+impl std::future::IntoFuture for Snapshot {
+    type Output = Result<SnapshotReport>;
+    type IntoFuture = futures::future::BoxFuture<'static, Self::Output>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(self.run())
+    }
+}
+
+struct Shared {
+    tables: Vec<SourceTable>,
+    layer_tables: Vec<LayerTable>,
+    queue: Mutex<VecDeque<(usize, i64, Option<i64>)>>,
+    progress: Vec<Arc<TableProgress>>,
+    lsn: Lsn,
+    taken_at_micros: i64,
+    batch_rows: usize,
+    target_file_bytes: u64,
+}
+
+impl Shared {
+    fn progress_of(&self, table: usize) -> Option<&Arc<TableProgress>> {
+        let name = self.tables[table].qualified();
+        self.progress.iter().find(|p| p.table == name)
+    }
+}
+
+/// Copy ranges from the queue until it is empty; a writer task encodes the batches.
+async fn copy_worker(
+    worker: usize,
+    client: tokio_postgres::Client,
+    shared: Arc<Shared>,
+) -> Result<Vec<(usize, Vec<Add>)>> {
+    let (tx, mut rx) = mpsc::channel::<(usize, RecordBatch)>(CHANNEL_DEPTH);
+    let writer_shared = Arc::clone(&shared);
+    let writer = tokio::spawn(async move {
+        let mut writers: HashMap<usize, acme_core::LayerWriter> = HashMap::new();
+        while let Some((table, batch)) = rx.recv().await {
+            let layer = &writer_shared.layer_tables[table];
+            let w = match writers.entry(table) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    e.insert(layer.writer(writer_shared.target_file_bytes)?)
+                }
+            };
+            w.write(layer.name(), batch).await?;
+        }
+        let mut out = Vec::with_capacity(writers.len());
+        for (table, w) in writers {
+            out.push((table, w.finish(writer_shared.layer_tables[table].name()).await?));
+        }
+        Ok::<_, IngestError>(out)
+    });
+    let copied = copy_ranges(worker, &client, &shared, &tx).await;
+    drop(tx);
+    let written = writer.await.map_err(|e| IngestError::Task(e.to_string()))?;
+    copied?;
+    written
+}
+
+async fn copy_ranges(
+    worker: usize,
+    client: &tokio_postgres::Client,
+    shared: &Shared,
+    tx: &mpsc::Sender<(usize, RecordBatch)>,
+) -> Result<()> {
+    loop {
+        let Some((table_idx, start, end)) = shared.queue.lock().await.pop_front() else {
+            return Ok(());
+        };
+        let table = &shared.tables[table_idx];
+        let filter = match end {
+            Some(end) => format!("ctid >= '({start},0)'::tid AND ctid < '({end},0)'::tid"),
+            None => format!("ctid >= '({start},0)'::tid"),
+        };
+        let sql = format!(
+            "COPY (SELECT {} FROM {} WHERE {filter}) TO STDOUT (FORMAT binary)",
+            table.column_list(),
+            table.quoted()
+        );
+        tracing::debug!(worker, table = %table.qualified(), start, ?end, "copying range");
+        let stream = client.copy_out(&sql).await.map_err(|source| IngestError::Source {
+            context: format!("starting COPY of {}", table.qualified()),
+            source,
+        })?;
+        futures::pin_mut!(stream);
+        let mut decoder = CopyDecoder::new(table, shared.batch_rows);
+        let progress = shared.progress_of(table_idx);
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|source| IngestError::Source {
+                context: format!("reading COPY data of {}", table.qualified()),
+                source,
+            })?;
+            if let Some(p) = progress {
+                p.bytes.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            }
+            decoder.feed(chunk)?;
+            while decoder.rows_buffered() >= shared.batch_rows {
+                let batch = decoder.finish_batch(shared)?;
+                send(tx, table_idx, batch, progress).await?;
+            }
+        }
+        decoder.check_finished()?;
+        if decoder.rows_buffered() > 0 {
+            let batch = decoder.finish_batch(shared)?;
+            send(tx, table_idx, batch, progress).await?;
+        }
+    }
+}
+
+async fn send(
+    tx: &mpsc::Sender<(usize, RecordBatch)>,
+    table: usize,
+    batch: RecordBatch,
+    progress: Option<&Arc<TableProgress>>,
+) -> Result<()> {
+    let rows = batch.num_rows() as u64;
+    tx.send((table, batch)).await.map_err(|_| IngestError::Task("the Parquet writer task stopped".into()))?;
+    if let Some(p) = progress {
+        p.rows.fetch_add(rows, Ordering::Relaxed);
+    }
+    Ok(())
+}
+
+/// Incremental decoder of one binary COPY stream into Arrow builders.
+struct CopyDecoder<'a> {
+    table: &'a SourceTable,
+    qualified: String,
+    builders: Vec<ColumnBuilder>,
+    carry: BytesMut,
+    header_done: bool,
+    trailer_seen: bool,
+    rows: usize,
+}
+
+impl<'a> CopyDecoder<'a> {
+    fn new(table: &'a SourceTable, capacity: usize) -> Self {
+        Self {
+            table,
+            qualified: table.qualified(),
+            builders: table.columns.iter().map(|c| ColumnBuilder::new(c.ty, capacity)).collect(),
+            carry: BytesMut::new(),
+            header_done: false,
+            trailer_seen: false,
+            rows: 0,
+        }
+    }
+
+    fn bad(&self, message: &str) -> IngestError {
+        IngestError::BadCopy { table: self.qualified.clone(), message: message.to_string() }
+    }
+
+    fn rows_buffered(&self) -> usize {
+        self.rows
+    }
+
+    fn feed(&mut self, chunk: Bytes) -> Result<()> {
+        if self.carry.is_empty() {
+            let consumed = self.parse(&chunk)?;
+            if consumed < chunk.len() {
+                self.carry.extend_from_slice(&chunk[consumed..]);
+            }
+        } else {
+            self.carry.extend_from_slice(&chunk);
+            let data = std::mem::take(&mut self.carry);
+            let consumed = self.parse(&data)?;
+            let mut rest = data;
+            rest.advance(consumed);
+            self.carry = rest;
+        }
+        Ok(())
+    }
+
+    /// Decode every complete row of `data`; returns the bytes consumed.
+    fn parse(&mut self, data: &[u8]) -> Result<usize> {
+        let mut pos = 0;
+        if !self.header_done {
+            if data.len() < 19 {
+                return Ok(0);
+            }
+            if &data[..11] != COPY_SIGNATURE {
+                return Err(self.bad("missing PGCOPY signature"));
+            }
+            let ext = i32::from_be_bytes([data[15], data[16], data[17], data[18]]);
+            if ext < 0 {
+                return Err(self.bad("negative header extension length"));
+            }
+            let header = 19 + ext as usize;
+            if data.len() < header {
+                return Ok(0);
+            }
+            pos = header;
+            self.header_done = true;
+        }
+        let ncols = self.builders.len();
+        loop {
+            if self.trailer_seen {
+                return Ok(data.len());
+            }
+            if data.len() - pos < 2 {
+                return Ok(pos);
+            }
+            let count = i16::from_be_bytes([data[pos], data[pos + 1]]);
+            if count == -1 {
+                self.trailer_seen = true;
+                return Ok(data.len());
+            }
+            if count as usize != ncols {
+                return Err(self.bad(&format!("row has {count} fields, expected {ncols}")));
+            }
+            // Check that the whole row is here before touching any builder.
+            let mut cursor = pos + 2;
+            for _ in 0..ncols {
+                if data.len() - cursor < 4 {
+                    return Ok(pos);
+                }
+                let len = i32::from_be_bytes([data[cursor], data[cursor + 1], data[cursor + 2], data[cursor + 3]]);
+                cursor += 4;
+                if len > 0 {
+                    if data.len() - cursor < len as usize {
+                        return Ok(pos);
+                    }
+                    cursor += len as usize;
+                } else if len < -1 {
+                    return Err(self.bad("negative field length"));
+                }
+            }
+            let mut cursor = pos + 2;
+            for (i, builder) in self.builders.iter_mut().enumerate() {
+                let len = i32::from_be_bytes([data[cursor], data[cursor + 1], data[cursor + 2], data[cursor + 3]]);
+                cursor += 4;
+                if len < 0 {
+                    builder.append_null();
+                } else {
+                    let value = &data[cursor..cursor + len as usize];
+                    cursor += len as usize;
+                    let column = &self.table.columns[i];
+                    builder.append_binary(
+                        column.ty,
+                        value,
+                        ValueContext { table: &self.qualified, column: &column.name },
+                    )?;
+                }
+            }
+            pos = cursor;
+            self.rows += 1;
+        }
+    }
+
+    fn check_finished(&self) -> Result<()> {
+        if !self.trailer_seen || !self.carry.is_empty() {
+            return Err(self.bad("stream ended before the COPY trailer"));
+        }
+        Ok(())
+    }
+
+    fn finish_batch(&mut self, shared: &Shared) -> Result<RecordBatch> {
+        let n = self.rows;
+        self.rows = 0;
+        let schema = self.table.raw_schema();
+        let mut columns: Vec<ArrayRef> = Vec::with_capacity(schema.fields().len());
+        columns.push(Arc::new(StringArray::from_iter_values(std::iter::repeat_n(Operation::Snapshot.as_str(), n))));
+        columns.push(Arc::new(Int64Array::from_value(shared.lsn.0 as i64, n)));
+        columns.push(Arc::new(Int64Array::new_null(n)));
+        columns.push(Arc::new(Int64Array::new_null(n)));
+        columns.push(Arc::new(TimestampMicrosecondArray::from_value(shared.taken_at_micros, n).with_timezone("UTC")));
+        for builder in &mut self.builders {
+            columns.push(builder.finish());
+        }
+        for column in &self.table.columns {
+            columns.push(new_null_array(&column.ty.arrow_type(), n));
+        }
+        RecordBatch::try_new(schema, columns)
+            .map_err(|source| IngestError::Arrow { table: self.qualified.clone(), source })
+    }
+}

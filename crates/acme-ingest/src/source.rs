@@ -1,0 +1,202 @@
+//! The PostgreSQL source: connecting, and reading table definitions from the catalog.
+
+use std::str::FromStr;
+use std::sync::Arc;
+
+use arrow::datatypes::{DataType, Schema};
+use tokio_postgres::{Client, Config, NoTls};
+
+use crate::error::{IngestError, Result};
+use crate::types::PgType;
+
+/// A parsed source URL; its `Display` never shows the password.
+#[derive(Clone)]
+pub struct SourceUrl {
+    config: Config,
+}
+
+impl std::fmt::Debug for SourceUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SourceUrl({self})")
+    }
+}
+
+impl std::fmt::Display for SourceUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let host = match self.config.get_hosts().first() {
+            Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+            Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
+            None => "localhost".to_string(),
+        };
+        let port = self.config.get_ports().first().copied().unwrap_or(5432);
+        let user = self.config.get_user().unwrap_or("?");
+        let db = self.config.get_dbname().unwrap_or(user);
+        write!(f, "{user}@{host}:{port}/{db}")
+    }
+}
+
+impl SourceUrl {
+    /// Parse a `postgres://` URL or a `key=value` connection string.
+    pub fn parse(url: &str) -> Result<Self> {
+        let config = Config::from_str(url).map_err(|e| IngestError::BadUrl { message: redact(&e.to_string(), url) })?;
+        if config.get_user().is_none() {
+            return Err(IngestError::BadUrl { message: "no user name given".into() });
+        }
+        Ok(Self { config })
+    }
+
+    /// Open a connection; the connection is driven on a background task.
+    pub async fn connect(&self) -> Result<Client> {
+        let (client, connection) = self
+            .config
+            .connect(NoTls)
+            .await
+            .map_err(|source| IngestError::Connect { target: self.to_string(), source })?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, "source connection closed");
+            }
+        });
+        Ok(client)
+    }
+}
+
+/// Remove anything that looks like the URL's password from a message.
+fn redact(message: &str, url: &str) -> String {
+    let password = url
+        .split_once("://")
+        .and_then(|(_, rest)| rest.split_once('@'))
+        .and_then(|(userinfo, _)| userinfo.split_once(':'))
+        .map(|(_, p)| p.to_string());
+    match password {
+        Some(p) if !p.is_empty() => message.replace(&p, "***"),
+        _ => message.to_string(),
+    }
+}
+
+/// One source column.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SourceColumn {
+    /// Column name.
+    pub name: String,
+    /// Its type.
+    pub ty: PgType,
+    /// Declared `NOT NULL`.
+    pub not_null: bool,
+}
+
+/// One source table as the catalog describes it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SourceTable {
+    /// Schema name.
+    pub schema: String,
+    /// Table name.
+    pub name: String,
+    /// Table oid.
+    pub oid: u32,
+    /// Columns in attribute order.
+    pub columns: Vec<SourceColumn>,
+    /// Primary-key columns.
+    pub primary_key: Vec<String>,
+    /// Replica identity (`f` = full, `d` = default, `n` = nothing, `i` = index).
+    pub replica_identity: char,
+}
+
+impl SourceTable {
+    /// `schema.table`.
+    pub fn qualified(&self) -> String {
+        format!("{}.{}", self.schema, self.name)
+    }
+
+    /// `"schema"."table"`, quoted for SQL.
+    pub fn quoted(&self) -> String {
+        format!("{}.{}", quote_ident(&self.schema), quote_ident(&self.name))
+    }
+
+    /// The column list, quoted for SQL.
+    pub fn column_list(&self) -> String {
+        self.columns.iter().map(|c| quote_ident(&c.name)).collect::<Vec<_>>().join(", ")
+    }
+
+    /// The columns as (name, Arrow type).
+    pub fn arrow_columns(&self) -> Vec<(String, DataType)> {
+        self.columns.iter().map(|c| (c.name.clone(), c.ty.arrow_type())).collect()
+    }
+
+    /// The raw-layer schema of this table.
+    pub fn raw_schema(&self) -> Arc<Schema> {
+        acme_core::raw::raw_schema(&self.arrow_columns())
+    }
+
+    /// Read `schema.name` from the catalog; unsupported column types fail here, before any
+    /// data is copied.
+    pub async fn load(client: &Client, schema: &str, name: &str) -> Result<Self> {
+        let qualified = format!("{schema}.{name}");
+        let ctx = |what: &str| format!("{what} of {qualified}");
+        let class = client
+            .query_opt(
+                "SELECT c.oid::int8, c.relreplident::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')",
+                &[&schema, &name],
+            )
+            .await
+            .map_err(|source| IngestError::Source { context: ctx("looking up the table"), source })?
+            .ok_or_else(|| IngestError::MissingTable { table: qualified.clone() })?;
+        let oid = class.get::<_, i64>(0) as u32;
+        let replica_identity = class.get::<_, String>(1).chars().next().unwrap_or('d');
+        let rows = client
+            .query(
+                "SELECT a.attname::text, a.atttypid::int8, a.atttypmod, format_type(a.atttypid, a.atttypmod), a.attnotnull \
+                 FROM pg_attribute a WHERE a.attrelid = $1::int8::oid AND a.attnum > 0 AND NOT a.attisdropped \
+                 ORDER BY a.attnum",
+                &[&i64::from(oid)],
+            )
+            .await
+            .map_err(|source| IngestError::Source { context: ctx("reading the columns"), source })?;
+        let mut columns = Vec::with_capacity(rows.len());
+        for row in rows {
+            let column: String = row.get(0);
+            let type_oid = row.get::<_, i64>(1) as u32;
+            let typmod: i32 = row.get(2);
+            let type_name: String = row.get(3);
+            let ty = PgType::from_oid(type_oid, typmod, &qualified, &column, &type_name)?;
+            columns.push(SourceColumn { name: column, ty, not_null: row.get(4) });
+        }
+        if columns.is_empty() {
+            return Err(IngestError::NoColumns { table: qualified });
+        }
+        let primary_key = client
+            .query(
+                "SELECT a.attname::text FROM pg_index i \
+                 JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord) ON true \
+                 JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum \
+                 WHERE i.indrelid = $1::int8::oid AND i.indisprimary ORDER BY k.ord",
+                &[&i64::from(oid)],
+            )
+            .await
+            .map_err(|source| IngestError::Source { context: ctx("reading the primary key"), source })?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        Ok(Self { schema: schema.to_string(), name: name.to_string(), oid, columns, primary_key, replica_identity })
+    }
+}
+
+/// Quote an SQL identifier.
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_display_and_errors_never_show_the_password() {
+        let url = SourceUrl::parse("postgres://alice:s3cret@db.example:6543/finance_db").expect("parses");
+        assert_eq!(url.to_string(), "alice@db.example:6543/finance_db");
+        assert!(!format!("{url:?}").contains("s3cret"));
+        let err = SourceUrl::parse("postgres://alice:s3cret@db.example:notaport/x").expect_err("bad port");
+        assert!(!err.to_string().contains("s3cret"), "{err}");
+    }
+}

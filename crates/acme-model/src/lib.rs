@@ -1,0 +1,1 @@
+//! acme-model: see the workspace README.

@@ -1,0 +1,1 @@
+//! acme-query: see the workspace README.

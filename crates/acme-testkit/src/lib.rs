@@ -1,0 +1,35 @@
+//! Test support for acme: an ephemeral PostgreSQL cluster, the ACME source schema, a
+//! deterministic bulk generator and a live workload driver.
+//!
+//! Shared by the tests, examples and benchmarks of every acme crate.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), acme_testkit::HarnessError> {
+//! use acme_testkit::{PgCluster, ScaleFactor, WorkloadConfig};
+//! let cluster = PgCluster::shared();
+//! let url = cluster.create_database("example").await?;
+//! let client = acme_testkit::connect(&url).await?;
+//! acme_testkit::create_source_schema(&client).await?;
+//! acme_testkit::bulk_load(&url, ScaleFactor::new(0.01)?, 42).await?;
+//! let report = acme_testkit::run_workload(&url, &WorkloadConfig::default()).await?;
+//! println!("{} transactions", report.transactions);
+//! # Ok(()) }
+//! ```
+
+pub mod cluster;
+pub mod error;
+pub mod generator;
+pub mod rng;
+pub mod source;
+pub mod workload;
+
+pub use cluster::PgCluster;
+pub use error::{HarnessError, Result};
+pub use generator::{Generator, LoadReport, ScaleFactor, bulk_load};
+pub use source::{PUBLICATION, TABLES, create_source_schema, table_counts};
+pub use workload::{TableChanges, WorkloadConfig, WorkloadReport, run_workload};
+
+/// Connect to `url` without TLS and drive the connection on a background task.
+pub async fn connect(url: &str) -> Result<tokio_postgres::Client> {
+    generator::connect(url).await
+}

@@ -1,0 +1,22 @@
+//! # acme
+//!
+//! An embedded analytical engine for ACME Delivery Services: it follows an OLTP PostgreSQL
+//! database (snapshot, then change data capture), keeps every change in Delta Lake layers
+//! (raw, intermediate SCD2 history, presentation star model) and answers the logistics
+//! reports in-process with DataFusion, for the current state and as of any past instant.
+//!
+//! This crate is the facade: it re-exports the layer crates.
+//!
+//! ```no_run
+//! # fn demo() -> acme::core::Result<()> {
+//! let config = acme::core::AcmeConfig::builder()
+//!     .source_url("postgres://postgres@127.0.0.1:5432/finance_db")
+//!     .storage_url("/var/lib/acme/warehouse")
+//!     .build()?;
+//! # let _ = config; Ok(()) }
+//! ```
+
+pub use acme_core as core;
+pub use acme_ingest as ingest;
+pub use acme_model as model;
+pub use acme_query as query;
