@@ -53,6 +53,7 @@ async fn main() -> anyhow::Result<()> {
                 "generated SF{}: {} customers, {} products, {} orders, {} order items in {:.1?}",
                 args.scale, load.customers, load.products, load.orders, load.order_items, load.elapsed
             );
+            println!("peak RSS after generation: {}", peak_rss());
             _cluster = Some(cluster);
             url
         }
@@ -87,10 +88,23 @@ async fn main() -> anyhow::Result<()> {
     };
     let report = Snapshot::new(config).with_progress(progress).await?;
     reporter.abort();
-    println!("snapshot at LSN {} into {warehouse} in {:.1?}:", report.lsn, report.elapsed);
+    println!(
+        "snapshot at LSN {} into {warehouse} in {:.1?} (peak RSS so far: {}):",
+        report.lsn,
+        report.elapsed,
+        peak_rss()
+    );
     println!("{:<28} {:>12} {:>14} {:>6}", "table", "rows", "COPY bytes", "files");
     for t in &report.tables {
         println!("{:<28} {:>12} {:>14} {:>6}", t.table, t.rows, t.bytes, t.files);
     }
     Ok(())
+}
+
+/// Peak resident memory of this process (Linux `VmHWM`), for the printed summary.
+fn peak_rss() -> String {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).map(|l| l["VmHWM:".len()..].trim().to_string()))
+        .unwrap_or_else(|| "unknown".to_string())
 }

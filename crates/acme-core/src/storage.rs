@@ -15,7 +15,7 @@ use arrow::datatypes::Schema;
 use deltalake::kernel::engine::arrow_conversion::TryIntoKernel;
 use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
 use deltalake::kernel::{Action, Add, StructType, Transaction};
-use deltalake::logstore::LogStoreRef;
+use deltalake::logstore::{LogStoreFactory, LogStoreRef, logstore_factories};
 use deltalake::protocol::{DeltaOperation, SaveMode};
 use deltalake::writer::{DeltaWriter, RecordBatchWriter};
 use deltalake::{DeltaTable, DeltaTableBuilder};
@@ -112,6 +112,7 @@ impl Storage {
                     builder = builder.with_config(key, value.trim_end_matches('/'));
                 }
                 let store = builder.build().map_err(|source| Error::ObjectStore { url: url.to_string(), source })?;
+                register_s3_log_store(root.scheme());
                 Some(Arc::new(store))
             }
             other => return Err(bad(&format!("unsupported scheme `{other}`"))),
@@ -182,6 +183,34 @@ impl Storage {
                 .open(layer, table)
                 .await?
                 .ok_or_else(|| Error::Internal(format!("table {name} neither created nor found"))),
+        }
+    }
+}
+
+/// Delta log store for S3 that commits with a create-only (conditional) put, which S3 and
+/// object_store 0.13 support: two writers can never both create the same log entry.
+#[derive(Debug, Default)]
+struct ConditionalPutLogStoreFactory;
+
+impl LogStoreFactory for ConditionalPutLogStoreFactory {
+    fn with_options(
+        &self,
+        prefixed_store: deltalake::logstore::ObjectStoreRef,
+        root_store: deltalake::logstore::ObjectStoreRef,
+        location: &Url,
+        options: &deltalake::logstore::StorageConfig,
+    ) -> deltalake::DeltaResult<LogStoreRef> {
+        Ok(deltalake::logstore::default_logstore(prefixed_store, root_store, location, options))
+    }
+}
+
+/// Register the conditional-put log store for `scheme` unless the host application already
+/// registered one (for example deltalake-aws).
+fn register_s3_log_store(scheme: &str) {
+    if let Ok(key) = Url::parse(&format!("{scheme}://")) {
+        let registry = logstore_factories();
+        if registry.get(&key).is_none() {
+            registry.insert(key, Arc::new(ConditionalPutLogStoreFactory));
         }
     }
 }

@@ -1,4 +1,5 @@
 //! Integration tests of acme-ingest against a real PostgreSQL cluster.
 
+mod outside;
 mod snapshot;
 mod support;

@@ -19,6 +19,7 @@
 pub mod cluster;
 pub mod error;
 pub mod generator;
+pub mod outside;
 pub mod rng;
 pub mod source;
 pub mod workload;
@@ -26,6 +27,7 @@ pub mod workload;
 pub use cluster::PgCluster;
 pub use error::{HarnessError, Result};
 pub use generator::{Generator, LoadReport, ScaleFactor, bulk_load};
+pub use outside::MotoServer;
 pub use source::{PUBLICATION, TABLES, create_source_schema, table_counts};
 pub use workload::{TableChanges, WorkloadConfig, WorkloadReport, run_workload};
 

@@ -1,0 +1,63 @@
+//! Snapshot throughput against its baseline in the same run: binary `COPY` of the same tables
+//! to nowhere (the bytes are read and dropped), then acme's snapshot into a fresh raw layer.
+//!
+//! `ACME_BENCH_SF` sets the scale factor (default 0.1; the issue figures use 1).
+//! Run: `cargo bench --bench snapshot`.
+
+use std::time::Duration;
+
+use acme::core::AcmeConfig;
+use acme::ingest::Snapshot;
+use acme_testkit::{PgCluster, ScaleFactor};
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use futures_util::StreamExt;
+
+fn scale() -> f64 {
+    std::env::var("ACME_BENCH_SF").ok().and_then(|v| v.parse().ok()).unwrap_or(0.1)
+}
+
+fn snapshot_vs_copy(c: &mut Criterion) {
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let cluster = PgCluster::start().expect("PostgreSQL");
+    let sf = scale();
+    let (url, rows) = runtime.block_on(async {
+        let url = cluster.create_database("bench_snapshot").await.expect("db");
+        let client = acme_testkit::connect(&url).await.expect("connect");
+        acme_testkit::create_source_schema(&client).await.expect("schema");
+        let load = acme_testkit::bulk_load(&url, ScaleFactor::new(sf).expect("sf"), 42).await.expect("load");
+        client.batch_execute("VACUUM ANALYZE").await.expect("vacuum");
+        (url, load.customers + load.products + load.orders + load.order_items)
+    });
+    let mut group = c.benchmark_group(format!("snapshot_sf{sf}"));
+    group.sample_size(10).measurement_time(Duration::from_secs(30)).throughput(Throughput::Elements(rows));
+    group.bench_function("baseline_copy_binary_to_nowhere", |b| {
+        b.to_async(&runtime).iter(|| async {
+            let client = acme_testkit::connect(&url).await.expect("connect");
+            let mut bytes = 0usize;
+            for table in acme_testkit::TABLES {
+                let stream =
+                    client.copy_out(&format!("COPY operations.{table} TO STDOUT (FORMAT binary)")).await.expect("copy");
+                futures_util::pin_mut!(stream);
+                while let Some(chunk) = stream.next().await {
+                    bytes += chunk.expect("chunk").len();
+                }
+            }
+            bytes
+        })
+    });
+    group.bench_function("acme_snapshot_to_raw_layer", |b| {
+        b.to_async(&runtime).iter(|| async {
+            let dir = tempfile::tempdir().expect("tmp");
+            let config = AcmeConfig::builder()
+                .source_url(&url)
+                .storage_url(dir.path().display().to_string())
+                .build()
+                .expect("config");
+            Snapshot::new(config).await.expect("snapshot").tables.len()
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, snapshot_vs_copy);
+criterion_main!(benches);
