@@ -19,8 +19,8 @@ use deltalake::logstore::{LogStoreFactory, LogStoreRef, logstore_factories};
 use deltalake::protocol::{DeltaOperation, SaveMode};
 use deltalake::writer::{DeltaWriter, RecordBatchWriter};
 use deltalake::{DeltaTable, DeltaTableBuilder};
-use object_store::ObjectStore;
 use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
+use object_store::{ObjectStore, ObjectStoreExt};
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
 use url::Url;
@@ -123,6 +123,49 @@ impl Storage {
     /// The root URL (always ends with `/`).
     pub fn root(&self) -> &Url {
         &self.root
+    }
+
+    /// Store a small pipeline metadata document (`<storage>/_acme/<name>`), atomically.
+    pub async fn put_meta(&self, name: &str, bytes: Vec<u8>) -> Result<()> {
+        let (store, path) = self.meta_location(name)?;
+        store
+            .put(&path, bytes.into())
+            .await
+            .map(|_| ())
+            .map_err(|source| Error::ObjectStore { url: format!("{}_acme/{name}", self.root), source })
+    }
+
+    /// Read a pipeline metadata document, if it exists.
+    pub async fn get_meta(&self, name: &str) -> Result<Option<Vec<u8>>> {
+        let (store, path) = self.meta_location(name)?;
+        match store.get(&path).await {
+            Ok(result) => result
+                .bytes()
+                .await
+                .map(|b| Some(b.to_vec()))
+                .map_err(|source| Error::ObjectStore { url: format!("{}_acme/{name}", self.root), source }),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(source) => Err(Error::ObjectStore { url: format!("{}_acme/{name}", self.root), source }),
+        }
+    }
+
+    fn meta_location(&self, name: &str) -> Result<(Arc<dyn ObjectStore>, object_store::path::Path)> {
+        match &self.backend {
+            Some(store) => {
+                let prefix = self.root.path().trim_matches('/');
+                let path = if prefix.is_empty() { format!("_acme/{name}") } else { format!("{prefix}/_acme/{name}") };
+                Ok((Arc::clone(store), object_store::path::Path::from(path)))
+            }
+            None => {
+                let dir = self.root.to_file_path().map_err(|_| Error::StorageUrl {
+                    url: self.root.to_string(),
+                    message: "not a local path".into(),
+                })?;
+                let store = object_store::local::LocalFileSystem::new_with_prefix(&dir)
+                    .map_err(|source| Error::ObjectStore { url: self.root.to_string(), source })?;
+                Ok((Arc::new(store), object_store::path::Path::from(format!("_acme/{name}"))))
+            }
+        }
     }
 
     /// The URL of a layer table.

@@ -91,6 +91,74 @@ pub enum IngestError {
         /// What is wrong.
         message: String,
     },
+    /// The replication-protocol connection failed.
+    #[error("replication connection to {target} failed: {message}")]
+    Replication {
+        /// host:port/database (never the password).
+        target: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// A pgoutput message is malformed.
+    #[error("malformed logical replication message: {message}")]
+    BadMessage {
+        /// What is wrong.
+        message: String,
+    },
+    /// A table does not send whole old rows.
+    #[error(
+        "source table {table} does not have REPLICA IDENTITY FULL, so updates and deletes would lose the old row: \
+         run `ALTER TABLE {table} REPLICA IDENTITY FULL`"
+    )]
+    ReplicaIdentity {
+        /// Qualified table name.
+        table: String,
+    },
+    /// The user may not use logical replication.
+    #[error(
+        "user {user} lacks the REPLICATION privilege needed for change data capture: \
+         run `ALTER ROLE {user} REPLICATION` as a superuser"
+    )]
+    NoReplicationPrivilege {
+        /// The user name.
+        user: String,
+    },
+    /// The server is not configured for logical decoding.
+    #[error("the source runs with wal_level={actual}; set wal_level=logical in postgresql.conf and restart it")]
+    WalLevel {
+        /// The configured level.
+        actual: String,
+    },
+    /// The replication slot the raw layer depends on is gone.
+    #[error(
+        "replication slot {slot} is missing or invalidated, so changes since the last commit cannot be read: \
+         re-sync by removing the warehouse's raw, intermediate and presentation layers and running again"
+    )]
+    SlotLost {
+        /// The slot name.
+        slot: String,
+    },
+    /// The publication does not cover a table.
+    #[error(
+        "publication {publication} does not publish {table}: run `ALTER PUBLICATION {publication} ADD TABLE {table}`"
+    )]
+    NotPublished {
+        /// The publication.
+        publication: String,
+        /// Qualified table name.
+        table: String,
+    },
+    /// A source table gained a column the raw layer does not have.
+    #[error(
+        "source table {table} has a new column {column} that its raw table lacks; acme does not yet evolve raw \
+         schemas mid-stream: re-sync into an empty warehouse"
+    )]
+    SchemaChanged {
+        /// Qualified table name.
+        table: String,
+        /// The new column.
+        column: String,
+    },
     /// A storage operation failed.
     #[error(transparent)]
     Storage(#[from] acme_core::Error),

@@ -16,14 +16,19 @@
 //! # Ok(()) }
 //! ```
 
+pub mod cdc;
+pub mod changes;
 pub mod decode;
 pub mod error;
 pub mod lsn;
+pub mod pgoutput;
+pub mod replication;
 pub mod snapshot;
 pub mod source;
 pub mod types;
 
+pub use cdc::{ChangeStream, PollReport};
 pub use error::{IngestError, Result};
 pub use lsn::Lsn;
-pub use snapshot::{Snapshot, SnapshotProgress, SnapshotReport, TableSnapshot};
+pub use snapshot::{Snapshot, SnapshotPoint, SnapshotProgress, SnapshotReport, TableSnapshot};
 pub use source::{SourceTable, SourceUrl};

@@ -32,6 +32,60 @@ const CHANNEL_DEPTH: usize = 2;
 /// Smallest range of blocks one copy covers (8 MiB of heap).
 const MIN_RANGE_PAGES: i64 = 1024;
 
+/// Name of the metadata document recording the snapshot point.
+pub const SNAPSHOT_META: &str = "snapshot.json";
+
+/// Where a snapshot stands: its WAL position and which transactions it sees.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotPoint {
+    /// `pg_current_wal_lsn()` read with the snapshot.
+    pub lsn: u64,
+    /// `pg_current_snapshot()`: `xmin:xmax:xip1,xip2,...`.
+    pub visibility: String,
+}
+
+impl SnapshotPoint {
+    /// JSON form stored in `_acme/snapshot.json`.
+    pub fn to_json(&self) -> String {
+        serde_json::json!({ "lsn": self.lsn, "visibility": self.visibility }).to_string()
+    }
+
+    /// Parse the stored JSON form.
+    pub fn from_json(bytes: &[u8]) -> Result<Self> {
+        let value: serde_json::Value = serde_json::from_slice(bytes)
+            .map_err(|e| IngestError::Internal(format!("unreadable _acme/{SNAPSHOT_META}: {e}")))?;
+        let lsn = value["lsn"].as_u64();
+        let visibility = value["visibility"].as_str();
+        match (lsn, visibility) {
+            (Some(lsn), Some(v)) => Ok(Self { lsn, visibility: v.to_string() }),
+            _ => Err(IngestError::Internal(format!("incomplete _acme/{SNAPSHOT_META}"))),
+        }
+    }
+
+    /// Whether the transaction `xid` committing at `commit_lsn` is already in the snapshot.
+    ///
+    /// Transactions whose commit record follows the snapshot's LSN committed after it and are
+    /// never visible; for the others the snapshot's `xmin:xmax:xip` list decides exactly.
+    pub fn contains(&self, xid: u32, commit_lsn: u64) -> bool {
+        if commit_lsn >= self.lsn {
+            return false;
+        }
+        let mut parts = self.visibility.split(':');
+        let (Some(xmin), Some(xmax), Some(xip)) = (parts.next(), parts.next(), parts.next()) else { return false };
+        let low = |v: &str| v.trim().parse::<u64>().map(|v| v as u32).ok();
+        let (Some(xmin), Some(xmax)) = (low(xmin), low(xmax)) else { return false };
+        // Compare 32-bit xids modulo 2^32, as PostgreSQL does.
+        let before = |a: u32, b: u32| (a.wrapping_sub(b) as i32) < 0;
+        if !before(xid, xmax) {
+            return false;
+        }
+        if before(xid, xmin) {
+            return true;
+        }
+        !xip.split(',').filter_map(low).any(|x| x == xid)
+    }
+}
+
 /// Live progress of a snapshot, per table: poll it from another task (a progress bar).
 #[derive(Debug, Default)]
 pub struct SnapshotProgress {
@@ -107,17 +161,26 @@ pub struct SnapshotReport {
 pub struct Snapshot {
     config: AcmeConfig,
     progress: Option<Arc<SnapshotProgress>>,
+    exported: Option<(String, Lsn)>,
 }
 
 impl Snapshot {
     /// A snapshot of the tables of `config` into its storage.
     pub fn new(config: AcmeConfig) -> Self {
-        Self { config, progress: None }
+        Self { config, progress: None, exported: None }
     }
 
     /// Report progress into `progress`.
     pub fn with_progress(mut self, progress: Arc<SnapshotProgress>) -> Self {
         self.progress = Some(progress);
+        self
+    }
+
+    /// Read the state of an already exported snapshot (for example the one
+    /// `CREATE_REPLICATION_SLOT ... EXPORT_SNAPSHOT` returns) standing at `lsn`, instead of
+    /// exporting a new one. Its creator must keep its connection idle until the run ends.
+    pub fn with_exported_snapshot(mut self, name: impl Into<String>, lsn: Lsn) -> Self {
+        self.exported = Some((name.into(), lsn));
         self
     }
 
@@ -160,19 +223,35 @@ impl Snapshot {
             .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
             .await
             .map_err(ctx("starting the snapshot transaction"))?;
+        let (snapshot_id, lsn, visibility) = match &self.exported {
+            Some((name, lsn)) => {
+                control
+                    .batch_execute(&format!("SET TRANSACTION SNAPSHOT '{}'", name.replace('\'', "''")))
+                    .await
+                    .map_err(ctx("importing the replication slot's snapshot"))?;
+                // The slot's snapshot is exactly its consistent point: no visibility filter.
+                (name.clone(), *lsn, String::new())
+            }
+            None => {
+                let row = control
+                    .query_one(
+                        "SELECT pg_export_snapshot(), pg_current_wal_lsn()::text, pg_current_snapshot()::text",
+                        &[],
+                    )
+                    .await
+                    .map_err(ctx("exporting the snapshot"))?;
+                (row.get::<_, String>(0), Lsn::parse(&row.get::<_, String>(1))?, row.get::<_, String>(2))
+            }
+        };
         let row = control
             .query_one(
-                "SELECT pg_export_snapshot(), pg_current_wal_lsn()::text, pg_current_snapshot()::text, \
-                 (extract(epoch from clock_timestamp()) * 1000000)::int8, current_setting('block_size')::int8",
+                "SELECT (extract(epoch from clock_timestamp()) * 1000000)::int8, current_setting('block_size')::int8",
                 &[],
             )
             .await
-            .map_err(ctx("exporting the snapshot"))?;
-        let snapshot_id: String = row.get(0);
-        let lsn = Lsn::parse(&row.get::<_, String>(1))?;
-        let visibility: String = row.get(2);
-        let taken_at_micros: i64 = row.get(3);
-        let block_size: i64 = row.get(4);
+            .map_err(ctx("reading the snapshot time"))?;
+        let taken_at_micros: i64 = row.get(0);
+        let block_size: i64 = row.get(1);
         tracing::info!(%lsn, snapshot = %snapshot_id, "snapshot taken");
 
         // Plan block ranges, biggest tables first.
@@ -246,6 +325,11 @@ impl Snapshot {
         if let Some(e) = first_error {
             return Err(e);
         }
+
+        // Record where the snapshot stands before any table commits: the change stream needs
+        // it to hand over without a gap or a duplicate.
+        let handoff = SnapshotPoint { lsn: lsn.0, visibility: visibility.clone() };
+        storage.put_meta(SNAPSHOT_META, handoff.to_json().into_bytes()).await?;
 
         // Commit each raw table with the snapshot position. A table that holds files of an
         // earlier, unfinished snapshot is replaced whole.

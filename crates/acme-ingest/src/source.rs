@@ -45,6 +45,11 @@ impl SourceUrl {
         Ok(Self { config })
     }
 
+    /// The parsed connection settings.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
     /// Open a connection; the connection is driven on a background task.
     pub async fn connect(&self) -> Result<Client> {
         let (client, connection) = self

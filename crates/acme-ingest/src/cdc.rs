@@ -1,0 +1,538 @@
+//! Change data capture: logical decoding (`pgoutput`) into the raw layer, exactly once.
+//!
+//! How it fits together:
+//! 1. [`ChangeStream::open`] checks the source (wal_level, REPLICATION privilege, REPLICA
+//!    IDENTITY FULL, publication), creates the replication slot if needed *before* the
+//!    snapshot, and runs the snapshot if the raw layer has none.
+//! 2. Each [`ChangeStream::poll`] reads the slot's pending changes up to the current WAL end
+//!    (`pg_logical_slot_peek_binary_changes`, binary tuples), decodes them straight into Arrow
+//!    builders, writes Parquet files, and commits each raw table once with a Delta `txn`
+//!    action carrying the commit LSN of the last transaction it holds.
+//! 3. Only after those commits are durable is the slot advanced. After a crash the slot
+//!    replays from its last confirmed position and every table skips the transactions its own
+//!    stored position already covers: nothing is written twice and nothing is skipped.
+//!
+//! The snapshot-to-stream handoff is exact: the slot exists before the snapshot is taken, and
+//! transactions the snapshot already saw are recognised by the snapshot's `xmin:xmax:xip`
+//! visibility list and skipped.
+//!
+//! This version reads the slot through the SQL interface on an ordinary connection (measured
+//! here at 3x the streaming protocol's row rate, see DEPENDENCIES.md). The streaming protocol
+//! (`START_REPLICATION`) is not implemented yet.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use acme_core::raw::{self, Operation};
+use acme_core::{AcmeConfig, CommitMode, Layer, LayerTable, LayerWriter, Position, Storage};
+use futures::StreamExt;
+use tokio_postgres::Client;
+
+use crate::changes::{ChangeBuilder, ChangeMeta, ColumnMap, PG_EPOCH_MICROS};
+use crate::error::{IngestError, Result};
+use crate::lsn::Lsn;
+use crate::pgoutput::{self, Message};
+use crate::replication::{ReplicationConnection, create_slot_exporting_snapshot};
+use crate::snapshot::{SNAPSHOT_META, Snapshot, SnapshotPoint};
+use crate::source::{SourceTable, SourceUrl};
+
+/// An idle stream writes a heartbeat this often so that its slot keeps advancing.
+pub const IDLE_HEARTBEAT: Duration = Duration::from_secs(10);
+
+/// What one poll did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PollReport {
+    /// Transactions read from the slot.
+    pub transactions: u64,
+    /// Change rows committed to the raw layer.
+    pub changes: u64,
+    /// Transactions skipped because the snapshot or an earlier commit already held them.
+    pub skipped_transactions: u64,
+    /// The slot's confirmed position after the poll.
+    pub confirmed: Lsn,
+    /// Raw tables committed.
+    pub tables_committed: usize,
+}
+
+struct TableState {
+    builder: ChangeBuilder,
+    layer: LayerTable,
+    writer: Option<LayerWriter>,
+    /// Highest commit LSN stored in this raw table by the change stream.
+    stored: Option<u64>,
+    /// Highest commit LSN buffered in this poll.
+    pending_lsn: Option<u64>,
+}
+
+/// A running change stream from one source into one warehouse.
+pub struct ChangeStream {
+    config: AcmeConfig,
+    url: SourceUrl,
+    client: Client,
+    tables: Vec<TableState>,
+    relations: HashMap<u32, (usize, ColumnMap)>,
+    snapshot: SnapshotPoint,
+    confirmed: Lsn,
+}
+
+impl std::fmt::Debug for ChangeStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChangeStream").field("source", &self.url).field("slot", &self.config.slot).finish()
+    }
+}
+
+fn sql(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> IngestError {
+    let context = context.into();
+    move |source| IngestError::Source { context, source }
+}
+
+impl ChangeStream {
+    /// Check the source, make sure slot, publication and snapshot exist, and get ready to
+    /// stream. Runs the initial snapshot when the raw layer has none.
+    pub async fn open(config: AcmeConfig) -> Result<Self> {
+        config.validate()?;
+        let url = SourceUrl::parse(config.source_url.as_deref().ok_or(IngestError::NoSource)?)?;
+        let storage = Storage::new(&config.storage_url, config.storage_options.clone())?;
+        let client = url.connect().await?;
+        check_source(&client, &config).await?;
+        let mut sources = Vec::with_capacity(config.tables.len());
+        for name in &config.tables {
+            let table = SourceTable::load(&client, &config.schema, name).await?;
+            if table.replica_identity != 'f' {
+                return Err(IngestError::ReplicaIdentity { table: table.qualified() });
+            }
+            sources.push(table);
+        }
+        ensure_publication(&client, &config, &sources).await?;
+
+        // Is there a complete snapshot already?
+        let mut layers = Vec::with_capacity(sources.len());
+        for table in &sources {
+            layers.push(storage.open_or_create(Layer::Raw, &table.name, &table.raw_schema()).await?);
+        }
+        let mut snapshot_positions = Vec::new();
+        for layer in &layers {
+            snapshot_positions.push(layer.position(raw::SNAPSHOT_APP).await?);
+        }
+        let snapshot_complete = snapshot_positions.iter().all(|p| p.is_some() && *p == snapshot_positions[0]);
+        let slot = slot_state(&client, &config.slot).await?;
+        match (slot, snapshot_complete) {
+            (SlotState::Lost, _) | (SlotState::Missing, true) => {
+                return Err(IngestError::SlotLost { slot: config.slot.clone() });
+            }
+            (SlotState::Ready, true) => {}
+            (state, false) => {
+                // No complete snapshot yet (first run, or a run that died mid-snapshot): nothing
+                // was streamed, so (re)create the slot and copy exactly its exported snapshot.
+                if matches!(state, SlotState::Ready) {
+                    client
+                        .execute("SELECT pg_drop_replication_slot($1)", &[&config.slot])
+                        .await
+                        .map_err(sql(format!("dropping the unused replication slot {}", config.slot)))?;
+                }
+                let mut replication = ReplicationConnection::connect(&url).await?;
+                let created = create_slot_exporting_snapshot(&mut replication, &config.slot).await?;
+                let lsn = Lsn::parse(&created.consistent_point)?;
+                tracing::info!(slot = %config.slot, %lsn, "replication slot created");
+                let report = Snapshot::new(config.clone()).with_exported_snapshot(created.snapshot_name, lsn).await;
+                replication.close().await;
+                let report = report?;
+                tracing::info!(lsn = %report.lsn, "initial snapshot complete");
+                for layer in &mut layers {
+                    layer.refresh().await?;
+                }
+            }
+        }
+        let snapshot = match storage.get_meta(SNAPSHOT_META).await? {
+            Some(bytes) => SnapshotPoint::from_json(&bytes)?,
+            None => {
+                return Err(IngestError::Internal(format!(
+                    "the raw layer holds a snapshot but _acme/{SNAPSHOT_META} is missing; re-sync into an empty warehouse"
+                )));
+            }
+        };
+        let mut tables = Vec::with_capacity(sources.len());
+        for (table, layer) in sources.into_iter().zip(layers) {
+            let stored = layer.position(raw::CDC_APP).await?.map(|v| v as u64);
+            tables.push(TableState {
+                builder: ChangeBuilder::new(table, config.batch_rows),
+                layer,
+                writer: None,
+                stored,
+                pending_lsn: None,
+            });
+        }
+        Ok(Self { config, url, client, tables, relations: HashMap::new(), snapshot, confirmed: Lsn::default() })
+    }
+
+    /// The snapshot point the stream started from.
+    pub fn snapshot_point(&self) -> &SnapshotPoint {
+        &self.snapshot
+    }
+
+    /// Bytes of WAL the slot still retains for acme (`pg_current_wal_lsn() - confirmed_flush_lsn`).
+    pub async fn slot_lag_bytes(&self) -> Result<i64> {
+        let row = self
+            .client
+            .query_one(
+                "SELECT coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn), 0)::int8 \
+                 FROM pg_replication_slots WHERE slot_name = $1",
+                &[&self.config.slot],
+            )
+            .await
+            .map_err(sql("reading the slot lag"))?;
+        Ok(row.get(0))
+    }
+
+    /// Read every change committed up to now (bounded by `max_batch_changes` per poll), commit
+    /// it to the raw layer, then advance the slot.
+    pub async fn poll(&mut self) -> Result<PollReport> {
+        // Decoding reads WAL only up to the flushed position: reading up to the flush LSN (not
+        // the insert LSN) guarantees that every transaction committed before it is returned, so
+        // the slot can be advanced there without losing one.
+        let upto: String = self
+            .client
+            .query_one("SELECT pg_current_wal_flush_lsn()::text", &[])
+            .await
+            .map_err(sql("reading the current WAL position"))?
+            .get(0);
+        let max = i32::try_from(self.config.max_batch_changes).unwrap_or(i32::MAX);
+        let rows = self
+            .client
+            .query_raw(
+                "SELECT data FROM pg_logical_slot_peek_binary_changes($1, $2::text::pg_lsn, $3::int4, \
+                 'proto_version', '1', 'publication_names', $4, 'binary', 'true', 'messages', 'true')",
+                [
+                    &self.config.slot as &(dyn tokio_postgres::types::ToSql + Sync),
+                    &upto,
+                    &max,
+                    &self.config.publication,
+                ],
+            )
+            .await
+            .map_err(|source| self.slot_error(source))?;
+        futures::pin_mut!(rows);
+        let mut report = PollReport::default();
+        let mut messages = 0usize;
+        let mut tx: Option<TxState> = None;
+        let mut last_end = None;
+        while let Some(row) = rows.next().await {
+            let row = row.map_err(|source| self.slot_error(source))?;
+            messages += 1;
+            let data: &[u8] = row.get(0);
+            match pgoutput::decode(data)? {
+                Message::Begin { final_lsn, commit_ts, xid } => {
+                    let skip = self.snapshot.contains(xid, final_lsn);
+                    tx = Some(TxState {
+                        lsn: final_lsn,
+                        xid,
+                        commit_ts_micros: commit_ts + PG_EPOCH_MICROS,
+                        seq: 0,
+                        skip,
+                    });
+                }
+                Message::Commit { end_lsn, .. } => {
+                    if let Some(t) = tx.take() {
+                        report.transactions += 1;
+                        if t.skip {
+                            report.skipped_transactions += 1;
+                        }
+                    }
+                    last_end = Some(end_lsn);
+                    self.spill_full_builders().await?;
+                }
+                Message::Relation(relation) => {
+                    if let Some(i) = self.tables.iter().position(|t| {
+                        t.builder.table().schema == relation.schema && t.builder.table().name == relation.name
+                    }) {
+                        let map = ColumnMap::new(&relation, self.tables[i].builder.table())?;
+                        self.relations.insert(relation.oid, (i, map));
+                    }
+                }
+                Message::Insert { relation, new } => {
+                    self.apply(&mut tx, relation, Operation::Insert, Some(new), None)?;
+                }
+                Message::Update { relation, old, new } => {
+                    self.apply(&mut tx, relation, Operation::Update, Some(new), old)?;
+                }
+                Message::Delete { relation, old } => {
+                    self.apply(&mut tx, relation, Operation::Delete, None, Some(old))?;
+                }
+                Message::Truncate { relations } => {
+                    for relation in relations {
+                        if let (Some(t), Some((i, _))) = (tx.as_mut(), self.relations.get(&relation)) {
+                            let state = &mut self.tables[*i];
+                            let seq = t.seq;
+                            t.seq += 1;
+                            if t.skip || state.stored.is_some_and(|s| t.lsn <= s) {
+                                continue;
+                            }
+                            state.builder.append_truncate(t.meta(Operation::Truncate, seq));
+                            state.pending_lsn = Some(t.lsn);
+                        }
+                    }
+                }
+                Message::Ignored => {}
+            }
+        }
+        // Commit every table that received changes, then move the slot.
+        for state in &mut self.tables {
+            let Some(lsn) = state.pending_lsn.take() else { continue };
+            if let Some(batch) = state.builder.finish()? {
+                let writer = match state.writer.as_mut() {
+                    Some(w) => w,
+                    None => state.writer.insert(state.layer.writer(self.config.target_file_bytes)?),
+                };
+                writer.write(state.layer.name(), batch).await?;
+            }
+            let Some(writer) = state.writer.take() else { continue };
+            let rows = writer.rows();
+            let files = writer.finish(state.layer.name()).await?;
+            state.layer.commit(files, &Position::new(raw::CDC_APP, lsn as i64), CommitMode::Append).await?;
+            state.stored = Some(lsn);
+            report.changes += rows;
+            report.tables_committed += 1;
+        }
+        // Advance the slot to the end of the last transaction read, never further: a commit
+        // record that straddles the flushed WAL position has not been decoded yet.
+        let _ = messages;
+        if let Some(confirm) = last_end {
+            self.client
+                .query_one(
+                    "SELECT pg_replication_slot_advance($1, $2::text::pg_lsn)",
+                    &[&self.config.slot, &Lsn(confirm).to_string()],
+                )
+                .await
+                .map_err(|source| self.slot_error(source))?;
+            self.confirmed = Lsn(confirm);
+        }
+        report.confirmed = self.confirmed;
+        Ok(report)
+    }
+
+    /// Poll until the stream has stored every transaction committed before the call.
+    ///
+    /// The call first commits a heartbeat (see [`ChangeStream::heartbeat`]); the stream has
+    /// caught up once the slot has moved past it.
+    pub async fn catch_up(&mut self) -> Result<PollReport> {
+        let target = self.heartbeat().await?;
+        let mut total = PollReport::default();
+        loop {
+            let report = self.poll().await?;
+            total.transactions += report.transactions;
+            total.changes += report.changes;
+            total.skipped_transactions += report.skipped_transactions;
+            total.tables_committed += report.tables_committed;
+            total.confirmed = report.confirmed;
+            if report.confirmed > target {
+                return Ok(total);
+            }
+            if report.transactions == 0 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+
+    /// Commit a heartbeat: a transactional logical-decoding message (no table is written) with
+    /// synchronous commit, which flushes all WAL before it. Returns the message's LSN. Reading
+    /// past it proves every transaction committed before the call was read, and lets an idle
+    /// stream advance its slot so the source does not retain WAL.
+    pub async fn heartbeat(&mut self) -> Result<Lsn> {
+        self.client
+            .batch_execute("BEGIN; SET LOCAL synchronous_commit = on")
+            .await
+            .map_err(sql("starting the heartbeat"))?;
+        let lsn: String = self
+            .client
+            .query_one("SELECT pg_logical_emit_message(true, 'acme-heartbeat', '')::text", &[])
+            .await
+            .map_err(sql("writing the heartbeat"))?
+            .get(0);
+        self.client.batch_execute("COMMIT").await.map_err(sql("committing the heartbeat"))?;
+        Lsn::parse(&lsn)
+    }
+
+    /// Poll forever, waiting `idle_wait` after an empty poll, until `stop` resolves. An idle
+    /// stream writes a heartbeat every [`IDLE_HEARTBEAT`] so the slot keeps advancing.
+    pub async fn run_until<F: std::future::Future<Output = ()>>(&mut self, idle_wait: Duration, stop: F) -> Result<()> {
+        futures::pin_mut!(stop);
+        let mut last_activity = Instant::now();
+        loop {
+            let started = Instant::now();
+            if last_activity.elapsed() >= IDLE_HEARTBEAT {
+                self.heartbeat().await?;
+                last_activity = Instant::now();
+            }
+            let report = tokio::select! {
+                _ = &mut stop => return Ok(()),
+                r = self.poll() => r?,
+            };
+            if report.transactions > 0 {
+                last_activity = Instant::now();
+            } else {
+                let wait = idle_wait.saturating_sub(started.elapsed());
+                tokio::select! {
+                    _ = &mut stop => return Ok(()),
+                    _ = tokio::time::sleep(wait) => {}
+                }
+            }
+        }
+    }
+
+    fn apply(
+        &mut self,
+        tx: &mut Option<TxState>,
+        relation: u32,
+        op: Operation,
+        new: Option<pgoutput::TupleData<'_>>,
+        old: Option<pgoutput::TupleData<'_>>,
+    ) -> Result<()> {
+        let Some(t) = tx.as_mut() else {
+            return Err(IngestError::BadMessage { message: "change outside a transaction".into() });
+        };
+        let seq = t.seq;
+        t.seq += 1;
+        let Some((i, map)) = self.relations.get(&relation) else { return Ok(()) };
+        let state = &mut self.tables[*i];
+        if t.skip || state.stored.is_some_and(|s| t.lsn <= s) {
+            return Ok(());
+        }
+        state.builder.append(t.meta(op, seq), map, new, old)?;
+        state.pending_lsn = Some(t.lsn);
+        Ok(())
+    }
+
+    /// Move full builders into their Parquet writers so memory stays bounded by the batch size.
+    async fn spill_full_builders(&mut self) -> Result<()> {
+        for state in &mut self.tables {
+            if state.builder.rows() >= self.config.batch_rows
+                && let Some(batch) = state.builder.finish()?
+            {
+                let writer = match state.writer.as_mut() {
+                    Some(w) => w,
+                    None => state.writer.insert(state.layer.writer(self.config.target_file_bytes)?),
+                };
+                writer.write(state.layer.name(), batch).await?;
+            }
+        }
+        Ok(())
+    }
+
+    fn slot_error(&self, source: tokio_postgres::Error) -> IngestError {
+        let missing = source.as_db_error().is_some_and(|e| {
+            e.code() == &tokio_postgres::error::SqlState::UNDEFINED_OBJECT || e.message().contains("invalidated")
+        });
+        if missing {
+            IngestError::SlotLost { slot: self.config.slot.clone() }
+        } else {
+            IngestError::Source { context: format!("reading changes from slot {}", self.config.slot), source }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct TxState {
+    lsn: u64,
+    xid: u32,
+    commit_ts_micros: i64,
+    seq: i64,
+    skip: bool,
+}
+
+impl TxState {
+    fn meta(&self, op: Operation, seq: i64) -> ChangeMeta {
+        ChangeMeta { op, lsn: self.lsn, seq, xid: self.xid, commit_ts_micros: self.commit_ts_micros }
+    }
+}
+
+enum SlotState {
+    Missing,
+    Ready,
+    Lost,
+}
+
+async fn slot_state(client: &Client, slot: &str) -> Result<SlotState> {
+    let row = client
+        .query_opt(
+            "SELECT coalesce(wal_status, ''), plugin::text, coalesce(database::text, ''), current_database()::text \
+             FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(sql(format!("looking up replication slot {slot}")))?;
+    Ok(match row {
+        None => SlotState::Missing,
+        Some(r) if r.get::<_, String>(2) != r.get::<_, String>(3) => {
+            return Err(IngestError::Internal(format!(
+                "replication slot {slot} belongs to database `{}`, not `{}`: set another slot name (config `slot`)",
+                r.get::<_, String>(2),
+                r.get::<_, String>(3)
+            )));
+        }
+        Some(r) if r.get::<_, String>(0) == "lost" => SlotState::Lost,
+        Some(r) if r.get::<_, String>(1) != "pgoutput" => {
+            return Err(IngestError::Internal(format!(
+                "replication slot {slot} uses plugin {} instead of pgoutput: drop it or choose another slot name",
+                r.get::<_, String>(1)
+            )));
+        }
+        Some(_) => SlotState::Ready,
+    })
+}
+
+async fn check_source(client: &Client, config: &AcmeConfig) -> Result<()> {
+    let row = client
+        .query_one(
+            "SELECT current_setting('wal_level'), current_user::text, \
+             (SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user)",
+            &[],
+        )
+        .await
+        .map_err(sql("checking the source settings"))?;
+    let wal_level: String = row.get(0);
+    if wal_level != "logical" {
+        return Err(IngestError::WalLevel { actual: wal_level });
+    }
+    let user: String = row.get(1);
+    if !row.get::<_, bool>(2) {
+        return Err(IngestError::NoReplicationPrivilege { user });
+    }
+    let _ = config;
+    Ok(())
+}
+
+async fn ensure_publication(client: &Client, config: &AcmeConfig, tables: &[SourceTable]) -> Result<()> {
+    let exists = client
+        .query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&config.publication])
+        .await
+        .map_err(sql("looking up the publication"))?
+        .is_some();
+    if !exists {
+        let list: Vec<String> = tables.iter().map(|t| t.quoted()).collect();
+        client
+            .batch_execute(&format!(
+                "CREATE PUBLICATION {} FOR TABLE {}",
+                crate::source::quote_ident(&config.publication),
+                list.join(", ")
+            ))
+            .await
+            .map_err(sql(format!("creating publication {}", config.publication)))?;
+    }
+    for table in tables {
+        let published = client
+            .query_opt(
+                "SELECT 1 FROM pg_publication_tables WHERE pubname = $1 AND schemaname = $2 AND tablename = $3",
+                &[&config.publication, &table.schema, &table.name],
+            )
+            .await
+            .map_err(sql("reading the publication's tables"))?
+            .is_some();
+        if !published {
+            return Err(IngestError::NotPublished {
+                publication: config.publication.clone(),
+                table: table.qualified(),
+            });
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,206 @@
+//! Building raw-layer change rows from decoded pgoutput tuples, straight into Arrow builders.
+
+use std::sync::Arc;
+
+use acme_core::raw::Operation;
+use arrow::array::{ArrayRef, Int64Builder, RecordBatch, StringBuilder, TimestampMicrosecondBuilder};
+use arrow::datatypes::Schema;
+
+use crate::decode::{ColumnBuilder, ValueContext};
+use crate::error::{IngestError, Result};
+use crate::pgoutput::{Field, Relation, TupleData};
+use crate::source::SourceTable;
+
+/// Microseconds between 1970-01-01 and 2000-01-01 (PostgreSQL's epoch).
+pub const PG_EPOCH_MICROS: i64 = 946_684_800_000_000;
+
+/// Where each column of a relation message goes in the raw table (`None`: not replicated).
+#[derive(Debug, Clone)]
+pub struct ColumnMap {
+    targets: Vec<Option<usize>>,
+}
+
+impl ColumnMap {
+    /// Map the columns of `relation` onto `table` by name. A column the raw table does not have
+    /// is an error that says how to re-sync.
+    pub fn new(relation: &Relation, table: &SourceTable) -> Result<Self> {
+        let mut targets = Vec::with_capacity(relation.columns.len());
+        for column in &relation.columns {
+            match table.columns.iter().position(|c| c.name == column.name) {
+                Some(i) => targets.push(Some(i)),
+                None => {
+                    return Err(IngestError::SchemaChanged { table: table.qualified(), column: column.name.clone() });
+                }
+            }
+        }
+        Ok(Self { targets })
+    }
+}
+
+/// Transaction metadata stamped on every change row.
+#[derive(Debug, Clone, Copy)]
+pub struct ChangeMeta {
+    /// Operation.
+    pub op: Operation,
+    /// Commit LSN of the transaction.
+    pub lsn: u64,
+    /// Position of the change in its transaction.
+    pub seq: i64,
+    /// Transaction id.
+    pub xid: u32,
+    /// Commit time, microseconds since 1970-01-01 UTC.
+    pub commit_ts_micros: i64,
+}
+
+/// Accumulates change rows of one table.
+#[derive(Debug)]
+pub struct ChangeBuilder {
+    table: SourceTable,
+    qualified: String,
+    schema: Arc<Schema>,
+    op: StringBuilder,
+    lsn: Int64Builder,
+    seq: Int64Builder,
+    xid: Int64Builder,
+    commit_ts: TimestampMicrosecondBuilder,
+    values: Vec<ColumnBuilder>,
+    old: Vec<ColumnBuilder>,
+    rows: usize,
+}
+
+impl ChangeBuilder {
+    /// A builder for `table` with room for `capacity` rows per batch.
+    pub fn new(table: SourceTable, capacity: usize) -> Self {
+        let schema = table.raw_schema();
+        let values = table.columns.iter().map(|c| ColumnBuilder::new(c.ty, capacity)).collect();
+        let old = table.columns.iter().map(|c| ColumnBuilder::new(c.ty, capacity)).collect();
+        Self {
+            qualified: table.qualified(),
+            table,
+            schema,
+            op: StringBuilder::with_capacity(capacity, capacity * 6),
+            lsn: Int64Builder::with_capacity(capacity),
+            seq: Int64Builder::with_capacity(capacity),
+            xid: Int64Builder::with_capacity(capacity),
+            commit_ts: TimestampMicrosecondBuilder::with_capacity(capacity).with_timezone("UTC"),
+            values,
+            old,
+            rows: 0,
+        }
+    }
+
+    /// The source table.
+    pub fn table(&self) -> &SourceTable {
+        &self.table
+    }
+
+    /// Rows buffered.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Append one change. `new` is the row after the change (inserts and updates), `old` the
+    /// row before it (updates and deletes). For a delete the value columns hold the deleted row.
+    pub fn append(
+        &mut self,
+        meta: ChangeMeta,
+        map: &ColumnMap,
+        new: Option<TupleData<'_>>,
+        old: Option<TupleData<'_>>,
+    ) -> Result<()> {
+        self.append_meta(meta);
+        let row = self.rows;
+        if let Some(new) = new {
+            for (i, field) in new.fields().enumerate() {
+                let Some(Some(target)) = map.targets.get(i) else { continue };
+                let field = match field? {
+                    // An unchanged TOASTed value: the full old row carries it.
+                    Field::Unchanged => match old.and_then(|o| o.fields().nth(i)) {
+                        Some(f) => f?,
+                        None => Field::Null,
+                    },
+                    other => other,
+                };
+                append_field(&mut self.values[*target], &self.table, *target, &self.qualified, field)?;
+            }
+        }
+        if let Some(old) = old {
+            for (i, field) in old.fields().enumerate() {
+                let field = field?;
+                let Some(Some(target)) = map.targets.get(i) else { continue };
+                append_field(&mut self.old[*target], &self.table, *target, &self.qualified, field)?;
+                if new.is_none() {
+                    append_field(&mut self.values[*target], &self.table, *target, &self.qualified, field)?;
+                }
+            }
+        }
+        // Columns the message did not carry are null.
+        for builder in self.values.iter_mut().chain(self.old.iter_mut()) {
+            if builder.len() == row {
+                builder.append_null();
+            }
+        }
+        self.rows += 1;
+        Ok(())
+    }
+
+    /// Append a truncate marker row (all values null).
+    pub fn append_truncate(&mut self, meta: ChangeMeta) {
+        self.append_meta(meta);
+        for b in self.values.iter_mut().chain(self.old.iter_mut()) {
+            b.append_null();
+        }
+        self.rows += 1;
+    }
+
+    fn append_meta(&mut self, meta: ChangeMeta) {
+        self.op.append_value(meta.op.as_str());
+        self.lsn.append_value(meta.lsn as i64);
+        self.seq.append_value(meta.seq);
+        self.xid.append_value(i64::from(meta.xid));
+        self.commit_ts.append_value(meta.commit_ts_micros);
+    }
+
+    /// Take the buffered rows as a record batch (None when empty).
+    pub fn finish(&mut self) -> Result<Option<RecordBatch>> {
+        if self.rows == 0 {
+            return Ok(None);
+        }
+        self.rows = 0;
+        let mut columns: Vec<ArrayRef> = Vec::with_capacity(self.schema.fields().len());
+        columns.push(Arc::new(self.op.finish()));
+        columns.push(Arc::new(self.lsn.finish()));
+        columns.push(Arc::new(self.seq.finish()));
+        columns.push(Arc::new(self.xid.finish()));
+        columns.push(Arc::new(self.commit_ts.finish()));
+        columns.extend(self.values.iter_mut().map(|b| b.finish()));
+        columns.extend(self.old.iter_mut().map(|b| b.finish()));
+        RecordBatch::try_new(Arc::clone(&self.schema), columns)
+            .map(Some)
+            .map_err(|source| IngestError::Arrow { table: self.qualified.clone(), source })
+    }
+}
+
+fn append_field(
+    builder: &mut ColumnBuilder,
+    table: &SourceTable,
+    index: usize,
+    qualified: &str,
+    field: Field<'_>,
+) -> Result<()> {
+    let column = &table.columns[index];
+    match field {
+        Field::Null | Field::Unchanged => {
+            builder.append_null();
+            Ok(())
+        }
+        Field::Binary(raw) => {
+            builder.append_binary(column.ty, raw, ValueContext { table: qualified, column: &column.name })
+        }
+        Field::Text(_) => Err(IngestError::BadValue {
+            table: qualified.to_string(),
+            column: column.name.clone(),
+            message: "the server sent a text value although binary mode was requested".into(),
+        }),
+    }
+}

@@ -1,0 +1,243 @@
+//! A minimal replication-protocol connection (`replication=database`), built on
+//! `postgres-protocol` because tokio-postgres cannot open one.
+//!
+//! It runs the walsender's simple commands, such as
+//! `CREATE_REPLICATION_SLOT ... LOGICAL pgoutput EXPORT_SNAPSHOT`, whose exported snapshot is
+//! exactly the state at the slot's consistent point: the snapshot-to-stream handoff then has
+//! no gap and no overlap by construction. The exported snapshot lives as long as the
+//! connection runs no other command, so keep the connection until every copy connection has
+//! imported it.
+
+use bytes::BytesMut;
+use fallible_iterator::FallibleIterator;
+use postgres_protocol::authentication::sasl::{ChannelBinding, SCRAM_SHA_256, ScramSha256};
+use postgres_protocol::message::{backend, frontend};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_postgres::config::Host;
+
+use crate::error::{IngestError, Result};
+use crate::source::SourceUrl;
+
+/// A connection in logical replication mode.
+pub struct ReplicationConnection {
+    stream: TcpStream,
+    read: BytesMut,
+    target: String,
+}
+
+impl std::fmt::Debug for ReplicationConnection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplicationConnection").field("target", &self.target).finish()
+    }
+}
+
+fn protocol(target: &str, message: impl std::fmt::Display) -> IngestError {
+    IngestError::Replication { target: target.to_string(), message: message.to_string() }
+}
+
+impl ReplicationConnection {
+    /// Connect to the source of `url` in `replication=database` mode (TCP hosts, no TLS).
+    pub async fn connect(url: &SourceUrl) -> Result<Self> {
+        let config = url.config();
+        let target = url.to_string();
+        let host = match config.get_hosts().first() {
+            Some(Host::Tcp(h)) => h.clone(),
+            Some(Host::Unix(_)) => {
+                return Err(protocol(&target, "replication over Unix sockets is not supported: use a TCP host"));
+            }
+            None => "localhost".to_string(),
+        };
+        let port = config.get_ports().first().copied().unwrap_or(5432);
+        let stream = TcpStream::connect((host.as_str(), port))
+            .await
+            .map_err(|e| protocol(&target, format!("cannot connect: {e}")))?;
+        let _ = stream.set_nodelay(true);
+        let mut conn = Self { stream, read: BytesMut::with_capacity(8192), target };
+        let user = config.get_user().unwrap_or("postgres").to_string();
+        let database = config.get_dbname().unwrap_or(&user).to_string();
+        let mut buf = BytesMut::new();
+        frontend::startup_message(
+            [
+                ("user", user.as_str()),
+                ("database", database.as_str()),
+                ("replication", "database"),
+                ("application_name", "acme"),
+            ],
+            &mut buf,
+        )
+        .map_err(|e| protocol(&conn.target, e))?;
+        conn.send(&buf).await?;
+        let password = config.get_password().map(|p| p.to_vec());
+        loop {
+            match conn.receive().await? {
+                backend::Message::AuthenticationOk => {}
+                backend::Message::AuthenticationCleartextPassword => {
+                    let password =
+                        password.as_deref().ok_or_else(|| protocol(&conn.target, "the server asks for a password"))?;
+                    let mut buf = BytesMut::new();
+                    frontend::password_message(password, &mut buf).map_err(|e| protocol(&conn.target, e))?;
+                    conn.send(&buf).await?;
+                }
+                backend::Message::AuthenticationMd5Password(body) => {
+                    let password =
+                        password.as_deref().ok_or_else(|| protocol(&conn.target, "the server asks for a password"))?;
+                    let hash = postgres_protocol::authentication::md5_hash(user.as_bytes(), password, body.salt());
+                    let mut buf = BytesMut::new();
+                    frontend::password_message(hash.as_bytes(), &mut buf).map_err(|e| protocol(&conn.target, e))?;
+                    conn.send(&buf).await?;
+                }
+                backend::Message::AuthenticationSasl(body) => {
+                    let password =
+                        password.as_deref().ok_or_else(|| protocol(&conn.target, "the server asks for a password"))?;
+                    let mut mechanisms = body.mechanisms();
+                    let mut scram = false;
+                    while let Some(m) = mechanisms.next().map_err(|e| protocol(&conn.target, e))? {
+                        scram |= m == SCRAM_SHA_256;
+                    }
+                    if !scram {
+                        return Err(protocol(&conn.target, "the server offers no SCRAM-SHA-256 authentication"));
+                    }
+                    conn.scram(password).await?;
+                }
+                backend::Message::ReadyForQuery(_) => return Ok(conn),
+                backend::Message::ErrorResponse(body) => return Err(conn.server_error(&body)),
+                backend::Message::ParameterStatus(_)
+                | backend::Message::BackendKeyData(_)
+                | backend::Message::NoticeResponse(_) => {}
+                _ => return Err(protocol(&conn.target, "unexpected message during startup")),
+            }
+        }
+    }
+
+    async fn scram(&mut self, password: &[u8]) -> Result<()> {
+        let mut scram = ScramSha256::new(password, ChannelBinding::unsupported());
+        let mut buf = BytesMut::new();
+        frontend::sasl_initial_response(SCRAM_SHA_256, scram.message(), &mut buf)
+            .map_err(|e| protocol(&self.target, e))?;
+        self.send(&buf).await?;
+        match self.receive().await? {
+            backend::Message::AuthenticationSaslContinue(body) => {
+                scram.update(body.data()).map_err(|e| protocol(&self.target, e))?;
+            }
+            backend::Message::ErrorResponse(body) => return Err(self.server_error(&body)),
+            _ => return Err(protocol(&self.target, "unexpected SASL message")),
+        }
+        let mut buf = BytesMut::new();
+        frontend::sasl_response(scram.message(), &mut buf).map_err(|e| protocol(&self.target, e))?;
+        self.send(&buf).await?;
+        match self.receive().await? {
+            backend::Message::AuthenticationSaslFinal(body) => {
+                scram.finish(body.data()).map_err(|e| protocol(&self.target, e))?;
+                Ok(())
+            }
+            backend::Message::ErrorResponse(body) => Err(self.server_error(&body)),
+            _ => Err(protocol(&self.target, "unexpected SASL message")),
+        }
+    }
+
+    /// Run one simple command and return its rows as text.
+    pub async fn simple_query(&mut self, sql: &str) -> Result<Vec<Vec<Option<String>>>> {
+        let mut buf = BytesMut::new();
+        frontend::query(sql, &mut buf).map_err(|e| protocol(&self.target, e))?;
+        self.send(&buf).await?;
+        let mut rows = Vec::new();
+        let mut error = None;
+        loop {
+            match self.receive().await? {
+                backend::Message::DataRow(body) => {
+                    let buffer = body.buffer();
+                    let mut ranges = body.ranges();
+                    let mut row = Vec::new();
+                    while let Some(range) = ranges.next().map_err(|e| protocol(&self.target, e))? {
+                        row.push(range.map(|r| String::from_utf8_lossy(&buffer[r]).into_owned()));
+                    }
+                    rows.push(row);
+                }
+                backend::Message::ErrorResponse(body) => error = Some(self.server_error(&body)),
+                backend::Message::ReadyForQuery(_) => break,
+                _ => {}
+            }
+        }
+        match error {
+            Some(e) => Err(e),
+            None => Ok(rows),
+        }
+    }
+
+    /// Close the connection politely.
+    pub async fn close(mut self) {
+        let mut buf = BytesMut::new();
+        frontend::terminate(&mut buf);
+        let _ = self.stream.write_all(&buf).await;
+    }
+
+    async fn send(&mut self, buf: &[u8]) -> Result<()> {
+        self.stream.write_all(buf).await.map_err(|e| protocol(&self.target, format!("write failed: {e}")))
+    }
+
+    async fn receive(&mut self) -> Result<backend::Message> {
+        loop {
+            if let Some(message) = backend::Message::parse(&mut self.read).map_err(|e| protocol(&self.target, e))? {
+                return Ok(message);
+            }
+            let n = self
+                .stream
+                .read_buf(&mut self.read)
+                .await
+                .map_err(|e| protocol(&self.target, format!("read failed: {e}")))?;
+            if n == 0 {
+                return Err(protocol(&self.target, "the server closed the connection"));
+            }
+        }
+    }
+
+    fn server_error(&self, body: &backend::ErrorResponseBody) -> IngestError {
+        let mut fields = body.fields();
+        let mut message = String::new();
+        let mut code = String::new();
+        while let Ok(Some(field)) = fields.next() {
+            match field.type_() {
+                b'M' => message = String::from_utf8_lossy(field.value_bytes()).into_owned(),
+                b'C' => code = String::from_utf8_lossy(field.value_bytes()).into_owned(),
+                _ => {}
+            }
+        }
+        if code == "42501"
+            || message.contains("permission denied")
+            || message.contains("must be superuser or replication")
+        {
+            return IngestError::Replication {
+                target: self.target.clone(),
+                message: format!(
+                    "{message}: the user needs the REPLICATION privilege and a pg_hba.conf replication entry"
+                ),
+            };
+        }
+        IngestError::Replication { target: self.target.clone(), message: format!("{message} (SQLSTATE {code})") }
+    }
+}
+
+/// What `CREATE_REPLICATION_SLOT ... EXPORT_SNAPSHOT` returned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CreatedSlot {
+    /// Consistent point: the stream starts here.
+    pub consistent_point: String,
+    /// Name of the exported snapshot (valid while the creating connection stays idle).
+    pub snapshot_name: String,
+}
+
+/// Create a logical slot with `pgoutput` and export its snapshot.
+pub async fn create_slot_exporting_snapshot(conn: &mut ReplicationConnection, slot: &str) -> Result<CreatedSlot> {
+    let rows = conn
+        .simple_query(&format!(
+            "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput EXPORT_SNAPSHOT",
+            crate::source::quote_ident(slot)
+        ))
+        .await?;
+    let row = rows.first().ok_or_else(|| protocol(&conn.target, "CREATE_REPLICATION_SLOT returned no row"))?;
+    match (row.get(1).cloned().flatten(), row.get(2).cloned().flatten()) {
+        (Some(consistent_point), Some(snapshot_name)) => Ok(CreatedSlot { consistent_point, snapshot_name }),
+        _ => Err(protocol(&conn.target, "CREATE_REPLICATION_SLOT returned no snapshot")),
+    }
+}

@@ -1,0 +1,157 @@
+//! Change data capture: handoff from the snapshot, exactly-once restarts, faults, bad sources.
+
+use acme_ingest::{ChangeStream, IngestError};
+use acme_testkit::{ScaleFactor, WorkloadConfig};
+
+use crate::support::{acme_source, config, replay_raw, source_state};
+
+/// Tables, keys and the columns compared with the source (text forms that Arrow and
+/// PostgreSQL render alike).
+const CHECKED: [(&str, &str, &[&str]); 4] = [
+    ("customers", "customer_id", &["customer_name", "customer_address", "is_active", "updated_by"]),
+    ("products", "product_id", &["product_name", "barcode", "is_active", "updated_by"]),
+    ("orders", "order_id", &["order_date", "delivery_date", "customer_id", "status", "updated_by"]),
+    ("order_items", "order_item_id", &["order_id", "product_id", "quanity", "updated_by"]),
+];
+
+async fn assert_raw_equals_source(url: &str, warehouse: &std::path::Path) {
+    for (table, key, columns) in CHECKED {
+        let replayed = replay_raw(warehouse, table, key, columns).await;
+        let source = source_state(url, table, key, columns).await;
+        assert_eq!(replayed.len(), source.len(), "{table}: row count");
+        for (k, values) in &source {
+            assert_eq!(replayed.get(k), Some(values), "{table} key {k}");
+        }
+    }
+}
+
+fn stream_slot(url: &str) -> String {
+    config(url, std::path::Path::new("/unused")).slot
+}
+
+fn workload(seed: u64, transactions: u64) -> WorkloadConfig {
+    WorkloadConfig {
+        seed,
+        rate_tps: 0.0,
+        transactions: Some(transactions),
+        duration: None,
+        connections: 2,
+        deletes: true,
+        inserts_only: false,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_after_a_snapshot_taken_under_load_equals_the_source() {
+    let url = acme_source("cdc_handoff").await;
+    acme_testkit::bulk_load(&url, ScaleFactor::new(0.005).expect("sf"), 31).await.expect("load");
+    let dir = tempfile::tempdir().expect("tmp");
+    let writer = {
+        let url = url.clone();
+        tokio::spawn(async move {
+            let mut config = workload(32, 0);
+            config.transactions = None;
+            config.duration = Some(std::time::Duration::from_secs(3));
+            acme_testkit::run_workload(&url, &config).await
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let mut stream = ChangeStream::open(config(&url, dir.path())).await.expect("open (snapshot under load)");
+    let during = writer.await.expect("join").expect("workload");
+    assert!(during.transactions > 50, "the workload should write during the snapshot");
+    stream.catch_up().await.expect("catch up");
+    assert_raw_equals_source(&url, dir.path()).await;
+    // More changes, including several changes of one key in one transaction.
+    acme_testkit::run_workload(&url, &workload(33, 300)).await.expect("more");
+    let report = stream.catch_up().await.expect("catch up again");
+    assert!(report.changes > 0 && report.transactions > 0);
+    assert_raw_equals_source(&url, dir.path()).await;
+    // Idle: a heartbeat still advances the slot, so the source retains no WAL for acme.
+    assert_eq!(stream.poll().await.expect("idle poll").changes, 0);
+    let idle = stream.catch_up().await.expect("idle catch up");
+    assert_eq!(idle.changes, 0);
+    assert!(idle.confirmed > report.confirmed, "an idle stream must still move its slot");
+    let client = acme_testkit::connect(&url).await.expect("connect");
+    let confirmed: String = client
+        .query_one(
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+            &[&stream_slot(&url)],
+        )
+        .await
+        .expect("slot")
+        .get(0);
+    assert_eq!(acme_ingest::Lsn::parse(&confirmed).expect("lsn"), idle.confirmed);
+    assert!(stream.slot_lag_bytes().await.expect("lag") >= 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarting_the_stream_neither_duplicates_nor_skips_changes() {
+    let url = acme_source("cdc_restart").await;
+    acme_testkit::bulk_load(&url, ScaleFactor::new(0.002).expect("sf"), 41).await.expect("load");
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut cfg = config(&url, dir.path());
+    cfg.max_batch_changes = 100;
+    for round in 0..4u64 {
+        let mut stream = ChangeStream::open(cfg.clone()).await.expect("open");
+        acme_testkit::run_workload(&url, &workload(50 + round, 150)).await.expect("workload");
+        // Read only part of the backlog before "crashing" (dropping the stream).
+        stream.poll().await.expect("partial poll");
+        drop(stream);
+    }
+    let mut stream = ChangeStream::open(cfg).await.expect("reopen");
+    stream.catch_up().await.expect("catch up");
+    // replay_raw also asserts that no (lsn, seq) is stored twice.
+    assert_raw_equals_source(&url, dir.path()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn truncate_is_recorded_as_a_change() {
+    let url = acme_source("cdc_truncate").await;
+    acme_testkit::bulk_load(&url, ScaleFactor::new(0.001).expect("sf"), 61).await.expect("load");
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut stream = ChangeStream::open(config(&url, dir.path())).await.expect("open");
+    let client = acme_testkit::connect(&url).await.expect("connect");
+    client
+        .batch_execute(
+            "TRUNCATE operations.order_items; INSERT INTO operations.order_items (order_id, product_id, quanity) VALUES (1, 1, 5)",
+        )
+        .await
+        .expect("truncate");
+    stream.catch_up().await.expect("catch up");
+    let items = replay_raw(dir.path(), "order_items", "order_item_id", &["order_id", "quanity"]).await;
+    assert_eq!(items.len(), 1);
+    assert_eq!(items.values().next(), Some(&vec!["1".to_string(), "5".to_string()]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_slot_stops_with_a_resync_instruction() {
+    let url = acme_source("cdc_slot").await;
+    acme_testkit::bulk_load(&url, ScaleFactor::new(0.001).expect("sf"), 71).await.expect("load");
+    let dir = tempfile::tempdir().expect("tmp");
+    let cfg = config(&url, dir.path());
+    let stream = ChangeStream::open(cfg.clone()).await.expect("open");
+    drop(stream);
+    let client = acme_testkit::connect(&url).await.expect("connect");
+    client.execute("SELECT pg_drop_replication_slot($1)", &[&cfg.slot]).await.expect("drop slot");
+    let err = ChangeStream::open(cfg.clone()).await.expect_err("slot is gone");
+    assert!(matches!(err, IngestError::SlotLost { .. }), "{err:?}");
+    assert!(err.to_string().contains(&cfg.slot) && err.to_string().contains("re-sync"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sources_that_cannot_replicate_get_errors_naming_the_fix() {
+    let url = acme_source("cdc_bad").await;
+    let client = acme_testkit::connect(&url).await.expect("connect");
+    let dir = tempfile::tempdir().expect("tmp");
+    client.batch_execute("ALTER TABLE operations.orders REPLICA IDENTITY DEFAULT").await.expect("alter");
+    let err = ChangeStream::open(config(&url, dir.path())).await.expect_err("identity");
+    assert!(err.to_string().contains("ALTER TABLE operations.orders REPLICA IDENTITY FULL"), "{err}");
+    client.batch_execute("ALTER TABLE operations.orders REPLICA IDENTITY FULL").await.expect("alter back");
+
+    let role = format!("noreplication_{}", std::process::id());
+    client.batch_execute(&format!("CREATE ROLE {role} LOGIN; GRANT USAGE ON SCHEMA operations TO {role}; GRANT SELECT ON ALL TABLES IN SCHEMA operations TO {role}")).await.expect("role");
+    let limited = url.replacen("postgres://postgres@", &format!("postgres://{role}@"), 1);
+    let err = ChangeStream::open(config(&limited, dir.path())).await.expect_err("privilege");
+    assert!(matches!(err, IngestError::NoReplicationPrivilege { .. }), "{err:?}");
+    assert!(err.to_string().contains(&format!("ALTER ROLE {role} REPLICATION")), "{err}");
+}
