@@ -1,1 +1,18 @@
-//! acme-model: see the workspace README.
+//! acme-model: the SCD type-2 history (intermediate layer) and the star schema (presentation
+//! layer), computed from the raw layer with DataFusion plans.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), acme_model::ModelError> {
+//! let config = acme_core::AcmeConfig::builder().storage_url("/tmp/acme-warehouse").build()?;
+//! let report = acme_model::ModelBuild::new(config).await?;
+//! println!("model covers raw changes up to LSN {}", report.position);
+//! # Ok(()) }
+//! ```
+
+pub mod build;
+pub mod error;
+pub mod history;
+
+pub use build::{MODEL_APP, ModelBuild, ModelReport, tables};
+pub use error::{ModelError, Result};
+pub use history::{HistorySpec, state_predicate};

@@ -1,1 +1,418 @@
-//! acme-query: see the workspace README.
+//! acme-query: the warehouse handle and the four logistics reports, in-process with DataFusion.
+//!
+//! A [`Warehouse`] registers every layer table (raw, histories, star schema) in a DataFusion
+//! `SessionContext`, plus `<table>_current` views of the current state. Reports are typed, and
+//! each takes an optional `as_of` instant answered from the SCD2 history.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), acme_query::QueryError> {
+//! use acme_query::{StatusFilter, Warehouse};
+//! let warehouse = Warehouse::open("/tmp/acme-warehouse").await?;
+//! for row in warehouse.open_orders(StatusFilter::Open, None).await? {
+//!     println!("{:?} {:?} {}", row.delivery_date, row.status, row.quantity);
+//! }
+//! let df = warehouse.sql("SELECT count(*) FROM orders_current").await?;
+//! df.show().await?;
+//! # Ok(()) }
+//! ```
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use acme_core::{Layer, Storage};
+use arrow::array::{Array, AsArray, RecordBatch};
+use arrow::compute::cast;
+use arrow::datatypes::{DataType, Date32Type, Field, Int64Type, Schema};
+use chrono::{DateTime, NaiveDate, Utc};
+use datafusion::prelude::{DataFrame, SessionConfig, SessionContext};
+use serde::Serialize;
+
+use acme_model::history::{HistorySpec, state_predicate};
+use acme_model::tables;
+
+/// Result alias with [`QueryError`] as the default error type.
+pub type Result<T, E = QueryError> = std::result::Result<T, E>;
+
+/// What can go wrong when opening a warehouse or running a report.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum QueryError {
+    /// A report parameter is invalid.
+    #[error("invalid parameter `{name}`: {message}")]
+    InvalidParameter {
+        /// The parameter.
+        name: &'static str,
+        /// What is wrong and what is accepted.
+        message: String,
+    },
+    /// The requested instant precedes the kept history.
+    #[error("as_of {as_of} is before the history starts ({start}); ask for an instant at or after it")]
+    BeforeHistory {
+        /// The instant asked for.
+        as_of: DateTime<Utc>,
+        /// The first instant the history covers.
+        start: DateTime<Utc>,
+    },
+    /// The warehouse has no model yet.
+    #[error("the warehouse at {url} has no `{table}` table: run the pipeline (`sync`) to build it")]
+    MissingTable {
+        /// Storage URL.
+        url: String,
+        /// The missing table.
+        table: String,
+    },
+    /// Storage failed.
+    #[error(transparent)]
+    Core(#[from] acme_core::Error),
+    /// The query engine failed.
+    #[error("query failed")]
+    DataFusion(#[from] Box<datafusion::error::DataFusionError>),
+}
+
+impl From<datafusion::error::DataFusionError> for QueryError {
+    fn from(e: datafusion::error::DataFusionError) -> Self {
+        QueryError::DataFusion(Box::new(e))
+    }
+}
+
+/// Which orders a report counts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub enum StatusFilter {
+    /// Every status except `COMPLETED`.
+    Open,
+    /// Status `PENDING`.
+    Pending,
+    /// Exactly this status.
+    Status(String),
+}
+
+/// Statuses the source uses.
+pub const STATUSES: [&str; 4] = ["PENDING", "PROCESSING", "REPROCESSING", "COMPLETED"];
+
+impl StatusFilter {
+    /// Parse `open`, `pending` or one status name (case-insensitive).
+    pub fn parse(value: &str) -> Result<Self> {
+        let upper = value.trim().to_ascii_uppercase();
+        match upper.as_str() {
+            "OPEN" => Ok(StatusFilter::Open),
+            "PENDING" => Ok(StatusFilter::Pending),
+            s if STATUSES.contains(&s) => Ok(StatusFilter::Status(s.to_string())),
+            _ => Err(QueryError::InvalidParameter {
+                name: "status",
+                message: format!("unknown status `{value}`; use open, pending, processing, reprocessing or completed"),
+            }),
+        }
+    }
+
+    fn predicate(&self) -> String {
+        match self {
+            StatusFilter::Open => "status <> 'COMPLETED'".to_string(),
+            StatusFilter::Pending => "status = 'PENDING'".to_string(),
+            StatusFilter::Status(s) => format!("status = '{}'", s.replace('\'', "''")),
+        }
+    }
+}
+
+/// R1 row: open orders per delivery date and status.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct OpenOrders {
+    /// Delivery date.
+    pub delivery_date: Option<NaiveDate>,
+    /// Status.
+    pub status: Option<String>,
+    /// Number of orders.
+    pub quantity: i64,
+}
+
+/// R2 row: a delivery date and its open orders.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DeliveryDateLoad {
+    /// Delivery date.
+    pub delivery_date: Option<NaiveDate>,
+    /// Number of open orders.
+    pub quantity: i64,
+}
+
+/// R3 row: items of open orders per product.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ProductItems {
+    /// Product.
+    pub product_id: Option<i64>,
+    /// Sum of item quantities.
+    pub total_items: i64,
+}
+
+/// R4 row: a customer ranked by its orders.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CustomerRank {
+    /// Customer.
+    pub customer_id: Option<i64>,
+    /// Name (null when the customer is not known, e.g. not replicated yet).
+    pub customer_name: Option<String>,
+    /// Number of orders.
+    pub quantity: i64,
+    /// Dense rank by quantity (1 = most).
+    pub ranking: i64,
+}
+
+/// A warehouse opened for queries.
+pub struct Warehouse {
+    ctx: SessionContext,
+    url: String,
+    history_start: Option<i64>,
+}
+
+impl std::fmt::Debug for Warehouse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Warehouse").field("url", &self.url).finish()
+    }
+}
+
+impl Warehouse {
+    /// Open the warehouse at `url` (a path, `file://` or `s3://`).
+    pub async fn open(url: &str) -> Result<Self> {
+        Self::open_with_options(url, HashMap::new()).await
+    }
+
+    /// Open with object-store options (S3 endpoint, region, ...).
+    pub async fn open_with_options(url: &str, options: HashMap<String, String>) -> Result<Self> {
+        let storage = Storage::new(url, options)?;
+        let ctx = SessionContext::new_with_config(SessionConfig::new().with_information_schema(true));
+        let mut found = HashMap::new();
+        for spec in HistorySpec::acme() {
+            for (layer, name, registered) in [
+                (Layer::Raw, spec.table.clone(), format!("raw_{}", spec.table)),
+                (Layer::Intermediate, spec.history_table(), spec.history_table()),
+            ] {
+                if let Some(table) = storage.open(layer, &name).await? {
+                    ctx.register_table(registered.as_str(), table.delta().table_provider().await?)?;
+                    found.insert(registered, true);
+                }
+            }
+        }
+        for name in [
+            tables::DIM_CUSTOMER,
+            tables::DIM_PRODUCT,
+            tables::DIM_DATE,
+            tables::DIM_STATUS,
+            tables::FACT_ORDER_STATUS,
+            tables::FACT_ORDERS,
+            tables::FACT_ORDER_ITEMS,
+        ] {
+            if let Some(table) = storage.open(Layer::Presentation, name).await? {
+                ctx.register_table(name, table.delta().table_provider().await?)?;
+            }
+        }
+        for spec in HistorySpec::acme() {
+            let history = spec.history_table();
+            if !found.contains_key(&history) {
+                return Err(QueryError::MissingTable {
+                    url: url.to_string(),
+                    table: format!("intermediate/{history}"),
+                });
+            }
+            let view = ctx.sql(&format!("SELECT * FROM {history} WHERE {}", state_predicate(None))).await?;
+            ctx.register_table(format!("{}_current", spec.table).as_str(), view.into_view())?;
+        }
+        let start = ctx.sql("SELECT CAST(min(valid_from) AS BIGINT) FROM orders_history").await?.collect().await?;
+        let history_start = start
+            .first()
+            .map(|b| b.column(0).as_primitive::<Int64Type>().clone())
+            .filter(|a| a.len() == 1 && !a.is_null(0))
+            .map(|a| a.value(0));
+        Ok(Self { ctx, url: url.to_string(), history_start })
+    }
+
+    /// The DataFusion context, for custom use.
+    pub fn context(&self) -> &SessionContext {
+        &self.ctx
+    }
+
+    /// Run ad-hoc SQL over the registered tables.
+    pub async fn sql(&self, sql: &str) -> Result<DataFrame> {
+        Ok(self.ctx.sql(sql).await?)
+    }
+
+    /// The first instant the history covers.
+    pub fn history_start(&self) -> Option<DateTime<Utc>> {
+        self.history_start.and_then(DateTime::from_timestamp_micros)
+    }
+
+    /// SQL for the state of `table` (`orders`, ...) now or as of an instant.
+    fn state(&self, table: &str, as_of: Option<DateTime<Utc>>) -> Result<String> {
+        let micros = match as_of {
+            None => None,
+            Some(t) => {
+                let micros = t.timestamp_micros();
+                if let Some(start) = self.history_start
+                    && micros < start
+                {
+                    return Err(QueryError::BeforeHistory {
+                        as_of: t,
+                        start: DateTime::from_timestamp_micros(start).unwrap_or_default(),
+                    });
+                }
+                Some(micros)
+            }
+        };
+        Ok(format!("(SELECT * FROM {table}_history WHERE {})", state_predicate(micros)))
+    }
+
+    /// Run `sql` and cast its columns to `types` (the engine may return view types).
+    async fn batches(&self, sql: &str, types: &[DataType]) -> Result<Vec<RecordBatch>> {
+        let batches = self.ctx.sql(sql).await?.collect().await?;
+        let mut out = Vec::with_capacity(batches.len());
+        for b in batches {
+            let columns = b
+                .columns()
+                .iter()
+                .zip(types)
+                .map(|(c, t)| if c.data_type() == t { Ok(c.clone()) } else { cast(c, t) })
+                .collect::<std::result::Result<Vec<_>, _>>()
+                .map_err(|e| QueryError::DataFusion(Box::new(e.into())))?;
+            let fields: Vec<Field> =
+                types.iter().enumerate().map(|(i, t)| Field::new(format!("c{i}"), t.clone(), true)).collect();
+            out.push(
+                RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)
+                    .map_err(|e| QueryError::DataFusion(Box::new(e.into())))?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// R1: orders matching `filter` per delivery date and status.
+    pub async fn open_orders(&self, filter: StatusFilter, as_of: Option<DateTime<Utc>>) -> Result<Vec<OpenOrders>> {
+        let sql = open_orders_sql(&self.state("orders", as_of)?, &filter);
+        let mut out = Vec::new();
+        for b in self.batches(&sql, &[DataType::Date32, DataType::Utf8, DataType::Int64]).await? {
+            let dates = b.column(0).as_primitive::<Date32Type>();
+            let statuses = b.column(1).as_string::<i32>();
+            let counts = b.column(2).as_primitive::<Int64Type>();
+            for i in 0..b.num_rows() {
+                out.push(OpenOrders {
+                    delivery_date: date(dates, i),
+                    status: (!statuses.is_null(i)).then(|| statuses.value(i).to_string()),
+                    quantity: counts.value(i),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// R2: the `limit` delivery dates with the most open orders (ties broken by date).
+    pub async fn top_delivery_dates(
+        &self,
+        limit: usize,
+        as_of: Option<DateTime<Utc>>,
+    ) -> Result<Vec<DeliveryDateLoad>> {
+        check_limit(limit)?;
+        let sql = top_delivery_dates_sql(&self.state("orders", as_of)?, limit);
+        let mut out = Vec::new();
+        for b in self.batches(&sql, &[DataType::Date32, DataType::Int64]).await? {
+            let dates = b.column(0).as_primitive::<Date32Type>();
+            let counts = b.column(1).as_primitive::<Int64Type>();
+            for i in 0..b.num_rows() {
+                out.push(DeliveryDateLoad { delivery_date: date(dates, i), quantity: counts.value(i) });
+            }
+        }
+        Ok(out)
+    }
+
+    /// R3: sum of item quantities of open orders, per product.
+    pub async fn pending_items_by_product(&self, as_of: Option<DateTime<Utc>>) -> Result<Vec<ProductItems>> {
+        let sql = pending_items_sql(&self.state("orders", as_of)?, &self.state("order_items", as_of)?);
+        let mut out = Vec::new();
+        for b in self.batches(&sql, &[DataType::Int64, DataType::Int64]).await? {
+            let products = b.column(0).as_primitive::<Int64Type>();
+            let totals = b.column(1).as_primitive::<Int64Type>();
+            for i in 0..b.num_rows() {
+                out.push(ProductItems {
+                    product_id: (!products.is_null(i)).then(|| products.value(i)),
+                    total_items: totals.value(i),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// R4: customers by number of orders matching `filter` (default use: pending), dense-ranked,
+    /// every customer whose rank is at most `limit` (ties all returned), then by customer id.
+    pub async fn top_customers(
+        &self,
+        limit: usize,
+        filter: StatusFilter,
+        as_of: Option<DateTime<Utc>>,
+    ) -> Result<Vec<CustomerRank>> {
+        check_limit(limit)?;
+        let sql = top_customers_sql(&self.state("orders", as_of)?, &self.state("customers", as_of)?, &filter, limit);
+        let mut out = Vec::new();
+        for b in self.batches(&sql, &[DataType::Int64, DataType::Utf8, DataType::Int64, DataType::Int64]).await? {
+            let ids = b.column(0).as_primitive::<Int64Type>();
+            let names = b.column(1).as_string::<i32>();
+            let counts = b.column(2).as_primitive::<Int64Type>();
+            let ranks = b.column(3).as_primitive::<Int64Type>();
+            for i in 0..b.num_rows() {
+                out.push(CustomerRank {
+                    customer_id: (!ids.is_null(i)).then(|| ids.value(i)),
+                    customer_name: (!names.is_null(i)).then(|| names.value(i).to_string()),
+                    quantity: counts.value(i),
+                    ranking: ranks.value(i),
+                });
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn check_limit(limit: usize) -> Result<()> {
+    if limit == 0 || limit > 10_000 {
+        return Err(QueryError::InvalidParameter { name: "limit", message: format!("must be 1..=10000, got {limit}") });
+    }
+    Ok(())
+}
+
+fn date(dates: &arrow::array::PrimitiveArray<Date32Type>, i: usize) -> Option<NaiveDate> {
+    if dates.is_null(i) {
+        return None;
+    }
+    NaiveDate::from_ymd_opt(1970, 1, 1).map(|epoch| epoch + chrono::Duration::days(i64::from(dates.value(i))))
+}
+
+/// R1 in SQL over a relation `orders` (the same text runs on PostgreSQL as the oracle).
+pub fn open_orders_sql(orders: &str, filter: &StatusFilter) -> String {
+    format!(
+        "SELECT delivery_date, status, count(*) AS quantity FROM {orders} o WHERE {} \
+         GROUP BY delivery_date, status ORDER BY delivery_date NULLS LAST, status NULLS LAST",
+        filter.predicate()
+    )
+}
+
+/// R2 in SQL.
+pub fn top_delivery_dates_sql(orders: &str, limit: usize) -> String {
+    format!(
+        "SELECT delivery_date, count(*) AS quantity FROM {orders} o WHERE status <> 'COMPLETED' \
+         GROUP BY delivery_date ORDER BY quantity DESC, delivery_date ASC NULLS LAST LIMIT {limit}"
+    )
+}
+
+/// R3 in SQL.
+pub fn pending_items_sql(orders: &str, items: &str) -> String {
+    format!(
+        "SELECT i.product_id, CAST(sum(i.quanity) AS BIGINT) AS total_items FROM {items} i \
+         JOIN {orders} o ON o.order_id = i.order_id WHERE o.status <> 'COMPLETED' \
+         GROUP BY i.product_id ORDER BY i.product_id NULLS LAST"
+    )
+}
+
+/// R4 in SQL.
+pub fn top_customers_sql(orders: &str, customers: &str, filter: &StatusFilter, limit: usize) -> String {
+    format!(
+        "WITH counts AS (SELECT customer_id, count(*) AS quantity FROM {orders} o WHERE {} GROUP BY customer_id), \
+         ranked AS (SELECT customer_id, quantity, CAST(dense_rank() OVER (ORDER BY quantity DESC) AS BIGINT) AS ranking \
+           FROM counts) \
+         SELECT r.customer_id, c.customer_name, r.quantity, r.ranking FROM ranked r \
+         LEFT JOIN {customers} c ON c.customer_id = r.customer_id \
+         WHERE r.ranking <= {limit} ORDER BY r.ranking, r.customer_id NULLS LAST",
+        filter.predicate()
+    )
+}

@@ -1,0 +1,40 @@
+//! The error type of acme-model.
+
+/// Result alias with [`ModelError`] as the default error type.
+pub type Result<T, E = ModelError> = std::result::Result<T, E>;
+
+/// What can go wrong while building the model.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ModelError {
+    /// The raw layer lacks a table the model needs.
+    #[error("raw table `{table}` does not exist: run the snapshot (or `sync`) before building the model")]
+    NoRawTable {
+        /// The source table.
+        table: String,
+    },
+    /// Storage or configuration failed.
+    #[error(transparent)]
+    Core(#[from] acme_core::Error),
+    /// A Delta table could not be read.
+    #[error("cannot read Delta table `{table}`")]
+    Delta {
+        /// `layer/table`.
+        table: String,
+        /// The cause.
+        #[source]
+        source: Box<acme_core::deltalake::DeltaTableError>,
+    },
+    /// A DataFusion plan failed.
+    #[error("query engine error while building the model")]
+    DataFusion(#[from] Box<datafusion::error::DataFusionError>),
+    /// A bug in acme.
+    #[error("internal error (a bug in acme, please report it): {0}")]
+    Internal(String),
+}
+
+impl From<datafusion::error::DataFusionError> for ModelError {
+    fn from(e: datafusion::error::DataFusionError) -> Self {
+        ModelError::DataFusion(Box::new(e))
+    }
+}

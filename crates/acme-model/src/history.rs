@@ -1,0 +1,123 @@
+//! SCD type-2 history of one source table, derived from its raw changes with one DataFusion
+//! plan (window functions over the key, ordered by commit LSN and position in transaction).
+
+use acme_core::raw;
+use arrow::datatypes::Schema;
+
+/// Columns every history table adds after the business attributes.
+pub const VALID_FROM: &str = "valid_from";
+/// End of validity (null while current).
+pub const VALID_TO: &str = "valid_to";
+/// LSN that opened the version.
+pub const VALID_FROM_LSN: &str = "valid_from_lsn";
+/// LSN that closed the version (null while current).
+pub const VALID_TO_LSN: &str = "valid_to_lsn";
+/// True for the latest version of a key (also when that version is a deletion).
+pub const IS_CURRENT: &str = "is_current";
+/// Operation that opened the version (`snapshot`, `insert`, `update`, `delete`).
+pub const OPENED_BY: &str = "opened_by";
+/// Operation that closed the version (`update`, `delete`, `insert`, `truncate`; null while current).
+pub const CLOSED_BY: &str = "closed_by";
+/// True for a version that records the key's deletion (the key does not exist while it holds).
+pub const IS_DELETED: &str = "is_deleted";
+
+/// What to build the history of: a raw table and its business key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistorySpec {
+    /// Source (and raw) table name.
+    pub table: String,
+    /// Business key column.
+    pub key: String,
+}
+
+impl HistorySpec {
+    /// History of `table` keyed by `key`.
+    pub fn new(table: impl Into<String>, key: impl Into<String>) -> Self {
+        Self { table: table.into(), key: key.into() }
+    }
+
+    /// Name of the intermediate table.
+    pub fn history_table(&self) -> String {
+        format!("{}_history", self.table)
+    }
+
+    /// The ACME tables and their keys.
+    pub fn acme() -> Vec<HistorySpec> {
+        vec![
+            HistorySpec::new("customers", "customer_id"),
+            HistorySpec::new("products", "product_id"),
+            HistorySpec::new("orders", "order_id"),
+            HistorySpec::new("order_items", "order_item_id"),
+        ]
+    }
+}
+
+/// The business attribute columns of a raw schema (no metadata, no `_old_` columns).
+pub fn attribute_columns(raw_schema: &Schema) -> Vec<String> {
+    raw_schema.fields().iter().map(|f| f.name().clone()).filter(|n| !n.starts_with('_')).collect()
+}
+
+fn quote(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// SQL computing the full history of `spec` from the raw table registered as `raw_name`.
+///
+/// `truncates` lists the (LSN, commit time in microseconds) of the table's truncations in
+/// LSN order: a truncation closes every version open at that point.
+pub fn history_sql(spec: &HistorySpec, raw_name: &str, attributes: &[String], truncates: &[(i64, i64)]) -> String {
+    let key = quote(&spec.key);
+    let window = format!("PARTITION BY {key} ORDER BY {lsn}, {seq} NULLS FIRST", lsn = raw::LSN, seq = raw::SEQ);
+    let attrs = attributes.iter().map(|c| quote(c)).collect::<Vec<_>>().join(", ");
+    let inner = format!(
+        "SELECT {attrs}, {ts} AS vf, {lsn} AS vf_lsn, {op} AS o_op, \
+           LEAD({ts}) OVER ({window}) AS next_ts, LEAD({lsn}) OVER ({window}) AS next_lsn, \
+           LEAD({op}) OVER ({window}) AS next_op \
+         FROM {raw_name} WHERE {op} <> 'truncate'",
+        ts = raw::COMMIT_TS,
+        lsn = raw::LSN,
+        op = raw::OP,
+    );
+    // First truncation after each version, if any.
+    let (t_lsn, t_ts) = if truncates.is_empty() {
+        (
+            "CAST(NULL AS BIGINT)".to_string(),
+            "arrow_cast(CAST(NULL AS BIGINT), 'Timestamp(Microsecond, Some(\"UTC\"))')".to_string(),
+        )
+    } else {
+        let lsn_case: Vec<String> = truncates.iter().map(|(l, _)| format!("WHEN vf_lsn < {l} THEN {l}")).collect();
+        let ts_case: Vec<String> =
+            truncates.iter().map(|(l, ts)| format!("WHEN vf_lsn < {l} THEN {}", utc_micros(*ts))).collect();
+        (format!("CASE {} END", lsn_case.join(" ")), format!("CASE {} END", ts_case.join(" ")))
+    };
+    let truncated_first = "(t_lsn IS NOT NULL AND (next_lsn IS NULL OR t_lsn < next_lsn))";
+    format!(
+        "SELECT {attrs}, \
+           vf AS {VALID_FROM}, \
+           CASE WHEN {truncated_first} THEN t_ts ELSE next_ts END AS {VALID_TO}, \
+           vf_lsn AS {VALID_FROM_LSN}, \
+           CASE WHEN {truncated_first} THEN t_lsn ELSE next_lsn END AS {VALID_TO_LSN}, \
+           (next_lsn IS NULL AND t_lsn IS NULL) AS {IS_CURRENT}, \
+           o_op AS {OPENED_BY}, \
+           CASE WHEN {truncated_first} THEN 'truncate' ELSE next_op END AS {CLOSED_BY}, \
+           (o_op = 'delete') AS {IS_DELETED} \
+         FROM (SELECT *, {t_lsn} AS t_lsn, {t_ts} AS t_ts FROM ({inner}) versions) closed"
+    )
+}
+
+/// Predicate selecting the versions that describe the state at `as_of_micros` (UTC), or the
+/// current state when `None`; deleted keys are excluded.
+pub fn state_predicate(as_of_micros: Option<i64>) -> String {
+    match as_of_micros {
+        None => format!("{IS_CURRENT} AND NOT {IS_DELETED}"),
+        Some(t) => {
+            let t = utc_micros(t);
+            format!("{VALID_FROM} <= {t} AND ({VALID_TO} IS NULL OR {VALID_TO} > {t}) AND NOT {IS_DELETED}")
+        }
+    }
+}
+
+/// SQL literal of a UTC timestamp given in microseconds since the epoch.
+pub fn utc_micros(micros: i64) -> String {
+    format!("arrow_cast({micros}, 'Timestamp(Microsecond, Some(\"UTC\"))')")
+}

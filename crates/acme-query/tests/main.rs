@@ -1,0 +1,131 @@
+//! The reports against the PostgreSQL oracle: the same questions asked of the source tables,
+//! now and as of instants recorded while the live workload ran.
+
+use acme_core::AcmeConfig;
+use acme_ingest::ChangeStream;
+use acme_model::ModelBuild;
+use acme_query::{
+    QueryError, StatusFilter, Warehouse, open_orders_sql, pending_items_sql, top_customers_sql, top_delivery_dates_sql,
+};
+use acme_testkit::{PgCluster, ScaleFactor, WorkloadConfig};
+use chrono::{DateTime, NaiveDate, Utc};
+
+/// The four reports as PostgreSQL answers them, rendered as text rows.
+async fn oracle(client: &tokio_postgres::Client, limit: usize) -> Vec<Vec<String>> {
+    let o = "operations.orders";
+    let reports = [
+        open_orders_sql(o, &StatusFilter::Open),
+        open_orders_sql(o, &StatusFilter::Pending),
+        top_delivery_dates_sql(o, limit),
+        pending_items_sql(o, "operations.order_items"),
+        top_customers_sql(o, "operations.customers", &StatusFilter::Pending, limit),
+    ];
+    let mut out = Vec::new();
+    for sql in reports {
+        let text = format!("SELECT CAST(q.* AS text) FROM ({sql}) q");
+        let rows = client.query(&text, &[]).await.expect("oracle query");
+        out.push(rows.iter().map(|r| r.get::<_, String>(0)).collect());
+    }
+    out
+}
+
+fn fmt_date(d: Option<NaiveDate>) -> String {
+    d.map(|d| d.to_string()).unwrap_or_default()
+}
+
+fn opt<T: ToString>(v: &Option<T>) -> String {
+    v.as_ref().map(|v| v.to_string()).unwrap_or_default()
+}
+
+fn quoted(s: &Option<String>) -> String {
+    match s {
+        None => String::new(),
+        Some(s) if s.contains(' ') || s.contains(',') => format!("\"{s}\""),
+        Some(s) => s.clone(),
+    }
+}
+
+/// acme's answers rendered like PostgreSQL's row text.
+async fn acme(w: &Warehouse, limit: usize, as_of: Option<DateTime<Utc>>) -> Vec<Vec<String>> {
+    let r1 = |rows: Vec<acme_query::OpenOrders>| {
+        rows.iter().map(|r| format!("({},{},{})", fmt_date(r.delivery_date), quoted(&r.status), r.quantity)).collect()
+    };
+    vec![
+        r1(w.open_orders(StatusFilter::Open, as_of).await.expect("R1 open")),
+        r1(w.open_orders(StatusFilter::Pending, as_of).await.expect("R1 pending")),
+        w.top_delivery_dates(limit, as_of)
+            .await
+            .expect("R2")
+            .iter()
+            .map(|r| format!("({},{})", fmt_date(r.delivery_date), r.quantity))
+            .collect(),
+        w.pending_items_by_product(as_of)
+            .await
+            .expect("R3")
+            .iter()
+            .map(|r| format!("({},{})", opt(&r.product_id), r.total_items))
+            .collect(),
+        w.top_customers(limit, StatusFilter::Pending, as_of)
+            .await
+            .expect("R4")
+            .iter()
+            .map(|r| format!("({},{},{},{})", opt(&r.customer_id), quoted(&r.customer_name), r.quantity, r.ranking))
+            .collect(),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reports_equal_postgres_now_and_as_of_recorded_instants() {
+    let url = PgCluster::shared().create_database("reports").await.expect("db");
+    let client = acme_testkit::connect(&url).await.expect("connect");
+    acme_testkit::create_source_schema(&client).await.expect("schema");
+    acme_testkit::bulk_load(&url, ScaleFactor::new(0.005).expect("sf"), 81).await.expect("load");
+    let dir = tempfile::tempdir().expect("tmp");
+    let database = url.rsplit('/').next().unwrap_or("db").to_string();
+    let config = AcmeConfig::builder()
+        .source_url(&url)
+        .storage_url(dir.path().display().to_string())
+        .slot(format!("slot_{database}"))
+        .build()
+        .expect("config");
+    let mut stream = ChangeStream::open(config.clone()).await.expect("open stream");
+    let mut recorded = Vec::new();
+    for round in 0..3u64 {
+        let workload = WorkloadConfig {
+            seed: 90 + round,
+            rate_tps: 0.0,
+            transactions: Some(250),
+            duration: None,
+            connections: 2,
+            deletes: true,
+            inserts_only: false,
+        };
+        acme_testkit::run_workload(&url, &workload).await.expect("workload");
+        stream.catch_up().await.expect("catch up");
+        // Record the source's answers at an instant between writes.
+        let instant: DateTime<Utc> = client.query_one("SELECT clock_timestamp()", &[]).await.expect("now").get(0);
+        recorded.push((instant, oracle(&client, 3).await));
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    ModelBuild::new(config.clone()).await.expect("model build");
+    let warehouse = Warehouse::open(&config.storage_url).await.expect("open warehouse");
+    for limit in [1, 3, 10] {
+        assert_eq!(acme(&warehouse, limit, None).await, oracle(&client, limit).await, "current state, limit {limit}");
+    }
+    for (instant, expected) in &recorded {
+        assert_eq!(&acme(&warehouse, 3, Some(*instant)).await, expected, "as of {instant}");
+    }
+    // A second build over the same raw position changes nothing.
+    assert!(ModelBuild::new(config.clone()).await.expect("rebuild").up_to_date);
+    // Bad parameters are typed errors.
+    assert!(matches!(
+        warehouse.top_delivery_dates(0, None).await,
+        Err(QueryError::InvalidParameter { name: "limit", .. })
+    ));
+    assert!(matches!(StatusFilter::parse("shipped"), Err(QueryError::InvalidParameter { name: "status", .. })));
+    let long_ago = DateTime::from_timestamp(0, 0).expect("epoch");
+    assert!(matches!(
+        warehouse.open_orders(StatusFilter::Open, Some(long_ago)).await,
+        Err(QueryError::BeforeHistory { .. })
+    ));
+}
