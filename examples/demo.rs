@@ -1,25 +1,27 @@
-//! The main job: bring up a source (an ephemeral local PostgreSQL with generated ACME data
-//! unless `--source` is given), snapshot it into the raw layer, and print what was copied.
+//! The main job, end to end: a source (an ephemeral local PostgreSQL with generated ACME data
+//! and a live workload, unless `--source` is given), the snapshot, the change stream, the
+//! model, and the four reports (now, and one as of an earlier instant).
 //!
 //! ```text
 //! cargo run --release --example demo
 //! cargo run --release --example demo -- --source postgres://user:pass@host/db --warehouse ./warehouse
 //! ```
 
-use std::sync::Arc;
-use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use acme::core::AcmeConfig;
-use acme::ingest::{Snapshot, SnapshotProgress};
-use acme_testkit::{PgCluster, ScaleFactor};
+use acme::ingest::ChangeStream;
+use acme::model::ModelBuild;
+use acme::query::{StatusFilter, Warehouse};
+use acme_testkit::{PgCluster, ScaleFactor, WorkloadConfig};
 use clap::Parser;
 
 /// Command-line arguments.
 #[derive(Debug, Parser)]
-#[command(about = "Run acme end to end against a source database")]
+#[command(about = "Run acme end to end and print the four logistics reports")]
 struct Args {
-    /// Source PostgreSQL URL; without it an ephemeral local cluster with generated data is used.
+    /// Source PostgreSQL URL; without it an ephemeral local cluster with generated data is used
+    /// (and a live workload writes to it while acme streams).
     #[arg(long)]
     source: Option<String>,
     /// Warehouse directory or URL (default: a new temporary directory).
@@ -28,9 +30,15 @@ struct Args {
     /// Scale factor of the generated data (ephemeral source only).
     #[arg(long, default_value_t = 0.05)]
     scale: f64,
-    /// Seed of the generated data.
+    /// Seed of the generated data and workload.
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// Seconds of live workload while streaming (ephemeral source only).
+    #[arg(long, default_value_t = 5)]
+    seconds: u64,
+    /// Rows shown per report.
+    #[arg(long, default_value_t = 3)]
+    limit: usize,
 }
 
 #[tokio::main]
@@ -39,13 +47,13 @@ async fn main() -> anyhow::Result<()> {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
         .init();
     let args = Args::parse();
-    let mut _cluster = None;
-    let source = match args.source {
-        Some(url) => url,
+    let mut cluster = None;
+    let source = match &args.source {
+        Some(url) => url.clone(),
         None => {
             println!("starting an ephemeral PostgreSQL cluster...");
-            let cluster = PgCluster::start()?;
-            let url = cluster.create_database("finance_db").await?;
+            let pg = PgCluster::start()?;
+            let url = pg.create_database("finance_db").await?;
             let client = acme_testkit::connect(&url).await?;
             acme_testkit::create_source_schema(&client).await?;
             let load = acme_testkit::bulk_load(&url, ScaleFactor::new(args.scale)?, args.seed).await?;
@@ -53,14 +61,13 @@ async fn main() -> anyhow::Result<()> {
                 "generated SF{}: {} customers, {} products, {} orders, {} order items in {:.1?}",
                 args.scale, load.customers, load.products, load.orders, load.order_items, load.elapsed
             );
-            println!("peak RSS after generation: {}", peak_rss());
-            _cluster = Some(cluster);
+            cluster = Some(pg);
             url
         }
     };
     let _tmp;
-    let warehouse = match args.warehouse {
-        Some(w) => w,
+    let warehouse = match &args.warehouse {
+        Some(w) => w.clone(),
         None => {
             let dir = tempfile::tempdir()?;
             let path = dir.path().display().to_string();
@@ -68,40 +75,121 @@ async fn main() -> anyhow::Result<()> {
             path
         }
     };
-    let config = AcmeConfig::builder().source_url(source).storage_url(&warehouse).build()?;
-    let progress = Arc::new(SnapshotProgress::default());
-    let reporter = {
-        let progress = Arc::clone(&progress);
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                let line: Vec<String> = progress
-                    .tables()
-                    .iter()
-                    .map(|t| format!("{} {} rows", t.table, t.rows.load(Ordering::Relaxed)))
-                    .collect();
-                if !line.is_empty() {
-                    println!("  snapshot: {}", line.join(", "));
-                }
-            }
-        })
-    };
-    let report = Snapshot::new(config).with_progress(progress).await?;
-    reporter.abort();
+    let config = AcmeConfig::builder().source_url(&source).storage_url(&warehouse).build()?;
+
+    let started = Instant::now();
+    let mut stream = ChangeStream::open(config.clone()).await?;
     println!(
-        "snapshot at LSN {} into {warehouse} in {:.1?} (peak RSS so far: {}):",
-        report.lsn,
-        report.elapsed,
-        peak_rss()
+        "snapshot done in {:.1?} (LSN {}), streaming changes...",
+        started.elapsed(),
+        acme::ingest::Lsn(stream.snapshot_point().lsn)
     );
-    println!("{:<28} {:>12} {:>14} {:>6}", "table", "rows", "COPY bytes", "files");
-    for t in &report.tables {
-        println!("{:<28} {:>12} {:>14} {:>6}", t.table, t.rows, t.bytes, t.files);
+
+    let mut as_of = None;
+    if cluster.is_some() {
+        let workload = WorkloadConfig {
+            seed: args.seed,
+            rate_tps: 200.0,
+            transactions: None,
+            duration: Some(Duration::from_secs(args.seconds)),
+            connections: 2,
+            deletes: true,
+            inserts_only: false,
+        };
+        let url = source.clone();
+        let writer = tokio::spawn(async move { acme_testkit::run_workload(&url, &workload).await });
+        let halfway = Instant::now() + Duration::from_secs(args.seconds / 2);
+        let mut changes = 0;
+        while !writer.is_finished() {
+            changes += stream.poll().await?.changes;
+            if as_of.is_none() && Instant::now() >= halfway {
+                as_of = Some(chrono::Utc::now());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let report = writer.await??;
+        changes += stream.catch_up().await?.changes;
+        println!(
+            "live workload: {} transactions ({} row changes) in {:.1?}; acme stored {} change rows",
+            report.transactions,
+            report.total_changes(),
+            report.elapsed,
+            changes
+        );
+        // Freshness: one stamped order, from its commit to its arrival in the raw layer.
+        let client = acme_testkit::connect(&source).await?;
+        client
+            .batch_execute(
+                "INSERT INTO operations.orders (order_date, delivery_date, customer_id, status, created_at) \
+                 VALUES (current_date, current_date + 10, 1, 'PENDING', now())",
+            )
+            .await?;
+        let committed = Instant::now();
+        while stream.poll().await?.changes == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        println!("freshness: a committed order reached the raw layer in {:.0?}", committed.elapsed());
+    } else {
+        let report = stream.catch_up().await?;
+        println!("caught up: {} transactions, {} change rows", report.transactions, report.changes);
+    }
+
+    let build = ModelBuild::new(config.clone()).await?;
+    println!("model built in {:.1?} (covers raw LSN {})", build.elapsed, build.position);
+    let warehouse = Warehouse::open(&config.storage_url).await?;
+    print_reports(&warehouse, args.limit, None).await?;
+    if let Some(instant) = as_of {
+        println!("\n== as of {instant} (mid-workload) ==");
+        let rows = warehouse.top_delivery_dates(args.limit, Some(instant)).await?;
+        println!("R2 top delivery dates with the most open orders:");
+        for r in rows {
+            println!("  {:<12} {:>6}", opt(r.delivery_date), r.quantity);
+        }
+    }
+    println!("\npeak RSS: {}", peak_rss());
+    drop(cluster);
+    Ok(())
+}
+
+async fn print_reports(
+    w: &Warehouse,
+    limit: usize,
+    as_of: Option<chrono::DateTime<chrono::Utc>>,
+) -> anyhow::Result<()> {
+    let r1 = w.open_orders(StatusFilter::Open, as_of).await?;
+    println!("\nR1 open orders by delivery date and status ({} groups; first {}):", r1.len(), limit * 3);
+    println!("  {:<12} {:<14} {:>8}", "delivery", "status", "orders");
+    for r in r1.iter().take(limit * 3) {
+        println!("  {:<12} {:<14} {:>8}", opt(r.delivery_date), r.status.clone().unwrap_or_default(), r.quantity);
+    }
+    println!("\nR2 top {limit} delivery dates with the most open orders:");
+    for r in w.top_delivery_dates(limit, as_of).await? {
+        println!("  {:<12} {:>8}", opt(r.delivery_date), r.quantity);
+    }
+    let mut r3 = w.pending_items_by_product(as_of).await?;
+    r3.sort_by_key(|r| std::cmp::Reverse(r.total_items));
+    println!("\nR3 open pending items by product ({} products; largest {}):", r3.len(), limit);
+    for r in r3.iter().take(limit) {
+        println!("  product {:<8} {:>8} items", opt(r.product_id), r.total_items);
+    }
+    println!("\nR4 top {limit} customers by pending orders (dense rank, ties shown):");
+    for r in w.top_customers(limit, StatusFilter::Pending, as_of).await? {
+        println!(
+            "  #{:<3} customer {:<8} {:<20} {:>4} orders",
+            r.ranking,
+            opt(r.customer_id),
+            r.customer_name.unwrap_or_else(|| "(unknown)".into()),
+            r.quantity
+        );
     }
     Ok(())
 }
 
-/// Peak resident memory of this process (Linux `VmHWM`), for the printed summary.
+fn opt<T: ToString>(v: Option<T>) -> String {
+    v.map(|v| v.to_string()).unwrap_or_else(|| "-".into())
+}
+
+/// Peak resident memory of this process (Linux `VmHWM`).
 fn peak_rss() -> String {
     std::fs::read_to_string("/proc/self/status")
         .ok()
