@@ -16,6 +16,9 @@
 //! # let _ = config; Ok(()) }
 //! ```
 
+#[cfg(feature = "http")]
+pub mod http;
+
 pub use acme_core as core;
 pub use acme_ingest as ingest;
 pub use acme_model as model;

@@ -1,0 +1,74 @@
+//! The HTTP service over real HTTP on loopback, against a warehouse built from a real source.
+
+use std::io::{Read, Write};
+
+use acme::core::AcmeConfig;
+use acme::http::{ServiceState, router};
+use acme::ingest::ChangeStream;
+use acme::model::ModelBuild;
+use acme::query::Warehouse;
+use acme_testkit::{PgCluster, ScaleFactor};
+
+/// A plain HTTP/1.1 GET: (status code, body).
+fn get(addr: std::net::SocketAddr, path: &str) -> (u16, serde_json::Value) {
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").expect("send");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read");
+    let status = response.split_whitespace().nth(1).and_then(|s| s.parse().ok()).expect("status line");
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or_default();
+    (status, serde_json::from_str(body).unwrap_or(serde_json::Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_answers_the_seed_endpoints_and_rejects_bad_parameters() {
+    let url = PgCluster::shared().create_database("http").await.expect("db");
+    let client = acme_testkit::connect(&url).await.expect("connect");
+    acme_testkit::create_source_schema(&client).await.expect("schema");
+    acme_testkit::bulk_load(&url, ScaleFactor::new(0.002).expect("sf"), 5).await.expect("load");
+    let dir = tempfile::tempdir().expect("tmp");
+    let database = url.rsplit('/').next().unwrap_or("db").to_string();
+    let config = AcmeConfig::builder()
+        .source_url(&url)
+        .storage_url(dir.path().display().to_string())
+        .slot(format!("slot_{database}"))
+        .build()
+        .expect("config");
+    ChangeStream::open(config.clone()).await.expect("stream");
+    ModelBuild::new(config.clone()).await.expect("model");
+    let warehouse = Warehouse::open(&config.storage_url).await.expect("warehouse");
+    let expected_top = warehouse.top_delivery_dates(2, None).await.expect("R2");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let server = tokio::spawn(async move { axum::serve(listener, router(ServiceState::new(warehouse))).await });
+
+    let checks = tokio::task::spawn_blocking(move || {
+        let (status, body) = get(addr, "/health");
+        assert_eq!((status, body["status"].as_str()), (200, Some("ok")));
+        let (status, body) = get(addr, "/analytics/orders?status=open");
+        assert_eq!(status, 200);
+        let rows = body.as_array().expect("array");
+        assert!(!rows.is_empty() && rows[0].get("delivery_date").is_some() && rows[0].get("quantity").is_some());
+        let (status, body) = get(addr, "/analytics/orders/top?limit=2");
+        assert_eq!(status, 200);
+        assert_eq!(body, serde_json::to_value(&expected_top).expect("json"));
+        let (status, body) = get(addr, "/analytics/orders/product");
+        assert!(status == 200 && body[0].get("total_items").is_some());
+        let (status, body) = get(addr, "/analytics/orders/customers?status=open&limit=3");
+        assert!(status == 200 && body[0].get("ranking").is_some() && body[0].get("customer_name").is_some());
+        for bad in [
+            "/analytics/orders?status=shipped",
+            "/analytics/orders/top?limit=0",
+            "/analytics/orders/top?limit=abc",
+            "/analytics/orders/product?as_of=yesterday",
+            "/analytics/orders/customers?as_of=1970-01-01T00:00:00Z",
+        ] {
+            let (status, body) = get(addr, bad);
+            assert_eq!(status, 400, "{bad}");
+            assert!(body["error"].as_str().is_some_and(|e| !e.is_empty()), "{bad}: {body}");
+        }
+    })
+    .await;
+    server.abort();
+    checks.expect("HTTP checks");
+}
