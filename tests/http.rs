@@ -7,7 +7,6 @@ use acme::http::{ServiceState, router};
 use acme::ingest::ChangeStream;
 use acme::model::ModelBuild;
 use acme::query::Warehouse;
-use acme_testkit::{PgCluster, ScaleFactor};
 
 /// A plain HTTP/1.1 GET: (status code, body).
 fn get(addr: std::net::SocketAddr, path: &str) -> (u16, serde_json::Value) {
@@ -22,16 +21,12 @@ fn get(addr: std::net::SocketAddr, path: &str) -> (u16, serde_json::Value) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn service_answers_the_seed_endpoints_and_rejects_bad_parameters() {
-    let url = PgCluster::shared().create_database("http").await.expect("db");
-    let client = acme_testkit::connect(&url).await.expect("connect");
-    acme_testkit::create_source_schema(&client).await.expect("schema");
-    acme_testkit::bulk_load(&url, ScaleFactor::new(0.002).expect("sf"), 5).await.expect("load");
+    let url = acme_testkit::acme_database("http", Some((0.002, 5))).await.expect("source");
     let dir = tempfile::tempdir().expect("tmp");
-    let database = url.rsplit('/').next().unwrap_or("db").to_string();
     let config = AcmeConfig::builder()
         .source_url(&url)
         .storage_url(dir.path().display().to_string())
-        .slot(format!("slot_{database}"))
+        .slot(acme_testkit::slot_for(&url))
         .build()
         .expect("config");
     ChangeStream::open(config.clone()).await.expect("stream");

@@ -7,7 +7,7 @@ use acme_model::ModelBuild;
 use acme_query::{
     QueryError, StatusFilter, Warehouse, open_orders_sql, pending_items_sql, top_customers_sql, top_delivery_dates_sql,
 };
-use acme_testkit::{PgCluster, ScaleFactor, WorkloadConfig};
+use acme_testkit::WorkloadConfig;
 use chrono::{DateTime, NaiveDate, Utc};
 
 /// The four reports as PostgreSQL answers them, rendered as text rows.
@@ -76,16 +76,13 @@ async fn acme(w: &Warehouse, limit: usize, as_of: Option<DateTime<Utc>>) -> Vec<
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reports_equal_postgres_now_and_as_of_recorded_instants() {
-    let url = PgCluster::shared().create_database("reports").await.expect("db");
+    let url = acme_testkit::acme_database("reports", Some((0.005, 81))).await.expect("source");
     let client = acme_testkit::connect(&url).await.expect("connect");
-    acme_testkit::create_source_schema(&client).await.expect("schema");
-    acme_testkit::bulk_load(&url, ScaleFactor::new(0.005).expect("sf"), 81).await.expect("load");
     let dir = tempfile::tempdir().expect("tmp");
-    let database = url.rsplit('/').next().unwrap_or("db").to_string();
     let config = AcmeConfig::builder()
         .source_url(&url)
         .storage_url(dir.path().display().to_string())
-        .slot(format!("slot_{database}"))
+        .slot(acme_testkit::slot_for(&url))
         .build()
         .expect("config");
     let mut stream = ChangeStream::open(config.clone()).await.expect("open stream");

@@ -35,3 +35,22 @@ pub use workload::{TableChanges, WorkloadConfig, WorkloadReport, run_workload};
 pub async fn connect(url: &str) -> Result<tokio_postgres::Client> {
     generator::connect(url).await
 }
+
+/// A fresh database on the shared test cluster with the ACME source schema, loaded with
+/// generated data at `scale` for `seed` when given. Returns its URL.
+pub async fn acme_database(prefix: &str, data: Option<(f64, u64)>) -> Result<String> {
+    let url = PgCluster::shared().create_database(prefix).await?;
+    let client = connect(&url).await?;
+    create_source_schema(&client).await?;
+    if let Some((scale, seed)) = data {
+        bulk_load(&url, ScaleFactor::new(scale)?, seed).await?;
+    }
+    Ok(url)
+}
+
+/// A replication slot name unique to the database of `url` (slots are cluster-wide, so tests
+/// sharing a cluster need one each).
+pub fn slot_for(url: &str) -> String {
+    let database = url.rsplit('/').next().unwrap_or("acme").to_ascii_lowercase();
+    format!("slot_{database}")
+}

@@ -1,25 +1,19 @@
 //! Shared helpers: a fresh source database per test and readers of the raw layer.
 
 use acme_core::{AcmeConfig, Layer, Storage};
-use acme_testkit::PgCluster;
 use arrow::array::RecordBatch;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
 /// A fresh database with the ACME source schema.
 pub async fn acme_source(prefix: &str) -> String {
-    let url = PgCluster::shared().create_database(prefix).await.expect("create database");
-    let client = acme_testkit::connect(&url).await.expect("connect");
-    acme_testkit::create_source_schema(&client).await.expect("create schema");
-    url
+    acme_testkit::acme_database(prefix, None).await.expect("ACME source database")
 }
 
 /// A config for `source` writing into `warehouse`.
 pub fn config(source: &str, warehouse: &std::path::Path) -> AcmeConfig {
-    // Slots are cluster-wide: name each after its test database.
-    let database = source.rsplit('/').next().unwrap_or("acme").to_ascii_lowercase();
     AcmeConfig::builder()
         .source_url(source)
-        .slot(format!("slot_{database}"))
+        .slot(acme_testkit::slot_for(source))
         .storage_url(warehouse.display().to_string())
         .batch_rows(4096)
         .build()
