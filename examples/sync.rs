@@ -7,10 +7,13 @@
 //! and exits 0. Without it, it keeps streaming (rebuilding the model every
 //! `--model-interval` seconds) until Ctrl-C.
 
+use std::io::Write;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use acme::core::AcmeConfig;
-use acme::ingest::ChangeStream;
+use acme::ingest::{ChangeStream, SnapshotProgress};
 use acme::model::ModelBuild;
 use clap::Parser;
 
@@ -44,7 +47,11 @@ async fn main() -> anyhow::Result<()> {
     let config =
         AcmeConfig::builder().source_url(&args.source).storage_url(&args.warehouse).slot(&args.slot).build()?;
     let started = Instant::now();
-    let mut stream = ChangeStream::open(config.clone()).await?;
+    let progress = Arc::new(SnapshotProgress::default());
+    let bar = tokio::spawn(progress_bar(Arc::clone(&progress)));
+    let stream = ChangeStream::open_with_progress(config.clone(), Some(progress)).await;
+    bar.abort();
+    let mut stream = stream?;
     println!(
         "ready after {:.1?}: snapshot at LSN {}",
         started.elapsed(),
@@ -74,4 +81,25 @@ async fn main() -> anyhow::Result<()> {
     }
     println!("stopped; the next run resumes from the last committed position");
     Ok(())
+}
+
+/// A one-line progress bar of the snapshot: rows and MiB per table, and the share of the
+/// estimated heap size copied.
+async fn progress_bar(progress: Arc<SnapshotProgress>) {
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let tables = progress.tables();
+        if tables.is_empty() {
+            continue;
+        }
+        let (done, total) = tables.iter().fold((0u64, 0u64), |(d, t), p| {
+            (d + p.bytes.load(Ordering::Relaxed), t + p.estimated_bytes.load(Ordering::Relaxed))
+        });
+        let share = if total == 0 { 1.0 } else { (done as f64 / total as f64).min(1.0) };
+        let filled = (share * 30.0) as usize;
+        let detail: Vec<String> =
+            tables.iter().map(|p| format!("{} {} rows", p.table, p.rows.load(Ordering::Relaxed))).collect();
+        print!("\r[{}{}] {:>3.0}%  {}", "#".repeat(filled), ".".repeat(30 - filled), share * 100.0, detail.join(", "));
+        let _ = std::io::stdout().flush();
+    }
 }

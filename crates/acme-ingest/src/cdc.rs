@@ -21,6 +21,7 @@
 //! (`START_REPLICATION`) is not implemented yet.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use acme_core::raw::{self, Operation};
@@ -33,7 +34,7 @@ use crate::error::{IngestError, Result};
 use crate::lsn::Lsn;
 use crate::pgoutput::{self, Message};
 use crate::replication::{ReplicationConnection, create_slot_exporting_snapshot};
-use crate::snapshot::{SNAPSHOT_META, Snapshot, SnapshotPoint};
+use crate::snapshot::{SNAPSHOT_META, Snapshot, SnapshotPoint, SnapshotProgress};
 use crate::source::{SourceTable, SourceUrl};
 
 /// An idle stream writes a heartbeat this often so that its slot keeps advancing.
@@ -90,6 +91,11 @@ impl ChangeStream {
     /// Check the source, make sure slot, publication and snapshot exist, and get ready to
     /// stream. Runs the initial snapshot when the raw layer has none.
     pub async fn open(config: AcmeConfig) -> Result<Self> {
+        Self::open_with_progress(config, None).await
+    }
+
+    /// [`ChangeStream::open`], reporting the snapshot's progress (if one runs) into `progress`.
+    pub async fn open_with_progress(config: AcmeConfig, progress: Option<Arc<SnapshotProgress>>) -> Result<Self> {
         config.validate()?;
         let url = SourceUrl::parse(config.source_url.as_deref().ok_or(IngestError::NoSource)?)?;
         let storage = Storage::new(&config.storage_url, config.storage_options.clone())?;
@@ -134,7 +140,11 @@ impl ChangeStream {
                 let created = create_slot_exporting_snapshot(&mut replication, &config.slot).await?;
                 let lsn = Lsn::parse(&created.consistent_point)?;
                 tracing::info!(slot = %config.slot, %lsn, "replication slot created");
-                let report = Snapshot::new(config.clone()).with_exported_snapshot(created.snapshot_name, lsn).await;
+                let mut snapshot = Snapshot::new(config.clone()).with_exported_snapshot(created.snapshot_name, lsn);
+                if let Some(progress) = progress {
+                    snapshot = snapshot.with_progress(progress);
+                }
+                let report = snapshot.await;
                 replication.close().await;
                 let report = report?;
                 tracing::info!(lsn = %report.lsn, "initial snapshot complete");

@@ -474,7 +474,8 @@ async fn send(
     let rows = batch.num_rows() as u64;
     tx.send((table, batch)).await.map_err(|_| IngestError::Task("the Parquet writer task stopped".into()))?;
     if let Some(p) = progress {
-        p.rows.fetch_add(rows, Ordering::Relaxed);
+        let total = p.rows.fetch_add(rows, Ordering::Relaxed) + rows;
+        tracing::debug!(table = %p.table, rows = total, bytes = p.bytes.load(Ordering::Relaxed), "snapshot progress");
     }
     Ok(())
 }
