@@ -37,6 +37,9 @@ use crate::replication::{ReplicationConnection, create_slot_exporting_snapshot};
 use crate::snapshot::{SNAPSHOT_META, Snapshot, SnapshotPoint, SnapshotProgress};
 use crate::source::{SourceTable, SourceUrl};
 
+/// Metadata document naming the replication slot this warehouse created.
+pub const SLOT_META: &str = "slot";
+
 /// An idle stream writes a heartbeat this often so that its slot keeps advancing.
 pub const IDLE_HEARTBEAT: Duration = Duration::from_secs(10);
 
@@ -131,11 +134,18 @@ impl ChangeStream {
                 // No complete snapshot yet (first run, or a run that died mid-snapshot): nothing
                 // was streamed, so (re)create the slot and copy exactly its exported snapshot.
                 if matches!(state, SlotState::Ready) {
+                    // Drop it only if this warehouse created it (a run that died mid-snapshot);
+                    // a slot of another warehouse must never be touched.
+                    let ours = storage.get_meta(SLOT_META).await?.is_some_and(|owner| owner == config.slot.as_bytes());
+                    if !ours {
+                        return Err(IngestError::SlotInUse { slot: config.slot.clone() });
+                    }
                     client
                         .execute("SELECT pg_drop_replication_slot($1)", &[&config.slot])
                         .await
                         .map_err(sql(format!("dropping the unused replication slot {}", config.slot)))?;
                 }
+                storage.put_meta(SLOT_META, config.slot.as_bytes().to_vec()).await?;
                 let mut replication = ReplicationConnection::connect(&url).await?;
                 let created = create_slot_exporting_snapshot(&mut replication, &config.slot).await?;
                 let lsn = Lsn::parse(&created.consistent_point)?;

@@ -138,6 +138,16 @@ pub enum IngestError {
         /// The slot name.
         slot: String,
     },
+    /// The slot exists but this warehouse did not create it.
+    #[error(
+        "replication slot {slot} already exists and this warehouse did not create it (another warehouse may \
+         depend on it): set another slot name (config `slot`), or drop it with \
+         `SELECT pg_drop_replication_slot('{slot}')` if nothing uses it"
+    )]
+    SlotInUse {
+        /// The slot name.
+        slot: String,
+    },
     /// The publication does not cover a table.
     #[error(
         "publication {publication} does not publish {table}: run `ALTER PUBLICATION {publication} ADD TABLE {table}`"

@@ -155,3 +155,18 @@ async fn sources_that_cannot_replicate_get_errors_naming_the_fix() {
     assert!(matches!(err, IngestError::NoReplicationPrivilege { .. }), "{err:?}");
     assert!(err.to_string().contains(&format!("ALTER ROLE {role} REPLICATION")), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_of_another_warehouse_is_never_taken_over() {
+    let url = acme_source("cdc_shared_slot").await;
+    acme_testkit::bulk_load(&url, ScaleFactor::new(0.001).expect("sf"), 72).await.expect("load");
+    let first = tempfile::tempdir().expect("tmp");
+    let second = tempfile::tempdir().expect("tmp");
+    let mut stream = ChangeStream::open(config(&url, first.path())).await.expect("first warehouse");
+    let err = ChangeStream::open(config(&url, second.path())).await.expect_err("same slot, other warehouse");
+    assert!(matches!(err, IngestError::SlotInUse { .. }), "{err:?}");
+    // The first warehouse still streams.
+    acme_testkit::run_workload(&url, &workload(73, 50)).await.expect("workload");
+    stream.catch_up().await.expect("first still streams");
+    assert_raw_equals_source(&url, first.path()).await;
+}
