@@ -103,7 +103,7 @@ impl ChangeStream {
         let url = SourceUrl::parse(config.source_url.as_deref().ok_or(IngestError::NoSource)?)?;
         let storage = Storage::new(&config.storage_url, config.storage_options.clone())?;
         let client = url.connect().await?;
-        check_source(&client, &config).await?;
+        check_source(&client).await?;
         let mut sources = Vec::with_capacity(config.tables.len());
         for name in &config.tables {
             let table = SourceTable::load(&client, &config.schema, name).await?;
@@ -233,12 +233,10 @@ impl ChangeStream {
             .map_err(|source| self.slot_error(source))?;
         futures::pin_mut!(rows);
         let mut report = PollReport::default();
-        let mut messages = 0usize;
         let mut tx: Option<TxState> = None;
         let mut last_end = None;
         while let Some(row) = rows.next().await {
             let row = row.map_err(|source| self.slot_error(source))?;
-            messages += 1;
             let data: &[u8] = row.get(0);
             match pgoutput::decode(data)? {
                 Message::Begin { final_lsn, commit_ts, xid } => {
@@ -315,7 +313,6 @@ impl ChangeStream {
         }
         // Advance the slot to the end of the last transaction read, never further: a commit
         // record that straddles the flushed WAL position has not been decoded yet.
-        let _ = messages;
         if let Some(confirm) = last_end {
             self.client
                 .query_one(
@@ -500,7 +497,7 @@ async fn slot_state(client: &Client, slot: &str) -> Result<SlotState> {
     })
 }
 
-async fn check_source(client: &Client, config: &AcmeConfig) -> Result<()> {
+async fn check_source(client: &Client) -> Result<()> {
     let row = client
         .query_one(
             "SELECT current_setting('wal_level'), current_user::text, \
@@ -517,7 +514,6 @@ async fn check_source(client: &Client, config: &AcmeConfig) -> Result<()> {
     if !row.get::<_, bool>(2) {
         return Err(IngestError::NoReplicationPrivilege { user });
     }
-    let _ = config;
     Ok(())
 }
 
