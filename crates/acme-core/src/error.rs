@@ -64,6 +64,14 @@ pub enum Error {
         #[source]
         source: arrow::error::ArrowError,
     },
+    /// A pipeline metadata document under `_acme/` cannot be read.
+    #[error("metadata document `{url}` is corrupt ({message}); delete it and run `sync` again to rewrite it")]
+    CorruptMetadata {
+        /// The document.
+        url: String,
+        /// The parse error.
+        message: String,
+    },
     /// A bug in acme: an invariant did not hold. Please report it.
     #[error("internal error (a bug in acme, please report it): {0}")]
     Internal(String),

@@ -201,6 +201,52 @@ impl Storage {
         Ok(Some(LayerTable { name, delta }))
     }
 
+    /// Open a layer table at an exact `version` (time travel), if the table exists.
+    pub async fn open_at(&self, layer: Layer, table: &str, version: u64) -> Result<Option<LayerTable>> {
+        let url = self.table_url(layer, table)?;
+        let name = format!("{}/{table}", layer.dir());
+        let mut delta = self.builder(&url)?.build().map_err(Error::delta(&name, "open"))?;
+        if !delta.verify_deltatable_existence().await.map_err(Error::delta(&name, "check existence"))? {
+            return Ok(None);
+        }
+        delta.load_version(version).await.map_err(Error::delta(&name, "load a pinned version"))?;
+        Ok(Some(LayerTable { name, delta }))
+    }
+
+    /// Record a consistent set of table versions under `_acme/<name>.json` (see [`Manifest`]).
+    /// Written after every table of a multi-table commit round is committed, so a reader that
+    /// loads the versions it names sees one consistent state across tables.
+    pub async fn put_manifest(&self, name: &str, manifest: &Manifest) -> Result<()> {
+        let bytes = serde_json::to_vec_pretty(manifest)
+            .map_err(|e| Error::Internal(format!("cannot encode the {name} manifest: {e}")))?;
+        self.put_meta(&format!("{name}.json"), bytes).await
+    }
+
+    /// Read the manifest `_acme/<name>.json`, if one was written.
+    pub async fn get_manifest(&self, name: &str) -> Result<Option<Manifest>> {
+        match self.get_meta(&format!("{name}.json")).await? {
+            None => Ok(None),
+            Some(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| Error::CorruptMetadata {
+                url: format!("{}_acme/{name}.json", self.root),
+                message: e.to_string(),
+            }),
+        }
+    }
+
+    /// Open a layer table at the version `manifest` names for it, or at its latest version
+    /// when there is no manifest or the manifest does not name the table.
+    pub async fn open_pinned(
+        &self,
+        layer: Layer,
+        table: &str,
+        manifest: Option<&Manifest>,
+    ) -> Result<Option<LayerTable>> {
+        match manifest.and_then(|m| m.version_of(layer, table)) {
+            Some(version) => self.open_at(layer, table, version).await,
+            None => self.open(layer, table).await,
+        }
+    }
+
     /// Open a layer table, creating it with `schema` when it does not exist yet.
     pub async fn open_or_create(&self, layer: Layer, table: &str, schema: &Schema) -> Result<LayerTable> {
         if let Some(existing) = self.open(layer, table).await? {
@@ -227,6 +273,44 @@ impl Storage {
                 .await?
                 .ok_or_else(|| Error::Internal(format!("table {name} neither created nor found"))),
         }
+    }
+}
+
+/// Manifest names.
+pub mod manifests {
+    /// Written by the change stream after each round of raw-layer commits.
+    pub const RAW: &str = "raw";
+    /// Written by the model build after the intermediate and presentation tables are committed.
+    pub const MODEL: &str = "model";
+}
+
+/// A consistent set of table versions: what one round of commits across several tables
+/// produced. Readers that pin these versions see every table at the same source position,
+/// even while a writer is half-way through its next round.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Manifest {
+    /// The source position (commit LSN) the round covers.
+    pub position: i64,
+    /// Delta version per `layer/table`.
+    pub tables: std::collections::BTreeMap<String, u64>,
+}
+
+impl Manifest {
+    /// An empty manifest at `position`.
+    pub fn new(position: i64) -> Self {
+        Self { position, tables: Default::default() }
+    }
+
+    /// Record the version of `table` (its currently loaded version).
+    pub fn record(&mut self, table: &LayerTable) {
+        if let Some(version) = table.version() {
+            self.tables.insert(table.name().to_string(), version);
+        }
+    }
+
+    /// The version recorded for `layer/table`.
+    pub fn version_of(&self, layer: Layer, table: &str) -> Option<u64> {
+        self.tables.get(&format!("{}/{table}", layer.dir())).copied()
     }
 }
 

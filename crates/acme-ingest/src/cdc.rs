@@ -25,6 +25,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use acme_core::raw::{self, Operation};
+use acme_core::storage::{Manifest, manifests};
 use acme_core::{AcmeConfig, CommitMode, Layer, LayerTable, LayerWriter, Position, Storage};
 use futures::StreamExt;
 use tokio_postgres::Client;
@@ -73,6 +74,7 @@ pub struct ChangeStream {
     config: AcmeConfig,
     url: SourceUrl,
     client: Client,
+    storage: Storage,
     tables: Vec<TableState>,
     relations: HashMap<u32, (usize, ColumnMap)>,
     snapshot: SnapshotPoint,
@@ -182,7 +184,16 @@ impl ChangeStream {
                 pending_lsn: None,
             });
         }
-        Ok(Self { config, url, client, tables, relations: HashMap::new(), snapshot, confirmed: Lsn::default() })
+        Ok(Self {
+            config,
+            url,
+            client,
+            storage,
+            tables,
+            relations: HashMap::new(),
+            snapshot,
+            confirmed: Lsn::default(),
+        })
     }
 
     /// The snapshot point the stream started from.
@@ -310,6 +321,14 @@ impl ChangeStream {
             state.stored = Some(lsn);
             report.changes += rows;
             report.tables_committed += 1;
+        }
+        if report.tables_committed > 0 {
+            let position = self.tables.iter().filter_map(|t| t.stored).max().unwrap_or_default();
+            let mut manifest = Manifest::new(position as i64);
+            for state in &self.tables {
+                manifest.record(&state.layer);
+            }
+            self.storage.put_manifest(manifests::RAW, &manifest).await?;
         }
         // Advance the slot to the end of the last transaction read, never further: a commit
         // record that straddles the flushed WAL position has not been decoded yet.

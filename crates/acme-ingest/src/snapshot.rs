@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use acme_core::deltalake::kernel::Add;
 use acme_core::raw::{self, Operation};
+use acme_core::storage::{Manifest, manifests};
 use acme_core::{AcmeConfig, CommitMode, CommitOutcome, Layer, LayerTable, Position, Storage};
 use arrow::array::{ArrayRef, Int64Array, RecordBatch, StringArray, TimestampMicrosecondArray, new_null_array};
 use bytes::{Buf, Bytes, BytesMut};
@@ -351,6 +352,11 @@ impl Snapshot {
             tracing::info!(table = %tables[i].qualified(), rows, bytes, files, "snapshot table committed");
             report_tables.push(TableSnapshot { table: tables[i].qualified(), rows, bytes, files });
         }
+        let mut manifest = Manifest::new(lsn.0 as i64);
+        for layer in &layer_tables {
+            manifest.record(layer);
+        }
+        storage.put_manifest(manifests::RAW, &manifest).await?;
         Ok(SnapshotReport { lsn, visibility, tables: report_tables, already_done: false, elapsed: started.elapsed() })
     }
 }

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use acme_core::raw;
+use acme_core::storage::{Manifest, manifests};
 use acme_core::{AcmeConfig, CommitMode, CommitOutcome, Layer, Position, Storage};
 use arrow::array::{Array, ArrayRef, BooleanArray, Date32Array, Int32Array, RecordBatch, StringArray};
 use arrow::compute::cast;
@@ -86,12 +87,24 @@ impl ModelBuild {
             ctx.register_table(format!("raw_{}", spec.table), provider)?;
         }
         if let Some(model) = storage.open(Layer::Presentation, tables::FACT_ORDERS).await?
-            && model.position(MODEL_APP).await?.is_some_and(|p| p >= position)
+            && let Some(built) = model.position(MODEL_APP).await?
+            && built >= position
         {
+            // A build that died after its last commit but before its manifest: write it now.
+            if storage.get_manifest(manifests::MODEL).await?.is_none_or(|m| m.position < built) {
+                let mut manifest = Manifest::new(built);
+                for (layer, name) in self.model_tables() {
+                    if let Some(table) = storage.open(layer, &name).await? {
+                        manifest.record(&table);
+                    }
+                }
+                storage.put_manifest(manifests::MODEL, &manifest).await?;
+            }
             return Ok(ModelReport { position, up_to_date: true, tables: Vec::new(), elapsed: started.elapsed() });
         }
         let commit = Position::new(MODEL_APP, position);
         let mut report = ModelReport { position, ..ModelReport::default() };
+        let mut manifest = Manifest::new(position);
 
         // Intermediate: one history per source table.
         for (spec, raw_schema) in self.specs.iter().zip(&raw_schemas) {
@@ -99,7 +112,9 @@ impl ModelBuild {
             let truncates = truncations(&ctx, &raw_name).await?;
             let sql = history_sql(spec, &raw_name, &attribute_columns(raw_schema), &truncates);
             let df = ctx.sql(&sql).await?;
-            let rows = write(&storage, Layer::Intermediate, &spec.history_table(), df, &commit, &self.config).await?;
+            let rows =
+                write(&storage, Layer::Intermediate, &spec.history_table(), df, &commit, &self.config, &mut manifest)
+                    .await?;
             report.tables.push((format!("intermediate/{}", spec.history_table()), rows));
             let history = storage
                 .open(Layer::Intermediate, &spec.history_table())
@@ -112,20 +127,44 @@ impl ModelBuild {
         // Presentation: the star schema.
         for (name, sql) in star_sql() {
             let df = ctx.sql(&sql).await?;
-            let rows = write(&storage, Layer::Presentation, name, df, &commit, &self.config).await?;
+            let rows = write(&storage, Layer::Presentation, name, df, &commit, &self.config, &mut manifest).await?;
             report.tables.push((format!("presentation/{name}"), rows));
         }
         let dates = date_dimension(&ctx).await?;
         let rows = dates.num_rows() as u64;
         let df = ctx.read_batch(dates)?;
-        write(&storage, Layer::Presentation, tables::DIM_DATE, df, &commit, &self.config).await?;
+        write(&storage, Layer::Presentation, tables::DIM_DATE, df, &commit, &self.config, &mut manifest).await?;
         report.tables.push((format!("presentation/{}", tables::DIM_DATE), rows));
         // Written last: its position marks the whole model as built.
         let df = ctx.sql(&fact_orders_sql()).await?;
-        let rows = write(&storage, Layer::Presentation, tables::FACT_ORDERS, df, &commit, &self.config).await?;
+        let rows =
+            write(&storage, Layer::Presentation, tables::FACT_ORDERS, df, &commit, &self.config, &mut manifest).await?;
         report.tables.push((format!("presentation/{}", tables::FACT_ORDERS), rows));
+        // Readers pin the versions named here: they never see a half-built model.
+        storage.put_manifest(manifests::MODEL, &manifest).await?;
         report.elapsed = started.elapsed();
         Ok(report)
+    }
+}
+
+impl ModelBuild {
+    /// Every table the build writes, as (layer, name).
+    pub fn model_tables(&self) -> Vec<(Layer, String)> {
+        let mut out: Vec<(Layer, String)> =
+            self.specs.iter().map(|spec| (Layer::Intermediate, spec.history_table())).collect();
+        out.extend(
+            [
+                tables::DIM_STATUS,
+                tables::DIM_CUSTOMER,
+                tables::DIM_PRODUCT,
+                tables::DIM_DATE,
+                tables::FACT_ORDER_STATUS,
+                tables::FACT_ORDER_ITEMS,
+                tables::FACT_ORDERS,
+            ]
+            .map(|name| (Layer::Presentation, name.to_string())),
+        );
+        out
     }
 }
 
@@ -168,6 +207,7 @@ async fn write(
     df: DataFrame,
     position: &Position,
     config: &AcmeConfig,
+    manifest: &mut Manifest,
 ) -> Result<u64> {
     let schema: SchemaRef = Arc::new(Schema::new(
         df.schema()
@@ -213,7 +253,9 @@ async fn write(
     }
     let rows = writer.rows();
     let files = writer.finish(table.name()).await?;
-    match table.commit(files, position, CommitMode::ReplaceAll).await? {
+    let outcome = table.commit(files, position, CommitMode::ReplaceAll).await?;
+    manifest.record(&table);
+    match outcome {
         CommitOutcome::Committed { .. } => Ok(rows),
         CommitOutcome::AlreadyCommitted => Ok(0),
     }

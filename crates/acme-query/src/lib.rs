@@ -4,6 +4,11 @@
 //! `SessionContext`, plus `<table>_current` views of the current state. Reports are typed, and
 //! each takes an optional `as_of` instant answered from the SCD2 history.
 //!
+//! A handle is a consistent snapshot: every table is loaded at the version recorded in the
+//! last complete commit round of its writer (`_acme/raw.json`, `_acme/model.json`), so
+//! queries never mix tables from before and after a concurrent ingest or model build. Open
+//! a new handle to see newer data.
+//!
 //! ```no_run
 //! # async fn demo() -> Result<(), acme_query::QueryError> {
 //! use acme_query::{StatusFilter, Warehouse};
@@ -19,6 +24,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use acme_core::storage::manifests;
 use acme_core::{Layer, Storage};
 use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::compute::cast;
@@ -160,6 +166,7 @@ pub struct Warehouse {
     ctx: SessionContext,
     url: String,
     history_start: Option<i64>,
+    model_position: Option<i64>,
 }
 
 impl std::fmt::Debug for Warehouse {
@@ -178,13 +185,17 @@ impl Warehouse {
     pub async fn open_with_options(url: &str, options: HashMap<String, String>) -> Result<Self> {
         let storage = Storage::new(url, options)?;
         let ctx = SessionContext::new_with_config(SessionConfig::new().with_information_schema(true));
+        // Pin every table to the versions of the last complete commit round of its writer, so
+        // a query never mixes tables from before and after a concurrent commit.
+        let raw_manifest = storage.get_manifest(manifests::RAW).await?;
+        let model_manifest = storage.get_manifest(manifests::MODEL).await?;
         let mut found = HashMap::new();
         for spec in HistorySpec::acme() {
-            for (layer, name, registered) in [
-                (Layer::Raw, spec.table.clone(), format!("raw_{}", spec.table)),
-                (Layer::Intermediate, spec.history_table(), spec.history_table()),
+            for (layer, name, registered, manifest) in [
+                (Layer::Raw, spec.table.clone(), format!("raw_{}", spec.table), raw_manifest.as_ref()),
+                (Layer::Intermediate, spec.history_table(), spec.history_table(), model_manifest.as_ref()),
             ] {
-                if let Some(table) = storage.open(layer, &name).await? {
+                if let Some(table) = storage.open_pinned(layer, &name, manifest).await? {
                     ctx.register_table(registered.as_str(), table.delta().table_provider().await?)?;
                     found.insert(registered, true);
                 }
@@ -199,7 +210,7 @@ impl Warehouse {
             tables::FACT_ORDERS,
             tables::FACT_ORDER_ITEMS,
         ] {
-            if let Some(table) = storage.open(Layer::Presentation, name).await? {
+            if let Some(table) = storage.open_pinned(Layer::Presentation, name, model_manifest.as_ref()).await? {
                 ctx.register_table(name, table.delta().table_provider().await?)?;
             }
         }
@@ -220,7 +231,13 @@ impl Warehouse {
             .map(|b| b.column(0).as_primitive::<Int64Type>().clone())
             .filter(|a| a.len() == 1 && !a.is_null(0))
             .map(|a| a.value(0));
-        Ok(Self { ctx, url: url.to_string(), history_start })
+        Ok(Self { ctx, url: url.to_string(), history_start, model_position: model_manifest.map(|m| m.position) })
+    }
+
+    /// The source position (commit LSN) the loaded model covers, when the model build
+    /// recorded one. Every model table of this handle is at exactly this position.
+    pub fn model_position(&self) -> Option<i64> {
+        self.model_position
     }
 
     /// The DataFusion context, for custom use.

@@ -126,3 +126,63 @@ async fn reports_equal_postgres_now_and_as_of_recorded_instants() {
         Err(QueryError::BeforeHistory { .. })
     ));
 }
+
+/// One number from a single-value query.
+async fn scalar(w: &Warehouse, sql: &str) -> i64 {
+    let batches = w.sql(sql).await.expect("query").collect().await.expect("collect");
+    let b = batches.first().expect("one batch");
+    arrow::compute::cast(b.column(0), &arrow::datatypes::DataType::Int64)
+        .expect("cast")
+        .as_any()
+        .downcast_ref::<arrow::array::Int64Array>()
+        .expect("int64")
+        .value(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readers_see_one_consistent_model_while_builds_commit() {
+    let url = acme_testkit::acme_database("consistent", Some((0.002, 7))).await.expect("source");
+    let dir = tempfile::tempdir().expect("tmp");
+    let config = AcmeConfig::builder()
+        .source_url(&url)
+        .storage_url(dir.path().display().to_string())
+        .slot(acme_testkit::slot_for(&url))
+        .build()
+        .expect("config");
+    let mut stream = ChangeStream::open(config.clone()).await.expect("open stream");
+    ModelBuild::new(config.clone()).await.expect("first build");
+    // Writer: workload, catch-up and a model build, round after round.
+    let writer_config = config.clone();
+    let writer = tokio::spawn(async move {
+        for round in 0..6u64 {
+            let workload = WorkloadConfig {
+                seed: 300 + round,
+                rate_tps: 0.0,
+                transactions: Some(120),
+                duration: None,
+                connections: 1,
+                deletes: true,
+                inserts_only: false,
+            };
+            acme_testkit::run_workload(&url, &workload).await.expect("workload");
+            stream.catch_up().await.expect("catch up");
+            ModelBuild::new(writer_config.clone()).await.expect("model build");
+        }
+    });
+    // Readers: every handle sees the histories and the star schema of one build.
+    let mut checks = 0;
+    let mut positions = std::collections::BTreeSet::new();
+    while !writer.is_finished() || checks == 0 {
+        let w = Warehouse::open(&config.storage_url).await.expect("open warehouse");
+        let orders = scalar(&w, "SELECT count(*) FROM orders_current").await;
+        let items = scalar(&w, "SELECT count(*) FROM order_items_current").await;
+        assert_eq!(orders, scalar(&w, "SELECT count(*) FROM fact_orders").await, "orders vs fact_orders");
+        assert_eq!(items, scalar(&w, "SELECT count(*) FROM fact_order_items").await, "items vs fact_order_items");
+        let built = scalar(&w, "SELECT max(valid_from_lsn) FROM orders_history").await;
+        assert!(w.model_position().is_some_and(|p| p >= built), "the model position covers its histories");
+        positions.insert(w.model_position());
+        checks += 1;
+    }
+    writer.await.expect("writer");
+    assert!(positions.len() > 1, "readers saw several builds ({checks} checks)");
+}
