@@ -26,7 +26,7 @@ pub mod error;
 pub mod raw;
 pub mod storage;
 
-pub use config::{AcmeConfig, AcmeConfigBuilder};
+pub use config::{AcmeConfig, AcmeConfigBuilder, CdcMode};
 pub use error::{Error, Result};
 pub use storage::{CommitMode, CommitOutcome, Layer, LayerTable, LayerWriter, Position, Storage};
 

@@ -4,21 +4,24 @@
 //! 1. [`ChangeStream::open`] checks the source (wal_level, REPLICATION privilege, REPLICA
 //!    IDENTITY FULL, publication), creates the replication slot if needed *before* the
 //!    snapshot, and runs the snapshot if the raw layer has none.
-//! 2. Each [`ChangeStream::poll`] reads the slot's pending changes up to the current WAL end
-//!    (`pg_logical_slot_peek_binary_changes`, binary tuples), decodes them straight into Arrow
-//!    builders, writes Parquet files, and commits each raw table once with a Delta `txn`
-//!    action carrying the commit LSN of the last transaction it holds.
-//! 3. Only after those commits are durable is the slot advanced. After a crash the slot
-//!    replays from its last confirmed position and every table skips the transactions its own
-//!    stored position already covers: nothing is written twice and nothing is skipped.
+//! 2. Each [`ChangeStream::poll`] reads a micro-batch of changes, decodes it straight into
+//!    Arrow builders, writes Parquet files, and commits each raw table once with a Delta `txn`
+//!    action carrying the commit LSN of the last transaction it holds. By default changes are
+//!    streamed with the replication protocol (`START_REPLICATION`, keepalives answered, standby
+//!    status updates); [`CdcMode::SqlPoll`] reads the same slot through
+//!    `pg_logical_slot_peek_binary_changes` instead (faster on large backlogs).
+//! 3. Only after those commits are durable is the slot's position confirmed. After a crash
+//!    the slot replays from its last confirmed position and every table skips the
+//!    transactions its own stored position already covers: nothing is written twice and
+//!    nothing is skipped.
+//! 4. A broken connection, a terminated walsender or a restarted server is a transient error:
+//!    [`ChangeStream::run_until`] and [`ChangeStream::catch_up`] reconnect with exponential
+//!    backoff and resume from the raw layer's position. A dropped or invalidated slot is not:
+//!    it stops with [`IngestError::SlotLost`], which says how to re-sync.
 //!
 //! The snapshot-to-stream handoff is exact: the slot exists before the snapshot is taken, and
 //! transactions the snapshot already saw are recognised by the snapshot's `xmin:xmax:xip`
 //! visibility list and skipped.
-//!
-//! This version reads the slot through the SQL interface on an ordinary connection (measured
-//! here at 3x the streaming protocol's row rate, see DEPENDENCIES.md). The streaming protocol
-//! (`START_REPLICATION`) is not implemented yet.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -26,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use acme_core::raw::{self, Operation};
 use acme_core::storage::{Manifest, manifests};
-use acme_core::{AcmeConfig, CommitMode, Layer, LayerTable, LayerWriter, Position, Storage};
+use acme_core::{AcmeConfig, CdcMode, CommitMode, Layer, LayerTable, LayerWriter, Position, Storage};
 use futures::StreamExt;
 use tokio_postgres::Client;
 
@@ -34,7 +37,7 @@ use crate::changes::{ChangeBuilder, ChangeMeta, ColumnMap, PG_EPOCH_MICROS};
 use crate::error::{IngestError, Result};
 use crate::lsn::Lsn;
 use crate::pgoutput::{self, Message};
-use crate::replication::{ReplicationConnection, create_slot_exporting_snapshot};
+use crate::replication::{LogicalStream, ReplicationConnection, StreamEvent, create_slot_exporting_snapshot};
 use crate::snapshot::{SNAPSHOT_META, Snapshot, SnapshotPoint, SnapshotProgress};
 use crate::source::{SourceTable, SourceUrl};
 
@@ -57,7 +60,28 @@ pub struct PollReport {
     pub confirmed: Lsn,
     /// Raw tables committed.
     pub tables_committed: usize,
+    /// Change rows decoded in this poll (committed ones are counted in `changes`).
+    pub changes_seen: u64,
 }
+
+/// Where decoding stands inside one poll.
+#[derive(Debug, Default)]
+struct Cursor {
+    tx: Option<TxState>,
+    last_end: Option<u64>,
+    report: PollReport,
+}
+
+/// Between transactions, how long the stream waits for data before asking the server how far
+/// it has decoded.
+const STATUS_PROBE: Duration = Duration::from_millis(10);
+/// Longest silence tolerated in the middle of a transaction before the connection is
+/// considered broken.
+const STALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// First reconnect delay; doubled per failed attempt.
+const RECONNECT_BASE: Duration = Duration::from_millis(100);
+/// Longest reconnect delay.
+const RECONNECT_MAX: Duration = Duration::from_secs(10);
 
 struct TableState {
     builder: ChangeBuilder,
@@ -79,6 +103,9 @@ pub struct ChangeStream {
     relations: HashMap<u32, (usize, ColumnMap)>,
     snapshot: SnapshotPoint,
     confirmed: Lsn,
+    stream: Option<LogicalStream>,
+    /// A poll did not finish: uncommitted decoded state must be dropped before the next one.
+    dirty: bool,
 }
 
 impl std::fmt::Debug for ChangeStream {
@@ -193,6 +220,8 @@ impl ChangeStream {
             relations: HashMap::new(),
             snapshot,
             confirmed: Lsn::default(),
+            stream: None,
+            dirty: false,
         })
     }
 
@@ -215,18 +244,41 @@ impl ChangeStream {
         Ok(row.get(0))
     }
 
-    /// Read every change committed up to now (bounded by `max_batch_changes` per poll), commit
-    /// it to the raw layer, then advance the slot.
+    /// Read every change committed up to now (bounded by `max_batch_changes` per poll and, when
+    /// streaming, by `flush_interval`), commit it to the raw layer, then confirm it to the slot.
+    ///
+    /// A poll that failed or was cancelled half-way leaves decoded changes that were never
+    /// committed; the next poll notices, drops them and resumes from the raw layer's position.
     pub async fn poll(&mut self) -> Result<PollReport> {
-        // Decoding reads WAL only up to the flushed position: reading up to the flush LSN (not
-        // the insert LSN) guarantees that every transaction committed before it is returned, so
-        // the slot can be advanced there without losing one.
+        if self.dirty {
+            self.reconnect().await?;
+        }
+        self.dirty = true;
+        let report = match self.config.cdc_mode {
+            CdcMode::Stream => self.poll_stream().await?,
+            CdcMode::SqlPoll => self.poll_sql().await?,
+        };
+        self.dirty = false;
+        Ok(report)
+    }
+
+    /// The WAL position flushed on the source now. (Takes `&mut self` so that the future stays
+    /// `Send`: the stream's writers are not `Sync`.)
+    async fn flush_lsn(&mut self) -> Result<Lsn> {
         let upto: String = self
             .client
             .query_one("SELECT pg_current_wal_flush_lsn()::text", &[])
             .await
             .map_err(sql("reading the current WAL position"))?
             .get(0);
+        Lsn::parse(&upto)
+    }
+
+    async fn poll_sql(&mut self) -> Result<PollReport> {
+        // Decoding reads WAL only up to the flushed position: reading up to the flush LSN (not
+        // the insert LSN) guarantees that every transaction committed before it is returned, so
+        // the slot can be advanced there without losing one.
+        let upto = self.flush_lsn().await?.to_string();
         let max = i32::try_from(self.config.max_batch_changes).unwrap_or(i32::MAX);
         let rows = self
             .client
@@ -243,68 +295,176 @@ impl ChangeStream {
             .await
             .map_err(|source| self.slot_error(source))?;
         futures::pin_mut!(rows);
-        let mut report = PollReport::default();
-        let mut tx: Option<TxState> = None;
-        let mut last_end = None;
+        let mut cursor = Cursor::default();
         while let Some(row) = rows.next().await {
             let row = row.map_err(|source| self.slot_error(source))?;
             let data: &[u8] = row.get(0);
-            match pgoutput::decode(data)? {
-                Message::Begin { final_lsn, commit_ts, xid } => {
-                    let skip = self.snapshot.contains(xid, final_lsn);
-                    tx = Some(TxState {
-                        lsn: final_lsn,
-                        xid,
-                        commit_ts_micros: commit_ts + PG_EPOCH_MICROS,
-                        seq: 0,
-                        skip,
-                    });
-                }
-                Message::Commit { end_lsn, .. } => {
-                    if let Some(t) = tx.take() {
-                        report.transactions += 1;
-                        if t.skip {
-                            report.skipped_transactions += 1;
-                        }
-                    }
-                    last_end = Some(end_lsn);
-                    self.spill_full_builders().await?;
-                }
-                Message::Relation(relation) => {
-                    if let Some(i) = self.tables.iter().position(|t| {
-                        t.builder.table().schema == relation.schema && t.builder.table().name == relation.name
-                    }) {
-                        let map = ColumnMap::new(&relation, self.tables[i].builder.table())?;
-                        self.relations.insert(relation.oid, (i, map));
-                    }
-                }
-                Message::Insert { relation, new } => {
-                    self.apply(&mut tx, relation, Operation::Insert, Some(new), None)?;
-                }
-                Message::Update { relation, old, new } => {
-                    self.apply(&mut tx, relation, Operation::Update, Some(new), old)?;
-                }
-                Message::Delete { relation, old } => {
-                    self.apply(&mut tx, relation, Operation::Delete, None, Some(old))?;
-                }
-                Message::Truncate { relations } => {
-                    for relation in relations {
-                        if let (Some(t), Some((i, _))) = (tx.as_mut(), self.relations.get(&relation)) {
-                            let state = &mut self.tables[*i];
-                            let seq = t.seq;
-                            t.seq += 1;
-                            if t.skip || state.stored.is_some_and(|s| t.lsn <= s) {
-                                continue;
-                            }
-                            state.builder.append_truncate(t.meta(Operation::Truncate, seq));
-                            state.pending_lsn = Some(t.lsn);
-                        }
-                    }
-                }
-                Message::Ignored => {}
+            if self.handle(data, &mut cursor)? {
+                self.spill_full_builders().await?;
             }
         }
-        // Commit every table that received changes, then move the slot.
+        let mut report = cursor.report;
+        self.commit_round(&mut report).await?;
+        // Advance the slot to the end of the last transaction read, never further: a commit
+        // record that straddles the flushed WAL position has not been decoded yet.
+        if let Some(confirm) = cursor.last_end {
+            self.client
+                .query_one(
+                    "SELECT pg_replication_slot_advance($1, $2::text::pg_lsn)",
+                    &[&self.config.slot, &Lsn(confirm).to_string()],
+                )
+                .await
+                .map_err(|source| self.slot_error(source))?;
+            self.confirmed = Lsn(confirm);
+        }
+        report.confirmed = self.confirmed;
+        Ok(report)
+    }
+
+    async fn poll_stream(&mut self) -> Result<PollReport> {
+        let upto = self.flush_lsn().await?.0;
+        if self.stream.is_none() {
+            let replication = ReplicationConnection::connect(&self.url).await?;
+            let stream = replication
+                .start_logical(&self.config.slot, self.confirmed.0, &self.config.publication)
+                .await
+                .map_err(|e| self.stream_error(e))?;
+            self.stream = Some(stream);
+        }
+        let started = Instant::now();
+        let mut cursor = Cursor::default();
+        // Everything before this position was sent and the stream is between transactions.
+        let mut idle_end: Option<u64> = None;
+        let mut asked = false;
+        loop {
+            let between = cursor.tx.is_none();
+            let left = self.config.flush_interval.saturating_sub(started.elapsed());
+            if between && (left.is_zero() || cursor.report.changes_seen >= self.config.max_batch_changes as u64) {
+                break;
+            }
+            // Mid-transaction the rest of it must be read before anything can be committed.
+            let wait = if between { left.min(STATUS_PROBE) } else { STALL_TIMEOUT };
+            let Some(stream) = self.stream.as_mut() else { break };
+            let event = match tokio::time::timeout(wait, stream.next()).await {
+                Ok(event) => event?,
+                Err(_) if between => {
+                    if !asked {
+                        // Ask the server how far it has decoded (it answers with a keepalive).
+                        stream.send_status(self.confirmed.0, true).await?;
+                        asked = true;
+                    }
+                    continue;
+                }
+                Err(_) => {
+                    return Err(IngestError::Disconnected {
+                        target: self.url.to_string(),
+                        message: format!("no data for {}s in the middle of a transaction", STALL_TIMEOUT.as_secs()),
+                    });
+                }
+            };
+            match event {
+                None => {
+                    return Err(IngestError::Disconnected {
+                        target: self.url.to_string(),
+                        message: "the server ended the replication stream".into(),
+                    });
+                }
+                Some(StreamEvent::XLogData { data, .. }) => {
+                    if self.handle(&data, &mut cursor)? {
+                        self.spill_full_builders().await?;
+                    }
+                    if cursor.tx.is_none() && cursor.last_end.is_some_and(|end| end >= upto) {
+                        break;
+                    }
+                }
+                Some(StreamEvent::Keepalive { wal_end, reply_requested }) => {
+                    if cursor.tx.is_none() {
+                        idle_end = Some(idle_end.unwrap_or(0).max(wal_end));
+                        // Caught up. With nothing read yet, keep waiting for new data until
+                        // `flush_interval` ends: an idle poll blocks instead of spinning.
+                        if wal_end >= upto && cursor.report.transactions > 0 {
+                            break;
+                        }
+                    }
+                    if reply_requested && let Some(stream) = self.stream.as_mut() {
+                        stream.send_status(self.confirmed.0, false).await?;
+                    }
+                }
+            }
+        }
+        let mut report = cursor.report;
+        self.commit_round(&mut report).await?;
+        // Everything decoded is durable now: confirm the end of the last transaction, or the
+        // server's sent position when it was reached between transactions.
+        let confirm = cursor.last_end.unwrap_or(0).max(if cursor.tx.is_none() { idle_end.unwrap_or(0) } else { 0 });
+        if confirm > self.confirmed.0 {
+            if let Some(stream) = self.stream.as_mut() {
+                stream.send_status(confirm, false).await?;
+            }
+            self.confirmed = Lsn(confirm);
+        }
+        report.confirmed = self.confirmed;
+        Ok(report)
+    }
+
+    /// Decode one pgoutput message into the builders. Returns true when a builder may have
+    /// reached `batch_rows` and should be spilled to its Parquet writer.
+    fn handle(&mut self, data: &[u8], cursor: &mut Cursor) -> Result<bool> {
+        match pgoutput::decode(data)? {
+            Message::Begin { final_lsn, commit_ts, xid } => {
+                let skip = self.snapshot.contains(xid, final_lsn);
+                cursor.tx =
+                    Some(TxState { lsn: final_lsn, xid, commit_ts_micros: commit_ts + PG_EPOCH_MICROS, seq: 0, skip });
+            }
+            Message::Commit { end_lsn, .. } => {
+                if let Some(t) = cursor.tx.take() {
+                    cursor.report.transactions += 1;
+                    if t.skip {
+                        cursor.report.skipped_transactions += 1;
+                    }
+                }
+                cursor.last_end = Some(end_lsn);
+                return Ok(true);
+            }
+            Message::Relation(relation) => {
+                if let Some(i) = self.tables.iter().position(|t| {
+                    t.builder.table().schema == relation.schema && t.builder.table().name == relation.name
+                }) {
+                    let map = ColumnMap::new(&relation, self.tables[i].builder.table())?;
+                    self.relations.insert(relation.oid, (i, map));
+                }
+            }
+            Message::Insert { relation, new } => {
+                return self.apply(cursor, relation, Operation::Insert, Some(new), None);
+            }
+            Message::Update { relation, old, new } => {
+                return self.apply(cursor, relation, Operation::Update, Some(new), old);
+            }
+            Message::Delete { relation, old } => {
+                return self.apply(cursor, relation, Operation::Delete, None, Some(old));
+            }
+            Message::Truncate { relations } => {
+                for relation in relations {
+                    if let (Some(t), Some((i, _))) = (cursor.tx.as_mut(), self.relations.get(&relation)) {
+                        let state = &mut self.tables[*i];
+                        let seq = t.seq;
+                        t.seq += 1;
+                        if t.skip || state.stored.is_some_and(|s| t.lsn <= s) {
+                            continue;
+                        }
+                        state.builder.append_truncate(t.meta(Operation::Truncate, seq));
+                        state.pending_lsn = Some(t.lsn);
+                    }
+                }
+            }
+            Message::Ignored => {}
+        }
+        Ok(false)
+    }
+
+    /// Commit every table that received changes (one Delta commit each, with its position),
+    /// then record the round in the raw manifest.
+    async fn commit_round(&mut self, report: &mut PollReport) -> Result<()> {
         for state in &mut self.tables {
             let Some(lsn) = state.pending_lsn.take() else { continue };
             if let Some(batch) = state.builder.finish()? {
@@ -330,20 +490,53 @@ impl ChangeStream {
             }
             self.storage.put_manifest(manifests::RAW, &manifest).await?;
         }
-        // Advance the slot to the end of the last transaction read, never further: a commit
-        // record that straddles the flushed WAL position has not been decoded yet.
-        if let Some(confirm) = last_end {
-            self.client
-                .query_one(
-                    "SELECT pg_replication_slot_advance($1, $2::text::pg_lsn)",
-                    &[&self.config.slot, &Lsn(confirm).to_string()],
-                )
-                .await
-                .map_err(|source| self.slot_error(source))?;
-            self.confirmed = Lsn(confirm);
+        Ok(())
+    }
+
+    /// After a transient failure: drop everything decoded but not committed, reconnect, and
+    /// resume from what the raw layer holds (the slot replays the rest).
+    pub async fn reconnect(&mut self) -> Result<()> {
+        if let Some(stream) = self.stream.take() {
+            drop(stream);
         }
-        report.confirmed = self.confirmed;
-        Ok(report)
+        self.relations.clear();
+        for state in &mut self.tables {
+            let _ = state.builder.finish();
+            // Files written but never committed are invisible to readers; vacuum removes them.
+            state.writer = None;
+            state.pending_lsn = None;
+        }
+        self.client = self.url.connect().await?;
+        if matches!(slot_state(&self.client, &self.config.slot).await?, SlotState::Missing | SlotState::Lost) {
+            return Err(IngestError::SlotLost { slot: self.config.slot.clone() });
+        }
+        for state in &mut self.tables {
+            state.layer.refresh().await?;
+            state.stored = state.layer.position(raw::CDC_APP).await?.map(|v| v as u64);
+        }
+        self.confirmed = Lsn::default();
+        self.dirty = false;
+        tracing::info!(source = %self.url, slot = %self.config.slot, "reconnected to the source");
+        Ok(())
+    }
+
+    /// Wait out a transient failure and reconnect, with exponential backoff (100 ms doubling
+    /// to 10 s). Returns the error when it is not transient.
+    async fn recover(&mut self, error: IngestError, attempt: &mut u32) -> Result<()> {
+        if !error.is_transient() {
+            return Err(error);
+        }
+        loop {
+            let backoff = RECONNECT_BASE.saturating_mul(1 << (*attempt).min(7)).min(RECONNECT_MAX);
+            *attempt += 1;
+            tracing::warn!(%error, attempt = *attempt, backoff_ms = backoff.as_millis() as u64, "source unreachable; reconnecting");
+            tokio::time::sleep(backoff).await;
+            match self.reconnect().await {
+                Ok(()) => return Ok(()),
+                Err(e) if e.is_transient() => continue,
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// Poll until the stream has stored every transaction committed before the call.
@@ -351,19 +544,33 @@ impl ChangeStream {
     /// The call first commits a heartbeat (see [`ChangeStream::heartbeat`]); the stream has
     /// caught up once the slot has moved past it.
     pub async fn catch_up(&mut self) -> Result<PollReport> {
-        let target = self.heartbeat().await?;
+        let mut attempt = 0;
+        let target = loop {
+            match self.heartbeat().await {
+                Ok(lsn) => break lsn,
+                Err(e) => self.recover(e, &mut attempt).await?,
+            }
+        };
         let mut total = PollReport::default();
         loop {
-            let report = self.poll().await?;
+            let report = match self.poll().await {
+                Ok(report) => report,
+                Err(e) => {
+                    self.recover(e, &mut attempt).await?;
+                    continue;
+                }
+            };
+            attempt = 0;
             total.transactions += report.transactions;
             total.changes += report.changes;
+            total.changes_seen += report.changes_seen;
             total.skipped_transactions += report.skipped_transactions;
             total.tables_committed += report.tables_committed;
             total.confirmed = report.confirmed;
             if report.confirmed > target {
                 return Ok(total);
             }
-            if report.transactions == 0 {
+            if report.transactions == 0 && self.config.cdc_mode == CdcMode::SqlPoll {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
@@ -388,24 +595,44 @@ impl ChangeStream {
         Lsn::parse(&lsn)
     }
 
-    /// Poll forever, waiting `idle_wait` after an empty poll, until `stop` resolves. An idle
-    /// stream writes a heartbeat every [`IDLE_HEARTBEAT`] so the slot keeps advancing.
+    /// Poll until `stop` resolves, committing micro-batches as they come. When polling by SQL,
+    /// waits `idle_wait` after an empty poll; when streaming, each poll itself waits for data
+    /// (up to `flush_interval`). An idle stream writes a heartbeat every [`IDLE_HEARTBEAT`] so
+    /// the slot keeps advancing. Transient failures (a restarted server, a terminated backend, a
+    /// broken connection) are retried with backoff; `stop` is honoured between polls, so a
+    /// micro-batch is never abandoned half-way.
     pub async fn run_until<F: std::future::Future<Output = ()>>(&mut self, idle_wait: Duration, stop: F) -> Result<()> {
         futures::pin_mut!(stop);
         let mut last_activity = Instant::now();
+        let mut attempt = 0;
         loop {
+            tokio::select! {
+                biased;
+                _ = &mut stop => return Ok(()),
+                _ = std::future::ready(()) => {}
+            }
             let started = Instant::now();
-            if last_activity.elapsed() >= IDLE_HEARTBEAT {
-                self.heartbeat().await?;
+            let step = async {
+                if last_activity.elapsed() >= IDLE_HEARTBEAT {
+                    self.heartbeat().await?;
+                }
+                self.poll().await
+            };
+            let report = match step.await {
+                Ok(report) => report,
+                Err(e) => {
+                    tokio::select! {
+                        _ = &mut stop => return Ok(()),
+                        r = self.recover(e, &mut attempt) => r?,
+                    }
+                    continue;
+                }
+            };
+            attempt = 0;
+            if report.transactions > 0 || last_activity.elapsed() >= IDLE_HEARTBEAT {
                 last_activity = Instant::now();
             }
-            let report = tokio::select! {
-                _ = &mut stop => return Ok(()),
-                r = self.poll() => r?,
-            };
-            if report.transactions > 0 {
-                last_activity = Instant::now();
-            } else {
+            if report.transactions == 0 && self.config.cdc_mode == CdcMode::SqlPoll {
                 let wait = idle_wait.saturating_sub(started.elapsed());
                 tokio::select! {
                     _ = &mut stop => return Ok(()),
@@ -417,25 +644,26 @@ impl ChangeStream {
 
     fn apply(
         &mut self,
-        tx: &mut Option<TxState>,
+        cursor: &mut Cursor,
         relation: u32,
         op: Operation,
         new: Option<pgoutput::TupleData<'_>>,
         old: Option<pgoutput::TupleData<'_>>,
-    ) -> Result<()> {
-        let Some(t) = tx.as_mut() else {
+    ) -> Result<bool> {
+        let Some(t) = cursor.tx.as_mut() else {
             return Err(IngestError::BadMessage { message: "change outside a transaction".into() });
         };
         let seq = t.seq;
         t.seq += 1;
-        let Some((i, map)) = self.relations.get(&relation) else { return Ok(()) };
+        let Some((i, map)) = self.relations.get(&relation) else { return Ok(false) };
         let state = &mut self.tables[*i];
         if t.skip || state.stored.is_some_and(|s| t.lsn <= s) {
-            return Ok(());
+            return Ok(false);
         }
         state.builder.append(t.meta(op, seq), map, new, old)?;
         state.pending_lsn = Some(t.lsn);
-        Ok(())
+        cursor.report.changes_seen += 1;
+        Ok(state.builder.rows() >= self.config.batch_rows)
     }
 
     /// Move full builders into their Parquet writers so memory stays bounded by the batch size.
@@ -452,6 +680,21 @@ impl ChangeStream {
             }
         }
         Ok(())
+    }
+
+    fn stream_error(&self, error: IngestError) -> IngestError {
+        match error {
+            IngestError::Replication { ref message, .. }
+                if message.contains("SQLSTATE 42704") || message.contains("invalidated") =>
+            {
+                IngestError::SlotLost { slot: self.config.slot.clone() }
+            }
+            IngestError::Replication { ref message, .. } if message.contains("SQLSTATE 55006") => {
+                // The slot is still held by a connection the server has not noticed is gone.
+                IngestError::Disconnected { target: self.url.to_string(), message: message.clone() }
+            }
+            other => other,
+        }
     }
 
     fn slot_error(&self, source: tokio_postgres::Error) -> IngestError {

@@ -99,7 +99,15 @@ pub enum IngestError {
         /// What went wrong.
         message: String,
     },
-    /// A pgoutput message is malformed.
+    /// The connection to the source broke or the server is shutting down or restarting.
+    #[error("lost the connection to {target} ({message}); acme reconnects by itself when streaming")]
+    Disconnected {
+        /// Host and database (no password).
+        target: String,
+        /// What happened.
+        message: String,
+    },
+    /// A pgoutput or replication-protocol message could not be decoded.
     #[error("malformed logical replication message: {message}")]
     BadMessage {
         /// What is wrong.
@@ -187,4 +195,26 @@ pub enum IngestError {
     /// A bug in acme.
     #[error("internal error (a bug in acme, please report it): {0}")]
     Internal(String),
+}
+
+impl IngestError {
+    /// True for failures that a reconnect can cure: a broken connection, a server that shut
+    /// down, restarts or terminated the backend. Everything else (privileges, missing slot,
+    /// bad data) needs the user and is reported as it is.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            IngestError::Disconnected { .. } => true,
+            IngestError::Connect { source, .. } | IngestError::Source { source, .. } => match source.as_db_error() {
+                None => {
+                    source.is_closed()
+                        || std::error::Error::source(source).is_some_and(|cause| cause.is::<std::io::Error>())
+                }
+                Some(db) => {
+                    let code = db.code().code();
+                    code.starts_with("57P") || code.starts_with("08")
+                }
+            },
+            _ => false,
+        }
+    }
 }

@@ -51,7 +51,7 @@ impl ReplicationConnection {
         let port = config.get_ports().first().copied().unwrap_or(5432);
         let stream = TcpStream::connect((host.as_str(), port))
             .await
-            .map_err(|e| protocol(&target, format!("cannot connect: {e}")))?;
+            .map_err(|e| disconnected(&target, format!("cannot connect: {e}")))?;
         let _ = stream.set_nodelay(true);
         let mut conn = Self { stream, read: BytesMut::with_capacity(8192), target };
         let user = config.get_user().unwrap_or("postgres").to_string();
@@ -173,7 +173,7 @@ impl ReplicationConnection {
     }
 
     async fn send(&mut self, buf: &[u8]) -> Result<()> {
-        self.stream.write_all(buf).await.map_err(|e| protocol(&self.target, format!("write failed: {e}")))
+        self.stream.write_all(buf).await.map_err(|e| disconnected(&self.target, format!("write failed: {e}")))
     }
 
     async fn receive(&mut self) -> Result<backend::Message> {
@@ -185,9 +185,9 @@ impl ReplicationConnection {
                 .stream
                 .read_buf(&mut self.read)
                 .await
-                .map_err(|e| protocol(&self.target, format!("read failed: {e}")))?;
+                .map_err(|e| disconnected(&self.target, format!("read failed: {e}")))?;
             if n == 0 {
-                return Err(protocol(&self.target, "the server closed the connection"));
+                return Err(disconnected(&self.target, "the server closed the connection"));
             }
         }
     }
@@ -202,6 +202,10 @@ impl ReplicationConnection {
                 b'C' => code = String::from_utf8_lossy(field.value_bytes()).into_owned(),
                 _ => {}
             }
+        }
+        if code.starts_with("57P") || code.starts_with("08") {
+            // Shut down, restarting, or the connection broke: worth reconnecting.
+            return disconnected(&self.target, format!("{message} (SQLSTATE {code})"));
         }
         if code == "42501"
             || message.contains("permission denied")
@@ -240,4 +244,167 @@ pub async fn create_slot_exporting_snapshot(conn: &mut ReplicationConnection, sl
         (Some(consistent_point), Some(snapshot_name)) => Ok(CreatedSlot { consistent_point, snapshot_name }),
         _ => Err(protocol(&conn.target, "CREATE_REPLICATION_SLOT returned no snapshot")),
     }
+}
+
+/// Microseconds between the Unix epoch and PostgreSQL's epoch (2000-01-01).
+const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
+
+/// One message of a logical replication stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StreamEvent {
+    /// WAL data: one pgoutput message.
+    XLogData {
+        /// WAL position of the message's record.
+        wal_start: u64,
+        /// The server's current WAL end.
+        wal_end: u64,
+        /// The pgoutput message (see [`crate::pgoutput::decode`]).
+        data: bytes::Bytes,
+    },
+    /// Primary keepalive: how far the server has decoded, and whether it wants a status reply.
+    Keepalive {
+        /// Everything before this position has been sent.
+        wal_end: u64,
+        /// The server asks for an immediate standby status update.
+        reply_requested: bool,
+    },
+}
+
+/// A connection streaming a logical slot (`START_REPLICATION ... LOGICAL`, CopyBoth mode).
+///
+/// Reads are cancel-safe: a [`LogicalStream::next`] dropped at an `.await` (for example by a
+/// timeout) loses no data.
+pub struct LogicalStream {
+    conn: ReplicationConnection,
+    slot: String,
+}
+
+impl std::fmt::Debug for LogicalStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogicalStream").field("target", &self.conn.target).field("slot", &self.slot).finish()
+    }
+}
+
+impl ReplicationConnection {
+    /// Start streaming `slot` with `pgoutput` from `start` (`0/0`: from the slot's confirmed
+    /// position) for `publication`, with binary tuples and logical messages.
+    pub async fn start_logical(mut self, slot: &str, start: u64, publication: &str) -> Result<LogicalStream> {
+        let sql = format!(
+            "START_REPLICATION SLOT {} LOGICAL {} (proto_version '1', publication_names '{}', binary 'true', \
+             messages 'true')",
+            crate::source::quote_ident(slot),
+            crate::lsn::Lsn(start),
+            crate::source::quote_ident(publication).replace('\'', "''"),
+        );
+        let mut buf = BytesMut::new();
+        frontend::query(&sql, &mut buf).map_err(|e| protocol(&self.target, e))?;
+        self.send(&buf).await?;
+        loop {
+            let (tag, frame) = self.receive_frame().await?;
+            match tag {
+                b'W' => return Ok(LogicalStream { conn: self, slot: slot.to_string() }),
+                b'E' => return Err(self.frame_error(frame)),
+                b'N' | b'S' => {}
+                other => {
+                    return Err(protocol(
+                        &self.target,
+                        format!("unexpected message `{}` after START_REPLICATION", other as char),
+                    ));
+                }
+            }
+        }
+    }
+
+    /// Read one whole protocol frame (tag, frame bytes including the header).
+    async fn receive_frame(&mut self) -> Result<(u8, bytes::Bytes)> {
+        loop {
+            if self.read.len() >= 5 {
+                let len = u32::from_be_bytes([self.read[1], self.read[2], self.read[3], self.read[4]]) as usize;
+                if len < 4 {
+                    return Err(protocol(&self.target, "invalid frame length"));
+                }
+                if self.read.len() > len {
+                    let frame = self.read.split_to(len + 1).freeze();
+                    return Ok((frame[0], frame));
+                }
+                self.read.reserve(len + 1 - self.read.len());
+            }
+            let n = self
+                .stream
+                .read_buf(&mut self.read)
+                .await
+                .map_err(|e| disconnected(&self.target, format!("read failed: {e}")))?;
+            if n == 0 {
+                return Err(disconnected(&self.target, "the server closed the connection"));
+            }
+        }
+    }
+
+    fn frame_error(&self, frame: bytes::Bytes) -> IngestError {
+        let mut buf = BytesMut::from(&frame[..]);
+        match backend::Message::parse(&mut buf) {
+            Ok(Some(backend::Message::ErrorResponse(body))) => self.server_error(&body),
+            _ => protocol(&self.target, "malformed error response"),
+        }
+    }
+}
+
+impl LogicalStream {
+    /// The next event; `None` when the server ended the stream (CopyDone).
+    pub async fn next(&mut self) -> Result<Option<StreamEvent>> {
+        loop {
+            let (tag, frame) = self.conn.receive_frame().await?;
+            match tag {
+                b'd' => {
+                    let body = frame.slice(5..);
+                    let bad = |what: &str| IngestError::BadMessage { message: format!("replication {what}") };
+                    match body.first() {
+                        Some(b'w') if body.len() >= 25 => {
+                            let wal_start = u64::from_be_bytes(body[1..9].try_into().map_err(|_| bad("XLogData"))?);
+                            let wal_end = u64::from_be_bytes(body[9..17].try_into().map_err(|_| bad("XLogData"))?);
+                            return Ok(Some(StreamEvent::XLogData { wal_start, wal_end, data: body.slice(25..) }));
+                        }
+                        Some(b'k') if body.len() >= 18 => {
+                            let wal_end = u64::from_be_bytes(body[1..9].try_into().map_err(|_| bad("keepalive"))?);
+                            return Ok(Some(StreamEvent::Keepalive { wal_end, reply_requested: body[17] == 1 }));
+                        }
+                        _ => return Err(bad("message of an unknown kind")),
+                    }
+                }
+                b'c' => return Ok(None),
+                b'E' => return Err(self.conn.frame_error(frame)),
+                _ => {} // notices, parameter status
+            }
+        }
+    }
+
+    /// Send a standby status update: everything before `flushed` is durable in the warehouse
+    /// (the server may release that WAL and moves the slot's confirmed position there).
+    pub async fn send_status(&mut self, flushed: u64, reply_requested: bool) -> Result<()> {
+        let now = chrono::Utc::now().timestamp_micros() - PG_EPOCH_OFFSET_MICROS;
+        let mut payload = Vec::with_capacity(34);
+        payload.push(b'r');
+        for lsn in [flushed, flushed, flushed] {
+            payload.extend_from_slice(&lsn.to_be_bytes());
+        }
+        payload.extend_from_slice(&now.to_be_bytes());
+        payload.push(u8::from(reply_requested));
+        let mut buf = Vec::with_capacity(39);
+        buf.push(b'd');
+        buf.extend_from_slice(&(payload.len() as u32 + 4).to_be_bytes());
+        buf.extend_from_slice(&payload);
+        self.conn.send(&buf).await
+    }
+
+    /// End the stream and close the connection.
+    pub async fn close(mut self) {
+        let mut buf = BytesMut::new();
+        frontend::copy_done(&mut buf);
+        let _ = self.conn.stream.write_all(&buf).await;
+        self.conn.close().await;
+    }
+}
+
+fn disconnected(target: &str, message: impl std::fmt::Display) -> IngestError {
+    IngestError::Disconnected { target: target.to_string(), message: message.to_string() }
 }

@@ -1,7 +1,10 @@
 //! Change data capture: handoff from the snapshot, exactly-once restarts, faults, bad sources.
 
+use std::time::Duration;
+
+use acme_core::CdcMode;
 use acme_ingest::{ChangeStream, IngestError};
-use acme_testkit::{ScaleFactor, WorkloadConfig};
+use acme_testkit::{PgCluster, ScaleFactor, WorkloadConfig};
 
 use crate::support::{acme_source, config, replay_raw, source_state};
 
@@ -43,7 +46,16 @@ fn workload(seed: u64, transactions: u64) -> WorkloadConfig {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stream_after_a_snapshot_taken_under_load_equals_the_source() {
-    let url = acme_source("cdc_handoff").await;
+    handoff_under_load("cdc_handoff", CdcMode::Stream).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sql_polling_after_a_snapshot_taken_under_load_equals_the_source() {
+    handoff_under_load("cdc_handoff_sql", CdcMode::SqlPoll).await;
+}
+
+async fn handoff_under_load(prefix: &str, mode: CdcMode) {
+    let url = acme_source(prefix).await;
     acme_testkit::bulk_load(&url, ScaleFactor::new(0.005).expect("sf"), 31).await.expect("load");
     let dir = tempfile::tempdir().expect("tmp");
     let writer = {
@@ -56,7 +68,9 @@ async fn stream_after_a_snapshot_taken_under_load_equals_the_source() {
         })
     };
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    let mut stream = ChangeStream::open(config(&url, dir.path())).await.expect("open (snapshot under load)");
+    let mut cfg = config(&url, dir.path());
+    cfg.cdc_mode = mode;
+    let mut stream = ChangeStream::open(cfg).await.expect("open (snapshot under load)");
     let during = writer.await.expect("join").expect("workload");
     assert!(during.transactions > 50, "the workload should write during the snapshot");
     stream.catch_up().await.expect("catch up");
@@ -86,11 +100,21 @@ async fn stream_after_a_snapshot_taken_under_load_equals_the_source() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restarting_the_stream_neither_duplicates_nor_skips_changes() {
-    let url = acme_source("cdc_restart").await;
+    restart_rounds("cdc_restart", CdcMode::Stream).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarting_sql_polling_neither_duplicates_nor_skips_changes() {
+    restart_rounds("cdc_restart_sql", CdcMode::SqlPoll).await;
+}
+
+async fn restart_rounds(prefix: &str, mode: CdcMode) {
+    let url = acme_source(prefix).await;
     acme_testkit::bulk_load(&url, ScaleFactor::new(0.002).expect("sf"), 41).await.expect("load");
     let dir = tempfile::tempdir().expect("tmp");
     let mut cfg = config(&url, dir.path());
     cfg.max_batch_changes = 100;
+    cfg.cdc_mode = mode;
     for round in 0..4u64 {
         let mut stream = ChangeStream::open(cfg.clone()).await.expect("open");
         acme_testkit::run_workload(&url, &workload(50 + round, 150)).await.expect("workload");
@@ -169,4 +193,51 @@ async fn a_slot_of_another_warehouse_is_never_taken_over() {
     acme_testkit::run_workload(&url, &workload(73, 50)).await.expect("workload");
     stream.catch_up().await.expect("first still streams");
     assert_raw_equals_source(&url, first.path()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stream_reconnects_after_a_terminated_backend_and_a_server_restart() {
+    // A cluster of its own: restarting the shared one would disturb the other tests.
+    let cluster = PgCluster::start().expect("PostgreSQL");
+    let url = cluster.create_database("cdc_faults").await.expect("database");
+    let client = acme_testkit::connect(&url).await.expect("connect");
+    acme_testkit::create_source_schema(&client).await.expect("schema");
+    acme_testkit::bulk_load(&url, ScaleFactor::new(0.002).expect("sf"), 81).await.expect("load");
+    let dir = tempfile::tempdir().expect("tmp");
+    let cfg = config(&url, dir.path());
+    let mut stream = ChangeStream::open(cfg.clone()).await.expect("open");
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let runner = tokio::spawn(async move {
+        stream.run_until(Duration::from_millis(50), async { stop_rx.await.unwrap_or(()) }).await.map(|_| stream)
+    });
+    acme_testkit::run_workload(&url, &workload(82, 150)).await.expect("workload before the faults");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // 1. The walsender serving acme is terminated.
+    let terminated: i64 = client
+        .query_one(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_replication WHERE application_name = 'acme'",
+            &[],
+        )
+        .await
+        .expect("terminate")
+        .get(0);
+    assert_eq!(terminated, 1, "the stream's walsender was running");
+    acme_testkit::run_workload(&url, &workload(83, 150)).await.expect("workload after the termination");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // 2. The whole server restarts (fast shutdown) while the stream runs.
+    drop(client);
+    let restart = std::thread::spawn(move || {
+        cluster.restart().expect("restart");
+        cluster
+    });
+    let cluster = tokio::task::spawn_blocking(move || restart.join().expect("restart thread")).await.expect("join");
+    acme_testkit::run_workload(&url, &workload(84, 150)).await.expect("workload after the restart");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop_tx.send(()).expect("stop");
+    let mut stream = runner.await.expect("join").expect("the stream recovered by itself");
+    stream.catch_up().await.expect("catch up");
+    // replay_raw also asserts that no (lsn, seq) is stored twice.
+    assert_raw_equals_source(&url, dir.path()).await;
+    drop(stream);
+    drop(cluster);
 }

@@ -21,6 +21,9 @@
 //! # Ok(()) }
 //! ```
 
+/// The DataFusion version acme runs on, for custom use of [`Warehouse::context`].
+pub use datafusion;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 

@@ -1,0 +1,147 @@
+//! Bench data shared by the benchmarks: a warehouse built once per scale factor and seed and
+//! cached on disk (`bench-data/sf<SF>-seed<SEED>/`, or under `ACME_BENCH_DATA`), so later runs
+//! skip generation.
+//!
+//! A dataset is: the ACME source generated at the scale factor, snapshotted into a warehouse,
+//! then a live workload streamed in (so the history holds real versions), the model built, and
+//! the current state of orders, order items and customers exported as plain Parquet for outside
+//! engines. `instant.txt` records an instant half-way through the workload for as-of queries.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use acme::core::AcmeConfig;
+use acme::ingest::ChangeStream;
+use acme::model::ModelBuild;
+use acme::query::Warehouse;
+use acme::query::datafusion::dataframe::DataFrameWriteOptions;
+use acme_testkit::{PgCluster, ScaleFactor, WorkloadConfig};
+use chrono::{DateTime, Utc};
+
+/// The scale factor of this run (`ACME_BENCH_SF`, default 0.1).
+pub fn scale() -> f64 {
+    std::env::var("ACME_BENCH_SF").ok().and_then(|v| v.parse().ok()).unwrap_or(0.1)
+}
+
+/// The seed of the generated data.
+pub const SEED: u64 = 42;
+
+/// A cached bench dataset.
+#[derive(Debug, Clone)]
+pub struct Dataset {
+    /// Its directory.
+    pub dir: PathBuf,
+    /// The warehouse URL (a local path).
+    pub warehouse: String,
+    /// An instant half-way through the streamed workload.
+    pub instant: DateTime<Utc>,
+}
+
+impl Dataset {
+    /// Plain Parquet file of the current state of `table` (`orders`, `order_items`, `customers`).
+    pub fn current(&self, table: &str) -> PathBuf {
+        self.dir.join("current").join(format!("{table}.parquet"))
+    }
+}
+
+fn root() -> PathBuf {
+    std::env::var_os("ACME_BENCH_DATA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("bench-data"))
+}
+
+/// The dataset for `sf`, built now unless a complete one is cached.
+pub async fn dataset(sf: f64) -> Dataset {
+    let dir = root().join(format!("sf{sf}-seed{SEED}"));
+    let done = dir.join("complete");
+    if !done.exists() {
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).expect("remove an incomplete dataset");
+        }
+        std::fs::create_dir_all(&dir).expect("bench data directory");
+        build(sf, &dir).await;
+        std::fs::write(&done, b"").expect("mark complete");
+    }
+    let text = std::fs::read_to_string(dir.join("instant.txt")).expect("instant.txt");
+    let instant = DateTime::parse_from_rfc3339(text.trim()).expect("instant").with_timezone(&Utc);
+    Dataset { warehouse: dir.join("warehouse").display().to_string(), dir, instant }
+}
+
+async fn build(sf: f64, dir: &Path) {
+    eprintln!("building the bench dataset at SF{sf} in {} (cached for later runs)", dir.display());
+    let cluster = PgCluster::start().expect("PostgreSQL");
+    let url = cluster.create_database("bench").await.expect("database");
+    let client = acme_testkit::connect(&url).await.expect("connect");
+    acme_testkit::create_source_schema(&client).await.expect("schema");
+    acme_testkit::bulk_load(&url, ScaleFactor::new(sf).expect("sf"), SEED).await.expect("load");
+    let warehouse = dir.join("warehouse").display().to_string();
+    let config = AcmeConfig::builder().source_url(&url).storage_url(&warehouse).build().expect("config");
+    let mut stream = ChangeStream::open(config.clone()).await.expect("snapshot");
+    // Two halves of live changes (scaled with the data), the instant recorded between them.
+    let transactions = ((20_000.0 * sf) as u64).max(500);
+    for half in 0..2u64 {
+        let workload = WorkloadConfig {
+            seed: SEED + half,
+            rate_tps: 0.0,
+            transactions: Some(transactions / 2),
+            duration: None,
+            connections: 2,
+            deletes: true,
+            inserts_only: false,
+        };
+        acme_testkit::run_workload(&url, &workload).await.expect("workload");
+        stream.catch_up().await.expect("catch up");
+        if half == 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let instant: String = client
+                .query_one("SELECT to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')", &[])
+                .await
+                .expect("now")
+                .get(0);
+            std::fs::write(dir.join("instant.txt"), instant).expect("instant.txt");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    ModelBuild::new(config).await.expect("model build");
+    let w = Warehouse::open(&warehouse).await.expect("warehouse");
+    std::fs::create_dir_all(dir.join("current")).expect("current dir");
+    for table in ["orders", "order_items", "customers"] {
+        let path = dir.join("current").join(format!("{table}.parquet"));
+        let columns = match table {
+            "orders" => "order_id, order_date, delivery_date, customer_id, status",
+            "order_items" => "order_item_id, order_id, product_id, quanity",
+            _ => "customer_id, customer_name, is_active",
+        };
+        w.sql(&format!("SELECT {columns} FROM {table}_current"))
+            .await
+            .expect("current state")
+            .write_parquet(
+                path.to_str().expect("utf-8 path"),
+                DataFrameWriteOptions::new().with_single_file_output(true),
+                None,
+            )
+            .await
+            .expect("export current state");
+    }
+}
+
+/// Median wall time of `runs` runs of `f` after two warm-up runs.
+pub async fn median<F, Fut, T>(runs: usize, mut f: F) -> Duration
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = T>,
+{
+    for _ in 0..2 {
+        std::hint::black_box(f().await);
+    }
+    let mut times = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let started = std::time::Instant::now();
+        std::hint::black_box(f().await);
+        times.push(started.elapsed());
+    }
+    times.sort();
+    times[times.len() / 2]
+}
