@@ -120,6 +120,12 @@ impl Storage {
         Ok(Self { root, options, backend })
     }
 
+    /// The object store of the bucket, for remote storage (`None` for local files, which any
+    /// engine reads through its local file system store).
+    pub fn object_store(&self) -> Option<Arc<dyn ObjectStore>> {
+        self.backend.clone()
+    }
+
     /// The root URL (always ends with `/`).
     pub fn root(&self) -> &Url {
         &self.root
@@ -385,21 +391,53 @@ impl LayerTable {
             .map_err(Error::delta(&self.name, "read position"))
     }
 
+    /// Add nullable columns to the table's schema (one metadata-only commit). Files written
+    /// before read the new columns as NULL. Columns the table already has are skipped.
+    pub async fn add_columns(&mut self, fields: &[arrow::datatypes::Field]) -> Result<()> {
+        let existing = self.schema()?;
+        let new: Vec<arrow::datatypes::Field> = fields
+            .iter()
+            .filter(|f| existing.field_with_name(f.name()).is_err())
+            .map(|f| f.clone().with_nullable(true))
+            .collect();
+        if new.is_empty() {
+            return Ok(());
+        }
+        let kernel: StructType = (&Schema::new(new)).try_into_kernel().map_err(|e| Error::SchemaMismatch {
+            table: self.name.clone(),
+            message: format!("the new columns have no Delta equivalent: {e}"),
+        })?;
+        let updated = self
+            .delta
+            .clone()
+            .add_columns()
+            .with_fields(kernel.fields().cloned().collect::<Vec<_>>())
+            .await
+            .map_err(Error::delta(&self.name, "add columns"))?;
+        self.delta = updated;
+        Ok(())
+    }
+
     /// A writer that streams batches into new Parquet files of this table.
     pub fn writer(&self, target_file_bytes: u64) -> Result<LayerWriter> {
         let inner = RecordBatchWriter::for_table(&self.delta)
             .map_err(Error::delta(&self.name, "create writer"))?
             .with_target_file_size(target_file_bytes)
             .with_writer_properties(writer_properties());
-        Ok(LayerWriter { inner, rows: 0 })
+        Ok(LayerWriter { inner, rows: 0, schema: self.schema()? })
     }
 }
 
-/// Parquet settings of every layer file: zstd level 1 (fast and compact), page statistics.
+/// Rows per Parquet row group: small enough that a query engine spreads one file over every
+/// core (row groups are the unit of parallel scanning), large enough to compress well.
+pub const ROW_GROUP_ROWS: usize = 128 * 1024;
+
+/// Parquet settings of every layer file: zstd level 1 (fast and compact), page statistics,
+/// [`ROW_GROUP_ROWS`] rows per row group.
 pub fn writer_properties() -> WriterProperties {
     WriterProperties::builder()
         .set_compression(Compression::ZSTD(ZstdLevel::try_new(1).unwrap_or_default()))
-        .set_max_row_group_row_count(Some(1024 * 1024))
+        .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
         .build()
 }
 
@@ -469,6 +507,7 @@ impl LayerTable {
 pub struct LayerWriter {
     inner: RecordBatchWriter,
     rows: u64,
+    schema: Arc<Schema>,
 }
 
 impl std::fmt::Debug for LayerWriter {
@@ -479,9 +518,30 @@ impl std::fmt::Debug for LayerWriter {
 
 impl LayerWriter {
     /// Stream one batch into the open file (a new file starts at the target size).
+    ///
+    /// Columns are matched to the table by name, so a batch may list them in another order;
+    /// columns the batch lacks are written as NULL.
     pub async fn write(&mut self, table_name: &str, batch: RecordBatch) -> Result<()> {
+        let batch =
+            if batch.schema().fields() == self.schema.fields() { batch } else { self.align(table_name, batch)? };
         self.rows += batch.num_rows() as u64;
         self.inner.write(batch).await.map_err(Error::delta(table_name, "write"))
+    }
+
+    fn align(&self, table_name: &str, batch: RecordBatch) -> Result<RecordBatch> {
+        let columns = self
+            .schema
+            .fields()
+            .iter()
+            .map(|field| match batch.schema().index_of(field.name()) {
+                Ok(i) => Arc::clone(batch.column(i)),
+                Err(_) => arrow::array::new_null_array(field.data_type(), batch.num_rows()),
+            })
+            .collect();
+        RecordBatch::try_new(Arc::clone(&self.schema), columns).map_err(|source| Error::Arrow {
+            context: format!("matching a batch to the columns of {table_name}"),
+            source,
+        })
     }
 
     /// Rows written so far.

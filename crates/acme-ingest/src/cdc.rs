@@ -27,6 +27,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use acme_core::deltalake::kernel::Add;
 use acme_core::raw::{self, Operation};
 use acme_core::storage::{Manifest, manifests};
 use acme_core::{AcmeConfig, CdcMode, CommitMode, Layer, LayerTable, LayerWriter, Position, Storage};
@@ -39,7 +40,8 @@ use crate::lsn::Lsn;
 use crate::pgoutput::{self, Message};
 use crate::replication::{LogicalStream, ReplicationConnection, StreamEvent, create_slot_exporting_snapshot};
 use crate::snapshot::{SNAPSHOT_META, Snapshot, SnapshotPoint, SnapshotProgress};
-use crate::source::{SourceTable, SourceUrl};
+use crate::source::{SourceColumn, SourceTable, SourceUrl};
+use crate::types::PgType;
 
 /// Metadata document naming the replication slot this warehouse created.
 pub const SLOT_META: &str = "slot";
@@ -62,6 +64,15 @@ pub struct PollReport {
     pub tables_committed: usize,
     /// Change rows decoded in this poll (committed ones are counted in `changes`).
     pub changes_seen: u64,
+}
+
+/// What the caller must do after a message was decoded.
+enum Step {
+    Continue,
+    /// A builder may be full: move it into its Parquet writer.
+    Spill,
+    /// Table `usize` gained columns.
+    Evolve(usize, pgoutput::Relation),
 }
 
 /// Where decoding stands inside one poll.
@@ -87,6 +98,10 @@ struct TableState {
     builder: ChangeBuilder,
     layer: LayerTable,
     writer: Option<LayerWriter>,
+    /// Files finished before a schema change, committed with the table's next commit.
+    carried: Vec<Add>,
+    /// Rows in `carried`.
+    carried_rows: u64,
     /// Highest commit LSN stored in this raw table by the change stream.
     stored: Option<u64>,
     /// Highest commit LSN buffered in this poll.
@@ -146,7 +161,12 @@ impl ChangeStream {
         // Is there a complete snapshot already?
         let mut layers = Vec::with_capacity(sources.len());
         for table in &sources {
-            layers.push(storage.open_or_create(Layer::Raw, &table.name, &table.raw_schema()).await?);
+            let schema = table.raw_schema();
+            let mut layer = storage.open_or_create(Layer::Raw, &table.name, &schema).await?;
+            // Columns added to the source while acme was not running.
+            let fields: Vec<_> = schema.fields().iter().map(|f| f.as_ref().clone()).collect();
+            layer.add_columns(&fields).await?;
+            layers.push(layer);
         }
         let mut snapshot_positions = Vec::new();
         for layer in &layers {
@@ -207,6 +227,8 @@ impl ChangeStream {
                 builder: ChangeBuilder::new(table, config.batch_rows),
                 layer,
                 writer: None,
+                carried: Vec::new(),
+                carried_rows: 0,
                 stored,
                 pending_lsn: None,
             });
@@ -299,9 +321,8 @@ impl ChangeStream {
         while let Some(row) = rows.next().await {
             let row = row.map_err(|source| self.slot_error(source))?;
             let data: &[u8] = row.get(0);
-            if self.handle(data, &mut cursor)? {
-                self.spill_full_builders().await?;
-            }
+            let step = self.handle(data, &mut cursor)?;
+            self.after(step).await?;
         }
         let mut report = cursor.report;
         self.commit_round(&mut report).await?;
@@ -370,9 +391,8 @@ impl ChangeStream {
                     });
                 }
                 Some(StreamEvent::XLogData { data, .. }) => {
-                    if self.handle(&data, &mut cursor)? {
-                        self.spill_full_builders().await?;
-                    }
+                    let step = self.handle(&data, &mut cursor)?;
+                    self.after(step).await?;
                     if cursor.tx.is_none() && cursor.last_end.is_some_and(|end| end >= upto) {
                         break;
                     }
@@ -407,9 +427,17 @@ impl ChangeStream {
         Ok(report)
     }
 
-    /// Decode one pgoutput message into the builders. Returns true when a builder may have
-    /// reached `batch_rows` and should be spilled to its Parquet writer.
-    fn handle(&mut self, data: &[u8], cursor: &mut Cursor) -> Result<bool> {
+    /// Do what decoding a message asked for: spill full builders, or evolve a table's schema.
+    async fn after(&mut self, step: Step) -> Result<()> {
+        match step {
+            Step::Continue => Ok(()),
+            Step::Spill => self.spill_full_builders().await,
+            Step::Evolve(i, relation) => self.evolve(i, &relation).await,
+        }
+    }
+
+    /// Decode one pgoutput message into the builders.
+    fn handle(&mut self, data: &[u8], cursor: &mut Cursor) -> Result<Step> {
         match pgoutput::decode(data)? {
             Message::Begin { final_lsn, commit_ts, xid } => {
                 let skip = self.snapshot.contains(xid, final_lsn);
@@ -424,24 +452,31 @@ impl ChangeStream {
                     }
                 }
                 cursor.last_end = Some(end_lsn);
-                return Ok(true);
+                return Ok(Step::Spill);
             }
             Message::Relation(relation) => {
                 if let Some(i) = self.tables.iter().position(|t| {
                     t.builder.table().schema == relation.schema && t.builder.table().name == relation.name
                 }) {
-                    let map = ColumnMap::new(&relation, self.tables[i].builder.table())?;
+                    let table = self.tables[i].builder.table();
+                    if relation.columns.iter().any(|c| !table.columns.iter().any(|t| t.name == c.name)) {
+                        return Ok(Step::Evolve(i, relation));
+                    }
+                    let map = ColumnMap::new(&relation, table)?;
                     self.relations.insert(relation.oid, (i, map));
                 }
             }
             Message::Insert { relation, new } => {
-                return self.apply(cursor, relation, Operation::Insert, Some(new), None);
+                let full = self.apply(cursor, relation, Operation::Insert, Some(new), None)?;
+                return Ok(if full { Step::Spill } else { Step::Continue });
             }
             Message::Update { relation, old, new } => {
-                return self.apply(cursor, relation, Operation::Update, Some(new), old);
+                let full = self.apply(cursor, relation, Operation::Update, Some(new), old)?;
+                return Ok(if full { Step::Spill } else { Step::Continue });
             }
             Message::Delete { relation, old } => {
-                return self.apply(cursor, relation, Operation::Delete, None, Some(old));
+                let full = self.apply(cursor, relation, Operation::Delete, None, Some(old))?;
+                return Ok(if full { Step::Spill } else { Step::Continue });
             }
             Message::Truncate { relations } => {
                 for relation in relations {
@@ -459,7 +494,50 @@ impl ChangeStream {
             }
             Message::Ignored => {}
         }
-        Ok(false)
+        Ok(Step::Continue)
+    }
+
+    /// The source table gained columns (`ALTER TABLE ... ADD COLUMN`) in the middle of the
+    /// stream: the rows decoded so far go to files with the old columns, the raw table gains
+    /// the new columns (nullable; older files read them as NULL), and decoding continues with
+    /// the new definition. Nothing stops and nothing is committed early.
+    async fn evolve(&mut self, i: usize, relation: &pgoutput::Relation) -> Result<()> {
+        let state = &mut self.tables[i];
+        let mut table = state.builder.table().clone();
+        for column in &relation.columns {
+            if table.columns.iter().any(|c| c.name == column.name) {
+                continue;
+            }
+            let ty = PgType::from_oid(
+                column.type_oid,
+                column.typmod,
+                &table.qualified(),
+                &column.name,
+                &format!("type oid {}", column.type_oid),
+            )?;
+            table.columns.push(SourceColumn { name: column.name.clone(), ty, not_null: false });
+        }
+        // Rows decoded with the old definition: into the open writer, whose files are carried
+        // to the next commit of this table.
+        if let Some(batch) = state.builder.finish()? {
+            let writer = match state.writer.as_mut() {
+                Some(w) => w,
+                None => state.writer.insert(state.layer.writer(self.config.target_file_bytes)?),
+            };
+            writer.write(state.layer.name(), batch).await?;
+        }
+        if let Some(writer) = state.writer.take() {
+            state.carried_rows += writer.rows();
+            state.carried.extend(writer.finish(state.layer.name()).await?);
+        }
+        let schema = table.raw_schema();
+        let fields: Vec<_> = schema.fields().iter().map(|f| f.as_ref().clone()).collect();
+        state.layer.add_columns(&fields).await?;
+        tracing::info!(table = %table.qualified(), columns = table.columns.len(), "source table gained columns; raw schema evolved");
+        let map = ColumnMap::new(relation, &table)?;
+        state.builder = ChangeBuilder::new(table, self.config.batch_rows);
+        self.relations.insert(relation.oid, (i, map));
+        Ok(())
     }
 
     /// Commit every table that received changes (one Delta commit each, with its position),
@@ -474,9 +552,16 @@ impl ChangeStream {
                 };
                 writer.write(state.layer.name(), batch).await?;
             }
-            let Some(writer) = state.writer.take() else { continue };
-            let rows = writer.rows();
-            let files = writer.finish(state.layer.name()).await?;
+            let mut files = std::mem::take(&mut state.carried);
+            let mut rows = state.carried_rows;
+            state.carried_rows = 0;
+            if let Some(writer) = state.writer.take() {
+                rows += writer.rows();
+                files.extend(writer.finish(state.layer.name()).await?);
+            }
+            if files.is_empty() {
+                continue;
+            }
             state.layer.commit(files, &Position::new(raw::CDC_APP, lsn as i64), CommitMode::Append).await?;
             state.stored = Some(lsn);
             report.changes += rows;
@@ -504,6 +589,8 @@ impl ChangeStream {
             let _ = state.builder.finish();
             // Files written but never committed are invisible to readers; vacuum removes them.
             state.writer = None;
+            state.carried.clear();
+            state.carried_rows = 0;
             state.pending_lsn = None;
         }
         self.client = self.url.connect().await?;

@@ -241,3 +241,40 @@ async fn the_stream_reconnects_after_a_terminated_backend_and_a_server_restart()
     drop(stream);
     drop(cluster);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_column_added_mid_stream_evolves_the_raw_schema_without_stopping() {
+    let url = acme_source("cdc_add_column").await;
+    acme_testkit::bulk_load(&url, ScaleFactor::new(0.001).expect("sf"), 91).await.expect("load");
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut stream = ChangeStream::open(config(&url, dir.path())).await.expect("open");
+    let client = acme_testkit::connect(&url).await.expect("connect");
+    // One transaction writes rows before and after the new column appears.
+    client
+        .batch_execute(
+            "BEGIN; \
+             UPDATE operations.products SET product_name = 'before' WHERE product_id = 1; \
+             ALTER TABLE operations.products ADD COLUMN weight_grams integer; \
+             UPDATE operations.products SET product_name = 'after', weight_grams = 250 WHERE product_id = 2; \
+             COMMIT",
+        )
+        .await
+        .expect("add column mid-transaction");
+    acme_testkit::run_workload(&url, &workload(92, 100)).await.expect("workload");
+    stream.catch_up().await.expect("catch up across the schema change");
+    let replayed = replay_raw(dir.path(), "products", "product_id", &["product_name", "weight_grams"]).await;
+    let source = source_state(&url, "products", "product_id", &["product_name", "weight_grams"]).await;
+    assert_eq!(replayed, source);
+    assert_eq!(replayed.get(&2).map(|v| v[1].as_str()), Some("250"));
+    // A restarted stream opens the evolved table and keeps going.
+    drop(stream);
+    client
+        .batch_execute("UPDATE operations.products SET weight_grams = 300 WHERE product_id = 3")
+        .await
+        .expect("update");
+    let mut stream = ChangeStream::open(config(&url, dir.path())).await.expect("reopen");
+    stream.catch_up().await.expect("catch up after restart");
+    assert_raw_equals_source(&url, dir.path()).await;
+    let replayed = replay_raw(dir.path(), "products", "product_id", &["weight_grams"]).await;
+    assert_eq!(replayed.get(&3).map(|v| v[0].as_str()), Some("300"));
+}

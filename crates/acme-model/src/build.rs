@@ -225,9 +225,13 @@ async fn write(
             .collect::<Vec<Field>>(),
     ));
     let mut table = storage.open_or_create(layer, name, &schema).await?;
+    // Columns added at the source (and so to the raw layer) are added here too; the writer
+    // matches columns by name.
+    let fields: Vec<Field> = schema.fields().iter().map(|f| f.as_ref().clone()).collect();
+    table.add_columns(&fields).await?;
     let stored = table.schema()?;
     if stored.fields().len() != schema.fields().len()
-        || stored.fields().iter().zip(schema.fields()).any(|(a, b)| a.name() != b.name())
+        || schema.fields().iter().any(|f| stored.field_with_name(f.name()).is_err())
     {
         return Err(ModelError::Core(acme_core::Error::SchemaMismatch {
             table: table.name().to_string(),

@@ -186,3 +186,35 @@ async fn readers_see_one_consistent_model_while_builds_commit() {
     writer.await.expect("writer");
     assert!(positions.len() > 1, "readers saw several builds ({checks} checks)");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_column_added_at_the_source_reaches_the_history_and_current_views() {
+    let url = acme_testkit::acme_database("model_add_column", Some((0.001, 5))).await.expect("source");
+    let dir = tempfile::tempdir().expect("tmp");
+    let config = AcmeConfig::builder()
+        .source_url(&url)
+        .storage_url(dir.path().display().to_string())
+        .slot(acme_testkit::slot_for(&url))
+        .build()
+        .expect("config");
+    let mut stream = ChangeStream::open(config.clone()).await.expect("open stream");
+    ModelBuild::new(config.clone()).await.expect("first build");
+    let client = acme_testkit::connect(&url).await.expect("connect");
+    client
+        .batch_execute(
+            "ALTER TABLE operations.products ADD COLUMN weight_grams integer; \
+             UPDATE operations.products SET weight_grams = 250 WHERE product_id = 2",
+        )
+        .await
+        .expect("add column");
+    stream.catch_up().await.expect("catch up");
+    ModelBuild::new(config.clone()).await.expect("build with the new column");
+    let w = Warehouse::open(&config.storage_url).await.expect("open warehouse");
+    assert_eq!(scalar(&w, "SELECT weight_grams FROM products_current WHERE product_id = 2").await, 250);
+    assert_eq!(scalar(&w, "SELECT count(weight_grams) FROM products_current").await, 1, "older rows read NULL");
+    assert_eq!(
+        scalar(&w, "SELECT count(*) FROM products_history WHERE product_id = 2").await,
+        2,
+        "the snapshot version and the update"
+    );
+}

@@ -61,12 +61,14 @@ pub async fn replay_raw(
         let seq = b.column_by_name(acme_core::raw::SEQ).expect("seq").as_primitive::<Int64Type>().clone();
         let keys = b.column_by_name(key).expect("key").as_primitive::<Int64Type>().clone();
         let options = FormatOptions::default().with_null("NULL");
-        let formatters: Vec<ArrayFormatter<'_>> = columns
+        // Files written before a column was added do not have it: it reads as NULL.
+        let formatters: Vec<Option<ArrayFormatter<'_>>> = columns
             .iter()
-            .map(|c| ArrayFormatter::try_new(b.column_by_name(c).expect("column").as_ref(), &options).expect("fmt"))
+            .map(|c| b.column_by_name(c).map(|a| ArrayFormatter::try_new(a.as_ref(), &options).expect("fmt")))
             .collect();
         for i in 0..b.num_rows() {
-            let values = formatters.iter().map(|f| f.value(i).to_string()).collect();
+            let values =
+                formatters.iter().map(|f| f.as_ref().map_or("NULL".to_string(), |f| f.value(i).to_string())).collect();
             let k = if keys.is_null(i) { i64::MIN } else { keys.value(i) };
             let s = if seq.is_null(i) { -1 } else { seq.value(i) };
             changes.push((lsn.value(i), s, op.value(i).to_string(), k, values));
