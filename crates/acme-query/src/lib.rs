@@ -174,6 +174,8 @@ pub struct Warehouse {
     url: String,
     history_start: Option<i64>,
     model_position: Option<i64>,
+    /// The first model table that does not exist yet, if any.
+    missing: Option<String>,
 }
 
 impl std::fmt::Debug for Warehouse {
@@ -226,24 +228,35 @@ impl Warehouse {
                 ctx.register_table(name, parquet_provider(&table).await?)?;
             }
         }
+        // Without a model (only the raw layer so far) the handle still answers SQL over the raw
+        // tables; the reports say which table is missing.
+        let mut missing = None;
         for spec in HistorySpec::acme() {
             let history = spec.history_table();
             if !found.contains_key(&history) {
-                return Err(QueryError::MissingTable {
-                    url: url.to_string(),
-                    table: format!("intermediate/{history}"),
-                });
+                missing.get_or_insert_with(|| format!("intermediate/{history}"));
+                continue;
             }
             let view = ctx.sql(&format!("SELECT * FROM {history} WHERE {}", state_predicate(None))).await?;
             ctx.register_table(format!("{}_current", spec.table).as_str(), view.into_view())?;
         }
-        let start = ctx.sql("SELECT CAST(min(valid_from) AS BIGINT) FROM orders_history").await?.collect().await?;
+        let start = if missing.is_some() {
+            Vec::new()
+        } else {
+            ctx.sql("SELECT CAST(min(valid_from) AS BIGINT) FROM orders_history").await?.collect().await?
+        };
         let history_start = start
             .first()
             .map(|b| b.column(0).as_primitive::<Int64Type>().clone())
             .filter(|a| a.len() == 1 && !a.is_null(0))
             .map(|a| a.value(0));
-        Ok(Self { ctx, url: url.to_string(), history_start, model_position: model_manifest.map(|m| m.position) })
+        Ok(Self {
+            ctx,
+            url: url.to_string(),
+            history_start,
+            model_position: model_manifest.map(|m| m.position),
+            missing,
+        })
     }
 
     /// The source position (commit LSN) the loaded model covers, when the model build
@@ -269,6 +282,9 @@ impl Warehouse {
 
     /// SQL for the state of `table` (`orders`, ...) now or as of an instant.
     fn state(&self, table: &str, as_of: Option<DateTime<Utc>>) -> Result<String> {
+        if let Some(missing) = &self.missing {
+            return Err(QueryError::MissingTable { url: self.url.clone(), table: missing.clone() });
+        }
         let micros = match as_of {
             None => None,
             Some(t) => {

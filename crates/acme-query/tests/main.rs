@@ -198,6 +198,13 @@ async fn a_column_added_at_the_source_reaches_the_history_and_current_views() {
         .build()
         .expect("config");
     let mut stream = ChangeStream::open(config.clone()).await.expect("open stream");
+    // Before any model build the raw layer is queryable and the reports say what is missing.
+    let raw_only = Warehouse::open(&config.storage_url).await.expect("open a raw-only warehouse");
+    assert!(scalar(&raw_only, "SELECT count(*) FROM raw_products").await > 0);
+    assert!(matches!(
+        raw_only.open_orders(StatusFilter::Open, None).await,
+        Err(QueryError::MissingTable { ref table, .. }) if table.contains("history")
+    ));
     ModelBuild::new(config.clone()).await.expect("first build");
     let client = acme_testkit::connect(&url).await.expect("connect");
     client
