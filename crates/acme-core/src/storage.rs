@@ -269,6 +269,12 @@ impl Storage {
             .with_log_store(self.log_store(&url, &name)?)
             .with_table_name(table)
             .with_columns(kernel.fields().cloned())
+            // Micro-batches commit several times a second: a checkpoint every few commits keeps
+            // opening a table (a log replay) fast.
+            .with_configuration_property(
+                deltalake::TableProperty::CheckpointInterval,
+                Some(CHECKPOINT_INTERVAL.to_string()),
+            )
             .with_save_mode(deltalake::protocol::SaveMode::Ignore)
             .await;
         match created {
@@ -427,6 +433,9 @@ impl LayerTable {
         Ok(LayerWriter { inner, rows: 0, schema: self.schema()? })
     }
 }
+
+/// Commits between two Delta checkpoints of a layer table.
+pub const CHECKPOINT_INTERVAL: u64 = 10;
 
 /// Rows per Parquet row group: small enough that a query engine spreads one file over every
 /// core (row groups are the unit of parallel scanning), large enough to compress well.

@@ -413,7 +413,15 @@ impl ChangeStream {
             }
         }
         let mut report = cursor.report;
+        let decoded = started.elapsed();
         self.commit_round(&mut report).await?;
+        tracing::debug!(
+            decode_ms = decoded.as_millis() as u64,
+            commit_ms = (started.elapsed() - decoded).as_millis() as u64,
+            transactions = report.transactions,
+            changes = report.changes,
+            "micro-batch committed"
+        );
         // Everything decoded is durable now: confirm the end of the last transaction, or the
         // server's sent position when it was reached between transactions.
         let confirm = cursor.last_end.unwrap_or(0).max(if cursor.tx.is_none() { idle_end.unwrap_or(0) } else { 0 });
@@ -543,12 +551,15 @@ impl ChangeStream {
     /// Commit every table that received changes (one Delta commit each, with its position),
     /// then record the round in the raw manifest.
     async fn commit_round(&mut self, report: &mut PollReport) -> Result<()> {
-        for state in &mut self.tables {
-            let Some(lsn) = state.pending_lsn.take() else { continue };
+        // The tables commit concurrently; each commit is atomic on its own and carries its own
+        // position, so a failure part-way is replayed exactly like a crash.
+        let target_file_bytes = self.config.target_file_bytes;
+        let commits = self.tables.iter_mut().map(|state| async move {
+            let Some(lsn) = state.pending_lsn.take() else { return Ok::<_, IngestError>(None) };
             if let Some(batch) = state.builder.finish()? {
                 let writer = match state.writer.as_mut() {
                     Some(w) => w,
-                    None => state.writer.insert(state.layer.writer(self.config.target_file_bytes)?),
+                    None => state.writer.insert(state.layer.writer(target_file_bytes)?),
                 };
                 writer.write(state.layer.name(), batch).await?;
             }
@@ -560,12 +571,17 @@ impl ChangeStream {
                 files.extend(writer.finish(state.layer.name()).await?);
             }
             if files.is_empty() {
-                continue;
+                return Ok(None);
             }
             state.layer.commit(files, &Position::new(raw::CDC_APP, lsn as i64), CommitMode::Append).await?;
             state.stored = Some(lsn);
-            report.changes += rows;
-            report.tables_committed += 1;
+            Ok(Some(rows))
+        });
+        for rows in futures::future::join_all(commits).await {
+            if let Some(rows) = rows? {
+                report.changes += rows;
+                report.tables_committed += 1;
+            }
         }
         if report.tables_committed > 0 {
             let position = self.tables.iter().filter_map(|t| t.stored).max().unwrap_or_default();
