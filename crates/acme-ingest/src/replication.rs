@@ -181,15 +181,21 @@ impl ReplicationConnection {
             if let Some(message) = backend::Message::parse(&mut self.read).map_err(|e| protocol(&self.target, e))? {
                 return Ok(message);
             }
-            let n = self
-                .stream
-                .read_buf(&mut self.read)
-                .await
-                .map_err(|e| disconnected(&self.target, format!("read failed: {e}")))?;
-            if n == 0 {
-                return Err(disconnected(&self.target, "the server closed the connection"));
-            }
+            self.fill().await?;
         }
+    }
+
+    /// Read more bytes from the server into the buffer (cancel-safe).
+    async fn fill(&mut self) -> Result<()> {
+        let n = self
+            .stream
+            .read_buf(&mut self.read)
+            .await
+            .map_err(|e| disconnected(&self.target, format!("read failed: {e}")))?;
+        if n == 0 {
+            return Err(disconnected(&self.target, "the server closed the connection"));
+        }
+        Ok(())
     }
 
     fn server_error(&self, body: &backend::ErrorResponseBody) -> IngestError {
@@ -329,14 +335,7 @@ impl ReplicationConnection {
                 }
                 self.read.reserve(len + 1 - self.read.len());
             }
-            let n = self
-                .stream
-                .read_buf(&mut self.read)
-                .await
-                .map_err(|e| disconnected(&self.target, format!("read failed: {e}")))?;
-            if n == 0 {
-                return Err(disconnected(&self.target, "the server closed the connection"));
-            }
+            self.fill().await?;
         }
     }
 

@@ -29,6 +29,29 @@ async fn oracle(client: &tokio_postgres::Client, limit: usize) -> Vec<Vec<String
     out
 }
 
+/// A pipeline from `url` into the warehouse directory `dir`, with a slot of its own.
+fn warehouse_config(url: &str, dir: &std::path::Path) -> AcmeConfig {
+    AcmeConfig::builder()
+        .source_url(url)
+        .storage_url(dir.display().to_string())
+        .slot(acme_testkit::slot_for(url))
+        .build()
+        .expect("config")
+}
+
+/// `transactions` of the live workload mix, as fast as possible.
+fn workload(seed: u64, transactions: u64, connections: usize) -> WorkloadConfig {
+    WorkloadConfig {
+        seed,
+        rate_tps: 0.0,
+        transactions: Some(transactions),
+        duration: None,
+        connections,
+        deletes: true,
+        inserts_only: false,
+    }
+}
+
 fn fmt_date(d: Option<NaiveDate>) -> String {
     d.map(|d| d.to_string()).unwrap_or_default()
 }
@@ -79,25 +102,12 @@ async fn reports_equal_postgres_now_and_as_of_recorded_instants() {
     let url = acme_testkit::acme_database("reports", Some((0.005, 81))).await.expect("source");
     let client = acme_testkit::connect(&url).await.expect("connect");
     let dir = tempfile::tempdir().expect("tmp");
-    let config = AcmeConfig::builder()
-        .source_url(&url)
-        .storage_url(dir.path().display().to_string())
-        .slot(acme_testkit::slot_for(&url))
-        .build()
-        .expect("config");
+    let config = warehouse_config(&url, dir.path());
     let mut stream = ChangeStream::open(config.clone()).await.expect("open stream");
     let mut recorded = Vec::new();
     for round in 0..3u64 {
-        let workload = WorkloadConfig {
-            seed: 90 + round,
-            rate_tps: 0.0,
-            transactions: Some(250),
-            duration: None,
-            connections: 2,
-            deletes: true,
-            inserts_only: false,
-        };
-        acme_testkit::run_workload(&url, &workload).await.expect("workload");
+        let mix = workload(90 + round, 250, 2);
+        acme_testkit::run_workload(&url, &mix).await.expect("workload");
         stream.catch_up().await.expect("catch up");
         // Record the source's answers at an instant between writes.
         let instant: DateTime<Utc> = client.query_one("SELECT clock_timestamp()", &[]).await.expect("now").get(0);
@@ -143,28 +153,15 @@ async fn scalar(w: &Warehouse, sql: &str) -> i64 {
 async fn readers_see_one_consistent_model_while_builds_commit() {
     let url = acme_testkit::acme_database("consistent", Some((0.002, 7))).await.expect("source");
     let dir = tempfile::tempdir().expect("tmp");
-    let config = AcmeConfig::builder()
-        .source_url(&url)
-        .storage_url(dir.path().display().to_string())
-        .slot(acme_testkit::slot_for(&url))
-        .build()
-        .expect("config");
+    let config = warehouse_config(&url, dir.path());
     let mut stream = ChangeStream::open(config.clone()).await.expect("open stream");
     ModelBuild::new(config.clone()).await.expect("first build");
     // Writer: workload, catch-up and a model build, round after round.
     let writer_config = config.clone();
     let writer = tokio::spawn(async move {
         for round in 0..6u64 {
-            let workload = WorkloadConfig {
-                seed: 300 + round,
-                rate_tps: 0.0,
-                transactions: Some(120),
-                duration: None,
-                connections: 1,
-                deletes: true,
-                inserts_only: false,
-            };
-            acme_testkit::run_workload(&url, &workload).await.expect("workload");
+            let mix = workload(300 + round, 120, 1);
+            acme_testkit::run_workload(&url, &mix).await.expect("workload");
             stream.catch_up().await.expect("catch up");
             ModelBuild::new(writer_config.clone()).await.expect("model build");
         }
@@ -191,12 +188,7 @@ async fn readers_see_one_consistent_model_while_builds_commit() {
 async fn a_column_added_at_the_source_reaches_the_history_and_current_views() {
     let url = acme_testkit::acme_database("model_add_column", Some((0.001, 5))).await.expect("source");
     let dir = tempfile::tempdir().expect("tmp");
-    let config = AcmeConfig::builder()
-        .source_url(&url)
-        .storage_url(dir.path().display().to_string())
-        .slot(acme_testkit::slot_for(&url))
-        .build()
-        .expect("config");
+    let config = warehouse_config(&url, dir.path());
     let mut stream = ChangeStream::open(config.clone()).await.expect("open stream");
     // Before any model build the raw layer is queryable and the reports say what is missing.
     let raw_only = Warehouse::open(&config.storage_url).await.expect("open a raw-only warehouse");
