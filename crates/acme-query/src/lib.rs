@@ -126,6 +126,29 @@ impl StatusFilter {
     }
 }
 
+/// One of the four reports, for [`Warehouse::report_batches`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Report {
+    /// R1: orders matching the filter per delivery date and status
+    /// (`delivery_date`, `status`, `quantity`).
+    OpenOrders(StatusFilter),
+    /// R2: the delivery dates with the most open orders (`delivery_date`, `quantity`).
+    TopDeliveryDates {
+        /// How many dates (1..=10000).
+        limit: usize,
+    },
+    /// R3: item quantities of open orders per product (`product_id`, `total_items`).
+    PendingItemsByProduct,
+    /// R4: customers dense-ranked by orders matching the filter
+    /// (`customer_id`, `customer_name`, `quantity`, `ranking`).
+    TopCustomers {
+        /// Highest rank returned (ties all returned).
+        limit: usize,
+        /// Which orders count.
+        filter: StatusFilter,
+    },
+}
+
 /// R1 row: open orders per delivery date and status.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct OpenOrders {
@@ -322,22 +345,53 @@ impl Warehouse {
         Ok(format!("(SELECT * FROM {table}_history WHERE {})", state_predicate(micros)))
     }
 
-    /// Run `sql` and cast its columns to `types` (the engine may return view types).
-    async fn batches(&self, sql: &str, types: &[DataType]) -> Result<Vec<RecordBatch>> {
+    /// One report as Arrow record batches, with the seed's column names (see [`Report`]).
+    pub async fn report_batches(&self, report: &Report, as_of: Option<DateTime<Utc>>) -> Result<Vec<RecordBatch>> {
+        use DataType::{Date32, Int64, Utf8};
+        let (sql, fields): (String, &[(&str, DataType)]) = match report {
+            Report::OpenOrders(filter) => (
+                open_orders_sql(&self.state("orders", as_of)?, filter),
+                &[("delivery_date", Date32), ("status", Utf8), ("quantity", Int64)],
+            ),
+            Report::TopDeliveryDates { limit } => {
+                check_limit(*limit)?;
+                (
+                    top_delivery_dates_sql(&self.state("orders", as_of)?, *limit),
+                    &[("delivery_date", Date32), ("quantity", Int64)],
+                )
+            }
+            Report::PendingItemsByProduct => (
+                pending_items_sql(&self.state("orders", as_of)?, &self.state("order_items", as_of)?),
+                &[("product_id", Int64), ("total_items", Int64)],
+            ),
+            Report::TopCustomers { limit, filter } => {
+                check_limit(*limit)?;
+                (
+                    top_customers_sql(&self.state("orders", as_of)?, &self.state("customers", as_of)?, filter, *limit),
+                    &[("customer_id", Int64), ("customer_name", Utf8), ("quantity", Int64), ("ranking", Int64)],
+                )
+            }
+        };
+        self.batches(&sql, fields).await
+    }
+
+    /// Run `sql` and cast its columns to `fields` (the engine may return view types).
+    async fn batches(&self, sql: &str, fields: &[(&str, DataType)]) -> Result<Vec<RecordBatch>> {
+        let schema = Arc::new(Schema::new(
+            fields.iter().map(|(name, t)| Field::new(*name, t.clone(), true)).collect::<Vec<Field>>(),
+        ));
         let batches = self.ctx.sql(sql).await?.collect().await?;
         let mut out = Vec::with_capacity(batches.len());
         for b in batches {
             let columns = b
                 .columns()
                 .iter()
-                .zip(types)
-                .map(|(c, t)| if c.data_type() == t { Ok(c.clone()) } else { cast(c, t) })
+                .zip(fields)
+                .map(|(c, (_, t))| if c.data_type() == t { Ok(c.clone()) } else { cast(c, t) })
                 .collect::<std::result::Result<Vec<_>, _>>()
                 .map_err(|e| QueryError::DataFusion(Box::new(e.into())))?;
-            let fields: Vec<Field> =
-                types.iter().enumerate().map(|(i, t)| Field::new(format!("c{i}"), t.clone(), true)).collect();
             out.push(
-                RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)
+                RecordBatch::try_new(Arc::clone(&schema), columns)
                     .map_err(|e| QueryError::DataFusion(Box::new(e.into())))?,
             );
         }
@@ -346,9 +400,8 @@ impl Warehouse {
 
     /// R1: orders matching `filter` per delivery date and status.
     pub async fn open_orders(&self, filter: StatusFilter, as_of: Option<DateTime<Utc>>) -> Result<Vec<OpenOrders>> {
-        let sql = open_orders_sql(&self.state("orders", as_of)?, &filter);
         let mut out = Vec::new();
-        for b in self.batches(&sql, &[DataType::Date32, DataType::Utf8, DataType::Int64]).await? {
+        for b in self.report_batches(&Report::OpenOrders(filter), as_of).await? {
             let dates = b.column(0).as_primitive::<Date32Type>();
             let statuses = b.column(1).as_string::<i32>();
             let counts = b.column(2).as_primitive::<Int64Type>();
@@ -369,10 +422,8 @@ impl Warehouse {
         limit: usize,
         as_of: Option<DateTime<Utc>>,
     ) -> Result<Vec<DeliveryDateLoad>> {
-        check_limit(limit)?;
-        let sql = top_delivery_dates_sql(&self.state("orders", as_of)?, limit);
         let mut out = Vec::new();
-        for b in self.batches(&sql, &[DataType::Date32, DataType::Int64]).await? {
+        for b in self.report_batches(&Report::TopDeliveryDates { limit }, as_of).await? {
             let dates = b.column(0).as_primitive::<Date32Type>();
             let counts = b.column(1).as_primitive::<Int64Type>();
             for i in 0..b.num_rows() {
@@ -384,9 +435,8 @@ impl Warehouse {
 
     /// R3: sum of item quantities of open orders, per product.
     pub async fn pending_items_by_product(&self, as_of: Option<DateTime<Utc>>) -> Result<Vec<ProductItems>> {
-        let sql = pending_items_sql(&self.state("orders", as_of)?, &self.state("order_items", as_of)?);
         let mut out = Vec::new();
-        for b in self.batches(&sql, &[DataType::Int64, DataType::Int64]).await? {
+        for b in self.report_batches(&Report::PendingItemsByProduct, as_of).await? {
             let products = b.column(0).as_primitive::<Int64Type>();
             let totals = b.column(1).as_primitive::<Int64Type>();
             for i in 0..b.num_rows() {
@@ -407,10 +457,8 @@ impl Warehouse {
         filter: StatusFilter,
         as_of: Option<DateTime<Utc>>,
     ) -> Result<Vec<CustomerRank>> {
-        check_limit(limit)?;
-        let sql = top_customers_sql(&self.state("orders", as_of)?, &self.state("customers", as_of)?, &filter, limit);
         let mut out = Vec::new();
-        for b in self.batches(&sql, &[DataType::Int64, DataType::Utf8, DataType::Int64, DataType::Int64]).await? {
+        for b in self.report_batches(&Report::TopCustomers { limit, filter }, as_of).await? {
             let ids = b.column(0).as_primitive::<Int64Type>();
             let names = b.column(1).as_string::<i32>();
             let counts = b.column(2).as_primitive::<Int64Type>();

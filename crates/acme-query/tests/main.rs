@@ -5,7 +5,8 @@ use acme_core::AcmeConfig;
 use acme_ingest::ChangeStream;
 use acme_model::ModelBuild;
 use acme_query::{
-    QueryError, StatusFilter, Warehouse, open_orders_sql, pending_items_sql, top_customers_sql, top_delivery_dates_sql,
+    QueryError, Report, StatusFilter, Warehouse, open_orders_sql, pending_items_sql, top_customers_sql,
+    top_delivery_dates_sql,
 };
 use acme_testkit::WorkloadConfig;
 use chrono::{DateTime, NaiveDate, Utc};
@@ -122,6 +123,15 @@ async fn reports_equal_postgres_now_and_as_of_recorded_instants() {
     for (instant, expected) in &recorded {
         assert_eq!(&acme(&warehouse, 3, Some(*instant)).await, expected, "as of {instant}");
     }
+    // The same reports as Arrow batches, with the seed's column names.
+    let batches = warehouse
+        .report_batches(&Report::TopCustomers { limit: 3, filter: StatusFilter::Pending }, None)
+        .await
+        .expect("R4 batches");
+    let names: Vec<String> = batches[0].schema().fields().iter().map(|f| f.name().clone()).collect();
+    assert_eq!(names, ["customer_id", "customer_name", "quantity", "ranking"]);
+    let typed = warehouse.top_customers(3, StatusFilter::Pending, None).await.expect("R4");
+    assert_eq!(batches.iter().map(|b| b.num_rows()).sum::<usize>(), typed.len());
     // A second build over the same raw position changes nothing.
     assert!(ModelBuild::new(config.clone()).await.expect("rebuild").up_to_date);
     // Bad parameters are typed errors.
