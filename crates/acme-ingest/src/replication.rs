@@ -19,6 +19,9 @@ use tokio_postgres::config::Host;
 use crate::error::{IngestError, Result};
 use crate::source::SourceUrl;
 
+/// Bytes of free buffer space offered to each socket read.
+const READ_CHUNK: usize = 256 * 1024;
+
 /// A connection in logical replication mode.
 pub struct ReplicationConnection {
     stream: TcpStream,
@@ -187,6 +190,9 @@ impl ReplicationConnection {
 
     /// Read more bytes from the server into the buffer (cancel-safe).
     async fn fill(&mut self) -> Result<()> {
+        // Read in large chunks: a full buffer would otherwise grow by a few bytes per call,
+        // one system call per small message.
+        self.read.reserve(READ_CHUNK);
         let n = self
             .stream
             .read_buf(&mut self.read)
