@@ -329,20 +329,28 @@ fn star_sql() -> Vec<(&'static str, String)> {
 }
 
 fn fact_orders_sql() -> String {
-    "WITH reached AS (SELECT order_id, \
+    // The customer key is the customer version in force when the order was placed (the same
+    // numbering as dim_customer). An order placed before its customer was seen (a late-arriving
+    // key) takes the customer's first version once it arrives, and the unknown member (-1)
+    // until then: no order is dropped.
+    "WITH reached AS (SELECT order_id, min(valid_from) AS placed_at, \
          min(CASE WHEN status = 'PENDING' THEN valid_from END) AS pending_at, \
          min(CASE WHEN status = 'PROCESSING' THEN valid_from END) AS processing_at, \
          min(CASE WHEN status = 'REPROCESSING' THEN valid_from END) AS reprocessing_at, \
          min(CASE WHEN status = 'COMPLETED' THEN valid_from END) AS completed_at \
        FROM orders_history WHERE NOT is_deleted GROUP BY order_id), \
-     customers AS (SELECT customer_id, CAST(row_number() OVER (ORDER BY customer_id, valid_from_lsn) AS BIGINT) AS customer_sk, \
-         is_current, is_deleted FROM customers_history) \
-     SELECT o.order_id, o.customer_id, coalesce(c.customer_sk, -1) AS customer_sk, o.order_date, o.delivery_date, \
-       o.status, o.status <> 'COMPLETED' AS is_open, r.pending_at, r.processing_at, r.reprocessing_at, r.completed_at, \
-       o.created_at, o.updated_at \
+     customers AS (SELECT customer_id, valid_from, valid_to, \
+         CAST(row_number() OVER (ORDER BY customer_id, valid_from_lsn) AS BIGINT) AS customer_sk \
+       FROM customers_history WHERE NOT is_deleted), \
+     first_version AS (SELECT customer_id, min(customer_sk) AS customer_sk FROM customers GROUP BY customer_id) \
+     SELECT o.order_id, o.customer_id, coalesce(c.customer_sk, f.customer_sk, -1) AS customer_sk, o.order_date, \
+       o.delivery_date, o.status, o.status <> 'COMPLETED' AS is_open, r.pending_at, r.processing_at, \
+       r.reprocessing_at, r.completed_at, o.created_at, o.updated_at \
      FROM orders_history o \
      LEFT JOIN reached r ON r.order_id = o.order_id \
-     LEFT JOIN customers c ON c.customer_id = o.customer_id AND c.is_current AND NOT c.is_deleted \
+     LEFT JOIN customers c ON c.customer_id = o.customer_id AND c.valid_from <= r.placed_at \
+       AND (c.valid_to IS NULL OR c.valid_to > r.placed_at) \
+     LEFT JOIN first_version f ON f.customer_id = o.customer_id \
      WHERE o.is_current AND NOT o.is_deleted"
         .to_string()
 }

@@ -123,6 +123,20 @@ async fn reports_equal_postgres_now_and_as_of_recorded_instants() {
     for (instant, expected) in &recorded {
         assert_eq!(&acme(&warehouse, 3, Some(*instant)).await, expected, "as of {instant}");
     }
+    // Every order's customer key names the version of its own customer in force when the order
+    // was placed (or the customer's first version, or the unknown member).
+    let wrong_keys = "WITH p AS (SELECT order_id, min(valid_from) AS placed_at FROM orders_history GROUP BY order_id), \
+          firsts AS (SELECT customer_id, min(customer_sk) AS first_sk FROM dim_customer GROUP BY customer_id) \
+        SELECT count(*) FROM fact_orders f \
+        LEFT JOIN dim_customer d ON d.customer_sk = f.customer_sk \
+        LEFT JOIN p ON p.order_id = f.order_id \
+        LEFT JOIN firsts x ON x.customer_id = d.customer_id \
+        WHERE d.customer_sk IS NULL OR (f.customer_sk <> -1 AND ( \
+          d.customer_id <> f.customer_id \
+          OR (d.valid_to IS NOT NULL AND d.valid_to <= p.placed_at) \
+          OR (d.valid_from > p.placed_at AND d.customer_sk <> x.first_sk)))";
+    assert_eq!(scalar(&warehouse, wrong_keys).await, 0, "fact_orders customer keys");
+    assert!(scalar(&warehouse, "SELECT count(*) FROM fact_orders WHERE customer_sk <> -1").await > 0);
     // The same reports as Arrow batches, with the seed's column names.
     let batches = warehouse
         .report_batches(&Report::TopCustomers { limit: 3, filter: StatusFilter::Pending }, None)
