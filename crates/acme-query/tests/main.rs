@@ -241,3 +241,24 @@ async fn a_column_added_at_the_source_reaches_the_history_and_current_views() {
         "the snapshot version and the update"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warehouse_on_s3_answers_like_the_source() {
+    let moto = acme_testkit::MotoServer::start().expect("moto S3 server (installed by .ci/run)");
+    moto.create_bucket("acme-query").expect("bucket");
+    let url = acme_testkit::acme_database("query_s3", Some((0.002, 11))).await.expect("source");
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut config = warehouse_config(&url, dir.path());
+    config.storage_url = "s3://acme-query/warehouse".into();
+    config.storage_options = moto.storage_options();
+    let mut stream = ChangeStream::open(config.clone()).await.expect("snapshot to S3");
+    acme_testkit::run_workload(&url, &workload(12, 100, 1)).await.expect("workload");
+    stream.catch_up().await.expect("catch up");
+    ModelBuild::new(config.clone()).await.expect("model on S3");
+    let w = Warehouse::open_with_options(&config.storage_url, config.storage_options.clone()).await.expect("open");
+    let client = acme_testkit::connect(&url).await.expect("connect");
+    let orders: i64 = client.query_one("SELECT count(*) FROM operations.orders", &[]).await.expect("count").get(0);
+    assert_eq!(scalar(&w, "SELECT count(*) FROM orders_current").await, orders);
+    let limit = 3;
+    assert_eq!(acme(&w, limit, None).await, oracle(&client, limit).await, "reports from S3");
+}
