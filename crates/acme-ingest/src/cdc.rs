@@ -66,6 +66,20 @@ pub struct PollReport {
     pub changes_seen: u64,
 }
 
+impl TableState {
+    /// Move the builder's rows into the table's open Parquet writer (opened on first use).
+    async fn spill(&mut self, target_file_bytes: u64) -> Result<()> {
+        if let Some(batch) = self.builder.finish()? {
+            let writer = match self.writer.as_mut() {
+                Some(w) => w,
+                None => self.writer.insert(self.layer.writer(target_file_bytes)?),
+            };
+            writer.write(self.layer.name(), batch).await?;
+        }
+        Ok(())
+    }
+}
+
 /// What the caller must do after a message was decoded.
 enum Step {
     Continue,
@@ -527,13 +541,7 @@ impl ChangeStream {
         }
         // Rows decoded with the old definition: into the open writer, whose files are carried
         // to the next commit of this table.
-        if let Some(batch) = state.builder.finish()? {
-            let writer = match state.writer.as_mut() {
-                Some(w) => w,
-                None => state.writer.insert(state.layer.writer(self.config.target_file_bytes)?),
-            };
-            writer.write(state.layer.name(), batch).await?;
-        }
+        state.spill(self.config.target_file_bytes).await?;
         if let Some(writer) = state.writer.take() {
             state.carried_rows += writer.rows();
             state.carried.extend(writer.finish(state.layer.name()).await?);
@@ -556,13 +564,7 @@ impl ChangeStream {
         let target_file_bytes = self.config.target_file_bytes;
         let commits = self.tables.iter_mut().map(|state| async move {
             let Some(lsn) = state.pending_lsn.take() else { return Ok::<_, IngestError>(None) };
-            if let Some(batch) = state.builder.finish()? {
-                let writer = match state.writer.as_mut() {
-                    Some(w) => w,
-                    None => state.writer.insert(state.layer.writer(target_file_bytes)?),
-                };
-                writer.write(state.layer.name(), batch).await?;
-            }
+            state.spill(target_file_bytes).await?;
             let mut files = std::mem::take(&mut state.carried);
             let mut rows = state.carried_rows;
             state.carried_rows = 0;
@@ -597,9 +599,7 @@ impl ChangeStream {
     /// After a transient failure: drop everything decoded but not committed, reconnect, and
     /// resume from what the raw layer holds (the slot replays the rest).
     pub async fn reconnect(&mut self) -> Result<()> {
-        if let Some(stream) = self.stream.take() {
-            drop(stream);
-        }
+        self.stream = None;
         self.relations.clear();
         for state in &mut self.tables {
             let _ = state.builder.finish();
@@ -772,14 +772,8 @@ impl ChangeStream {
     /// Move full builders into their Parquet writers so memory stays bounded by the batch size.
     async fn spill_full_builders(&mut self) -> Result<()> {
         for state in &mut self.tables {
-            if state.builder.rows() >= self.config.batch_rows
-                && let Some(batch) = state.builder.finish()?
-            {
-                let writer = match state.writer.as_mut() {
-                    Some(w) => w,
-                    None => state.writer.insert(state.layer.writer(self.config.target_file_bytes)?),
-                };
-                writer.write(state.layer.name(), batch).await?;
+            if state.builder.rows() >= self.config.batch_rows {
+                state.spill(self.config.target_file_bytes).await?;
             }
         }
         Ok(())

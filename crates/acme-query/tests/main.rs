@@ -40,6 +40,16 @@ fn warehouse_config(url: &str, dir: &std::path::Path) -> AcmeConfig {
         .expect("config")
 }
 
+/// A source database with generated data, a warehouse directory, its config, and the change
+/// stream (snapshot taken).
+async fn pipeline(prefix: &str, scale: f64, seed: u64) -> (String, tempfile::TempDir, AcmeConfig, ChangeStream) {
+    let url = acme_testkit::acme_database(prefix, Some((scale, seed))).await.expect("source");
+    let dir = tempfile::tempdir().expect("tmp");
+    let config = warehouse_config(&url, dir.path());
+    let stream = ChangeStream::open(config.clone()).await.expect("open stream");
+    (url, dir, config, stream)
+}
+
 /// `transactions` of the live workload mix, as fast as possible.
 fn workload(seed: u64, transactions: u64, connections: usize) -> WorkloadConfig {
     WorkloadConfig {
@@ -100,11 +110,8 @@ async fn acme(w: &Warehouse, limit: usize, as_of: Option<DateTime<Utc>>) -> Vec<
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reports_equal_postgres_now_and_as_of_recorded_instants() {
-    let url = acme_testkit::acme_database("reports", Some((0.005, 81))).await.expect("source");
+    let (url, _dir, config, mut stream) = pipeline("reports", 0.005, 81).await;
     let client = acme_testkit::connect(&url).await.expect("connect");
-    let dir = tempfile::tempdir().expect("tmp");
-    let config = warehouse_config(&url, dir.path());
-    let mut stream = ChangeStream::open(config.clone()).await.expect("open stream");
     let mut recorded = Vec::new();
     for round in 0..3u64 {
         let mix = workload(90 + round, 250, 2);
@@ -175,10 +182,7 @@ async fn scalar(w: &Warehouse, sql: &str) -> i64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readers_see_one_consistent_model_while_builds_commit() {
-    let url = acme_testkit::acme_database("consistent", Some((0.002, 7))).await.expect("source");
-    let dir = tempfile::tempdir().expect("tmp");
-    let config = warehouse_config(&url, dir.path());
-    let mut stream = ChangeStream::open(config.clone()).await.expect("open stream");
+    let (url, _dir, config, mut stream) = pipeline("consistent", 0.002, 7).await;
     ModelBuild::new(config.clone()).await.expect("first build");
     // Writer: workload, catch-up and a model build, round after round.
     let writer_config = config.clone();
@@ -210,10 +214,7 @@ async fn readers_see_one_consistent_model_while_builds_commit() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_column_added_at_the_source_reaches_the_history_and_current_views() {
-    let url = acme_testkit::acme_database("model_add_column", Some((0.001, 5))).await.expect("source");
-    let dir = tempfile::tempdir().expect("tmp");
-    let config = warehouse_config(&url, dir.path());
-    let mut stream = ChangeStream::open(config.clone()).await.expect("open stream");
+    let (url, _dir, config, mut stream) = pipeline("model_add_column", 0.001, 5).await;
     // Before any model build the raw layer is queryable and the reports say what is missing.
     let raw_only = Warehouse::open(&config.storage_url).await.expect("open a raw-only warehouse");
     assert!(scalar(&raw_only, "SELECT count(*) FROM raw_products").await > 0);
