@@ -72,6 +72,29 @@ pub enum Error {
         /// The parse error.
         message: String,
     },
+    /// A data file of a table cannot be read (missing, truncated or corrupt).
+    #[error(
+        "cannot read data file `{file}` of `{table}`: {message}; restore the file, or re-sync the table into an empty warehouse"
+    )]
+    DataFile {
+        /// The layer table.
+        table: String,
+        /// The file, relative to the table's root.
+        file: String,
+        /// What failed.
+        message: String,
+    },
+    /// A DataFusion plan over a layer table failed.
+    #[error("query over `{table}` failed while {context}")]
+    Query {
+        /// The layer table.
+        table: String,
+        /// What acme was doing.
+        context: &'static str,
+        /// The cause.
+        #[source]
+        source: Box<datafusion::error::DataFusionError>,
+    },
     /// A bug in acme: an invariant did not hold. Please report it.
     #[error("internal error (a bug in acme, please report it): {0}")]
     Internal(String),

@@ -21,13 +21,17 @@
 //! # Ok(()) }
 //! ```
 
+pub mod compact;
 pub mod config;
 pub mod error;
+pub mod files;
 pub mod raw;
 pub mod storage;
 
+pub use compact::{CompactOptions, CompactReport};
 pub use config::{AcmeConfig, AcmeConfigBuilder, CdcMode};
 pub use error::{Error, Result};
+pub use files::{DataFile, Replace};
 pub use storage::{CommitMode, CommitOutcome, Layer, LayerTable, LayerWriter, Position, Storage};
 
 pub use arrow;

@@ -126,6 +126,16 @@ impl Storage {
         self.backend.clone()
     }
 
+    /// Register this storage's object store (for S3) in a DataFusion context, so that scans
+    /// from [`LayerTable::provider`] can read the files.
+    pub fn register_object_store(&self, ctx: &datafusion::prelude::SessionContext) {
+        if let Some(store) = self.object_store() {
+            let mut bucket = self.root.clone();
+            bucket.set_path("/");
+            ctx.register_object_store(&bucket, store);
+        }
+    }
+
     /// The root URL (always ends with `/`).
     pub fn root(&self) -> &Url {
         &self.root
@@ -377,6 +387,10 @@ impl LayerTable {
         self.delta.version()
     }
 
+    pub(crate) fn set_state(&mut self, state: deltalake::table::state::DeltaTableState) {
+        self.delta.state = Some(state);
+    }
+
     /// Reload the table's latest state.
     pub async fn refresh(&mut self) -> Result<()> {
         self.delta.update_state().await.map_err(Error::delta(&self.name, "refresh"))
@@ -543,7 +557,8 @@ impl LayerWriter {
     /// Stream one batch into the open file (a new file starts at the target size).
     ///
     /// Columns are matched to the table by name, so a batch may list them in another order;
-    /// columns the batch lacks are written as NULL.
+    /// columns the batch lacks are written as NULL, and columns of another type (a string
+    /// view for a string, say) are cast to the table's type.
     pub async fn write(&mut self, table_name: &str, batch: RecordBatch) -> Result<()> {
         let batch =
             if batch.schema().fields() == self.schema.fields() { batch } else { self.align(table_name, batch)? };
@@ -557,14 +572,14 @@ impl LayerWriter {
             .fields()
             .iter()
             .map(|field| match batch.schema().index_of(field.name()) {
-                Ok(i) => Arc::clone(batch.column(i)),
-                Err(_) => arrow::array::new_null_array(field.data_type(), batch.num_rows()),
+                Ok(i) if batch.column(i).data_type() == field.data_type() => Ok(Arc::clone(batch.column(i))),
+                Ok(i) => arrow::compute::cast(batch.column(i), field.data_type()),
+                Err(_) => Ok(arrow::array::new_null_array(field.data_type(), batch.num_rows())),
             })
-            .collect();
-        RecordBatch::try_new(Arc::clone(&self.schema), columns).map_err(|source| Error::Arrow {
-            context: format!("matching a batch to the columns of {table_name}"),
-            source,
-        })
+            .collect::<std::result::Result<Vec<_>, _>>();
+        let error =
+            |source| Error::Arrow { context: format!("matching a batch to the columns of {table_name}"), source };
+        RecordBatch::try_new(Arc::clone(&self.schema), columns.map_err(error)?).map_err(error)
     }
 
     /// Rows written so far.

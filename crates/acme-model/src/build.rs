@@ -1,27 +1,45 @@
 //! The model build: raw changes -> SCD2 histories (intermediate) -> star schema (presentation).
 //!
-//! Every table is computed by a DataFusion plan (vectorised: window functions, hash joins,
-//! aggregates; no row loops) and streamed into a new version of its Delta table, committed
-//! with the raw position it covers. A build whose position is already stored changes nothing.
+//! Builds are incremental. Every model table records, with each commit, the raw position
+//! (commit LSN) it covers; a build reads only the raw changes after that position, up to the
+//! position of the raw layer's last complete commit round (`_acme/raw.json`), and:
+//! - appends the new versions to each history and closes the open versions they supersede,
+//!   rewriting only the files that hold those open versions (open and closed versions live in
+//!   separate files, so closed history is written once);
+//! - recomputes the star-schema rows of the keys whose history changed since the table's own
+//!   position (plus late-arriving keys that just arrived), and replaces them the same way;
+//! - compacts the small files this leaves, and records the versions of every table in the
+//!   model manifest (`_acme/model.json`) that readers pin.
+//!
+//! Every step is a DataFusion plan (window functions, hash joins, aggregates; no row loops)
+//! streamed into Delta commits. A table with no position yet, or with more changed keys than
+//! [`MAX_INCREMENTAL_KEYS`], is recomputed whole. Surrogate keys are numbered in commit order,
+//! so an incremental build writes exactly what a full rebuild would. A build that dies half-way
+//! leaves the last manifest's versions readable; the next build resumes each table from its own
+//! position. Re-running over the same range changes nothing.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use acme_core::raw;
 use acme_core::storage::{Manifest, manifests};
-use acme_core::{AcmeConfig, CommitMode, CommitOutcome, Layer, Position, Storage};
+use acme_core::{AcmeConfig, CompactOptions, Layer, LayerTable, Position, Storage};
 use arrow::array::{Array, ArrayRef, BooleanArray, Date32Array, Int32Array, RecordBatch, StringArray};
-use arrow::compute::cast;
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use chrono::{Datelike, NaiveDate};
 use datafusion::prelude::{DataFrame, SessionConfig, SessionContext};
-use futures::StreamExt;
 
 use crate::error::{ModelError, Result};
-use crate::history::{HistorySpec, attribute_columns, history_sql};
+use crate::history::{self, HistorySpec, attribute_columns, history_sql, open_versions_as_changes, raw_changes};
+use crate::rewrite::{Keys, Target, collect_keys, register_keys, replace};
+use crate::star;
 
 /// Application id of model commits.
 pub const MODEL_APP: &str = "acme-model";
+
+/// Above this many changed keys, a table is recomputed whole instead of incrementally (it is
+/// then the cheaper way, and it bounds the memory the key set takes).
+pub const MAX_INCREMENTAL_KEYS: usize = 1_000_000;
 
 /// Names of the presentation tables.
 pub mod tables {
@@ -48,9 +66,30 @@ pub struct ModelReport {
     pub position: i64,
     /// True when the model already covered the raw layer and nothing was rebuilt.
     pub up_to_date: bool,
-    /// Rows written per table (`layer/table`).
-    pub tables: Vec<(String, u64)>,
+    /// Per table (`layer/table`) that changed: how it was built and what it wrote.
+    pub tables: Vec<TableBuild>,
+    /// Raw changes (rows of the raw layer) this build applied.
+    pub changes: u64,
+    /// Files merged away by compaction.
+    pub files_compacted: usize,
     /// Wall time.
+    pub elapsed: Duration,
+}
+
+/// How one table was built.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableBuild {
+    /// `layer/table`.
+    pub table: String,
+    /// True when only changed keys were recomputed; false for a whole recomputation.
+    pub incremental: bool,
+    /// Keys recomputed (incremental builds only).
+    pub keys: usize,
+    /// Rows written for those keys.
+    pub rows: u64,
+    /// Existing files rewritten because they held replaced rows.
+    pub files_rewritten: usize,
+    /// Wall time of the table's step.
     pub elapsed: Duration,
 }
 
@@ -59,95 +98,29 @@ pub struct ModelReport {
 pub struct ModelBuild {
     config: AcmeConfig,
     specs: Vec<HistorySpec>,
+    up_to: Option<i64>,
+    full: bool,
 }
 
 impl ModelBuild {
     /// A build of the ACME model from the raw layer at `config.storage_url`.
     pub fn new(config: AcmeConfig) -> Self {
-        Self { config, specs: HistorySpec::acme() }
+        Self { config, specs: HistorySpec::acme(), up_to: None, full: false }
     }
 
-    /// Run the build.
-    pub async fn run(self) -> Result<ModelReport> {
-        let started = Instant::now();
-        let storage = Storage::new(&self.config.storage_url, self.config.storage_options.clone())?;
-        let ctx = SessionContext::new_with_config(SessionConfig::new().with_information_schema(false));
-        let mut position = 0i64;
-        let mut raw_schemas = Vec::new();
-        for spec in &self.specs {
-            let table = storage
-                .open(Layer::Raw, &spec.table)
-                .await?
-                .ok_or_else(|| ModelError::NoRawTable { table: spec.table.clone() })?;
-            for app in [raw::SNAPSHOT_APP, raw::CDC_APP] {
-                position = position.max(table.position(app).await?.unwrap_or(0));
-            }
-            raw_schemas.push(table.schema()?);
-            let provider = table.delta().table_provider().await?;
-            ctx.register_table(format!("raw_{}", spec.table), provider)?;
-        }
-        if let Some(model) = storage.open(Layer::Presentation, tables::FACT_ORDERS).await?
-            && let Some(built) = model.position(MODEL_APP).await?
-            && built >= position
-        {
-            // A build that died after its last commit but before its manifest: write it now.
-            if storage.get_manifest(manifests::MODEL).await?.is_none_or(|m| m.position < built) {
-                let mut manifest = Manifest::new(built);
-                for (layer, name) in self.model_tables() {
-                    if let Some(table) = storage.open(layer, &name).await? {
-                        manifest.record(&table);
-                    }
-                }
-                storage.put_manifest(manifests::MODEL, &manifest).await?;
-            }
-            return Ok(ModelReport { position, up_to_date: true, tables: Vec::new(), elapsed: started.elapsed() });
-        }
-        let commit = Position::new(MODEL_APP, position);
-        let mut report = ModelReport { position, ..ModelReport::default() };
-        let mut manifest = Manifest::new(position);
-
-        // Intermediate: one history per source table.
-        for (spec, raw_schema) in self.specs.iter().zip(&raw_schemas) {
-            let raw_name = format!("raw_{}", spec.table);
-            let truncates = truncations(&ctx, &raw_name).await?;
-            let sql = history_sql(spec, &raw_name, &attribute_columns(raw_schema), &truncates);
-            let df = ctx.sql(&sql).await?;
-            let rows =
-                write(&storage, Layer::Intermediate, &spec.history_table(), df, &commit, &self.config, &mut manifest)
-                    .await?;
-            report.tables.push((format!("intermediate/{}", spec.history_table()), rows));
-            let history = storage
-                .open(Layer::Intermediate, &spec.history_table())
-                .await?
-                .ok_or_else(|| ModelError::Internal(format!("{} vanished", spec.history_table())))?;
-            let provider = history.delta().table_provider().await?;
-            ctx.register_table(spec.history_table(), provider)?;
-        }
-
-        // Presentation: the star schema.
-        for (name, sql) in star_sql() {
-            let df = ctx.sql(&sql).await?;
-            let rows = write(&storage, Layer::Presentation, name, df, &commit, &self.config, &mut manifest).await?;
-            report.tables.push((format!("presentation/{name}"), rows));
-        }
-        let dates = date_dimension(&ctx).await?;
-        let rows = dates.num_rows() as u64;
-        let df = ctx.read_batch(dates)?;
-        write(&storage, Layer::Presentation, tables::DIM_DATE, df, &commit, &self.config, &mut manifest).await?;
-        report.tables.push((format!("presentation/{}", tables::DIM_DATE), rows));
-        // Written last: its position marks the whole model as built.
-        let df = ctx.sql(&fact_orders_sql()).await?;
-        let rows =
-            write(&storage, Layer::Presentation, tables::FACT_ORDERS, df, &commit, &self.config, &mut manifest).await?;
-        report.tables.push((format!("presentation/{}", tables::FACT_ORDERS), rows));
-        // Readers pin the versions named here: they never see a half-built model.
-        storage.put_manifest(manifests::MODEL, &manifest).await?;
-        report.elapsed = started.elapsed();
-        Ok(report)
+    /// Apply raw changes only up to commit LSN `lsn` (a reproducible build of a past state;
+    /// the model never moves backwards).
+    pub fn up_to(mut self, lsn: i64) -> Self {
+        self.up_to = Some(lsn);
+        self
     }
-}
 
-impl ModelBuild {
+    /// Recompute every table from the whole raw layer instead of incrementally.
+    pub fn full_rebuild(mut self) -> Self {
+        self.full = true;
+        self
+    }
+
     /// Every table the build writes, as (layer, name).
     pub fn model_tables(&self) -> Vec<(Layer, String)> {
         let mut out: Vec<(Layer, String)> =
@@ -166,6 +139,117 @@ impl ModelBuild {
         );
         out
     }
+
+    /// Run the build.
+    pub async fn run(self) -> Result<ModelReport> {
+        let started = Instant::now();
+        let storage = Storage::new(&self.config.storage_url, self.config.storage_options.clone())?;
+        let ctx = SessionContext::new_with_config(SessionConfig::new().with_information_schema(false));
+        storage.register_object_store(&ctx);
+
+        // The raw layer as of its last complete commit round.
+        let raw_manifest = storage.get_manifest(manifests::RAW).await?;
+        let mut raws = Vec::new();
+        let mut position = 0i64;
+        for spec in &self.specs {
+            let table = storage
+                .open_pinned(Layer::Raw, &spec.table, raw_manifest.as_ref())
+                .await?
+                .ok_or_else(|| ModelError::NoRawTable { table: spec.table.clone() })?;
+            for app in [raw::SNAPSHOT_APP, raw::CDC_APP] {
+                position = position.max(table.position(app).await?.unwrap_or(0));
+            }
+            raws.push(table);
+        }
+        if let Some(manifest) = &raw_manifest {
+            position = manifest.position;
+        }
+        if let Some(limit) = self.up_to {
+            position = position.min(limit);
+        }
+        let previous = storage.get_manifest(manifests::MODEL).await?;
+        let mut build = Build {
+            storage: &storage,
+            ctx: &ctx,
+            config: &self.config,
+            previous: previous.as_ref(),
+            full: self.full,
+            target: position,
+            commit: Position::new(MODEL_APP, position),
+            report: ModelReport { position, ..ModelReport::default() },
+        };
+        // Up to date: every table covers the position (a build that died after its last
+        // commit but before its manifest only needs the manifest).
+        if !self.full {
+            let mut covered = true;
+            for (layer, name) in self.model_tables() {
+                covered &= build.built(layer, &name).await?.1 >= position;
+            }
+            if covered {
+                if previous.as_ref().is_none_or(|m| m.position < position) {
+                    build.write_manifest(&self.model_tables()).await?;
+                }
+                let position = previous.as_ref().map_or(position, |m| m.position.max(position));
+                return Ok(ModelReport { position, up_to_date: true, elapsed: started.elapsed(), ..build.report });
+            }
+        }
+
+        for (spec, raw) in self.specs.iter().zip(&raws) {
+            build.history(spec, raw).await?;
+        }
+        build
+            .dimension(tables::DIM_CUSTOMER, "customer_sk", "customer_id", "customers_history", star::dim_customer_sql)
+            .await?;
+        build
+            .dimension(tables::DIM_PRODUCT, "product_sk", "product_id", "products_history", star::dim_product_sql)
+            .await?;
+        build
+            .star(
+                tables::FACT_ORDER_STATUS,
+                "order_id",
+                &["SELECT order_id FROM orders_history WHERE {changed}"],
+                star::fact_order_status_sql,
+            )
+            .await?;
+        build
+            .star(
+                tables::FACT_ORDERS,
+                "order_id",
+                &[
+                    "SELECT order_id FROM orders_history WHERE {changed}",
+                    // Orders waiting for a late customer that just arrived.
+                    "SELECT order_id FROM fact_orders WHERE customer_sk = -1 AND customer_id IN \
+                     (SELECT customer_id FROM customers_history WHERE {changed})",
+                ],
+                star::fact_orders_sql,
+            )
+            .await?;
+        build
+            .star(
+                tables::FACT_ORDER_ITEMS,
+                "order_item_id",
+                &[
+                    "SELECT order_item_id FROM order_items_history WHERE {changed}",
+                    // Items that arrived before their order, whose order just arrived.
+                    "SELECT order_item_id FROM fact_order_items WHERE order_id IN (SELECT order_id FROM orders_history \
+                     WHERE order_id IN (SELECT order_id FROM orders_history WHERE {changed}) \
+                     GROUP BY order_id HAVING min(valid_from_lsn) > {position})",
+                    // Items waiting for a late product that just arrived.
+                    "SELECT order_item_id FROM fact_order_items WHERE product_sk = -1 AND product_id IN \
+                     (SELECT product_id FROM products_history WHERE {changed})",
+                ],
+                star::fact_order_items_sql,
+            )
+            .await?;
+        build.date_dimension().await?;
+        build.status_dimension().await?;
+        build.compact(&self.model_tables(), &self.specs).await?;
+        // Readers pin the versions named here: they never see a half-built model.
+        build.write_manifest(&self.model_tables()).await?;
+        let mut report = build.report;
+        report.elapsed = started.elapsed();
+        Ok(report)
+    }
 }
 
 impl std::future::IntoFuture for ModelBuild {
@@ -174,6 +258,398 @@ impl std::future::IntoFuture for ModelBuild {
 
     fn into_future(self) -> Self::IntoFuture {
         Box::pin(self.run())
+    }
+}
+
+/// One run's state.
+struct Build<'a> {
+    storage: &'a Storage,
+    ctx: &'a SessionContext,
+    config: &'a AcmeConfig,
+    previous: Option<&'a Manifest>,
+    full: bool,
+    target: i64,
+    commit: Position,
+    report: ModelReport,
+}
+
+impl Build<'_> {
+    /// The table (if it exists) and the raw position it covers: its own commits record it,
+    /// and a table the last manifest pins at its latest version covers the manifest's position.
+    async fn built(&self, layer: Layer, name: &str) -> Result<(Option<LayerTable>, i64)> {
+        let Some(table) = self.storage.open(layer, name).await? else {
+            return Ok((None, 0));
+        };
+        if self.full {
+            return Ok((Some(table), 0));
+        }
+        let own = table.position(MODEL_APP).await?.unwrap_or(0);
+        let pinned = self
+            .previous
+            .filter(|m| m.version_of(layer, name).is_some() && m.version_of(layer, name) == table.version())
+            .map_or(0, |m| m.position);
+        Ok((Some(table), own.max(pinned)))
+    }
+
+    fn register(&self, name: &str, table: &LayerTable) -> Result<()> {
+        let _ = self.ctx.deregister_table(name)?;
+        self.ctx.register_table(name, table.provider(None)?)?;
+        Ok(())
+    }
+
+    /// Apply the raw changes of one source table to its history.
+    async fn history(&mut self, spec: &HistorySpec, raw: &LayerTable) -> Result<()> {
+        let started = Instant::now();
+        let name = spec.history_table();
+        let (mut existing, mut from) = self.built(Layer::Intermediate, &name).await?;
+        let raw_schema = raw.schema()?;
+        let attributes = attribute_columns(raw_schema.as_ref());
+        if let Some(table) = existing.as_mut() {
+            // Columns added at the source since the last build: older versions read NULL.
+            let stored = table.schema()?;
+            let added: Vec<Field> = attributes
+                .iter()
+                .filter(|c| stored.field_with_name(c).is_err())
+                .filter_map(|c| raw_schema.field_with_name(c).ok())
+                .map(|f| f.clone().with_nullable(true))
+                .collect();
+            if !added.is_empty() {
+                table.add_columns(&added).await?;
+            }
+            self.register(&name, table)?;
+        }
+        if from >= self.target {
+            return Ok(());
+        }
+        let mut incremental = existing.is_some() && from > 0;
+        let mut keys = None;
+        let mut truncates = self.register_raw_changes(raw, from).await?;
+        if incremental {
+            let df = self
+                .ctx
+                .sql(&format!(
+                    "SELECT DISTINCT {} FROM raw_changes WHERE {} <> 'truncate'",
+                    history::quote(&spec.key),
+                    raw::OP
+                ))
+                .await?;
+            keys = collect_keys(df, MAX_INCREMENTAL_KEYS).await?;
+            if keys.is_none() {
+                incremental = false;
+                from = 0;
+                truncates = self.register_raw_changes(raw, from).await?;
+            }
+        }
+        let changes = self.ctx.sql("SELECT count(*) FROM raw_changes").await?.collect().await?;
+        let count = changes
+            .first()
+            .and_then(|b| b.column(0).as_any().downcast_ref::<arrow::array::Int64Array>().map(|a| a.value(0)))
+            .unwrap_or(0);
+        self.report.changes += u64::try_from(count).unwrap_or(0);
+        if count == 0 && existing.is_some() {
+            return Ok(());
+        }
+        let changes = match (&keys, incremental) {
+            (Some(keys), true) => {
+                register_keys(self.ctx, "changed_keys", keys)?;
+                let scope = if truncates.is_empty() { Some((spec.key.as_str(), "changed_keys")) } else { None };
+                format!(
+                    "({} UNION ALL {})",
+                    raw_changes("raw_changes", &attributes),
+                    open_versions_as_changes(&name, &attributes, scope)
+                )
+            }
+            _ => format!("({})", raw_changes("raw_changes", &attributes)),
+        };
+        let df = self.ctx.sql(&history_sql(spec, &changes, &attributes, &truncates)).await?;
+        let target = Target {
+            key: &spec.key,
+            keys: match keys {
+                Some(keys) if incremental && truncates.is_empty() => Keys::Set(keys),
+                _ => Keys::All,
+            },
+            open: incremental.then_some(history::IS_CURRENT),
+        };
+        let key_count = match &target.keys {
+            Keys::Set(keys) => keys.len(),
+            Keys::All => 0,
+        };
+        let mut table = self.table(existing, Layer::Intermediate, &name, &df).await?;
+        let replaced = replace(
+            self.ctx,
+            &mut table,
+            &target,
+            df,
+            Some(history::IS_CURRENT),
+            self.config.target_file_bytes,
+            &self.commit,
+        )
+        .await?;
+        self.report.tables.push(TableBuild {
+            table: table.name().to_string(),
+            incremental,
+            keys: key_count,
+            rows: replaced.rows,
+            files_rewritten: replaced.files_rewritten,
+            elapsed: started.elapsed(),
+        });
+        self.register(&name, &table)
+    }
+
+    /// Register `raw_changes`: the raw rows of `raw` after `from` up to the target, read only
+    /// from the files whose statistics allow such rows. Returns the truncations among them.
+    async fn register_raw_changes(&self, raw: &LayerTable, from: i64) -> Result<Vec<(i64, i64)>> {
+        let files: Vec<_> = raw.data_files()?.into_iter().filter(|f| !f.all_at_most(raw::LSN, from)).collect();
+        let _ = self.ctx.deregister_table("raw_input")?;
+        self.ctx.register_table("raw_input", raw.provider(Some(&files))?)?;
+        let view = self
+            .ctx
+            .sql(&format!(
+                "SELECT * FROM raw_input WHERE {lsn} > {from} AND {lsn} <= {to}",
+                lsn = raw::LSN,
+                to = self.target
+            ))
+            .await?;
+        let _ = self.ctx.deregister_table("raw_changes")?;
+        self.ctx.register_table("raw_changes", view.into_view())?;
+        truncations(self.ctx, "raw_changes").await
+    }
+
+    /// Open `layer/name`, or create it with the columns of `df`; add columns `df` has that
+    /// the table lacks (a column added at the source).
+    async fn table(
+        &self,
+        existing: Option<LayerTable>,
+        layer: Layer,
+        name: &str,
+        df: &DataFrame,
+    ) -> Result<LayerTable> {
+        let schema = storage_schema(df);
+        let mut table = match existing {
+            Some(table) => table,
+            None => self.storage.open_or_create(layer, name, &schema).await?,
+        };
+        let fields: Vec<Field> = schema.fields().iter().map(|f| f.as_ref().clone()).collect();
+        table.add_columns(&fields).await?;
+        Ok(table)
+    }
+
+    /// A dimension with history: recompute the versions of the keys whose history changed.
+    async fn dimension(
+        &mut self,
+        name: &str,
+        sk: &str,
+        key: &str,
+        history: &str,
+        sql: fn(Option<&str>, i64, Option<&str>) -> String,
+    ) -> Result<()> {
+        let (existing, from) = self.built(Layer::Presentation, name).await?;
+        let base = match &existing {
+            Some(table) if from > 0 => {
+                self.register(name, table)?;
+                let batches = self
+                    .ctx
+                    .sql(&format!("SELECT CAST(coalesce(max({sk}), 0) AS BIGINT) FROM {name}"))
+                    .await?
+                    .collect()
+                    .await?;
+                batches
+                    .first()
+                    .and_then(|b| b.column(0).as_any().downcast_ref::<arrow::array::Int64Array>().map(|a| a.value(0)))
+                    .unwrap_or(0)
+            }
+            _ => 0,
+        };
+        let changed = [format!("SELECT {key} FROM {history} WHERE {{changed}}")];
+        let changed: Vec<&str> = changed.iter().map(String::as_str).collect();
+        let previous = (existing.is_some() && from > 0).then(|| name.to_string());
+        self.star_with(name, key, &changed, existing, from, move |scope| {
+            sql(if scope.is_some() { previous.as_deref() } else { None }, if scope.is_some() { base } else { 0 }, scope)
+        })
+        .await
+    }
+
+    /// A star table keyed by `key`: recompute the rows of the keys the `changed` queries return
+    /// (`{changed}` stands for "the version opened or closed after this table's position",
+    /// `{position}` for that position).
+    async fn star(&mut self, name: &str, key: &str, changed: &[&str], sql: fn(Option<&str>) -> String) -> Result<()> {
+        let (existing, from) = self.built(Layer::Presentation, name).await?;
+        self.star_with(name, key, changed, existing, from, sql).await
+    }
+
+    async fn star_with(
+        &mut self,
+        name: &str,
+        key: &str,
+        changed: &[&str],
+        existing: Option<LayerTable>,
+        from: i64,
+        sql: impl Fn(Option<&str>) -> String,
+    ) -> Result<()> {
+        let started = Instant::now();
+        if let Some(table) = &existing {
+            self.register(name, table)?;
+        }
+        if from >= self.target {
+            return Ok(());
+        }
+        let mut keys = None;
+        if existing.is_some() && from > 0 {
+            let union = changed
+                .iter()
+                .map(|q| {
+                    q.replace("{changed}", &format!("valid_from_lsn > {from} OR valid_to_lsn > {from}"))
+                        .replace("{position}", &from.to_string())
+                })
+                .collect::<Vec<_>>()
+                .join(" UNION ");
+            keys = collect_keys(self.ctx.sql(&union).await?, MAX_INCREMENTAL_KEYS).await?;
+            if keys.as_ref().is_some_and(|k| k.is_empty()) {
+                return Ok(());
+            }
+        }
+        if let Some(keys) = &keys {
+            register_keys(self.ctx, "scope_keys", keys)?;
+        }
+        let mut df = self.ctx.sql(&sql(keys.as_ref().map(|_| "scope_keys"))).await?;
+        // A table written by an older acme without some column is recomputed whole.
+        if keys.is_some()
+            && let Some(table) = &existing
+        {
+            let stored = table.schema()?;
+            if df.schema().fields().iter().any(|f| stored.field_with_name(f.name()).is_err()) {
+                keys = None;
+                df = self.ctx.sql(&sql(None)).await?;
+            }
+        }
+        let mut table = self.table(existing, Layer::Presentation, name, &df).await?;
+        let key_count = keys.as_ref().map_or(0, |k| k.len());
+        let incremental = keys.is_some();
+        let target = Target { key, keys: keys.map_or(Keys::All, Keys::Set), open: None };
+        let replaced =
+            replace(self.ctx, &mut table, &target, df, None, self.config.target_file_bytes, &self.commit).await?;
+        self.report.tables.push(TableBuild {
+            table: table.name().to_string(),
+            incremental,
+            keys: key_count,
+            rows: replaced.rows,
+            files_rewritten: replaced.files_rewritten,
+            elapsed: started.elapsed(),
+        });
+        self.register(name, &table)
+    }
+
+    /// The calendar, rewritten when the range of order and delivery dates grows.
+    async fn date_dimension(&mut self) -> Result<()> {
+        let started = Instant::now();
+        let (existing, from) = self.built(Layer::Presentation, tables::DIM_DATE).await?;
+        if from >= self.target {
+            return Ok(());
+        }
+        let dates = date_dimension(self.ctx).await?;
+        if let Some(table) = &existing
+            && from > 0
+        {
+            self.register(tables::DIM_DATE, table)?;
+            let current = self
+                .ctx
+                .sql(&format!(
+                    "SELECT CAST(min(date) AS INT), CAST(max(date) AS INT), count(*) FROM {}",
+                    tables::DIM_DATE
+                ))
+                .await?
+                .collect()
+                .await?;
+            let wanted = dates
+                .column(0)
+                .as_any()
+                .downcast_ref::<Date32Array>()
+                .map(|d| (d.len(), (!d.is_empty()).then(|| (d.value(0), d.value(d.len() - 1)))));
+            let stored = current.first().and_then(|b| {
+                let lo = b.column(0).as_any().downcast_ref::<Int32Array>()?;
+                let hi = b.column(1).as_any().downcast_ref::<Int32Array>()?;
+                let n = b.column(2).as_any().downcast_ref::<arrow::array::Int64Array>()?;
+                Some((n.value(0) as usize, (!lo.is_null(0)).then(|| (lo.value(0), hi.value(0)))))
+            });
+            if wanted == stored {
+                return Ok(());
+            }
+        }
+        let rows = dates.num_rows() as u64;
+        let df = self.ctx.read_batch(dates)?;
+        let mut table = self.table(existing, Layer::Presentation, tables::DIM_DATE, &df).await?;
+        let target = Target { key: "date", keys: Keys::All, open: None };
+        let replaced =
+            replace(self.ctx, &mut table, &target, df, None, self.config.target_file_bytes, &self.commit).await?;
+        self.report.tables.push(TableBuild {
+            table: table.name().to_string(),
+            incremental: false,
+            keys: 0,
+            rows,
+            files_rewritten: replaced.files_rewritten,
+            elapsed: started.elapsed(),
+        });
+        self.register(tables::DIM_DATE, &table)
+    }
+
+    /// The status dimension: written once.
+    async fn status_dimension(&mut self) -> Result<()> {
+        let started = Instant::now();
+        let (existing, from) = self.built(Layer::Presentation, tables::DIM_STATUS).await?;
+        if existing.is_some() && from > 0 {
+            return Ok(());
+        }
+        let df = self.ctx.sql(&star::dim_status_sql()).await?;
+        let mut table = self.table(existing, Layer::Presentation, tables::DIM_STATUS, &df).await?;
+        let target = Target { key: "status_sk", keys: Keys::All, open: None };
+        let replaced =
+            replace(self.ctx, &mut table, &target, df, None, self.config.target_file_bytes, &self.commit).await?;
+        self.report.tables.push(TableBuild {
+            table: table.name().to_string(),
+            incremental: false,
+            keys: 0,
+            rows: replaced.rows,
+            files_rewritten: replaced.files_rewritten,
+            elapsed: started.elapsed(),
+        });
+        Ok(())
+    }
+
+    /// Merge the small files incremental builds leave, sorted by each table's key.
+    async fn compact(&mut self, model: &[(Layer, String)], specs: &[HistorySpec]) -> Result<()> {
+        for (layer, name) in model {
+            let Some(mut table) = self.storage.open(*layer, name).await? else { continue };
+            let options = match specs.iter().find(|s| &s.history_table() == name) {
+                Some(spec) => {
+                    CompactOptions::sorted_by(&[&spec.key, history::VALID_FROM_LSN]).split_by(history::IS_CURRENT)
+                }
+                None => {
+                    let key = match name.as_str() {
+                        tables::DIM_CUSTOMER => "customer_sk",
+                        tables::DIM_PRODUCT => "product_sk",
+                        tables::FACT_ORDER_ITEMS => "order_item_id",
+                        tables::DIM_DATE => "date",
+                        tables::DIM_STATUS => "status_sk",
+                        _ => "order_id",
+                    };
+                    CompactOptions::sorted_by(&[key])
+                }
+            };
+            let options = CompactOptions { target_file_bytes: self.config.target_file_bytes, ..options };
+            self.report.files_compacted += table.compact(self.ctx, &options).await?.files_removed;
+        }
+        Ok(())
+    }
+
+    async fn write_manifest(&self, model: &[(Layer, String)]) -> Result<()> {
+        let mut manifest = Manifest::new(self.target);
+        for (layer, name) in model {
+            if let Some(table) = self.storage.open(*layer, name).await? {
+                manifest.record(&table);
+            }
+        }
+        self.storage.put_manifest(manifests::MODEL, &manifest).await?;
+        Ok(())
     }
 }
 
@@ -199,17 +675,10 @@ async fn truncations(ctx: &SessionContext, raw_name: &str) -> Result<Vec<(i64, i
     Ok(out)
 }
 
-/// Stream `df` into a new version of `layer/name` that replaces the previous one.
-async fn write(
-    storage: &Storage,
-    layer: Layer,
-    name: &str,
-    df: DataFrame,
-    position: &Position,
-    config: &AcmeConfig,
-    manifest: &mut Manifest,
-) -> Result<u64> {
-    let schema: SchemaRef = Arc::new(Schema::new(
+/// The stored schema of a model table computed by `df`: plain strings and binaries (the
+/// engine may hand out views), every column nullable.
+fn storage_schema(df: &DataFrame) -> SchemaRef {
+    Arc::new(Schema::new(
         df.schema()
             .as_arrow()
             .fields()
@@ -223,136 +692,7 @@ async fn write(
                 Field::new(f.name(), ty, true)
             })
             .collect::<Vec<Field>>(),
-    ));
-    let mut table = storage.open_or_create(layer, name, &schema).await?;
-    // Columns added at the source (and so to the raw layer) are added here too; the writer
-    // matches columns by name.
-    let fields: Vec<Field> = schema.fields().iter().map(|f| f.as_ref().clone()).collect();
-    table.add_columns(&fields).await?;
-    let stored = table.schema()?;
-    if stored.fields().len() != schema.fields().len()
-        || schema.fields().iter().any(|f| stored.field_with_name(f.name()).is_err())
-    {
-        return Err(ModelError::Core(acme_core::Error::SchemaMismatch {
-            table: table.name().to_string(),
-            message: "the model's columns changed".into(),
-        }));
-    }
-    let mut writer = table.writer(config.target_file_bytes)?;
-    let mut stream = df.execute_stream().await?;
-    while let Some(batch) = stream.next().await {
-        let batch = batch?;
-        // The engine may hand out view types (Utf8View) where the plan says Utf8: cast to the
-        // table's declared types.
-        let columns = batch
-            .columns()
-            .iter()
-            .zip(schema.fields())
-            .map(|(c, f)| if c.data_type() == f.data_type() { Ok(Arc::clone(c)) } else { cast(c, f.data_type()) })
-            .collect::<std::result::Result<Vec<_>, _>>()
-            .map_err(|e| ModelError::Internal(format!("{name}: {e}")))?;
-        let batch = RecordBatch::try_new(Arc::clone(&schema), columns)
-            .map_err(|e| ModelError::Internal(format!("{name}: {e}")))?;
-        writer.write(table.name(), batch).await?;
-    }
-    let rows = writer.rows();
-    let files = writer.finish(table.name()).await?;
-    let outcome = table.commit(files, position, CommitMode::ReplaceAll).await?;
-    manifest.record(&table);
-    match outcome {
-        CommitOutcome::Committed { .. } => Ok(rows),
-        CommitOutcome::AlreadyCommitted => Ok(0),
-    }
-}
-
-/// The star-schema tables other than the date dimension and `fact_orders`.
-fn star_sql() -> Vec<(&'static str, String)> {
-    vec![
-        (
-            tables::DIM_STATUS,
-            "SELECT * FROM (VALUES (1, 'PENDING', true, true), (2, 'PROCESSING', true, false), \
-             (3, 'REPROCESSING', true, false), (4, 'COMPLETED', false, false)) \
-             AS s(status_sk, status, is_open, is_pending)"
-                .to_string(),
-        ),
-        (
-            tables::DIM_CUSTOMER,
-            "SELECT CAST(row_number() OVER (ORDER BY customer_id, valid_from_lsn) AS BIGINT) AS customer_sk, \
-               customer_id, customer_name, is_active, customer_address, valid_from, valid_to, is_current \
-             FROM customers_history WHERE NOT is_deleted \
-             UNION ALL \
-             SELECT CAST(-1 AS BIGINT), CAST(NULL AS BIGINT), 'Unknown customer', CAST(NULL AS BOOLEAN), \
-               CAST(NULL AS VARCHAR), arrow_cast(CAST(NULL AS BIGINT), 'Timestamp(Microsecond, Some(\"UTC\"))'), arrow_cast(CAST(NULL AS BIGINT), 'Timestamp(Microsecond, Some(\"UTC\"))'), true"
-                .to_string(),
-        ),
-        (
-            tables::DIM_PRODUCT,
-            "SELECT CAST(row_number() OVER (ORDER BY product_id, valid_from_lsn) AS BIGINT) AS product_sk, \
-               product_id, product_name, barcode, unity_price, is_active, valid_from, valid_to, is_current \
-             FROM products_history WHERE NOT is_deleted \
-             UNION ALL \
-             SELECT CAST(-1 AS BIGINT), CAST(NULL AS BIGINT), 'Unknown product', CAST(NULL AS VARCHAR), \
-               CAST(NULL AS DECIMAL(38, 10)), CAST(NULL AS BOOLEAN), arrow_cast(CAST(NULL AS BIGINT), 'Timestamp(Microsecond, Some(\"UTC\"))'), arrow_cast(CAST(NULL AS BIGINT), 'Timestamp(Microsecond, Some(\"UTC\"))'), true"
-                .to_string(),
-        ),
-        (
-            tables::FACT_ORDER_STATUS,
-            "SELECT order_id, status, entered_at, left_at, valid_from_lsn AS entered_lsn FROM ( \
-               SELECT order_id, status, valid_from AS entered_at, valid_to AS left_at, valid_from_lsn, \
-                 LAG(status) OVER (PARTITION BY order_id ORDER BY valid_from_lsn) AS previous_status \
-               FROM orders_history WHERE NOT is_deleted) h \
-             WHERE previous_status IS NULL OR previous_status <> status OR status IS NULL"
-                .to_string(),
-        ),
-        (
-            tables::FACT_ORDER_ITEMS,
-            "WITH placed AS (SELECT order_id, min(valid_from) AS placed_at FROM orders_history GROUP BY order_id), \
-             items AS (SELECT i.order_item_id, i.order_id, i.product_id, i.quanity AS quantity, \
-                 coalesce(p.placed_at, i.valid_from) AS placed_at \
-               FROM order_items_history i LEFT JOIN placed p ON p.order_id = i.order_id \
-               WHERE i.is_current AND NOT i.is_deleted) \
-             SELECT it.order_item_id, it.order_id, it.product_id, coalesce(d.product_sk, -1) AS product_sk, \
-               it.quantity, d.unity_price AS unit_price, CAST(it.quantity AS DECIMAL(38, 10)) * d.unity_price AS amount \
-             FROM items it LEFT JOIN (SELECT product_sk, product_id, unity_price, \
-                 CASE WHEN row_number() OVER (PARTITION BY product_id ORDER BY valid_from) = 1 \
-                   THEN arrow_cast(0, 'Timestamp(Microsecond, Some(\"UTC\"))') ELSE valid_from END AS valid_from, \
-                 valid_to FROM dim_product_source) d \
-               ON d.product_id = it.product_id AND d.valid_from <= it.placed_at \
-                 AND (d.valid_to IS NULL OR d.valid_to > it.placed_at)"
-                .replace(
-                    "dim_product_source",
-                    "(SELECT CAST(row_number() OVER (ORDER BY product_id, valid_from_lsn) AS BIGINT) AS product_sk, \
-                       product_id, unity_price, valid_from, valid_to FROM products_history WHERE NOT is_deleted)",
-                ),
-        ),
-    ]
-}
-
-fn fact_orders_sql() -> String {
-    // The customer key is the customer version in force when the order was placed (the same
-    // numbering as dim_customer). An order placed before its customer was seen (a late-arriving
-    // key) takes the customer's first version once it arrives, and the unknown member (-1)
-    // until then: no order is dropped.
-    "WITH reached AS (SELECT order_id, min(valid_from) AS placed_at, \
-         min(CASE WHEN status = 'PENDING' THEN valid_from END) AS pending_at, \
-         min(CASE WHEN status = 'PROCESSING' THEN valid_from END) AS processing_at, \
-         min(CASE WHEN status = 'REPROCESSING' THEN valid_from END) AS reprocessing_at, \
-         min(CASE WHEN status = 'COMPLETED' THEN valid_from END) AS completed_at \
-       FROM orders_history WHERE NOT is_deleted GROUP BY order_id), \
-     customers AS (SELECT customer_id, valid_from, valid_to, \
-         CAST(row_number() OVER (ORDER BY customer_id, valid_from_lsn) AS BIGINT) AS customer_sk \
-       FROM customers_history WHERE NOT is_deleted), \
-     first_version AS (SELECT customer_id, min(customer_sk) AS customer_sk FROM customers GROUP BY customer_id) \
-     SELECT o.order_id, o.customer_id, coalesce(c.customer_sk, f.customer_sk, -1) AS customer_sk, o.order_date, \
-       o.delivery_date, o.status, o.status <> 'COMPLETED' AS is_open, r.pending_at, r.processing_at, \
-       r.reprocessing_at, r.completed_at, o.created_at, o.updated_at \
-     FROM orders_history o \
-     LEFT JOIN reached r ON r.order_id = o.order_id \
-     LEFT JOIN customers c ON c.customer_id = o.customer_id AND c.valid_from <= r.placed_at \
-       AND (c.valid_to IS NULL OR c.valid_to > r.placed_at) \
-     LEFT JOIN first_version f ON f.customer_id = o.customer_id \
-     WHERE o.is_current AND NOT o.is_deleted"
-        .to_string()
+    ))
 }
 
 /// One row per day from the first order date to the last delivery date.

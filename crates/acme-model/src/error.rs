@@ -13,6 +13,16 @@ pub enum ModelError {
         /// The source table.
         table: String,
     },
+    /// A table's business key is not a 64-bit integer, which incremental builds need.
+    #[error(
+        "the key column `{column}` of `{table}` is not a BIGINT; incremental model builds need integer keys (bigint or bigserial)"
+    )]
+    UnsupportedKey {
+        /// `layer/table`.
+        table: String,
+        /// The key column.
+        column: String,
+    },
     /// Storage or configuration failed.
     #[error(transparent)]
     Core(#[from] acme_core::Error),

@@ -57,15 +57,21 @@ pub fn attribute_columns(raw_schema: &Schema) -> Vec<String> {
     raw_schema.fields().iter().map(|f| f.name().clone()).filter(|n| !n.starts_with('_')).collect()
 }
 
-fn quote(name: &str) -> String {
+pub(crate) fn quote(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
-/// SQL computing the full history of `spec` from the raw table registered as `raw_name`.
+/// SQL computing history versions of `spec` from `changes`: a relation with the attribute
+/// columns and the raw metadata columns (commit time, LSN, sequence, operation) holding the
+/// row changes (no truncations) in any order.
 ///
 /// `truncates` lists the (LSN, commit time in microseconds) of the table's truncations in
 /// LSN order: a truncation closes every version open at that point.
-pub fn history_sql(spec: &HistorySpec, raw_name: &str, attributes: &[String], truncates: &[(i64, i64)]) -> String {
+///
+/// For an incremental build, `changes` holds the new raw changes plus the open versions of the
+/// keys they touch (as changes at their opening LSN): the result is then the new versions and
+/// those open versions, closed where a later change or truncation closes them.
+pub fn history_sql(spec: &HistorySpec, changes: &str, attributes: &[String], truncates: &[(i64, i64)]) -> String {
     let key = quote(&spec.key);
     let window = format!("PARTITION BY {key} ORDER BY {lsn}, {seq} NULLS FIRST", lsn = raw::LSN, seq = raw::SEQ);
     let attrs = attributes.iter().map(|c| quote(c)).collect::<Vec<_>>().join(", ");
@@ -73,7 +79,7 @@ pub fn history_sql(spec: &HistorySpec, raw_name: &str, attributes: &[String], tr
         "SELECT {attrs}, {ts} AS vf, {lsn} AS vf_lsn, {op} AS o_op, \
            LEAD({ts}) OVER ({window}) AS next_ts, LEAD({lsn}) OVER ({window}) AS next_lsn, \
            LEAD({op}) OVER ({window}) AS next_op \
-         FROM {raw_name} WHERE {op} <> 'truncate'",
+         FROM {changes} changes",
         ts = raw::COMMIT_TS,
         lsn = raw::LSN,
         op = raw::OP,
@@ -102,6 +108,36 @@ pub fn history_sql(spec: &HistorySpec, raw_name: &str, attributes: &[String], tr
            CASE WHEN {truncated_first} THEN 'truncate' ELSE next_op END AS {CLOSED_BY}, \
            (o_op = 'delete') AS {IS_DELETED} \
          FROM (SELECT *, {t_lsn} AS t_lsn, {t_ts} AS t_ts FROM ({inner}) versions) closed"
+    )
+}
+
+/// The open versions of a history table `history` as change rows for [`history_sql`]: each
+/// at the LSN and time that opened it, before any change of that LSN.
+pub fn open_versions_as_changes(history: &str, attributes: &[String], keys: Option<(&str, &str)>) -> String {
+    let attrs = attributes.iter().map(|c| quote(c)).collect::<Vec<_>>().join(", ");
+    let scope = match keys {
+        Some((key, relation)) => format!(" AND {} IN (SELECT k FROM {relation})", quote(key)),
+        None => String::new(),
+    };
+    format!(
+        "SELECT {attrs}, {VALID_FROM} AS {ts}, {VALID_FROM_LSN} AS {lsn}, CAST(NULL AS BIGINT) AS {seq}, \
+           {OPENED_BY} AS {op} FROM {history} WHERE {IS_CURRENT}{scope}",
+        ts = raw::COMMIT_TS,
+        lsn = raw::LSN,
+        seq = raw::SEQ,
+        op = raw::OP,
+    )
+}
+
+/// The raw changes (no truncations) of a raw relation, as change rows for [`history_sql`].
+pub fn raw_changes(raw: &str, attributes: &[String]) -> String {
+    let attrs = attributes.iter().map(|c| quote(c)).collect::<Vec<_>>().join(", ");
+    format!(
+        "SELECT {attrs}, {ts}, {lsn}, {seq}, {op} FROM {raw} WHERE {op} <> 'truncate'",
+        ts = raw::COMMIT_TS,
+        lsn = raw::LSN,
+        seq = raw::SEQ,
+        op = raw::OP,
     )
 }
 

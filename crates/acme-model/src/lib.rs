@@ -12,7 +12,9 @@
 pub mod build;
 pub mod error;
 pub mod history;
+mod rewrite;
+pub mod star;
 
-pub use build::{MODEL_APP, ModelBuild, ModelReport, tables};
+pub use build::{MAX_INCREMENTAL_KEYS, MODEL_APP, ModelBuild, ModelReport, TableBuild, tables};
 pub use error::{ModelError, Result};
 pub use history::{HistorySpec, state_predicate};

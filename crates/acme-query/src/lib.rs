@@ -28,15 +28,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use acme_core::storage::manifests;
-use acme_core::{Layer, LayerTable, Storage};
+use acme_core::{Layer, Storage};
 use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::compute::cast;
 use arrow::datatypes::{DataType, Date32Type, Field, Int64Type, Schema};
 use chrono::{DateTime, NaiveDate, Utc};
-use datafusion::catalog::TableProvider;
-use datafusion::datasource::empty::EmptyTable;
-use datafusion::datasource::file_format::parquet::ParquetFormat;
-use datafusion::datasource::listing::{ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl};
 use datafusion::prelude::{DataFrame, SessionConfig, SessionContext};
 use serde::Serialize;
 
@@ -229,11 +225,7 @@ impl Warehouse {
         optimizer.hash_join_single_partition_threshold = BROADCAST_JOIN_BYTES;
         optimizer.hash_join_single_partition_threshold_rows = BROADCAST_JOIN_ROWS;
         let ctx = SessionContext::new_with_config(config);
-        if let Some(store) = storage.object_store() {
-            let mut bucket = storage.root().clone();
-            bucket.set_path("/");
-            ctx.register_object_store(&bucket, store);
-        }
+        storage.register_object_store(&ctx);
         // Pin every table to the versions of the last complete commit round of its writer, so
         // a query never mixes tables from before and after a concurrent commit.
         let raw_manifest = storage.get_manifest(manifests::RAW).await?;
@@ -259,7 +251,7 @@ impl Warehouse {
             let storage = &storage;
             async move {
                 match storage.open_pinned(*layer, name, *manifest).await? {
-                    Some(table) => Ok::<_, QueryError>(Some((registered.clone(), parquet_provider(&table).await?))),
+                    Some(table) => Ok::<_, QueryError>(Some((registered.clone(), table.provider(None)?))),
                     None => Ok(None),
                 }
             }
@@ -474,44 +466,6 @@ impl Warehouse {
         }
         Ok(out)
     }
-}
-
-/// A DataFusion provider over exactly the Parquet files of a pinned table version.
-///
-/// acme's layer tables use neither deletion vectors nor column mapping, so the active files
-/// of a version are the table. DataFusion's own Parquet scan over them plans in well under a
-/// millisecond and decodes a few times faster than the generic Delta scan, which evaluates
-/// filters row by row inside the reader. Files that predate an added column read it as NULL.
-async fn parquet_provider(table: &LayerTable) -> Result<Arc<dyn TableProvider>> {
-    // Strings are read as views: Parquet decodes into them without copying each value.
-    let stored = table.schema()?;
-    let schema = Arc::new(Schema::new(
-        stored
-            .fields()
-            .iter()
-            .map(|f| match f.data_type() {
-                DataType::Utf8 | DataType::LargeUtf8 => f.as_ref().clone().with_data_type(DataType::Utf8View),
-                DataType::Binary | DataType::LargeBinary => f.as_ref().clone().with_data_type(DataType::BinaryView),
-                _ => f.as_ref().clone(),
-            })
-            .collect::<Vec<Field>>(),
-    ));
-    let files: Vec<String> = table
-        .delta()
-        .get_file_uris()
-        .map_err(|e| acme_core::Error::Delta {
-            table: table.name().to_string(),
-            operation: "list files",
-            source: Box::new(e),
-        })?
-        .collect();
-    if files.is_empty() {
-        return Ok(Arc::new(EmptyTable::new(schema)));
-    }
-    let urls = files.iter().map(ListingTableUrl::parse).collect::<std::result::Result<Vec<_>, _>>()?;
-    let options = ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
-    let config = ListingTableConfig::new_with_multi_paths(urls).with_listing_options(options).with_schema(schema);
-    Ok(Arc::new(ListingTable::try_new(config)?))
 }
 
 fn check_limit(limit: usize) -> Result<()> {

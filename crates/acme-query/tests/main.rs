@@ -11,6 +11,8 @@ use acme_query::{
 use acme_testkit::WorkloadConfig;
 use chrono::{DateTime, NaiveDate, Utc};
 
+mod incremental;
+
 /// The four reports as PostgreSQL answers them, rendered as text rows.
 async fn oracle(client: &tokio_postgres::Client, limit: usize) -> Vec<Vec<String>> {
     let o = "operations.orders";

@@ -1,0 +1,144 @@
+//! Compaction: many small files (one per micro-batch and table) rewritten into fewer, larger
+//! files sorted by the columns queries filter and join on.
+//!
+//! A compaction commit removes the small files and adds the merged ones with `dataChange =
+//! false`: every version before and after holds the same rows. Readers of earlier versions
+//! keep their files (nothing is deleted), so compaction never blocks or breaks a reader, and
+//! the history the files hold is untouched. It records no position and needs no lock: it
+//! commits through Delta's optimistic protocol like any other writer.
+
+use datafusion::prelude::SessionContext;
+use futures::StreamExt;
+
+use crate::error::{Error, Result};
+use crate::files::{DataFile, Replace};
+use crate::storage::{CommitOutcome, LayerTable};
+
+/// What to compact and how.
+#[derive(Debug, Clone)]
+pub struct CompactOptions {
+    /// Files smaller than this are candidates.
+    pub small_file_bytes: u64,
+    /// Compact only when at least this many candidates can be merged together.
+    pub min_files: usize,
+    /// At most this many bytes of candidates are merged in one round (it bounds memory: the
+    /// round sorts them in memory).
+    pub max_input_bytes: u64,
+    /// Target size of the merged files.
+    pub target_file_bytes: u64,
+    /// Sort order of the merged files (column names, ascending, nulls first).
+    pub sort_by: Vec<String>,
+    /// A boolean column whose files are kept apart: files whose rows are all false, all
+    /// true, or mixed are merged only among themselves (e.g. closed and open history versions,
+    /// so that rewrites of open versions never touch closed ones).
+    pub split_by: Option<String>,
+}
+
+impl CompactOptions {
+    /// Defaults: candidates under 8 MiB, at least 8 of them, at most 64 MiB per round, merged
+    /// files of up to 128 MiB, sorted by `sort_by`.
+    pub fn sorted_by(sort_by: &[&str]) -> Self {
+        Self {
+            small_file_bytes: 8 << 20,
+            min_files: 8,
+            max_input_bytes: 64 << 20,
+            target_file_bytes: 128 << 20,
+            sort_by: sort_by.iter().map(|c| c.to_string()).collect(),
+            split_by: None,
+        }
+    }
+
+    /// Keep files apart by the boolean column `column` (see [`CompactOptions::split_by`]).
+    pub fn split_by(mut self, column: &str) -> Self {
+        self.split_by = Some(column.to_string());
+        self
+    }
+}
+
+/// What a compaction did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CompactReport {
+    /// Files removed (merged away).
+    pub files_removed: usize,
+    /// Files added.
+    pub files_added: usize,
+    /// Rows rewritten.
+    pub rows: u64,
+    /// Bytes of the removed files.
+    pub bytes_before: u64,
+}
+
+impl LayerTable {
+    /// Merge small files of the loaded version (one round per group of
+    /// [`CompactOptions::split_by`]). `ctx` must be able to read the table's files (see
+    /// [`crate::Storage::register_object_store`]).
+    pub async fn compact(&mut self, ctx: &SessionContext, options: &CompactOptions) -> Result<CompactReport> {
+        let mut report = CompactReport::default();
+        let files = self.data_files()?;
+        let mut groups: [Vec<DataFile>; 3] = Default::default();
+        for file in files.into_iter().filter(|f| f.size < options.small_file_bytes) {
+            let group = match &options.split_by {
+                Some(column) => match (file.max_bool(column), file.min_bool(column)) {
+                    (Some(false), _) => 0,
+                    (_, Some(true)) => 1,
+                    _ => 2,
+                },
+                None => 2,
+            };
+            groups[group].push(file);
+        }
+        for mut group in groups {
+            // Neighbouring files first, so merged files cover narrow key ranges.
+            if let Some(first) = options.sort_by.first() {
+                group.sort_by_key(|f| f.min_i64(first).unwrap_or(i64::MIN));
+            }
+            let mut picked = Vec::new();
+            let mut bytes = 0u64;
+            for file in group {
+                if bytes + file.size > options.max_input_bytes && !picked.is_empty() {
+                    break;
+                }
+                bytes += file.size;
+                picked.push(file);
+            }
+            if picked.len() < options.min_files.max(2) {
+                continue;
+            }
+            let (rows, adds) = self.merge(ctx, &picked, options).await?;
+            let added = adds.len();
+            if let CommitOutcome::Committed { .. } =
+                self.commit_replace(&picked, adds, None, Replace::Compaction).await?
+            {
+                report.files_removed += picked.len();
+                report.files_added += added;
+                report.rows += rows;
+                report.bytes_before += bytes;
+            }
+        }
+        if report.files_removed > 0 {
+            tracing::debug!(table = self.name(), ?report, "compacted");
+        }
+        Ok(report)
+    }
+
+    async fn merge(
+        &self,
+        ctx: &SessionContext,
+        files: &[DataFile],
+        options: &CompactOptions,
+    ) -> Result<(u64, Vec<deltalake::kernel::Add>)> {
+        let error = |source| Error::Query { table: self.name().to_string(), context: "compacting", source };
+        let mut df = ctx.read_table(self.provider(Some(files))?).map_err(|e| error(Box::new(e)))?;
+        if !options.sort_by.is_empty() {
+            let order = options.sort_by.iter().map(|c| datafusion::prelude::col(c).sort(true, true)).collect();
+            df = df.sort(order).map_err(|e| error(Box::new(e)))?;
+        }
+        let mut writer = self.writer(options.target_file_bytes)?;
+        let mut stream = df.execute_stream().await.map_err(|e| error(Box::new(e)))?;
+        while let Some(batch) = stream.next().await {
+            writer.write(self.name(), batch.map_err(|e| error(Box::new(e)))?).await?;
+        }
+        let rows = writer.rows();
+        Ok((rows, writer.finish(self.name()).await?))
+    }
+}

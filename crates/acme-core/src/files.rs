@@ -1,0 +1,217 @@
+//! The data files of a loaded table version: listing with their statistics, a pinned
+//! DataFusion scan over all of them or a subset, reading one file, and the commit that
+//! replaces files (targeted rewrites and compaction).
+
+use std::sync::Arc;
+
+use arrow::datatypes::{DataType, Field, Schema};
+use datafusion::catalog::TableProvider;
+use datafusion::datasource::empty::EmptyTable;
+use datafusion::datasource::file_format::parquet::ParquetFormat;
+use datafusion::datasource::listing::{ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl};
+use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
+use deltalake::kernel::{Action, Add, Remove, Transaction};
+use deltalake::protocol::DeltaOperation;
+use futures::StreamExt;
+use futures::stream::BoxStream;
+
+use crate::error::{Error, Result};
+use crate::storage::{CommitOutcome, LayerTable, Position};
+
+/// One active data file of a table version, with the statistics its Add action carries.
+#[derive(Debug, Clone)]
+pub struct DataFile {
+    /// Path relative to the table's root, as the Delta log names it.
+    pub path: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Rows, when the statistics record them.
+    pub rows: Option<u64>,
+    uri: String,
+    stats: Option<serde_json::Value>,
+    remove: Remove,
+}
+
+impl DataFile {
+    fn stat(&self, kind: &str, column: &str) -> Option<&serde_json::Value> {
+        self.stats.as_ref()?.get(kind)?.get(column)
+    }
+
+    /// Minimum of an integer column in this file, if recorded.
+    pub fn min_i64(&self, column: &str) -> Option<i64> {
+        self.stat("minValues", column)?.as_i64()
+    }
+
+    /// Maximum of an integer column in this file, if recorded.
+    pub fn max_i64(&self, column: &str) -> Option<i64> {
+        self.stat("maxValues", column)?.as_i64()
+    }
+
+    /// Maximum of a boolean column in this file, if recorded.
+    pub fn max_bool(&self, column: &str) -> Option<bool> {
+        self.stat("maxValues", column)?.as_bool()
+    }
+
+    /// Minimum of a boolean column in this file, if recorded.
+    pub fn min_bool(&self, column: &str) -> Option<bool> {
+        self.stat("minValues", column)?.as_bool()
+    }
+
+    /// Nulls in `column`, if recorded.
+    pub fn null_count(&self, column: &str) -> Option<u64> {
+        self.stat("nullCount", column)?.as_u64()
+    }
+
+    /// True when the statistics prove every value of `column` is at most `bound` (nulls
+    /// allowed); false when they do not (including when there are none).
+    pub fn all_at_most(&self, column: &str, bound: i64) -> bool {
+        match (self.max_i64(column), self.null_count(column), self.rows) {
+            (Some(max), _, _) => max <= bound,
+            // A column that is null in every row has no maximum.
+            (None, Some(nulls), Some(rows)) => nulls == rows,
+            _ => false,
+        }
+    }
+}
+
+/// Why files are replaced, which decides how the commit is recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Replace {
+    /// Rows change: some rows are dropped and others added (a targeted rewrite).
+    Rewrite,
+    /// The same rows in fewer, larger files: not a data change, and readers of any version
+    /// see the same rows.
+    Compaction,
+}
+
+impl LayerTable {
+    /// The active data files of the loaded version.
+    pub fn data_files(&self) -> Result<Vec<DataFile>> {
+        let snapshot = self.delta().snapshot().map_err(Error::delta(self.name(), "list files"))?;
+        let log_store = self.delta().log_store();
+        Ok(snapshot
+            .log_data()
+            .iter()
+            .map(|file| {
+                let location = file.object_store_path();
+                DataFile {
+                    path: file.path().into_owned(),
+                    size: u64::try_from(file.size()).unwrap_or(0),
+                    rows: file.num_records().map(|n| n as u64),
+                    uri: log_store.to_uri(&location),
+                    stats: file.stats().and_then(|s| serde_json::from_str(&s).ok()),
+                    remove: file.remove_action(true),
+                }
+            })
+            .collect())
+    }
+
+    /// A DataFusion table over the given files of the loaded version (all of them when
+    /// `files` is `None`), read with DataFusion's Parquet scan: statistics pruning, string
+    /// views, and NULL for columns that files written before a schema change lack.
+    pub fn provider(&self, files: Option<&[DataFile]>) -> Result<Arc<dyn TableProvider>> {
+        let stored = self.schema()?;
+        // Strings are read as views: Parquet decodes into them without copying each value.
+        let schema = Arc::new(Schema::new(
+            stored
+                .fields()
+                .iter()
+                .map(|f| match f.data_type() {
+                    DataType::Utf8 | DataType::LargeUtf8 => f.as_ref().clone().with_data_type(DataType::Utf8View),
+                    DataType::Binary | DataType::LargeBinary => f.as_ref().clone().with_data_type(DataType::BinaryView),
+                    _ => f.as_ref().clone(),
+                })
+                .collect::<Vec<Field>>(),
+        ));
+        let all;
+        let files = match files {
+            Some(files) => files,
+            None => {
+                all = self.data_files()?;
+                &all
+            }
+        };
+        if files.is_empty() {
+            return Ok(Arc::new(EmptyTable::new(schema)));
+        }
+        let query = |source| Error::Query { table: self.name().to_string(), context: "listing files", source };
+        let urls = files
+            .iter()
+            .map(|f| ListingTableUrl::parse(&f.uri).map_err(|e| query(Box::new(e))))
+            .collect::<Result<Vec<_>>>()?;
+        let options = ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
+        let config = ListingTableConfig::new_with_multi_paths(urls).with_listing_options(options).with_schema(schema);
+        Ok(Arc::new(ListingTable::try_new(config).map_err(|e| query(Box::new(e)))?))
+    }
+
+    /// Stream the rows of one data file, only `columns` when given. `ctx` must be able to
+    /// read the table's files (see [`crate::Storage::register_object_store`]). Errors name
+    /// the file.
+    pub async fn read_file(
+        &self,
+        ctx: &datafusion::prelude::SessionContext,
+        file: &DataFile,
+        columns: Option<&[&str]>,
+    ) -> Result<BoxStream<'static, Result<arrow::array::RecordBatch>>> {
+        let table = self.name().to_string();
+        let path = file.path.clone();
+        let bad = move |message: String| Error::DataFile { table: table.clone(), file: path.clone(), message };
+        let mut df =
+            ctx.read_table(self.provider(Some(std::slice::from_ref(file)))?).map_err(|e| bad(e.to_string()))?;
+        if let Some(columns) = columns {
+            df = df.select_columns(columns).map_err(|e| bad(e.to_string()))?;
+        }
+        let stream = df.execute_stream().await.map_err(|e| bad(e.to_string()))?;
+        Ok(stream.map(move |batch| batch.map_err(|e| bad(e.to_string()))).boxed())
+    }
+
+    /// Replace `removed` files of the loaded version by `adds` in one atomic commit, with
+    /// `position` (when given) recorded as the application transaction.
+    ///
+    /// Readers of earlier versions keep reading the removed files: nothing is deleted.
+    pub async fn commit_replace(
+        &mut self,
+        removed: &[DataFile],
+        mut adds: Vec<Add>,
+        position: Option<&Position>,
+        kind: Replace,
+    ) -> Result<CommitOutcome> {
+        if let Some(position) = position
+            && let Some(stored) = self.position(&position.app_id).await?
+            && stored >= position.version
+        {
+            return Ok(CommitOutcome::AlreadyCommitted);
+        }
+        let data_change = kind == Replace::Rewrite;
+        let now = chrono::Utc::now().timestamp_millis();
+        let files = adds.len();
+        let mut actions: Vec<Action> = Vec::with_capacity(removed.len() + adds.len());
+        actions.extend(removed.iter().map(|file| {
+            let mut remove = file.remove.clone();
+            remove.data_change = data_change;
+            remove.deletion_timestamp = Some(now);
+            Action::Remove(remove)
+        }));
+        for add in &mut adds {
+            add.data_change = data_change;
+        }
+        actions.extend(adds.into_iter().map(Action::Add));
+        let operation = match kind {
+            Replace::Rewrite => DeltaOperation::Update { predicate: None },
+            Replace::Compaction => DeltaOperation::Optimize { predicate: None, target_size: 0 },
+        };
+        let mut properties = CommitProperties::default();
+        if let Some(position) = position {
+            properties = properties.with_application_transaction(Transaction::new(&position.app_id, position.version));
+        }
+        let snapshot = self.delta().snapshot().map_err(Error::delta(self.name(), "commit"))?;
+        let finalized = CommitBuilder::from(properties)
+            .with_actions(actions)
+            .build(Some(snapshot), self.delta().log_store(), operation)
+            .await
+            .map_err(Error::delta(self.name(), "commit"))?;
+        let version = finalized.version();
+        self.set_state(finalized.snapshot());
+        Ok(CommitOutcome::Committed { version, files })
+    }
+}

@@ -1,0 +1,84 @@
+//! Compaction on real files: many small appended files become a few sorted ones, the rows
+//! stay the same, readers of the version before compaction still read every row, and
+//! targeted replacement commits drop exactly the files they name.
+
+use std::sync::Arc;
+
+use acme_core::{CommitMode, CompactOptions, Layer, Position, Replace, Storage};
+use arrow::array::{Array, AsArray, Int64Array, RecordBatch, StringArray};
+use arrow::datatypes::{DataType, Field, Int64Type, Schema};
+use datafusion::prelude::SessionContext;
+
+fn schema() -> Arc<Schema> {
+    Arc::new(Schema::new(vec![Field::new("id", DataType::Int64, true), Field::new("name", DataType::Utf8, true)]))
+}
+
+async fn ids(ctx: &SessionContext, table: &acme_core::LayerTable) -> Vec<i64> {
+    let batches = ctx.read_table(table.provider(None).expect("provider")).expect("read").collect().await.expect("rows");
+    let mut out: Vec<i64> = batches
+        .iter()
+        .flat_map(|b| b.column(0).as_primitive::<Int64Type>().iter().flatten().collect::<Vec<_>>())
+        .collect();
+    out.sort_unstable();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compaction_merges_small_files_without_changing_any_version() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let storage = Storage::new(&dir.path().display().to_string(), Default::default()).expect("storage");
+    let mut table = storage.open_or_create(Layer::Raw, "numbers", &schema()).await.expect("table");
+    // Ten commits of one small file each, keys interleaved so that sorting matters.
+    for round in 0..10i64 {
+        let ids: Vec<i64> = (0..100).map(|i| i * 10 + (9 - round)).collect();
+        let names: Vec<String> = ids.iter().map(|i| format!("n{i}")).collect();
+        let batch =
+            RecordBatch::try_new(schema(), vec![Arc::new(Int64Array::from(ids)), Arc::new(StringArray::from(names))])
+                .expect("batch");
+        let mut writer = table.writer(1 << 20).expect("writer");
+        writer.write(table.name(), batch).await.expect("write");
+        let files = writer.finish(table.name()).await.expect("finish");
+        table.commit(files, &Position::new("test", round + 1), CommitMode::Append).await.expect("commit");
+    }
+    let before = table.version().expect("version");
+    assert_eq!(table.data_files().expect("files").len(), 10);
+    let ctx = SessionContext::new();
+    let all: Vec<i64> = (0..1000).collect();
+    assert_eq!(ids(&ctx, &table).await, all);
+
+    let report = table.compact(&ctx, &CompactOptions::sorted_by(&["id"])).await.expect("compact");
+    assert_eq!(report.files_removed, 10);
+    assert_eq!(report.rows, 1000);
+    let files = table.data_files().expect("files");
+    assert_eq!(files.len(), 1, "one merged file");
+    assert_eq!((files[0].min_i64("id"), files[0].max_i64("id")), (Some(0), Some(999)));
+    assert_eq!(ids(&ctx, &table).await, all, "same rows after compaction");
+    // The merged file is sorted.
+    let batches = ctx.read_table(table.provider(None).expect("p")).expect("read").collect().await.expect("rows");
+    let read: Vec<i64> =
+        batches.iter().flat_map(|b| b.column(0).as_primitive::<Int64Type>().values().to_vec()).collect();
+    assert!(read.windows(2).all(|w| w[0] <= w[1]), "sorted by id");
+    // The position is untouched and the version before compaction still reads every row.
+    assert_eq!(table.position("test").await.expect("position"), Some(10));
+    let old = storage.open_at(Layer::Raw, "numbers", before).await.expect("open").expect("exists");
+    assert_eq!(old.data_files().expect("files").len(), 10);
+    assert_eq!(ids(&ctx, &old).await, all, "readers of the earlier version");
+    // Nothing left to compact.
+    let again = table.compact(&ctx, &CompactOptions::sorted_by(&["id"])).await.expect("compact again");
+    assert_eq!(again.files_removed, 0);
+
+    // A targeted replacement: drop the merged file, add one with other rows, at a new position.
+    let batch = RecordBatch::try_new(
+        schema(),
+        vec![Arc::new(Int64Array::from(vec![5000])), Arc::new(StringArray::from(vec!["replaced"]))],
+    )
+    .expect("batch");
+    let mut writer = table.writer(1 << 20).expect("writer");
+    writer.write(table.name(), batch).await.expect("write");
+    let adds = writer.finish(table.name()).await.expect("finish");
+    table.commit_replace(&files, adds, Some(&Position::new("test", 11)), Replace::Rewrite).await.expect("replace");
+    assert_eq!(ids(&ctx, &table).await, vec![5000]);
+    assert_eq!(table.position("test").await.expect("position"), Some(11));
+    let names = ctx.read_table(table.provider(None).expect("p")).expect("read").collect().await.expect("rows");
+    assert_eq!(names[0].column(1).len(), 1);
+}
