@@ -136,6 +136,13 @@ impl Storage {
         }
     }
 
+    /// A DataFusion context that can read this storage's files.
+    pub fn session_context(&self) -> datafusion::prelude::SessionContext {
+        let ctx = datafusion::prelude::SessionContext::new();
+        self.register_object_store(&ctx);
+        ctx
+    }
+
     /// The root URL (always ends with `/`).
     pub fn root(&self) -> &Url {
         &self.root

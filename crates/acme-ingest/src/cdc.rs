@@ -30,7 +30,9 @@ use std::time::{Duration, Instant};
 use acme_core::deltalake::kernel::Add;
 use acme_core::raw::{self, Operation};
 use acme_core::storage::{Manifest, manifests};
-use acme_core::{AcmeConfig, CdcMode, CommitMode, Layer, LayerTable, LayerWriter, Position, Storage};
+use acme_core::{
+    AcmeConfig, CdcMode, CommitMode, CompactOptions, CompactReport, Layer, LayerTable, LayerWriter, Position, Storage,
+};
 use futures::StreamExt;
 use tokio_postgres::Client;
 
@@ -48,6 +50,10 @@ pub const SLOT_META: &str = "slot";
 
 /// An idle stream writes a heartbeat this often so that its slot keeps advancing.
 pub const IDLE_HEARTBEAT: Duration = Duration::from_secs(10);
+
+/// [`ChangeStream::run_until`] compacts the raw tables after this many commit rounds (each
+/// round leaves one small file per table it touched).
+pub const COMPACT_EVERY_ROUNDS: u32 = 50;
 
 /// What one poll did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -135,6 +141,8 @@ pub struct ChangeStream {
     stream: Option<LogicalStream>,
     /// A poll did not finish: uncommitted decoded state must be dropped before the next one.
     dirty: bool,
+    /// Commit rounds since the raw tables were last compacted.
+    uncompacted_rounds: u32,
 }
 
 impl std::fmt::Debug for ChangeStream {
@@ -258,6 +266,7 @@ impl ChangeStream {
             confirmed: Lsn::default(),
             stream: None,
             dirty: false,
+            uncompacted_rounds: 0,
         })
     }
 
@@ -592,8 +601,40 @@ impl ChangeStream {
                 manifest.record(&state.layer);
             }
             self.storage.put_manifest(manifests::RAW, &manifest).await?;
+            self.uncompacted_rounds += 1;
         }
         Ok(())
+    }
+
+    /// Merge the small files that micro-batches leave in the raw tables into larger files
+    /// sorted by commit LSN and position (see [`acme_core::compact`]). The rows, and every
+    /// version readers may hold, stay the same; the raw manifest then names the compacted
+    /// versions. [`ChangeStream::run_until`] calls this every [`COMPACT_EVERY_ROUNDS`] rounds.
+    pub async fn compact(&mut self) -> Result<CompactReport> {
+        self.uncompacted_rounds = 0;
+        let ctx = self.storage.session_context();
+        let options = CompactOptions {
+            target_file_bytes: self.config.target_file_bytes,
+            ..CompactOptions::sorted_by(&[raw::LSN, raw::SEQ])
+        };
+        let mut total = CompactReport::default();
+        for state in &mut self.tables {
+            let report = state.layer.compact(&ctx, &options).await?;
+            total.files_removed += report.files_removed;
+            total.files_added += report.files_added;
+            total.rows += report.rows;
+            total.bytes_before += report.bytes_before;
+        }
+        if total.files_removed > 0
+            && let Some(previous) = self.storage.get_manifest(manifests::RAW).await?
+        {
+            let mut manifest = Manifest::new(previous.position);
+            for state in &self.tables {
+                manifest.record(&state.layer);
+            }
+            self.storage.put_manifest(manifests::RAW, &manifest).await?;
+        }
+        Ok(total)
     }
 
     /// After a transient failure: drop everything decoded but not committed, reconnect, and
@@ -732,6 +773,12 @@ impl ChangeStream {
                 }
             };
             attempt = 0;
+            if self.uncompacted_rounds >= COMPACT_EVERY_ROUNDS {
+                // Compaction is housekeeping: a failure is retried after the next rounds.
+                if let Err(e) = self.compact().await {
+                    tracing::warn!(error = %e, "compacting the raw tables failed; retrying later");
+                }
+            }
             if report.transactions > 0 || last_activity.elapsed() >= IDLE_HEARTBEAT {
                 last_activity = Instant::now();
             }
