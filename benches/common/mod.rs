@@ -64,6 +64,10 @@ pub async fn dataset(sf: f64) -> Dataset {
         build(sf, &dir).await;
         std::fs::write(&done, b"").expect("mark complete");
     }
+    // A dataset cached by an older acme gets the current model (a no-op when up to date).
+    let warehouse = dir.join("warehouse").display().to_string();
+    let config = AcmeConfig::builder().storage_url(&warehouse).build().expect("config");
+    ModelBuild::new(config).await.expect("model build of the cached dataset");
     let text = std::fs::read_to_string(dir.join("instant.txt")).expect("instant.txt");
     let instant = DateTime::parse_from_rfc3339(text.trim()).expect("instant").with_timezone(&Utc);
     Dataset { warehouse: dir.join("warehouse").display().to_string(), dir, instant }

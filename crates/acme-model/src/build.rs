@@ -57,6 +57,8 @@ pub mod tables {
     pub const FACT_ORDERS: &str = "fact_orders";
     /// Current order items with the unit price in force when the order was placed.
     pub const FACT_ORDER_ITEMS: &str = "fact_order_items";
+    /// Aggregate: current orders per (delivery_date, status), for R1 and R2.
+    pub const AGG_ORDERS_BY_DELIVERY_DATE: &str = "agg_orders_by_delivery_date";
 }
 
 /// What a build did.
@@ -134,6 +136,7 @@ impl ModelBuild {
                 tables::FACT_ORDER_STATUS,
                 tables::FACT_ORDER_ITEMS,
                 tables::FACT_ORDERS,
+                tables::AGG_ORDERS_BY_DELIVERY_DATE,
             ]
             .map(|name| (Layer::Presentation, name.to_string())),
         );
@@ -241,6 +244,7 @@ impl ModelBuild {
                 star::fact_order_items_sql,
             )
             .await?;
+        build.orders_aggregate().await?;
         build.date_dimension().await?;
         build.status_dimension().await?;
         build.compact(&self.model_tables(), &self.specs).await?;
@@ -539,6 +543,68 @@ impl Build<'_> {
         self.register(name, &table)
     }
 
+    /// Current orders per (delivery_date, status), maintained by difference: the counts of
+    /// the orders whose history changed since the aggregate's position are taken off as they
+    /// stood at that position (read from the history) and added back as they stand now.
+    async fn orders_aggregate(&mut self) -> Result<()> {
+        let started = Instant::now();
+        let name = tables::AGG_ORDERS_BY_DELIVERY_DATE;
+        let (existing, from) = self.built(Layer::Presentation, name).await?;
+        if from >= self.target {
+            return Ok(());
+        }
+        let current = "is_current AND NOT is_deleted";
+        let full = format!(
+            "SELECT delivery_date, status, CAST(count(*) AS BIGINT) AS orders FROM orders_history WHERE {current} \
+             GROUP BY delivery_date, status"
+        );
+        let mut keys = None;
+        if let Some(table) = &existing
+            && from > 0
+        {
+            self.register(name, table)?;
+            let changed =
+                format!("SELECT order_id FROM orders_history WHERE valid_from_lsn > {from} OR valid_to_lsn > {from}");
+            keys = collect_keys(self.ctx.sql(&changed).await?, MAX_INCREMENTAL_KEYS).await?;
+            if keys.as_ref().is_some_and(|k| k.is_empty()) {
+                return Ok(());
+            }
+        }
+        let sql = match &keys {
+            None => full,
+            Some(keys) => {
+                register_keys(self.ctx, "scope_keys", keys)?;
+                let then = format!(
+                    "valid_from_lsn <= {from} AND (valid_to_lsn IS NULL OR valid_to_lsn > {from}) AND NOT is_deleted"
+                );
+                let scoped = "order_id IN (SELECT k FROM scope_keys)";
+                format!(
+                    "SELECT delivery_date, status, CAST(sum(orders) AS BIGINT) AS orders FROM ( \
+                       SELECT delivery_date, status, orders FROM {name} \
+                       UNION ALL SELECT delivery_date, status, -count(*) FROM orders_history \
+                         WHERE {then} AND {scoped} GROUP BY delivery_date, status \
+                       UNION ALL SELECT delivery_date, status, count(*) FROM orders_history \
+                         WHERE {current} AND {scoped} GROUP BY delivery_date, status) d \
+                     GROUP BY delivery_date, status HAVING sum(orders) <> 0"
+                )
+            }
+        };
+        let df = self.ctx.sql(&sql).await?;
+        let mut table = self.table(existing, Layer::Presentation, name, &df).await?;
+        let target = Target { key: "orders", keys: Keys::All, open: None };
+        let replaced =
+            replace(self.ctx, &mut table, &target, df, None, self.config.target_file_bytes, &self.commit).await?;
+        self.report.tables.push(TableBuild {
+            table: table.name().to_string(),
+            incremental: keys.is_some(),
+            keys: keys.as_ref().map_or(0, |k| k.len()),
+            rows: replaced.rows,
+            files_rewritten: replaced.files_rewritten,
+            elapsed: started.elapsed(),
+        });
+        self.register(name, &table)
+    }
+
     /// The calendar, rewritten when the range of order and delivery dates grows.
     async fn date_dimension(&mut self) -> Result<()> {
         let started = Instant::now();
@@ -630,6 +696,7 @@ impl Build<'_> {
                         tables::FACT_ORDER_ITEMS => "order_item_id",
                         tables::DIM_DATE => "date",
                         tables::DIM_STATUS => "status_sk",
+                        tables::AGG_ORDERS_BY_DELIVERY_DATE => "delivery_date",
                         _ => "order_id",
                     };
                     CompactOptions::sorted_by(&[key])

@@ -200,6 +200,8 @@ pub struct Warehouse {
     model_position: Option<i64>,
     /// The first model table that does not exist yet, if any.
     missing: Option<String>,
+    /// The model has the per-(delivery_date, status) aggregate of current orders.
+    has_aggregate: bool,
 }
 
 impl std::fmt::Debug for Warehouse {
@@ -244,6 +246,7 @@ impl Warehouse {
             tables::FACT_ORDER_STATUS,
             tables::FACT_ORDERS,
             tables::FACT_ORDER_ITEMS,
+            tables::AGG_ORDERS_BY_DELIVERY_DATE,
         ] {
             wanted.push((Layer::Presentation, name.to_string(), name.to_string(), model_manifest.as_ref()));
         }
@@ -289,6 +292,7 @@ impl Warehouse {
             url: url.to_string(),
             history_start,
             model_position: model_manifest.map(|m| m.position),
+            has_aggregate: found.contains_key(tables::AGG_ORDERS_BY_DELIVERY_DATE),
             missing,
         })
     }
@@ -312,6 +316,15 @@ impl Warehouse {
     /// The first instant the history covers.
     pub fn history_start(&self) -> Option<DateTime<Utc>> {
         self.history_start.and_then(DateTime::from_timestamp_micros)
+    }
+
+    /// The aggregate of current orders per (delivery_date, status), for the current state when
+    /// the model has one (as-of reports read the history).
+    fn aggregate(&self, as_of: Option<DateTime<Utc>>) -> Result<Option<&'static str>> {
+        if let Some(missing) = &self.missing {
+            return Err(QueryError::MissingTable { url: self.url.clone(), table: missing.clone() });
+        }
+        Ok((as_of.is_none() && self.has_aggregate).then_some(tables::AGG_ORDERS_BY_DELIVERY_DATE))
     }
 
     /// SQL for the state of `table` (`orders`, ...) now or as of an instant.
@@ -342,13 +355,19 @@ impl Warehouse {
         use DataType::{Date32, Int64, Utf8};
         let (sql, fields): (String, &[(&str, DataType)]) = match report {
             Report::OpenOrders(filter) => (
-                open_orders_sql(&self.state("orders", as_of)?, filter),
+                match self.aggregate(as_of)? {
+                    Some(agg) => open_orders_from_aggregate_sql(agg, filter),
+                    None => open_orders_sql(&self.state("orders", as_of)?, filter),
+                },
                 &[("delivery_date", Date32), ("status", Utf8), ("quantity", Int64)],
             ),
             Report::TopDeliveryDates { limit } => {
                 check_limit(*limit)?;
                 (
-                    top_delivery_dates_sql(&self.state("orders", as_of)?, *limit),
+                    match self.aggregate(as_of)? {
+                        Some(agg) => top_delivery_dates_from_aggregate_sql(agg, *limit),
+                        None => top_delivery_dates_sql(&self.state("orders", as_of)?, *limit),
+                    },
                     &[("delivery_date", Date32), ("quantity", Int64)],
                 )
             }
@@ -488,6 +507,24 @@ pub fn open_orders_sql(orders: &str, filter: &StatusFilter) -> String {
         "SELECT delivery_date, status, count(*) AS quantity FROM {orders} o WHERE {} \
          GROUP BY delivery_date, status ORDER BY delivery_date NULLS LAST, status NULLS LAST",
         filter.predicate()
+    )
+}
+
+/// R1 over the aggregate of current orders per (delivery_date, status).
+pub fn open_orders_from_aggregate_sql(aggregate: &str, filter: &StatusFilter) -> String {
+    format!(
+        "SELECT delivery_date, status, CAST(sum(orders) AS BIGINT) AS quantity FROM {aggregate} o WHERE {} \
+         GROUP BY delivery_date, status ORDER BY delivery_date NULLS LAST, status NULLS LAST",
+        filter.predicate()
+    )
+}
+
+/// R2 over the aggregate of current orders per (delivery_date, status).
+pub fn top_delivery_dates_from_aggregate_sql(aggregate: &str, limit: usize) -> String {
+    format!(
+        "SELECT delivery_date, CAST(sum(orders) AS BIGINT) AS quantity FROM {aggregate} o \
+         WHERE status <> 'COMPLETED' GROUP BY delivery_date \
+         ORDER BY quantity DESC, delivery_date ASC NULLS LAST LIMIT {limit}"
     )
 }
 

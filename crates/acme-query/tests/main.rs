@@ -119,6 +119,8 @@ async fn reports_equal_postgres_now_and_as_of_recorded_instants() {
         let mix = workload(90 + round, 250, 2);
         acme_testkit::run_workload(&url, &mix).await.expect("workload");
         stream.catch_up().await.expect("catch up");
+        // Each round builds the model incrementally on the previous one.
+        ModelBuild::new(config.clone()).await.expect("model build");
         // Record the source's answers at an instant between writes.
         let instant: DateTime<Utc> = client.query_one("SELECT clock_timestamp()", &[]).await.expect("now").get(0);
         recorded.push((instant, oracle(&client, 3).await));
