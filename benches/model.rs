@@ -97,6 +97,10 @@ fn history_time(report: &ModelReport) -> Duration {
 }
 
 fn model(c: &mut Criterion) {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .try_init();
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let sf = common::scale();
     let data = runtime.block_on(common::dataset(sf));

@@ -26,6 +26,9 @@ pub struct CompactOptions {
     pub max_input_bytes: u64,
     /// Target size of the merged files.
     pub target_file_bytes: u64,
+    /// When set, merged files hold at most this many rows, and files with fewer than half as
+    /// many are candidates too (tables rewritten in place keep files this small).
+    pub file_rows: Option<u64>,
     /// Sort order of the merged files (column names, ascending, nulls first).
     pub sort_by: Vec<String>,
     /// A boolean column whose files are kept apart: files whose rows are all false, all
@@ -43,6 +46,7 @@ impl CompactOptions {
             min_files: 8,
             max_input_bytes: 64 << 20,
             target_file_bytes: 128 << 20,
+            file_rows: None,
             sort_by: sort_by.iter().map(|c| c.to_string()).collect(),
             split_by: None,
         }
@@ -76,7 +80,11 @@ impl LayerTable {
         let mut report = CompactReport::default();
         let files = self.data_files()?;
         let mut groups: [Vec<DataFile>; 3] = Default::default();
-        for file in files.into_iter().filter(|f| f.size < options.small_file_bytes) {
+        let small = |f: &DataFile| match (options.file_rows, f.rows) {
+            (Some(limit), Some(rows)) => rows < limit / 2,
+            _ => f.size < options.small_file_bytes,
+        };
+        for file in files.into_iter().filter(small) {
             let group = match &options.split_by {
                 Some(column) => match (file.max_bool(column), file.min_bool(column)) {
                     (Some(false), _) => 0,
@@ -133,7 +141,10 @@ impl LayerTable {
             let order = options.sort_by.iter().map(|c| datafusion::prelude::col(c).sort(true, true)).collect();
             df = df.sort(order).map_err(|e| error(Box::new(e)))?;
         }
-        let mut writer = self.writer(options.target_file_bytes)?;
+        let mut writer = match options.file_rows {
+            Some(rows) => self.writer_with_file_rows(options.target_file_bytes, rows)?,
+            None => self.writer(options.target_file_bytes)?,
+        };
         let mut stream = df.execute_stream().await.map_err(|e| error(Box::new(e)))?;
         while let Some(batch) = stream.next().await {
             writer.write(self.name(), batch.map_err(|e| error(Box::new(e)))?).await?;

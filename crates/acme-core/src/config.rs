@@ -25,6 +25,8 @@ pub const DEFAULT_PUBLICATION: &str = "acme_publication";
 pub const DEFAULT_FLUSH_INTERVAL: Duration = Duration::from_millis(200);
 /// Default largest number of changes in one micro-batch.
 pub const DEFAULT_MAX_BATCH_CHANGES: usize = 200_000;
+/// Default rows per file of a model table (one row group).
+pub const DEFAULT_MODEL_FILE_ROWS: u64 = 128 * 1024;
 
 /// How the change stream reads the replication slot.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -70,6 +72,10 @@ pub struct AcmeConfig {
     pub max_batch_changes: usize,
     /// How changes are read from the slot.
     pub cdc_mode: CdcMode,
+    /// Rows per file of the model's tables. An incremental build rewrites the files holding
+    /// the rows it replaces, so smaller files rewrite fewer rows when changes are scattered
+    /// over the keys, at the cost of more files to scan.
+    pub model_file_rows: u64,
 }
 
 impl Default for AcmeConfig {
@@ -88,6 +94,7 @@ impl Default for AcmeConfig {
             flush_interval: DEFAULT_FLUSH_INTERVAL,
             max_batch_changes: DEFAULT_MAX_BATCH_CHANGES,
             cdc_mode: CdcMode::default(),
+            model_file_rows: DEFAULT_MODEL_FILE_ROWS,
         }
     }
 }
@@ -129,6 +136,9 @@ impl AcmeConfig {
         }
         if self.max_batch_changes == 0 {
             return invalid("max_batch_changes", "must be positive");
+        }
+        if self.model_file_rows < 100 {
+            return invalid("model_file_rows", "must be at least 100");
         }
         Ok(())
     }
@@ -228,6 +238,12 @@ impl AcmeConfigBuilder {
     /// Largest micro-batch.
     pub fn max_batch_changes(mut self, n: usize) -> Self {
         self.config.max_batch_changes = n;
+        self
+    }
+
+    /// Rows per file of the model's tables.
+    pub fn model_file_rows(mut self, rows: u64) -> Self {
+        self.config.model_file_rows = rows;
         self
     }
 

@@ -452,7 +452,16 @@ impl LayerTable {
             .map_err(Error::delta(&self.name, "create writer"))?
             .with_target_file_size(target_file_bytes)
             .with_writer_properties(writer_properties(&schema));
-        Ok(LayerWriter { inner, rows: 0, schema })
+        Ok(LayerWriter { inner, rows: 0, schema, file_rows: None, in_file: 0, done: Vec::new() })
+    }
+
+    /// A writer whose files hold at most `file_rows` rows each (and at most about
+    /// `target_file_bytes`). Tables whose rows are replaced in place (the model's) keep their
+    /// files this small so a targeted rewrite touches few rows.
+    pub fn writer_with_file_rows(&self, target_file_bytes: u64, file_rows: u64) -> Result<LayerWriter> {
+        let mut writer = self.writer(target_file_bytes)?;
+        writer.file_rows = Some(file_rows.max(1));
+        Ok(writer)
     }
 }
 
@@ -552,6 +561,12 @@ pub struct LayerWriter {
     inner: RecordBatchWriter,
     rows: u64,
     schema: Arc<Schema>,
+    /// Cut files at this many rows.
+    file_rows: Option<u64>,
+    /// Rows in the open file.
+    in_file: u64,
+    /// Files already finished.
+    done: Vec<Add>,
 }
 
 impl std::fmt::Debug for LayerWriter {
@@ -570,7 +585,23 @@ impl LayerWriter {
         let batch =
             if batch.schema().fields() == self.schema.fields() { batch } else { self.align(table_name, batch)? };
         self.rows += batch.num_rows() as u64;
-        self.inner.write(batch).await.map_err(Error::delta(table_name, "write"))
+        let Some(limit) = self.file_rows else {
+            return self.inner.write(batch).await.map_err(Error::delta(table_name, "write"));
+        };
+        let mut offset = 0usize;
+        while offset < batch.num_rows() {
+            let room = usize::try_from(limit - self.in_file).unwrap_or(usize::MAX);
+            let take = room.min(batch.num_rows() - offset);
+            self.inner.write(batch.slice(offset, take)).await.map_err(Error::delta(table_name, "write"))?;
+            offset += take;
+            self.in_file += take as u64;
+            if self.in_file >= limit {
+                let files = self.inner.flush().await.map_err(Error::delta(table_name, "finish a file"))?;
+                self.done.extend(files);
+                self.in_file = 0;
+            }
+        }
+        Ok(())
     }
 
     fn align(&self, table_name: &str, batch: RecordBatch) -> Result<RecordBatch> {
@@ -596,6 +627,8 @@ impl LayerWriter {
 
     /// Finish the open files and return their Add actions, ready for [`LayerTable::commit`].
     pub async fn finish(mut self, table_name: &str) -> Result<Vec<Add>> {
-        self.inner.flush().await.map_err(Error::delta(table_name, "finish files"))
+        let mut files = std::mem::take(&mut self.done);
+        files.extend(self.inner.flush().await.map_err(Error::delta(table_name, "finish files"))?);
+        Ok(files)
     }
 }

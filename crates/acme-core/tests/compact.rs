@@ -82,3 +82,22 @@ async fn compaction_merges_small_files_without_changing_any_version() {
     let names = ctx.read_table(table.provider(None).expect("p")).expect("read").collect().await.expect("rows");
     assert_eq!(names[0].column(1).len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writers_cut_files_at_a_row_count() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let storage = Storage::new(&dir.path().display().to_string(), Default::default()).expect("storage");
+    let table = storage.open_or_create(Layer::Presentation, "cut", &schema()).await.expect("table");
+    let mut writer = table.writer_with_file_rows(1 << 20, 300).expect("writer");
+    for chunk in 0..4i64 {
+        let ids: Vec<i64> = (chunk * 250..(chunk + 1) * 250).collect();
+        let names: Vec<Option<&str>> = vec![None; ids.len()];
+        let batch =
+            RecordBatch::try_new(schema(), vec![Arc::new(Int64Array::from(ids)), Arc::new(StringArray::from(names))])
+                .expect("batch");
+        writer.write(table.name(), batch).await.expect("write");
+    }
+    assert_eq!(writer.rows(), 1000);
+    let adds = writer.finish(table.name()).await.expect("finish");
+    assert_eq!(adds.len(), 4, "300 + 300 + 300 + 100 rows");
+}

@@ -295,6 +295,11 @@ impl Build<'_> {
         Ok((Some(table), own.max(pinned)))
     }
 
+    /// Target bytes and rows of the files the build writes.
+    fn files(&self) -> (u64, u64) {
+        (self.config.target_file_bytes, self.config.model_file_rows)
+    }
+
     fn register(&self, name: &str, table: &LayerTable) -> Result<()> {
         let _ = self.ctx.deregister_table(name)?;
         self.ctx.register_table(name, table.provider(None)?)?;
@@ -365,7 +370,23 @@ impl Build<'_> {
             }
             _ => format!("({})", raw_changes("raw_changes", &attributes)),
         };
-        let df = self.ctx.sql(&history_sql(spec, &changes, &attributes, &truncates)).await?;
+        // A full build sorts only the keys that changed after the snapshot.
+        let mut windowed = None;
+        if !incremental {
+            let multi = self
+                .ctx
+                .sql(&format!(
+                    "SELECT DISTINCT {} FROM raw_changes WHERE {op} <> 'snapshot' AND {op} <> 'truncate'",
+                    history::quote(&spec.key),
+                    op = raw::OP
+                ))
+                .await?;
+            if let Some(keys) = collect_keys(multi, MAX_INCREMENTAL_KEYS).await? {
+                register_keys(self.ctx, "windowed_keys", &keys)?;
+                windowed = Some("windowed_keys");
+            }
+        }
+        let df = self.ctx.sql(&history_sql(spec, &changes, &attributes, &truncates, windowed)).await?;
         let target = Target {
             key: &spec.key,
             keys: match keys {
@@ -379,16 +400,8 @@ impl Build<'_> {
             Keys::All => 0,
         };
         let mut table = self.table(existing, Layer::Intermediate, &name, &df).await?;
-        let replaced = replace(
-            self.ctx,
-            &mut table,
-            &target,
-            df,
-            Some(history::IS_CURRENT),
-            self.config.target_file_bytes,
-            &self.commit,
-        )
-        .await?;
+        let replaced =
+            replace(self.ctx, &mut table, &target, df, Some(history::IS_CURRENT), self.files(), &self.commit).await?;
         self.report.tables.push(TableBuild {
             table: table.name().to_string(),
             incremental,
@@ -530,8 +543,7 @@ impl Build<'_> {
         let key_count = keys.as_ref().map_or(0, |k| k.len());
         let incremental = keys.is_some();
         let target = Target { key, keys: keys.map_or(Keys::All, Keys::Set), open: None };
-        let replaced =
-            replace(self.ctx, &mut table, &target, df, None, self.config.target_file_bytes, &self.commit).await?;
+        let replaced = replace(self.ctx, &mut table, &target, df, None, self.files(), &self.commit).await?;
         self.report.tables.push(TableBuild {
             table: table.name().to_string(),
             incremental,
@@ -592,8 +604,7 @@ impl Build<'_> {
         let df = self.ctx.sql(&sql).await?;
         let mut table = self.table(existing, Layer::Presentation, name, &df).await?;
         let target = Target { key: "orders", keys: Keys::All, open: None };
-        let replaced =
-            replace(self.ctx, &mut table, &target, df, None, self.config.target_file_bytes, &self.commit).await?;
+        let replaced = replace(self.ctx, &mut table, &target, df, None, self.files(), &self.commit).await?;
         self.report.tables.push(TableBuild {
             table: table.name().to_string(),
             incremental: keys.is_some(),
@@ -645,8 +656,7 @@ impl Build<'_> {
         let df = self.ctx.read_batch(dates)?;
         let mut table = self.table(existing, Layer::Presentation, tables::DIM_DATE, &df).await?;
         let target = Target { key: "date", keys: Keys::All, open: None };
-        let replaced =
-            replace(self.ctx, &mut table, &target, df, None, self.config.target_file_bytes, &self.commit).await?;
+        let replaced = replace(self.ctx, &mut table, &target, df, None, self.files(), &self.commit).await?;
         self.report.tables.push(TableBuild {
             table: table.name().to_string(),
             incremental: false,
@@ -668,8 +678,7 @@ impl Build<'_> {
         let df = self.ctx.sql(&star::dim_status_sql()).await?;
         let mut table = self.table(existing, Layer::Presentation, tables::DIM_STATUS, &df).await?;
         let target = Target { key: "status_sk", keys: Keys::All, open: None };
-        let replaced =
-            replace(self.ctx, &mut table, &target, df, None, self.config.target_file_bytes, &self.commit).await?;
+        let replaced = replace(self.ctx, &mut table, &target, df, None, self.files(), &self.commit).await?;
         self.report.tables.push(TableBuild {
             table: table.name().to_string(),
             incremental: false,
@@ -702,7 +711,11 @@ impl Build<'_> {
                     CompactOptions::sorted_by(&[key])
                 }
             };
-            let options = CompactOptions { target_file_bytes: self.config.target_file_bytes, ..options };
+            let options = CompactOptions {
+                target_file_bytes: self.config.target_file_bytes,
+                file_rows: Some(self.config.model_file_rows),
+                ..options
+            };
             self.report.files_compacted += table.compact(self.ctx, &options).await?.files_removed;
         }
         Ok(())

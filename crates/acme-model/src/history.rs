@@ -71,11 +71,21 @@ pub(crate) fn quote(name: &str) -> String {
 /// For an incremental build, `changes` holds the new raw changes plus the open versions of the
 /// keys they touch (as changes at their opening LSN): the result is then the new versions and
 /// those open versions, closed where a later change or truncation closes them.
-pub fn history_sql(spec: &HistorySpec, changes: &str, attributes: &[String], truncates: &[(i64, i64)]) -> String {
+///
+/// `windowed`, when given, names a relation `k` holding every key that may have more than one
+/// change in `changes`: the others (in a full build, the keys the snapshot copied and nothing
+/// changed since, nearly all of them) skip the sort the window functions need.
+pub fn history_sql(
+    spec: &HistorySpec,
+    changes: &str,
+    attributes: &[String],
+    truncates: &[(i64, i64)],
+    windowed: Option<&str>,
+) -> String {
     let key = quote(&spec.key);
     let window = format!("PARTITION BY {key} ORDER BY {lsn}, {seq} NULLS FIRST", lsn = raw::LSN, seq = raw::SEQ);
     let attrs = attributes.iter().map(|c| quote(c)).collect::<Vec<_>>().join(", ");
-    let inner = format!(
+    let mut inner = format!(
         "SELECT {attrs}, {ts} AS vf, {lsn} AS vf_lsn, {op} AS o_op, \
            LEAD({ts}) OVER ({window}) AS next_ts, LEAD({lsn}) OVER ({window}) AS next_lsn, \
            LEAD({op}) OVER ({window}) AS next_op \
@@ -84,6 +94,18 @@ pub fn history_sql(spec: &HistorySpec, changes: &str, attributes: &[String], tru
         lsn = raw::LSN,
         op = raw::OP,
     );
+    if let Some(windowed) = windowed {
+        inner = format!(
+            "{inner} WHERE {key} IN (SELECT k FROM {windowed}) \
+             UNION ALL SELECT {attrs}, {ts} AS vf, {lsn} AS vf_lsn, {op} AS o_op, \
+               arrow_cast(CAST(NULL AS BIGINT), 'Timestamp(Microsecond, Some(\"UTC\"))') AS next_ts, \
+               CAST(NULL AS BIGINT) AS next_lsn, CAST(NULL AS VARCHAR) AS next_op \
+             FROM {changes} changes WHERE {key} NOT IN (SELECT k FROM {windowed})",
+            ts = raw::COMMIT_TS,
+            lsn = raw::LSN,
+            op = raw::OP,
+        );
+    }
     // First truncation after each version, if any.
     let (t_lsn, t_ts) = if truncates.is_empty() {
         (

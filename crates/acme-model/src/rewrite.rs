@@ -28,15 +28,6 @@ pub(crate) enum Keys {
     Set(HashSet<i64>),
 }
 
-impl Keys {
-    fn range(&self) -> Option<(i64, i64)> {
-        match self {
-            Keys::All => None,
-            Keys::Set(set) => Some((*set.iter().min()?, *set.iter().max()?)),
-        }
-    }
-}
-
 /// Which rows of a table a step replaces: the rows whose `key` is in `keys`, and (for a
 /// history) only the open versions, flagged by the boolean column `open`.
 #[derive(Debug, Clone)]
@@ -75,14 +66,26 @@ impl Target<'_> {
         Ok(BooleanArray::from(out))
     }
 
-    /// Files of the loaded version that may hold replaced rows, by their statistics alone.
+    /// Files of the loaded version that may hold replaced rows, by their statistics alone: a
+    /// file is a candidate when one of the keys falls inside its key range (and, for a
+    /// history, when it holds open versions).
     fn candidates(&self, files: Vec<DataFile>) -> Vec<DataFile> {
-        let range = self.keys.range();
+        let sorted: Option<Vec<i64>> = match &self.keys {
+            Keys::All => None,
+            Keys::Set(set) => {
+                let mut keys: Vec<i64> = set.iter().copied().collect();
+                keys.sort_unstable();
+                Some(keys)
+            }
+        };
         files
             .into_iter()
             .filter(|f| self.open.is_none_or(|open| f.max_bool(open) != Some(false)))
-            .filter(|f| match (range, f.min_i64(self.key), f.max_i64(self.key)) {
-                (Some((lo, hi)), Some(min), Some(max)) => max >= lo && min <= hi,
+            .filter(|f| match (&sorted, f.min_i64(self.key), f.max_i64(self.key)) {
+                (Some(keys), Some(min), Some(max)) => {
+                    let first = keys.partition_point(|k| *k < min);
+                    first < keys.len() && keys[first] <= max
+                }
                 _ => true,
             })
             .collect()
@@ -100,13 +103,13 @@ pub(crate) struct SplitWriter {
 }
 
 impl SplitWriter {
-    pub fn new(table: &LayerTable, split: Option<&str>, target_file_bytes: u64) -> Result<Self> {
+    pub fn new(table: &LayerTable, split: Option<&str>, target_file_bytes: u64, file_rows: u64) -> Result<Self> {
         Ok(Self {
             table: table.name().to_string(),
             split: split.map(str::to_string),
-            yes: table.writer(target_file_bytes)?,
+            yes: table.writer_with_file_rows(target_file_bytes, file_rows)?,
             no: match split {
-                Some(_) => Some(table.writer(target_file_bytes)?),
+                Some(_) => Some(table.writer_with_file_rows(target_file_bytes, file_rows)?),
                 None => None,
             },
         })
@@ -178,11 +181,14 @@ pub(crate) async fn replace(
     target: &Target<'_>,
     new_rows: DataFrame,
     split: Option<&str>,
-    target_file_bytes: u64,
+    files: (u64, u64),
     position: &Position,
 ) -> Result<Replaced> {
+    let (target_file_bytes, file_rows) = files;
     let name = table.name().to_string();
+    let started = std::time::Instant::now();
     let files = table.data_files()?;
+    let file_count = files.len();
     // The files to rewrite, and whether each keeps any rows.
     let mut touched: Vec<(DataFile, bool)> = Vec::new();
     match (&target.keys, target.open) {
@@ -204,7 +210,8 @@ pub(crate) async fn replace(
             }
         }
     }
-    let mut writer = SplitWriter::new(table, split, target_file_bytes)?;
+    let scanned = started.elapsed();
+    let mut writer = SplitWriter::new(table, split, target_file_bytes, file_rows)?;
     let mut replaced = Replaced::default();
     for (file, keeps_rows) in &touched {
         if !keeps_rows {
@@ -221,12 +228,24 @@ pub(crate) async fn replace(
         }
     }
     replaced.files_rewritten = touched.len();
+    let rewritten = started.elapsed();
     let mut stream = new_rows.execute_stream().await?;
     while let Some(batch) = stream.next().await {
         writer.write(batch?).await?;
     }
     replaced.rows = writer.rows() - replaced.rows_kept;
     let adds = writer.finish().await?;
+    tracing::debug!(
+        table = %name,
+        files = file_count,
+        touched = touched.len(),
+        rows_kept = replaced.rows_kept,
+        rows_new = replaced.rows,
+        find_ms = scanned.as_millis() as u64,
+        rewrite_ms = (rewritten - scanned).as_millis() as u64,
+        new_rows_ms = (started.elapsed() - rewritten).as_millis() as u64,
+        "replaced rows"
+    );
     let removed: Vec<DataFile> = touched.into_iter().map(|(f, _)| f).collect();
     match table.commit_replace(&removed, adds, Some(position), Replace::Rewrite).await? {
         CommitOutcome::Committed { .. } => Ok(replaced),

@@ -49,7 +49,9 @@ fn copy_dir(from: &Path, to: &Path) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn incremental_builds_equal_a_full_rebuild_and_correct_late_keys() {
-    let (url, dir, config, mut stream) = pipeline("incremental", 0.003, 23).await;
+    let (url, dir, mut config, mut stream) = pipeline("incremental", 0.003, 23).await;
+    // Small files, so that builds rewrite some files of a table and leave the others.
+    config.model_file_rows = 500;
     let client = acme_testkit::connect(&url).await.expect("connect");
     let first = ModelBuild::new(config.clone()).await.expect("first build");
     assert!(first.tables.iter().all(|t| !t.incremental), "the first build computes every table");
@@ -58,6 +60,7 @@ async fn incremental_builds_equal_a_full_rebuild_and_correct_late_keys() {
     let late_product: i64 =
         client.query_one("SELECT max(product_id) + 100 FROM operations.products", &[]).await.expect("max").get(0);
     let mut late_order = 0i64;
+    let mut partial_rewrites = 0;
     for round in 0..5u64 {
         acme_testkit::run_workload(&url, &workload(500 + round, 150, 2)).await.expect("workload");
         match round {
@@ -109,6 +112,20 @@ async fn incremental_builds_equal_a_full_rebuild_and_correct_late_keys() {
         assert!(!report.up_to_date, "round {round} has changes");
         let history = report.tables.iter().find(|t| t.table == "intermediate/orders_history").expect("orders built");
         assert!(history.incremental && history.keys > 0, "round {round}: {history:?}");
+        let items = report.tables.iter().find(|t| t.table == "presentation/fact_order_items").expect("items built");
+        let files = acme_core::Storage::new(&config.storage_url, Default::default())
+            .expect("storage")
+            .open(acme_core::Layer::Presentation, "fact_order_items")
+            .await
+            .expect("open")
+            .expect("exists")
+            .data_files()
+            .expect("files")
+            .len();
+        if round != 3 {
+            assert!(items.files_rewritten < files, "round {round}: not every file rewritten ({items:?})");
+            partial_rewrites += usize::from(items.files_rewritten > 0);
+        }
         let w = Warehouse::open(&config.storage_url).await.expect("open");
         match round {
             1 => {
@@ -137,6 +154,7 @@ async fn incremental_builds_equal_a_full_rebuild_and_correct_late_keys() {
             _ => {}
         }
     }
+    assert!(partial_rewrites > 0, "some build replaced rows inside existing files");
     // Nothing new: the build changes nothing.
     assert!(ModelBuild::new(config.clone()).await.expect("again").up_to_date);
 
