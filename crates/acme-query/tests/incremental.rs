@@ -170,11 +170,69 @@ async fn incremental_builds_equal_a_full_rebuild_and_correct_late_keys() {
     let rebuilt = Warehouse::open(&full_config.storage_url).await.expect("rebuilt warehouse");
     assert_eq!(incremental.model_position(), rebuilt.model_position());
     for table in MODEL_TABLES {
-        let (a, b) = (rows(&incremental, table).await, rows(&rebuilt, table).await);
-        assert!(!a.is_empty() || table == "fact_order_items", "{table} has rows");
-        assert_eq!(a.len(), b.len(), "{table}: row counts");
-        for (x, y) in a.iter().zip(&b) {
-            assert_eq!(x, y, "{table}: incremental vs full rebuild");
+        assert!(!rows(&incremental, table).await.is_empty() || table == "fact_order_items", "{table} has rows");
+    }
+    assert_same_model(&incremental, &rebuilt).await;
+}
+
+/// Compare every model table of two warehouses.
+async fn assert_same_model(a: &Warehouse, b: &Warehouse) {
+    for table in MODEL_TABLES {
+        let (x, y) = (rows(a, table).await, rows(b, table).await);
+        assert_eq!(x.len(), y.len(), "{table}: row counts");
+        for (r, s) in x.iter().zip(&y) {
+            assert_eq!(r, s, "{table}");
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_build_interrupted_anywhere_leaves_the_last_model_readable_and_the_next_completes_it() {
+    let (url, dir, mut config, mut stream) = pipeline("interrupted", 0.002, 29).await;
+    config.model_file_rows = 400;
+    ModelBuild::new(config.clone()).await.expect("first build");
+    let client = acme_testkit::connect(&url).await.expect("connect");
+    let mut interrupted = 0;
+    for round in 0..3u64 {
+        acme_testkit::run_workload(&url, &workload(700 + round, 120, 2)).await.expect("workload");
+        stream.catch_up().await.expect("catch up");
+        // Builds dropped after a growing delay: at some await point of reading, writing files,
+        // committing a table, compacting or writing the manifest.
+        for delay_ms in [2u64, 8, 20, 40, 80, 160] {
+            let build = ModelBuild::new(config.clone()).run();
+            if tokio::time::timeout(std::time::Duration::from_millis(delay_ms), build).await.is_err() {
+                interrupted += 1;
+            }
+            // Readers see the last complete build: each current view matches its fact table.
+            let w = Warehouse::open(&config.storage_url).await.expect("open after an interrupted build");
+            assert_eq!(
+                scalar(&w, "SELECT count(*) FROM orders_current").await,
+                scalar(&w, "SELECT count(*) FROM fact_orders").await,
+                "round {round}, {delay_ms} ms"
+            );
+            assert_eq!(
+                scalar(&w, "SELECT count(*) FROM orders_current WHERE status <> 'COMPLETED'").await,
+                scalar(
+                    &w,
+                    "SELECT coalesce(sum(orders), 0) FROM agg_orders_by_delivery_date WHERE status <> 'COMPLETED'"
+                )
+                .await,
+                "round {round}, {delay_ms} ms: the aggregate matches its history"
+            );
+        }
+    }
+    assert!(interrupted >= 6, "builds were interrupted ({interrupted})");
+    // The next build completes the model: it equals a full rebuild and the source.
+    ModelBuild::new(config.clone()).await.expect("completing build");
+    let full_dir = tempfile::tempdir().expect("tmp");
+    copy_dir(&dir.path().join("raw"), &full_dir.path().join("raw"));
+    copy_dir(&dir.path().join("_acme"), &full_dir.path().join("_acme"));
+    std::fs::remove_file(full_dir.path().join("_acme").join("model.json")).expect("no model manifest");
+    let full_config = warehouse_config(&url, full_dir.path());
+    ModelBuild::new(full_config.clone()).await.expect("full rebuild");
+    let completed = Warehouse::open(&config.storage_url).await.expect("completed");
+    let rebuilt = Warehouse::open(&full_config.storage_url).await.expect("rebuilt");
+    assert_same_model(&completed, &rebuilt).await;
+    let orders: i64 = client.query_one("SELECT count(*) FROM operations.orders", &[]).await.expect("n").get(0);
+    assert_eq!(scalar(&completed, "SELECT count(*) FROM fact_orders").await, orders);
 }
