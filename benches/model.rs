@@ -48,8 +48,20 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
+/// Rows per model file (`ACME_BENCH_MODEL_FILE_ROWS`, default acme's).
+fn model_file_rows() -> u64 {
+    std::env::var("ACME_BENCH_MODEL_FILE_ROWS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(acme::core::config::DEFAULT_MODEL_FILE_ROWS)
+}
+
 fn config(dir: &Path) -> AcmeConfig {
-    AcmeConfig::builder().storage_url(dir.display().to_string()).build().expect("config")
+    AcmeConfig::builder()
+        .storage_url(dir.display().to_string())
+        .model_file_rows(model_file_rows())
+        .build()
+        .expect("config")
 }
 
 /// The snapshot LSN, and commit LSNs after it that cut the streamed changes into steps of
@@ -119,11 +131,12 @@ fn model(c: &mut Criterion) {
         }
         (base, steps)
     });
-    // Full rebuild of the whole raw layer.
-    let full = runtime.block_on(async {
-        let dir = raw_copy(&data);
-        ModelBuild::new(config(dir.path())).await.expect("full rebuild")
-    });
+    // Full rebuild of the whole raw layer, with its peak memory.
+    let dir = raw_copy(&data);
+    common::reset_peak_rss();
+    let full = runtime.block_on(async { ModelBuild::new(config(dir.path())).await.expect("full rebuild") });
+    let full_rss = common::peak_rss_mib();
+    drop(dir);
 
     let mut per_10k: Vec<f64> =
         steps.iter().map(|s| s.elapsed.as_secs_f64() * 10_000.0 / s.changes.max(1) as f64).collect();
@@ -131,7 +144,7 @@ fn model(c: &mut Criterion) {
     let median_10k = per_10k[per_10k.len() / 2];
     let rate = |changes: u64, time: Duration| changes as f64 / time.as_secs_f64();
     let mut summary = String::new();
-    let _ = writeln!(summary, "## Model build, SF{sf}\n");
+    let _ = writeln!(summary, "## Model build, SF{sf} ({} rows per model file)\n", model_file_rows());
     let _ = writeln!(summary, "| figure | value |\n|---|---|");
     let _ = writeln!(
         summary,
@@ -150,6 +163,7 @@ fn model(c: &mut Criterion) {
         history_time(&full).as_secs_f64(),
         rate(full.changes, history_time(&full)) / 1000.0
     );
+    let _ = writeln!(summary, "| peak RSS of the full rebuild | {full_rss:.0} MiB |");
     let _ = writeln!(summary, "| build of the snapshot state | {:.1} s |", base.elapsed.as_secs_f64());
     let _ = writeln!(
         summary,

@@ -4,6 +4,8 @@
 //! `ACME_BENCH_SF` sets the scale factor (default 0.1; the issue figures use 1).
 //! Run: `cargo bench --bench snapshot`.
 
+mod common;
+
 use std::time::Duration;
 
 use acme::core::AcmeConfig;
@@ -12,14 +14,10 @@ use acme_testkit::{PgCluster, ScaleFactor};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use futures_util::StreamExt;
 
-fn scale() -> f64 {
-    std::env::var("ACME_BENCH_SF").ok().and_then(|v| v.parse().ok()).unwrap_or(0.1)
-}
-
 fn snapshot_vs_copy(c: &mut Criterion) {
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let cluster = PgCluster::start().expect("PostgreSQL");
-    let sf = scale();
+    let sf = common::scale();
     let (url, rows) = runtime.block_on(async {
         let url = cluster.create_database("bench_snapshot").await.expect("db");
         let client = acme_testkit::connect(&url).await.expect("connect");
@@ -28,34 +26,53 @@ fn snapshot_vs_copy(c: &mut Criterion) {
         client.batch_execute("VACUUM ANALYZE").await.expect("vacuum");
         (url, load.customers + load.products + load.orders + load.order_items)
     });
+    // The summary: both measured the same way in this run, and the snapshot's peak memory.
+    let copy = || async {
+        let client = acme_testkit::connect(&url).await.expect("connect");
+        let mut bytes = 0usize;
+        for table in acme_testkit::TABLES {
+            let stream =
+                client.copy_out(&format!("COPY operations.{table} TO STDOUT (FORMAT binary)")).await.expect("copy");
+            futures_util::pin_mut!(stream);
+            while let Some(chunk) = stream.next().await {
+                bytes += chunk.expect("chunk").len();
+            }
+        }
+        bytes
+    };
+    let snapshot = || async {
+        let dir = tempfile::tempdir().expect("tmp");
+        let config = AcmeConfig::builder()
+            .source_url(&url)
+            .storage_url(dir.path().display().to_string())
+            .build()
+            .expect("config");
+        Snapshot::new(config).await.expect("snapshot").tables.len()
+    };
+    let runs = 5;
+    let copy_time = runtime.block_on(common::median(runs, copy));
+    common::reset_peak_rss();
+    let snapshot_time = runtime.block_on(common::median(runs, snapshot));
+    let rss = common::peak_rss_mib();
+    let summary = format!(
+        "## Snapshot, SF{sf} ({rows} rows)\n\n| figure | value |\n|---|---|\n\
+         | binary COPY of the same tables to nowhere (one connection) | {:.2} s |\n\
+         | acme snapshot to the raw layer | {:.2} s |\n\
+         | acme / COPY | {:.2}x |\n\
+         | peak RSS of the benchmark process during the snapshots | {rss:.0} MiB |\n",
+        copy_time.as_secs_f64(),
+        snapshot_time.as_secs_f64(),
+        snapshot_time.as_secs_f64() / copy_time.as_secs_f64(),
+    );
+    println!("{summary}");
+    let dir = common::root().join(format!("sf{sf}-seed{}", common::SEED));
+    std::fs::create_dir_all(&dir).expect("bench data dir");
+    std::fs::write(dir.join("snapshot-summary.md"), &summary).expect("write the summary");
+
     let mut group = c.benchmark_group(format!("snapshot_sf{sf}"));
     group.sample_size(10).measurement_time(Duration::from_secs(30)).throughput(Throughput::Elements(rows));
-    group.bench_function("baseline_copy_binary_to_nowhere", |b| {
-        b.to_async(&runtime).iter(|| async {
-            let client = acme_testkit::connect(&url).await.expect("connect");
-            let mut bytes = 0usize;
-            for table in acme_testkit::TABLES {
-                let stream =
-                    client.copy_out(&format!("COPY operations.{table} TO STDOUT (FORMAT binary)")).await.expect("copy");
-                futures_util::pin_mut!(stream);
-                while let Some(chunk) = stream.next().await {
-                    bytes += chunk.expect("chunk").len();
-                }
-            }
-            bytes
-        })
-    });
-    group.bench_function("acme_snapshot_to_raw_layer", |b| {
-        b.to_async(&runtime).iter(|| async {
-            let dir = tempfile::tempdir().expect("tmp");
-            let config = AcmeConfig::builder()
-                .source_url(&url)
-                .storage_url(dir.path().display().to_string())
-                .build()
-                .expect("config");
-            Snapshot::new(config).await.expect("snapshot").tables.len()
-        })
-    });
+    group.bench_function("baseline_copy_binary_to_nowhere", |b| b.to_async(&runtime).iter(copy));
+    group.bench_function("acme_snapshot_to_raw_layer", |b| b.to_async(&runtime).iter(snapshot));
     group.finish();
 }
 

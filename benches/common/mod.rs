@@ -46,7 +46,8 @@ impl Dataset {
     }
 }
 
-fn root() -> PathBuf {
+/// Where bench data lives (`ACME_BENCH_DATA`, default `bench-data/`).
+pub fn root() -> PathBuf {
     std::env::var_os("ACME_BENCH_DATA")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("bench-data"))
@@ -148,4 +149,19 @@ where
     }
     times.sort();
     times[times.len() / 2]
+}
+
+/// Reset this process's peak resident set size (Linux: `/proc/self/clear_refs`), so the next
+/// [`peak_rss_mib`] reports the peak of what runs in between.
+pub fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// Peak resident set size of this process since start or the last [`reset_peak_rss`], in MiB.
+pub fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).map(str::to_string))
+        .and_then(|l| l.split_whitespace().nth(1).and_then(|kb| kb.parse::<f64>().ok()))
+        .map_or(f64::NAN, |kb| kb / 1024.0)
 }
