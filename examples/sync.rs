@@ -5,7 +5,7 @@
 //! ```
 //! With `--once` it catches up to the source's current position, commits, builds the model
 //! and exits 0. Without it, it keeps streaming (rebuilding the model every
-//! `--model-interval` seconds) until Ctrl-C.
+//! `--model-interval` seconds, then compacting the raw layer's micro-batch files) until Ctrl-C.
 
 use std::io::Write;
 use std::sync::Arc;
@@ -77,6 +77,11 @@ async fn main() -> anyhow::Result<()> {
         let model = ModelBuild::new(config.clone()).await?;
         if !model.up_to_date {
             println!("model at raw LSN {} built in {:.1?}", model.position, model.elapsed);
+        }
+        // Housekeeping between rounds: merge the raw micro-batch files.
+        let compacted = stream.compact().await?;
+        if compacted.files_removed > 0 {
+            println!("raw layer: {} files merged into {}", compacted.files_removed, compacted.files_added);
         }
     }
     println!("stopped; the next run resumes from the last committed position");
