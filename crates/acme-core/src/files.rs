@@ -165,6 +165,46 @@ impl LayerTable {
         Ok(stream.map(move |batch| batch.map_err(|e| bad(e.to_string()))).boxed())
     }
 
+    /// Read every data file of the loaded version in full and return the first that cannot
+    /// be read, with why (a diagnosis for when a query over the table fails: query engines
+    /// report a corrupt file without naming it). Reads the whole table: use it on error paths.
+    pub async fn find_unreadable_file(
+        &self,
+        ctx: &datafusion::prelude::SessionContext,
+    ) -> Result<Option<(DataFile, String)>> {
+        for file in self.data_files()? {
+            let failed = match self.read_file(ctx, &file, None).await {
+                Err(e) => Some(e),
+                Ok(mut stream) => {
+                    let mut failed = None;
+                    while let Some(batch) = stream.next().await {
+                        if let Err(e) = batch {
+                            failed = Some(e);
+                            break;
+                        }
+                    }
+                    failed
+                }
+            };
+            if let Some(error) = failed {
+                let message = match error {
+                    Error::DataFile { message, .. } => message,
+                    other => other.to_string(),
+                };
+                return Ok(Some((file, message)));
+            }
+        }
+        Ok(None)
+    }
+
+    /// [`LayerTable::find_unreadable_file`] as an error: [`Error::DataFile`] naming the file.
+    pub async fn check_files(&self, ctx: &datafusion::prelude::SessionContext) -> Result<()> {
+        match self.find_unreadable_file(ctx).await? {
+            None => Ok(()),
+            Some((file, message)) => Err(Error::DataFile { table: self.name().to_string(), file: file.path, message }),
+        }
+    }
+
     /// Replace `removed` files of the loaded version by `adds` in one atomic commit, with
     /// `position` (when given) recorded as the application transaction.
     ///

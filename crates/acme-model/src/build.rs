@@ -144,7 +144,30 @@ impl ModelBuild {
     }
 
     /// Run the build.
+    ///
+    /// When a step fails on a file it cannot read, the error names the file
+    /// ([`acme_core::Error::DataFile`]).
     pub async fn run(self) -> Result<ModelReport> {
+        let config = self.config.clone();
+        let model = self.model_tables();
+        let specs = self.specs.clone();
+        match self.build().await {
+            Err(ModelError::DataFusion(error)) => {
+                let storage = Storage::new(&config.storage_url, config.storage_options.clone())?;
+                let ctx = storage.session_context();
+                let raw = specs.iter().map(|s| (Layer::Raw, s.table.clone()));
+                for (layer, name) in raw.chain(model) {
+                    if let Some(table) = storage.open(layer, &name).await? {
+                        table.check_files(&ctx).await?;
+                    }
+                }
+                Err(ModelError::DataFusion(error))
+            }
+            other => other,
+        }
+    }
+
+    async fn build(self) -> Result<ModelReport> {
         let started = Instant::now();
         let storage = Storage::new(&self.config.storage_url, self.config.storage_options.clone())?;
         let ctx = SessionContext::new_with_config(SessionConfig::new().with_information_schema(false));

@@ -36,7 +36,7 @@ use chrono::{DateTime, NaiveDate, Utc};
 use datafusion::prelude::{DataFrame, SessionConfig, SessionContext};
 use serde::Serialize;
 
-use acme_model::history::{HistorySpec, state_predicate};
+use acme_model::history::{HistorySpec, state_predicate, utc_micros};
 use acme_model::tables;
 
 /// Result alias with [`QueryError`] as the default error type.
@@ -202,6 +202,8 @@ pub struct Warehouse {
     missing: Option<String>,
     /// The model has the per-(delivery_date, status) aggregate of current orders.
     has_aggregate: bool,
+    /// The pinned tables, for diagnosing unreadable files.
+    tables: Vec<acme_core::LayerTable>,
 }
 
 impl std::fmt::Debug for Warehouse {
@@ -254,16 +256,18 @@ impl Warehouse {
             let storage = &storage;
             async move {
                 match storage.open_pinned(*layer, name, *manifest).await? {
-                    Some(table) => Ok::<_, QueryError>(Some((registered.clone(), table.provider(None)?))),
+                    Some(table) => Ok::<_, QueryError>(Some((registered.clone(), table.provider(None)?, table))),
                     None => Ok(None),
                 }
             }
         }))
         .await?;
         let mut found = HashMap::new();
-        for (registered, provider) in loaded.into_iter().flatten() {
+        let mut tables = Vec::new();
+        for (registered, provider, table) in loaded.into_iter().flatten() {
             ctx.register_table(registered.as_str(), provider)?;
             found.insert(registered, true);
+            tables.push(table);
         }
         // Without a model (only the raw layer so far) the handle still answers SQL over the raw
         // tables; the reports say which table is missing.
@@ -280,7 +284,16 @@ impl Warehouse {
         let start = if missing.is_some() {
             Vec::new()
         } else {
-            ctx.sql("SELECT CAST(min(valid_from) AS BIGINT) FROM orders_history").await?.collect().await?
+            match ctx.sql("SELECT CAST(min(valid_from) AS BIGINT) FROM orders_history").await?.collect().await {
+                Ok(batches) => batches,
+                Err(error) => {
+                    // Name the broken file, if that is what failed.
+                    for table in &tables {
+                        table.check_files(&ctx).await?;
+                    }
+                    return Err(error.into());
+                }
+            }
         };
         let history_start = start
             .first()
@@ -293,6 +306,7 @@ impl Warehouse {
             history_start,
             model_position: model_manifest.map(|m| m.position),
             has_aggregate: found.contains_key(tables::AGG_ORDERS_BY_DELIVERY_DATE),
+            tables,
             missing,
         })
     }
@@ -301,6 +315,17 @@ impl Warehouse {
     /// recorded one. Every model table of this handle is at exactly this position.
     pub fn model_position(&self) -> Option<i64> {
         self.model_position
+    }
+
+    /// Read every data file of the pinned tables and fail with
+    /// [`acme_core::Error::DataFile`] naming the first that cannot be read (missing, truncated
+    /// or corrupt). Query engines report such files without naming them: the reports call this
+    /// when a query fails, and users of [`Warehouse::sql`] can too. Reads the whole warehouse.
+    pub async fn check_files(&self) -> Result<()> {
+        for table in &self.tables {
+            table.check_files(&self.ctx).await?;
+        }
+        Ok(())
     }
 
     /// The DataFusion context, for custom use.
@@ -318,13 +343,37 @@ impl Warehouse {
         self.history_start.and_then(DateTime::from_timestamp_micros)
     }
 
-    /// The aggregate of current orders per (delivery_date, status), for the current state when
-    /// the model has one (as-of reports read the history).
-    fn aggregate(&self, as_of: Option<DateTime<Utc>>) -> Result<Option<&'static str>> {
-        if let Some(missing) = &self.missing {
-            return Err(QueryError::MissingTable { url: self.url.clone(), table: missing.clone() });
+    /// Current orders per (delivery_date, status) now or as of an instant, from the model's
+    /// aggregate when it has one (`None` otherwise).
+    ///
+    /// As of an instant `t`, only the orders whose history changed after `t` can stand
+    /// differently than now: their current rows are taken off the aggregate and their rows as
+    /// of `t` (from the history) added back. Recent instants, the usual question, thus read a
+    /// few recent versions instead of the whole history.
+    fn aggregate(&self, as_of: Option<DateTime<Utc>>) -> Result<Option<String>> {
+        if !self.has_aggregate {
+            return Ok(None);
         }
-        Ok((as_of.is_none() && self.has_aggregate).then_some(tables::AGG_ORDERS_BY_DELIVERY_DATE))
+        let aggregate = tables::AGG_ORDERS_BY_DELIVERY_DATE;
+        let Some(t) = as_of else {
+            if let Some(missing) = &self.missing {
+                return Err(QueryError::MissingTable { url: self.url.clone(), table: missing.clone() });
+            }
+            return Ok(Some(aggregate.to_string()));
+        };
+        let then = self.state("orders", Some(t))?;
+        let now = self.state("orders", None)?;
+        let at = utc_micros(t.timestamp_micros());
+        let changed = format!("(SELECT order_id FROM orders_history WHERE valid_from > {at} OR valid_to > {at})");
+        Ok(Some(format!(
+            "(SELECT delivery_date, status, CAST(sum(orders) AS BIGINT) AS orders FROM ( \
+               SELECT delivery_date, status, orders FROM {aggregate} \
+               UNION ALL SELECT delivery_date, status, -count(*) FROM {now} o WHERE o.order_id IN {changed} \
+                 GROUP BY delivery_date, status \
+               UNION ALL SELECT delivery_date, status, count(*) FROM {then} o WHERE o.order_id IN {changed} \
+                 GROUP BY delivery_date, status) d \
+             GROUP BY delivery_date, status HAVING sum(orders) <> 0)"
+        )))
     }
 
     /// SQL for the state of `table` (`orders`, ...) now or as of an instant.
@@ -356,7 +405,7 @@ impl Warehouse {
         let (sql, fields): (String, &[(&str, DataType)]) = match report {
             Report::OpenOrders(filter) => (
                 match self.aggregate(as_of)? {
-                    Some(agg) => open_orders_from_aggregate_sql(agg, filter),
+                    Some(agg) => open_orders_from_aggregate_sql(&agg, filter),
                     None => open_orders_sql(&self.state("orders", as_of)?, filter),
                 },
                 &[("delivery_date", Date32), ("status", Utf8), ("quantity", Int64)],
@@ -365,7 +414,7 @@ impl Warehouse {
                 check_limit(*limit)?;
                 (
                     match self.aggregate(as_of)? {
-                        Some(agg) => top_delivery_dates_from_aggregate_sql(agg, *limit),
+                        Some(agg) => top_delivery_dates_from_aggregate_sql(&agg, *limit),
                         None => top_delivery_dates_sql(&self.state("orders", as_of)?, *limit),
                     },
                     &[("delivery_date", Date32), ("quantity", Int64)],
@@ -391,7 +440,14 @@ impl Warehouse {
         let schema = Arc::new(Schema::new(
             fields.iter().map(|(name, t)| Field::new(*name, t.clone(), true)).collect::<Vec<Field>>(),
         ));
-        let batches = self.ctx.sql(sql).await?.collect().await?;
+        let batches = match self.ctx.sql(sql).await?.collect().await {
+            Ok(batches) => batches,
+            Err(error) => {
+                // Name the broken file, if that is what failed.
+                self.check_files().await?;
+                return Err(error.into());
+            }
+        };
         let mut out = Vec::with_capacity(batches.len());
         for b in batches {
             let columns = b

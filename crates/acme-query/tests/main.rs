@@ -11,6 +11,7 @@ use acme_query::{
 use acme_testkit::WorkloadConfig;
 use chrono::{DateTime, NaiveDate, Utc};
 
+mod faults;
 mod incremental;
 
 /// The four reports as PostgreSQL answers them, rendered as text rows.
