@@ -36,16 +36,7 @@ fn raw_copy(data: &common::Dataset) -> tempfile::TempDir {
 }
 
 fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).expect("mkdir");
-    for entry in std::fs::read_dir(from).expect("read dir") {
-        let entry = entry.expect("entry");
-        let target = to.join(entry.file_name());
-        if entry.file_type().expect("type").is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).expect("copy");
-        }
-    }
+    acme_testkit::copy_dir(from, to).expect("copy a directory tree");
 }
 
 /// Rows per model file (`ACME_BENCH_MODEL_FILE_ROWS`, default acme's).

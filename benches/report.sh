@@ -22,12 +22,16 @@ export ACME_VENV="$VENV"
 data="bench-data/sf${ACME_BENCH_SF}-seed42"
 log="bench-data/report-run.log"
 mkdir -p bench-data
-: > "$log"
-for bench in snapshot reports model cdc; do
-    echo "== cargo bench --bench $bench (ACME_BENCH_SF=$ACME_BENCH_SF)" | tee -a "$log"
-    cargo bench --bench "$bench" >> "$log" 2>&1
-done
+# ACME_REPORT_ONLY=1 rewrites the report from the summaries of the last run.
+if [ -z "${ACME_REPORT_ONLY:-}" ]; then
+    : > "$log"
+    for bench in snapshot reports model cdc; do
+        echo "== cargo bench --bench $bench (ACME_BENCH_SF=$ACME_BENCH_SF)" | tee -a "$log"
+        cargo bench --bench "$bench" >> "$log" 2>&1
+    done
+fi
 python3 benches/latency_png.py bench-data/cdc-latencies.txt bench-latency.png
+postgres=$(ls -d /usr/lib/postgresql/*/bin/postgres 2>/dev/null | head -1)
 
 section() {
     if [ -f "$1" ]; then cat "$1"; else echo "(missing: $1; see $log)"; fi
@@ -43,7 +47,7 @@ section() {
     echo
     echo "**Machine:** $(nproc) vCPU ($(lscpu | sed -n 's/^Model name: *//p' | head -1)),"
     echo "$(free -g | awk '/^Mem:/ {print $2}') GiB RAM, $(uname -sr), $(rustc --version | cut -d' ' -f1-2),"
-    echo "$(ls -d /usr/lib/postgresql/*/bin/postgres 2>/dev/null | head -1 | xargs -r -I{} {} --version) test cluster"
+    echo "${postgres:+$("$postgres" --version)} test cluster"
     echo "(loopback, \`fsync=off\`, \`synchronous_commit=off\`, \`wal_writer_delay=10ms\`),"
     echo "DuckDB $("$VENV/bin/python" -c 'import duckdb; print(duckdb.__version__)')."
     echo

@@ -25,6 +25,8 @@ pub const DEFAULT_PUBLICATION: &str = "acme_publication";
 pub const DEFAULT_FLUSH_INTERVAL: Duration = Duration::from_millis(200);
 /// Default largest number of changes in one micro-batch.
 pub const DEFAULT_MAX_BATCH_CHANGES: usize = 200_000;
+/// Default memory the model build's query engine may hold before spilling to disk.
+pub const DEFAULT_MEMORY_LIMIT_BYTES: u64 = 1024 * 1024 * 1024;
 /// Default rows per file of a model table (one row group).
 pub const DEFAULT_MODEL_FILE_ROWS: u64 = 128 * 1024;
 
@@ -76,6 +78,9 @@ pub struct AcmeConfig {
     /// the rows it replaces, so smaller files rewrite fewer rows when changes are scattered
     /// over the keys, at the cost of more files to scan.
     pub model_file_rows: u64,
+    /// Memory the model build's query engine may hold (sorts and aggregations spill to the
+    /// temporary directory beyond it).
+    pub memory_limit_bytes: u64,
 }
 
 impl Default for AcmeConfig {
@@ -95,6 +100,7 @@ impl Default for AcmeConfig {
             max_batch_changes: DEFAULT_MAX_BATCH_CHANGES,
             cdc_mode: CdcMode::default(),
             model_file_rows: DEFAULT_MODEL_FILE_ROWS,
+            memory_limit_bytes: DEFAULT_MEMORY_LIMIT_BYTES,
         }
     }
 }
@@ -139,6 +145,9 @@ impl AcmeConfig {
         }
         if self.model_file_rows < 100 {
             return invalid("model_file_rows", "must be at least 100");
+        }
+        if self.memory_limit_bytes < 64 * 1024 * 1024 {
+            return invalid("memory_limit_bytes", "must be at least 64 MiB");
         }
         Ok(())
     }
@@ -238,6 +247,12 @@ impl AcmeConfigBuilder {
     /// Largest micro-batch.
     pub fn max_batch_changes(mut self, n: usize) -> Self {
         self.config.max_batch_changes = n;
+        self
+    }
+
+    /// Memory the model build's query engine may hold before spilling.
+    pub fn memory_limit_bytes(mut self, bytes: u64) -> Self {
+        self.config.memory_limit_bytes = bytes;
         self
     }
 

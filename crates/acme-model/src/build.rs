@@ -170,7 +170,14 @@ impl ModelBuild {
     async fn build(self) -> Result<ModelReport> {
         let started = Instant::now();
         let storage = Storage::new(&self.config.storage_url, self.config.storage_options.clone())?;
-        let ctx = SessionContext::new_with_config(SessionConfig::new().with_information_schema(false));
+        // Sorts and aggregations beyond the memory limit spill to the temporary directory.
+        let pool = datafusion::execution::memory_pool::FairSpillPool::new(
+            usize::try_from(self.config.memory_limit_bytes).unwrap_or(usize::MAX),
+        );
+        let runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::new()
+            .with_memory_pool(Arc::new(pool))
+            .build_arc()?;
+        let ctx = SessionContext::new_with_config_rt(SessionConfig::new().with_information_schema(false), runtime);
         storage.register_object_store(&ctx);
 
         // The raw layer as of its last complete commit round.

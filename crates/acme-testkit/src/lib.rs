@@ -54,3 +54,19 @@ pub fn slot_for(url: &str) -> String {
     let database = url.rsplit('/').next().unwrap_or("acme").to_ascii_lowercase();
     format!("slot_{database}")
 }
+
+/// Copy the directory tree `from` into `to` (created if missing): e.g. a warehouse's raw layer,
+/// to rebuild its model elsewhere and compare.
+pub fn copy_dir(from: &std::path::Path, to: &std::path::Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_dir(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), target)?;
+        }
+    }
+    Ok(())
+}
