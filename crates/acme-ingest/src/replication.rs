@@ -14,7 +14,7 @@ use postgres_protocol::authentication::sasl::{ChannelBinding, SCRAM_SHA_256, Scr
 use postgres_protocol::message::{backend, frontend};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio_postgres::config::Host;
+use tokio_postgres::config::{Host, SslMode};
 
 use crate::error::{IngestError, Result};
 use crate::source::SourceUrl;
@@ -22,9 +22,13 @@ use crate::source::SourceUrl;
 /// Bytes of free buffer space offered to each socket read.
 const READ_CHUNK: usize = 256 * 1024;
 
+/// A byte stream to the server: plain TCP or TLS over it.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
 /// A connection in logical replication mode.
 pub struct ReplicationConnection {
-    stream: TcpStream,
+    stream: Box<dyn Io>,
     read: BytesMut,
     target: String,
 }
@@ -40,7 +44,8 @@ fn protocol(target: &str, message: impl std::fmt::Display) -> IngestError {
 }
 
 impl ReplicationConnection {
-    /// Connect to the source of `url` in `replication=database` mode (TCP hosts, no TLS).
+    /// Connect to the source of `url` in `replication=database` mode (TCP hosts), encrypted
+    /// as its `sslmode` says (see [`crate::source::tls_config`]).
     pub async fn connect(url: &SourceUrl) -> Result<Self> {
         let config = url.config();
         let target = url.to_string();
@@ -56,6 +61,10 @@ impl ReplicationConnection {
             .await
             .map_err(|e| disconnected(&target, format!("cannot connect: {e}")))?;
         let _ = stream.set_nodelay(true);
+        let stream = match config.get_ssl_mode() {
+            SslMode::Disable => Box::new(stream) as Box<dyn Io>,
+            mode => tls(stream, &host, matches!(mode, SslMode::Require), &target).await?,
+        };
         let mut conn = Self { stream, read: BytesMut::with_capacity(8192), target };
         let user = config.get_user().unwrap_or("postgres").to_string();
         let database = config.get_dbname().unwrap_or(&user).to_string();
@@ -407,6 +416,34 @@ impl LogicalStream {
         frontend::copy_done(&mut buf);
         let _ = self.conn.stream.write_all(&buf).await;
         self.conn.close().await;
+    }
+}
+
+/// Ask the server for TLS (`SSLRequest`) and wrap the connection when it accepts; a server
+/// that refuses is an error when `required`, and the plain connection is kept otherwise.
+async fn tls(mut stream: TcpStream, host: &str, required: bool, target: &str) -> Result<Box<dyn Io>> {
+    let mut buf = BytesMut::new();
+    frontend::ssl_request(&mut buf);
+    stream.write_all(&buf).await.map_err(|e| disconnected(target, format!("write failed: {e}")))?;
+    let answer = stream.read_u8().await.map_err(|e| disconnected(target, format!("read failed: {e}")))?;
+    match answer {
+        b'S' => {
+            let name = rustls::pki_types::ServerName::try_from(host.to_string())
+                .map_err(|e| protocol(target, format!("`{host}` is not a valid TLS server name: {e}")))?;
+            let connector = tokio_rustls::TlsConnector::from(crate::source::tls_config()?);
+            let stream = connector
+                .connect(name, stream)
+                .await
+                .map_err(|e| protocol(target, format!("TLS handshake failed: {e}")))?;
+            Ok(Box::new(stream))
+        }
+        b'N' if required => Err(protocol(
+            target,
+            "the server does not accept TLS connections, but the URL asks for sslmode=require \
+             (enable ssl on the server, or use sslmode=prefer or disable)",
+        )),
+        b'N' => Ok(Box::new(stream)),
+        other => Err(protocol(target, format!("unexpected answer {other:#04x} to the TLS request"))),
     }
 }
 

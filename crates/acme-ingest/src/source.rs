@@ -4,6 +4,9 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use arrow::datatypes::{DataType, Schema};
+use std::sync::OnceLock;
+
+use tokio_postgres::config::SslMode;
 use tokio_postgres::{Client, Config, NoTls};
 
 use crate::error::{IngestError, Result};
@@ -50,19 +53,89 @@ impl SourceUrl {
         &self.config
     }
 
-    /// Open a connection; the connection is driven on a background task.
+    /// Open a connection; the connection is driven on a background task. It is encrypted as
+    /// the URL's `sslmode` says (see [`tls_config`]).
     pub async fn connect(&self) -> Result<Client> {
-        let (client, connection) = self
-            .config
-            .connect(NoTls)
-            .await
-            .map_err(|source| IngestError::Connect { target: self.to_string(), source })?;
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(%error, "source connection closed");
-            }
-        });
+        let failed = |source| IngestError::Connect { target: self.to_string(), source };
+        let client = if matches!(self.config.get_ssl_mode(), SslMode::Disable) {
+            let (client, connection) = self.config.connect(NoTls).await.map_err(failed)?;
+            tokio::spawn(drive(connection));
+            client
+        } else {
+            let tls = tokio_postgres_rustls::MakeRustlsConnect::new((*tls_config()?).clone());
+            let (client, connection) = self.config.connect(tls).await.map_err(failed)?;
+            tokio::spawn(drive(connection));
+            client
+        };
         Ok(client)
+    }
+}
+
+async fn drive<F: std::future::Future<Output = std::result::Result<(), tokio_postgres::Error>>>(connection: F) {
+    if let Err(error) = connection.await {
+        tracing::debug!(%error, "source connection closed");
+    }
+}
+
+/// The TLS client settings of every source connection (rustls).
+///
+/// Like libpq without a root certificate, `sslmode=prefer` (the default) and `sslmode=require`
+/// encrypt the connection without verifying the server's certificate: they protect against
+/// eavesdropping, not against an active impostor. `sslmode=disable` does not encrypt.
+pub fn tls_config() -> Result<Arc<rustls::ClientConfig>> {
+    static CONFIG: OnceLock<std::result::Result<Arc<rustls::ClientConfig>, String>> = OnceLock::new();
+    CONFIG
+        .get_or_init(|| {
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let config = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
+                .with_safe_default_protocol_versions()
+                .map_err(|e| e.to_string())?
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(UnverifiedServer(provider)))
+                .with_no_client_auth();
+            Ok(Arc::new(config))
+        })
+        .clone()
+        .map_err(|message| IngestError::Internal(format!("cannot set up TLS: {message}")))
+}
+
+/// Accepts the server's certificate without checking it (`sslmode=require` semantics), while
+/// still checking that the handshake is signed by the key of the certificate presented.
+#[derive(Debug)]
+struct UnverifiedServer(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for UnverifiedServer {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> std::result::Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> std::result::Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> std::result::Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
     }
 }
 

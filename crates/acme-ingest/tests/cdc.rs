@@ -286,3 +286,41 @@ async fn a_column_added_mid_stream_evolves_the_raw_schema_without_stopping() {
     let replayed = replay_raw(dir.path(), "products", "product_id", &["weight_grams"]).await;
     assert_eq!(replayed.get(&3).map(|v| v[0].as_str()), Some("300"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_that_requires_tls_is_snapshotted_and_streamed_over_tls() {
+    // A cluster of its own, whose user `acme_tls` may connect over TLS only (self-signed
+    // certificate).
+    let cluster = PgCluster::start().expect("PostgreSQL");
+    cluster.enable_tls("acme_tls").await.expect("TLS on the server");
+    let admin = cluster.create_database("tls").await.expect("database");
+    let client = acme_testkit::connect(&admin).await.expect("connect");
+    acme_testkit::create_source_schema(&client).await.expect("schema");
+    acme_testkit::bulk_load(&admin, ScaleFactor::new(0.001).expect("sf"), 8).await.expect("load");
+    let database = admin.rsplit('/').next().expect("database name");
+    let url = |mode: &str| format!("postgres://acme_tls@127.0.0.1:{}/{database}?sslmode={mode}", cluster.port());
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut cfg = config(&admin, dir.path());
+
+    // Without TLS the server turns acme away, and the error says where it tried.
+    cfg.source_url = Some(url("disable"));
+    let error = ChangeStream::open(cfg.clone()).await.expect_err("a plain connection is refused");
+    assert!(matches!(error, IngestError::Connect { .. }), "{error}");
+
+    // With sslmode=require: the snapshot, the replication connection and the stream.
+    cfg.source_url = Some(url("require"));
+    let mut stream = ChangeStream::open(cfg.clone()).await.expect("snapshot over TLS");
+    acme_testkit::run_workload(&admin, &workload(90, 100)).await.expect("workload");
+    stream.catch_up().await.expect("stream over TLS");
+    assert_raw_equals_source(&admin, dir.path()).await;
+    let encrypted: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+             WHERE a.usename = 'acme_tls' AND s.ssl",
+            &[],
+        )
+        .await
+        .expect("pg_stat_ssl")
+        .get(0);
+    assert!(encrypted >= 1, "acme's connections are encrypted");
+}

@@ -127,6 +127,55 @@ impl PgCluster {
         Ok(self.url(&name))
     }
 
+    /// Turn TLS on with a fresh self-signed certificate (made with the `openssl` tool), and
+    /// create the superuser `user` (with REPLICATION) that may connect over TLS only: its plain
+    /// connections, ordinary and replication, are rejected. Other users are unaffected.
+    pub async fn enable_tls(&self, user: &str) -> Result<()> {
+        let data = self.data_dir();
+        let mut openssl = Command::new("openssl");
+        openssl
+            .args(["req", "-new", "-x509", "-days", "2", "-nodes", "-subj", "/CN=localhost", "-keyout"])
+            .arg(data.join("server.key"))
+            .arg("-out")
+            .arg(data.join("server.crt"));
+        run(&mut openssl)?;
+        run(Command::new("chmod").arg("600").arg(data.join("server.key")))?;
+        if self.as_postgres_user {
+            run(Command::new("chown")
+                .arg("postgres:postgres")
+                .arg(data.join("server.key"))
+                .arg(data.join("server.crt")))?;
+        }
+        let hba = data.join("pg_hba.conf");
+        let existing = std::fs::read_to_string(&hba)
+            .map_err(|source| HarnessError::Io { what: format!("reading {}", hba.display()), source })?;
+        let rules = format!(
+            "hostnossl all {user} 127.0.0.1/32 reject\nhostnossl replication {user} 127.0.0.1/32 reject\n\
+             hostssl all {user} 127.0.0.1/32 trust\nhostssl replication {user} 127.0.0.1/32 trust\n"
+        );
+        std::fs::write(&hba, format!("{rules}{existing}"))
+            .map_err(|source| HarnessError::Io { what: format!("writing {}", hba.display()), source })?;
+        let (client, connection) = tokio_postgres::connect(&self.url("postgres"), tokio_postgres::NoTls)
+            .await
+            .map_err(|source| HarnessError::Connect { url: self.url("postgres"), source })?;
+        let task = tokio::spawn(connection);
+        for sql in [
+            format!("CREATE ROLE \"{user}\" LOGIN SUPERUSER REPLICATION"),
+            "ALTER SYSTEM SET ssl = on".to_string(),
+            "SELECT pg_reload_conf()".to_string(),
+        ] {
+            client
+                .batch_execute(&sql)
+                .await
+                .map_err(|source| HarnessError::Sql { what: "enabling TLS".into(), source })?;
+        }
+        drop(client);
+        let _ = task.await;
+        // The reload is asynchronous: give the postmaster a moment to load the certificate.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        Ok(())
+    }
+
     /// Stop the server (fast shutdown) and start it again on the same port.
     pub fn restart(&self) -> Result<()> {
         self.pg_stop("fast")?;
