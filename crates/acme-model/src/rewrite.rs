@@ -244,6 +244,7 @@ pub(crate) async fn replace(
         find_ms = scanned.as_millis() as u64,
         rewrite_ms = (rewritten - scanned).as_millis() as u64,
         new_rows_ms = (started.elapsed() - rewritten).as_millis() as u64,
+        peak_rss_mib = peak_rss_mib(),
         "replaced rows"
     );
     let removed: Vec<DataFile> = touched.into_iter().map(|(f, _)| f).collect();
@@ -285,4 +286,13 @@ pub(crate) fn register_keys(ctx: &SessionContext, name: &str, keys: &HashSet<i64
     let _ = ctx.deregister_table(name)?;
     ctx.register_batch(name, batch)?;
     Ok(())
+}
+
+/// Peak resident memory of this process so far, in MiB (Linux; 0 elsewhere), for the debug log.
+fn peak_rss_mib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).map(str::to_string))
+        .and_then(|l| l.split_whitespace().nth(1).and_then(|kb| kb.parse::<u64>().ok()))
+        .map_or(0, |kb| kb / 1024)
 }
