@@ -95,12 +95,18 @@ pub fn history_sql(
         op = raw::OP,
     );
     if let Some(windowed) = windowed {
+        // Joins with the small key table (not `IN`/`NOT IN` subqueries: a null-aware anti join
+        // would hold the whole change table in memory to build its hash table).
+        let qualified = attributes.iter().map(|c| format!("changes.{}", quote(c))).collect::<Vec<_>>().join(", ");
         inner = format!(
-            "{inner} WHERE {key} IN (SELECT k FROM {windowed}) \
-             UNION ALL SELECT {attrs}, {ts} AS vf, {lsn} AS vf_lsn, {op} AS o_op, \
+            "SELECT {attrs}, {ts} AS vf, {lsn} AS vf_lsn, {op} AS o_op, \
+               LEAD({ts}) OVER ({window}) AS next_ts, LEAD({lsn}) OVER ({window}) AS next_lsn, \
+               LEAD({op}) OVER ({window}) AS next_op \
+             FROM (SELECT changes.* FROM {changes} changes JOIN {windowed} w ON w.k = changes.{key}) changes \
+             UNION ALL SELECT {qualified}, changes.{ts} AS vf, changes.{lsn} AS vf_lsn, changes.{op} AS o_op, \
                arrow_cast(CAST(NULL AS BIGINT), 'Timestamp(Microsecond, Some(\"UTC\"))') AS next_ts, \
                CAST(NULL AS BIGINT) AS next_lsn, CAST(NULL AS VARCHAR) AS next_op \
-             FROM {changes} changes WHERE {key} NOT IN (SELECT k FROM {windowed})",
+             FROM {changes} changes LEFT JOIN {windowed} w ON w.k = changes.{key} WHERE w.k IS NULL",
             ts = raw::COMMIT_TS,
             lsn = raw::LSN,
             op = raw::OP,

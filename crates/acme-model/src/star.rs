@@ -103,21 +103,39 @@ pub fn dim_status_sql() -> String {
 /// it (left: when the next status was entered, or when the order was deleted or truncated;
 /// null while it holds).
 pub fn fact_order_status_sql(scope: Option<&str>) -> String {
-    let filter = scope_filter("h.order_id", scope);
+    // The orders that may have entered more than one status: those with a visible version
+    // closed by an update. Every other order has one transition, its single visible version,
+    // and skips the window functions (in a full build after a snapshot: nearly all orders).
+    let (multi, single) = match scope {
+        Some(relation) => (format!(" JOIN {relation} m ON m.k = h.order_id"), None),
+        None => (
+            " JOIN (SELECT DISTINCT h.order_id AS k FROM orders_history h \
+               WHERE {VISIBLE} AND h.closed_by = 'update') m ON m.k = h.order_id"
+                .replace("{VISIBLE}", VISIBLE),
+            Some(format!(
+                " UNION ALL SELECT h.order_id, h.status, h.valid_from AS entered_at, h.valid_to AS left_at, \
+                   h.valid_from_lsn AS entered_lsn, h.valid_to_lsn AS left_lsn \
+                 FROM orders_history h LEFT JOIN (SELECT DISTINCT h.order_id AS k FROM orders_history h \
+                   WHERE {VISIBLE} AND h.closed_by = 'update') m ON m.k = h.order_id \
+                 WHERE {VISIBLE} AND m.k IS NULL"
+            )),
+        ),
+    };
     format!(
         "WITH v AS (SELECT h.order_id, h.status, h.valid_from, h.valid_to, h.valid_from_lsn, h.valid_to_lsn, \
              LAG(h.status) OVER (PARTITION BY h.order_id ORDER BY h.valid_from_lsn) AS previous_status, \
              row_number() OVER (PARTITION BY h.order_id ORDER BY h.valid_from_lsn) AS nth, \
              FIRST_VALUE(h.valid_to) OVER (PARTITION BY h.order_id ORDER BY h.valid_from_lsn DESC) AS last_end, \
              FIRST_VALUE(h.valid_to_lsn) OVER (PARTITION BY h.order_id ORDER BY h.valid_from_lsn DESC) AS last_end_lsn \
-           FROM orders_history h WHERE {VISIBLE}{filter}), \
+           FROM orders_history h{multi} WHERE {VISIBLE}), \
          t AS (SELECT order_id, status, valid_from AS entered_at, valid_from_lsn AS entered_lsn, last_end, last_end_lsn \
            FROM v WHERE nth = 1 OR previous_status IS DISTINCT FROM status) \
          SELECT order_id, status, entered_at, \
            coalesce(LEAD(entered_at) OVER (PARTITION BY order_id ORDER BY entered_lsn), last_end) AS left_at, \
            entered_lsn, \
            coalesce(LEAD(entered_lsn) OVER (PARTITION BY order_id ORDER BY entered_lsn), last_end_lsn) AS left_lsn \
-         FROM t"
+         FROM t{}",
+        single.unwrap_or_default()
     )
 }
 
