@@ -619,14 +619,14 @@ impl Build<'_> {
                 let then = format!(
                     "valid_from_lsn <= {from} AND (valid_to_lsn IS NULL OR valid_to_lsn > {from}) AND NOT is_deleted"
                 );
-                let scoped = "order_id IN (SELECT k FROM scope_keys)";
+                let scoped = "orders_history JOIN scope_keys scope ON scope.k = order_id";
                 format!(
                     "SELECT delivery_date, status, CAST(sum(orders) AS BIGINT) AS orders FROM ( \
                        SELECT delivery_date, status, orders FROM {name} \
-                       UNION ALL SELECT delivery_date, status, -count(*) FROM orders_history \
-                         WHERE {then} AND {scoped} GROUP BY delivery_date, status \
-                       UNION ALL SELECT delivery_date, status, count(*) FROM orders_history \
-                         WHERE {current} AND {scoped} GROUP BY delivery_date, status) d \
+                       UNION ALL SELECT delivery_date, status, -count(*) FROM {scoped} \
+                         WHERE {then} GROUP BY delivery_date, status \
+                       UNION ALL SELECT delivery_date, status, count(*) FROM {scoped} \
+                         WHERE {current} GROUP BY delivery_date, status) d \
                      GROUP BY delivery_date, status HAVING sum(orders) <> 0"
                 )
             }

@@ -142,14 +142,15 @@ pub fn history_sql(
 /// The open versions of a history table `history` as change rows for [`history_sql`]: each
 /// at the LSN and time that opened it, before any change of that LSN.
 pub fn open_versions_as_changes(history: &str, attributes: &[String], keys: Option<(&str, &str)>) -> String {
-    let attrs = attributes.iter().map(|c| quote(c)).collect::<Vec<_>>().join(", ");
+    let attrs = attributes.iter().map(|c| format!("h.{}", quote(c))).collect::<Vec<_>>().join(", ");
+    // A join on the small key table, not an `IN` subquery over the whole history.
     let scope = match keys {
-        Some((key, relation)) => format!(" AND {} IN (SELECT k FROM {relation})", quote(key)),
+        Some((key, relation)) => format!(" JOIN {relation} scope ON scope.k = h.{}", quote(key)),
         None => String::new(),
     };
     format!(
-        "SELECT {attrs}, {VALID_FROM} AS {ts}, {VALID_FROM_LSN} AS {lsn}, CAST(NULL AS BIGINT) AS {seq}, \
-           {OPENED_BY} AS {op} FROM {history} WHERE {IS_CURRENT}{scope}",
+        "SELECT {attrs}, h.{VALID_FROM} AS {ts}, h.{VALID_FROM_LSN} AS {lsn}, CAST(NULL AS BIGINT) AS {seq}, \
+           h.{OPENED_BY} AS {op} FROM {history} h{scope} WHERE h.{IS_CURRENT}",
         ts = raw::COMMIT_TS,
         lsn = raw::LSN,
         seq = raw::SEQ,

@@ -9,9 +9,11 @@
 /// Versions that existed outside their own transaction (`h` is the history's alias).
 const VISIBLE: &str = "NOT h.is_deleted AND (h.valid_to_lsn IS NULL OR h.valid_to_lsn > h.valid_from_lsn)";
 
-fn scope_filter(column: &str, scope: Option<&str>) -> String {
+/// A join restricting rows to the keys of `scope` (a join on the small key table, so the
+/// engine builds its hash table from the keys, not from the big table).
+fn scope_join(column: &str, scope: Option<&str>) -> String {
     match scope {
-        Some(relation) => format!(" AND {column} IN (SELECT k FROM {relation})"),
+        Some(relation) => format!(" JOIN {relation} scope ON scope.k = {column}"),
         None => String::new(),
     }
 }
@@ -33,12 +35,12 @@ struct Dimension<'a> {
 
 fn dimension_sql(dim: Dimension<'_>, previous: Option<&str>, base: i64, scope: Option<&str>) -> String {
     let Dimension { history, sk, key, attributes, unknown } = dim;
-    let filter = scope_filter(&format!("h.{key}"), scope);
+    let filter = scope_join(&format!("h.{key}"), scope);
     let (old, join, old_sk) = match previous {
         Some(previous) => (
             format!(
-                ", old AS (SELECT {sk} AS old_sk, {key}, valid_from_lsn FROM {previous} WHERE {sk} >= 0{})",
-                scope_filter(key, scope)
+                ", old AS (SELECT p.{sk} AS old_sk, p.{key}, p.valid_from_lsn FROM {previous} p{} WHERE p.{sk} >= 0)",
+                scope_join(&format!("p.{key}"), scope)
             ),
             format!(" LEFT JOIN old ON old.{key} = v.{key} AND old.valid_from_lsn = v.valid_from_lsn"),
             "old.old_sk",
@@ -51,7 +53,7 @@ fn dimension_sql(dim: Dimension<'_>, previous: Option<&str>, base: i64, scope: O
     };
     format!(
         "WITH v AS (SELECT h.{key}, {attributes}, h.valid_from, h.valid_to, h.valid_from_lsn, h.valid_to_lsn, \
-           h.is_current FROM {history} h WHERE {VISIBLE}{filter}){old}, \
+           h.is_current FROM {history} h{filter} WHERE {VISIBLE}){old}, \
          keyed AS (SELECT v.*, {old_sk} AS old_sk FROM v{join}) \
          SELECT CAST(coalesce(old_sk, {base} + row_number() OVER (PARTITION BY old_sk IS NULL \
              ORDER BY valid_from_lsn, {key})) AS BIGINT) AS {sk}, \
@@ -144,9 +146,9 @@ pub fn fact_order_status_sql(scope: Option<&str>) -> String {
 /// placed (an order placed before its customer was seen, a late-arriving key, takes the
 /// customer's first version once it arrives, and the Unknown member -1 until then).
 pub fn fact_orders_sql(scope: Option<&str>) -> String {
-    let filter = scope_filter("h.order_id", scope);
+    let filter = scope_join("h.order_id", scope);
     format!(
-        "WITH h AS (SELECT * FROM orders_history h WHERE NOT h.is_deleted{filter}), \
+        "WITH h AS (SELECT h.* FROM orders_history h{filter} WHERE NOT h.is_deleted), \
          reached AS (SELECT order_id, min(valid_from_lsn) AS placed_lsn, min(valid_from) AS placed_at, \
              min(CASE WHEN status = 'PENDING' THEN valid_from END) AS pending_at, \
              min(CASE WHEN status = 'PROCESSING' THEN valid_from END) AS processing_at, \
@@ -172,16 +174,16 @@ pub fn fact_orders_sql(scope: Option<&str>) -> String {
 /// in force when the order was placed (the product's first version for an order placed
 /// before the product was seen; the Unknown member -1 until the product arrives).
 pub fn fact_order_items_sql(scope: Option<&str>) -> String {
-    let filter = scope_filter("h.order_item_id", scope);
+    let filter = scope_join("h.order_item_id", scope);
     let placed_scope = match scope {
-        Some(_) => " AND order_id IN (SELECT order_id FROM items)",
+        Some(_) => " JOIN (SELECT DISTINCT order_id AS k FROM items) scope ON scope.k = o.order_id",
         None => "",
     };
     format!(
         "WITH items AS (SELECT h.order_item_id, h.order_id, h.product_id, h.quanity AS quantity, h.valid_from_lsn \
-           FROM order_items_history h WHERE h.is_current AND NOT h.is_deleted{filter}), \
-         placed AS (SELECT order_id, min(valid_from_lsn) AS placed_lsn FROM orders_history \
-           WHERE NOT is_deleted{placed_scope} GROUP BY order_id), \
+           FROM order_items_history h{filter} WHERE h.is_current AND NOT h.is_deleted), \
+         placed AS (SELECT o.order_id, min(o.valid_from_lsn) AS placed_lsn FROM orders_history o{placed_scope} \
+           WHERE NOT o.is_deleted GROUP BY o.order_id), \
          products AS (SELECT product_sk, product_id, unity_price, valid_to_lsn, \
              CASE WHEN product_sk = min(product_sk) OVER (PARTITION BY product_id) THEN 0 ELSE valid_from_lsn END \
                AS from_lsn \
