@@ -39,13 +39,13 @@ pub struct CompactOptions {
 
 impl CompactOptions {
     /// Defaults: candidates under 8 MiB, at least 8 of them, at most 64 MiB per round, merged
-    /// files of up to 128 MiB, sorted by `sort_by`.
+    /// files of up to 64 MiB, sorted by `sort_by`.
     pub fn sorted_by(sort_by: &[&str]) -> Self {
         Self {
             small_file_bytes: 8 << 20,
             min_files: 8,
             max_input_bytes: 64 << 20,
-            target_file_bytes: 128 << 20,
+            target_file_bytes: 64 << 20,
             file_rows: None,
             sort_by: sort_by.iter().map(|c| c.to_string()).collect(),
             split_by: None,

@@ -13,8 +13,10 @@ pub const DEFAULT_SCHEMA: &str = "operations";
 pub const DEFAULT_TABLES: [&str; 4] = ["customers", "products", "orders", "order_items"];
 /// Default rows per Arrow record batch.
 pub const DEFAULT_BATCH_ROWS: usize = 64 * 1024;
-/// Default target size of a Parquet data file, in bytes.
-pub const DEFAULT_TARGET_FILE_BYTES: u64 = 128 * 1024 * 1024;
+/// Default target size of a Parquet data file, in bytes. A file is assembled in memory before
+/// it is stored, so each concurrent writer (one per snapshot connection) holds up to this much:
+/// 64 MiB keeps an SF1 snapshot well under 300 MB of resident memory.
+pub const DEFAULT_TARGET_FILE_BYTES: u64 = 64 * 1024 * 1024;
 /// Default number of parallel copy connections per snapshot.
 pub const DEFAULT_SNAPSHOT_PARALLELISM: usize = 2;
 /// Default name of the logical replication slot acme owns.
