@@ -151,13 +151,7 @@ where
     times[times.len() / 2]
 }
 
-/// Reset this process's peak resident set size (Linux: `/proc/self/clear_refs`), so the next
-/// [`peak_rss_mib`] reports the peak of what runs in between.
-pub fn reset_peak_rss() {
-    let _ = std::fs::write("/proc/self/clear_refs", "5");
-}
-
-/// Peak resident set size of this process since start or the last [`reset_peak_rss`], in MiB.
+/// Peak resident set size of this process, in MiB.
 pub fn peak_rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
