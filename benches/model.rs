@@ -25,6 +25,9 @@ use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 /// Raw changes per incremental step.
 const STEP: i64 = 10_000;
 
+/// Raw changes per step of the second, finer series (about a second of the live workload).
+const SMALL_STEP: i64 = 1_000;
+
 /// A fresh warehouse holding only the raw layer of `data`.
 fn raw_copy(data: &common::Dataset) -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("tmp");
@@ -56,8 +59,8 @@ fn config(dir: &Path) -> AcmeConfig {
 }
 
 /// The snapshot LSN, and commit LSNs after it that cut the streamed changes into steps of
-/// about `STEP` raw changes (whole transactions).
-async fn cuts(data: &common::Dataset) -> (i64, Vec<i64>) {
+/// about `step` raw changes (whole transactions).
+async fn cut_points(data: &common::Dataset, step: i64) -> (i64, Vec<i64>) {
     let w = Warehouse::open(&data.warehouse).await.expect("warehouse");
     let all = "SELECT _lsn, _op FROM raw_customers UNION ALL SELECT _lsn, _op FROM raw_products \
                UNION ALL SELECT _lsn, _op FROM raw_orders UNION ALL SELECT _lsn, _op FROM raw_order_items";
@@ -80,7 +83,7 @@ async fn cuts(data: &common::Dataset) -> (i64, Vec<i64>) {
     for b in &batches {
         for i in 0..b.num_rows() {
             pending += value(b, 1, i);
-            if pending >= STEP {
+            if pending >= step {
                 cuts.push(value(b, 0, i));
                 pending = 0;
             }
@@ -116,7 +119,8 @@ fn model(c: &mut Criterion) {
     }
     let sf = common::scale();
     let data = runtime.block_on(common::dataset(sf));
-    let (snapshot, cuts) = runtime.block_on(cuts(&data));
+    let (snapshot, cuts) = runtime.block_on(cut_points(&data, STEP));
+    let (_, small_cuts) = runtime.block_on(cut_points(&data, SMALL_STEP));
     assert!(!cuts.is_empty(), "the dataset has fewer than {STEP} streamed changes");
 
     // Incremental: up to the snapshot, then step by step.
@@ -131,6 +135,17 @@ fn model(c: &mut Criterion) {
         }
         (base, steps)
     });
+    // The finer series: ten steps of about 1,000 changes from the snapshot state.
+    let fine = raw_copy(&data);
+    let small_steps = runtime.block_on(async {
+        ModelBuild::new(config(fine.path())).up_to(snapshot).await.expect("snapshot build");
+        let mut steps = Vec::new();
+        for cut in small_cuts.iter().take(10) {
+            steps.push(ModelBuild::new(config(fine.path())).up_to(*cut).await.expect("incremental build"));
+        }
+        steps
+    });
+    drop(fine);
     // Full rebuild of the whole raw layer; then its peak memory, in a process of its own.
     let dir = raw_copy(&data);
     let full = runtime.block_on(async { ModelBuild::new(config(dir.path())).await.expect("full rebuild") });
@@ -179,6 +194,14 @@ fn model(c: &mut Criterion) {
         "| incremental build per 10k changes (median of {} steps) | {:.2} s |",
         steps.len(),
         median_10k
+    );
+    let mut small: Vec<f64> = small_steps.iter().map(|s| s.elapsed.as_secs_f64()).collect();
+    small.sort_by(f64::total_cmp);
+    let _ = writeln!(
+        summary,
+        "| incremental build of about 1k changes (median of {} steps) | {:.2} s |",
+        small.len(),
+        small.get(small.len() / 2).copied().unwrap_or(f64::NAN)
     );
     let _ = writeln!(summary, "\nIncremental steps (changes, seconds, files compacted):\n");
     for s in &steps {
