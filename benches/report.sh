@@ -63,5 +63,12 @@ section() {
     echo "## Reports"
     section "$data/reports-summary.md"
     section "$data/model-summary.md"
+    if [ -f bench-data/sf10-summary.md ]; then
+        section bench-data/sf10-summary.md
+    else
+        echo "## SF10"
+        echo
+        echo "Not measured yet: no SF10 run has been made on this machine (issue 7)."
+    fi
 } > bench-report.md
 echo "wrote bench-report.md and bench-latency.png (benchmark output in $log)"
