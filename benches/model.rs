@@ -151,15 +151,7 @@ fn model(c: &mut Criterion) {
     let full = runtime.block_on(async { ModelBuild::new(config(dir.path())).await.expect("full rebuild") });
     drop(dir);
     let dir = raw_copy(&data);
-    let child = std::process::Command::new(std::env::current_exe().expect("this binary"))
-        .arg("--bench")
-        .env(CHILD, dir.path())
-        .output()
-        .expect("a child build");
-    let full_rss = String::from_utf8_lossy(&child.stdout)
-        .lines()
-        .find_map(|l| l.strip_prefix("peak_rss_mib=").and_then(|v| v.parse::<f64>().ok()))
-        .expect("the child's peak RSS");
+    let full_rss = common::child_peak_rss_mib(CHILD, dir.path().as_os_str());
     drop(dir);
 
     let mut per_10k: Vec<f64> =

@@ -19,16 +19,18 @@ use futures_util::StreamExt;
 /// also generated the data and ran the baseline).
 const CHILD: &str = "ACME_BENCH_SNAPSHOT_CHILD";
 
+/// One snapshot of the source at `url` into a fresh raw layer; the number of tables copied.
+async fn snapshot_once(url: &str) -> usize {
+    let dir = tempfile::tempdir().expect("tmp");
+    let config =
+        AcmeConfig::builder().source_url(url).storage_url(dir.path().display().to_string()).build().expect("config");
+    Snapshot::new(config).await.expect("snapshot").tables.len()
+}
+
 fn snapshot_vs_copy(c: &mut Criterion) {
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     if let Ok(url) = std::env::var(CHILD) {
-        let dir = tempfile::tempdir().expect("tmp");
-        let config = AcmeConfig::builder()
-            .source_url(&url)
-            .storage_url(dir.path().display().to_string())
-            .build()
-            .expect("config");
-        runtime.block_on(Snapshot::new(config).run()).expect("snapshot");
+        runtime.block_on(snapshot_once(&url));
         println!("peak_rss_mib={:.0}", common::peak_rss_mib());
         std::process::exit(0);
     }
@@ -56,27 +58,11 @@ fn snapshot_vs_copy(c: &mut Criterion) {
         }
         bytes
     };
-    let snapshot = || async {
-        let dir = tempfile::tempdir().expect("tmp");
-        let config = AcmeConfig::builder()
-            .source_url(&url)
-            .storage_url(dir.path().display().to_string())
-            .build()
-            .expect("config");
-        Snapshot::new(config).await.expect("snapshot").tables.len()
-    };
+    let snapshot = || snapshot_once(&url);
     let runs = 5;
     let copy_time = runtime.block_on(common::median(runs, copy));
     let snapshot_time = runtime.block_on(common::median(runs, snapshot));
-    let child = std::process::Command::new(std::env::current_exe().expect("this binary"))
-        .arg("--bench")
-        .env(CHILD, &url)
-        .output()
-        .expect("a child snapshot");
-    let rss = String::from_utf8_lossy(&child.stdout)
-        .lines()
-        .find_map(|l| l.strip_prefix("peak_rss_mib=").and_then(|v| v.parse::<f64>().ok()))
-        .expect("the child's peak RSS");
+    let rss = common::child_peak_rss_mib(CHILD, std::ffi::OsStr::new(&url));
     let summary = format!(
         "## Snapshot, SF{sf} ({rows} rows)\n\n| figure | value |\n|---|---|\n\
          | binary COPY of the same tables to nowhere (one connection) | {:.2} s |\n\

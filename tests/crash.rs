@@ -6,7 +6,9 @@
 //! The kill delays come from a seeded generator (`ACME_CRASH_SEED`, printed), so a failing
 //! sequence can be replayed.
 
-use std::path::{Path, PathBuf};
+mod support;
+
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -16,22 +18,9 @@ use acme_testkit::WorkloadConfig;
 /// Kills over the suite.
 const KILLS: usize = 24;
 
-/// The `sync` example, built by `cargo test` next to the test binaries.
-fn sync_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("test binary path");
-    let dir = exe.parent().and_then(Path::parent).expect("target directory");
-    let binary = dir.join("examples").join("sync");
-    assert!(
-        binary.exists(),
-        "{} is missing: run the suite with `cargo test` (it builds the examples)",
-        binary.display()
-    );
-    binary
-}
-
 fn spawn_sync(url: &str, warehouse: &Path, slot: &str, log: &Path, once: bool) -> Child {
     let log = std::fs::OpenOptions::new().create(true).append(true).open(log).expect("log file");
-    let mut command = Command::new(sync_binary());
+    let mut command = Command::new(support::sync_binary());
     command
         .args(["--source", url, "--warehouse"])
         .arg(warehouse)

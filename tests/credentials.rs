@@ -1,27 +1,16 @@
 //! Credentials never reach logs or error messages: the `sync` example runs with a password in
 //! its source URL, with every log level on, against bad and good sources.
 
-use std::path::{Path, PathBuf};
+mod support;
+
+use std::path::Path;
 use std::process::Command;
 
 const SECRET: &str = "S3cretPassw0rd-acme";
 
-/// The `sync` example, built by `cargo test` next to the test binaries.
-fn sync_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("test binary path");
-    let dir = exe.parent().and_then(Path::parent).expect("target directory");
-    let binary = dir.join("examples").join("sync");
-    assert!(
-        binary.exists(),
-        "{} is missing: run the suite with `cargo test` (it builds the examples)",
-        binary.display()
-    );
-    binary
-}
-
 /// Run `sync --once` on `source`; returns (succeeded, everything it printed).
 fn sync_once(source: &str, warehouse: &Path, slot: &str) -> (bool, String) {
-    let output = Command::new(sync_binary())
+    let output = Command::new(support::sync_binary())
         .args(["--source", source, "--warehouse"])
         .arg(warehouse)
         .args(["--slot", slot, "--once"])

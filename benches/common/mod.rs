@@ -159,3 +159,18 @@ pub fn peak_rss_mib() -> f64 {
         .and_then(|l| l.split_whitespace().nth(1).and_then(|kb| kb.parse::<f64>().ok()))
         .map_or(f64::NAN, |kb| kb / 1024.0)
 }
+
+/// Run this benchmark binary again as a child process with `var` set to `value` (the child
+/// does one step and prints `peak_rss_mib=<n>`), and return the child's peak RSS in MiB: a
+/// process of its own, so the figure is the step's alone.
+pub fn child_peak_rss_mib(var: &str, value: &std::ffi::OsStr) -> f64 {
+    let child = std::process::Command::new(std::env::current_exe().expect("this binary"))
+        .arg("--bench")
+        .env(var, value)
+        .output()
+        .expect("a child run");
+    String::from_utf8_lossy(&child.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("peak_rss_mib=").and_then(|v| v.parse::<f64>().ok()))
+        .expect("the child's peak RSS")
+}

@@ -295,6 +295,13 @@ impl std::future::IntoFuture for ModelBuild {
     }
 }
 
+/// How a table step went, for its [`TableBuild`] entry.
+struct Step {
+    incremental: bool,
+    keys: usize,
+    started: Instant,
+}
+
 /// One run's state.
 struct Build<'a> {
     storage: &'a Storage,
@@ -323,6 +330,29 @@ impl Build<'_> {
             .filter(|m| m.version_of(layer, name).is_some() && m.version_of(layer, name) == table.version())
             .map_or(0, |m| m.position);
         Ok((Some(table), own.max(pinned)))
+    }
+
+    /// Replace the rows `target` names in `table` by `df`, record the step in the report, and
+    /// register the new version as `name` for the steps after it.
+    async fn apply(
+        &mut self,
+        mut table: LayerTable,
+        name: &str,
+        target: &Target<'_>,
+        df: DataFrame,
+        split: Option<&str>,
+        step: Step,
+    ) -> Result<()> {
+        let replaced = replace(self.ctx, &mut table, target, df, split, self.files(), &self.commit).await?;
+        self.report.tables.push(TableBuild {
+            table: table.name().to_string(),
+            incremental: step.incremental,
+            keys: step.keys,
+            rows: replaced.rows,
+            files_rewritten: replaced.files_rewritten,
+            elapsed: step.started.elapsed(),
+        });
+        self.register(name, &table)
     }
 
     /// Target bytes and rows of the files the build writes.
@@ -429,18 +459,9 @@ impl Build<'_> {
             Keys::Set(keys) => keys.len(),
             Keys::All => 0,
         };
-        let mut table = self.table(existing, Layer::Intermediate, &name, &df).await?;
-        let replaced =
-            replace(self.ctx, &mut table, &target, df, Some(history::IS_CURRENT), self.files(), &self.commit).await?;
-        self.report.tables.push(TableBuild {
-            table: table.name().to_string(),
-            incremental,
-            keys: key_count,
-            rows: replaced.rows,
-            files_rewritten: replaced.files_rewritten,
-            elapsed: started.elapsed(),
-        });
-        self.register(&name, &table)
+        let table = self.table(existing, Layer::Intermediate, &name, &df).await?;
+        let step = Step { incremental, keys: key_count, started };
+        self.apply(table, &name, &target, df, Some(history::IS_CURRENT), step).await
     }
 
     /// Register `raw_changes`: the raw rows of `raw` after `from` up to the target, read only
@@ -569,20 +590,12 @@ impl Build<'_> {
                 df = self.ctx.sql(&sql(None)).await?;
             }
         }
-        let mut table = self.table(existing, Layer::Presentation, name, &df).await?;
+        let table = self.table(existing, Layer::Presentation, name, &df).await?;
         let key_count = keys.as_ref().map_or(0, |k| k.len());
         let incremental = keys.is_some();
         let target = Target { key, keys: keys.map_or(Keys::All, Keys::Set), open: None };
-        let replaced = replace(self.ctx, &mut table, &target, df, None, self.files(), &self.commit).await?;
-        self.report.tables.push(TableBuild {
-            table: table.name().to_string(),
-            incremental,
-            keys: key_count,
-            rows: replaced.rows,
-            files_rewritten: replaced.files_rewritten,
-            elapsed: started.elapsed(),
-        });
-        self.register(name, &table)
+        let step = Step { incremental, keys: key_count, started };
+        self.apply(table, name, &target, df, None, step).await
     }
 
     /// Current orders per (delivery_date, status), maintained by difference: the counts of
@@ -632,18 +645,10 @@ impl Build<'_> {
             }
         };
         let df = self.ctx.sql(&sql).await?;
-        let mut table = self.table(existing, Layer::Presentation, name, &df).await?;
+        let table = self.table(existing, Layer::Presentation, name, &df).await?;
         let target = Target { key: "orders", keys: Keys::All, open: None };
-        let replaced = replace(self.ctx, &mut table, &target, df, None, self.files(), &self.commit).await?;
-        self.report.tables.push(TableBuild {
-            table: table.name().to_string(),
-            incremental: keys.is_some(),
-            keys: keys.as_ref().map_or(0, |k| k.len()),
-            rows: replaced.rows,
-            files_rewritten: replaced.files_rewritten,
-            elapsed: started.elapsed(),
-        });
-        self.register(name, &table)
+        let step = Step { incremental: keys.is_some(), keys: keys.as_ref().map_or(0, |k| k.len()), started };
+        self.apply(table, name, &target, df, None, step).await
     }
 
     /// The calendar, rewritten when the range of order and delivery dates grows.
@@ -682,20 +687,11 @@ impl Build<'_> {
                 return Ok(());
             }
         }
-        let rows = dates.num_rows() as u64;
         let df = self.ctx.read_batch(dates)?;
-        let mut table = self.table(existing, Layer::Presentation, tables::DIM_DATE, &df).await?;
+        let table = self.table(existing, Layer::Presentation, tables::DIM_DATE, &df).await?;
         let target = Target { key: "date", keys: Keys::All, open: None };
-        let replaced = replace(self.ctx, &mut table, &target, df, None, self.files(), &self.commit).await?;
-        self.report.tables.push(TableBuild {
-            table: table.name().to_string(),
-            incremental: false,
-            keys: 0,
-            rows,
-            files_rewritten: replaced.files_rewritten,
-            elapsed: started.elapsed(),
-        });
-        self.register(tables::DIM_DATE, &table)
+        let step = Step { incremental: false, keys: 0, started };
+        self.apply(table, tables::DIM_DATE, &target, df, None, step).await
     }
 
     /// The status dimension: written once.
@@ -706,18 +702,10 @@ impl Build<'_> {
             return Ok(());
         }
         let df = self.ctx.sql(&star::dim_status_sql()).await?;
-        let mut table = self.table(existing, Layer::Presentation, tables::DIM_STATUS, &df).await?;
+        let table = self.table(existing, Layer::Presentation, tables::DIM_STATUS, &df).await?;
         let target = Target { key: "status_sk", keys: Keys::All, open: None };
-        let replaced = replace(self.ctx, &mut table, &target, df, None, self.files(), &self.commit).await?;
-        self.report.tables.push(TableBuild {
-            table: table.name().to_string(),
-            incremental: false,
-            keys: 0,
-            rows: replaced.rows,
-            files_rewritten: replaced.files_rewritten,
-            elapsed: started.elapsed(),
-        });
-        Ok(())
+        let step = Step { incremental: false, keys: 0, started };
+        self.apply(table, tables::DIM_STATUS, &target, df, None, step).await
     }
 
     /// Merge the small files incremental builds leave, sorted by each table's key.
