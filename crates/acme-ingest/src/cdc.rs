@@ -695,6 +695,7 @@ impl ChangeStream {
                 Err(e) => self.recover(e, &mut attempt).await?,
             }
         };
+        self.check_publication().await?;
         let mut total = PollReport::default();
         loop {
             let report = match self.poll().await {
@@ -717,6 +718,19 @@ impl ChangeStream {
             if report.transactions == 0 && self.config.cdc_mode == CdcMode::SqlPoll {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
+        }
+    }
+
+    /// Check that the publication still publishes every replicated table: a table removed from
+    /// it mid-stream would otherwise silently stop changing in the warehouse.
+    /// [`ChangeStream::catch_up`] checks at its start and [`ChangeStream::run_until`] every
+    /// [`IDLE_HEARTBEAT`].
+    pub async fn check_publication(&mut self) -> Result<()> {
+        // Owned copies: the check awaits, and the table states (with their writers) are not Sync.
+        let tables: Vec<SourceTable> = self.tables.iter().map(|t| t.builder.table().clone()).collect();
+        match unpublished(&self.client, &self.config.publication, tables.iter()).await? {
+            Some(table) => Err(IngestError::PublicationChanged { publication: self.config.publication.clone(), table }),
+            None => Ok(()),
         }
     }
 
@@ -748,6 +762,7 @@ impl ChangeStream {
     pub async fn run_until<F: std::future::Future<Output = ()>>(&mut self, idle_wait: Duration, stop: F) -> Result<()> {
         futures::pin_mut!(stop);
         let mut last_activity = Instant::now();
+        let mut last_check = Instant::now();
         let mut attempt = 0;
         loop {
             tokio::select! {
@@ -759,6 +774,10 @@ impl ChangeStream {
             let step = async {
                 if last_activity.elapsed() >= IDLE_HEARTBEAT {
                     self.heartbeat().await?;
+                }
+                if last_check.elapsed() >= IDLE_HEARTBEAT {
+                    self.check_publication().await?;
+                    last_check = Instant::now();
                 }
                 self.poll().await
             };
@@ -940,21 +959,30 @@ async fn ensure_publication(client: &Client, config: &AcmeConfig, tables: &[Sour
             .await
             .map_err(sql(format!("creating publication {}", config.publication)))?;
     }
+    match unpublished(client, &config.publication, tables.iter()).await? {
+        Some(table) => Err(IngestError::NotPublished { publication: config.publication.clone(), table }),
+        None => Ok(()),
+    }
+}
+
+/// The first of `tables` that `publication` does not publish (qualified name), if any.
+async fn unpublished(
+    client: &Client,
+    publication: &str,
+    tables: impl Iterator<Item = &SourceTable>,
+) -> Result<Option<String>> {
     for table in tables {
         let published = client
             .query_opt(
                 "SELECT 1 FROM pg_publication_tables WHERE pubname = $1 AND schemaname = $2 AND tablename = $3",
-                &[&config.publication, &table.schema, &table.name],
+                &[&publication, &table.schema, &table.name],
             )
             .await
             .map_err(sql("reading the publication's tables"))?
             .is_some();
         if !published {
-            return Err(IngestError::NotPublished {
-                publication: config.publication.clone(),
-                table: table.qualified(),
-            });
+            return Ok(Some(table.qualified()));
         }
     }
-    Ok(())
+    Ok(None)
 }

@@ -166,6 +166,18 @@ pub enum IngestError {
         /// Qualified table name.
         table: String,
     },
+    /// A table was removed from the publication while acme streamed it.
+    #[error(
+        "publication {publication} stopped publishing {table} while acme was streaming it, so its changes since \
+         then were not captured: run `ALTER PUBLICATION {publication} ADD TABLE {table}`, then re-sync by \
+         removing the warehouse's raw, intermediate and presentation layers and running again"
+    )]
+    PublicationChanged {
+        /// The publication.
+        publication: String,
+        /// Qualified table name.
+        table: String,
+    },
     /// A source table gained a column the raw layer does not have.
     #[error(
         "source table {table} has a new column {column} that its raw table lacks; acme does not yet evolve raw \

@@ -324,3 +324,22 @@ async fn a_source_that_requires_tls_is_snapshotted_and_streamed_over_tls() {
         .get(0);
     assert!(encrypted >= 1, "acme's connections are encrypted");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_dropped_from_the_publication_mid_stream_stops_with_what_to_do() {
+    let url = acme_source("cdc_publication").await;
+    acme_testkit::bulk_load(&url, ScaleFactor::new(0.001).expect("sf"), 12).await.expect("load");
+    let dir = tempfile::tempdir().expect("tmp");
+    let cfg = config(&url, dir.path());
+    let mut stream = ChangeStream::open(cfg.clone()).await.expect("open");
+    stream.catch_up().await.expect("catch up");
+    let client = acme_testkit::connect(&url).await.expect("connect");
+    client
+        .batch_execute(&format!("ALTER PUBLICATION {} DROP TABLE operations.products", cfg.publication))
+        .await
+        .expect("alter publication");
+    let error = stream.catch_up().await.expect_err("the stream notices");
+    assert!(matches!(&error, IngestError::PublicationChanged { table, .. } if table.contains("products")), "{error}");
+    assert!(error.to_string().contains("ALTER PUBLICATION"), "the error says what to do: {error}");
+    assert!(!error.is_transient(), "not retried");
+}
