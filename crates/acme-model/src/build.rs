@@ -236,14 +236,7 @@ impl ModelBuild {
         build
             .dimension(tables::DIM_PRODUCT, "product_sk", "product_id", "products_history", star::dim_product_sql)
             .await?;
-        build
-            .star(
-                tables::FACT_ORDER_STATUS,
-                "order_id",
-                &["SELECT order_id FROM orders_history WHERE {changed}"],
-                star::fact_order_status_sql,
-            )
-            .await?;
+        build.order_status().await?;
         build
             .star(
                 tables::FACT_ORDERS,
@@ -533,6 +526,28 @@ impl Build<'_> {
         let previous = (existing.is_some() && from > 0).then(|| name.to_string());
         self.star_with(name, key, &changed, existing, from, move |scope| {
             sql(if scope.is_some() { previous.as_deref() } else { None }, if scope.is_some() { base } else { 0 }, scope)
+        })
+        .await
+    }
+
+    /// `fact_order_status`. A full build first collects the orders that may have entered more
+    /// than one status into a key table, so that only those go through the window functions
+    /// and the engine joins on the small, counted key table (a join on an uncounted subquery
+    /// built its hash table from the whole history and ran out of memory at SF10).
+    async fn order_status(&mut self) -> Result<()> {
+        let name = tables::FACT_ORDER_STATUS;
+        let (existing, from) = self.built(Layer::Presentation, name).await?;
+        let mut split = false;
+        if (existing.is_none() || from == 0) && from < self.target {
+            let multi = self.ctx.sql(&star::order_status_multi_sql()).await?;
+            if let Some(keys) = collect_keys(multi, MAX_INCREMENTAL_KEYS).await? {
+                register_keys(self.ctx, "status_multi_keys", &keys)?;
+                split = true;
+            }
+        }
+        let changed = ["SELECT order_id FROM orders_history WHERE {changed}"];
+        self.star_with(name, "order_id", &changed, existing, from, move |scope| {
+            star::fact_order_status_sql(scope, (split && scope.is_none()).then_some("status_multi_keys"))
         })
         .await
     }

@@ -104,24 +104,22 @@ pub fn dim_status_sql() -> String {
 /// `fact_order_status`: one row per status an order entered, with when it entered and left
 /// it (left: when the next status was entered, or when the order was deleted or truncated;
 /// null while it holds).
-pub fn fact_order_status_sql(scope: Option<&str>) -> String {
-    // The orders that may have entered more than one status: those with a visible version
-    // closed by an update. Every other order has one transition, its single visible version,
-    // and skips the window functions (in a full build after a snapshot: nearly all orders).
-    let (multi, single) = match scope {
-        Some(relation) => (format!(" JOIN {relation} m ON m.k = h.order_id"), None),
-        None => (
-            " JOIN (SELECT DISTINCT h.order_id AS k FROM orders_history h \
-               WHERE {VISIBLE} AND h.closed_by = 'update') m ON m.k = h.order_id"
-                .replace("{VISIBLE}", VISIBLE),
+pub fn fact_order_status_sql(scope: Option<&str>, multi: Option<&str>) -> String {
+    // With `multi` (a key table of the orders that may have entered more than one status, see
+    // [`order_status_multi_sql`]), only those orders go through the window functions; every
+    // other order has one transition, its single visible version (in a full build after a
+    // snapshot: nearly all orders).
+    let (join, single) = match (scope, multi) {
+        (Some(relation), _) => (format!(" JOIN {relation} m ON m.k = h.order_id"), None),
+        (None, Some(multi)) => (
+            format!(" JOIN {multi} m ON m.k = h.order_id"),
             Some(format!(
                 " UNION ALL SELECT h.order_id, h.status, h.valid_from AS entered_at, h.valid_to AS left_at, \
                    h.valid_from_lsn AS entered_lsn, h.valid_to_lsn AS left_lsn \
-                 FROM orders_history h LEFT JOIN (SELECT DISTINCT h.order_id AS k FROM orders_history h \
-                   WHERE {VISIBLE} AND h.closed_by = 'update') m ON m.k = h.order_id \
-                 WHERE {VISIBLE} AND m.k IS NULL"
+                 FROM orders_history h LEFT JOIN {multi} m ON m.k = h.order_id WHERE {VISIBLE} AND m.k IS NULL"
             )),
         ),
+        (None, None) => (String::new(), None),
     };
     format!(
         "WITH v AS (SELECT h.order_id, h.status, h.valid_from, h.valid_to, h.valid_from_lsn, h.valid_to_lsn, \
@@ -129,7 +127,7 @@ pub fn fact_order_status_sql(scope: Option<&str>) -> String {
              row_number() OVER (PARTITION BY h.order_id ORDER BY h.valid_from_lsn) AS nth, \
              FIRST_VALUE(h.valid_to) OVER (PARTITION BY h.order_id ORDER BY h.valid_from_lsn DESC) AS last_end, \
              FIRST_VALUE(h.valid_to_lsn) OVER (PARTITION BY h.order_id ORDER BY h.valid_from_lsn DESC) AS last_end_lsn \
-           FROM orders_history h{multi} WHERE {VISIBLE}), \
+           FROM orders_history h{join} WHERE {VISIBLE}), \
          t AS (SELECT order_id, status, valid_from AS entered_at, valid_from_lsn AS entered_lsn, last_end, last_end_lsn \
            FROM v WHERE nth = 1 OR previous_status IS DISTINCT FROM status) \
          SELECT order_id, status, entered_at, \
@@ -139,6 +137,12 @@ pub fn fact_order_status_sql(scope: Option<&str>) -> String {
          FROM t{}",
         single.unwrap_or_default()
     )
+}
+
+/// The orders that may have entered more than one status: those with a visible version closed
+/// by an update (a superset of the orders with several visible versions).
+pub fn order_status_multi_sql() -> String {
+    format!("SELECT DISTINCT h.order_id FROM orders_history h WHERE {VISIBLE} AND h.closed_by = 'update'")
 }
 
 /// `fact_orders`: the accumulating snapshot of current orders: status, whether open, when
