@@ -9,8 +9,7 @@ use datafusion::catalog::TableProvider;
 use datafusion::datasource::empty::EmptyTable;
 use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::{ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl};
-use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
-use deltalake::kernel::{Action, Add, Remove, Transaction};
+use deltalake::kernel::{Action, Add, Remove};
 use deltalake::protocol::DeltaOperation;
 use futures::StreamExt;
 use futures::stream::BoxStream;
@@ -216,12 +215,6 @@ impl LayerTable {
         position: Option<&Position>,
         kind: Replace,
     ) -> Result<CommitOutcome> {
-        if let Some(position) = position
-            && let Some(stored) = self.position(&position.app_id).await?
-            && stored >= position.version
-        {
-            return Ok(CommitOutcome::AlreadyCommitted);
-        }
         let data_change = kind == Replace::Rewrite;
         let now = chrono::Utc::now().timestamp_millis();
         let files = adds.len();
@@ -240,18 +233,6 @@ impl LayerTable {
             Replace::Rewrite => DeltaOperation::Update { predicate: None },
             Replace::Compaction => DeltaOperation::Optimize { predicate: None, target_size: 0 },
         };
-        let mut properties = CommitProperties::default();
-        if let Some(position) = position {
-            properties = properties.with_application_transaction(Transaction::new(&position.app_id, position.version));
-        }
-        let snapshot = self.delta().snapshot().map_err(Error::delta(self.name(), "commit"))?;
-        let finalized = CommitBuilder::from(properties)
-            .with_actions(actions)
-            .build(Some(snapshot), self.delta().log_store(), operation)
-            .await
-            .map_err(Error::delta(self.name(), "commit"))?;
-        let version = finalized.version();
-        self.set_state(finalized.snapshot());
-        Ok(CommitOutcome::Committed { version, files })
+        self.commit_actions(actions, files, operation, position).await
     }
 }

@@ -394,10 +394,6 @@ impl LayerTable {
         self.delta.version()
     }
 
-    pub(crate) fn set_state(&mut self, state: deltalake::table::state::DeltaTableState) {
-        self.delta.state = Some(state);
-    }
-
     /// Reload the table's latest state.
     pub async fn refresh(&mut self) -> Result<()> {
         self.delta.update_state().await.map_err(Error::delta(&self.name, "refresh"))
@@ -522,15 +518,10 @@ impl LayerTable {
     /// of every layer. When `position` is already stored, nothing is committed.
     pub async fn commit(&mut self, adds: Vec<Add>, position: &Position, mode: CommitMode) -> Result<CommitOutcome> {
         self.refresh().await?;
-        if let Some(stored) = self.position(&position.app_id).await?
-            && stored >= position.version
-        {
-            return Ok(CommitOutcome::AlreadyCommitted);
-        }
         let files = adds.len();
         let mut actions: Vec<Action> = Vec::with_capacity(files);
-        let snapshot = self.delta.snapshot().map_err(Error::delta(&self.name, "commit"))?;
         if mode == CommitMode::ReplaceAll {
+            let snapshot = self.delta.snapshot().map_err(Error::delta(&self.name, "commit"))?;
             actions.extend(snapshot.log_data().iter().map(|file| Action::Remove(file.remove_action(true))));
         }
         actions.extend(adds.into_iter().map(Action::Add));
@@ -542,8 +533,29 @@ impl LayerTable {
             partition_by: None,
             predicate: None,
         };
-        let properties = CommitProperties::default()
-            .with_application_transaction(Transaction::new(&position.app_id, position.version));
+        self.commit_actions(actions, files, operation, Some(position)).await
+    }
+
+    /// Commit `actions` on the loaded version as one new table version, with `position` (when
+    /// given) as the application transaction; nothing when that position is already stored.
+    /// `files` is the number of files the actions add.
+    pub(crate) async fn commit_actions(
+        &mut self,
+        actions: Vec<Action>,
+        files: usize,
+        operation: DeltaOperation,
+        position: Option<&Position>,
+    ) -> Result<CommitOutcome> {
+        let mut properties = CommitProperties::default();
+        if let Some(position) = position {
+            if let Some(stored) = self.position(&position.app_id).await?
+                && stored >= position.version
+            {
+                return Ok(CommitOutcome::AlreadyCommitted);
+            }
+            properties = properties.with_application_transaction(Transaction::new(&position.app_id, position.version));
+        }
+        let snapshot = self.delta.snapshot().map_err(Error::delta(&self.name, "commit"))?;
         let finalized = CommitBuilder::from(properties)
             .with_actions(actions)
             .build(Some(snapshot), self.delta.log_store(), operation)

@@ -320,7 +320,7 @@ impl Build<'_> {
         let own = table.position(MODEL_APP).await?.unwrap_or(0);
         let pinned = self
             .previous
-            .filter(|m| m.version_of(layer, name).is_some() && m.version_of(layer, name) == table.version())
+            .filter(|m| m.version_of(layer, name).is_some_and(|v| Some(v) == table.version()))
             .map_or(0, |m| m.position);
         Ok((Some(table), own.max(pinned)))
     }
