@@ -67,3 +67,77 @@ async fn a_truncated_data_file_and_a_corrupt_commit_get_errors_naming_them() {
     let error = Warehouse::open(&config.storage_url).await.expect_err("a corrupt commit record");
     assert!(error.to_string().contains("fact_orders"), "the error names the table: {error}");
 }
+
+/// The error and its causes, one line each.
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(c) = cause {
+        text.push_str(&format!("\n  caused by: {c}"));
+        cause = c.source();
+    }
+    text
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_failures_stop_with_clear_errors_hide_nothing_half_done_and_lose_nothing() {
+    // A real, small file system that can be filled up and remounted read-only.
+    let fs = acme_testkit::SmallFs::mount(256 * 1024 * 1024).expect("tmpfs for the warehouse");
+    let url = acme_testkit::acme_database("write_faults", Some((0.002, 5))).await.expect("source");
+    let config = crate::warehouse_config(&url, fs.path());
+    let mut stream = acme_ingest::ChangeStream::open(config.clone()).await.expect("open");
+    ModelBuild::new(config.clone()).await.expect("model");
+    let client = acme_testkit::connect(&url).await.expect("connect");
+    let mut seed = 50;
+    for fault in ["a full file system", "a read-only file system"] {
+        let inject = || match fault {
+            "a full file system" => fs.fill(),
+            _ => fs.set_read_only(true),
+        };
+        let repair = || match fault {
+            "a full file system" => fs.free(),
+            _ => fs.set_read_only(false),
+        };
+        let cause = if fault.contains("full") { "No space left on device" } else { "Read-only file system" };
+        let w = Warehouse::open(&config.storage_url).await.expect("open");
+        let before = crate::acme(&w, 10, None).await;
+        assert_eq!(before, crate::oracle(&client, 10).await, "{fault}: in step before the fault is injected");
+
+        // Changes reach the raw layer, then the fault hits the model build.
+        seed += 1;
+        acme_testkit::run_workload(&url, &workload(seed, 100, 1)).await.expect("workload");
+        stream.catch_up().await.expect("catch up");
+        inject().expect("inject the fault");
+        let error = ModelBuild::new(config.clone()).await.expect_err("a model build cannot write");
+        let text = chain(&error);
+        assert!(text.contains(cause), "{fault}: the build error gives the cause: {text}");
+        // ... and the stream cannot commit the next changes.
+        seed += 1;
+        acme_testkit::run_workload(&url, &workload(seed, 100, 1)).await.expect("workload");
+        let error = stream.catch_up().await.expect_err("the stream cannot write");
+        let text = chain(&error);
+        assert!(text.contains(cause), "{fault}: the stream error gives the cause: {text}");
+        assert!(!error.is_transient(), "{fault}: a storage failure is not mistaken for a source failure");
+
+        // Readers see the last complete state: nothing of the failed build or commit.
+        let w = Warehouse::open(&config.storage_url).await.expect("readers open during the fault");
+        assert_eq!(crate::acme(&w, 10, None).await, before, "{fault}: readers see the state before it");
+
+        // Repaired: the same stream and a new build catch up, nothing lost or doubled.
+        repair().expect("repair");
+        stream.catch_up().await.expect("the stream resumes after the repair");
+        ModelBuild::new(config.clone()).await.expect("the build succeeds after the repair");
+        let w = Warehouse::open(&config.storage_url).await.expect("open");
+        assert_eq!(crate::acme(&w, 10, None).await, crate::oracle(&client, 10).await, "{fault}: after the repair");
+        for (table, key) in [("orders", "order_id"), ("order_items", "order_item_id")] {
+            // Snapshot rows share one position, so a change is (position, key).
+            let doubled = format!(
+                "SELECT count(*) AS n FROM (SELECT _lsn, _seq, {key} FROM raw_{table} GROUP BY _lsn, _seq, {key} \
+                 HAVING count(*) > 1)"
+            );
+            let batches = w.sql(&doubled).await.expect("plan").collect().await.expect("count");
+            let n = batches[0].column(0).as_any().downcast_ref::<arrow::array::Int64Array>().expect("count").value(0);
+            assert_eq!(n, 0, "{fault}: no change of {table} stored twice");
+        }
+    }
+}

@@ -192,6 +192,72 @@ impl PgCluster {
         self.pg_start()
     }
 
+    /// Freeze every server process (SIGSTOP to the postmaster and its children): the server
+    /// keeps its sockets, so connections neither fail nor answer, like a network stall. The
+    /// kernel still completes new TCP handshakes; nothing behind them answers.
+    pub fn pause(&self) -> Result<()> {
+        self.signal_all("STOP")
+    }
+
+    /// Thaw the processes frozen by [`PgCluster::pause`].
+    pub fn resume(&self) -> Result<()> {
+        self.signal_all("CONT")
+    }
+
+    /// The postmaster's process id and those of its children.
+    fn server_pids(&self) -> Result<(u32, Vec<u32>)> {
+        let pidfile = self.data_dir().join("postmaster.pid");
+        let text = std::fs::read_to_string(&pidfile)
+            .map_err(|source| HarnessError::Io { what: format!("reading {}", pidfile.display()), source })?;
+        let postmaster: u32 = text
+            .lines()
+            .next()
+            .and_then(|l| l.trim().parse().ok())
+            .ok_or_else(|| HarnessError::InvalidParameter(format!("{} names no process", pidfile.display())))?;
+        let mut children = Vec::new();
+        let proc_dir =
+            std::fs::read_dir("/proc").map_err(|source| HarnessError::Io { what: "listing /proc".into(), source })?;
+        for entry in proc_dir.flatten() {
+            let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
+            // `pid (comm) state ppid ...`: the command may hold spaces, so split after `)`.
+            let parent = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1));
+            if parent.and_then(|p| p.parse::<u32>().ok()) == Some(postmaster) {
+                children.push(pid);
+            }
+        }
+        Ok((postmaster, children))
+    }
+
+    /// Send `signal` to the postmaster (which must exist), then to its children. Children come
+    /// and go (a backend exits when its client leaves), so one that is gone is skipped, and
+    /// the children are listed again until no new one appears: with the postmaster stopped
+    /// first, none is forked after that.
+    fn signal_all(&self, signal: &str) -> Result<()> {
+        let (postmaster, _) = self.server_pids()?;
+        let mut cmd = Command::new("kill");
+        cmd.arg(format!("-{signal}")).arg(postmaster.to_string());
+        run(&mut cmd)?;
+        let mut signalled = std::collections::HashSet::new();
+        for _ in 0..5 {
+            let (_, children) = self.server_pids()?;
+            let new: Vec<u32> = children.into_iter().filter(|pid| signalled.insert(*pid)).collect();
+            if new.is_empty() {
+                break;
+            }
+            for pid in new {
+                // A child that exited in between is fine: it needs no signal.
+                let _ = Command::new("kill")
+                    .arg(format!("-{signal}"))
+                    .arg(pid.to_string())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status();
+            }
+        }
+        Ok(())
+    }
+
     fn pg_start(&self) -> Result<()> {
         let mut cmd = self.pg_command("pg_ctl");
         cmd.arg("-D")
@@ -277,6 +343,8 @@ impl PgCluster {
 
 impl Drop for PgCluster {
     fn drop(&mut self) {
+        // A frozen server could not stop: thaw it first (harmless when it runs).
+        let _ = self.resume();
         let _ = self.pg_stop("immediate");
         let _ = std::fs::remove_dir_all(&self.root);
     }
@@ -353,7 +421,7 @@ fn wait_for_port(port: u16, timeout: Duration) -> Result<()> {
     Err(HarnessError::NotReady { port })
 }
 
-fn run(cmd: &mut Command) -> Result<()> {
+pub(crate) fn run(cmd: &mut Command) -> Result<()> {
     let description = format!("{cmd:?}");
     let output = cmd
         .stdin(Stdio::null())

@@ -18,6 +18,7 @@
 
 pub mod cluster;
 pub mod error;
+pub mod fs;
 pub mod generator;
 pub mod outside;
 pub mod rng;
@@ -26,6 +27,7 @@ pub mod workload;
 
 pub use cluster::PgCluster;
 pub use error::{HarnessError, Result};
+pub use fs::SmallFs;
 pub use generator::{Generator, LoadReport, ScaleFactor, bulk_load};
 pub use outside::MotoServer;
 pub use source::{PUBLICATION, TABLES, create_source_schema, table_counts};
