@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use acme::core::AcmeConfig;
+use acme::core::{AcmeConfig, CdcMode};
 use acme::ingest::{ChangeStream, SnapshotProgress};
 use acme::model::ModelBuild;
 use clap::Parser;
@@ -33,9 +33,26 @@ struct Args {
     /// Seconds between model builds while streaming.
     #[arg(long, default_value_t = 5)]
     model_interval: u64,
-    /// Replication slot name.
+    /// Replication slot name (with `--cdc-mode triggers`: the name of the changelog objects).
     #[arg(long, default_value = acme::core::config::DEFAULT_SLOT)]
     slot: String,
+    /// How changes are captured: `stream` (logical decoding, the default), `sql-poll` (logical
+    /// decoding read by SQL) or `triggers` (the fallback for sources without logical replication).
+    #[arg(long, default_value = "stream", value_parser = parse_cdc_mode)]
+    cdc_mode: CdcMode,
+    /// Memory the model build's query engine may hold, in MiB (sorts and aggregations spill
+    /// to the temporary directory beyond it).
+    #[arg(long, default_value_t = acme::core::config::DEFAULT_MEMORY_LIMIT_BYTES / (1024 * 1024))]
+    memory_limit_mib: u64,
+}
+
+fn parse_cdc_mode(value: &str) -> Result<CdcMode, String> {
+    match value {
+        "stream" => Ok(CdcMode::Stream),
+        "sql-poll" => Ok(CdcMode::SqlPoll),
+        "triggers" => Ok(CdcMode::Triggers),
+        other => Err(format!("unknown capture mode `{other}`: use stream, sql-poll or triggers")),
+    }
 }
 
 #[tokio::main]
@@ -44,8 +61,13 @@ async fn main() -> anyhow::Result<()> {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
     let args = Args::parse();
-    let config =
-        AcmeConfig::builder().source_url(&args.source).storage_url(&args.warehouse).slot(&args.slot).build()?;
+    let config = AcmeConfig::builder()
+        .source_url(&args.source)
+        .storage_url(&args.warehouse)
+        .slot(&args.slot)
+        .cdc_mode(args.cdc_mode)
+        .memory_limit_bytes(args.memory_limit_mib * 1024 * 1024)
+        .build()?;
     let started = Instant::now();
     let progress = Arc::new(SnapshotProgress::default());
     let bar = tokio::spawn(progress_bar(Arc::clone(&progress)));

@@ -15,16 +15,13 @@ use std::time::Duration;
 use acme::query::Warehouse;
 use acme_testkit::WorkloadConfig;
 
-/// Kills over the suite.
-const KILLS: usize = 24;
-
-fn spawn_sync(url: &str, warehouse: &Path, slot: &str, log: &Path, once: bool) -> Child {
+fn spawn_sync(url: &str, warehouse: &Path, slot: &str, mode: &str, log: &Path, once: bool) -> Child {
     let log = std::fs::OpenOptions::new().create(true).append(true).open(log).expect("log file");
     let mut command = Command::new(support::sync_binary());
     command
         .args(["--source", url, "--warehouse"])
         .arg(warehouse)
-        .args(["--slot", slot, "--model-interval", "1"])
+        .args(["--slot", slot, "--model-interval", "1", "--cdc-mode", mode])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::from(log.try_clone().expect("log")))
         .stderr(Stdio::from(log));
@@ -95,9 +92,19 @@ async fn same_rows(client: &tokio_postgres::Client, w: &Warehouse, table: &str, 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sync_killed_at_random_points_loses_nothing_and_doubles_nothing() {
+    crash_suite("crash", "stream", 24, Duration::from_secs(40)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_with_the_trigger_fallback_killed_at_random_points_loses_nothing_and_doubles_nothing() {
+    crash_suite("crash_triggers", "triggers", 8, Duration::from_secs(16)).await;
+}
+
+/// Kill `sync --cdc-mode mode` `kills` times while the workload writes for `duration`.
+async fn crash_suite(prefix: &str, mode: &str, kills: usize, duration: Duration) {
     let seed: u64 = std::env::var("ACME_CRASH_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(2026);
     println!("ACME_CRASH_SEED={seed}");
-    let url = acme_testkit::acme_database("crash", Some((0.01, 17))).await.expect("source");
+    let url = acme_testkit::acme_database(prefix, Some((0.01, 17))).await.expect("source");
     let slot = acme_testkit::slot_for(&url);
     let dir = tempfile::tempdir().expect("tmp");
     let warehouse = dir.path().join("warehouse");
@@ -109,7 +116,7 @@ async fn sync_killed_at_random_points_loses_nothing_and_doubles_nothing() {
                 seed,
                 rate_tps: 150.0,
                 transactions: None,
-                duration: Some(Duration::from_secs(40)),
+                duration: Some(duration),
                 connections: 2,
                 deletes: true,
                 inserts_only: false,
@@ -119,8 +126,8 @@ async fn sync_killed_at_random_points_loses_nothing_and_doubles_nothing() {
     };
     let mut state = seed;
     let mut killed = 0;
-    for round in 0..KILLS {
-        let mut child = spawn_sync(&url, &warehouse, &slot, &log, false);
+    for round in 0..kills {
+        let mut child = spawn_sync(&url, &warehouse, &slot, mode, &log, false);
         // The first kills come early, during the snapshot; later ones anywhere in the cycle of
         // streaming, model builds (every second) and compaction.
         let delay = if round < 3 { 150 + 150 * round as u64 } else { 200 + next(&mut state) % 2_300 };
@@ -134,11 +141,11 @@ async fn sync_killed_at_random_points_loses_nothing_and_doubles_nothing() {
         killed += 1;
     }
     let report = workload.await.expect("workload");
-    assert!(report.transactions > 1_000, "the workload ran during the kills: {report:?}");
+    assert!(report.transactions > 100 * duration.as_secs(), "the workload ran during the kills: {report:?}");
     // A last run catches up and exits.
-    let status = spawn_sync(&url, &warehouse, &slot, &log, true).wait().expect("final run");
+    let status = spawn_sync(&url, &warehouse, &slot, mode, &log, true).wait().expect("final run");
     assert!(status.success(), "final sync failed:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
-    assert_eq!(killed, KILLS);
+    assert_eq!(killed, kills);
 
     let w = Warehouse::open(&warehouse.display().to_string()).await.expect("warehouse");
     let client = acme_testkit::connect(&url).await.expect("connect");
@@ -182,10 +189,10 @@ async fn sync_killed_at_random_points_loses_nothing_and_doubles_nothing() {
     let ready = output.matches("ready after").count();
     let builds = output.matches("model at raw LSN").count();
     let compactions = output.matches("files merged").count();
-    assert!(ready <= KILLS, "some kills landed before the stream was ready ({ready} of {} runs ready)", KILLS + 1);
+    assert!(ready <= kills, "some kills landed before the stream was ready ({ready} of {} runs ready)", kills + 1);
     assert!(builds > 0, "model builds completed between kills");
     println!(
-        "{killed} kills survived; {} transactions written during them; {ready} runs got past the snapshot, \
+        "{mode}: {killed} kills survived; {} transactions written during them; {ready} runs got past the snapshot, \
          {builds} model builds and {compactions} raw compactions completed",
         report.transactions
     );

@@ -31,6 +31,8 @@ pub const DEFAULT_MAX_BATCH_CHANGES: usize = 200_000;
 pub const DEFAULT_MEMORY_LIMIT_BYTES: u64 = 1024 * 1024 * 1024;
 /// Default rows per file of a model table (one row group).
 pub const DEFAULT_MODEL_FILE_ROWS: u64 = 128 * 1024;
+/// Default longest wait for an answer from the source (see [`AcmeConfig::source_timeout`]).
+pub const DEFAULT_SOURCE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How the change stream reads the replication slot.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -43,6 +45,11 @@ pub enum CdcMode {
     /// `pg_logical_slot_peek_binary_changes` over an ordinary connection, polled: about 3x the
     /// streaming row rate on large backlogs, at the cost of one query per poll.
     SqlPoll,
+    /// The fallback for sources where logical replication is not allowed: audit triggers write
+    /// every change into a changelog table (`acme_cdc.<slot>_changes`) that acme polls. No
+    /// slot, publication, `wal_level = logical` or REPLICATION privilege is needed, but each
+    /// source write also writes a changelog row. See `acme_ingest::triggers`.
+    Triggers,
 }
 
 /// Configuration of an acme pipeline.
@@ -83,6 +90,13 @@ pub struct AcmeConfig {
     /// Memory the model build's query engine may hold (sorts and aggregations spill to the
     /// temporary directory beyond it).
     pub memory_limit_bytes: u64,
+    /// Longest wait for an answer from the source: connecting, a query, or the replication
+    /// stream answering a status request. Beyond it the connection counts as stalled (a network
+    /// partition, a paused server) and is replaced, with backoff, like a broken one. The server
+    /// answers status requests even while it decodes a large transaction, so this bounds
+    /// failure detection, not transaction size.
+    #[serde(with = "duration_millis")]
+    pub source_timeout: Duration,
 }
 
 impl Default for AcmeConfig {
@@ -103,6 +117,7 @@ impl Default for AcmeConfig {
             cdc_mode: CdcMode::default(),
             model_file_rows: DEFAULT_MODEL_FILE_ROWS,
             memory_limit_bytes: DEFAULT_MEMORY_LIMIT_BYTES,
+            source_timeout: DEFAULT_SOURCE_TIMEOUT,
         }
     }
 }
@@ -150,6 +165,9 @@ impl AcmeConfig {
         }
         if self.memory_limit_bytes < 64 * 1024 * 1024 {
             return invalid("memory_limit_bytes", "must be at least 64 MiB");
+        }
+        if self.source_timeout < Duration::from_millis(100) {
+            return invalid("source_timeout", "must be at least 100 ms");
         }
         Ok(())
     }
@@ -261,6 +279,12 @@ impl AcmeConfigBuilder {
     /// Rows per file of the model's tables.
     pub fn model_file_rows(mut self, rows: u64) -> Self {
         self.config.model_file_rows = rows;
+        self
+    }
+
+    /// Longest wait for an answer from the source before its connection is replaced.
+    pub fn source_timeout(mut self, timeout: Duration) -> Self {
+        self.config.source_timeout = timeout;
         self
     }
 

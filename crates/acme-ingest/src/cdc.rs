@@ -43,10 +43,14 @@ use crate::pgoutput::{self, Message};
 use crate::replication::{LogicalStream, ReplicationConnection, StreamEvent, create_slot_exporting_snapshot};
 use crate::snapshot::{SNAPSHOT_META, Snapshot, SnapshotPoint, SnapshotProgress};
 use crate::source::{SourceColumn, SourceTable, SourceUrl};
+use crate::triggers::{Changelog, RawValue, batch_of, synthetic_lsn};
 use crate::types::PgType;
 
 /// Metadata document naming the replication slot this warehouse created.
 pub const SLOT_META: &str = "slot";
+
+/// Metadata document naming the capture method that filled the warehouse.
+pub const CAPTURE_META: &str = "capture";
 
 /// An idle stream writes a heartbeat this often so that its slot keeps advancing.
 pub const IDLE_HEARTBEAT: Duration = Duration::from_secs(10);
@@ -70,6 +74,18 @@ pub struct PollReport {
     pub tables_committed: usize,
     /// Change rows decoded in this poll (committed ones are counted in `changes`).
     pub changes_seen: u64,
+}
+
+impl PollReport {
+    /// Add a later poll's counts to these (its confirmed position replaces this one's).
+    fn add(&mut self, later: &PollReport) {
+        self.transactions += later.transactions;
+        self.changes += later.changes;
+        self.changes_seen += later.changes_seen;
+        self.skipped_transactions += later.skipped_transactions;
+        self.tables_committed += later.tables_committed;
+        self.confirmed = later.confirmed;
+    }
 }
 
 impl TableState {
@@ -106,9 +122,6 @@ struct Cursor {
 /// Between transactions, how long the stream waits for data before asking the server how far
 /// it has decoded.
 const STATUS_PROBE: Duration = Duration::from_millis(10);
-/// Longest silence tolerated in the middle of a transaction before the connection is
-/// considered broken.
-const STALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// First reconnect delay; doubled per failed attempt.
 const RECONNECT_BASE: Duration = Duration::from_millis(100);
 /// Longest reconnect delay.
@@ -143,6 +156,8 @@ pub struct ChangeStream {
     dirty: bool,
     /// Commit rounds since the raw tables were last compacted.
     uncompacted_rounds: u32,
+    /// The changelog, when capturing with triggers ([`CdcMode::Triggers`]).
+    changelog: Option<Changelog>,
 }
 
 impl std::fmt::Debug for ChangeStream {
@@ -166,19 +181,26 @@ impl ChangeStream {
     /// [`ChangeStream::open`], reporting the snapshot's progress (if one runs) into `progress`.
     pub async fn open_with_progress(config: AcmeConfig, progress: Option<Arc<SnapshotProgress>>) -> Result<Self> {
         config.validate()?;
-        let url = SourceUrl::parse(config.source_url.as_deref().ok_or(IngestError::NoSource)?)?;
+        let url = SourceUrl::parse(config.source_url.as_deref().ok_or(IngestError::NoSource)?)?
+            .with_timeout(config.source_timeout);
         let storage = Storage::new(&config.storage_url, config.storage_options.clone())?;
         let client = url.connect().await?;
-        check_source(&client).await?;
+        let triggers = config.cdc_mode == CdcMode::Triggers;
+        if !triggers {
+            check_source(&client).await?;
+        }
         let mut sources = Vec::with_capacity(config.tables.len());
         for name in &config.tables {
             let table = SourceTable::load(&client, &config.schema, name).await?;
-            if table.replica_identity != 'f' {
+            // Triggers see whole old rows whatever the replica identity.
+            if !triggers && table.replica_identity != 'f' {
                 return Err(IngestError::ReplicaIdentity { table: table.qualified() });
             }
             sources.push(table);
         }
-        ensure_publication(&client, &config, &sources).await?;
+        if !triggers {
+            ensure_publication(&client, &config, &sources).await?;
+        }
 
         // Is there a complete snapshot already?
         let mut layers = Vec::with_capacity(sources.len());
@@ -195,7 +217,42 @@ impl ChangeStream {
             snapshot_positions.push(layer.position(raw::SNAPSHOT_APP).await?);
         }
         let snapshot_complete = snapshot_positions.iter().all(|p| p.is_some() && *p == snapshot_positions[0]);
-        let slot = slot_state(&client, &config.slot).await?;
+        // Capture methods cannot be switched on one warehouse (a warehouse without the marker
+        // predates the trigger fallback: logical decoding filled it).
+        let method = if triggers { "triggers" } else { "logical decoding" };
+        let stored_method = match storage.get_meta(CAPTURE_META).await? {
+            Some(bytes) => Some(String::from_utf8_lossy(&bytes).into_owned()),
+            None if snapshot_complete => Some("logical decoding".to_string()),
+            None => None,
+        };
+        if let Some(stored) = stored_method
+            && stored != method
+        {
+            return Err(IngestError::CaptureMethodChanged { stored, configured: method.to_string() });
+        }
+        let changelog = triggers.then(|| Changelog::new(&config.slot));
+        if let Some(changelog) = &changelog {
+            if snapshot_complete {
+                if let Some(table) = changelog.missing_trigger(&client, &sources).await? {
+                    return Err(IngestError::CaptureTriggerMissing { table });
+                }
+            } else {
+                // Triggers first: every transaction that commits after the snapshot is captured.
+                storage.put_meta(CAPTURE_META, method.as_bytes().to_vec()).await?;
+                changelog.install(&client, &sources).await?;
+                let mut snapshot = Snapshot::new(config.clone());
+                if let Some(progress) = progress.clone() {
+                    snapshot = snapshot.with_progress(progress);
+                }
+                let report = snapshot.await?;
+                tracing::info!(lsn = %report.lsn, "initial snapshot complete; capturing changes with triggers");
+                for layer in &mut layers {
+                    layer.refresh().await?;
+                }
+            }
+        }
+        let slot = if triggers { SlotState::Ready } else { slot_state(&client, &config.slot).await? };
+        let snapshot_complete = snapshot_complete || triggers;
         match (slot, snapshot_complete) {
             (SlotState::Lost, _) | (SlotState::Missing, true) => {
                 return Err(IngestError::SlotLost { slot: config.slot.clone() });
@@ -217,6 +274,7 @@ impl ChangeStream {
                         .map_err(sql(format!("dropping the unused replication slot {}", config.slot)))?;
                 }
                 storage.put_meta(SLOT_META, config.slot.as_bytes().to_vec()).await?;
+                storage.put_meta(CAPTURE_META, method.as_bytes().to_vec()).await?;
                 let mut replication = ReplicationConnection::connect(&url).await?;
                 let created = create_slot_exporting_snapshot(&mut replication, &config.slot).await?;
                 let lsn = Lsn::parse(&created.consistent_point)?;
@@ -242,6 +300,10 @@ impl ChangeStream {
                 )));
             }
         };
+        if let Some(changelog) = &changelog {
+            // Changes of transactions the snapshot holds (committed before it) are not replayed.
+            changelog.drop_snapshot_changes(&client, &snapshot.visibility).await?;
+        }
         let mut tables = Vec::with_capacity(sources.len());
         for (table, layer) in sources.into_iter().zip(layers) {
             let stored = layer.position(raw::CDC_APP).await?.map(|v| v as u64);
@@ -267,6 +329,7 @@ impl ChangeStream {
             stream: None,
             dirty: false,
             uncompacted_rounds: 0,
+            changelog,
         })
     }
 
@@ -276,7 +339,11 @@ impl ChangeStream {
     }
 
     /// Bytes of WAL the slot still retains for acme (`pg_current_wal_lsn() - confirmed_flush_lsn`).
+    /// With [`CdcMode::Triggers`]: the bytes the changelog table holds instead.
     pub async fn slot_lag_bytes(&self) -> Result<i64> {
+        if let Some(changelog) = &self.changelog {
+            return changelog.size_bytes(&self.client).await;
+        }
         let row = self
             .client
             .query_one(
@@ -302,6 +369,7 @@ impl ChangeStream {
         let report = match self.config.cdc_mode {
             CdcMode::Stream => self.poll_stream().await?,
             CdcMode::SqlPoll => self.poll_sql().await?,
+            CdcMode::Triggers => self.poll_triggers().await?,
         };
         self.dirty = false;
         Ok(report)
@@ -310,12 +378,13 @@ impl ChangeStream {
     /// The WAL position flushed on the source now. (Takes `&mut self` so that the future stays
     /// `Send`: the stream's writers are not `Sync`.)
     async fn flush_lsn(&mut self) -> Result<Lsn> {
-        let upto: String = self
-            .client
-            .query_one("SELECT pg_current_wal_flush_lsn()::text", &[])
-            .await
-            .map_err(sql("reading the current WAL position"))?
-            .get(0);
+        let query = async {
+            self.client
+                .query_one("SELECT pg_current_wal_flush_lsn()::text", &[])
+                .await
+                .map_err(sql("reading the current WAL position"))
+        };
+        let upto: String = self.url.bounded("reading the current WAL position", query).await?.get(0);
         Lsn::parse(&upto)
     }
 
@@ -369,10 +438,8 @@ impl ChangeStream {
         let upto = self.flush_lsn().await?.0;
         if self.stream.is_none() {
             let replication = ReplicationConnection::connect(&self.url).await?;
-            let stream = replication
-                .start_logical(&self.config.slot, self.confirmed.0, &self.config.publication)
-                .await
-                .map_err(|e| self.stream_error(e))?;
+            let start = replication.start_logical(&self.config.slot, self.confirmed.0, &self.config.publication);
+            let stream = self.url.bounded("starting replication", start).await.map_err(|e| self.stream_error(e))?;
             self.stream = Some(stream);
         }
         let started = Instant::now();
@@ -387,24 +454,22 @@ impl ChangeStream {
                 break;
             }
             // Mid-transaction the rest of it must be read before anything can be committed.
-            let wait = if between { left.min(STATUS_PROBE) } else { STALL_TIMEOUT };
+            let wait = if between { left.min(STATUS_PROBE) } else { self.url.timeout() };
             let Some(stream) = self.stream.as_mut() else { break };
             let event = match tokio::time::timeout(wait, stream.next()).await {
                 Ok(event) => event?,
                 Err(_) if between => {
                     if !asked {
-                        // Ask the server how far it has decoded (it answers with a keepalive).
+                        // Ask the server how far it has decoded (it answers with a keepalive,
+                        // even while it decodes a large transaction).
                         stream.send_status(self.confirmed.0, true).await?;
                         asked = true;
+                    } else if stream.silent_for() >= self.url.timeout() {
+                        return Err(self.url.stalled("waiting for the replication stream"));
                     }
                     continue;
                 }
-                Err(_) => {
-                    return Err(IngestError::Disconnected {
-                        target: self.url.to_string(),
-                        message: format!("no data for {}s in the middle of a transaction", STALL_TIMEOUT.as_secs()),
-                    });
-                }
+                Err(_) => return Err(self.url.stalled("reading a transaction from the replication stream")),
             };
             match event {
                 None => {
@@ -456,6 +521,122 @@ impl ChangeStream {
         }
         report.confirmed = self.confirmed;
         Ok(report)
+    }
+
+    /// One poll of the trigger fallback: claim, read, commit, release (see
+    /// [`crate::triggers`]).
+    async fn poll_triggers(&mut self) -> Result<PollReport> {
+        let Some(changelog) = self.changelog.clone() else {
+            return Err(IngestError::Internal("trigger capture without a changelog".into()));
+        };
+        let base = self.snapshot.lsn;
+        let stored = self.tables.iter().filter_map(|t| t.stored).max();
+        let claimed = self.url.bounded("reading the changelog", changelog.last_claimed(&self.client)).await?;
+        // Batches left claimed by an earlier run are read again first; each table skips what
+        // it already stored.
+        let batch = stored.map_or(0, |l| batch_of(base, l)).max(claimed.unwrap_or(0)) + 1;
+        let claim = changelog.claim(&self.client, batch, self.config.max_batch_changes);
+        self.url.bounded("claiming changes", claim).await?;
+        let (transactions, changes) =
+            self.url.bounded("counting claimed changes", changelog.claimed_counts(&self.client)).await?;
+        let mut report = PollReport { transactions, ..PollReport::default() };
+        if changes > 0 {
+            self.follow_added_columns().await?;
+            for i in 0..self.tables.len() {
+                self.read_claimed(&changelog, i, &mut report).await?;
+            }
+            self.commit_round(&mut report).await?;
+            self.url.bounded("releasing committed changes", changelog.release(&self.client, batch)).await?;
+        }
+        self.confirmed = Lsn(self.tables.iter().filter_map(|t| t.stored).max().unwrap_or(base));
+        report.confirmed = self.confirmed;
+        Ok(report)
+    }
+
+    /// With triggers, a column added to a source table (`ALTER TABLE ... ADD COLUMN`) shows in
+    /// the changelog's rows at once: widen the raw table before reading them.
+    async fn follow_added_columns(&mut self) -> Result<()> {
+        let oids: Vec<i64> = self.tables.iter().map(|t| i64::from(t.builder.table().oid)).collect();
+        let query = async {
+            self.client
+                .query(
+                    "SELECT attrelid::int8, count(*) FROM pg_attribute WHERE attrelid = ANY($1::int8[]::oid[]) \
+                     AND attnum > 0 AND NOT attisdropped GROUP BY attrelid",
+                    &[&oids],
+                )
+                .await
+                .map_err(sql("reading the source tables' columns"))
+        };
+        let counts = self.url.bounded("reading the source tables' columns", query).await?;
+        for row in counts {
+            let (oid, count): (i64, i64) = (row.get(0), row.get(1));
+            let Some(i) = self.tables.iter().position(|t| i64::from(t.builder.table().oid) == oid) else { continue };
+            let current = self.tables[i].builder.table();
+            if count as usize > current.columns.len() {
+                let (schema, name) = (current.schema.clone(), current.name.clone());
+                let table = SourceTable::load(&self.client, &schema, &name).await?;
+                self.evolve_to(i, table).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Read the claimed changes of table `i` into its builder (spilling full batches).
+    async fn read_claimed(&mut self, changelog: &Changelog, i: usize, report: &mut PollReport) -> Result<()> {
+        let base = self.snapshot.lsn;
+        let table = self.tables[i].builder.table().clone();
+        let width = table.columns.len();
+        let read_sql = changelog.read_sql(&table);
+        let query = self.client.query_raw(&read_sql, [&table.name]);
+        let rows = self
+            .url
+            .bounded("reading claimed changes", async { query.await.map_err(sql("reading claimed changes")) })
+            .await?;
+        futures::pin_mut!(rows);
+        let bad = |source| IngestError::Source {
+            context: format!("decoding a claimed change of {}", table.qualified()),
+            source,
+        };
+        loop {
+            let next = self.url.bounded("reading claimed changes", async { Ok(rows.next().await) }).await?;
+            let Some(row) = next else { break };
+            let row = row.map_err(bad)?;
+            let op: &str = row.try_get(0).map_err(bad)?;
+            let op = Operation::parse(op)
+                .ok_or_else(|| IngestError::BadMessage { message: format!("unknown changelog operation `{op}`") })?;
+            let (batch, tx_no): (i64, i64) = (row.try_get(1).map_err(bad)?, row.try_get(2).map_err(bad)?);
+            let lsn = synthetic_lsn(base, batch, tx_no);
+            let state = &mut self.tables[i];
+            if state.stored.is_some_and(|s| lsn <= s) {
+                continue;
+            }
+            let meta = ChangeMeta {
+                op,
+                lsn,
+                seq: row.try_get(3).map_err(bad)?,
+                xid: row.try_get::<_, i64>(4).map_err(bad)? as u32,
+                commit_ts_micros: row.try_get(5).map_err(bad)?,
+            };
+            let value = |c: usize| row.try_get::<_, Option<RawValue<'_>>>(c).map(|v| v.map(|v| v.0)).map_err(bad);
+            match op {
+                Operation::Truncate => state.builder.append_truncate(meta),
+                Operation::Insert => {
+                    let new = (6..6 + width).map(value).collect::<Result<Vec<_>>>()?;
+                    state.builder.append_values(meta, new, None::<Vec<Option<&[u8]>>>)?;
+                }
+                _ => {
+                    let new = (6..6 + width).map(value).collect::<Result<Vec<_>>>()?;
+                    let old = (6 + width..6 + 2 * width).map(value).collect::<Result<Vec<_>>>()?;
+                    state.builder.append_values(meta, new, Some(old))?;
+                }
+            }
+            state.pending_lsn = Some(lsn);
+            report.changes_seen += 1;
+            if state.builder.rows() >= self.config.batch_rows {
+                state.spill(self.config.target_file_bytes).await?;
+            }
+        }
+        Ok(())
     }
 
     /// Do what decoding a message asked for: spill full builders, or evolve a table's schema.
@@ -533,8 +714,7 @@ impl ChangeStream {
     /// the new columns (nullable; older files read them as NULL), and decoding continues with
     /// the new definition. Nothing stops and nothing is committed early.
     async fn evolve(&mut self, i: usize, relation: &pgoutput::Relation) -> Result<()> {
-        let state = &mut self.tables[i];
-        let mut table = state.builder.table().clone();
+        let mut table = self.tables[i].builder.table().clone();
         for column in &relation.columns {
             if table.columns.iter().any(|c| c.name == column.name) {
                 continue;
@@ -548,6 +728,17 @@ impl ChangeStream {
             )?;
             table.columns.push(SourceColumn { name: column.name.clone(), ty, not_null: false });
         }
+        self.evolve_to(i, table.clone()).await?;
+        let map = ColumnMap::new(relation, &table)?;
+        self.relations.insert(relation.oid, (i, map));
+        Ok(())
+    }
+
+    /// Give table `i` the (wider) definition `table`: the rows buffered so far go to files with
+    /// the old columns, carried to the table's next commit, and the raw table gains the new
+    /// columns.
+    async fn evolve_to(&mut self, i: usize, table: SourceTable) -> Result<()> {
+        let state = &mut self.tables[i];
         // Rows decoded with the old definition: into the open writer, whose files are carried
         // to the next commit of this table.
         state.spill(self.config.target_file_bytes).await?;
@@ -559,9 +750,7 @@ impl ChangeStream {
         let fields: Vec<_> = schema.fields().iter().map(|f| f.as_ref().clone()).collect();
         state.layer.add_columns(&fields).await?;
         tracing::info!(table = %table.qualified(), columns = table.columns.len(), "source table gained columns; raw schema evolved");
-        let map = ColumnMap::new(relation, &table)?;
         state.builder = ChangeBuilder::new(table, self.config.batch_rows);
-        self.relations.insert(relation.oid, (i, map));
         Ok(())
     }
 
@@ -651,7 +840,17 @@ impl ChangeStream {
             state.pending_lsn = None;
         }
         self.client = self.url.connect().await?;
-        if matches!(slot_state(&self.client, &self.config.slot).await?, SlotState::Missing | SlotState::Lost) {
+        if self.changelog.is_some() {
+            for state in &mut self.tables {
+                state.layer.refresh().await?;
+                state.stored = state.layer.position(raw::CDC_APP).await?.map(|v| v as u64);
+            }
+            self.dirty = false;
+            tracing::info!(source = %self.url, "reconnected to the source");
+            return Ok(());
+        }
+        let state = self.url.bounded("reading the slot's state", slot_state(&self.client, &self.config.slot)).await?;
+        if matches!(state, SlotState::Missing | SlotState::Lost) {
             return Err(IngestError::SlotLost { slot: self.config.slot.clone() });
         }
         for state in &mut self.tables {
@@ -689,13 +888,39 @@ impl ChangeStream {
     /// caught up once the slot has moved past it.
     pub async fn catch_up(&mut self) -> Result<PollReport> {
         let mut attempt = 0;
+        if let Some(changelog) = self.changelog.clone() {
+            // Done once every change committed before the call is claimed and committed.
+            let target = loop {
+                match self.url.bounded("reading the changelog", changelog.last_change(&self.client)).await {
+                    Ok(id) => break id,
+                    Err(e) => self.recover(e, &mut attempt).await?,
+                }
+            };
+            self.check_capture().await?;
+            let mut total = PollReport::default();
+            loop {
+                match self.poll().await {
+                    Ok(report) => total.add(&report),
+                    Err(e) => {
+                        self.recover(e, &mut attempt).await?;
+                        continue;
+                    }
+                }
+                let pending = changelog.pending_upto(&self.client, target);
+                match self.url.bounded("reading the changelog", pending).await {
+                    Ok(false) => return Ok(total),
+                    Ok(true) => {}
+                    Err(e) => self.recover(e, &mut attempt).await?,
+                }
+            }
+        }
         let target = loop {
             match self.heartbeat().await {
                 Ok(lsn) => break lsn,
                 Err(e) => self.recover(e, &mut attempt).await?,
             }
         };
-        self.check_publication().await?;
+        self.check_capture().await?;
         let mut total = PollReport::default();
         loop {
             let report = match self.poll().await {
@@ -706,16 +931,11 @@ impl ChangeStream {
                 }
             };
             attempt = 0;
-            total.transactions += report.transactions;
-            total.changes += report.changes;
-            total.changes_seen += report.changes_seen;
-            total.skipped_transactions += report.skipped_transactions;
-            total.tables_committed += report.tables_committed;
-            total.confirmed = report.confirmed;
+            total.add(&report);
             if report.confirmed > target {
                 return Ok(total);
             }
-            if report.transactions == 0 && self.config.cdc_mode == CdcMode::SqlPoll {
+            if report.transactions == 0 && self.config.cdc_mode != CdcMode::Stream {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
@@ -728,8 +948,23 @@ impl ChangeStream {
     pub async fn check_publication(&mut self) -> Result<()> {
         // Owned copies: the check awaits, and the table states (with their writers) are not Sync.
         let tables: Vec<SourceTable> = self.tables.iter().map(|t| t.builder.table().clone()).collect();
-        match unpublished(&self.client, &self.config.publication, tables.iter()).await? {
+        let check = unpublished(&self.client, &self.config.publication, tables.iter());
+        match self.url.bounded("checking the publication", check).await? {
             Some(table) => Err(IngestError::PublicationChanged { publication: self.config.publication.clone(), table }),
+            None => Ok(()),
+        }
+    }
+
+    /// Check that changes are still captured for every table: the publication when decoding
+    /// logically ([`ChangeStream::check_publication`]), the capture triggers with
+    /// [`CdcMode::Triggers`] (a dropped or disabled trigger is
+    /// [`IngestError::CaptureTriggerMissing`]).
+    pub async fn check_capture(&mut self) -> Result<()> {
+        let Some(changelog) = &self.changelog else { return self.check_publication().await };
+        let tables: Vec<SourceTable> = self.tables.iter().map(|t| t.builder.table().clone()).collect();
+        let check = changelog.missing_trigger(&self.client, &tables);
+        match self.url.bounded("checking the capture triggers", check).await? {
+            Some(table) => Err(IngestError::CaptureTriggerMissing { table }),
             None => Ok(()),
         }
     }
@@ -739,18 +974,28 @@ impl ChangeStream {
     /// past it proves every transaction committed before the call was read, and lets an idle
     /// stream advance its slot so the source does not retain WAL.
     pub async fn heartbeat(&mut self) -> Result<Lsn> {
-        self.client
-            .batch_execute("BEGIN; SET LOCAL synchronous_commit = on")
-            .await
-            .map_err(sql("starting the heartbeat"))?;
-        let lsn: String = self
-            .client
-            .query_one("SELECT pg_logical_emit_message(true, 'acme-heartbeat', '')::text", &[])
-            .await
-            .map_err(sql("writing the heartbeat"))?
-            .get(0);
-        self.client.batch_execute("COMMIT").await.map_err(sql("committing the heartbeat"))?;
-        Lsn::parse(&lsn)
+        let client = &self.client;
+        let write = async {
+            client
+                .batch_execute("BEGIN; SET LOCAL synchronous_commit = on")
+                .await
+                .map_err(sql("starting the heartbeat"))?;
+            let lsn: String = client
+                .query_one("SELECT pg_logical_emit_message(true, 'acme-heartbeat', '')::text", &[])
+                .await
+                .map_err(sql("writing the heartbeat"))?
+                .get(0);
+            client.batch_execute("COMMIT").await.map_err(sql("committing the heartbeat"))?;
+            Ok(lsn)
+        };
+        match self.url.bounded("writing a heartbeat", write).await {
+            Ok(lsn) => Lsn::parse(&lsn),
+            Err(e) => {
+                // A heartbeat cut off half-way leaves its transaction open: start afresh.
+                self.dirty = true;
+                Err(e)
+            }
+        }
     }
 
     /// Poll until `stop` resolves, committing micro-batches as they come. When polling by SQL,
@@ -772,11 +1017,11 @@ impl ChangeStream {
             }
             let started = Instant::now();
             let step = async {
-                if last_activity.elapsed() >= IDLE_HEARTBEAT {
+                if last_activity.elapsed() >= IDLE_HEARTBEAT && self.changelog.is_none() {
                     self.heartbeat().await?;
                 }
                 if last_check.elapsed() >= IDLE_HEARTBEAT {
-                    self.check_publication().await?;
+                    self.check_capture().await?;
                     last_check = Instant::now();
                 }
                 self.poll().await
@@ -801,7 +1046,7 @@ impl ChangeStream {
             if report.transactions > 0 || last_activity.elapsed() >= IDLE_HEARTBEAT {
                 last_activity = Instant::now();
             }
-            if report.transactions == 0 && self.config.cdc_mode == CdcMode::SqlPoll {
+            if report.transactions == 0 && self.config.cdc_mode != CdcMode::Stream {
                 let wait = idle_wait.saturating_sub(started.elapsed());
                 tokio::select! {
                     _ = &mut stop => return Ok(()),

@@ -144,6 +144,30 @@ impl ChangeBuilder {
         Ok(())
     }
 
+    /// Append one change given as binary values in the table's column order (`None`: NULL),
+    /// as the trigger fallback reads them. `old` is the row before the change (updates and
+    /// deletes); for a delete `new` holds the deleted row, as [`ChangeBuilder::append`] stores it.
+    pub fn append_values<'v>(
+        &mut self,
+        meta: ChangeMeta,
+        new: impl IntoIterator<Item = Option<&'v [u8]>>,
+        old: Option<impl IntoIterator<Item = Option<&'v [u8]>>>,
+    ) -> Result<()> {
+        self.append_meta(meta);
+        let row = self.rows;
+        fill(&mut self.values, &self.table, &self.qualified, new)?;
+        if let Some(old) = old {
+            fill(&mut self.old, &self.table, &self.qualified, old)?;
+        }
+        for builder in self.values.iter_mut().chain(self.old.iter_mut()) {
+            if builder.len() == row {
+                builder.append_null();
+            }
+        }
+        self.rows += 1;
+        Ok(())
+    }
+
     /// Append a truncate marker row (all values null).
     pub fn append_truncate(&mut self, meta: ChangeMeta) {
         self.append_meta(meta);
@@ -179,6 +203,24 @@ impl ChangeBuilder {
             .map(Some)
             .map_err(|source| IngestError::Arrow { table: self.qualified.clone(), source })
     }
+}
+
+/// Append binary values (`None`: NULL) to the column builders, in column order.
+fn fill<'v>(
+    builders: &mut [ColumnBuilder],
+    table: &SourceTable,
+    qualified: &str,
+    values: impl IntoIterator<Item = Option<&'v [u8]>>,
+) -> Result<()> {
+    for ((builder, column), value) in builders.iter_mut().zip(&table.columns).zip(values) {
+        match value {
+            None => builder.append_null(),
+            Some(raw) => {
+                builder.append_binary(column.ty, raw, ValueContext { table: qualified, column: &column.name })?
+            }
+        }
+    }
+    Ok(())
 }
 
 fn append_field(

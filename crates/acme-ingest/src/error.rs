@@ -178,6 +178,50 @@ pub enum IngestError {
         /// Qualified table name.
         table: String,
     },
+    /// The trigger fallback cannot install its changelog or triggers.
+    #[error(
+        "cannot install the capture triggers ({message}): the trigger fallback needs a user that owns the source \
+         tables (or holds TRIGGER on them) and may CREATE in the database (for schema acme_cdc)"
+    )]
+    CapturePrivilege {
+        /// The server's message.
+        message: String,
+    },
+    /// The trigger fallback could not lock the source tables to create its triggers: writers
+    /// held them all the time.
+    #[error(
+        "cannot install the capture triggers: the tables {tables} were never free of writers long enough to lock \
+         them ({lock_ms} ms at a time, tried for {tried_secs} s); run acme again when the source is less busy"
+    )]
+    CaptureBusy {
+        /// The tables, quoted.
+        tables: String,
+        /// Longest wait of one attempt, in milliseconds.
+        lock_ms: u64,
+        /// How long attempts were made, in seconds.
+        tried_secs: u64,
+    },
+    /// A capture trigger of the trigger fallback was dropped or disabled while acme ran.
+    #[error(
+        "the capture trigger of {table} was dropped or disabled, so changes to it may have been missed: re-sync by \
+         removing the warehouse's raw, intermediate and presentation layers and running again (acme reinstalls \
+         the triggers)"
+    )]
+    CaptureTriggerMissing {
+        /// Qualified table name.
+        table: String,
+    },
+    /// The warehouse was filled by another capture method than the one configured.
+    #[error(
+        "the warehouse was filled by {stored}, but `cdc_mode` now asks for {configured}: capture methods cannot be \
+         switched on one warehouse; set `cdc_mode` back, or re-sync into an empty warehouse"
+    )]
+    CaptureMethodChanged {
+        /// The method that filled the warehouse.
+        stored: String,
+        /// The configured method.
+        configured: String,
+    },
     /// A source table gained a column the raw layer does not have.
     #[error(
         "source table {table} has a new column {column} that its raw table lacks; acme does not yet evolve raw \

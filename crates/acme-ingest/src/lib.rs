@@ -25,6 +25,7 @@ pub mod pgoutput;
 pub mod replication;
 pub mod snapshot;
 pub mod source;
+pub mod triggers;
 pub mod types;
 
 pub use cdc::{ChangeStream, PollReport};

@@ -45,8 +45,13 @@ fn protocol(target: &str, message: impl std::fmt::Display) -> IngestError {
 
 impl ReplicationConnection {
     /// Connect to the source of `url` in `replication=database` mode (TCP hosts), encrypted
-    /// as its `sslmode` says (see [`crate::source::tls_config`]).
+    /// as its `sslmode` says (see [`crate::source::tls_config`]). A server that does not finish
+    /// the handshake within [`SourceUrl::timeout`] is an [`IngestError::Disconnected`].
     pub async fn connect(url: &SourceUrl) -> Result<Self> {
+        url.bounded("opening a replication connection", Self::connect_unbounded(url)).await
+    }
+
+    async fn connect_unbounded(url: &SourceUrl) -> Result<Self> {
         let config = url.config();
         let target = url.to_string();
         let host = match config.get_hosts().first() {
@@ -298,6 +303,7 @@ pub enum StreamEvent {
 pub struct LogicalStream {
     conn: ReplicationConnection,
     slot: String,
+    heard: std::time::Instant,
 }
 
 impl std::fmt::Debug for LogicalStream {
@@ -323,7 +329,9 @@ impl ReplicationConnection {
         loop {
             let (tag, frame) = self.receive_frame().await?;
             match tag {
-                b'W' => return Ok(LogicalStream { conn: self, slot: slot.to_string() }),
+                b'W' => {
+                    return Ok(LogicalStream { conn: self, slot: slot.to_string(), heard: std::time::Instant::now() });
+                }
                 b'E' => return Err(self.frame_error(frame)),
                 b'N' | b'S' => {}
                 other => {
@@ -368,6 +376,7 @@ impl LogicalStream {
     pub async fn next(&mut self) -> Result<Option<StreamEvent>> {
         loop {
             let (tag, frame) = self.conn.receive_frame().await?;
+            self.heard = std::time::Instant::now();
             match tag {
                 b'd' => {
                     let body = frame.slice(5..);
@@ -390,6 +399,11 @@ impl LogicalStream {
                 _ => {} // notices, parameter status
             }
         }
+    }
+
+    /// How long since the server last sent anything (data, keepalive or notice).
+    pub fn silent_for(&self) -> std::time::Duration {
+        self.heard.elapsed()
     }
 
     /// Send a standby status update: everything before `flushed` is durable in the warehouse

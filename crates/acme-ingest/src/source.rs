@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use arrow::datatypes::{DataType, Schema};
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use tokio_postgres::config::SslMode;
 use tokio_postgres::{Client, Config, NoTls};
@@ -16,6 +17,7 @@ use crate::types::PgType;
 #[derive(Clone)]
 pub struct SourceUrl {
     config: Config,
+    timeout: Duration,
 }
 
 impl std::fmt::Debug for SourceUrl {
@@ -45,7 +47,42 @@ impl SourceUrl {
         if config.get_user().is_none() {
             return Err(IngestError::BadUrl { message: "no user name given".into() });
         }
-        Ok(Self { config })
+        let timeout = config.get_connect_timeout().copied().unwrap_or(acme_core::config::DEFAULT_SOURCE_TIMEOUT);
+        Ok(Self { config, timeout })
+    }
+
+    /// The same URL with another answer timeout (see [`SourceUrl::timeout`]).
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Longest wait for the server to accept a connection (the URL's `connect_timeout`, or
+    /// [`acme_core::config::DEFAULT_SOURCE_TIMEOUT`]). It covers the whole handshake, not only
+    /// the TCP connect: a paused server accepts TCP connections but never answers.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// The error of a server that did not answer within [`SourceUrl::timeout`] while `doing`.
+    pub fn stalled(&self, doing: &str) -> IngestError {
+        IngestError::Disconnected {
+            target: self.to_string(),
+            message: format!(
+                "no answer for {:.1}s while {doing} (a network stall or a paused server; raise `source_timeout` if the \
+                 source is only slow)",
+                self.timeout.as_secs_f64()
+            ),
+        }
+    }
+
+    /// Run `work` against the source, failing with [`SourceUrl::stalled`] when it takes longer
+    /// than [`SourceUrl::timeout`].
+    pub async fn bounded<T>(&self, doing: &str, work: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+        match tokio::time::timeout(self.timeout, work).await {
+            Ok(result) => result,
+            Err(_) => Err(self.stalled(doing)),
+        }
     }
 
     /// The parsed connection settings.
@@ -56,6 +93,10 @@ impl SourceUrl {
     /// Open a connection; the connection is driven on a background task. It is encrypted as
     /// the URL's `sslmode` says (see [`tls_config`]).
     pub async fn connect(&self) -> Result<Client> {
+        self.bounded("connecting", self.connect_unbounded()).await
+    }
+
+    async fn connect_unbounded(&self) -> Result<Client> {
         let failed = |source| IngestError::Connect { target: self.to_string(), source };
         let client = if matches!(self.config.get_ssl_mode(), SslMode::Disable) {
             let (client, connection) = self.config.connect(NoTls).await.map_err(failed)?;

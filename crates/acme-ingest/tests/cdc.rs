@@ -343,3 +343,268 @@ async fn a_table_dropped_from_the_publication_mid_stream_stops_with_what_to_do()
     assert!(error.to_string().contains("ALTER PUBLICATION"), "the error says what to do: {error}");
     assert!(!error.is_transient(), "not retried");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_server_is_detected_as_a_stall_and_the_stream_recovers_after_it() {
+    // A cluster of its own: freezing the shared one would stall the other tests.
+    let cluster = PgCluster::start().expect("PostgreSQL");
+    let url = cluster.create_database("cdc_stall").await.expect("database");
+    let client = acme_testkit::connect(&url).await.expect("connect");
+    acme_testkit::create_source_schema(&client).await.expect("schema");
+    drop(client);
+    acme_testkit::bulk_load(&url, ScaleFactor::new(0.002).expect("sf"), 91).await.expect("load");
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut cfg = config(&url, dir.path());
+    cfg.source_timeout = Duration::from_secs(1);
+    let mut stream = ChangeStream::open(cfg.clone()).await.expect("open");
+    acme_testkit::run_workload(&url, &workload(92, 100)).await.expect("workload");
+    stream.catch_up().await.expect("catch up");
+
+    // 1. Frozen server: polls fail with a stall instead of waiting forever (the outer timeout
+    // only keeps a regression from hanging the suite).
+    cluster.pause().expect("pause");
+    let stalled = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            if let Err(e) = stream.poll().await {
+                break e;
+            }
+        }
+    })
+    .await;
+    let error = match stalled {
+        Ok(error) => error,
+        Err(_) => {
+            cluster.resume().expect("resume");
+            panic!("polling a frozen server did not fail within 60 s");
+        }
+    };
+    assert!(matches!(error, IngestError::Disconnected { .. }), "{error}");
+    assert!(error.is_transient(), "a stall is retried: {error}");
+    assert!(error.to_string().contains("no answer") && error.to_string().contains("source_timeout"), "{error}");
+    // Reconnecting to the frozen server stalls too, rather than hanging.
+    let error =
+        tokio::time::timeout(Duration::from_secs(60), stream.poll()).await.expect("bounded").expect_err("frozen");
+    assert!(error.to_string().contains("no answer"), "{error}");
+    cluster.resume().expect("resume");
+    acme_testkit::run_workload(&url, &workload(93, 100)).await.expect("workload after the stall");
+    stream.catch_up().await.expect("the stream recovers once the server answers");
+    assert_raw_equals_source(&url, dir.path()).await;
+
+    // 2. The same while running: the runner replaces the stalled connection by itself.
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let runner = tokio::spawn(async move {
+        stream.run_until(Duration::from_millis(50), async { stop_rx.await.unwrap_or(()) }).await.map(|_| stream)
+    });
+    acme_testkit::run_workload(&url, &workload(94, 100)).await.expect("workload before the pause");
+    cluster.pause().expect("pause");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    cluster.resume().expect("resume");
+    acme_testkit::run_workload(&url, &workload(95, 100)).await.expect("workload after the pause");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop_tx.send(()).expect("stop");
+    let mut stream = runner.await.expect("join").expect("the runner recovered by itself");
+    stream.catch_up().await.expect("catch up");
+    // replay_raw also asserts that no (lsn, seq) is stored twice.
+    assert_raw_equals_source(&url, dir.path()).await;
+    drop(stream);
+    drop(cluster);
+}
+
+/// The change rows of a raw table (no snapshot rows), per key in commit order, each rendered
+/// without its LSN and commit time (which differ between capture methods by design).
+async fn change_history(
+    warehouse: &std::path::Path,
+    table: &str,
+    key: &str,
+) -> std::collections::BTreeMap<String, Vec<String>> {
+    use arrow::array::AsArray;
+    use arrow::datatypes::Int64Type;
+    use arrow::util::display::{ArrayFormatter, FormatOptions};
+    let mut rows: Vec<(i64, i64, String, String)> = Vec::new();
+    for b in crate::support::read_raw(warehouse, table).await {
+        let options = FormatOptions::default().with_null("NULL");
+        let lsn = b.column_by_name(acme_core::raw::LSN).expect("lsn").as_primitive::<Int64Type>().clone();
+        let seq = b.column_by_name(acme_core::raw::SEQ).expect("seq").as_primitive::<Int64Type>().clone();
+        let shown: Vec<(String, ArrayFormatter<'_>)> = b
+            .schema()
+            .fields()
+            .iter()
+            .zip(b.columns())
+            .filter(|(f, _)| f.name() != acme_core::raw::LSN && f.name() != acme_core::raw::COMMIT_TS)
+            .map(|(f, a)| (f.name().clone(), ArrayFormatter::try_new(a.as_ref(), &options).expect("fmt")))
+            .collect();
+        let op = b.column_by_name(acme_core::raw::OP).expect("op").as_string::<i32>().clone();
+        let keys = b.column_by_name(key).expect("key");
+        let keys = ArrayFormatter::try_new(keys.as_ref(), &options).expect("fmt");
+        for i in 0..b.num_rows() {
+            if op.value(i) == "snapshot" {
+                continue;
+            }
+            let text = shown.iter().map(|(n, f)| format!("{n}={}", f.value(i))).collect::<Vec<_>>().join(" ");
+            rows.push((lsn.value(i), seq.value(i), keys.value(i).to_string(), text));
+        }
+    }
+    rows.sort();
+    let mut history: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    for (_, _, k, text) in rows {
+        history.entry(k).or_default().push(text);
+    }
+    history
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_trigger_fallback_captures_the_same_changes_as_logical_decoding_without_replication_rights() {
+    let url = acme_source("cdc_triggers").await;
+    acme_testkit::bulk_load(&url, ScaleFactor::new(0.003).expect("sf"), 101).await.expect("load");
+    let client = acme_testkit::connect(&url).await.expect("connect");
+    // A user that owns the tables but has no REPLICATION privilege (logical decoding refuses it).
+    let role = format!("acme_plain_{}", std::process::id());
+    let database = url.rsplit('/').next().expect("database").to_string();
+    client
+        .batch_execute(&format!(
+            "CREATE ROLE {role} LOGIN NOREPLICATION; GRANT CREATE ON DATABASE {database} TO {role}; \
+             GRANT USAGE ON SCHEMA operations TO {role}; \
+             ALTER TABLE operations.customers OWNER TO {role}; ALTER TABLE operations.products OWNER TO {role}; \
+             ALTER TABLE operations.orders OWNER TO {role}; ALTER TABLE operations.order_items OWNER TO {role}"
+        ))
+        .await
+        .expect("role");
+    let plain = url.replacen("postgres://postgres@", &format!("postgres://{role}@"), 1);
+    let logical_dir = tempfile::tempdir().expect("tmp");
+    let trigger_dir = tempfile::tempdir().expect("tmp");
+    let mut logical = ChangeStream::open(config(&url, logical_dir.path())).await.expect("logical decoding");
+    let mut trigger_cfg = config(&plain, trigger_dir.path());
+    trigger_cfg.cdc_mode = CdcMode::Triggers;
+    let mut triggers = ChangeStream::open(trigger_cfg.clone()).await.expect("the trigger fallback");
+
+    // Claims interleave with the live workload: batch boundaries fall anywhere.
+    let writer = {
+        let url = url.clone();
+        tokio::spawn(async move { acme_testkit::run_workload(&url, &workload(102, 400)).await })
+    };
+    while !writer.is_finished() {
+        triggers.poll().await.expect("poll under load");
+    }
+    writer.await.expect("join").expect("workload");
+    client
+        .batch_execute(
+            "TRUNCATE operations.order_items; INSERT INTO operations.order_items (order_id, product_id, quanity) \
+             SELECT order_id, 1, 3 FROM operations.orders ORDER BY order_id LIMIT 5",
+        )
+        .await
+        .expect("truncate");
+    acme_testkit::run_workload(&url, &workload(103, 100)).await.expect("workload");
+    let report = triggers.catch_up().await.expect("catch up");
+    assert!(report.confirmed.0 > triggers.snapshot_point().lsn);
+    logical.catch_up().await.expect("catch up");
+    assert_raw_equals_source(&url, trigger_dir.path()).await;
+    assert_raw_equals_source(&url, logical_dir.path()).await;
+    // The same change rows, key by key in the same order: operation, position in the
+    // transaction, transaction id, values and old values.
+    for (table, key, _) in CHECKED {
+        let from_triggers = change_history(trigger_dir.path(), table, key).await;
+        let from_decoding = change_history(logical_dir.path(), table, key).await;
+        assert!(!from_triggers.is_empty(), "{table}: changes captured");
+        assert_eq!(from_triggers, from_decoding, "{table}: triggers and logical decoding agree");
+    }
+    assert_eq!(triggers.poll().await.expect("idle poll").changes, 0);
+
+    // A restart resumes exactly where the warehouse stands.
+    drop(triggers);
+    acme_testkit::run_workload(&url, &workload(104, 100)).await.expect("workload");
+    let mut triggers = ChangeStream::open(trigger_cfg.clone()).await.expect("reopen");
+    triggers.catch_up().await.expect("catch up after the restart");
+    assert_raw_equals_source(&url, trigger_dir.path()).await;
+    assert!(triggers.slot_lag_bytes().await.expect("changelog size") > 0);
+
+    // The warehouse cannot switch capture methods; a dropped trigger stops the capture.
+    let mut switched = trigger_cfg.clone();
+    switched.cdc_mode = CdcMode::Stream;
+    switched.source_url = Some(url.clone());
+    let error = ChangeStream::open(switched).await.expect_err("switching methods");
+    assert!(matches!(error, IngestError::CaptureMethodChanged { .. }), "{error}");
+    client
+        .batch_execute(&format!("DROP TRIGGER {}_capture ON operations.orders", trigger_cfg.slot))
+        .await
+        .expect("drop trigger");
+    let error = triggers.catch_up().await.expect_err("a dropped trigger");
+    assert!(matches!(&error, IngestError::CaptureTriggerMissing { table } if table == "operations.orders"), "{error}");
+    assert!(error.to_string().contains("re-sync"), "{error}");
+    let error = ChangeStream::open(trigger_cfg.clone()).await.expect_err("reopen without a trigger");
+    assert!(matches!(error, IngestError::CaptureTriggerMissing { .. }), "{error}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarting_the_trigger_fallback_neither_duplicates_nor_skips_changes() {
+    restart_rounds("cdc_restart_trig", CdcMode::Triggers).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_trigger_fallback_captures_a_source_without_logical_wal_and_follows_added_columns() {
+    // A cluster of its own with `wal_level = replica`: logical decoding is impossible there.
+    let cluster = PgCluster::start().expect("PostgreSQL");
+    let url = cluster.create_database("cdc_no_logical").await.expect("database");
+    let client = acme_testkit::connect(&url).await.expect("connect");
+    client.batch_execute("ALTER SYSTEM SET wal_level = replica").await.expect("wal_level");
+    drop(client);
+    cluster.restart().expect("restart with wal_level = replica");
+    let client = acme_testkit::connect(&url).await.expect("connect");
+    acme_testkit::create_source_schema(&client).await.expect("schema");
+    acme_testkit::bulk_load(&url, ScaleFactor::new(0.002).expect("sf"), 111).await.expect("load");
+    let refused = tempfile::tempdir().expect("tmp");
+    let error = ChangeStream::open(config(&url, refused.path())).await.expect_err("no logical decoding");
+    assert!(error.to_string().contains("wal_level"), "logical decoding names the setting: {error}");
+
+    // A user that may read the tables but neither owns them nor may create in the database.
+    client
+        .batch_execute(
+            "CREATE ROLE acme_reader LOGIN; GRANT USAGE ON SCHEMA operations TO acme_reader; \
+             GRANT SELECT ON ALL TABLES IN SCHEMA operations TO acme_reader; \
+             REVOKE CREATE ON SCHEMA public FROM PUBLIC",
+        )
+        .await
+        .expect("reader role");
+    let reader = url.replacen("postgres://postgres@", "postgres://acme_reader@", 1);
+    let mut cfg = config(&reader, refused.path());
+    cfg.cdc_mode = CdcMode::Triggers;
+    let error = ChangeStream::open(cfg).await.expect_err("no right to install triggers");
+    assert!(matches!(error, IngestError::CapturePrivilege { .. }), "{error}");
+    assert!(error.to_string().contains("owns the source tables"), "the error says what is needed: {error}");
+
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut cfg = config(&url, dir.path());
+    cfg.cdc_mode = CdcMode::Triggers;
+    let mut stream = ChangeStream::open(cfg).await.expect("the trigger fallback opens");
+    acme_testkit::run_workload(&url, &workload(112, 200)).await.expect("workload");
+    // One transaction writes rows before and after a column appears.
+    let (first, last): (i64, i64) = {
+        let row = client
+            .query_one("SELECT min(customer_id)::int8, max(customer_id)::int8 FROM operations.customers", &[])
+            .await
+            .expect("customers");
+        (row.get(0), row.get(1))
+    };
+    client
+        .batch_execute(&format!(
+            "BEGIN; \
+             UPDATE operations.customers SET customer_name = 'before' WHERE customer_id = {first}; \
+             ALTER TABLE operations.customers ADD COLUMN loyalty_tier text; \
+             UPDATE operations.customers SET customer_name = 'after', loyalty_tier = 'gold' WHERE customer_id = {last}; \
+             COMMIT"
+        ))
+        .await
+        .expect("add column mid-transaction");
+    stream.catch_up().await.expect("catch up across the schema change");
+    let columns = ["customer_name", "loyalty_tier"];
+    let replayed = replay_raw(dir.path(), "customers", "customer_id", &columns).await;
+    assert_eq!(replayed, source_state(&url, "customers", "customer_id", &columns).await);
+    assert_eq!(replayed.get(&first).map(|v| v[0].as_str()), Some("before"));
+    assert_eq!(replayed.get(&last), Some(&vec!["after".to_string(), "gold".to_string()]));
+    acme_testkit::run_workload(&url, &workload(113, 200)).await.expect("workload after the change");
+    stream.catch_up().await.expect("catch up");
+    assert_raw_equals_source(&url, dir.path()).await;
+    let replayed = replay_raw(dir.path(), "customers", "customer_id", &columns).await;
+    assert_eq!(replayed, source_state(&url, "customers", "customer_id", &columns).await);
+    drop(stream);
+    drop(cluster);
+}
