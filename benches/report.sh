@@ -70,5 +70,9 @@ section() {
         echo
         echo "Not measured yet: no SF10 run has been made on this machine (issue 7)."
     fi
+    # Memory against table size, from `bash benches/scale.sh` (a separate, longer run).
+    if [ -f bench-data/scale-summary.md ]; then
+        section bench-data/scale-summary.md
+    fi
 } > bench-report.md
 echo "wrote bench-report.md and bench-latency.png (benchmark output in $log)"

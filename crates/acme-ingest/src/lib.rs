@@ -15,6 +15,26 @@
 //! println!("snapshot at {}: {} tables", report.lsn, report.tables.len());
 //! # Ok(()) }
 //! ```
+//!
+//! After the snapshot, [`ChangeStream`] follows the source: by logical decoding (`pgoutput`
+//! over the replication protocol, the default, or polled by SQL) or, where logical
+//! replication is not allowed, by audit triggers writing a changelog table
+//! ([`acme_core::CdcMode::Triggers`], see [`triggers`]). Either way the raw layer receives
+//! every change exactly once.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), acme_ingest::IngestError> {
+//! use acme_core::{AcmeConfig, CdcMode};
+//! let config = AcmeConfig::builder()
+//!     .source_url("postgres://app_owner@db.internal/finance_db")
+//!     .storage_url("/tmp/acme-warehouse")
+//!     .cdc_mode(CdcMode::Triggers)
+//!     .build()?;
+//! let mut stream = acme_ingest::ChangeStream::open(config).await?;
+//! let report = stream.catch_up().await?;
+//! println!("{} changes committed to the raw layer", report.changes);
+//! # Ok(()) }
+//! ```
 
 pub mod cdc;
 pub mod changes;
