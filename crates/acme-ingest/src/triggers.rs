@@ -88,12 +88,9 @@ impl Changelog {
         &self.log
     }
 
-    fn trigger(&self) -> String {
-        quote_ident(&format!("{}_capture", self.slot))
-    }
-
-    fn truncate_trigger(&self) -> String {
-        quote_ident(&format!("{}_capture_truncate", self.slot))
+    /// Names of the row trigger and the TRUNCATE trigger (unquoted).
+    fn trigger_names(&self) -> [String; 2] {
+        [format!("{}_capture", self.slot), format!("{}_capture_truncate", self.slot)]
     }
 
     /// Create (or keep) the changelog, the trigger function and the triggers on `tables`.
@@ -162,17 +159,12 @@ impl Changelog {
         // Triggers: created where missing, enabled where disabled (an earlier attempt may have
         // left some); the others are kept as they are.
         let mut script = String::new();
+        let events = [
+            "AFTER INSERT OR UPDATE OR DELETE ON {t} FOR EACH ROW EXECUTE FUNCTION {f}()",
+            "AFTER TRUNCATE ON {t} FOR EACH STATEMENT EXECUTE FUNCTION {f}()",
+        ];
         for table in tables {
-            for (name, create) in [
-                (
-                    format!("{}_capture", self.slot),
-                    "AFTER INSERT OR UPDATE OR DELETE ON {t} FOR EACH ROW EXECUTE FUNCTION {f}()",
-                ),
-                (
-                    format!("{}_capture_truncate", self.slot),
-                    "AFTER TRUNCATE ON {t} FOR EACH STATEMENT EXECUTE FUNCTION {f}()",
-                ),
-            ] {
+            for (name, create) in self.trigger_names().into_iter().zip(events) {
                 let state: Option<String> = client
                     .query_opt(
                         "SELECT tgenabled::text FROM pg_trigger WHERE tgrelid = $1::int8::oid AND tgname = $2",
@@ -205,12 +197,9 @@ impl Changelog {
     pub async fn uninstall(&self, client: &Client, tables: &[SourceTable]) -> Result<()> {
         let mut script = String::new();
         for table in tables {
-            script.push_str(&format!(
-                "DROP TRIGGER IF EXISTS {} ON {t}; DROP TRIGGER IF EXISTS {} ON {t};",
-                self.trigger(),
-                self.truncate_trigger(),
-                t = table.quoted()
-            ));
+            for name in self.trigger_names() {
+                script.push_str(&format!("DROP TRIGGER IF EXISTS {} ON {};", quote_ident(&name), table.quoted()));
+            }
         }
         with_table_locks(client, tables, "ACCESS EXCLUSIVE", &script, "removing the capture triggers").await?;
         let drop =
@@ -226,10 +215,7 @@ impl Changelog {
                 .query_one(
                     "SELECT count(*) FROM pg_trigger WHERE tgrelid = $1::int8::oid AND tgname = ANY($2) \
                      AND tgenabled <> 'D'",
-                    &[
-                        &i64::from(table.oid),
-                        &vec![format!("{}_capture", self.slot), format!("{}_capture_truncate", self.slot)],
-                    ],
+                    &[&i64::from(table.oid), &self.trigger_names().to_vec()],
                 )
                 .await
                 .map_err(sql("checking the capture triggers"))?
