@@ -177,7 +177,14 @@ impl ModelBuild {
         let runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::new()
             .with_memory_pool(Arc::new(pool))
             .build_arc()?;
-        let ctx = SessionContext::new_with_config_rt(SessionConfig::new().with_information_schema(false), runtime);
+        // Joins of two large inputs (an order's history with its per-order aggregates, items
+        // with their orders) sort and merge instead of hashing: a hash join holds its whole
+        // build side in memory, which grows with the table, while sorts spill beyond the pool.
+        // Small sides (below DataFusion's single-partition thresholds) are still hashed.
+        let session = SessionConfig::new()
+            .with_information_schema(false)
+            .set_bool("datafusion.optimizer.prefer_hash_join", false);
+        let ctx = SessionContext::new_with_config_rt(session, runtime);
         storage.register_object_store(&ctx);
 
         // The raw layer as of its last complete commit round.
