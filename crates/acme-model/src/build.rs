@@ -177,14 +177,7 @@ impl ModelBuild {
         let runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::new()
             .with_memory_pool(Arc::new(pool))
             .build_arc()?;
-        // Joins of two large inputs (an order's history with its per-order aggregates, items
-        // with their orders) sort and merge instead of hashing: a hash join holds its whole
-        // build side in memory, which grows with the table, while sorts spill beyond the pool.
-        // Small sides (below DataFusion's single-partition thresholds) are still hashed.
-        let session = SessionConfig::new()
-            .with_information_schema(false)
-            .set_bool("datafusion.optimizer.prefer_hash_join", false);
-        let ctx = SessionContext::new_with_config_rt(session, runtime);
+        let ctx = SessionContext::new_with_config_rt(SessionConfig::new().with_information_schema(false), runtime);
         storage.register_object_store(&ctx);
 
         // The raw layer as of its last complete commit round.
@@ -601,7 +594,7 @@ impl Build<'_> {
         if let Some(keys) = &keys {
             register_keys(self.ctx, "scope_keys", keys)?;
         }
-        let mut df = self.ctx.sql(&sql(keys.as_ref().map(|_| "scope_keys"))).await?;
+        let mut df = plan_star(self.ctx, &sql(keys.as_ref().map(|_| "scope_keys")), keys.is_some()).await?;
         // A table written by an older acme without some column is recomputed whole.
         if keys.is_some()
             && let Some(table) = &existing
@@ -609,7 +602,7 @@ impl Build<'_> {
             let stored = table.schema()?;
             if df.schema().fields().iter().any(|f| stored.field_with_name(f.name()).is_err()) {
                 keys = None;
-                df = self.ctx.sql(&sql(None)).await?;
+                df = plan_star(self.ctx, &sql(None), false).await?;
             }
         }
         let table = self.table(existing, Layer::Presentation, name, &df).await?;
@@ -852,4 +845,17 @@ async fn date_dimension(ctx: &SessionContext) -> Result<RecordBatch> {
         Field::new("is_weekend", DataType::Boolean, true),
     ]));
     RecordBatch::try_new(schema, columns).map_err(|e| ModelError::Internal(format!("dim_date: {e}")))
+}
+
+/// Plan a star table's query. A whole table recomputed (`scoped` false) joins inputs that grow
+/// with the source (an order's versions with its per-order aggregate, items with their
+/// orders): those joins sort and merge, since a hash join holds its build side whole and
+/// cannot spill, while sorts spill beyond the memory pool. A scoped recompute joins a small
+/// key set, where hashing is cheaper. (A DataFrame keeps the settings it was planned with.)
+async fn plan_star(ctx: &SessionContext, sql: &str, scoped: bool) -> Result<DataFrame> {
+    let hash_joins = |on: bool| ctx.state_ref().write().config_mut().options_mut().optimizer.prefer_hash_join = on;
+    hash_joins(scoped);
+    let planned = ctx.sql(sql).await;
+    hash_joins(true);
+    Ok(planned?)
 }
