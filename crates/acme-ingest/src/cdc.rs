@@ -840,26 +840,24 @@ impl ChangeStream {
             state.pending_lsn = None;
         }
         self.client = self.url.connect().await?;
-        if self.changelog.is_some() {
-            for state in &mut self.tables {
-                state.layer.refresh().await?;
-                state.stored = state.layer.position(raw::CDC_APP).await?.map(|v| v as u64);
+        let logical = self.changelog.is_none();
+        if logical {
+            let state =
+                self.url.bounded("reading the slot's state", slot_state(&self.client, &self.config.slot)).await?;
+            if matches!(state, SlotState::Missing | SlotState::Lost) {
+                return Err(IngestError::SlotLost { slot: self.config.slot.clone() });
             }
-            self.dirty = false;
-            tracing::info!(source = %self.url, "reconnected to the source");
-            return Ok(());
-        }
-        let state = self.url.bounded("reading the slot's state", slot_state(&self.client, &self.config.slot)).await?;
-        if matches!(state, SlotState::Missing | SlotState::Lost) {
-            return Err(IngestError::SlotLost { slot: self.config.slot.clone() });
         }
         for state in &mut self.tables {
             state.layer.refresh().await?;
             state.stored = state.layer.position(raw::CDC_APP).await?.map(|v| v as u64);
         }
-        self.confirmed = Lsn::default();
+        if logical {
+            // The slot replays from its own confirmed position.
+            self.confirmed = Lsn::default();
+        }
         self.dirty = false;
-        tracing::info!(source = %self.url, slot = %self.config.slot, "reconnected to the source");
+        tracing::info!(source = %self.url, "reconnected to the source");
         Ok(())
     }
 
