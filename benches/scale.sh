@@ -30,9 +30,10 @@ summary="$root/scale-summary.md"
     echo "One uninterrupted \`sync --once\` (snapshot into a new warehouse, then a full model build),"
     echo "under \`/usr/bin/time -v\`, per scale factor and \`--memory-limit-mib\` (the model build's query-engine pool;"
     echo "sorts and aggregations spill beyond it). Source: PostgreSQL on the same 2 cores, no live workload."
+    echo "\`sync\` runs on jemalloc (README, \"Memory\"); \"snapshot peak RSS\" is its high-water mark when the snapshot is done."
     echo
-    echo "| scale | source rows | memory limit | snapshot | model build | whole run | peak RSS | peak RSS / limit |"
-    echo "|---|---|---|---|---|---|---|---|"
+    echo "| scale | source rows | memory limit | snapshot | snapshot peak RSS | model build | whole run | peak RSS | peak RSS / limit |"
+    echo "|---|---|---|---|---|---|---|---|---|"
 } > "$summary"
 for sf in $scales; do
     data="$root/pg-sf$sf"
@@ -70,9 +71,11 @@ for sf in $scales; do
         wall=$(sed -n 's/.*Elapsed (wall clock) time (h:mm:ss or m:ss): //p' "$out")
         snap=$(grep -ao 'ready after [^:]*' "$out" | head -1 | cut -d' ' -f3)
         model=$(grep -ao 'built in [0-9.]*[a-zµ]*' "$out" | head -1 | cut -d' ' -f3)
+        # sync prints the process's high-water mark (VmHWM) when the snapshot is done.
+        snap_rss=$(grep -ao 'ready after .*peak RSS so far [0-9]* MiB' "$out" | head -1 | sed 's/.*so far //')
         rss_mib=$((rss_kb / 1024))
         ratio=$(python3 -c "print(f'{$rss_mib / $limit:.2f}x')")
-        echo "| SF$sf | $rows | $limit MiB | ${snap:-?} | ${model:-?} | $wall | $rss_mib MiB | $ratio |" >> "$summary"
+        echo "| SF$sf | $rows | $limit MiB | ${snap:-?} | ${snap_rss:-?} | ${model:-?} | $wall | $rss_mib MiB | $ratio |" >> "$summary"
         as_pg "$bindir/psql" -h 127.0.0.1 -p $port -U postgres -Atq -c "SELECT pg_drop_replication_slot('$slot')" postgres
         rm -rf "$wh"
     done

@@ -14,6 +14,12 @@ use acme::model::ModelBuild;
 use acme::query::Warehouse;
 use clap::Parser;
 
+/// jemalloc instead of glibc's malloc: with tokio's worker and blocking threads, glibc keeps the
+/// memory the pipeline frees in per-thread arenas, and a SF10 snapshot whose live heap stays
+/// under 300 MiB held 1.5 GiB of RSS (README, "Memory").
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Command-line arguments.
 #[derive(Debug, Parser)]
 #[command(about = "Serve the ACME reports over HTTP")]

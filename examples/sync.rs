@@ -17,6 +17,12 @@ use acme::ingest::{ChangeStream, SnapshotProgress};
 use acme::model::ModelBuild;
 use clap::Parser;
 
+/// jemalloc instead of glibc's malloc: with tokio's worker and blocking threads, glibc keeps the
+/// memory the pipeline frees in per-thread arenas, and a SF10 snapshot whose live heap stays
+/// under 300 MiB held 1.5 GiB of RSS (README, "Memory").
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Command-line arguments.
 #[derive(Debug, Parser)]
 #[command(about = "Replicate a PostgreSQL source into an acme warehouse")]
@@ -75,9 +81,10 @@ async fn main() -> anyhow::Result<()> {
     bar.abort();
     let mut stream = stream?;
     println!(
-        "ready after {:.1?}: snapshot at LSN {}",
+        "ready after {:.1?}: snapshot at LSN {}{}",
         started.elapsed(),
-        acme::ingest::Lsn(stream.snapshot_point().lsn)
+        acme::ingest::Lsn(stream.snapshot_point().lsn),
+        peak_memory()
     );
     if args.once {
         let report = stream.catch_up().await?;
@@ -86,7 +93,7 @@ async fn main() -> anyhow::Result<()> {
             report.transactions, report.changes, report.confirmed
         );
         let model = ModelBuild::new(config).await?;
-        println!("model at raw LSN {} built in {:.1?}", model.position, model.elapsed);
+        println!("model at raw LSN {} built in {:.1?}{}", model.position, model.elapsed, peak_memory());
         return Ok(());
     }
     let mut ctrl_c = Box::pin(tokio::signal::ctrl_c());
@@ -129,4 +136,13 @@ async fn progress_bar(progress: Arc<SnapshotProgress>) {
         print!("\r[{}{}] {:>3.0}%  {}", "#".repeat(filled), ".".repeat(30 - filled), share * 100.0, detail.join(", "));
         let _ = std::io::stdout().flush();
     }
+}
+
+/// `", peak RSS so far N MiB"` from the kernel's high-water mark (Linux), or nothing elsewhere.
+fn peak_memory() -> String {
+    let peak_kib = std::fs::read_to_string("/proc/self/status").ok().and_then(|status| {
+        let line = status.lines().find(|l| l.starts_with("VmHWM:"))?.to_string();
+        line.split_whitespace().nth(1)?.parse::<u64>().ok()
+    });
+    peak_kib.map(|kib| format!(", peak RSS so far {} MiB", kib / 1024)).unwrap_or_default()
 }
