@@ -72,13 +72,40 @@ pub struct CompactReport {
     pub bytes_before: u64,
 }
 
+/// Files one compaction group merged into new, not yet committed files (the first phase of
+/// [`LayerTable::compact`], see [`LayerTable::merge_small_files`]).
+#[derive(Debug, Clone)]
+pub struct MergedFiles {
+    /// The small files merged; the commit removes them.
+    removed: Vec<DataFile>,
+    /// The merged files; the commit adds them.
+    adds: Vec<deltalake::kernel::Add>,
+    /// Rows rewritten.
+    rows: u64,
+    /// Bytes of the removed files.
+    bytes: u64,
+    /// Columns of the table when the files were merged.
+    columns: Vec<String>,
+}
+
 impl LayerTable {
     /// Merge small files of the loaded version (one round per group of
     /// [`CompactOptions::split_by`]). `ctx` must be able to read the table's files (see
     /// [`crate::Storage::register_object_store`]).
     pub async fn compact(&mut self, ctx: &SessionContext, options: &CompactOptions) -> Result<CompactReport> {
-        let mut report = CompactReport::default();
+        let merged = self.merge_small_files(ctx, options).await?;
+        self.commit_merged(merged).await
+    }
+
+    /// The expensive, read-only half of [`LayerTable::compact`]: read, sort and rewrite the
+    /// small files of the loaded version into new files that no version names yet. It can
+    /// run on a clone of the table while its writer goes on appending (an append never
+    /// removes a file): [`LayerTable::commit_merged`] then commits the result on the writer's
+    /// newer version. Files of a merge that is never committed are invisible to readers, and
+    /// vacuum removes them.
+    pub async fn merge_small_files(&self, ctx: &SessionContext, options: &CompactOptions) -> Result<Vec<MergedFiles>> {
         let files = self.data_files()?;
+        let columns: Vec<String> = self.schema()?.fields().iter().map(|f| f.name().clone()).collect();
         let mut groups: [Vec<DataFile>; 3] = Default::default();
         let small = |f: &DataFile| match (options.file_rows, f.rows) {
             (Some(limit), Some(rows)) => rows < limit / 2,
@@ -95,6 +122,7 @@ impl LayerTable {
             };
             groups[group].push(file);
         }
+        let mut merged = Vec::new();
         for mut group in groups {
             // Neighbouring files first, so merged files cover narrow key ranges.
             if let Some(first) = options.sort_by.first() {
@@ -113,14 +141,35 @@ impl LayerTable {
                 continue;
             }
             let (rows, adds) = self.merge(ctx, &picked, options).await?;
-            let added = adds.len();
+            merged.push(MergedFiles { removed: picked, adds, rows, bytes, columns: columns.clone() });
+        }
+        Ok(merged)
+    }
+
+    /// The second half of [`LayerTable::compact`]: commit merged files on the loaded version,
+    /// one commit per group. A group is skipped (its new files left for vacuum) when the
+    /// loaded version no longer holds every file it merged, or when the table's columns
+    /// changed since the merge: the rows stay as they are, and a later compaction merges them.
+    pub async fn commit_merged(&mut self, merged: Vec<MergedFiles>) -> Result<CompactReport> {
+        let mut report = CompactReport::default();
+        if merged.is_empty() {
+            return Ok(report);
+        }
+        let active: std::collections::HashSet<String> = self.data_files()?.into_iter().map(|f| f.path).collect();
+        let columns: Vec<String> = self.schema()?.fields().iter().map(|f| f.name().clone()).collect();
+        for group in merged {
+            if group.columns != columns || !group.removed.iter().all(|f| active.contains(&f.path)) {
+                tracing::debug!(table = self.name(), files = group.removed.len(), "merged files are stale; skipped");
+                continue;
+            }
+            let added = group.adds.len();
             if let CommitOutcome::Committed { .. } =
-                self.commit_replace(&picked, adds, None, Replace::Compaction).await?
+                self.commit_replace(&group.removed, group.adds, None, Replace::Compaction).await?
             {
-                report.files_removed += picked.len();
+                report.files_removed += group.removed.len();
                 report.files_added += added;
-                report.rows += rows;
-                report.bytes_before += bytes;
+                report.rows += group.rows;
+                report.bytes_before += group.bytes;
             }
         }
         if report.files_removed > 0 {

@@ -28,7 +28,7 @@ pub mod files;
 pub mod raw;
 pub mod storage;
 
-pub use compact::{CompactOptions, CompactReport};
+pub use compact::{CompactOptions, CompactReport, MergedFiles};
 pub use config::{AcmeConfig, AcmeConfigBuilder, CdcMode};
 pub use error::{Error, Result};
 pub use files::{DataFile, Replace};

@@ -83,6 +83,58 @@ async fn compaction_merges_small_files_without_changing_any_version() {
     assert_eq!(names[0].column(1).len(), 1);
 }
 
+/// Commit one file of the rows `ids` at position `position`.
+async fn append(table: &mut acme_core::LayerTable, ids: std::ops::Range<i64>, position: i64) {
+    let ids: Vec<i64> = ids.collect();
+    let names: Vec<String> = ids.iter().map(|i| format!("n{i}")).collect();
+    let batch =
+        RecordBatch::try_new(schema(), vec![Arc::new(Int64Array::from(ids)), Arc::new(StringArray::from(names))])
+            .expect("batch");
+    let mut writer = table.writer(1 << 20).expect("writer");
+    writer.write(table.name(), batch).await.expect("write");
+    let files = writer.finish(table.name()).await.expect("finish");
+    table.commit(files, &Position::new("test", position), CommitMode::Append).await.expect("commit");
+}
+
+/// The two halves of a compaction apart, as the change stream runs them: the merge on a copy
+/// of the table while the writer appends, then the commit on the writer's newer version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_merge_beside_appends_commits_on_the_newer_version_and_a_stale_merge_is_skipped() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let storage = Storage::new(&dir.path().display().to_string(), Default::default()).expect("storage");
+    let mut table = storage.open_or_create(Layer::Raw, "numbers", &schema()).await.expect("table");
+    for round in 0..8i64 {
+        append(&mut table, round * 100..(round + 1) * 100, round + 1).await;
+    }
+    let ctx = SessionContext::new();
+    let options = CompactOptions::sorted_by(&["id"]);
+    let copy = table.clone();
+    let merging = tokio::spawn({
+        let ctx = ctx.clone();
+        let options = options.clone();
+        async move { copy.merge_small_files(&ctx, &options).await }
+    });
+    // The writer goes on: two more commits while the merge runs.
+    append(&mut table, 800..900, 9).await;
+    append(&mut table, 900..1000, 10).await;
+    let merged = merging.await.expect("task").expect("merge");
+    assert_eq!(merged.len(), 1, "one group");
+    // The merge's new files are not part of any version yet.
+    assert_eq!(table.data_files().expect("files").len(), 10);
+    let stale = merged.clone();
+    let report = table.commit_merged(merged).await.expect("commit");
+    assert_eq!((report.files_removed, report.files_added, report.rows), (8, 1, 800));
+    let files = table.data_files().expect("files");
+    assert_eq!(files.len(), 3, "the merged file and the two appended meanwhile");
+    assert_eq!(ids(&ctx, &table).await, (0..1000).collect::<Vec<_>>(), "every row once");
+    assert_eq!(table.position("test").await.expect("position"), Some(10), "the writer's position stays");
+    // The same merge again names files the table no longer holds: skipped, rows unchanged.
+    let again = table.commit_merged(stale).await.expect("stale commit");
+    assert_eq!(again, acme_core::CompactReport::default());
+    assert_eq!(table.data_files().expect("files").len(), 3);
+    assert_eq!(ids(&ctx, &table).await, (0..1000).collect::<Vec<_>>());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writers_cut_files_at_a_row_count() {
     let dir = tempfile::tempdir().expect("tmp");

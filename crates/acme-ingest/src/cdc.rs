@@ -31,7 +31,8 @@ use acme_core::deltalake::kernel::Add;
 use acme_core::raw::{self, Operation};
 use acme_core::storage::{Manifest, manifests};
 use acme_core::{
-    AcmeConfig, CdcMode, CommitMode, CompactOptions, CompactReport, Layer, LayerTable, LayerWriter, Position, Storage,
+    AcmeConfig, CdcMode, CommitMode, CompactOptions, CompactReport, Layer, LayerTable, LayerWriter, MergedFiles,
+    Position, Storage,
 };
 use futures::StreamExt;
 use tokio_postgres::Client;
@@ -56,7 +57,8 @@ pub const CAPTURE_META: &str = "capture";
 pub const IDLE_HEARTBEAT: Duration = Duration::from_secs(10);
 
 /// [`ChangeStream::run_until`] compacts the raw tables after this many commit rounds (each
-/// round leaves one small file per table it touched).
+/// round leaves one small file per table it touched). The merge runs beside the stream; only
+/// its commit, a few log writes, takes a turn between two polls.
 pub const COMPACT_EVERY_ROUNDS: u32 = 50;
 
 /// What one poll did.
@@ -158,6 +160,18 @@ pub struct ChangeStream {
     uncompacted_rounds: u32,
     /// The changelog, when capturing with triggers ([`CdcMode::Triggers`]).
     changelog: Option<Changelog>,
+    /// A merge of the raw tables' small files running beside the stream.
+    background: Option<BackgroundMerge>,
+}
+
+/// The task of a background merge: the merged files of each raw table, in table order. It is
+/// aborted when dropped, so a dropped stream leaves no task writing files.
+struct BackgroundMerge(tokio::task::JoinHandle<acme_core::Result<Vec<Vec<MergedFiles>>>>);
+
+impl Drop for BackgroundMerge {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 impl std::fmt::Debug for ChangeStream {
@@ -330,6 +344,7 @@ impl ChangeStream {
             dirty: false,
             uncompacted_rounds: 0,
             changelog,
+            background: None,
         })
     }
 
@@ -800,20 +815,65 @@ impl ChangeStream {
     /// version readers may hold, stay the same; the raw manifest then names the compacted
     /// versions. [`ChangeStream::run_until`] calls this every [`COMPACT_EVERY_ROUNDS`] rounds.
     pub async fn compact(&mut self) -> Result<CompactReport> {
+        // A merge already running beside the stream goes first, so no file is merged twice.
+        let mut total = self.finish_background_merge(true).await?;
         self.uncompacted_rounds = 0;
         let ctx = self.storage.session_context();
-        let options = CompactOptions {
+        let options = self.compact_options();
+        for state in &mut self.tables {
+            add_report(&mut total, state.layer.compact(&ctx, &options).await?);
+        }
+        self.record_compaction(&total).await?;
+        Ok(total)
+    }
+
+    fn compact_options(&self) -> CompactOptions {
+        CompactOptions {
             target_file_bytes: self.config.target_file_bytes,
             ..CompactOptions::sorted_by(&[raw::LSN, raw::SEQ])
-        };
-        let mut total = CompactReport::default();
-        for state in &mut self.tables {
-            let report = state.layer.compact(&ctx, &options).await?;
-            total.files_removed += report.files_removed;
-            total.files_added += report.files_added;
-            total.rows += report.rows;
-            total.bytes_before += report.bytes_before;
         }
+    }
+
+    /// Start merging the raw tables' small files in a task of its own, on copies of the
+    /// tables at their current versions, unless a merge is running already.
+    fn start_background_merge(&mut self) {
+        if self.background.is_some() {
+            return;
+        }
+        self.uncompacted_rounds = 0;
+        let ctx = self.storage.session_context();
+        let options = self.compact_options();
+        let tables: Vec<LayerTable> = self.tables.iter().map(|t| t.layer.clone()).collect();
+        self.background = Some(BackgroundMerge(tokio::spawn(async move {
+            let mut merged = Vec::with_capacity(tables.len());
+            for table in &tables {
+                merged.push(table.merge_small_files(&ctx, &options).await?);
+            }
+            Ok(merged)
+        })));
+    }
+
+    /// Commit the background merge once it is done (or, with `wait`, when it is done): the
+    /// merged files replace the small ones on the stream's current versions, which still
+    /// hold them, since the stream only appends.
+    async fn finish_background_merge(&mut self, wait: bool) -> Result<CompactReport> {
+        let mut total = CompactReport::default();
+        let Some(mut task) = self.background.take_if(|task| wait || task.0.is_finished()) else {
+            return Ok(total);
+        };
+        let merged = (&mut task.0).await;
+        drop(task);
+        let merged = merged.map_err(|e| IngestError::Task(format!("compacting the raw tables: {e}")))??;
+        for (state, merged) in self.tables.iter_mut().zip(merged) {
+            add_report(&mut total, state.layer.commit_merged(merged).await?);
+        }
+        self.record_compaction(&total).await?;
+        Ok(total)
+    }
+
+    /// After a compaction: the raw manifest names the compacted versions (same position).
+    /// (`&mut self`: a shared borrow held across the awaits would need the stream to be `Sync`.)
+    async fn record_compaction(&mut self, total: &CompactReport) -> Result<()> {
         if total.files_removed > 0
             && let Some(previous) = self.storage.get_manifest(manifests::RAW).await?
         {
@@ -823,7 +883,7 @@ impl ChangeStream {
             }
             self.storage.put_manifest(manifests::RAW, &manifest).await?;
         }
-        Ok(total)
+        Ok(())
     }
 
     /// After a transient failure: drop everything decoded but not committed, reconnect, and
@@ -1035,11 +1095,14 @@ impl ChangeStream {
                 }
             };
             attempt = 0;
+            // Compaction is housekeeping: a failure is retried after the next rounds.
+            match self.finish_background_merge(false).await {
+                Ok(report) if report.files_removed > 0 => tracing::debug!(?report, "raw tables compacted"),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "compacting the raw tables failed; retrying later"),
+            }
             if self.uncompacted_rounds >= COMPACT_EVERY_ROUNDS {
-                // Compaction is housekeeping: a failure is retried after the next rounds.
-                if let Err(e) = self.compact().await {
-                    tracing::warn!(error = %e, "compacting the raw tables failed; retrying later");
-                }
+                self.start_background_merge();
             }
             if report.transactions > 0 || last_activity.elapsed() >= IDLE_HEARTBEAT {
                 last_activity = Instant::now();
@@ -1228,4 +1291,11 @@ async fn unpublished(
         }
     }
     Ok(None)
+}
+
+fn add_report(total: &mut CompactReport, report: CompactReport) {
+    total.files_removed += report.files_removed;
+    total.files_added += report.files_added;
+    total.rows += report.rows;
+    total.bytes_before += report.bytes_before;
 }

@@ -136,6 +136,45 @@ async fn restart_rounds(prefix: &str, mode: CdcMode) {
     assert_raw_equals_source(&url, dir.path()).await;
 }
 
+/// `run_until` merges the raw tables' small files beside the stream and commits the merge
+/// between two polls, while the workload goes on: afterwards the raw layer still equals the
+/// source, with no change stored twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_running_stream_compacts_the_raw_tables_beside_the_stream() {
+    let url = acme_source("cdc_background_compaction").await;
+    acme_testkit::bulk_load(&url, ScaleFactor::new(0.002).expect("sf"), 43).await.expect("load");
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut cfg = config(&url, dir.path());
+    // Short rounds, so that the workload below spans several compactions.
+    cfg.flush_interval = Duration::from_millis(20);
+    let mut stream = ChangeStream::open(cfg).await.expect("open");
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let runner = tokio::spawn(async move {
+        stream.run_until(Duration::from_millis(20), async { stop_rx.await.unwrap_or(()) }).await.map(|_| stream)
+    });
+    let steady = WorkloadConfig {
+        rate_tps: 150.0,
+        transactions: None,
+        duration: Some(Duration::from_secs(8)),
+        ..workload(44, 0)
+    };
+    acme_testkit::run_workload(&url, &steady).await.expect("workload");
+    stop_tx.send(()).expect("stop");
+    let mut stream = runner.await.expect("join").expect("stream");
+    stream.catch_up().await.expect("catch up");
+    let log = dir.path().join("raw/orders/_delta_log");
+    let mut compactions = 0;
+    for entry in std::fs::read_dir(&log).expect("raw orders log") {
+        let path = entry.expect("entry").path();
+        if path.extension().is_some_and(|e| e == "json") {
+            compactions += usize::from(std::fs::read_to_string(&path).expect("commit").contains("\"OPTIMIZE\""));
+        }
+    }
+    assert!(compactions >= 1, "no compaction was committed to raw/orders while the stream ran");
+    // replay_raw also asserts that no (lsn, seq) is stored twice.
+    assert_raw_equals_source(&url, dir.path()).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn truncate_is_recorded_as_a_change() {
     let url = acme_source("cdc_truncate").await;
