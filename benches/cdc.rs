@@ -33,6 +33,9 @@ use acme_testkit::{PgCluster, ScaleFactor, WorkloadConfig};
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
+/// Pause of the latency probe between two looks at the warehouse.
+const PROBE_PAUSE: Duration = Duration::from_millis(50);
+
 fn changes_wanted() -> u64 {
     std::env::var("ACME_BENCH_CHANGES").ok().and_then(|v| v.parse().ok()).unwrap_or(200_000)
 }
@@ -183,13 +186,15 @@ async fn main() {
         })
     };
     let mut seen: Vec<Option<Instant>> = Vec::new();
-    // How long one look takes: a stamp is seen at most one look after it became queryable.
+    // How long one look takes: a stamp is seen at most one pause and two looks after it became
+    // queryable. Each look opens the whole warehouse: the pause keeps the probe from taking a
+    // core of its own away from the source's workload (with 10 ms pauses it did).
     let mut looks: Vec<f64> = Vec::new();
     while !stamps.is_finished() {
         let started = Instant::now();
         observe(&warehouse, &mut seen).await;
         looks.push(started.elapsed().as_secs_f64() * 1000.0);
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        tokio::time::sleep(PROBE_PAUSE).await;
     }
     looks.sort_by(f64::total_cmp);
     let committed = stamps.await.expect("stamps");
@@ -198,7 +203,7 @@ async fn main() {
         && Instant::now() < deadline
     {
         observe(&warehouse, &mut seen).await;
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        tokio::time::sleep(PROBE_PAUSE).await;
     }
     let series: Vec<(f64, f64)> = committed
         .iter()
