@@ -152,6 +152,11 @@ impl ModelBuild {
         let model = self.model_tables();
         let specs = self.specs.clone();
         match self.build().await {
+            Err(ModelError::DataFusion(error))
+                if matches!(error.find_root(), datafusion::error::DataFusionError::ResourcesExhausted(_)) =>
+            {
+                Err(ModelError::OutOfMemory { limit_mib: config.memory_limit_bytes / (1024 * 1024), source: error })
+            }
             Err(ModelError::DataFusion(error)) => {
                 let storage = Storage::new(&config.storage_url, config.storage_options.clone())?;
                 let ctx = storage.session_context();
@@ -170,9 +175,13 @@ impl ModelBuild {
     async fn build(self) -> Result<ModelReport> {
         let started = Instant::now();
         let storage = Storage::new(&self.config.storage_url, self.config.storage_options.clone())?;
-        // Sorts and aggregations beyond the memory limit spill to the temporary directory.
-        let pool = datafusion::execution::memory_pool::FairSpillPool::new(
-            usize::try_from(self.config.memory_limit_bytes).unwrap_or(usize::MAX),
+        // Sorts and aggregations beyond the memory limit spill to the temporary directory. When
+        // the pool runs out, the error names the operators holding the most of it.
+        let pool = datafusion::execution::memory_pool::TrackConsumersPool::new(
+            datafusion::execution::memory_pool::FairSpillPool::new(
+                usize::try_from(self.config.memory_limit_bytes).unwrap_or(usize::MAX),
+            ),
+            std::num::NonZeroUsize::MIN.saturating_add(4),
         );
         let runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::new()
             .with_memory_pool(Arc::new(pool))

@@ -38,6 +38,19 @@ pub enum ModelError {
     /// A DataFusion plan failed.
     #[error("query engine error while building the model")]
     DataFusion(#[from] Box<datafusion::error::DataFusionError>),
+    /// The query engine needed more memory than `memory_limit_bytes` allows and could not
+    /// spill the rest (the source names the operators holding the most of it).
+    #[error(
+        "the model build ran out of its {limit_mib} MiB memory pool: raise `memory_limit_bytes` (sync: \
+         `--memory-limit-mib`); a full build of 10M orders needs about 512 MiB"
+    )]
+    OutOfMemory {
+        /// The pool's size, in MiB.
+        limit_mib: u64,
+        /// DataFusion's error, naming the largest consumers.
+        #[source]
+        source: Box<datafusion::error::DataFusionError>,
+    },
     /// A bug in acme.
     #[error("internal error (a bug in acme, please report it): {0}")]
     Internal(String),

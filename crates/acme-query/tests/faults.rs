@@ -141,3 +141,23 @@ async fn write_failures_stop_with_clear_errors_hide_nothing_half_done_and_lose_n
         }
     }
 }
+
+/// A pool too small for the build: the error says which setting to raise (not a bare engine
+/// error), nothing of the failed build is visible, and the same build with the default pool
+/// then succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_build_out_of_memory_says_which_setting_to_raise() {
+    let (_url, _dir, config, stream) = pipeline("model_oom", 0.05, 5).await;
+    drop(stream);
+    let mut small = config.clone();
+    small.memory_limit_bytes = 64 * 1024 * 1024;
+    let error = ModelBuild::new(small).await.expect_err("64 MiB is too small for 50,000 orders");
+    assert!(matches!(error, acme_model::ModelError::OutOfMemory { limit_mib: 64, .. }), "{error:?}");
+    assert!(error.to_string().contains("memory_limit_bytes"), "names the setting: {error}");
+    let w = Warehouse::open(&config.storage_url).await.expect("open");
+    assert!(w.model_position().is_none(), "no model manifest from the failed build");
+    let report = ModelBuild::new(config.clone()).await.expect("the default pool");
+    assert!(report.position > 0);
+    let w = Warehouse::open(&config.storage_url).await.expect("open");
+    assert_eq!(w.model_position(), Some(report.position));
+}
