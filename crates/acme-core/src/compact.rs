@@ -88,6 +88,15 @@ pub struct MergedFiles {
     columns: Vec<String>,
 }
 
+impl std::ops::AddAssign for CompactReport {
+    fn add_assign(&mut self, other: Self) {
+        self.files_removed += other.files_removed;
+        self.files_added += other.files_added;
+        self.rows += other.rows;
+        self.bytes_before += other.bytes_before;
+    }
+}
+
 impl LayerTable {
     /// Merge small files of the loaded version (one round per group of
     /// [`CompactOptions::split_by`]). `ctx` must be able to read the table's files (see

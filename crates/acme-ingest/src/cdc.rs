@@ -821,7 +821,7 @@ impl ChangeStream {
         let ctx = self.storage.session_context();
         let options = self.compact_options();
         for state in &mut self.tables {
-            add_report(&mut total, state.layer.compact(&ctx, &options).await?);
+            total += state.layer.compact(&ctx, &options).await?;
         }
         self.record_compaction(&total).await?;
         Ok(total)
@@ -865,7 +865,7 @@ impl ChangeStream {
         drop(task);
         let merged = merged.map_err(|e| IngestError::Task(format!("compacting the raw tables: {e}")))??;
         for (state, merged) in self.tables.iter_mut().zip(merged) {
-            add_report(&mut total, state.layer.commit_merged(merged).await?);
+            total += state.layer.commit_merged(merged).await?;
         }
         self.record_compaction(&total).await?;
         Ok(total)
@@ -1291,11 +1291,4 @@ async fn unpublished(
         }
     }
     Ok(None)
-}
-
-fn add_report(total: &mut CompactReport, report: CompactReport) {
-    total.files_removed += report.files_removed;
-    total.files_added += report.files_added;
-    total.rows += report.rows;
-    total.bytes_before += report.bytes_before;
 }
