@@ -189,12 +189,14 @@ impl Snapshot {
     pub async fn run(self) -> Result<SnapshotReport> {
         let started = Instant::now();
         self.config.validate()?;
-        let url = SourceUrl::parse(self.config.source_url.as_deref().ok_or(IngestError::NoSource)?)?;
+        let url = SourceUrl::parse(self.config.source_url.as_deref().ok_or(IngestError::NoSource)?)?
+            .with_timeout(self.config.source_timeout);
         let storage = Storage::new(&self.config.storage_url, self.config.storage_options.clone())?;
         let control = url.connect().await?;
         let mut tables = Vec::with_capacity(self.config.tables.len());
         for name in &self.config.tables {
-            tables.push(SourceTable::load(&control, &self.config.schema, name).await?);
+            let load = SourceTable::load(&control, &self.config.schema, name);
+            tables.push(url.bounded("reading the source tables' columns", load).await?);
         }
         let mut layer_tables = Vec::with_capacity(tables.len());
         for table in &tables {
@@ -220,37 +222,41 @@ impl Snapshot {
         fn ctx(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> IngestError {
             move |source| IngestError::Source { context: what.to_string(), source }
         }
-        control
-            .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-            .await
-            .map_err(ctx("starting the snapshot transaction"))?;
+        // Every wait on the source below is bounded by `source_timeout`: a stalled server
+        // fails the snapshot (to be run again) instead of hanging it.
+        let begin = control.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY");
+        url.bounded("starting the snapshot transaction", async {
+            begin.await.map_err(ctx("starting the snapshot transaction"))
+        })
+        .await?;
         let (snapshot_id, lsn, visibility) = match &self.exported {
             Some((name, lsn)) => {
-                control
-                    .batch_execute(&format!("SET TRANSACTION SNAPSHOT '{}'", name.replace('\'', "''")))
-                    .await
-                    .map_err(ctx("importing the replication slot's snapshot"))?;
+                let import = format!("SET TRANSACTION SNAPSHOT '{}'", name.replace('\'', "''"));
+                url.bounded("importing the replication slot's snapshot", async {
+                    control.batch_execute(&import).await.map_err(ctx("importing the replication slot's snapshot"))
+                })
+                .await?;
                 // The slot's snapshot is exactly its consistent point: no visibility filter.
                 (name.clone(), *lsn, String::new())
             }
             None => {
-                let row = control
-                    .query_one(
-                        "SELECT pg_export_snapshot(), pg_current_wal_lsn()::text, pg_current_snapshot()::text",
-                        &[],
-                    )
-                    .await
-                    .map_err(ctx("exporting the snapshot"))?;
+                let export = control.query_one(
+                    "SELECT pg_export_snapshot(), pg_current_wal_lsn()::text, pg_current_snapshot()::text",
+                    &[],
+                );
+                let row = url
+                    .bounded("exporting the snapshot", async { export.await.map_err(ctx("exporting the snapshot")) })
+                    .await?;
                 (row.get::<_, String>(0), Lsn::parse(&row.get::<_, String>(1))?, row.get::<_, String>(2))
             }
         };
-        let row = control
-            .query_one(
-                "SELECT (extract(epoch from clock_timestamp()) * 1000000)::int8, current_setting('block_size')::int8",
-                &[],
-            )
-            .await
-            .map_err(ctx("reading the snapshot time"))?;
+        let time = control.query_one(
+            "SELECT (extract(epoch from clock_timestamp()) * 1000000)::int8, current_setting('block_size')::int8",
+            &[],
+        );
+        let row = url
+            .bounded("reading the snapshot time", async { time.await.map_err(ctx("reading the snapshot time")) })
+            .await?;
         let taken_at_micros: i64 = row.get(0);
         let block_size: i64 = row.get(1);
         tracing::info!(%lsn, snapshot = %snapshot_id, "snapshot taken");
@@ -296,16 +302,17 @@ impl Snapshot {
             taken_at_micros,
             batch_rows: self.config.batch_rows,
             target_file_bytes: self.config.target_file_bytes,
+            url: url.clone(),
         });
         let mut workers = Vec::new();
         for worker in 0..self.config.snapshot_parallelism {
             let client = url.connect().await?;
-            client
-                .batch_execute(&format!(
-                    "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT '{snapshot_id}'"
-                ))
-                .await
-                .map_err(ctx("importing the exported snapshot"))?;
+            let import =
+                format!("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT '{snapshot_id}'");
+            url.bounded("importing the exported snapshot", async {
+                client.batch_execute(&import).await.map_err(ctx("importing the exported snapshot"))
+            })
+            .await?;
             let shared = Arc::clone(&shared);
             workers.push(tokio::spawn(async move { copy_worker(worker, client, shared).await }));
         }
@@ -322,7 +329,10 @@ impl Snapshot {
                 Err(e) => first_error = first_error.or(Some(IngestError::Task(e.to_string()))),
             }
         }
-        let _ = control.batch_execute("COMMIT").await;
+        // Ending the read-only transaction is only courtesy: the error that matters is the
+        // workers'.
+        let _ =
+            url.bounded("ending the snapshot transaction", async { Ok(control.batch_execute("COMMIT").await) }).await;
         if let Some(e) = first_error {
             return Err(e);
         }
@@ -379,6 +389,8 @@ struct Shared {
     taken_at_micros: i64,
     batch_rows: usize,
     target_file_bytes: u64,
+    /// The source, whose timeout bounds every wait for COPY data.
+    url: SourceUrl,
 }
 
 impl Shared {
@@ -442,18 +454,19 @@ async fn copy_ranges(
             table.quoted()
         );
         tracing::debug!(worker, table = %table.qualified(), start, ?end, "copying range");
-        let stream = client.copy_out(&sql).await.map_err(|source| IngestError::Source {
-            context: format!("starting COPY of {}", table.qualified()),
-            source,
-        })?;
+        // Every wait on the server is bounded: a stalled server fails the snapshot (to be run
+        // again) instead of hanging it.
+        let starting = format!("starting COPY of {}", table.qualified());
+        let start = async {
+            client.copy_out(&sql).await.map_err(|source| IngestError::Source { context: starting.clone(), source })
+        };
+        let stream = shared.url.bounded(&starting, start).await?;
         futures::pin_mut!(stream);
         let mut decoder = CopyDecoder::new(table, shared.batch_rows);
         let progress = shared.progress_of(table_idx);
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|source| IngestError::Source {
-                context: format!("reading COPY data of {}", table.qualified()),
-                source,
-            })?;
+        let reading = format!("reading COPY data of {}", table.qualified());
+        while let Some(chunk) = shared.url.bounded(&reading, async { Ok(stream.next().await) }).await? {
+            let chunk = chunk.map_err(|source| IngestError::Source { context: reading.clone(), source })?;
             if let Some(p) = progress {
                 p.bytes.fetch_add(chunk.len() as u64, Ordering::Relaxed);
             }

@@ -234,3 +234,50 @@ async fn unreachable_source_is_a_clear_error() {
     let msg = err.to_string();
     assert!(msg.contains("127.0.0.1:1/nowhere") && !msg.contains("secret"), "{msg}");
 }
+
+/// A server that stops answering mid-COPY fails the snapshot within `source_timeout` (a
+/// stall, retried by running it again) instead of hanging it; run again once the server
+/// answers, the snapshot holds every row once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_paused_mid_copy_fails_the_snapshot_within_the_timeout_and_a_rerun_completes() {
+    // A cluster of its own: freezing the shared one would stall the other tests.
+    let cluster = acme_testkit::PgCluster::start().expect("PostgreSQL");
+    let url = cluster.create_database("snap_stall").await.expect("database");
+    let client = acme_testkit::connect(&url).await.expect("connect");
+    acme_testkit::create_source_schema(&client).await.expect("schema");
+    drop(client);
+    let load = acme_testkit::bulk_load(&url, ScaleFactor::new(0.05).expect("sf"), 17).await.expect("load");
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut cfg = config(&url, dir.path());
+    cfg.source_timeout = std::time::Duration::from_secs(1);
+    cfg.batch_rows = 1024;
+    let progress = std::sync::Arc::new(acme_ingest::SnapshotProgress::default());
+    let snapshot = tokio::spawn(Snapshot::new(cfg.clone()).with_progress(std::sync::Arc::clone(&progress)).run());
+    // Freeze the server as soon as the first rows have arrived.
+    let copied = || progress.tables().iter().map(|t| t.rows.load(std::sync::atomic::Ordering::Relaxed)).sum::<u64>();
+    while copied() == 0 && !snapshot.is_finished() {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    cluster.pause().expect("pause");
+    let outcome = tokio::time::timeout(std::time::Duration::from_secs(60), snapshot).await;
+    cluster.resume().expect("resume");
+    let error = outcome.expect("the snapshot did not hang").expect("join").expect_err("a stalled snapshot fails");
+    assert!(matches!(error, IngestError::Disconnected { .. }), "{error:?}");
+    assert!(error.is_transient(), "a stall is retried: {error}");
+    assert!(error.to_string().contains("no answer") && error.to_string().contains("source_timeout"), "{error}");
+    let total = load.customers + load.products + load.orders + load.order_items;
+    assert!(copied() < total, "the pause came before the end of the copy ({} of {total} rows)", copied());
+
+    let report = Snapshot::new(cfg).await.expect("the snapshot run again");
+    for (table, count) in [
+        ("customers", load.customers),
+        ("products", load.products),
+        ("orders", load.orders),
+        ("order_items", load.order_items),
+    ] {
+        assert_eq!(rows(&read_raw(dir.path(), table).await) as u64, count, "{table}");
+        let reported = report.tables.iter().find(|t| t.table == format!("operations.{table}")).expect("reported");
+        assert_eq!(reported.rows, count, "{table}");
+    }
+    drop(cluster);
+}
