@@ -30,15 +30,7 @@ async fn compaction_merges_small_files_without_changing_any_version() {
     let mut table = storage.open_or_create(Layer::Raw, "numbers", &schema()).await.expect("table");
     // Ten commits of one small file each, keys interleaved so that sorting matters.
     for round in 0..10i64 {
-        let ids: Vec<i64> = (0..100).map(|i| i * 10 + (9 - round)).collect();
-        let names: Vec<String> = ids.iter().map(|i| format!("n{i}")).collect();
-        let batch =
-            RecordBatch::try_new(schema(), vec![Arc::new(Int64Array::from(ids)), Arc::new(StringArray::from(names))])
-                .expect("batch");
-        let mut writer = table.writer(1 << 20).expect("writer");
-        writer.write(table.name(), batch).await.expect("write");
-        let files = writer.finish(table.name()).await.expect("finish");
-        table.commit(files, &Position::new("test", round + 1), CommitMode::Append).await.expect("commit");
+        append(&mut table, (0..100).map(|i| i * 10 + (9 - round)).collect(), round + 1).await;
     }
     let before = table.version().expect("version");
     assert_eq!(table.data_files().expect("files").len(), 10);
@@ -84,8 +76,7 @@ async fn compaction_merges_small_files_without_changing_any_version() {
 }
 
 /// Commit one file of the rows `ids` at position `position`.
-async fn append(table: &mut acme_core::LayerTable, ids: std::ops::Range<i64>, position: i64) {
-    let ids: Vec<i64> = ids.collect();
+async fn append(table: &mut acme_core::LayerTable, ids: Vec<i64>, position: i64) {
     let names: Vec<String> = ids.iter().map(|i| format!("n{i}")).collect();
     let batch =
         RecordBatch::try_new(schema(), vec![Arc::new(Int64Array::from(ids)), Arc::new(StringArray::from(names))])
@@ -104,7 +95,7 @@ async fn a_merge_beside_appends_commits_on_the_newer_version_and_a_stale_merge_i
     let storage = Storage::new(&dir.path().display().to_string(), Default::default()).expect("storage");
     let mut table = storage.open_or_create(Layer::Raw, "numbers", &schema()).await.expect("table");
     for round in 0..8i64 {
-        append(&mut table, round * 100..(round + 1) * 100, round + 1).await;
+        append(&mut table, (round * 100..(round + 1) * 100).collect(), round + 1).await;
     }
     let ctx = SessionContext::new();
     let options = CompactOptions::sorted_by(&["id"]);
@@ -115,8 +106,8 @@ async fn a_merge_beside_appends_commits_on_the_newer_version_and_a_stale_merge_i
         async move { copy.merge_small_files(&ctx, &options).await }
     });
     // The writer goes on: two more commits while the merge runs.
-    append(&mut table, 800..900, 9).await;
-    append(&mut table, 900..1000, 10).await;
+    append(&mut table, (800..900).collect(), 9).await;
+    append(&mut table, (900..1000).collect(), 10).await;
     let merged = merging.await.expect("task").expect("merge");
     assert_eq!(merged.len(), 1, "one group");
     // The merge's new files are not part of any version yet.
