@@ -65,8 +65,16 @@ for sf in $scales; do
         rm -rf "$wh"
         out="$root/scale-sf$sf-$limit.log"
         echo "== SF$sf, memory limit $limit MiB"
-        /usr/bin/time -v "$bin/sync" --source "$url" --warehouse "$wh" --once --slot "$slot" \
-            --memory-limit-mib "$limit" > "$out" 2>&1 || { tail -20 "$out"; exit 1; }
+        if ! /usr/bin/time -v "$bin/sync" --source "$url" --warehouse "$wh" --once --slot "$slot" \
+            --memory-limit-mib "$limit" > "$out" 2>&1; then
+            # A failed run is a result too (e.g. a pool too small for the scale): its row says why.
+            why=$(grep -a -m1 '^Error: ' "$out" | cut -c8- | cut -c1-120)
+            echo "| SF$sf | $rows | $limit MiB | failed: ${why:-see $out} | | | | | |" >> "$summary"
+            as_pg "$bindir/psql" -h 127.0.0.1 -p $port -U postgres -Atq -c \
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = '$slot'" postgres
+            rm -rf "$wh"
+            continue
+        fi
         rss_kb=$(sed -n 's/.*Maximum resident set size (kbytes): //p' "$out")
         wall=$(sed -n 's/.*Elapsed (wall clock) time (h:mm:ss or m:ss): //p' "$out")
         snap=$(grep -ao 'ready after [^:]*' "$out" | head -1 | cut -d' ' -f3)
