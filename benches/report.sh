@@ -65,14 +65,18 @@ section() {
     section "$data/model-summary.md"
     if [ -f bench-data/sf10-summary.md ]; then
         section bench-data/sf10-summary.md
-    else
+    elif [ ! -f bench-data/scale-summary.md ]; then
         echo "## SF10"
         echo
-        echo "Not measured yet: no SF10 run has been made on this machine (issue 7)."
+        echo "Not measured yet: no SF10 run has been made on this machine (\`bash benches/scale.sh\`)."
     fi
-    # Memory against table size, from `bash benches/scale.sh` (a separate, longer run).
+    # Memory against table size, SF1 and SF10, from `bash benches/scale.sh` (a separate, longer run).
     if [ -f bench-data/scale-summary.md ]; then
         section bench-data/scale-summary.md
+    fi
+    # Hand-written notes on earlier runs (what changed between them), kept under the figures.
+    if [ -f benches/report-history.md ]; then
+        section benches/report-history.md
     fi
 } > bench-report.md
 echo "wrote bench-report.md and bench-latency.png (benchmark output in $log)"

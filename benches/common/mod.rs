@@ -64,8 +64,15 @@ pub async fn dataset(sf: f64) -> Dataset {
     let dir = root().join(format!("sf{sf}-seed{SEED}"));
     let done = dir.join("complete");
     if !done.exists() {
-        if dir.exists() {
-            std::fs::remove_dir_all(&dir).expect("remove an incomplete dataset");
+        // Remove what an incomplete build left, but not the benchmarks' summaries beside it
+        // (the snapshot benchmark, which runs first, writes its own there).
+        for part in ["warehouse", "current", "instant.txt"] {
+            let path = dir.join(part);
+            if path.is_dir() {
+                std::fs::remove_dir_all(&path).expect("remove an incomplete dataset");
+            } else if path.exists() {
+                std::fs::remove_file(&path).expect("remove an incomplete dataset");
+            }
         }
         std::fs::create_dir_all(&dir).expect("bench data directory");
         build(sf, &dir).await;
