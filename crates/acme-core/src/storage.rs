@@ -270,6 +270,32 @@ impl Storage {
         }
     }
 
+    /// [`Storage::open_pinned`], reusing `loaded`, an earlier handle of the same table: it is
+    /// moved forward to the version the manifest names (or to the latest, when the manifest
+    /// names none), reading only the commits after its own. A table the manifest pins at an
+    /// older version than `loaded` is opened afresh.
+    pub async fn reopen_pinned(
+        &self,
+        layer: Layer,
+        table: &str,
+        manifest: Option<&Manifest>,
+        loaded: Option<&LayerTable>,
+    ) -> Result<Option<LayerTable>> {
+        let pinned = manifest.and_then(|m| m.version_of(layer, table));
+        let Some(mut reused) = loaded.filter(|t| pinned.is_none_or(|v| t.version().is_some_and(|l| l <= v))).cloned()
+        else {
+            return self.open_pinned(layer, table, manifest).await;
+        };
+        let name = reused.name.clone();
+        match pinned {
+            Some(version) => {
+                reused.delta.load_version(version).await.map_err(Error::delta(&name, "load a pinned version"))?
+            }
+            None => reused.refresh().await?,
+        }
+        Ok(Some(reused))
+    }
+
     /// Open a layer table, creating it with `schema` when it does not exist yet.
     pub async fn open_or_create(&self, layer: Layer, table: &str, schema: &Schema) -> Result<LayerTable> {
         if let Some(existing) = self.open(layer, table).await? {

@@ -6,8 +6,8 @@
 //!
 //! A handle is a consistent snapshot: every table is loaded at the version recorded in the
 //! last complete commit round of its writer (`_acme/raw.json`, `_acme/model.json`), so
-//! queries never mix tables from before and after a concurrent ingest or model build. Open
-//! a new handle to see newer data.
+//! queries never mix tables from before and after a concurrent ingest or model build.
+//! [`Warehouse::refresh`] moves a handle to newer data, reading only the new commits.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), acme_query::QueryError> {
@@ -202,8 +202,11 @@ pub struct Warehouse {
     missing: Option<String>,
     /// The model has the per-(delivery_date, status) aggregate of current orders.
     has_aggregate: bool,
-    /// The pinned tables, for diagnosing unreadable files.
+    /// The pinned tables, for diagnosing unreadable files and for [`Warehouse::refresh`].
     tables: Vec<acme_core::LayerTable>,
+    storage: Storage,
+    /// The manifests the tables are pinned to.
+    manifests: (Option<acme_core::storage::Manifest>, Option<acme_core::storage::Manifest>),
 }
 
 impl std::fmt::Debug for Warehouse {
@@ -221,6 +224,36 @@ impl Warehouse {
     /// Open with object-store options (S3 endpoint, region, ...).
     pub async fn open_with_options(url: &str, options: HashMap<String, String>) -> Result<Self> {
         let storage = Storage::new(url, options)?;
+        let raw_manifest = storage.get_manifest(manifests::RAW).await?;
+        let model_manifest = storage.get_manifest(manifests::MODEL).await?;
+        Self::load(storage, url, raw_manifest, model_manifest, &[]).await
+    }
+
+    /// Move this handle to the warehouse's latest complete commit rounds, if the writers
+    /// recorded newer ones since it was opened (or last refreshed): returns whether it moved.
+    /// Cheaper than opening a new handle: each table reads only the commits after the version
+    /// it holds. Like a new handle, the refreshed one is a consistent snapshot; queries
+    /// already running keep the tables they started with.
+    pub async fn refresh(&mut self) -> Result<bool> {
+        let raw_manifest = self.storage.get_manifest(manifests::RAW).await?;
+        let model_manifest = self.storage.get_manifest(manifests::MODEL).await?;
+        // Without manifests, tables are read at their latest versions: always reload.
+        let pinned = raw_manifest.is_some() || model_manifest.is_some();
+        if pinned && (&raw_manifest, &model_manifest) == (&self.manifests.0, &self.manifests.1) {
+            return Ok(false);
+        }
+        *self = Self::load(self.storage.clone(), &self.url, raw_manifest, model_manifest, &self.tables).await?;
+        Ok(true)
+    }
+
+    /// Register every table pinned to the manifests, reusing the handles in `loaded`.
+    async fn load(
+        storage: Storage,
+        url: &str,
+        raw_manifest: Option<acme_core::storage::Manifest>,
+        model_manifest: Option<acme_core::storage::Manifest>,
+        loaded: &[acme_core::LayerTable],
+    ) -> Result<Self> {
         let mut config = SessionConfig::new().with_information_schema(true);
         // Joins whose smaller side (e.g. the open orders, joined to their items in R3) fits in
         // these bounds build one shared hash table instead of repartitioning both sides by key:
@@ -232,8 +265,6 @@ impl Warehouse {
         storage.register_object_store(&ctx);
         // Pin every table to the versions of the last complete commit round of its writer, so
         // a query never mixes tables from before and after a concurrent commit.
-        let raw_manifest = storage.get_manifest(manifests::RAW).await?;
-        let model_manifest = storage.get_manifest(manifests::MODEL).await?;
         // Every table is loaded concurrently: opening is a log replay per table.
         let mut wanted: Vec<(Layer, String, String, Option<&acme_core::storage::Manifest>)> = Vec::new();
         for spec in HistorySpec::acme() {
@@ -255,7 +286,8 @@ impl Warehouse {
         let loaded = futures::future::try_join_all(wanted.iter().map(|(layer, name, registered, manifest)| {
             let storage = &storage;
             async move {
-                match storage.open_pinned(*layer, name, *manifest).await? {
+                let previous = loaded.iter().find(|t| t.name() == format!("{}/{name}", layer.dir()));
+                match storage.reopen_pinned(*layer, name, *manifest, previous).await? {
                     Some(table) => Ok::<_, QueryError>(Some((registered.clone(), table.provider(None)?, table))),
                     None => Ok(None),
                 }
@@ -304,10 +336,12 @@ impl Warehouse {
             ctx,
             url: url.to_string(),
             history_start,
-            model_position: model_manifest.map(|m| m.position),
+            model_position: model_manifest.as_ref().map(|m| m.position),
             has_aggregate: found.contains_key(tables::AGG_ORDERS_BY_DELIVERY_DATE),
             tables,
             missing,
+            storage,
+            manifests: (raw_manifest, model_manifest),
         })
     }
 

@@ -185,6 +185,35 @@ async fn scalar(w: &Warehouse, sql: &str) -> i64 {
         .value(0)
 }
 
+/// One long-lived handle, refreshed after each round of changes, answers like the source and
+/// like a handle opened afresh; with nothing new, a refresh does nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refreshed_handle_follows_the_source_and_answers_like_it() {
+    let (url, _dir, config, mut stream) = pipeline("refresh", 0.003, 23).await;
+    let client = acme_testkit::connect(&url).await.expect("connect");
+    ModelBuild::new(config.clone()).await.expect("first build");
+    let mut w = Warehouse::open(&config.storage_url).await.expect("open warehouse");
+    assert!(!w.refresh().await.expect("refresh"), "nothing new: the handle stays");
+    for round in 0..3u64 {
+        acme_testkit::run_workload(&url, &workload(700 + round, 150, 2)).await.expect("workload");
+        stream.catch_up().await.expect("catch up");
+        // The raw layer moved, the model not yet: the refreshed handle sees the new raw rows
+        // and keeps the model of the last build.
+        let model_before = w.model_position();
+        assert!(w.refresh().await.expect("refresh"), "the raw layer moved");
+        assert_eq!(w.model_position(), model_before);
+        let raw = "SELECT count(*) FROM raw_orders";
+        let fresh = Warehouse::open(&config.storage_url).await.expect("open");
+        assert_eq!(scalar(&w, raw).await, scalar(&fresh, raw).await, "raw rows, round {round}");
+        ModelBuild::new(config.clone()).await.expect("model build");
+        assert!(w.refresh().await.expect("refresh"), "the model moved");
+        let fresh = Warehouse::open(&config.storage_url).await.expect("open");
+        assert_eq!(w.model_position(), fresh.model_position());
+        assert_eq!(acme(&w, 3, None).await, oracle(&client, 3).await, "refreshed handle vs PostgreSQL, round {round}");
+        assert_eq!(acme(&w, 3, None).await, acme(&fresh, 3, None).await, "refreshed vs fresh handle");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readers_see_one_consistent_model_while_builds_commit() {
     let (url, _dir, config, mut stream) = pipeline("consistent", 0.002, 7).await;
