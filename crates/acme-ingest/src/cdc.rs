@@ -603,10 +603,7 @@ impl ChangeStream {
         let width = table.columns.len();
         let read_sql = changelog.read_sql(&table);
         let query = self.client.query_raw(&read_sql, [&table.name]);
-        let rows = self
-            .url
-            .bounded("reading claimed changes", async { query.await.map_err(sql("reading claimed changes")) })
-            .await?;
+        let rows = self.url.bounded_sql("reading claimed changes", query).await?;
         futures::pin_mut!(rows);
         let bad = |source| IngestError::Source {
             context: format!("decoding a claimed change of {}", table.qualified()),

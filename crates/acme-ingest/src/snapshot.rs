@@ -219,23 +219,14 @@ impl Snapshot {
             });
         }
 
-        fn ctx(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> IngestError {
-            move |source| IngestError::Source { context: what.to_string(), source }
-        }
         // Every wait on the source below is bounded by `source_timeout`: a stalled server
         // fails the snapshot (to be run again) instead of hanging it.
         let begin = control.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY");
-        url.bounded("starting the snapshot transaction", async {
-            begin.await.map_err(ctx("starting the snapshot transaction"))
-        })
-        .await?;
+        url.bounded_sql("starting the snapshot transaction", begin).await?;
         let (snapshot_id, lsn, visibility) = match &self.exported {
             Some((name, lsn)) => {
                 let import = format!("SET TRANSACTION SNAPSHOT '{}'", name.replace('\'', "''"));
-                url.bounded("importing the replication slot's snapshot", async {
-                    control.batch_execute(&import).await.map_err(ctx("importing the replication slot's snapshot"))
-                })
-                .await?;
+                url.bounded_sql("importing the replication slot's snapshot", control.batch_execute(&import)).await?;
                 // The slot's snapshot is exactly its consistent point: no visibility filter.
                 (name.clone(), *lsn, String::new())
             }
@@ -244,9 +235,7 @@ impl Snapshot {
                     "SELECT pg_export_snapshot(), pg_current_wal_lsn()::text, pg_current_snapshot()::text",
                     &[],
                 );
-                let row = url
-                    .bounded("exporting the snapshot", async { export.await.map_err(ctx("exporting the snapshot")) })
-                    .await?;
+                let row = url.bounded_sql("exporting the snapshot", export).await?;
                 (row.get::<_, String>(0), Lsn::parse(&row.get::<_, String>(1))?, row.get::<_, String>(2))
             }
         };
@@ -254,9 +243,7 @@ impl Snapshot {
             "SELECT (extract(epoch from clock_timestamp()) * 1000000)::int8, current_setting('block_size')::int8",
             &[],
         );
-        let row = url
-            .bounded("reading the snapshot time", async { time.await.map_err(ctx("reading the snapshot time")) })
-            .await?;
+        let row = url.bounded_sql("reading the snapshot time", time).await?;
         let taken_at_micros: i64 = row.get(0);
         let block_size: i64 = row.get(1);
         tracing::info!(%lsn, snapshot = %snapshot_id, "snapshot taken");
@@ -266,11 +253,10 @@ impl Snapshot {
         let mut plan: Vec<(usize, i64, Option<i64>)> = Vec::new();
         let mut sizes = Vec::with_capacity(tables.len());
         for table in &tables {
-            let pages: i64 = control
-                .query_one("SELECT pg_relation_size($1::int8::oid) / $2::int8", &[&i64::from(table.oid), &block_size])
-                .await
-                .map_err(ctx("measuring the tables"))?
-                .get(0);
+            let oid = i64::from(table.oid);
+            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&oid, &block_size];
+            let size = control.query_one("SELECT pg_relation_size($1::int8::oid) / $2::int8", &params);
+            let pages: i64 = url.bounded_sql("measuring the tables", size).await?.get(0);
             sizes.push(pages);
         }
         let total_pages: i64 = sizes.iter().sum();
@@ -309,10 +295,7 @@ impl Snapshot {
             let client = url.connect().await?;
             let import =
                 format!("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT '{snapshot_id}'");
-            url.bounded("importing the exported snapshot", async {
-                client.batch_execute(&import).await.map_err(ctx("importing the exported snapshot"))
-            })
-            .await?;
+            url.bounded_sql("importing the exported snapshot", client.batch_execute(&import)).await?;
             let shared = Arc::clone(&shared);
             workers.push(tokio::spawn(async move { copy_worker(worker, client, shared).await }));
         }
@@ -457,10 +440,7 @@ async fn copy_ranges(
         // Every wait on the server is bounded: a stalled server fails the snapshot (to be run
         // again) instead of hanging it.
         let starting = format!("starting COPY of {}", table.qualified());
-        let start = async {
-            client.copy_out(&sql).await.map_err(|source| IngestError::Source { context: starting.clone(), source })
-        };
-        let stream = shared.url.bounded(&starting, start).await?;
+        let stream = shared.url.bounded_sql(&starting, client.copy_out(&sql)).await?;
         futures::pin_mut!(stream);
         let mut decoder = CopyDecoder::new(table, shared.batch_rows);
         let progress = shared.progress_of(table_idx);

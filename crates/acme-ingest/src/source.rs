@@ -85,6 +85,17 @@ impl SourceUrl {
         }
     }
 
+    /// [`SourceUrl::bounded`] for one statement of the client: its error becomes
+    /// [`IngestError::Source`] with `doing` as the context.
+    pub async fn bounded_sql<T>(
+        &self,
+        doing: &str,
+        work: impl std::future::Future<Output = std::result::Result<T, tokio_postgres::Error>>,
+    ) -> Result<T> {
+        let work = async { work.await.map_err(|source| IngestError::Source { context: doing.to_string(), source }) };
+        self.bounded(doing, work).await
+    }
+
     /// The parsed connection settings.
     pub fn config(&self) -> &Config {
         &self.config

@@ -197,7 +197,6 @@ pub struct Warehouse {
     ctx: SessionContext,
     url: String,
     history_start: Option<i64>,
-    model_position: Option<i64>,
     /// The first model table that does not exist yet, if any.
     missing: Option<String>,
     /// The model has the per-(delivery_date, status) aggregate of current orders.
@@ -231,8 +230,8 @@ impl Warehouse {
 
     /// Move this handle to the warehouse's latest complete commit rounds, if the writers
     /// recorded newer ones since it was opened (or last refreshed): returns whether it moved.
-    /// Cheaper than opening a new handle: each table reads only the commits after the version
-    /// it holds. Like a new handle, the refreshed one is a consistent snapshot; queries
+    /// Each table reads only the commits after the version it holds (a new handle replays
+    /// every table's log from its last checkpoint). Like a new handle, the refreshed one is a consistent snapshot; queries
     /// already running keep the tables they started with.
     pub async fn refresh(&mut self) -> Result<bool> {
         let raw_manifest = self.storage.get_manifest(manifests::RAW).await?;
@@ -336,7 +335,6 @@ impl Warehouse {
             ctx,
             url: url.to_string(),
             history_start,
-            model_position: model_manifest.as_ref().map(|m| m.position),
             has_aggregate: found.contains_key(tables::AGG_ORDERS_BY_DELIVERY_DATE),
             tables,
             missing,
@@ -348,7 +346,7 @@ impl Warehouse {
     /// The source position (commit LSN) the loaded model covers, when the model build
     /// recorded one. Every model table of this handle is at exactly this position.
     pub fn model_position(&self) -> Option<i64> {
-        self.model_position
+        self.manifests.1.as_ref().map(|m| m.position)
     }
 
     /// Read every data file of the pinned tables and fail with
