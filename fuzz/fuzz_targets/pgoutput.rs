@@ -12,7 +12,7 @@
 use libfuzzer_sys::fuzz_target;
 
 #[allow(dead_code, missing_docs)]
-#[path = "../../crates/acme-ingest/src/pgoutput.rs"]
+#[path = "../../acme-ingest/src/pgoutput.rs"]
 mod pgoutput;
 
 /// The decoder's error type, reduced to the variant it uses.
