@@ -4,11 +4,18 @@
 //!   changes in steps of about 10,000 raw changes (`ModelBuild::up_to`), each step timed;
 //! - criterion: one such incremental step, and one full rebuild.
 //!
+//! - merge-on-read: the model built up to about 1,000 and 10,000 raw changes before the raw
+//!   layer's end, so that a warehouse applies that tail on read; the four reports (now and as
+//!   of the dataset's instant), checked equal to those of the caught-up model, timed against
+//!   the same reports with no tail.
+//!
 //! The summary (printed and written to `bench-data/sf<SF>-seed42/model-summary.md`) gives the
 //! full rebuild time, its change application rate (raw changes applied per second, overall and
-//! for the histories alone), and the incremental cost per 10,000 changes.
+//! for the histories alone), the incremental cost per 10,000 changes, and the cost the tail
+//! adds to the reports.
 //!
-//! `ACME_BENCH_SF` sets the scale factor (default 0.1; the issue figures use 1).
+//! `ACME_BENCH_SF` sets the scale factor (default 0.1; the issue figures use 1);
+//! `ACME_BENCH_TAIL_ONLY=1` runs only the merge-on-read section (`tail-summary.md`).
 //! Run: `cargo bench --bench model`.
 
 mod common;
@@ -92,6 +99,102 @@ async fn cut_points(data: &common::Dataset, step: i64) -> (i64, Vec<i64>) {
     (snapshot, cuts)
 }
 
+/// The commit LSN after which about `changes` streamed raw changes follow (whole
+/// transactions), and how many follow it: all the streamed changes, after the snapshot, when
+/// the dataset has fewer.
+async fn tail_cut(data: &common::Dataset, changes: i64) -> (i64, i64) {
+    let (snapshot, _) = cut_points(data, i64::MAX).await;
+    let w = Warehouse::open(&data.warehouse).await.expect("warehouse");
+    let all = "SELECT _lsn, _op FROM raw_customers UNION ALL SELECT _lsn, _op FROM raw_products \
+               UNION ALL SELECT _lsn, _op FROM raw_orders UNION ALL SELECT _lsn, _op FROM raw_order_items";
+    let batches = w
+        .sql(&format!(
+            "SELECT _lsn, count(*) AS n FROM ({all}) WHERE _op <> 'snapshot' GROUP BY _lsn ORDER BY _lsn DESC"
+        ))
+        .await
+        .expect("lsns")
+        .collect()
+        .await
+        .expect("collect");
+    let mut tail = 0;
+    for b in &batches {
+        for i in 0..b.num_rows() {
+            if tail >= changes {
+                return (value(b, 0, i), tail);
+            }
+            tail += value(b, 1, i);
+        }
+    }
+    (snapshot, tail)
+}
+
+/// The four reports, now and as of `instant`, rendered (for the equality check).
+async fn all_reports(w: &Warehouse, instant: chrono::DateTime<chrono::Utc>) -> String {
+    use acme::query::StatusFilter;
+    let mut out = String::new();
+    for as_of in [None, Some(instant)] {
+        let _ = write!(out, "{:?}", w.open_orders(StatusFilter::Open, as_of).await.expect("R1"));
+        let _ = write!(out, "{:?}", w.top_delivery_dates(3, as_of).await.expect("R2"));
+        let _ = write!(out, "{:?}", w.pending_items_by_product(as_of).await.expect("R3"));
+        let _ = write!(out, "{:?}", w.top_customers(3, StatusFilter::Pending, as_of).await.expect("R4"));
+    }
+    out
+}
+
+/// Median times of R1-R4 now and as of `instant` on `w` (ms each).
+async fn report_times(w: &Warehouse, instant: chrono::DateTime<chrono::Utc>) -> Vec<f64> {
+    use acme::query::StatusFilter;
+    let mut out = Vec::new();
+    for as_of in [None, Some(instant)] {
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        out.push(ms(common::median(7, || w.open_orders(StatusFilter::Open, as_of)).await));
+        out.push(ms(common::median(7, || w.top_delivery_dates(3, as_of)).await));
+        out.push(ms(common::median(7, || w.pending_items_by_product(as_of)).await));
+        out.push(ms(common::median(7, || w.top_customers(3, StatusFilter::Pending, as_of)).await));
+    }
+    out
+}
+
+/// Merge-on-read: the reports with a tail of about 1k and 10k raw changes applied on read,
+/// against the caught-up model (no tail). Answers are checked equal before timing.
+async fn live_tail(data: &common::Dataset, sf: f64) -> String {
+    let caught_up = Warehouse::open(&data.warehouse).await.expect("caught-up warehouse");
+    let expected = all_reports(&caught_up, data.instant).await;
+    let base = report_times(&caught_up, data.instant).await;
+    let mut summary = format!(
+        "\n## Reports with the raw tail applied on read, SF{sf}\n\n\
+         The model built up to a position that leaves about N raw changes after it; a `Warehouse` applies \
+         them on read. Median of 7 runs, ms; answers checked equal to the caught-up model's first.\n\n\
+         | tail | open + first refresh | R1 | R2 | R3 | R4 | R1 as of | R2 as of | R3 as of | R4 as of |\n\
+         |---|---|---|---|---|---|---|---|---|---|\n"
+    );
+    let row = |label: String, open: f64, times: &[f64]| {
+        let cells: Vec<String> = times.iter().map(|t| format!("{t:.1}")).collect();
+        format!("| {label} | {open:.0} | {} |\n", cells.join(" | "))
+    };
+    let open_ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let started = Instant::now();
+    let reopened = Warehouse::open(&data.warehouse).await.expect("open");
+    summary.push_str(&row("none (model caught up)".into(), open_ms(started.elapsed()), &base));
+    drop(reopened);
+    for wanted in [1_000i64, 10_000] {
+        let (cut, changes) = tail_cut(data, wanted).await;
+        let dir = raw_copy(data);
+        ModelBuild::new(config(dir.path())).up_to(cut).await.expect("model up to the cut");
+        let started = Instant::now();
+        let w = Warehouse::open(&dir.path().display().to_string()).await.expect("open");
+        let open = open_ms(started.elapsed());
+        let tail = w.raw_position().unwrap_or_default() > w.model_position().unwrap_or_default();
+        assert!(tail, "a tail of {changes} changes is applied on read");
+        assert_eq!(all_reports(&w, data.instant).await, expected, "tail of {changes}: reports equal");
+        let times = report_times(&w, data.instant).await;
+        let ratios: Vec<String> = times.iter().zip(&base).map(|(t, b)| format!("{:.2}x", t / b)).collect();
+        summary.push_str(&row(format!("{changes} changes"), open, &times));
+        summary.push_str(&format!("| ratio to no tail | | {} |\n", ratios.join(" | ")));
+    }
+    summary
+}
+
 fn value(b: &acme::core::arrow::array::RecordBatch, column: usize, row: usize) -> i64 {
     let c = acme::core::arrow::compute::cast(b.column(column), &acme::core::arrow::datatypes::DataType::Int64)
         .expect("cast");
@@ -106,6 +209,9 @@ fn history_time(report: &ModelReport) -> Duration {
 /// and prints its peak RSS: a fresh process, so the figure is the build's alone.
 const CHILD: &str = "ACME_BENCH_MODEL_CHILD";
 
+/// Set to run only the merge-on-read section (written to `tail-summary.md`).
+const TAIL_ONLY: &str = "ACME_BENCH_TAIL_ONLY";
+
 fn model(c: &mut Criterion) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
@@ -119,6 +225,13 @@ fn model(c: &mut Criterion) {
     }
     let sf = common::scale();
     let data = runtime.block_on(common::dataset(sf));
+    if std::env::var_os(TAIL_ONLY).is_some() {
+        // Only the merge-on-read figures (for the larger scale factors).
+        let summary = runtime.block_on(live_tail(&data, sf));
+        println!("{summary}");
+        std::fs::write(data.dir.join("tail-summary.md"), &summary).expect("write summary");
+        return;
+    }
     let (snapshot, cuts) = runtime.block_on(cut_points(&data, STEP));
     let (_, small_cuts) = runtime.block_on(cut_points(&data, SMALL_STEP));
     assert!(!cuts.is_empty(), "the dataset has fewer than {STEP} streamed changes");
@@ -211,6 +324,7 @@ fn model(c: &mut Criterion) {
         let step = last.tables.iter().find(|s| s.table == t.table).map_or(0.0, |s| s.elapsed.as_secs_f64());
         let _ = writeln!(summary, "- {}: {:.2} / {:.2}", t.table, t.elapsed.as_secs_f64(), step);
     }
+    summary.push_str(&runtime.block_on(live_tail(&data, sf)));
     println!("{summary}");
     std::fs::write(data.dir.join("model-summary.md"), &summary).expect("write summary");
 

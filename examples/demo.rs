@@ -1,6 +1,8 @@
 //! The main job, end to end: a source (an ephemeral local PostgreSQL with generated ACME data
-//! and a live workload, unless `--source` is given), the snapshot, the change stream, the
-//! model, and the four reports (now, and one as of an earlier instant).
+//! and a live workload, unless `--source` is given), then `acme::Pipeline`: the snapshot, the
+//! change stream and model maintenance side by side, and the four reports (now, and one as of
+//! an earlier instant). Under the workload, stamped transactions measure report freshness:
+//! from a commit until R1, R3 and R4 all show it.
 //!
 //! ```text
 //! cargo run --release --example demo
@@ -9,9 +11,8 @@
 
 use std::time::{Duration, Instant};
 
+use acme::Pipeline;
 use acme::core::AcmeConfig;
-use acme::ingest::ChangeStream;
-use acme::model::ModelBuild;
 use acme::query::{StatusFilter, Warehouse};
 use acme_testkit::{PgCluster, ScaleFactor, WorkloadConfig};
 use clap::Parser;
@@ -84,11 +85,11 @@ async fn main() -> anyhow::Result<()> {
     let config = AcmeConfig::builder().source_url(&source).storage_url(&warehouse).build()?;
 
     let started = Instant::now();
-    let mut stream = ChangeStream::open(config.clone()).await?;
+    let pipeline = Pipeline::builder(config.clone()).start().await?;
     println!(
-        "snapshot done in {:.1?} (LSN {}), streaming changes...",
+        "snapshot and first model done in {:.1?} (model at LSN {}), streaming changes...",
         started.elapsed(),
-        acme::ingest::Lsn(stream.snapshot_point().lsn)
+        acme::ingest::Lsn(pipeline.warehouse().model_position().unwrap_or_default() as u64)
     );
 
     let mut as_of = None;
@@ -105,44 +106,46 @@ async fn main() -> anyhow::Result<()> {
         let url = source.clone();
         let writer = tokio::spawn(async move { acme_testkit::run_workload(&url, &workload).await });
         let halfway = Instant::now() + Duration::from_secs(args.seconds / 2);
-        let mut changes = 0;
+        let client = acme_testkit::connect(&source).await?;
+        let mut delays = Vec::new();
         while !writer.is_finished() {
-            changes += stream.poll().await?.changes;
             if as_of.is_none() && Instant::now() >= halfway {
                 as_of = Some(chrono::Utc::now());
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            delays.push(stamp_freshness(&client, &pipeline, delays.len()).await?);
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
         let report = writer.await??;
-        changes += stream.catch_up().await?.changes;
         println!(
-            "live workload: {} transactions ({} row changes) in {:.1?}; acme stored {} change rows",
+            "live workload: {} transactions ({} row changes) in {:.1?}; acme captured {} change rows",
             report.transactions,
             report.total_changes(),
             report.elapsed,
-            changes
+            pipeline.status().borrow().changes
         );
-        // Freshness: one stamped order, from its commit to its arrival in the raw layer.
-        let client = acme_testkit::connect(&source).await?;
-        client
-            .batch_execute(
-                "INSERT INTO operations.orders (order_date, delivery_date, customer_id, status, created_at) \
-                 VALUES (current_date, current_date + 10, 1, 'PENDING', now())",
-            )
-            .await?;
-        let committed = Instant::now();
-        while stream.poll().await?.changes == 0 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
+        delays.sort();
+        if let (Some(first), Some(last)) = (delays.first(), delays.last()) {
+            println!(
+                "report freshness: {} stamped transactions (customer, product, order and item in one commit) \
+                 showed in R1, R3 and R4 after {:.0?} (p50), {:.0?} (min), {:.0?} (max)",
+                delays.len(),
+                delays[delays.len() / 2],
+                first,
+                last
+            );
         }
-        println!("freshness: a committed order reached the raw layer in {:.0?}", committed.elapsed());
-    } else {
-        let report = stream.catch_up().await?;
-        println!("caught up: {} transactions, {} change rows", report.transactions, report.changes);
     }
-
-    let build = ModelBuild::new(config.clone()).await?;
-    println!("model built in {:.1?} (covers raw LSN {})", build.elapsed, build.position);
-    let warehouse = Warehouse::open(&config.storage_url).await?;
+    // Every change committed so far, in the reports.
+    let warehouse = pipeline.caught_up().await?;
+    let s = pipeline.status().borrow().clone();
+    println!(
+        "model maintenance: {} builds beside the stream, last {:.1?}; the stored model is at LSN {}, \
+         the reports at LSN {}",
+        s.model_builds,
+        s.last_model_build.unwrap_or_default(),
+        acme::ingest::Lsn(warehouse.model_position().unwrap_or_default() as u64),
+        acme::ingest::Lsn(warehouse.raw_position().unwrap_or_default() as u64)
+    );
     print_reports(&warehouse, args.limit, None).await?;
     if let Some(instant) = as_of {
         println!("\n== as of {instant} (mid-workload) ==");
@@ -152,6 +155,8 @@ async fn main() -> anyhow::Result<()> {
             println!("  {:<12} {:>6}", opt(r.delivery_date), r.quantity);
         }
     }
+    drop(warehouse);
+    pipeline.shutdown().await?;
     println!("\npeak RSS: {}", peak_rss());
     drop(cluster);
     Ok(())
@@ -189,6 +194,49 @@ async fn print_reports(
         );
     }
     Ok(())
+}
+
+/// Commit one transaction that touches all four tables (a new customer, a new product, an
+/// order of that customer with a delivery date no other order has, and an item of that
+/// product), then wait until R1, R3 and R4 of the pipeline's newest warehouse all show it.
+async fn stamp_freshness(client: &tokio_postgres::Client, pipeline: &Pipeline, n: usize) -> anyhow::Result<Duration> {
+    let delivery = chrono::NaiveDate::from_ymd_opt(2200, 1, 1).unwrap_or_default() + chrono::Days::new(n as u64);
+    let row = client
+        .query_one(
+            "WITH c AS (INSERT INTO operations.customers (customer_name, customer_address, created_at) \
+               VALUES ('stamp', 'here', now()) RETURNING customer_id), \
+             p AS (INSERT INTO operations.products (product_name, barcode, unity_price, is_active, created_at) \
+               VALUES ('stamp', 'stamp', 1.00, true, now()) RETURNING product_id), \
+             o AS (INSERT INTO operations.orders (order_date, delivery_date, customer_id, status, created_at) \
+               SELECT current_date, CAST($1::text AS date), customer_id, 'PENDING', now() FROM c \
+               RETURNING order_id, customer_id), \
+             i AS (INSERT INTO operations.order_items (order_id, product_id, quanity, created_at) \
+               SELECT order_id, product_id, 5, now() FROM o, p RETURNING product_id) \
+             SELECT (SELECT customer_id FROM o), (SELECT product_id FROM i)",
+            &[&delivery.to_string()],
+        )
+        .await?;
+    let committed = Instant::now();
+    let (customer, product): (i64, i64) = (row.get(0), row.get(1));
+    loop {
+        let w = pipeline.warehouse();
+        let r1 = w.open_orders(StatusFilter::Open, None).await?.iter().any(|r| r.delivery_date == Some(delivery));
+        if r1 {
+            let r3 = w.pending_items_by_product(None).await?.iter().any(|r| r.product_id == Some(product));
+            let r4 = w
+                .top_customers(10_000, StatusFilter::Pending, None)
+                .await?
+                .iter()
+                .any(|r| r.customer_id == Some(customer));
+            if r3 && r4 {
+                return Ok(committed.elapsed());
+            }
+        }
+        if !pipeline.status().borrow().running {
+            anyhow::bail!("the pipeline stopped: {:?}", pipeline.status().borrow().last_error);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 fn opt<T: ToString>(v: Option<T>) -> String {

@@ -5,12 +5,9 @@
 //! cargo run --release --example serve -- --warehouse ./warehouse [--source postgres://...] [--addr 127.0.0.1:8000]
 //! ```
 
-use std::time::Duration;
-
+use acme::Pipeline;
 use acme::core::AcmeConfig;
 use acme::http::{ServiceState, router};
-use acme::ingest::ChangeStream;
-use acme::model::ModelBuild;
 use acme::query::Warehouse;
 use clap::Parser;
 
@@ -27,15 +24,13 @@ struct Args {
     /// Warehouse directory or URL.
     #[arg(long)]
     warehouse: String,
-    /// Also run the pipeline from this source, refreshing the model every `--model-interval` s.
+    /// Also run the pipeline from this source in-process (`acme::Pipeline`): every request
+    /// answers from the newest consistent state.
     #[arg(long)]
     source: Option<String>,
     /// Address to listen on (loopback by default).
     #[arg(long, default_value = "127.0.0.1:8000")]
     addr: String,
-    /// Seconds between model builds when `--source` is given.
-    #[arg(long, default_value_t = 2)]
-    model_interval: u64,
 }
 
 #[tokio::main]
@@ -44,46 +39,33 @@ async fn main() -> anyhow::Result<()> {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
     let args = Args::parse();
-    let config = match &args.source {
-        Some(source) => Some(AcmeConfig::builder().source_url(source).storage_url(&args.warehouse).build()?),
-        None => None,
+    let mut pipeline = None;
+    let state = match &args.source {
+        Some(source) => {
+            let config = AcmeConfig::builder().source_url(source).storage_url(&args.warehouse).build()?;
+            let started = Pipeline::builder(config).start().await?;
+            let state = ServiceState::live(started.warehouses());
+            pipeline = Some(started);
+            state
+        }
+        None => ServiceState::new(Warehouse::open(&args.warehouse).await?),
     };
-    let mut stream = None;
-    if let Some(config) = &config {
-        let mut s = ChangeStream::open(config.clone()).await?;
-        s.catch_up().await?;
-        ModelBuild::new(config.clone()).await?;
-        stream = Some(s);
-    }
-    let state = ServiceState::new(Warehouse::open(&args.warehouse).await?);
     let listener = tokio::net::TcpListener::bind(&args.addr).await?;
     println!("serving on http://{}", listener.local_addr()?);
-    let server = axum::serve(listener, router(state.clone()));
-    match (stream, config) {
-        (Some(mut stream), Some(config)) => {
-            let pipeline = async move {
-                loop {
-                    let pause = tokio::time::sleep(Duration::from_secs(args.model_interval.max(1)));
-                    stream.run_until(Duration::from_millis(100), pause).await?;
-                    if !ModelBuild::new(config.clone()).await?.up_to_date {
-                        state.replace(Warehouse::open(&config.storage_url).await?).await;
-                    }
-                }
-                #[allow(unreachable_code)]
-                Ok::<(), anyhow::Error>(())
-            };
-            tokio::select! {
-                r = server => r?,
-                r = pipeline => r?,
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        }
-        _ => {
-            tokio::select! {
-                r = server => r?,
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        }
+    let server = axum::serve(listener, router(state));
+    match &pipeline {
+        Some(p) => tokio::select! {
+            r = server => r?,
+            _ = p.stopped() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        },
+        None => tokio::select! {
+            r = server => r?,
+            _ = tokio::signal::ctrl_c() => {}
+        },
+    }
+    if let Some(pipeline) = pipeline {
+        pipeline.shutdown().await?;
     }
     Ok(())
 }

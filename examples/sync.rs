@@ -4,17 +4,18 @@
 //! cargo run --release --example sync -- --source postgres://user:pass@host/db --warehouse ./warehouse [--once]
 //! ```
 //! With `--once` it catches up to the source's current position, commits, builds the model
-//! and exits 0. Without it, it keeps streaming (rebuilding the model every
-//! `--model-interval` seconds, then compacting the raw layer's micro-batch files) until Ctrl-C.
+//! and exits 0. Without it, it runs `acme::Pipeline` (the stream, with the raw layer's
+//! compaction beside it, and model builds back to back on a runtime of their own) until
+//! Ctrl-C, printing its status every `--status-interval` seconds.
 
 use std::io::Write;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use acme::Pipeline;
 use acme::core::{AcmeConfig, CdcMode};
-use acme::ingest::{ChangeStream, SnapshotProgress};
-use acme::model::ModelBuild;
+use acme::ingest::SnapshotProgress;
 use clap::Parser;
 
 /// jemalloc instead of glibc's malloc: with tokio's worker and blocking threads, glibc keeps the
@@ -36,9 +37,9 @@ struct Args {
     /// Catch up once, build the model and exit.
     #[arg(long)]
     once: bool,
-    /// Seconds between model builds while streaming.
+    /// Seconds between two status lines while streaming.
     #[arg(long, default_value_t = 5)]
-    model_interval: u64,
+    status_interval: u64,
     /// Replication slot name (with `--cdc-mode triggers`: the name of the changelog objects).
     #[arg(long, default_value = acme::core::config::DEFAULT_SLOT)]
     slot: String,
@@ -77,42 +78,66 @@ async fn main() -> anyhow::Result<()> {
     let started = Instant::now();
     let progress = Arc::new(SnapshotProgress::default());
     let bar = tokio::spawn(progress_bar(Arc::clone(&progress)));
-    let stream = ChangeStream::open_with_progress(config.clone(), Some(progress)).await;
-    bar.abort();
-    let mut stream = stream?;
-    println!(
-        "ready after {:.1?}: snapshot at LSN {}{}",
-        started.elapsed(),
-        acme::ingest::Lsn(stream.snapshot_point().lsn),
-        peak_memory()
-    );
+    let builder = Pipeline::builder(config).snapshot_progress(progress);
     if args.once {
-        let report = stream.catch_up().await?;
+        let result = builder.run_once().await;
+        bar.abort();
+        let (caught_up, model, _) = result?;
         println!(
-            "caught up: {} transactions, {} change rows, slot at {}",
-            report.transactions, report.changes, report.confirmed
+            "caught up after {:.1?}: {} transactions, {} change rows, slot at {}",
+            started.elapsed(),
+            caught_up.transactions,
+            caught_up.changes,
+            caught_up.confirmed
         );
-        let model = ModelBuild::new(config).await?;
         println!("model at raw LSN {} built in {:.1?}{}", model.position, model.elapsed, peak_memory());
         return Ok(());
     }
+    let pipeline = builder.start().await;
+    bar.abort();
+    let pipeline = pipeline?;
+    println!("ready after {:.1?}{}", started.elapsed(), peak_memory());
     let mut ctrl_c = Box::pin(tokio::signal::ctrl_c());
+    let mut tick = tokio::time::interval(Duration::from_secs(args.status_interval.max(1)));
+    let mut status = pipeline.status();
+    let mut seen = status.borrow().clone();
     loop {
-        let until = tokio::time::sleep(Duration::from_secs(args.model_interval.max(1)));
         tokio::select! {
             _ = &mut ctrl_c => break,
-            result = stream.run_until(Duration::from_millis(100), until) => result?,
-        }
-        let model = ModelBuild::new(config.clone()).await?;
-        if !model.up_to_date {
-            println!("model at raw LSN {} built in {:.1?}", model.position, model.elapsed);
-        }
-        // Housekeeping between rounds: merge the raw micro-batch files.
-        let compacted = stream.compact().await?;
-        if compacted.files_removed > 0 {
-            println!("raw layer: {} files merged into {}", compacted.files_removed, compacted.files_added);
+            _ = pipeline.stopped() => break,
+            changed = status.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                let now = status.borrow_and_update().clone();
+                if now.model_builds > seen.model_builds {
+                    println!(
+                        "model at raw LSN {} built in {:.1?}",
+                        now.model_position.unwrap_or_default(),
+                        now.last_model_build.unwrap_or_default()
+                    );
+                }
+                if now.raw_compactions > seen.raw_compactions {
+                    println!("raw layer: files merged ({} merges so far)", now.raw_compactions);
+                }
+                seen = now;
+            }
+            _ = tick.tick() => {
+                let s = &seen;
+                println!(
+                    "slot at {}, {} changes, model at {:?} ({} builds), lag {:?} bytes / {:.1} s{}",
+                    s.confirmed_lsn,
+                    s.changes,
+                    s.model_position.map(|p| acme::ingest::Lsn(p as u64)),
+                    s.model_builds,
+                    s.lag_bytes,
+                    s.lag_seconds.unwrap_or_default(),
+                    s.last_error.as_ref().map(|e| format!("; last error: {e}")).unwrap_or_default()
+                );
+            }
         }
     }
+    pipeline.shutdown().await?;
     println!("stopped; the next run resumes from the last committed position");
     Ok(())
 }

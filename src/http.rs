@@ -20,29 +20,41 @@ use axum::response::{IntoResponse, Json, Response};
 use axum::routing::get;
 use chrono::{DateTime, Utc};
 use serde_json::json;
-use tokio::sync::RwLock;
+use tokio::sync::watch;
 
 use crate::query::{QueryError, StatusFilter, Warehouse};
 
-/// The warehouse the service answers from; replace it after a model build to serve fresh data.
+/// The warehouse the service answers from: a fixed handle (swapped with
+/// [`ServiceState::replace`]) or the handles a running [`crate::Pipeline`] publishes.
 #[derive(Clone, Debug)]
 pub struct ServiceState {
-    warehouse: Arc<RwLock<Arc<Warehouse>>>,
+    warehouse: watch::Receiver<Arc<Warehouse>>,
+    replace: Option<Arc<watch::Sender<Arc<Warehouse>>>>,
 }
 
 impl ServiceState {
     /// Serve `warehouse`.
     pub fn new(warehouse: Warehouse) -> Self {
-        Self { warehouse: Arc::new(RwLock::new(Arc::new(warehouse))) }
+        let (sender, warehouse) = watch::channel(Arc::new(warehouse));
+        Self { warehouse, replace: Some(Arc::new(sender)) }
     }
 
-    /// Swap in a newer warehouse view (queries in flight finish on the old one).
+    /// Serve the newest handle of a running pipeline ([`crate::Pipeline::warehouses`]): each
+    /// request answers from the newest consistent state.
+    pub fn live(warehouses: watch::Receiver<Arc<Warehouse>>) -> Self {
+        Self { warehouse: warehouses, replace: None }
+    }
+
+    /// Swap in a newer warehouse view (queries in flight finish on the old one). A live state
+    /// follows its pipeline instead and ignores this.
     pub async fn replace(&self, warehouse: Warehouse) {
-        *self.warehouse.write().await = Arc::new(warehouse);
+        if let Some(sender) = &self.replace {
+            sender.send_replace(Arc::new(warehouse));
+        }
     }
 
     async fn current(&self) -> Arc<Warehouse> {
-        Arc::clone(&*self.warehouse.read().await)
+        Arc::clone(&*self.warehouse.borrow())
     }
 }
 
@@ -111,7 +123,12 @@ fn status(params: &HashMap<String, String>, default: StatusFilter) -> Result<Sta
 
 async fn health(State(state): State<ServiceState>) -> Json<serde_json::Value> {
     let w = state.current().await;
-    Json(json!({ "status": "ok", "history_start": w.history_start() }))
+    Json(json!({
+        "status": "ok",
+        "history_start": w.history_start(),
+        "raw_position": w.raw_position(),
+        "model_position": w.model_position(),
+    }))
 }
 
 async fn open_orders(State(state): State<ServiceState>, Query(p): Params) -> Result<Response, ApiError> {

@@ -18,8 +18,10 @@
 
 #[cfg(feature = "http")]
 pub mod http;
+pub mod pipeline;
 
 pub use acme_core as core;
 pub use acme_ingest as ingest;
 pub use acme_model as model;
 pub use acme_query as query;
+pub use pipeline::{Pipeline, PipelineBuilder, PipelineError, PipelineStatus};

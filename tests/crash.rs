@@ -21,7 +21,7 @@ fn spawn_sync(url: &str, warehouse: &Path, slot: &str, mode: &str, log: &Path, o
     command
         .args(["--source", url, "--warehouse"])
         .arg(warehouse)
-        .args(["--slot", slot, "--model-interval", "1", "--cdc-mode", mode])
+        .args(["--slot", slot, "--status-interval", "1", "--cdc-mode", mode])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::from(log.try_clone().expect("log")))
         .stderr(Stdio::from(log));

@@ -61,6 +61,22 @@ pub const IDLE_HEARTBEAT: Duration = Duration::from_secs(10);
 /// its commit, a few log writes, takes a turn between two polls.
 pub const COMPACT_EVERY_ROUNDS: u32 = 50;
 
+/// What [`ChangeStream::run_observed`] tells its observer.
+#[derive(Debug)]
+pub enum CaptureEvent<'a> {
+    /// A poll finished: what it committed, and the slot's confirmed position after it.
+    Polled(&'a PollReport),
+    /// A merge of the raw tables' small files was committed.
+    Compacted(&'a CompactReport),
+    /// A poll failed with a transient error; the stream reconnects with backoff and retries.
+    Retrying {
+        /// The failure.
+        error: &'a IngestError,
+        /// Retries in a row so far, this one included.
+        attempt: u32,
+    },
+}
+
 /// What one poll did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PollReport {
@@ -1060,6 +1076,16 @@ impl ChangeStream {
     /// broken connection) are retried with backoff; `stop` is honoured between polls, so a
     /// micro-batch is never abandoned half-way.
     pub async fn run_until<F: std::future::Future<Output = ()>>(&mut self, idle_wait: Duration, stop: F) -> Result<()> {
+        self.run_observed(idle_wait, stop, |_| {}).await
+    }
+
+    /// [`ChangeStream::run_until`], telling `observe` about every poll and every transient
+    /// failure it retries (for a caller that reports progress, such as `acme::Pipeline`).
+    pub async fn run_observed<F, O>(&mut self, idle_wait: Duration, stop: F, mut observe: O) -> Result<()>
+    where
+        F: std::future::Future<Output = ()>,
+        O: FnMut(CaptureEvent<'_>),
+    {
         futures::pin_mut!(stop);
         let mut last_activity = Instant::now();
         let mut last_check = Instant::now();
@@ -1084,6 +1110,9 @@ impl ChangeStream {
             let report = match step.await {
                 Ok(report) => report,
                 Err(e) => {
+                    if e.is_transient() {
+                        observe(CaptureEvent::Retrying { error: &e, attempt: attempt + 1 });
+                    }
                     tokio::select! {
                         _ = &mut stop => return Ok(()),
                         r = self.recover(e, &mut attempt) => r?,
@@ -1092,9 +1121,13 @@ impl ChangeStream {
                 }
             };
             attempt = 0;
+            observe(CaptureEvent::Polled(&report));
             // Compaction is housekeeping: a failure is retried after the next rounds.
             match self.finish_background_merge(false).await {
-                Ok(report) if report.files_removed > 0 => tracing::debug!(?report, "raw tables compacted"),
+                Ok(report) if report.files_removed > 0 => {
+                    tracing::debug!(?report, "raw tables compacted");
+                    observe(CaptureEvent::Compacted(&report));
+                }
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "compacting the raw tables failed; retrying later"),
             }

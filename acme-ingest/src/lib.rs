@@ -48,7 +48,7 @@ pub mod source;
 pub mod triggers;
 pub mod types;
 
-pub use cdc::{ChangeStream, PollReport};
+pub use cdc::{CaptureEvent, ChangeStream, PollReport};
 pub use error::{IngestError, Result};
 pub use lsn::Lsn;
 pub use snapshot::{Snapshot, SnapshotPoint, SnapshotProgress, SnapshotReport, TableSnapshot};

@@ -482,7 +482,7 @@ impl Build<'_> {
             .await?;
         let _ = self.ctx.deregister_table("raw_changes")?;
         self.ctx.register_table("raw_changes", view.into_view())?;
-        truncations(self.ctx, "raw_changes").await
+        Ok(crate::live::truncations(self.ctx, "raw_changes").await?)
     }
 
     /// Open `layer/name`, or create it with the columns of `df`; add columns `df` has that
@@ -773,28 +773,6 @@ impl Build<'_> {
         self.storage.put_manifest(manifests::MODEL, &manifest).await?;
         Ok(())
     }
-}
-
-async fn truncations(ctx: &SessionContext, raw_name: &str) -> Result<Vec<(i64, i64)>> {
-    let batches = ctx
-        .sql(&format!(
-            "SELECT {lsn}, CAST({ts} AS BIGINT) FROM {raw_name} WHERE {op} = 'truncate' ORDER BY {lsn}",
-            lsn = raw::LSN,
-            ts = raw::COMMIT_TS,
-            op = raw::OP
-        ))
-        .await?
-        .collect()
-        .await?;
-    let mut out = Vec::new();
-    for b in batches {
-        let lsn = b.column(0).as_any().downcast_ref::<arrow::array::Int64Array>();
-        let ts = b.column(1).as_any().downcast_ref::<arrow::array::Int64Array>();
-        if let (Some(lsn), Some(ts)) = (lsn, ts) {
-            out.extend(lsn.values().iter().copied().zip(ts.values().iter().copied()));
-        }
-    }
-    Ok(out)
 }
 
 /// The stored schema of a model table computed by `df`: plain strings and binaries (the

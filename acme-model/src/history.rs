@@ -114,10 +114,7 @@ pub fn history_sql(
     }
     // First truncation after each version, if any.
     let (t_lsn, t_ts) = if truncates.is_empty() {
-        (
-            "CAST(NULL AS BIGINT)".to_string(),
-            "arrow_cast(CAST(NULL AS BIGINT), 'Timestamp(Microsecond, Some(\"UTC\"))')".to_string(),
-        )
+        ("CAST(NULL AS BIGINT)".to_string(), utc_micros_null())
     } else {
         let lsn_case: Vec<String> = truncates.iter().map(|(l, _)| format!("WHEN vf_lsn < {l} THEN {l}")).collect();
         let ts_case: Vec<String> =
@@ -185,4 +182,23 @@ pub fn state_predicate(as_of_micros: Option<i64>) -> String {
 /// SQL literal of a UTC timestamp given in microseconds since the epoch.
 pub fn utc_micros(micros: i64) -> String {
     format!("arrow_cast({micros}, 'Timestamp(Microsecond, Some(\"UTC\"))')")
+}
+
+/// The meta columns [`history_sql`] adds after the business attributes, in order.
+pub const HISTORY_COLUMNS: [&str; 8] =
+    [VALID_FROM, VALID_TO, VALID_FROM_LSN, VALID_TO_LSN, IS_CURRENT, OPENED_BY, CLOSED_BY, IS_DELETED];
+
+/// The business attribute columns of a stored history table's schema.
+pub fn history_attributes(history_schema: &Schema) -> Vec<String> {
+    history_schema
+        .fields()
+        .iter()
+        .map(|f| f.name().clone())
+        .filter(|n| !HISTORY_COLUMNS.contains(&n.as_str()))
+        .collect()
+}
+
+/// SQL literal of a null UTC timestamp.
+pub(crate) fn utc_micros_null() -> String {
+    "arrow_cast(CAST(NULL AS BIGINT), 'Timestamp(Microsecond, Some(\"UTC\"))')".to_string()
 }

@@ -12,6 +12,7 @@
 pub mod build;
 pub mod error;
 pub mod history;
+pub mod live;
 mod rewrite;
 pub mod star;
 

@@ -9,6 +9,12 @@
 //! queries never mix tables from before and after a concurrent ingest or model build.
 //! [`Warehouse::refresh`] moves a handle to newer data, reading only the new commits.
 //!
+//! The reports are fresh to the raw layer, not to the last model build: the histories (and the
+//! aggregate of current orders) are registered as the stored model (`model.<table>`) with the
+//! raw changes committed after the model's position applied on read (`acme_model::live`), so
+//! a change shows in every report as soon as the change stream has committed it, exactly as a
+//! model build would have folded it in.
+//!
 //! ```no_run
 //! # async fn demo() -> Result<(), acme_query::QueryError> {
 //! use acme_query::{StatusFilter, Warehouse};
@@ -36,7 +42,9 @@ use chrono::{DateTime, NaiveDate, Utc};
 use datafusion::prelude::{DataFrame, SessionConfig, SessionContext};
 use serde::Serialize;
 
-use acme_model::history::{HistorySpec, state_predicate};
+use acme_core::storage::Manifest;
+use acme_model::history::{HistorySpec, history_attributes, state_predicate};
+use acme_model::live;
 use acme_model::tables;
 
 /// Result alias with [`QueryError`] as the default error type.
@@ -225,7 +233,7 @@ impl Warehouse {
         let storage = Storage::new(url, options)?;
         let raw_manifest = storage.get_manifest(manifests::RAW).await?;
         let model_manifest = storage.get_manifest(manifests::MODEL).await?;
-        Self::load(storage, url, raw_manifest, model_manifest, &[]).await
+        Self::load(storage, url, raw_manifest, model_manifest, &[], None).await
     }
 
     /// Move this handle to the warehouse's latest complete commit rounds, if the writers
@@ -234,15 +242,32 @@ impl Warehouse {
     /// every table's log from its last checkpoint). Like a new handle, the refreshed one is a consistent snapshot; queries
     /// already running keep the tables they started with.
     pub async fn refresh(&mut self) -> Result<bool> {
+        match self.refreshed().await? {
+            Some(newer) => {
+                *self = newer;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    /// A new handle at the warehouse's latest complete commit rounds, when the writers recorded
+    /// newer ones than this handle's (`None` otherwise), reading only the commits since this
+    /// handle's versions. This handle is left as it is, so readers holding it (for example
+    /// behind an `Arc`) are not disturbed.
+    pub async fn refreshed(&self) -> Result<Option<Warehouse>> {
         let raw_manifest = self.storage.get_manifest(manifests::RAW).await?;
         let model_manifest = self.storage.get_manifest(manifests::MODEL).await?;
         // Without manifests, tables are read at their latest versions: always reload.
         let pinned = raw_manifest.is_some() || model_manifest.is_some();
         if pinned && (&raw_manifest, &model_manifest) == (&self.manifests.0, &self.manifests.1) {
-            return Ok(false);
+            return Ok(None);
         }
-        *self = Self::load(self.storage.clone(), &self.url, raw_manifest, model_manifest, &self.tables).await?;
-        Ok(true)
+        // The first instant of the history only moves with the stored model.
+        let known_start = self.history_start.filter(|_| model_manifest.is_some() && model_manifest == self.manifests.1);
+        let loaded =
+            Self::load(self.storage.clone(), &self.url, raw_manifest, model_manifest, &self.tables, known_start);
+        Ok(Some(loaded.await?))
     }
 
     /// Register every table pinned to the manifests, reusing the handles in `loaded`.
@@ -252,6 +277,7 @@ impl Warehouse {
         raw_manifest: Option<acme_core::storage::Manifest>,
         model_manifest: Option<acme_core::storage::Manifest>,
         loaded: &[acme_core::LayerTable],
+        known_start: Option<i64>,
     ) -> Result<Self> {
         let mut config = SessionConfig::new().with_information_schema(true);
         // Joins whose smaller side (e.g. the open orders, joined to their items in R3) fits in
@@ -287,18 +313,40 @@ impl Warehouse {
             async move {
                 let previous = loaded.iter().find(|t| t.name() == format!("{}/{name}", layer.dir()));
                 match storage.reopen_pinned(*layer, name, *manifest, previous).await? {
-                    Some(table) => Ok::<_, QueryError>(Some((registered.clone(), table.provider(None)?, table))),
+                    Some(table) => {
+                        Ok::<_, QueryError>(Some((*layer, registered.clone(), table.provider(None)?, table)))
+                    }
                     None => Ok(None),
                 }
             }
         }))
         .await?;
+        // The stored model tables are also registered as `model.<table>`: the state at the
+        // model's position. Under their plain names, the histories and the aggregate are that
+        // state with the raw changes after it (the tail) applied on read (`acme_model::live`).
+        let catalog = ctx.catalog(&ctx.state().config().options().catalog.default_catalog.clone());
+        if let Some(catalog) = catalog {
+            catalog.register_schema(MODEL_SCHEMA, Arc::new(datafusion::catalog::MemorySchemaProvider::new()))?;
+        }
+        let tail_after = live_tail_position(raw_manifest.as_ref(), model_manifest.as_ref());
         let mut found = HashMap::new();
         let mut tables = Vec::new();
-        for (registered, provider, table) in loaded.into_iter().flatten() {
-            ctx.register_table(registered.as_str(), provider)?;
-            found.insert(registered, true);
+        for (layer, registered, provider, table) in loaded.into_iter().flatten() {
+            if layer == Layer::Raw {
+                ctx.register_table(registered.as_str(), provider)?;
+            } else {
+                ctx.register_table(format!("{MODEL_SCHEMA}.{registered}").as_str(), Arc::clone(&provider))?;
+                let live = tail_after.is_some()
+                    && (registered.ends_with("_history") || registered == tables::AGG_ORDERS_BY_DELIVERY_DATE);
+                if !live {
+                    ctx.register_table(registered.as_str(), provider)?;
+                }
+            }
+            found.insert(registered, table.schema()?);
             tables.push(table);
+        }
+        if let Some(position) = tail_after {
+            register_live_views(&ctx, &found, position).await?;
         }
         // Without a model (only the raw layer so far) the handle still answers SQL over the raw
         // tables; the reports say which table is missing.
@@ -313,9 +361,13 @@ impl Warehouse {
             ctx.register_table(format!("{}_current", spec.table).as_str(), view.into_view())?;
         }
         let start = if missing.is_some() {
-            Vec::new()
+            None
+        } else if known_start.is_some() {
+            known_start
         } else {
-            match ctx.sql("SELECT CAST(min(valid_from) AS BIGINT) FROM orders_history").await?.collect().await {
+            // The tail only adds versions after the stored ones: the stored history's first
+            // instant is the live one's, unless it is empty.
+            match first_instant(&ctx).await {
                 Ok(batches) => batches,
                 Err(error) => {
                     // Name the broken file, if that is what failed.
@@ -326,15 +378,10 @@ impl Warehouse {
                 }
             }
         };
-        let history_start = start
-            .first()
-            .map(|b| b.column(0).as_primitive::<Int64Type>().clone())
-            .filter(|a| a.len() == 1 && !a.is_null(0))
-            .map(|a| a.value(0));
         Ok(Self {
             ctx,
             url: url.to_string(),
-            history_start,
+            history_start: start,
             has_aggregate: found.contains_key(tables::AGG_ORDERS_BY_DELIVERY_DATE),
             tables,
             missing,
@@ -343,8 +390,17 @@ impl Warehouse {
         })
     }
 
-    /// The source position (commit LSN) the loaded model covers, when the model build
-    /// recorded one. Every model table of this handle is at exactly this position.
+    /// The source position (commit LSN) the handle answers at: the raw layer's last complete
+    /// commit round. The histories, the `_current` views and the reports include every change up
+    /// to it (the raw changes the stored model does not cover yet are applied on read).
+    pub fn raw_position(&self) -> Option<i64> {
+        self.manifests.0.as_ref().map(|m| m.position)
+    }
+
+    /// The source position (commit LSN) the stored model covers, when the model build recorded
+    /// one: every table of the `model` schema (`model.<table>`) is at exactly this position,
+    /// and so are the star-schema tables; the histories and the aggregate under their plain
+    /// names are at [`Warehouse::raw_position`].
     pub fn model_position(&self) -> Option<i64> {
         self.manifests.1.as_ref().map(|m| m.position)
     }
@@ -550,6 +606,78 @@ impl Warehouse {
         }
         Ok(out)
     }
+}
+
+/// The schema the stored model tables are registered in, as `model.<table>`.
+pub const MODEL_SCHEMA: &str = "model";
+
+/// The model position after which raw changes are applied on read, or `None` when the stored
+/// model covers the raw layer (or there is no model yet). Without a raw manifest (a raw layer
+/// written by an older acme) the raw tables' latest versions may hold more: apply them.
+fn live_tail_position(raw: Option<&Manifest>, model: Option<&Manifest>) -> Option<i64> {
+    let model = model?;
+    match raw {
+        Some(raw) if raw.position <= model.position => None,
+        _ => Some(model.position),
+    }
+}
+
+/// Register the live histories and aggregate: the stored `model.*` tables with the raw
+/// changes after `position` applied (`found`: the registered tables and their schemas).
+async fn register_live_views(ctx: &SessionContext, found: &HashMap<String, Arc<Schema>>, position: i64) -> Result<()> {
+    let mut orders = None;
+    for spec in HistorySpec::acme() {
+        let history = spec.history_table();
+        let raw = format!("raw_{}", spec.table);
+        let (Some(schema), true) = (found.get(&history), found.contains_key(&raw)) else { continue };
+        let attributes = history_attributes(schema);
+        let truncates = live::truncations(ctx, &live::tail_rows(&raw, position)).await?;
+        let stored = format!("{MODEL_SCHEMA}.{history}");
+        let sql = live::live_history_sql(&spec, &stored, &raw, &attributes, position, &truncates);
+        ctx.register_table(history.as_str(), ctx.sql(&sql).await?.into_view())?;
+        if spec.table == "orders" {
+            orders = Some((spec, stored, raw, attributes, truncates.is_empty()));
+        }
+    }
+    let aggregate = tables::AGG_ORDERS_BY_DELIVERY_DATE;
+    if let (Some((spec, stored, raw, attributes, no_truncation)), true) = (orders, found.contains_key(aggregate)) {
+        let sql = if no_truncation {
+            live::live_orders_aggregate_sql(
+                &format!("{MODEL_SCHEMA}.{aggregate}"),
+                &spec,
+                &stored,
+                &raw,
+                &attributes,
+                position,
+            )
+        } else {
+            format!(
+                "SELECT delivery_date, status, CAST(count(*) AS BIGINT) AS orders FROM {} \
+                 WHERE {} GROUP BY delivery_date, status",
+                spec.history_table(),
+                state_predicate(None)
+            )
+        };
+        ctx.register_table(aggregate, ctx.sql(&sql).await?.into_view())?;
+    }
+    Ok(())
+}
+
+/// The first instant the orders' history covers (the stored history's first version; the
+/// tail's only when nothing is stored).
+async fn first_instant(ctx: &SessionContext) -> datafusion::error::Result<Option<i64>> {
+    for table in [format!("{MODEL_SCHEMA}.orders_history"), "orders_history".to_string()] {
+        let batches = ctx.sql(&format!("SELECT CAST(min(valid_from) AS BIGINT) FROM {table}")).await?.collect().await?;
+        let first = batches
+            .first()
+            .map(|b| b.column(0).as_primitive::<Int64Type>().clone())
+            .filter(|a| a.len() == 1 && !a.is_null(0))
+            .map(|a| a.value(0));
+        if first.is_some() {
+            return Ok(first);
+        }
+    }
+    Ok(None)
 }
 
 fn check_limit(limit: usize) -> Result<()> {

@@ -1,0 +1,121 @@
+//! Merge-on-read: between model builds a warehouse applies the raw changes the stored model
+//! does not cover yet (the tail). Its reports, now and as of any instant, equal the source's
+//! answers, and its histories and aggregate equal what a full rebuild of the same raw layer
+//! writes, under updates, deletes, late-arriving keys, status moving back and forth and a
+//! truncation, all in the tail.
+
+use acme_model::ModelBuild;
+use acme_query::Warehouse;
+use chrono::{DateTime, Utc};
+
+use crate::incremental::{full_rebuild_of_a_copy, rows};
+use crate::{acme, oracle, pipeline, scalar, workload};
+
+/// The tables applied on read.
+const LIVE_TABLES: [&str; 5] =
+    ["customers_history", "products_history", "orders_history", "order_items_history", "agg_orders_by_delivery_date"];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reports_apply_the_raw_tail_exactly_between_model_builds() {
+    let (url, dir, config, mut stream) = pipeline("live", 0.003, 37).await;
+    ModelBuild::new(config.clone()).await.expect("first build");
+    let client = acme_testkit::connect(&url).await.expect("connect");
+    let built = Warehouse::open(&config.storage_url).await.expect("open").model_position();
+    assert!(built.is_some(), "the first build recorded its position");
+    let now = || async {
+        let instant: DateTime<Utc> = client.query_one("SELECT clock_timestamp()", &[]).await.expect("now").get(0);
+        instant
+    };
+    // An instant the stored model covers, before any change of the tail.
+    let mut recorded = vec![(now().await, oracle(&client, 3).await)];
+    let late_customer: i64 =
+        client.query_one("SELECT max(customer_id) + 100 FROM operations.customers", &[]).await.expect("max").get(0);
+    let late_product: i64 =
+        client.query_one("SELECT max(product_id) + 100 FROM operations.products", &[]).await.expect("max").get(0);
+    for round in 0..5u64 {
+        acme_testkit::run_workload(&url, &workload(800 + round, 150, 2)).await.expect("workload");
+        match round {
+            // An order of a customer, with an item of a product, that do not exist yet.
+            1 => client
+                .batch_execute(&format!(
+                    "WITH o AS (INSERT INTO operations.orders (order_date, delivery_date, customer_id, status, \
+                       created_at) VALUES (current_date, current_date + 10, {late_customer}, 'PENDING', now()) \
+                       RETURNING order_id) \
+                     INSERT INTO operations.order_items (order_id, product_id, quanity, created_at) \
+                       SELECT order_id, {late_product}, 4, now() FROM o"
+                ))
+                .await
+                .expect("late order"),
+            // They arrive; a price changes between an order and its items.
+            2 => client
+                .batch_execute(&format!(
+                    "INSERT INTO operations.customers (customer_id, customer_name, is_active, created_at) \
+                       VALUES ({late_customer}, 'Late customer', true, now()); \
+                     INSERT INTO operations.products (product_id, product_name, barcode, unity_price, is_active) \
+                       VALUES ({late_product}, 'Late product', '123', 12.50, true); \
+                     INSERT INTO operations.orders (order_date, delivery_date, customer_id, status, created_at) \
+                       VALUES (current_date, DATE '2199-01-01', 1, 'PENDING', now()); \
+                     UPDATE operations.products SET unity_price = unity_price + 1 WHERE product_id = 1; \
+                     INSERT INTO operations.order_items (order_id, product_id, quanity, created_at) \
+                       SELECT order_id, 1, 2, now() FROM operations.orders WHERE delivery_date = DATE '2199-01-01'"
+                ))
+                .await
+                .expect("late keys arrive"),
+            // A truncation, then new items.
+            3 => client
+                .batch_execute(
+                    "TRUNCATE operations.order_items; \
+                     INSERT INTO operations.order_items (order_id, product_id, quanity, created_at) \
+                       SELECT order_id, 2, 3, now() FROM operations.orders WHERE status <> 'COMPLETED' LIMIT 20",
+                )
+                .await
+                .expect("truncate"),
+            // Status back and forth, in separate transactions and twice in one.
+            4 => client
+                .batch_execute(
+                    "UPDATE operations.orders SET status = 'PROCESSING' WHERE order_id IN (1, 2, 3); \
+                     UPDATE operations.orders SET status = 'PENDING' WHERE order_id IN (1, 2); \
+                     BEGIN; UPDATE operations.orders SET status = 'COMPLETED' WHERE order_id = 3; \
+                     UPDATE operations.orders SET status = 'REPROCESSING' WHERE order_id = 3; COMMIT",
+                )
+                .await
+                .expect("status back and forth"),
+            _ => {}
+        }
+        stream.catch_up().await.expect("catch up");
+        recorded.push((now().await, oracle(&client, 3).await));
+        let w = Warehouse::open(&config.storage_url).await.expect("open");
+        assert_eq!(w.model_position(), built, "round {round}: no model build ran");
+        assert!(w.raw_position() > built, "round {round}: the raw layer is ahead of the model");
+        for limit in [1, 3] {
+            assert_eq!(acme(&w, limit, None).await, oracle(&client, limit).await, "round {round}, limit {limit}");
+        }
+        for (instant, expected) in &recorded {
+            assert_eq!(&acme(&w, 3, Some(*instant)).await, expected, "round {round}, as of {instant}");
+        }
+        for table in ["customers", "products", "orders", "order_items"] {
+            let source: i64 =
+                client.query_one(&format!("SELECT count(*) FROM operations.{table}"), &[]).await.expect("count").get(0);
+            let sql = format!("SELECT count(*) FROM {table}_current");
+            assert_eq!(scalar(&w, &sql).await, source, "round {round}: {table}_current");
+        }
+    }
+
+    // The live tables equal a full rebuild of the same raw layer.
+    let live = Warehouse::open(&config.storage_url).await.expect("live");
+    let (_full_dir, full_config, _) = full_rebuild_of_a_copy(&url, dir.path()).await;
+    let rebuilt = Warehouse::open(&full_config.storage_url).await.expect("rebuilt");
+    assert_eq!(live.raw_position(), rebuilt.model_position());
+    for table in LIVE_TABLES {
+        let (x, y) = (rows(&live, table).await, rows(&rebuilt, table).await);
+        assert!(!x.is_empty(), "{table} has rows");
+        assert_eq!(x, y, "{table}: live vs full rebuild");
+    }
+    // A build folds the tail in: then nothing is left to apply, and the tables are the same.
+    ModelBuild::new(config.clone()).await.expect("incremental build");
+    let folded = Warehouse::open(&config.storage_url).await.expect("folded");
+    assert_eq!(folded.model_position(), folded.raw_position());
+    for table in LIVE_TABLES {
+        assert_eq!(rows(&folded, table).await, rows(&rebuilt, table).await, "{table}: folded vs full rebuild");
+    }
+}

@@ -1,0 +1,282 @@
+//! Report freshness under the live workload, through `acme::Pipeline`.
+//!
+//! A source at `ACME_BENCH_SF` (default 0.1) is generated, then one `Pipeline` (snapshot, first
+//! model, then capture, model maintenance and warehouse refresh side by side) follows it while
+//! the live workload writes at `ACME_BENCH_TPS` (default 1,000) transactions per second for
+//! `ACME_BENCH_SECONDS` (default 30). Meanwhile a probe commits stamped transactions that touch
+//! all four tables (a new customer, a new product, an order of that customer with a delivery
+//! date no other order has, and an item of that product) and measures, from each commit, until
+//! R1, R3 and R4 all show it:
+//! - through `Pipeline::warehouse()` (odd stamps), and
+//! - through the HTTP service (`acme::http`, `ServiceState::live`) on loopback (even stamps);
+//! - in the same run, the raw layer's freshness (the stamp's order visible in `raw_orders`
+//!   of the newest handle) as the baseline, and the workload's own rate alone beforehand.
+//!
+//! Before any figure is written, the reports of the caught-up warehouse are checked equal to
+//! the source's answers (R1, R2, R3, R4).
+//!
+//! Run: `cargo bench --bench freshness`. Writes `bench-data/freshness-sf<SF>.md`.
+
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+use acme::Pipeline;
+use acme::core::AcmeConfig;
+use acme::http::{ServiceState, router};
+use acme::query::{
+    StatusFilter, Warehouse, open_orders_sql, pending_items_sql, top_customers_sql, top_delivery_dates_sql,
+};
+use acme_testkit::{PgCluster, ScaleFactor, WorkloadConfig};
+
+mod common;
+
+fn env<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn workload(seed: u64, tps: f64, seconds: u64) -> WorkloadConfig {
+    WorkloadConfig {
+        seed,
+        rate_tps: tps,
+        transactions: None,
+        duration: Some(Duration::from_secs(seconds)),
+        connections: 4,
+        deletes: true,
+        inserts_only: false,
+    }
+}
+
+/// Commit one stamp; returns (customer id, product id, delivery date) and the commit instant.
+async fn stamp(client: &tokio_postgres::Client, n: u64) -> ((i64, i64, String), Instant) {
+    let delivery = format!("DATE '2300-01-01' + {n}");
+    let row = client
+        .query_one(
+            &format!(
+                "WITH c AS (INSERT INTO operations.customers (customer_name, created_at) VALUES ('Stamp', now()) \
+                   RETURNING customer_id), \
+                 p AS (INSERT INTO operations.products (product_name, barcode, unity_price, is_active) \
+                   VALUES ('stamp', 's', 1.00, true) RETURNING product_id), \
+                 o AS (INSERT INTO operations.orders (order_date, delivery_date, customer_id, status, created_at) \
+                   SELECT current_date, {delivery}, customer_id, 'PENDING', now() FROM c RETURNING order_id), \
+                 i AS (INSERT INTO operations.order_items (order_id, product_id, quanity, created_at) \
+                   SELECT order_id, product_id, 9, now() FROM o, p RETURNING product_id) \
+                 SELECT (SELECT customer_id FROM c), (SELECT product_id FROM i), CAST({delivery} AS text)"
+            ),
+            &[],
+        )
+        .await
+        .expect("stamp");
+    ((row.get(0), row.get(1), row.get(2)), Instant::now())
+}
+
+/// Whether R1, R3 and R4 of `w` show the stamp.
+async fn shown(w: &Warehouse, (customer, product, date): &(i64, i64, String)) -> bool {
+    let r1 = w.open_orders(StatusFilter::Open, None).await.expect("R1");
+    if !r1.iter().any(|r| r.delivery_date.is_some_and(|d| &d.to_string() == date)) {
+        return false;
+    }
+    let r3 = w.pending_items_by_product(None).await.expect("R3");
+    let r4 = w.top_customers(10_000, StatusFilter::Pending, None).await.expect("R4");
+    r3.iter().any(|r| r.product_id == Some(*product)) && r4.iter().any(|r| r.customer_id == Some(*customer))
+}
+
+/// A plain HTTP/1.1 GET of a JSON body.
+fn get(addr: std::net::SocketAddr, path: &str) -> serde_json::Value {
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").expect("send");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read");
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or_default();
+    serde_json::from_str(body).expect("JSON body")
+}
+
+/// Whether the service's R1, R3 and R4 show the stamp.
+fn shown_http(addr: std::net::SocketAddr, (customer, product, date): &(i64, i64, String)) -> bool {
+    let has = |body: serde_json::Value, field: &str, value: serde_json::Value| {
+        body.as_array().is_some_and(|rows| rows.iter().any(|r| r[field] == value))
+    };
+    has(get(addr, "/analytics/orders?status=open"), "delivery_date", date.clone().into())
+        && has(get(addr, "/analytics/orders/product"), "product_id", (*product).into())
+        && has(get(addr, "/analytics/orders/customers?status=pending&limit=10000"), "customer_id", (*customer).into())
+}
+
+/// The reports as text rows, from the source (`warehouse` None) or from acme.
+async fn reports(client: &tokio_postgres::Client, warehouse: Option<&Warehouse>) -> Vec<Vec<String>> {
+    let o = "operations.orders";
+    let sqls = [
+        open_orders_sql(o, &StatusFilter::Open),
+        top_delivery_dates_sql(o, 3),
+        pending_items_sql(o, "operations.order_items"),
+        top_customers_sql(o, "operations.customers", &StatusFilter::Pending, 3),
+    ];
+    let mut out = Vec::new();
+    match warehouse {
+        None => {
+            for sql in sqls {
+                let rows = client.query(&format!("SELECT CAST(q.* AS text) FROM ({sql}) q"), &[]).await.expect("q");
+                out.push(rows.iter().map(|r| r.get::<_, String>(0)).collect());
+            }
+        }
+        Some(w) => {
+            let quote = |s: &Option<String>| match s {
+                Some(s) if s.contains(' ') => format!("\"{s}\""),
+                Some(s) => s.clone(),
+                None => String::new(),
+            };
+            let date = |d: Option<chrono::NaiveDate>| d.map(|d| d.to_string()).unwrap_or_default();
+            let r1 = w.open_orders(StatusFilter::Open, None).await.expect("R1");
+            out.push(
+                r1.iter().map(|r| format!("({},{},{})", date(r.delivery_date), quote(&r.status), r.quantity)).collect(),
+            );
+            let r2 = w.top_delivery_dates(3, None).await.expect("R2");
+            out.push(r2.iter().map(|r| format!("({},{})", date(r.delivery_date), r.quantity)).collect());
+            let r3 = w.pending_items_by_product(None).await.expect("R3");
+            out.push(
+                r3.iter()
+                    .map(|r| format!("({},{})", r.product_id.map(|p| p.to_string()).unwrap_or_default(), r.total_items))
+                    .collect(),
+            );
+            let r4 = w.top_customers(3, StatusFilter::Pending, None).await.expect("R4");
+            out.push(
+                r4.iter()
+                    .map(|r| {
+                        let id = r.customer_id.map(|c| c.to_string()).unwrap_or_default();
+                        format!("({id},{},{},{})", quote(&r.customer_name), r.quantity, r.ranking)
+                    })
+                    .collect(),
+            );
+        }
+    }
+    out
+}
+
+fn percentiles(mut v: Vec<Duration>) -> String {
+    if v.is_empty() {
+        return "| - | - | - | - | 0 |".into();
+    }
+    v.sort();
+    let at = |q: f64| v[((v.len() as f64 * q).ceil() as usize).clamp(1, v.len()) - 1].as_millis();
+    format!("| {} ms | {} ms | {} ms | {} ms | {} |", at(0.5), at(0.95), at(0.99), at(1.0), v.len())
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let sf = common::scale();
+    let tps: f64 = env("ACME_BENCH_TPS", 1000.0);
+    let seconds: u64 = env("ACME_BENCH_SECONDS", 30);
+    let cluster = PgCluster::start().expect("PostgreSQL");
+    let url = cluster.create_database("bench_freshness").await.expect("database");
+    let client = acme_testkit::connect(&url).await.expect("connect");
+    acme_testkit::create_source_schema(&client).await.expect("schema");
+    let load = acme_testkit::bulk_load(&url, ScaleFactor::new(sf).expect("sf"), common::SEED).await.expect("load");
+    eprintln!("SF{sf} loaded in {:.1?}", load.elapsed);
+
+    // Baseline: the workload alone (no capture).
+    let alone = acme_testkit::run_workload(&url, &workload(7, tps, 5)).await.expect("workload alone");
+    let alone_tps = alone.transactions as f64 / alone.elapsed.as_secs_f64();
+
+    let dir = tempfile::tempdir_in(common::root()).or_else(|_| tempfile::tempdir()).expect("tmp");
+    let config =
+        AcmeConfig::builder().source_url(&url).storage_url(dir.path().display().to_string()).build().expect("config");
+    let started = Instant::now();
+    let pipeline = Pipeline::builder(config).start().await.expect("pipeline");
+    let startup = started.elapsed();
+    // The answers, checked before anything is timed (and again at the end).
+    let w = pipeline.caught_up().await.expect("caught up");
+    assert_eq!(reports(&client, Some(&w)).await, reports(&client, None).await, "acme's reports equal the source's");
+    drop(w);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let state = ServiceState::live(pipeline.warehouses());
+    let server = tokio::spawn(async move { axum::serve(listener, router(state)).await });
+
+    let writer = {
+        let url = url.clone();
+        tokio::spawn(async move { acme_testkit::run_workload(&url, &workload(11, tps, seconds)).await })
+    };
+    let (mut library, mut http, mut raw) = (Vec::new(), Vec::new(), Vec::new());
+    let mut n = 0u64;
+    let deadline = Duration::from_secs(120);
+    while !writer.is_finished() {
+        n += 1;
+        let (stamp, committed) = stamp(&client, n).await;
+        let mut raw_seen = None;
+        loop {
+            let w = pipeline.warehouse();
+            if raw_seen.is_none() {
+                let sql = format!("SELECT count(*) FROM raw_orders WHERE delivery_date = CAST('{}' AS DATE)", stamp.2);
+                let batches = w.sql(&sql).await.expect("raw").collect().await.expect("raw rows");
+                let count = batches[0]
+                    .column(0)
+                    .as_any()
+                    .downcast_ref::<acme::query::datafusion::arrow::array::Int64Array>()
+                    .map(|a| a.value(0));
+                if count.unwrap_or(0) > 0 {
+                    raw_seen = Some(committed.elapsed());
+                }
+            }
+            let seen = if n % 2 == 1 {
+                shown(&w, &stamp).await
+            } else {
+                let stamp = stamp.clone();
+                tokio::task::spawn_blocking(move || shown_http(addr, &stamp)).await.expect("HTTP look")
+            };
+            if seen {
+                let elapsed = committed.elapsed();
+                raw.push(raw_seen.unwrap_or(elapsed));
+                if n % 2 == 1 {
+                    library.push(elapsed)
+                } else {
+                    http.push(elapsed)
+                }
+                break;
+            }
+            assert!(committed.elapsed() < deadline, "stamp {n} not shown after {deadline:?}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let written = writer.await.expect("writer").expect("workload");
+    let reached_tps = written.transactions as f64 / written.elapsed.as_secs_f64();
+    let status = pipeline.status().borrow().clone();
+
+    // The answers, checked before any figure is written.
+    let w = pipeline.caught_up().await.expect("caught up");
+    assert_eq!(reports(&client, Some(&w)).await, reports(&client, None).await, "acme's reports equal the source's");
+    drop(w);
+    pipeline.shutdown().await.expect("shutdown");
+    server.abort();
+
+    let summary = format!(
+        "## Report freshness, SF{sf} ({} source rows), `Pipeline` under the live workload\n\n\
+         Pipeline start (snapshot and first model): {:.1?}. Workload target {tps} tx/s over 4 connections: \
+         {reached_tps:.0} tx/s reached beside acme ({} transactions in {:.1?}); the same workload alone \
+         (5 s, no capture): {alone_tps:.0} tx/s.\n\n\
+         From the commit of a transaction touching all four tables until R1, R3 and R4 all show it (probe \
+         pause 100 ms between stamps; each look runs the three reports):\n\n\
+         | path | p50 | p95 | p99 | max | stamps |\n|---|---|---|---|---|---|\n\
+         | `Pipeline::warehouse()` {}\n| HTTP service {}\n| baseline: the raw layer (`raw_orders`) {}\n\n\
+         Model maintenance beside the stream: {} builds, the last {:.1?}; {} raw compactions; \
+         lag at the end {:?} bytes / {:.2?} s; {} retries.\n\
+         Peak RSS of the bench process (pipeline, HTTP service, workload driver and probe): {:.0} MiB.\n\
+         Answers checked: R1, R2, R3 and R4 of the caught-up warehouse equal PostgreSQL's, before the \
+         workload and after it.\n",
+        load.customers + load.products + load.orders + load.order_items,
+        startup,
+        written.transactions,
+        written.elapsed,
+        percentiles(library),
+        percentiles(http),
+        percentiles(raw),
+        status.model_builds,
+        status.last_model_build.unwrap_or_default(),
+        status.raw_compactions,
+        status.lag_bytes,
+        status.lag_seconds.unwrap_or_default(),
+        status.retries,
+        common::peak_rss_mib(),
+    );
+    println!("{summary}");
+    std::fs::create_dir_all(common::root()).expect("bench-data");
+    std::fs::write(common::root().join(format!("freshness-sf{sf}.md")), summary).expect("summary");
+}

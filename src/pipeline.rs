@@ -1,0 +1,544 @@
+//! The pipeline a service embeds: capture, model maintenance and fresh reports, side by side.
+//!
+//! [`Pipeline::start`] opens the change stream (taking the snapshot when the warehouse has
+//! none) and runs, in tasks it owns:
+//! - **capture**: the change stream, committing micro-batches to the raw layer (raw-file
+//!   compaction runs beside it, see [`ChangeStream::run_until`]). It never waits for the model.
+//! - **maintenance**: model builds, one after the other, on a runtime of their own (one
+//!   worker thread), so that their CPU-bound plans do not hold up the stream's task. A build
+//!   folds the raw changes into the stored histories and star schema; the reports do not wait
+//!   for it, since a [`Warehouse`] applies the raw changes the stored model does not cover yet
+//!   on read (`acme_model::live`).
+//! - **refresh**: a new [`Warehouse`] handle after every commit round of either writer,
+//!   published for [`Pipeline::warehouse`].
+//! - **lag probe** (logical decoding only): the source's WAL position twice a second, for the
+//!   lag figures of [`PipelineStatus`].
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), acme::PipelineError> {
+//! let config = acme::core::AcmeConfig::builder()
+//!     .source_url("postgres://postgres@127.0.0.1:5432/finance_db")
+//!     .storage_url("/var/lib/acme/warehouse")
+//!     .build()?;
+//! let pipeline = acme::Pipeline::builder(config).start().await?;
+//! let top = pipeline.warehouse().top_delivery_dates(3, None).await?;
+//! println!("{top:?}; lag {:?} s", pipeline.status().borrow().lag_seconds);
+//! pipeline.shutdown().await?;
+//! # Ok(()) }
+//! ```
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use acme_core::AcmeConfig;
+use acme_ingest::{CaptureEvent, ChangeStream, IngestError, Lsn, SnapshotProgress, SourceUrl};
+use acme_model::{ModelBuild, ModelError};
+use acme_query::{QueryError, Warehouse};
+use tokio::sync::{Notify, oneshot, watch};
+use tokio::task::JoinHandle;
+
+/// What can stop a pipeline.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PipelineError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] acme_core::Error),
+    /// Capture failed in a way retries cannot mend (the error says what to do).
+    #[error(transparent)]
+    Ingest(#[from] IngestError),
+    /// A model build failed (maintenance retries these; this is returned only by `run_once`).
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    /// The warehouse could not be opened or refreshed.
+    #[error(transparent)]
+    Query(#[from] QueryError),
+    /// A pipeline task panicked or could not start (a bug in acme).
+    #[error("pipeline task `{task}` failed: {message} (a bug in acme, please report it)")]
+    Task {
+        /// The task.
+        task: &'static str,
+        /// What happened.
+        message: String,
+    },
+}
+
+/// Result alias with [`PipelineError`] as the default error type.
+pub type Result<T, E = PipelineError> = std::result::Result<T, E>;
+
+/// What a running pipeline reports, through [`Pipeline::status`].
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PipelineStatus {
+    /// The replication slot's confirmed position: every change before it is in the raw layer.
+    pub confirmed_lsn: Lsn,
+    /// The raw layer's position that [`Pipeline::warehouse`] answers at (every report
+    /// includes every change up to it).
+    pub raw_position: Option<i64>,
+    /// The position the stored model covers (model builds fold the raw changes up to it in).
+    pub model_position: Option<i64>,
+    /// Bytes of WAL written at the source but not yet confirmed (logical decoding only).
+    pub lag_bytes: Option<i64>,
+    /// How old the warehouse's data may be: every source commit made more than this many
+    /// seconds ago is in the reports (logical decoding only; measured twice a second).
+    pub lag_seconds: Option<f64>,
+    /// Polls of the change stream.
+    pub polls: u64,
+    /// Change rows committed to the raw layer since start.
+    pub changes: u64,
+    /// Merges of the raw layer's small files committed since start.
+    pub raw_compactions: u64,
+    /// Model builds since start that folded raw changes into the stored model.
+    pub model_builds: u64,
+    /// Wall time of the last model build that changed the model.
+    pub last_model_build: Option<Duration>,
+    /// Transient failures retried since start (capture reconnects, failed model builds,
+    /// failed refreshes).
+    pub retries: u64,
+    /// The last error seen, retried or not.
+    pub last_error: Option<String>,
+    /// False once the pipeline stopped (shut down, or capture failed for good).
+    pub running: bool,
+}
+
+/// Builder of a [`Pipeline`].
+#[derive(Debug, Clone)]
+pub struct PipelineBuilder {
+    config: AcmeConfig,
+    model_pause: Duration,
+    idle_wait: Duration,
+    progress: Option<Arc<SnapshotProgress>>,
+}
+
+impl PipelineBuilder {
+    /// Pause between two model builds when the last one found nothing to fold in (default
+    /// 200 ms). Builds run back to back while raw changes arrive.
+    pub fn model_pause(mut self, pause: Duration) -> Self {
+        self.model_pause = pause;
+        self
+    }
+
+    /// Wait after an empty poll when polling by SQL or triggers (default 100 ms; streaming
+    /// waits for data itself).
+    pub fn idle_wait(mut self, wait: Duration) -> Self {
+        self.idle_wait = wait;
+        self
+    }
+
+    /// Report the snapshot's progress (when one runs at start) into `progress`.
+    pub fn snapshot_progress(mut self, progress: Arc<SnapshotProgress>) -> Self {
+        self.progress = Some(progress);
+        self
+    }
+
+    /// Catch up once instead of running: open the stream (snapshot if needed), commit every
+    /// change committed at the source before the call, build the model, and return a handle
+    /// on the result.
+    pub async fn run_once(self) -> Result<(acme_ingest::PollReport, acme_model::ModelReport, Warehouse)> {
+        let mut stream = ChangeStream::open_with_progress(self.config.clone(), self.progress).await?;
+        let caught_up = stream.catch_up().await?;
+        let model = ModelBuild::new(self.config.clone()).await?;
+        let warehouse =
+            Warehouse::open_with_options(&self.config.storage_url, self.config.storage_options.clone()).await?;
+        Ok((caught_up, model, warehouse))
+    }
+
+    /// Open the change stream (taking the snapshot when the warehouse has none), start every
+    /// task, and return once the warehouse has a model to answer from.
+    pub async fn start(self) -> Result<Pipeline> {
+        let config = self.config;
+        let stream = ChangeStream::open_with_progress(config.clone(), self.progress).await?;
+        let warehouse = Warehouse::open_with_options(&config.storage_url, config.storage_options.clone()).await?;
+        let initial = PipelineStatus {
+            confirmed_lsn: Lsn(stream.snapshot_point().lsn),
+            raw_position: warehouse.raw_position(),
+            model_position: warehouse.model_position(),
+            running: true,
+            ..PipelineStatus::default()
+        };
+        let (status_tx, status) = watch::channel(initial);
+        let (warehouse_tx, warehouses) = watch::channel(Arc::new(warehouse));
+        let (cancel_tx, cancel) = watch::channel(false);
+        let committed = Arc::new(Notify::new());
+        let status_tx = Arc::new(status_tx);
+
+        let capture = tokio::spawn(capture(
+            stream,
+            self.idle_wait,
+            Arc::clone(&status_tx),
+            cancel.clone(),
+            cancel_tx.clone(),
+            Arc::clone(&committed),
+        ));
+        let maintenance = spawn_maintenance(
+            config.clone(),
+            self.model_pause,
+            Arc::clone(&status_tx),
+            cancel.clone(),
+            Arc::clone(&committed),
+        )?;
+        let refresh = tokio::spawn(refresh(warehouse_tx, Arc::clone(&status_tx), cancel.clone(), committed));
+        let probe = match &config.cdc_mode {
+            acme_core::CdcMode::Triggers => None,
+            _ => Some(tokio::spawn(lag_probe(config.clone(), Arc::clone(&status_tx), cancel.clone()))),
+        };
+        let pipeline = Pipeline {
+            config,
+            status,
+            warehouses,
+            cancel: cancel_tx,
+            capture: Owned(Some(capture)),
+            maintenance,
+            refresh: Owned(Some(refresh)),
+            probe: Owned(probe),
+        };
+        // Ready once the published warehouse has a model (or the pipeline stopped). No lock of
+        // a watch is held past the `select!`, since shutting down sends on them.
+        let mut ready = pipeline.warehouses.clone();
+        let mut stopped = pipeline.status.clone();
+        let has_model = tokio::select! {
+            r = ready.wait_for(|w| w.model_position().is_some()) => r.is_ok(),
+            r = stopped.wait_for(|s| !s.running) => {
+                drop(r);
+                false
+            }
+        };
+        if !has_model {
+            return Err(pipeline.shutdown().await.err().unwrap_or(PipelineError::Task {
+                task: "start",
+                message: "the pipeline stopped before its first model was built".into(),
+            }));
+        }
+        Ok(pipeline)
+    }
+}
+
+/// A running pipeline: capture, model maintenance and warehouse refresh in tasks it owns.
+/// Dropping it without [`Pipeline::shutdown`] aborts the tasks (each step is crash-safe, so
+/// nothing committed is lost; the next start resumes).
+#[derive(Debug)]
+pub struct Pipeline {
+    config: AcmeConfig,
+    status: watch::Receiver<PipelineStatus>,
+    warehouses: watch::Receiver<Arc<Warehouse>>,
+    cancel: watch::Sender<bool>,
+    capture: Owned<Result<()>>,
+    maintenance: oneshot::Receiver<Result<()>>,
+    refresh: Owned<()>,
+    probe: Owned<()>,
+}
+
+/// A task the pipeline owns: aborted when dropped, unless joined first.
+#[derive(Debug)]
+struct Owned<T>(Option<JoinHandle<T>>);
+
+impl<T> Owned<T> {
+    /// Wait for the task to end (`None` when there is none).
+    async fn join(mut self) -> Option<std::result::Result<T, tokio::task::JoinError>> {
+        match self.0.take() {
+            Some(handle) => Some(handle.await),
+            None => None,
+        }
+    }
+}
+
+impl<T> Drop for Owned<T> {
+    fn drop(&mut self) {
+        if let Some(handle) = &self.0 {
+            handle.abort();
+        }
+    }
+}
+
+impl Pipeline {
+    /// A builder over `config`.
+    pub fn builder(config: AcmeConfig) -> PipelineBuilder {
+        PipelineBuilder {
+            config,
+            model_pause: Duration::from_millis(200),
+            idle_wait: Duration::from_millis(100),
+            progress: None,
+        }
+    }
+
+    /// The pipeline's status, updated as it runs.
+    pub fn status(&self) -> watch::Receiver<PipelineStatus> {
+        self.status.clone()
+    }
+
+    /// The newest consistent warehouse handle (cheap: an `Arc` clone). Queries on it see one
+    /// commit round of each writer, however long they run.
+    pub fn warehouse(&self) -> Arc<Warehouse> {
+        Arc::clone(&*self.warehouses.borrow())
+    }
+
+    /// Every newer warehouse handle, as the pipeline publishes them.
+    pub fn warehouses(&self) -> watch::Receiver<Arc<Warehouse>> {
+        self.warehouses.clone()
+    }
+
+    /// A warehouse handle that holds every change committed at the source before the call:
+    /// waits until the slot's confirmed position passes the source's WAL position read now,
+    /// then returns the newest handle. Logical decoding only (with
+    /// [`acme_core::CdcMode::Triggers`] there is no WAL position to wait for).
+    pub async fn caught_up(&self) -> Result<Arc<Warehouse>> {
+        if self.config.cdc_mode == acme_core::CdcMode::Triggers {
+            return Err(PipelineError::Task {
+                task: "caught_up",
+                message: "waiting for a WAL position needs logical decoding, not the trigger fallback".into(),
+            });
+        }
+        let url = SourceUrl::parse(self.config.source_url.as_deref().ok_or(IngestError::NoSource)?)?
+            .with_timeout(self.config.source_timeout);
+        let client = url.connect().await?;
+        let row = url
+            .bounded_sql(
+                "reading the source's WAL position",
+                client.query_one("SELECT pg_current_wal_lsn()::text", &[]),
+            )
+            .await?;
+        let target = Lsn::parse(row.get::<_, &str>(0))?;
+        let mut status = self.status.clone();
+        let reached = status.wait_for(|s| s.confirmed_lsn >= target || !s.running).await.map(|s| s.running);
+        if !reached.unwrap_or(false) {
+            let error = self.status.borrow().last_error.clone().unwrap_or_else(|| "shut down".into());
+            return Err(PipelineError::Task { task: "caught_up", message: format!("the pipeline stopped: {error}") });
+        }
+        // The raw layer commits before the slot confirms: a handle opened now holds the target.
+        let current = self.warehouse();
+        Ok(match current.refreshed().await? {
+            Some(newer) => Arc::new(newer),
+            None => current,
+        })
+    }
+
+    /// Resolves when the pipeline stops by itself (capture failed for good; the status's
+    /// `last_error` says why). Call [`Pipeline::shutdown`] then for the error.
+    pub async fn stopped(&self) {
+        let mut status = self.status.clone();
+        let _ = status.wait_for(|s| !s.running).await;
+    }
+
+    /// Stop: capture finishes the poll in flight (committing it, or leaving it for the next
+    /// start), a model build in flight is abandoned (the stored model and its manifest stay as
+    /// the last complete build left them; the next build resumes), and every task ends.
+    /// Returns the error that stopped the pipeline, if one did.
+    pub async fn shutdown(self) -> Result<()> {
+        let _ = self.cancel.send(true);
+        let captured = match self.capture.join().await {
+            Some(Ok(result)) => result,
+            Some(Err(e)) => Err(PipelineError::Task { task: "capture", message: e.to_string() }),
+            None => Ok(()),
+        };
+        let maintained = self.maintenance.await.unwrap_or_else(|_| {
+            Err(PipelineError::Task { task: "maintenance", message: "its thread ended without a result".into() })
+        });
+        self.refresh.join().await;
+        self.probe.join().await;
+        captured.and(maintained)
+    }
+}
+
+fn record_error(status: &watch::Sender<PipelineStatus>, error: &dyn std::fmt::Display, retried: bool) {
+    status.send_modify(|s| {
+        s.last_error = Some(error.to_string());
+        if retried {
+            s.retries += 1;
+        }
+    });
+}
+
+/// Resolves once `cancel` holds true (or its sender is gone).
+async fn cancelled(mut cancel: watch::Receiver<bool>) {
+    let _ = cancel.wait_for(|c| *c).await;
+}
+
+async fn capture(
+    mut stream: ChangeStream,
+    idle_wait: Duration,
+    status: Arc<watch::Sender<PipelineStatus>>,
+    cancel: watch::Receiver<bool>,
+    stop_all: watch::Sender<bool>,
+    committed: Arc<Notify>,
+) -> Result<()> {
+    let result = stream
+        .run_observed(idle_wait, cancelled(cancel), |event| match event {
+            CaptureEvent::Polled(report) => {
+                status.send_modify(|s| {
+                    s.polls += 1;
+                    s.changes += report.changes;
+                    s.confirmed_lsn = report.confirmed;
+                });
+                if report.tables_committed > 0 {
+                    committed.notify_one();
+                }
+            }
+            CaptureEvent::Compacted(report) => {
+                tracing::info!(
+                    files_removed = report.files_removed,
+                    files_added = report.files_added,
+                    "raw layer compacted"
+                );
+                status.send_modify(|s| s.raw_compactions += 1);
+            }
+            CaptureEvent::Retrying { error, attempt } => {
+                tracing::warn!(%error, attempt, "capture retrying");
+                record_error(&status, error, true);
+            }
+        })
+        .await;
+    if let Err(error) = &result {
+        tracing::error!(%error, "capture stopped");
+        record_error(&status, error, false);
+        status.send_modify(|s| s.running = false);
+        let _ = stop_all.send(true);
+    }
+    Ok(result?)
+}
+
+/// Model builds back to back on a runtime of their own (one worker thread).
+fn spawn_maintenance(
+    config: AcmeConfig,
+    pause: Duration,
+    status: Arc<watch::Sender<PipelineStatus>>,
+    cancel: watch::Receiver<bool>,
+    committed: Arc<Notify>,
+) -> Result<oneshot::Receiver<Result<()>>> {
+    let (done_tx, done) = oneshot::channel();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("acme-model")
+        .enable_all()
+        .build()
+        .map_err(|e| PipelineError::Task { task: "maintenance", message: e.to_string() })?;
+    std::thread::Builder::new()
+        .name("acme-model-driver".into())
+        .spawn(move || {
+            let result = runtime.block_on(maintain(config, pause, status, cancel, committed));
+            // Abandon a build in flight: its tasks are dropped with the runtime.
+            runtime.shutdown_background();
+            let _ = done_tx.send(result);
+        })
+        .map_err(|e| PipelineError::Task { task: "maintenance", message: e.to_string() })?;
+    Ok(done)
+}
+
+async fn maintain(
+    config: AcmeConfig,
+    pause: Duration,
+    status: Arc<watch::Sender<PipelineStatus>>,
+    cancel: watch::Receiver<bool>,
+    committed: Arc<Notify>,
+) -> Result<()> {
+    let mut failures = 0u32;
+    loop {
+        let build = tokio::select! {
+            _ = cancelled(cancel.clone()) => return Ok(()),
+            build = ModelBuild::new(config.clone()).run() => build,
+        };
+        let wait = match build {
+            Ok(report) => {
+                failures = 0;
+                status.send_modify(|s| {
+                    s.model_position = Some(report.position);
+                    if !report.up_to_date {
+                        s.model_builds += 1;
+                        s.last_model_build = Some(report.elapsed);
+                    }
+                });
+                if report.up_to_date {
+                    pause
+                } else {
+                    tracing::debug!(position = report.position, elapsed = ?report.elapsed, "model build");
+                    committed.notify_one();
+                    Duration::ZERO
+                }
+            }
+            Err(error) => {
+                // Retried with backoff: a full disk, a broken file or a pool too small is
+                // reported in the status until it is mended.
+                tracing::warn!(%error, "model build failed; retrying");
+                record_error(&status, &error, true);
+                failures += 1;
+                Duration::from_millis(500).saturating_mul(1 << failures.min(6)).min(Duration::from_secs(30))
+            }
+        };
+        tokio::select! {
+            _ = cancelled(cancel.clone()) => return Ok(()),
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+/// Publish a new warehouse handle after each commit round (and at least once a second).
+async fn refresh(
+    warehouses: watch::Sender<Arc<Warehouse>>,
+    status: Arc<watch::Sender<PipelineStatus>>,
+    cancel: watch::Receiver<bool>,
+    committed: Arc<Notify>,
+) {
+    loop {
+        tokio::select! {
+            _ = cancelled(cancel.clone()) => return,
+            _ = committed.notified() => {}
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+        let current = Arc::clone(&*warehouses.borrow());
+        match current.refreshed().await {
+            Ok(Some(newer)) => {
+                status.send_modify(|s| {
+                    s.raw_position = newer.raw_position();
+                    s.model_position = s.model_position.max(newer.model_position());
+                });
+                warehouses.send_replace(Arc::new(newer));
+            }
+            Ok(None) => {}
+            Err(error) => {
+                tracing::warn!(%error, "refreshing the warehouse failed; retrying");
+                record_error(&status, &error, true);
+            }
+        }
+    }
+}
+
+/// Sample the source's WAL position twice a second; the lag is measured against the samples:
+/// `lag_seconds` is the age of the newest sample the confirmed position has passed.
+async fn lag_probe(config: AcmeConfig, status: Arc<watch::Sender<PipelineStatus>>, cancel: watch::Receiver<bool>) {
+    let Some(url) = config.source_url.as_deref() else { return };
+    let Ok(url) = SourceUrl::parse(url) else { return };
+    let url = url.with_timeout(config.source_timeout);
+    let mut client = None;
+    let mut samples: VecDeque<(Instant, u64)> = VecDeque::new();
+    let mut passed: Option<Instant> = None;
+    loop {
+        tokio::select! {
+            _ = cancelled(cancel.clone()) => return,
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+        if client.is_none() {
+            client = url.connect().await.ok();
+        }
+        let Some(c) = &client else { continue };
+        let read =
+            url.bounded_sql("reading the source's WAL position", c.query_one("SELECT pg_current_wal_lsn()::text", &[]));
+        let wal = match read.await.and_then(|row| Lsn::parse(row.get::<_, &str>(0))) {
+            Ok(lsn) => lsn.0,
+            Err(_) => {
+                client = None;
+                continue;
+            }
+        };
+        let now = Instant::now();
+        samples.push_back((now, wal));
+        let confirmed = status.borrow().confirmed_lsn.0;
+        // Every commit made before a sample the confirmed position has passed is captured.
+        while let Some((at, _)) = samples.front().filter(|(_, lsn)| *lsn <= confirmed) {
+            passed = Some(*at);
+            samples.pop_front();
+        }
+        status.send_modify(|s| {
+            s.lag_bytes = Some(i64::try_from(wal.saturating_sub(confirmed)).unwrap_or(i64::MAX));
+            s.lag_seconds = passed.map(|at| now.duration_since(at).as_secs_f64());
+        });
+    }
+}
