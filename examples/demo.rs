@@ -127,11 +127,11 @@ async fn main() -> anyhow::Result<()> {
         if let (Some(first), Some(last)) = (delays.first(), delays.last()) {
             println!(
                 "report freshness: {} stamped transactions (customer, product, order and item in one commit) \
-                 showed in R1, R3 and R4 after {:.0?} (p50), {:.0?} (min), {:.0?} (max)",
+                 showed in R1, R3 and R4 after {} ms (p50), {} ms (min), {} ms (max)",
                 delays.len(),
-                delays[delays.len() / 2],
-                first,
-                last
+                delays[delays.len() / 2].as_millis(),
+                first.as_millis(),
+                last.as_millis()
             );
         }
     }

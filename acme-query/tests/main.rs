@@ -14,6 +14,7 @@ use chrono::{DateTime, NaiveDate, Utc};
 mod faults;
 mod incremental;
 mod live;
+mod outside;
 
 /// The four reports as PostgreSQL answers them, rendered as text rows.
 async fn oracle(client: &tokio_postgres::Client, limit: usize) -> Vec<Vec<String>> {
