@@ -3,7 +3,8 @@
 //! A source at `ACME_BENCH_SF` (default 0.1) is generated, then one `Pipeline` (snapshot, first
 //! model, then capture, model maintenance and warehouse refresh side by side) follows it while
 //! the live workload writes at `ACME_BENCH_TPS` (default 1,000) transactions per second for
-//! `ACME_BENCH_SECONDS` (default 30). Meanwhile a probe commits stamped transactions that touch
+//! `ACME_BENCH_SECONDS` (default 30), starting a model build every `ACME_BENCH_MODEL_INTERVAL_MS`
+//! (default acme's). Meanwhile a probe commits stamped transactions that touch
 //! all four tables (a new customer, a new product, an order of that customer with a delivery
 //! date no other order has, and an item of that product) and measures, from each commit, until
 //! R1, R3 and R4 all show it:
@@ -179,7 +180,9 @@ async fn main() {
     let config =
         AcmeConfig::builder().source_url(&url).storage_url(dir.path().display().to_string()).build().expect("config");
     let started = Instant::now();
-    let pipeline = Pipeline::builder(config).start().await.expect("pipeline");
+    let interval =
+        Duration::from_millis(env("ACME_BENCH_MODEL_INTERVAL_MS", acme::DEFAULT_MODEL_INTERVAL.as_millis() as u64));
+    let pipeline = Pipeline::builder(config).model_interval(interval).start().await.expect("pipeline");
     let startup = started.elapsed();
     // The answers, checked before anything is timed (and again at the end).
     let w = pipeline.caught_up().await.expect("caught up");
@@ -256,7 +259,8 @@ async fn main() {
          pause 100 ms between stamps; each look runs the three reports):\n\n\
          | path | p50 | p95 | p99 | max | stamps |\n|---|---|---|---|---|---|\n\
          | `Pipeline::warehouse()` {}\n| HTTP service {}\n| baseline: the raw layer (`raw_orders`) {}\n\n\
-         Model maintenance beside the stream: {} builds, the last {:.1?}; {} raw compactions; \
+         Model maintenance beside the stream (a build every {interval:?} at most): {} builds, the last {:.1?}; \
+         {} raw compactions; \
          lag at the end {:?} bytes / {:.2?} s; {} retries.\n\
          Peak RSS of the bench process (pipeline, HTTP service, workload driver and probe): {:.0} MiB.\n\
          Answers checked: R1, R2, R3 and R4 of the caught-up warehouse equal PostgreSQL's, before the \

@@ -6,7 +6,8 @@
 //! With `--once` it catches up to the source's current position, commits, builds the model
 //! and exits 0. Without it, it runs `acme::Pipeline` (the stream, with the raw layer's
 //! compaction beside it, and model builds back to back on a runtime of their own) until
-//! Ctrl-C, printing its status every `--status-interval` seconds.
+//! Ctrl-C, starting a model build every `--model-interval-ms` and printing its status every
+//! `--status-interval` seconds.
 
 use std::io::Write;
 use std::sync::Arc;
@@ -37,6 +38,10 @@ struct Args {
     /// Catch up once, build the model and exit.
     #[arg(long)]
     once: bool,
+    /// Milliseconds between the starts of two model builds while streaming (the reports do
+    /// not wait for them: they apply the newer raw changes on read).
+    #[arg(long, default_value_t = acme::DEFAULT_MODEL_INTERVAL.as_millis() as u64)]
+    model_interval_ms: u64,
     /// Seconds between two status lines while streaming.
     #[arg(long, default_value_t = 5)]
     status_interval: u64,
@@ -78,7 +83,9 @@ async fn main() -> anyhow::Result<()> {
     let started = Instant::now();
     let progress = Arc::new(SnapshotProgress::default());
     let bar = tokio::spawn(progress_bar(Arc::clone(&progress)));
-    let builder = Pipeline::builder(config).snapshot_progress(progress);
+    let builder = Pipeline::builder(config)
+        .snapshot_progress(progress)
+        .model_interval(Duration::from_millis(args.model_interval_ms));
     if args.once {
         let result = builder.run_once().await;
         bar.abort();

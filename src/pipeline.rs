@@ -4,8 +4,9 @@
 //! none) and runs, in tasks it owns:
 //! - **capture**: the change stream, committing micro-batches to the raw layer (raw-file
 //!   compaction runs beside it, see [`ChangeStream::run_until`]). It never waits for the model.
-//! - **maintenance**: model builds, one after the other, on a runtime of their own (one
-//!   worker thread), so that their CPU-bound plans do not hold up the stream's task. A build
+//! - **maintenance**: a model build every [`PipelineBuilder::model_interval`], on a runtime of
+//!   their own (one worker thread), so that their CPU-bound plans do not hold up the stream's
+//!   task. A build
 //!   folds the raw changes into the stored histories and star schema; the reports do not wait
 //!   for it, since a [`Warehouse`] applies the raw changes the stored model does not cover yet
 //!   on read (`acme_model::live`).
@@ -37,6 +38,9 @@ use acme_model::{ModelBuild, ModelError};
 use acme_query::{QueryError, Warehouse};
 use tokio::sync::{Notify, oneshot, watch};
 use tokio::task::JoinHandle;
+
+/// How often a model build starts by default ([`PipelineBuilder::model_interval`]).
+pub const DEFAULT_MODEL_INTERVAL: Duration = Duration::from_secs(2);
 
 /// What can stop a pipeline.
 #[derive(Debug, thiserror::Error)]
@@ -105,16 +109,18 @@ pub struct PipelineStatus {
 #[derive(Debug, Clone)]
 pub struct PipelineBuilder {
     config: AcmeConfig,
-    model_pause: Duration,
+    model_interval: Duration,
     idle_wait: Duration,
     progress: Option<Arc<SnapshotProgress>>,
 }
 
 impl PipelineBuilder {
-    /// Pause between two model builds when the last one found nothing to fold in (default
-    /// 200 ms). Builds run back to back while raw changes arrive.
-    pub fn model_pause(mut self, pause: Duration) -> Self {
-        self.model_pause = pause;
+    /// How often a model build starts (default 2 s; one that takes longer is followed by the
+    /// next at once). The reports do not wait for builds (they apply the raw changes the stored
+    /// model lacks on read), so this trades the CPU the builds take against the size of that
+    /// tail, which each report applies.
+    pub fn model_interval(mut self, interval: Duration) -> Self {
+        self.model_interval = interval;
         self
     }
 
@@ -172,7 +178,7 @@ impl PipelineBuilder {
         ));
         let maintenance = spawn_maintenance(
             config.clone(),
-            self.model_pause,
+            self.model_interval,
             Arc::clone(&status_tx),
             cancel.clone(),
             Arc::clone(&committed),
@@ -255,7 +261,7 @@ impl Pipeline {
     pub fn builder(config: AcmeConfig) -> PipelineBuilder {
         PipelineBuilder {
             config,
-            model_pause: Duration::from_millis(200),
+            model_interval: DEFAULT_MODEL_INTERVAL,
             idle_wait: Duration::from_millis(100),
             progress: None,
         }
@@ -399,7 +405,7 @@ async fn capture(
 /// Model builds back to back on a runtime of their own (one worker thread).
 fn spawn_maintenance(
     config: AcmeConfig,
-    pause: Duration,
+    interval: Duration,
     status: Arc<watch::Sender<PipelineStatus>>,
     cancel: watch::Receiver<bool>,
     committed: Arc<Notify>,
@@ -414,7 +420,7 @@ fn spawn_maintenance(
     std::thread::Builder::new()
         .name("acme-model-driver".into())
         .spawn(move || {
-            let result = runtime.block_on(maintain(config, pause, status, cancel, committed));
+            let result = runtime.block_on(maintain(config, interval, status, cancel, committed));
             // Abandon a build in flight: its tasks are dropped with the runtime.
             runtime.shutdown_background();
             let _ = done_tx.send(result);
@@ -425,13 +431,14 @@ fn spawn_maintenance(
 
 async fn maintain(
     config: AcmeConfig,
-    pause: Duration,
+    interval: Duration,
     status: Arc<watch::Sender<PipelineStatus>>,
     cancel: watch::Receiver<bool>,
     committed: Arc<Notify>,
 ) -> Result<()> {
     let mut failures = 0u32;
     loop {
+        let started = Instant::now();
         let build = tokio::select! {
             _ = cancelled(cancel.clone()) => return Ok(()),
             build = ModelBuild::new(config.clone()).run() => build,
@@ -446,13 +453,11 @@ async fn maintain(
                         s.last_model_build = Some(report.elapsed);
                     }
                 });
-                if report.up_to_date {
-                    pause
-                } else {
+                if !report.up_to_date {
                     tracing::debug!(position = report.position, elapsed = ?report.elapsed, "model build");
                     committed.notify_one();
-                    Duration::ZERO
                 }
+                interval.saturating_sub(started.elapsed())
             }
             Err(error) => {
                 // Retried with backoff: a full disk, a broken file or a pool too small is
