@@ -25,7 +25,7 @@ mkdir -p bench-data
 # ACME_REPORT_ONLY=1 rewrites the report from the summaries of the last run.
 if [ -z "${ACME_REPORT_ONLY:-}" ]; then
     : > "$log"
-    for bench in snapshot reports model cdc; do
+    for bench in snapshot reports model cdc freshness; do
         echo "== cargo bench --bench $bench (ACME_BENCH_SF=$ACME_BENCH_SF)" | tee -a "$log"
         cargo bench --bench "$bench" >> "$log" 2>&1
     done
@@ -63,6 +63,7 @@ section() {
     echo "## Reports"
     section "$data/reports-summary.md"
     section "$data/model-summary.md"
+    section "bench-data/freshness-sf${ACME_BENCH_SF}.md"
     if [ -f bench-data/sf10-summary.md ]; then
         section bench-data/sf10-summary.md
     elif [ ! -f bench-data/scale-summary.md ]; then
