@@ -33,11 +33,9 @@ pub fn tail_changes(raw: &str, attributes: &[String], position: i64) -> String {
 /// - The tail's changes open versions of their own, closed within the tail as [`history_sql`]
 ///   closes them.
 ///
-/// The stored versions are only joined with the first tail change of each key (a hash table of
-/// the tail's keys), and no stored file is rewritten; folding the tail into the stored history
-/// is the model build's job. `stored_filter` (on the stored rows, alias `h`) lets a caller push
-/// its state predicate into the stored table's scan, where the computed validity columns of
-/// the result cannot be pruned on: see [`stored_state_filter`].
+/// The cost follows the tail, not the table: the stored versions are only joined with the
+/// first tail change of each key (a hash table of the tail's keys), and no stored file is
+/// rewritten; folding the tail into the stored history is the model build's job.
 pub fn live_history_sql(
     spec: &HistorySpec,
     history: &str,
@@ -45,12 +43,8 @@ pub fn live_history_sql(
     attributes: &[String],
     position: i64,
     truncates: &[(i64, i64)],
-    stored_filter: Option<&str>,
 ) -> String {
     let key = quote(&spec.key);
-    // A filter on the stored versions (`h`), pushed into their scan: exact when it only keeps
-    // rows the caller's predicate on the result could keep.
-    let stored_filter = stored_filter.map(|f| format!(" WHERE {f}")).unwrap_or_default();
     let tail = tail_changes(raw, attributes, position);
     let attrs = attributes.iter().map(|c| format!("h.{}", quote(c))).collect::<Vec<_>>().join(", ");
     let (t_lsn, t_ts) = match truncates.first() {
@@ -73,7 +67,7 @@ pub fn live_history_sql(
            h.{OPENED_BY}, \
            CASE WHEN NOT {open} THEN h.{CLOSED_BY} WHEN {truncated_first} THEN 'truncate' ELSE f.op END AS {CLOSED_BY}, \
            h.{IS_DELETED} \
-         FROM first_change f RIGHT JOIN {history} h ON f.k = h.{key}{stored_filter} \
+         FROM first_change f RIGHT JOIN {history} h ON f.k = h.{key} \
          UNION ALL {tail_versions}",
         lsn_col = raw::LSN,
         ts_col = raw::COMMIT_TS,
@@ -147,17 +141,4 @@ pub async fn truncations(ctx: &SessionContext, relation: &str) -> datafusion::er
         }
     }
     Ok(out)
-}
-
-/// A filter on the stored history (alias `h`) that keeps every stored row the state at
-/// `as_of_micros` (or the current state, when `None`) may take from it: a stored row is only
-/// ever closed earlier by the tail, never reopened, and its opening is unchanged.
-pub fn stored_state_filter(as_of_micros: Option<i64>) -> String {
-    match as_of_micros {
-        None => format!("h.{IS_CURRENT} AND NOT h.{IS_DELETED}"),
-        Some(t) => {
-            let t = utc_micros(t);
-            format!("h.{VALID_FROM} <= {t} AND (h.{VALID_TO} IS NULL OR h.{VALID_TO} > {t}) AND NOT h.{IS_DELETED}")
-        }
-    }
 }

@@ -209,9 +209,6 @@ pub struct Warehouse {
     missing: Option<String>,
     /// The model has the per-(delivery_date, status) aggregate of current orders.
     has_aggregate: bool,
-    /// Per source table, the raw tail its live history applies (empty when the stored model
-    /// covers the raw layer).
-    tails: HashMap<String, LiveTail>,
     /// The pinned tables, for diagnosing unreadable files and for [`Warehouse::refresh`].
     tables: Vec<acme_core::LayerTable>,
     storage: Storage,
@@ -348,10 +345,9 @@ impl Warehouse {
             found.insert(registered, table.schema()?);
             tables.push(table);
         }
-        let tails = match tail_after {
-            Some(position) => register_live_views(&ctx, &found, position).await?,
-            None => HashMap::new(),
-        };
+        if let Some(position) = tail_after {
+            register_live_views(&ctx, &found, position).await?;
+        }
         // Without a model (only the raw layer so far) the handle still answers SQL over the raw
         // tables; the reports say which table is missing.
         let mut missing = None;
@@ -387,7 +383,6 @@ impl Warehouse {
             url: url.to_string(),
             history_start: start,
             has_aggregate: found.contains_key(tables::AGG_ORDERS_BY_DELIVERY_DATE),
-            tails,
             tables,
             missing,
             storage,
@@ -466,27 +461,7 @@ impl Warehouse {
                 Some(micros)
             }
         };
-        let predicate = state_predicate(micros);
-        Ok(match self.tails.get(table) {
-            // The live history with the state's predicate also pushed into the stored table's
-            // scan (the view's computed validity columns cannot be pruned on).
-            Some(t) => {
-                let stored = format!("{MODEL_SCHEMA}.{}", t.spec.history_table());
-                let raw = format!("raw_{table}");
-                let filter = live::stored_state_filter(micros);
-                let live = live::live_history_sql(
-                    &t.spec,
-                    &stored,
-                    &raw,
-                    &t.attributes,
-                    t.position,
-                    &t.truncates,
-                    Some(&filter),
-                );
-                format!("(SELECT * FROM ({live}) v WHERE {predicate})")
-            }
-            None => format!("(SELECT * FROM {table}_history WHERE {predicate})"),
-        })
+        Ok(format!("(SELECT * FROM {table}_history WHERE {})", state_predicate(micros)))
     }
 
     /// One report as Arrow record batches, with the seed's column names (see [`Report`]).
@@ -649,12 +624,7 @@ fn live_tail_position(raw: Option<&Manifest>, model: Option<&Manifest>) -> Optio
 
 /// Register the live histories and aggregate: the stored `model.*` tables with the raw
 /// changes after `position` applied (`found`: the registered tables and their schemas).
-async fn register_live_views(
-    ctx: &SessionContext,
-    found: &HashMap<String, Arc<Schema>>,
-    position: i64,
-) -> Result<HashMap<String, LiveTail>> {
-    let mut tails = HashMap::new();
+async fn register_live_views(ctx: &SessionContext, found: &HashMap<String, Arc<Schema>>, position: i64) -> Result<()> {
     let mut orders = None;
     for spec in HistorySpec::acme() {
         let history = spec.history_table();
@@ -663,12 +633,8 @@ async fn register_live_views(
         let attributes = history_attributes(schema);
         let truncates = live::truncations(ctx, &live::tail_rows(&raw, position)).await?;
         let stored = format!("{MODEL_SCHEMA}.{history}");
-        let sql = live::live_history_sql(&spec, &stored, &raw, &attributes, position, &truncates, None);
+        let sql = live::live_history_sql(&spec, &stored, &raw, &attributes, position, &truncates);
         ctx.register_table(history.as_str(), ctx.sql(&sql).await?.into_view())?;
-        tails.insert(
-            spec.table.clone(),
-            LiveTail { spec: spec.clone(), attributes: attributes.clone(), truncates: truncates.clone(), position },
-        );
         if spec.table == "orders" {
             orders = Some((spec, stored, raw, attributes, truncates.is_empty()));
         }
@@ -694,16 +660,7 @@ async fn register_live_views(
         };
         ctx.register_table(aggregate, ctx.sql(&sql).await?.into_view())?;
     }
-    Ok(tails)
-}
-
-/// What a report needs to apply the raw tail of one source table itself.
-#[derive(Debug, Clone)]
-struct LiveTail {
-    spec: HistorySpec,
-    attributes: Vec<String>,
-    truncates: Vec<(i64, i64)>,
-    position: i64,
+    Ok(())
 }
 
 /// The first instant the orders' history covers (the stored history's first version; the
