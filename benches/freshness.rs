@@ -182,7 +182,10 @@ async fn main() {
     let started = Instant::now();
     let interval =
         Duration::from_millis(env("ACME_BENCH_MODEL_INTERVAL_MS", acme::DEFAULT_MODEL_INTERVAL.as_millis() as u64));
-    let pipeline = Pipeline::builder(config).model_interval(interval).start().await.expect("pipeline");
+    let fold_ratio =
+        std::env::var("ACME_BENCH_FOLD_RATIO").ok().and_then(|v| v.parse().ok()).unwrap_or(acme::DEFAULT_FOLD_RATIO);
+    let pipeline =
+        Pipeline::builder(config).model_interval(interval).fold_ratio(fold_ratio).start().await.expect("pipeline");
     let startup = started.elapsed();
     // The answers, checked before anything is timed (and again at the end).
     let w = pipeline.caught_up().await.expect("caught up");

@@ -4,8 +4,8 @@
 //!   changes in steps of about 10,000 raw changes (`ModelBuild::up_to`), each step timed;
 //! - criterion: one such incremental step, and one full rebuild.
 //!
-//! - merge-on-read: the model built up to about 1,000 and 10,000 raw changes before the raw
-//!   layer's end, so that a warehouse applies that tail on read; the four reports (now and as
+//! - merge-on-read: the model built up to about 1,000, 10,000 and 100,000 raw changes (or all
+//!   the streamed ones, when fewer) before the raw layer's end, so that a warehouse applies that tail on read; the four reports (now and as
 //!   of the dataset's instant), checked equal to those of the caught-up model, timed against
 //!   the same reports with no tail.
 //!
@@ -15,7 +15,8 @@
 //! adds to the reports.
 //!
 //! `ACME_BENCH_SF` sets the scale factor (default 0.1; the issue figures use 1);
-//! `ACME_BENCH_TAIL_ONLY=1` runs only the merge-on-read section (`tail-summary.md`).
+//! `ACME_BENCH_TAIL_ONLY=1` runs only the merge-on-read section (`tail-summary.md`), and
+//! `ACME_BENCH_EXPLAIN=1` prints the reports' plans with and without the tail.
 //! Run: `cargo bench --bench model`.
 
 mod common;
@@ -155,7 +156,7 @@ async fn report_times(w: &Warehouse, instant: chrono::DateTime<chrono::Utc>) -> 
     out
 }
 
-/// Merge-on-read: the reports with a tail of about 1k and 10k raw changes applied on read,
+/// Merge-on-read: the reports with a tail of about 1k, 10k and 100k raw changes applied on read,
 /// against the caught-up model (no tail). Answers are checked equal before timing.
 async fn live_tail(data: &common::Dataset, sf: f64) -> String {
     let caught_up = Warehouse::open(&data.warehouse).await.expect("caught-up warehouse");
@@ -177,7 +178,7 @@ async fn live_tail(data: &common::Dataset, sf: f64) -> String {
     let reopened = Warehouse::open(&data.warehouse).await.expect("open");
     summary.push_str(&row("none (model caught up)".into(), open_ms(started.elapsed()), &base));
     drop(reopened);
-    for wanted in [1_000i64, 10_000] {
+    for wanted in [1_000i64, 10_000, 100_000] {
         let (cut, changes) = tail_cut(data, wanted).await;
         let dir = raw_copy(data);
         ModelBuild::new(config(dir.path())).up_to(cut).await.expect("model up to the cut");
@@ -187,12 +188,37 @@ async fn live_tail(data: &common::Dataset, sf: f64) -> String {
         let tail = w.raw_position().unwrap_or_default() > w.model_position().unwrap_or_default();
         assert!(tail, "a tail of {changes} changes is applied on read");
         assert_eq!(all_reports(&w, data.instant).await, expected, "tail of {changes}: reports equal");
+        if std::env::var_os(EXPLAIN).is_some() {
+            explain(&caught_up, data.instant, "no tail").await;
+            explain(&w, data.instant, &format!("tail of {changes} changes")).await;
+        }
         let times = report_times(&w, data.instant).await;
         let ratios: Vec<String> = times.iter().zip(&base).map(|(t, b)| format!("{:.2}x", t / b)).collect();
         summary.push_str(&row(format!("{changes} changes"), open, &times));
         summary.push_str(&format!("| ratio to no tail | | {} |\n", ratios.join(" | ")));
     }
     summary
+}
+
+/// Set to print the plans (`EXPLAIN ANALYZE`) of the reports with and without a tail.
+const EXPLAIN: &str = "ACME_BENCH_EXPLAIN";
+
+/// Print `EXPLAIN ANALYZE` of R1, R3 and R4, now and as of `instant`, on `w`.
+async fn explain(w: &Warehouse, instant: chrono::DateTime<chrono::Utc>, label: &str) {
+    use acme::query::{Report, StatusFilter};
+    let reports = [
+        Report::OpenOrders(StatusFilter::Open),
+        Report::PendingItemsByProduct,
+        Report::TopCustomers { limit: 3, filter: StatusFilter::Pending },
+    ];
+    for as_of in [None, Some(instant)] {
+        for report in &reports {
+            let sql = w.report_sql(report, as_of).expect("report sql");
+            let plan = w.sql(&format!("EXPLAIN ANALYZE {sql}")).await.expect("explain").collect().await.expect("plan");
+            let text = acme::core::arrow::util::pretty::pretty_format_batches(&plan).expect("format");
+            println!("### {label}: {report:?}, as of {as_of:?}\n{text}\n");
+        }
+    }
 }
 
 fn value(b: &acme::core::arrow::array::RecordBatch, column: usize, row: usize) -> i64 {

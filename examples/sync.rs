@@ -38,10 +38,17 @@ struct Args {
     /// Catch up once, build the model and exit.
     #[arg(long)]
     once: bool,
-    /// Milliseconds between the starts of two model builds while streaming (the reports do
-    /// not wait for them: they apply the newer raw changes on read).
+    /// Milliseconds between two checks of whether a model build is due while streaming.
     #[arg(long, default_value_t = acme::DEFAULT_MODEL_INTERVAL.as_millis() as u64)]
     model_interval_ms: u64,
+    /// Fold the raw changes after the stored model's position into it once they reach this
+    /// fraction of the model's rows (the reports do not wait for builds: they apply those
+    /// changes on read). 0 builds whenever there are any.
+    #[arg(long, default_value_t = acme::DEFAULT_FOLD_RATIO)]
+    fold_ratio: f64,
+    /// Fold them in, however few, once the stored model is this many seconds old.
+    #[arg(long, default_value_t = acme::DEFAULT_MAX_MODEL_LAG.as_secs())]
+    max_model_lag_s: u64,
     /// Seconds between two status lines while streaming.
     #[arg(long, default_value_t = 5)]
     status_interval: u64,
@@ -85,7 +92,9 @@ async fn main() -> anyhow::Result<()> {
     let bar = tokio::spawn(progress_bar(Arc::clone(&progress)));
     let builder = Pipeline::builder(config)
         .snapshot_progress(progress)
-        .model_interval(Duration::from_millis(args.model_interval_ms));
+        .model_interval(Duration::from_millis(args.model_interval_ms))
+        .fold_ratio(args.fold_ratio)
+        .max_model_lag(Duration::from_secs(args.max_model_lag_s));
     if args.once {
         let result = builder.run_once().await;
         bar.abort();

@@ -24,4 +24,7 @@ pub use acme_core as core;
 pub use acme_ingest as ingest;
 pub use acme_model as model;
 pub use acme_query as query;
-pub use pipeline::{DEFAULT_MODEL_INTERVAL, Pipeline, PipelineBuilder, PipelineError, PipelineStatus};
+pub use pipeline::{
+    DEFAULT_FOLD_RATIO, DEFAULT_MAX_MODEL_LAG, DEFAULT_MODEL_INTERVAL, Pipeline, PipelineBuilder, PipelineError,
+    PipelineStatus,
+};

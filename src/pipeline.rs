@@ -4,12 +4,16 @@
 //! none) and runs, in tasks it owns:
 //! - **capture**: the change stream, committing micro-batches to the raw layer (raw-file
 //!   compaction runs beside it, see [`ChangeStream::run_until`]). It never waits for the model.
-//! - **maintenance**: a model build every [`PipelineBuilder::model_interval`], on a runtime of
-//!   their own (one worker thread), so that their CPU-bound plans do not hold up the stream's
-//!   task. A build
-//!   folds the raw changes into the stored histories and star schema; the reports do not wait
-//!   for it, since a [`Warehouse`] applies the raw changes the stored model does not cover yet
-//!   on read (`acme_model::live`).
+//! - **maintenance**: model builds, on a runtime of their own (one worker thread), so that
+//!   their CPU-bound plans do not hold up the stream's task. A build folds the raw changes
+//!   after the stored model's position (the tail) into the stored histories and star schema.
+//!   The reports do not wait for it: a [`Warehouse`] applies the tail on read
+//!   (`acme_model::live`), at a cost that follows the tail. A build rewrites the files that
+//!   hold the changed keys, which costs about as much as the table, so it is background
+//!   compaction, not the freshness path: it runs when the tail reaches
+//!   [`PipelineBuilder::fold_ratio`] of the model's rows (or the model is older than
+//!   [`PipelineBuilder::max_model_lag`]), which keeps its cost per change constant at any
+//!   table size and the tail each report applies a small fraction of what it reads anyway.
 //! - **refresh**: a new [`Warehouse`] handle after every commit round of either writer,
 //!   published for [`Pipeline::warehouse`].
 //! - **lag probe** (logical decoding only): the source's WAL position twice a second, for the
@@ -39,8 +43,17 @@ use acme_query::{QueryError, Warehouse};
 use tokio::sync::{Notify, oneshot, watch};
 use tokio::task::JoinHandle;
 
-/// How often a model build starts by default ([`PipelineBuilder::model_interval`]).
+/// How often maintenance checks whether a model build is due, by default
+/// ([`PipelineBuilder::model_interval`]).
 pub const DEFAULT_MODEL_INTERVAL: Duration = Duration::from_secs(2);
+
+/// The tail, as a fraction of the stored model's rows, at which a model build folds it in, by
+/// default ([`PipelineBuilder::fold_ratio`]).
+pub const DEFAULT_FOLD_RATIO: f64 = 0.02;
+
+/// How long the stored model may trail the raw layer at most, by default
+/// ([`PipelineBuilder::max_model_lag`]).
+pub const DEFAULT_MAX_MODEL_LAG: Duration = Duration::from_secs(600);
 
 /// What can stop a pipeline.
 #[derive(Debug, thiserror::Error)]
@@ -94,6 +107,9 @@ pub struct PipelineStatus {
     pub raw_compactions: u64,
     /// Model builds since start that folded raw changes into the stored model.
     pub model_builds: u64,
+    /// Raw changes after the stored model's position, which every report applies on read
+    /// (estimated from file statistics when maintenance last checked).
+    pub tail_changes: u64,
     /// Wall time of the last model build that changed the model.
     pub last_model_build: Option<Duration>,
     /// Transient failures retried since start (capture reconnects, failed model builds,
@@ -110,17 +126,41 @@ pub struct PipelineStatus {
 pub struct PipelineBuilder {
     config: AcmeConfig,
     model_interval: Duration,
+    fold: FoldPolicy,
     idle_wait: Duration,
     progress: Option<Arc<SnapshotProgress>>,
 }
 
+/// When maintenance folds the tail into the stored model.
+#[derive(Debug, Clone, Copy)]
+struct FoldPolicy {
+    ratio: f64,
+    max_lag: Duration,
+}
+
 impl PipelineBuilder {
-    /// How often a model build starts (default 2 s; one that takes longer is followed by the
-    /// next at once). The reports do not wait for builds (they apply the raw changes the stored
-    /// model lacks on read), so this trades the CPU the builds take against the size of that
-    /// tail, which each report applies.
+    /// How often maintenance checks whether a model build is due (default 2 s).
     pub fn model_interval(mut self, interval: Duration) -> Self {
         self.model_interval = interval;
+        self
+    }
+
+    /// Fold the tail (the raw changes after the stored model's position, which every report
+    /// applies on read) into the stored model once it holds this fraction of the model's rows
+    /// (default [`DEFAULT_FOLD_RATIO`]). A build costs about as much as the model, so a ratio
+    /// keeps its cost per change the same at any table size; a larger ratio spends less CPU on
+    /// builds and more on each report. `0.0` builds whenever there is a tail, every
+    /// [`PipelineBuilder::model_interval`]. Negative or non-finite values count as `0.0`.
+    pub fn fold_ratio(mut self, ratio: f64) -> Self {
+        self.fold.ratio = if ratio.is_finite() { ratio.max(0.0) } else { 0.0 };
+        self
+    }
+
+    /// Fold the tail, however small, once the stored model is this old (default 10 min): the
+    /// bound on how far readers of the stored layers (outside readers of the presentation
+    /// tables, `model.<table>`) trail the reports.
+    pub fn max_model_lag(mut self, lag: Duration) -> Self {
+        self.fold.max_lag = lag;
         self
     }
 
@@ -178,7 +218,7 @@ impl PipelineBuilder {
         ));
         let maintenance = spawn_maintenance(
             config.clone(),
-            self.model_interval,
+            Maintenance { interval: self.model_interval, fold: self.fold, warehouses: warehouses.clone() },
             Arc::clone(&status_tx),
             cancel.clone(),
             Arc::clone(&committed),
@@ -262,6 +302,7 @@ impl Pipeline {
         PipelineBuilder {
             config,
             model_interval: DEFAULT_MODEL_INTERVAL,
+            fold: FoldPolicy { ratio: DEFAULT_FOLD_RATIO, max_lag: DEFAULT_MAX_MODEL_LAG },
             idle_wait: Duration::from_millis(100),
             progress: None,
         }
@@ -402,10 +443,18 @@ async fn capture(
     Ok(result?)
 }
 
-/// Model builds back to back on a runtime of their own (one worker thread).
+/// What maintenance needs besides the config.
+struct Maintenance {
+    interval: Duration,
+    fold: FoldPolicy,
+    /// The published handles: their file statistics tell how large the tail is.
+    warehouses: watch::Receiver<Arc<Warehouse>>,
+}
+
+/// Model builds on a runtime of their own (one worker thread), when [`Maintenance::due`].
 fn spawn_maintenance(
     config: AcmeConfig,
-    interval: Duration,
+    maintenance: Maintenance,
     status: Arc<watch::Sender<PipelineStatus>>,
     cancel: watch::Receiver<bool>,
     committed: Arc<Notify>,
@@ -420,7 +469,7 @@ fn spawn_maintenance(
     std::thread::Builder::new()
         .name("acme-model-driver".into())
         .spawn(move || {
-            let result = runtime.block_on(maintain(config, interval, status, cancel, committed));
+            let result = runtime.block_on(maintain(config, maintenance, status, cancel, committed));
             // Abandon a build in flight: its tasks are dropped with the runtime.
             runtime.shutdown_background();
             let _ = done_tx.send(result);
@@ -429,43 +478,65 @@ fn spawn_maintenance(
     Ok(done)
 }
 
+impl Maintenance {
+    /// Whether a build is due now, given when the last one finished (`None`: none yet in this
+    /// run, so a model that is missing or trails the raw layer is built at start). Records the
+    /// tail's size in the status.
+    fn due(&self, last_build: Option<Instant>, status: &watch::Sender<PipelineStatus>) -> bool {
+        let warehouse = Arc::clone(&*self.warehouses.borrow());
+        let Some(tail) = warehouse.tail() else { return true };
+        status.send_modify(|s| s.tail_changes = tail.changes);
+        if tail.changes == 0 {
+            return false;
+        }
+        let Some(last) = last_build else { return true };
+        tail.changes as f64 >= self.fold.ratio * tail.model_rows as f64 || last.elapsed() >= self.fold.max_lag
+    }
+}
+
 async fn maintain(
     config: AcmeConfig,
-    interval: Duration,
+    maintenance: Maintenance,
     status: Arc<watch::Sender<PipelineStatus>>,
     cancel: watch::Receiver<bool>,
     committed: Arc<Notify>,
 ) -> Result<()> {
     let mut failures = 0u32;
+    let mut last_build: Option<Instant> = None;
     loop {
         let started = Instant::now();
-        let build = tokio::select! {
-            _ = cancelled(cancel.clone()) => return Ok(()),
-            build = ModelBuild::new(config.clone()).run() => build,
-        };
-        let wait = match build {
-            Ok(report) => {
-                failures = 0;
-                status.send_modify(|s| {
-                    s.model_position = Some(report.position);
+        let wait = if !maintenance.due(last_build, &status) {
+            maintenance.interval
+        } else {
+            let build = tokio::select! {
+                _ = cancelled(cancel.clone()) => return Ok(()),
+                build = ModelBuild::new(config.clone()).run() => build,
+            };
+            match build {
+                Ok(report) => {
+                    failures = 0;
+                    last_build = Some(Instant::now());
+                    status.send_modify(|s| {
+                        s.model_position = Some(report.position);
+                        if !report.up_to_date {
+                            s.model_builds += 1;
+                            s.last_model_build = Some(report.elapsed);
+                        }
+                    });
                     if !report.up_to_date {
-                        s.model_builds += 1;
-                        s.last_model_build = Some(report.elapsed);
+                        tracing::debug!(position = report.position, elapsed = ?report.elapsed, "model build");
+                        committed.notify_one();
                     }
-                });
-                if !report.up_to_date {
-                    tracing::debug!(position = report.position, elapsed = ?report.elapsed, "model build");
-                    committed.notify_one();
+                    maintenance.interval.saturating_sub(started.elapsed())
                 }
-                interval.saturating_sub(started.elapsed())
-            }
-            Err(error) => {
-                // Retried with backoff: a full disk, a broken file or a pool too small is
-                // reported in the status until it is mended.
-                tracing::warn!(%error, "model build failed; retrying");
-                record_error(&status, &error, true);
-                failures += 1;
-                Duration::from_millis(500).saturating_mul(1 << failures.min(6)).min(Duration::from_secs(30))
+                Err(error) => {
+                    // Retried with backoff: a full disk, a broken file or a pool too small is
+                    // reported in the status until it is mended.
+                    tracing::warn!(%error, "model build failed; retrying");
+                    record_error(&status, &error, true);
+                    failures += 1;
+                    Duration::from_millis(500).saturating_mul(1 << failures.min(6)).min(Duration::from_secs(30))
+                }
             }
         };
         tokio::select! {

@@ -21,7 +21,8 @@ fn spawn_sync(url: &str, warehouse: &Path, slot: &str, mode: &str, log: &Path, o
     command
         .args(["--source", url, "--warehouse"])
         .arg(warehouse)
-        .args(["--slot", slot, "--status-interval", "1", "--cdc-mode", mode])
+        // `--fold-ratio 0`: a model build whenever there is a tail, so kills land in builds too.
+        .args(["--slot", slot, "--status-interval", "1", "--cdc-mode", mode, "--fold-ratio", "0"])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::from(log.try_clone().expect("log")))
         .stderr(Stdio::from(log));
@@ -81,13 +82,47 @@ async fn same_rows(client: &tokio_postgres::Client, w: &Warehouse, table: &str, 
             ours.push(values.join("|"));
         }
     }
-    ours.sort();
-    let mut pg = pg;
-    pg.sort();
-    assert_eq!(ours.len(), pg.len(), "{table}: rows");
-    for (a, b) in ours.iter().zip(&pg) {
-        assert_eq!(a, b, "{table}");
+    let (our_rows, pg_rows) = (ours.len(), pg.len());
+    let ours: std::collections::BTreeSet<String> = ours.into_iter().collect();
+    let pg: std::collections::BTreeSet<String> = pg.into_iter().collect();
+    let only_acme: Vec<&String> = ours.difference(&pg).take(10).collect();
+    let only_pg: Vec<&String> = pg.difference(&ours).take(10).collect();
+    if !only_acme.is_empty() || !only_pg.is_empty() {
+        // The stored history of the keys that differ, to see which step went wrong.
+        let mut keys: Vec<String> =
+            only_acme.iter().chain(&only_pg).filter_map(|r| r.split('|').next().map(str::to_string)).collect();
+        keys.dedup();
+        let key = columns.split(',').next().unwrap_or_default().trim();
+        let history = w
+            .sql(&format!(
+                "SELECT * FROM {table}_history WHERE CAST({key} AS VARCHAR) IN ({}) ORDER BY {key}, valid_from_lsn",
+                keys.iter().map(|k| format!("'{k}'")).collect::<Vec<_>>().join(", ")
+            ))
+            .await
+            .expect("history")
+            .collect()
+            .await
+            .expect("collect");
+        let raw = w
+            .sql(&format!(
+                "SELECT * FROM raw_{table} WHERE CAST({key} AS VARCHAR) IN ({}) ORDER BY {key}, _lsn, _seq",
+                keys.iter().map(|k| format!("'{k}'")).collect::<Vec<_>>().join(", ")
+            ))
+            .await
+            .expect("raw")
+            .collect()
+            .await
+            .expect("collect");
+        panic!(
+            "{table}: acme's current rows differ from the source's ({} vs {} rows)\nonly in acme: {only_acme:?}\n\
+             only in the source: {only_pg:?}\nhistory:\n{}\nraw:\n{}",
+            ours.len(),
+            pg.len(),
+            acme::core::arrow::util::pretty::pretty_format_batches(&history).expect("format"),
+            acme::core::arrow::util::pretty::pretty_format_batches(&raw).expect("format"),
+        );
     }
+    assert_eq!(our_rows, pg_rows, "{table}: rows (a key twice in acme)");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

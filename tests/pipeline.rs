@@ -71,7 +71,8 @@ async fn a_pipeline_keeps_the_reports_fresh_while_the_model_is_maintained_beside
         .slot(acme_testkit::slot_for(&url))
         .build()
         .expect("config");
-    let pipeline = Pipeline::builder(config.clone()).start().await.expect("start");
+    // `fold_ratio(0.0)`: fold whenever there is a tail, so that builds run beside the stream.
+    let pipeline = Pipeline::builder(config.clone()).fold_ratio(0.0).start().await.expect("start");
     assert!(pipeline.warehouse().model_position().is_some(), "start returns once a model exists");
     let builds_at_start = pipeline.status().borrow().model_builds;
     let client = acme_testkit::connect(&url).await.expect("connect");
@@ -148,4 +149,72 @@ async fn a_pipeline_keeps_the_reports_fresh_while_the_model_is_maintained_beside
     let w = pipeline.caught_up().await.expect("caught up again");
     assert_eq!(acme_reports(&w).await, source_reports(&client).await, "reports vs the source after a restart");
     pipeline.shutdown().await.expect("shutdown again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn maintenance_folds_the_tail_in_only_once_it_reaches_the_fold_ratio() {
+    let url = acme_testkit::acme_database("pipeline_fold", Some((0.003, 43))).await.expect("source");
+    let dir = tempfile::tempdir().expect("tmp");
+    let config = AcmeConfig::builder()
+        .source_url(&url)
+        .storage_url(dir.path().display().to_string())
+        .slot(acme_testkit::slot_for(&url))
+        .build()
+        .expect("config");
+    let interval = Duration::from_millis(200);
+    let pipeline = Pipeline::builder(config)
+        .model_interval(interval)
+        .fold_ratio(acme::DEFAULT_FOLD_RATIO)
+        .max_model_lag(Duration::from_secs(3600))
+        .start()
+        .await
+        .expect("start");
+    let client = acme_testkit::connect(&url).await.expect("connect");
+    let builds_at_start = pipeline.status().borrow().model_builds;
+    let model_rows = pipeline.warehouse().tail().expect("a model").model_rows;
+    assert!(model_rows > 10_000, "the model holds the snapshot: {model_rows} rows");
+
+    // A few changes: far below 2% of the model. The reports show them; no build runs.
+    client
+        .batch_execute(
+            "UPDATE operations.orders SET status = CASE status WHEN 'PENDING' THEN 'PROCESSING' ELSE 'PENDING' END \
+             WHERE order_id IN (SELECT order_id FROM operations.orders ORDER BY order_id LIMIT 5)",
+        )
+        .await
+        .expect("small update");
+    let w = pipeline.caught_up().await.expect("caught up");
+    assert_eq!(acme_reports(&w).await, source_reports(&client).await, "the tail is in the reports");
+    let tail = w.tail().expect("a model");
+    assert!(tail.changes >= 5 && (tail.changes as f64) < 0.02 * tail.model_rows as f64, "{tail:?}");
+    let mut status = pipeline.status();
+    tokio::time::timeout(Duration::from_secs(60), status.wait_for(|s| s.tail_changes >= 5))
+        .await
+        .expect("maintenance looked at the tail within 60 s")
+        .expect("status");
+    tokio::time::sleep(interval * 5).await;
+    let now = pipeline.status().borrow().clone();
+    assert_eq!(now.model_builds, builds_at_start, "a small tail is applied on read, not folded in: {now:?}");
+    let w = pipeline.warehouse();
+    assert!(w.model_position() < w.raw_position(), "the stored model trails the reports");
+
+    // Changes to a fifth of the items: past 2% of the model. A build folds them in.
+    client
+        .batch_execute("UPDATE operations.order_items SET quanity = quanity + 1 WHERE order_item_id % 5 = 0")
+        .await
+        .expect("large update");
+    tokio::time::timeout(Duration::from_secs(120), status.wait_for(|s| s.model_builds > builds_at_start))
+        .await
+        .expect("a build folded the tail in within 120 s")
+        .expect("status");
+    let w = pipeline.caught_up().await.expect("caught up");
+    assert_eq!(acme_reports(&w).await, source_reports(&client).await, "reports after the fold");
+    // The stored model (not only the live view) now holds the updated items' new versions.
+    let updated: i64 = client
+        .query_one("SELECT count(*) FROM operations.order_items WHERE order_item_id % 5 = 0", &[])
+        .await
+        .expect("count")
+        .get(0);
+    let stored = scalar(&w, "SELECT count(*) FROM model.order_items_history WHERE opened_by = 'update'").await;
+    assert!(stored >= updated, "{stored} stored update versions for {updated} updated items");
+    pipeline.shutdown().await.expect("shutdown");
 }

@@ -109,6 +109,25 @@ impl LayerTable {
     /// `files` is `None`), read with DataFusion's Parquet scan: statistics pruning, string
     /// views, and NULL for columns that files written before a schema change lack.
     pub fn provider(&self, files: Option<&[DataFile]>) -> Result<Arc<dyn TableProvider>> {
+        self.scan(files, None)
+    }
+
+    /// [`LayerTable::provider`] over all files, keeping the per-file statistics it collects
+    /// in `runtime`'s cache. Data files never change once written, so handles that share one
+    /// runtime (a warehouse and its refreshed successors) plan queries without re-reading the
+    /// footers of the files they already know: only new files are read.
+    pub fn cached_provider(
+        &self,
+        runtime: &datafusion::execution::runtime_env::RuntimeEnv,
+    ) -> Result<Arc<dyn TableProvider>> {
+        self.scan(None, runtime.cache_manager.get_file_statistic_cache())
+    }
+
+    fn scan(
+        &self,
+        files: Option<&[DataFile]>,
+        cache: Option<Arc<datafusion::execution::cache::cache_manager::FileStatisticsCache>>,
+    ) -> Result<Arc<dyn TableProvider>> {
         let stored = self.schema()?;
         // Strings are read as views: Parquet decodes into them without copying each value.
         let schema = Arc::new(Schema::new(
@@ -140,7 +159,7 @@ impl LayerTable {
             .collect::<Result<Vec<_>>>()?;
         let options = ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
         let config = ListingTableConfig::new_with_multi_paths(urls).with_listing_options(options).with_schema(schema);
-        Ok(Arc::new(ListingTable::try_new(config).map_err(|e| query(Box::new(e)))?))
+        Ok(Arc::new(ListingTable::try_new(config).map_err(|e| query(Box::new(e)))?.with_cache(cache)))
     }
 
     /// Stream the rows of one data file, only `columns` when given. `ctx` must be able to

@@ -39,6 +39,7 @@ use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::compute::cast;
 use arrow::datatypes::{DataType, Date32Type, Field, Int64Type, Schema};
 use chrono::{DateTime, NaiveDate, Utc};
+use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
 use datafusion::prelude::{DataFrame, SessionConfig, SessionContext};
 use serde::Serialize;
 
@@ -214,6 +215,9 @@ pub struct Warehouse {
     storage: Storage,
     /// The manifests the tables are pinned to.
     manifests: (Option<acme_core::storage::Manifest>, Option<acme_core::storage::Manifest>),
+    /// Shared with the handles [`Warehouse::refreshed`] makes: its caches of Parquet footers
+    /// and per-file statistics stay warm across refreshes (data files never change).
+    runtime: Arc<RuntimeEnv>,
 }
 
 impl std::fmt::Debug for Warehouse {
@@ -233,7 +237,8 @@ impl Warehouse {
         let storage = Storage::new(url, options)?;
         let raw_manifest = storage.get_manifest(manifests::RAW).await?;
         let model_manifest = storage.get_manifest(manifests::MODEL).await?;
-        Self::load(storage, url, raw_manifest, model_manifest, &[], None).await
+        let runtime = RuntimeEnvBuilder::new().build_arc()?;
+        Self::load(storage, url, raw_manifest, model_manifest, &[], None, runtime).await
     }
 
     /// Move this handle to the warehouse's latest complete commit rounds, if the writers
@@ -265,8 +270,15 @@ impl Warehouse {
         }
         // The first instant of the history only moves with the stored model.
         let known_start = self.history_start.filter(|_| model_manifest.is_some() && model_manifest == self.manifests.1);
-        let loaded =
-            Self::load(self.storage.clone(), &self.url, raw_manifest, model_manifest, &self.tables, known_start);
+        let loaded = Self::load(
+            self.storage.clone(),
+            &self.url,
+            raw_manifest,
+            model_manifest,
+            &self.tables,
+            known_start,
+            Arc::clone(&self.runtime),
+        );
         Ok(Some(loaded.await?))
     }
 
@@ -278,6 +290,7 @@ impl Warehouse {
         model_manifest: Option<acme_core::storage::Manifest>,
         loaded: &[acme_core::LayerTable],
         known_start: Option<i64>,
+        runtime: Arc<RuntimeEnv>,
     ) -> Result<Self> {
         let mut config = SessionConfig::new().with_information_schema(true);
         // Joins whose smaller side (e.g. the open orders, joined to their items in R3) fits in
@@ -286,7 +299,7 @@ impl Warehouse {
         let optimizer = &mut config.options_mut().optimizer;
         optimizer.hash_join_single_partition_threshold = BROADCAST_JOIN_BYTES;
         optimizer.hash_join_single_partition_threshold_rows = BROADCAST_JOIN_ROWS;
-        let ctx = SessionContext::new_with_config(config);
+        let ctx = SessionContext::new_with_config_rt(config, Arc::clone(&runtime));
         storage.register_object_store(&ctx);
         // Pin every table to the versions of the last complete commit round of its writer, so
         // a query never mixes tables from before and after a concurrent commit.
@@ -309,12 +322,13 @@ impl Warehouse {
             wanted.push((Layer::Presentation, name.to_string(), name.to_string(), model_manifest.as_ref()));
         }
         let loaded = futures::future::try_join_all(wanted.iter().map(|(layer, name, registered, manifest)| {
-            let storage = &storage;
+            let (storage, runtime) = (&storage, &runtime);
             async move {
                 let previous = loaded.iter().find(|t| t.name() == format!("{}/{name}", layer.dir()));
                 match storage.reopen_pinned(*layer, name, *manifest, previous).await? {
                     Some(table) => {
-                        Ok::<_, QueryError>(Some((*layer, registered.clone(), table.provider(None)?, table)))
+                        let provider = table.cached_provider(runtime)?;
+                        Ok::<_, QueryError>(Some((*layer, registered.clone(), provider, table)))
                     }
                     None => Ok(None),
                 }
@@ -387,6 +401,7 @@ impl Warehouse {
             missing,
             storage,
             manifests: (raw_manifest, model_manifest),
+            runtime,
         })
     }
 
@@ -403,6 +418,31 @@ impl Warehouse {
     /// names are at [`Warehouse::raw_position`].
     pub fn model_position(&self) -> Option<i64> {
         self.manifests.1.as_ref().map(|m| m.position)
+    }
+
+    /// How far the stored model trails this handle, from the tables' file statistics (no data
+    /// is read): the raw changes after the model's position, which every report applies on
+    /// read, against the rows the stored histories hold. A maintenance policy folds the tail
+    /// into the stored model when it grows past a fraction of the model (see
+    /// `acme::PipelineBuilder::fold_ratio`). `None` without a model.
+    pub fn tail(&self) -> Option<Tail> {
+        let position = self.model_position()?;
+        let mut tail = Tail { changes: 0, model_rows: 0 };
+        for table in &self.tables {
+            let Ok(files) = table.data_files() else { continue };
+            if table.name().starts_with(&format!("{}/", Layer::Raw.dir())) {
+                // Files whose changes all precede the position hold no tail; a file that
+                // straddles it counts whole (an upper bound).
+                tail.changes += files
+                    .iter()
+                    .filter(|f| !f.all_at_most(acme_core::raw::LSN, position))
+                    .map(|f| f.rows.unwrap_or(0))
+                    .sum::<u64>();
+            } else if table.name().starts_with(&format!("{}/", Layer::Intermediate.dir())) {
+                tail.model_rows += files.iter().map(|f| f.rows.unwrap_or(0)).sum::<u64>();
+            }
+        }
+        Some(tail)
     }
 
     /// Read every data file of the pinned tables and fail with
@@ -466,8 +506,24 @@ impl Warehouse {
 
     /// One report as Arrow record batches, with the seed's column names (see [`Report`]).
     pub async fn report_batches(&self, report: &Report, as_of: Option<DateTime<Utc>>) -> Result<Vec<RecordBatch>> {
+        let (sql, fields) = self.report_plan(report, as_of)?;
+        self.batches(&sql, fields).await
+    }
+
+    /// The SQL this handle runs for `report` (now, or as of an instant), for example to see
+    /// its plan with `EXPLAIN ANALYZE` through [`Warehouse::sql`].
+    pub fn report_sql(&self, report: &Report, as_of: Option<DateTime<Utc>>) -> Result<String> {
+        Ok(self.report_plan(report, as_of)?.0)
+    }
+
+    /// A report's SQL and the columns it returns.
+    fn report_plan(
+        &self,
+        report: &Report,
+        as_of: Option<DateTime<Utc>>,
+    ) -> Result<(String, &'static [(&'static str, DataType)])> {
         use DataType::{Date32, Int64, Utf8};
-        let (sql, fields): (String, &[(&str, DataType)]) = match report {
+        Ok(match report {
             Report::OpenOrders(filter) => (
                 match self.aggregate(as_of)? {
                     Some(agg) => open_orders_from_aggregate_sql(agg, filter),
@@ -496,8 +552,7 @@ impl Warehouse {
                     &[("customer_id", Int64), ("customer_name", Utf8), ("quantity", Int64), ("ranking", Int64)],
                 )
             }
-        };
-        self.batches(&sql, fields).await
+        })
     }
 
     /// Run `sql` and cast its columns to `fields` (the engine may return view types).
@@ -606,6 +661,16 @@ impl Warehouse {
         }
         Ok(out)
     }
+}
+
+/// How far the stored model trails a [`Warehouse`] handle ([`Warehouse::tail`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct Tail {
+    /// Raw changes committed after the stored model's position (estimated from file
+    /// statistics: an upper bound).
+    pub changes: u64,
+    /// Rows (versions) the stored histories hold.
+    pub model_rows: u64,
 }
 
 /// The schema the stored model tables are registered in, as `model.<table>`.
