@@ -165,7 +165,8 @@ async fn live_tail(data: &common::Dataset, sf: f64) -> String {
     let mut summary = format!(
         "\n## Reports with the raw tail applied on read, SF{sf}\n\n\
          The model built up to a position that leaves about N raw changes after it; a `Warehouse` applies \
-         them on read. Median of 7 runs, ms; answers checked equal to the caught-up model's first.\n\n\
+         them on read, computing the tail's pieces once and holding them in memory (the default up to \
+         `MAX_MATERIALIZED_TAIL` changes) or in each query. Median of 7 runs, ms; answers checked equal to the caught-up model's first.\n\n\
          | tail | open + first refresh | R1 | R2 | R3 | R4 | R1 as of | R2 as of | R3 as of | R4 as of |\n\
          |---|---|---|---|---|---|---|---|---|---|\n"
     );
@@ -178,24 +179,29 @@ async fn live_tail(data: &common::Dataset, sf: f64) -> String {
     let reopened = Warehouse::open(&data.warehouse).await.expect("open");
     summary.push_str(&row("none (model caught up)".into(), open_ms(started.elapsed()), &base));
     drop(reopened);
+    if std::env::var_os(EXPLAIN).is_some() {
+        explain(&caught_up, data.instant, "no tail").await;
+    }
     for wanted in [1_000i64, 10_000, 100_000] {
         let (cut, changes) = tail_cut(data, wanted).await;
         let dir = raw_copy(data);
         ModelBuild::new(config(dir.path())).up_to(cut).await.expect("model up to the cut");
-        let started = Instant::now();
-        let w = Warehouse::open(&dir.path().display().to_string()).await.expect("open");
-        let open = open_ms(started.elapsed());
-        let tail = w.raw_position().unwrap_or_default() > w.model_position().unwrap_or_default();
-        assert!(tail, "a tail of {changes} changes is applied on read");
-        assert_eq!(all_reports(&w, data.instant).await, expected, "tail of {changes}: reports equal");
-        if std::env::var_os(EXPLAIN).is_some() {
-            explain(&caught_up, data.instant, "no tail").await;
-            explain(&w, data.instant, &format!("tail of {changes} changes")).await;
+        let url = dir.path().display().to_string();
+        for (how, limit) in [("held in memory", acme::query::MAX_MATERIALIZED_TAIL), ("applied per query", 0)] {
+            let started = Instant::now();
+            let w = Warehouse::open_with_tail_limit(&url, Default::default(), limit).await.expect("open");
+            let open = open_ms(started.elapsed());
+            let tail = w.raw_position().unwrap_or_default() > w.model_position().unwrap_or_default();
+            assert!(tail, "a tail of {changes} changes is applied on read");
+            assert_eq!(all_reports(&w, data.instant).await, expected, "tail of {changes} ({how}): reports equal");
+            if std::env::var_os(EXPLAIN).is_some() {
+                explain(&w, data.instant, &format!("tail of {changes} changes, {how}")).await;
+            }
+            let times = report_times(&w, data.instant).await;
+            let ratios: Vec<String> = times.iter().zip(&base).map(|(t, b)| format!("{:.2}x", t / b)).collect();
+            summary.push_str(&row(format!("{changes} changes, {how}"), open, &times));
+            summary.push_str(&format!("| ratio to no tail | | {} |\n", ratios.join(" | ")));
         }
-        let times = report_times(&w, data.instant).await;
-        let ratios: Vec<String> = times.iter().zip(&base).map(|(t, b)| format!("{:.2}x", t / b)).collect();
-        summary.push_str(&row(format!("{changes} changes"), open, &times));
-        summary.push_str(&format!("| ratio to no tail | | {} |\n", ratios.join(" | ")));
     }
     summary
 }

@@ -22,31 +22,63 @@ pub fn tail_changes(raw: &str, attributes: &[String], position: i64) -> String {
     format!("({} AND {lsn} > {position})", raw_changes(raw, attributes), lsn = raw::LSN)
 }
 
-/// SQL of the history of `spec` as a full rebuild would write it up to the raw layer's
-/// position, merged on read: `history` is the stored history, covering the raw changes up to
-/// `position`; `raw` is the raw table, whose changes after `position` (the tail) are applied
-/// here instead of being written.
-///
-/// - The stored versions keep their validity, except that a version still open at `position`
-///   is closed by the first tail change of its key, or by the first tail truncation
-///   (`truncates`: the tail's truncations, as for [`history_sql`]) if that comes first.
-/// - The tail's changes open versions of their own, closed within the tail as [`history_sql`]
-///   closes them.
-///
-/// The cost follows the tail, not the table: the stored versions are only joined with the
-/// first tail change of each key (a hash table of the tail's keys), and no stored file is
-/// rewritten; folding the tail into the stored history is the model build's job.
-pub fn live_history_sql(
+/// The first tail change of each key of `spec` (columns `k`, `lsn`, `ts`, `op`): the change
+/// that closes the key's version open at `position`, unless a tail truncation comes first.
+pub fn first_changes_sql(spec: &HistorySpec, raw: &str, attributes: &[String], position: i64) -> String {
+    format!(
+        "SELECT k, lsn, ts, op FROM (SELECT {key} AS k, {lsn_col} AS lsn, {ts_col} AS ts, {op_col} AS op,            row_number() OVER (PARTITION BY {key} ORDER BY {lsn_col}, {seq_col}) AS n FROM {tail} t) firsts          WHERE n = 1",
+        key = quote(&spec.key),
+        tail = tail_changes(raw, attributes, position),
+        lsn_col = raw::LSN,
+        ts_col = raw::COMMIT_TS,
+        op_col = raw::OP,
+        seq_col = raw::SEQ,
+    )
+}
+
+/// The versions the tail's changes open, closed within the tail as [`history_sql`] closes
+/// them (`truncates`: the tail's truncations).
+pub fn tail_versions_sql(
     spec: &HistorySpec,
-    history: &str,
     raw: &str,
     attributes: &[String],
     position: i64,
     truncates: &[(i64, i64)],
 ) -> String {
+    history_sql(spec, &tail_changes(raw, attributes, position), attributes, truncates, None)
+}
+
+/// SQL of the history of `spec` as a full rebuild would write it up to the raw layer's
+/// position, merged on read: `history` is the stored history, covering the raw changes up to
+/// the model's position; `first` ([`first_changes_sql`]) and `versions`
+/// ([`tail_versions_sql`]) are relations (tables, or subqueries in parentheses) over the raw
+/// changes after it (the tail), applied here instead of being written.
+///
+/// - The stored versions keep their validity, except that a version still open at the
+///   model's position is closed by the first tail change of its key, or by the first tail
+///   truncation (`truncates`, as for [`history_sql`]) if that comes first.
+/// - The tail's versions follow.
+///
+/// The cost follows the tail, not the table: the stored versions are only probed against the
+/// first tail change of each key (a hash table of the tail's keys, the join's build side), and
+/// no stored file is rewritten; folding the tail into the stored history is the model build's
+/// job.
+pub fn live_history_sql(
+    spec: &HistorySpec,
+    history: &str,
+    first: &str,
+    versions: &str,
+    attributes: &[String],
+    truncates: &[(i64, i64)],
+) -> String {
     let key = quote(&spec.key);
-    let tail = tail_changes(raw, attributes, position);
     let attrs = attributes.iter().map(|c| format!("h.{}", quote(c))).collect::<Vec<_>>().join(", ");
+    let columns = attributes
+        .iter()
+        .map(|c| quote(c))
+        .chain(crate::history::HISTORY_COLUMNS.iter().map(|c| c.to_string()))
+        .collect::<Vec<_>>()
+        .join(", ");
     let (t_lsn, t_ts) = match truncates.first() {
         Some((lsn, ts)) => (lsn.to_string(), utc_micros(*ts)),
         None => ("CAST(NULL AS BIGINT)".to_string(), utc_micros_null()),
@@ -55,10 +87,7 @@ pub fn live_history_sql(
     let truncated_first = format!("({t_lsn} IS NOT NULL AND (f.lsn IS NULL OR {t_lsn} < f.lsn))");
     let open = format!("h.{IS_CURRENT}");
     format!(
-        "WITH first_change AS (SELECT k, lsn, ts, op FROM (SELECT {key} AS k, {lsn_col} AS lsn, {ts_col} AS ts, \
-             {op_col} AS op, row_number() OVER (PARTITION BY {key} ORDER BY {lsn_col}, {seq_col}) AS n FROM {tail} t) \
-           firsts WHERE n = 1) \
-         SELECT {attrs}, h.{VALID_FROM}, \
+        "SELECT {attrs}, h.{VALID_FROM}, \
            CASE WHEN NOT {open} THEN h.{VALID_TO} WHEN {truncated_first} THEN {t_ts} ELSE f.ts END AS {VALID_TO}, \
            h.{VALID_FROM_LSN}, \
            CASE WHEN NOT {open} THEN h.{VALID_TO_LSN} WHEN {truncated_first} THEN {t_lsn} ELSE f.lsn END \
@@ -67,13 +96,8 @@ pub fn live_history_sql(
            h.{OPENED_BY}, \
            CASE WHEN NOT {open} THEN h.{CLOSED_BY} WHEN {truncated_first} THEN 'truncate' ELSE f.op END AS {CLOSED_BY}, \
            h.{IS_DELETED} \
-         FROM first_change f RIGHT JOIN {history} h ON f.k = h.{key} \
-         UNION ALL {tail_versions}",
-        lsn_col = raw::LSN,
-        ts_col = raw::COMMIT_TS,
-        op_col = raw::OP,
-        seq_col = raw::SEQ,
-        tail_versions = history_sql(spec, &tail, attributes, truncates, None),
+         FROM {first} f RIGHT JOIN {history} h ON f.k = h.{key} \
+         UNION ALL SELECT {columns} FROM {versions} v",
     )
 }
 
@@ -82,38 +106,27 @@ pub fn tail_rows(raw: &str, position: i64) -> String {
     format!("(SELECT * FROM {raw} WHERE {lsn} > {position}) tail", lsn = raw::LSN)
 }
 
-/// The keys of `spec` the tail changes (a relation `k`).
-pub fn tail_keys(spec: &HistorySpec, raw: &str, position: i64) -> String {
-    format!(
-        "(SELECT DISTINCT {key} AS k FROM {raw} WHERE {lsn} > {position} AND {op} <> 'truncate')",
-        key = quote(&spec.key),
-        lsn = raw::LSN,
-        op = raw::OP
-    )
-}
-
 /// The aggregate of current orders per (delivery_date, status) at the raw layer's position,
-/// from `aggregate` (stored, at `position`) corrected by difference: each order the tail
-/// changes is taken off as it stood at `position` (its open version in the stored `history`)
-/// and added back as the tail leaves it. Only for a tail without truncations (a truncation
-/// changes every order: the caller counts from the histories instead).
+/// from `aggregate` (stored, at the model's position) corrected by difference: each order the
+/// tail changes (a key of `first`, see [`first_changes_sql`]) is taken off as it stood at the
+/// model's position (its open version in the stored `history`) and added back as the tail
+/// leaves it (its current version in `versions`, see [`tail_versions_sql`]). Only for a tail
+/// without truncations (a truncation changes every order: the caller counts from the
+/// histories instead).
 pub fn live_orders_aggregate_sql(
     aggregate: &str,
     spec: &HistorySpec,
     history: &str,
-    raw: &str,
-    attributes: &[String],
-    position: i64,
+    first: &str,
+    versions: &str,
 ) -> String {
-    let keys = tail_keys(spec, raw, position);
-    let tail = history_sql(spec, &tail_changes(raw, attributes, position), attributes, &[], None);
     let current = format!("{IS_CURRENT} AND NOT {IS_DELETED}");
     format!(
         "SELECT delivery_date, status, CAST(sum(orders) AS BIGINT) AS orders FROM ( \
            SELECT delivery_date, status, orders FROM {aggregate} \
-           UNION ALL SELECT h.delivery_date, h.status, CAST(-1 AS BIGINT) AS orders FROM {keys} s \
+           UNION ALL SELECT h.delivery_date, h.status, CAST(-1 AS BIGINT) AS orders FROM {first} s \
              JOIN {history} h ON h.{key} = s.k WHERE h.{IS_CURRENT} AND NOT h.{IS_DELETED} \
-           UNION ALL SELECT delivery_date, status, CAST(1 AS BIGINT) AS orders FROM ({tail}) t WHERE {current}) d \
+           UNION ALL SELECT delivery_date, status, CAST(1 AS BIGINT) AS orders FROM {versions} t WHERE {current}) d \
          GROUP BY delivery_date, status HAVING sum(orders) <> 0",
         key = quote(&spec.key),
     )

@@ -215,9 +215,18 @@ pub struct Warehouse {
     storage: Storage,
     /// The manifests the tables are pinned to.
     manifests: (Option<acme_core::storage::Manifest>, Option<acme_core::storage::Manifest>),
-    /// Shared with the handles [`Warehouse::refreshed`] makes: its caches of Parquet footers
-    /// and per-file statistics stay warm across refreshes (data files never change).
+    /// What the handles [`Warehouse::refreshed`] makes share with this one.
+    shared: Shared,
+}
+
+/// What a handle passes on to the handles [`Warehouse::refreshed`] makes.
+#[derive(Clone)]
+struct Shared {
+    /// The query runtime: its caches of Parquet footers and per-file statistics stay warm
+    /// across refreshes (data files never change).
     runtime: Arc<RuntimeEnv>,
+    /// The largest tail held in memory (see [`MAX_MATERIALIZED_TAIL`]).
+    max_tail_in_memory: u64,
 }
 
 impl std::fmt::Debug for Warehouse {
@@ -234,11 +243,19 @@ impl Warehouse {
 
     /// Open with object-store options (S3 endpoint, region, ...).
     pub async fn open_with_options(url: &str, options: HashMap<String, String>) -> Result<Self> {
+        Self::open_with_tail_limit(url, options, MAX_MATERIALIZED_TAIL).await
+    }
+
+    /// Open with object-store options, holding the tail (the raw changes after the stored
+    /// model's position) in memory only up to `max_changes` changes instead of
+    /// [`MAX_MATERIALIZED_TAIL`]: a larger tail is applied by each query from the raw tables
+    /// (with `0`, every non-empty tail is). Handles refreshed from this one keep the limit.
+    pub async fn open_with_tail_limit(url: &str, options: HashMap<String, String>, max_changes: u64) -> Result<Self> {
         let storage = Storage::new(url, options)?;
         let raw_manifest = storage.get_manifest(manifests::RAW).await?;
         let model_manifest = storage.get_manifest(manifests::MODEL).await?;
-        let runtime = RuntimeEnvBuilder::new().build_arc()?;
-        Self::load(storage, url, raw_manifest, model_manifest, &[], None, runtime).await
+        let shared = Shared { runtime: RuntimeEnvBuilder::new().build_arc()?, max_tail_in_memory: max_changes };
+        Self::load(storage, url, raw_manifest, model_manifest, &[], None, shared).await
     }
 
     /// Move this handle to the warehouse's latest complete commit rounds, if the writers
@@ -277,7 +294,7 @@ impl Warehouse {
             model_manifest,
             &self.tables,
             known_start,
-            Arc::clone(&self.runtime),
+            self.shared.clone(),
         );
         Ok(Some(loaded.await?))
     }
@@ -290,7 +307,7 @@ impl Warehouse {
         model_manifest: Option<acme_core::storage::Manifest>,
         loaded: &[acme_core::LayerTable],
         known_start: Option<i64>,
-        runtime: Arc<RuntimeEnv>,
+        shared: Shared,
     ) -> Result<Self> {
         let mut config = SessionConfig::new().with_information_schema(true);
         // Joins whose smaller side (e.g. the open orders, joined to their items in R3) fits in
@@ -299,7 +316,7 @@ impl Warehouse {
         let optimizer = &mut config.options_mut().optimizer;
         optimizer.hash_join_single_partition_threshold = BROADCAST_JOIN_BYTES;
         optimizer.hash_join_single_partition_threshold_rows = BROADCAST_JOIN_ROWS;
-        let ctx = SessionContext::new_with_config_rt(config, Arc::clone(&runtime));
+        let ctx = SessionContext::new_with_config_rt(config, Arc::clone(&shared.runtime));
         storage.register_object_store(&ctx);
         // Pin every table to the versions of the last complete commit round of its writer, so
         // a query never mixes tables from before and after a concurrent commit.
@@ -322,7 +339,7 @@ impl Warehouse {
             wanted.push((Layer::Presentation, name.to_string(), name.to_string(), model_manifest.as_ref()));
         }
         let loaded = futures::future::try_join_all(wanted.iter().map(|(layer, name, registered, manifest)| {
-            let (storage, runtime) = (&storage, &runtime);
+            let (storage, runtime) = (&storage, &shared.runtime);
             async move {
                 let previous = loaded.iter().find(|t| t.name() == format!("{}/{name}", layer.dir()));
                 match storage.reopen_pinned(*layer, name, *manifest, previous).await? {
@@ -360,7 +377,8 @@ impl Warehouse {
             tables.push(table);
         }
         if let Some(position) = tail_after {
-            register_live_views(&ctx, &found, position).await?;
+            let materialize = tail_size(&tables, position).changes <= shared.max_tail_in_memory;
+            register_live_views(&ctx, &found, position, materialize).await?;
         }
         // Without a model (only the raw layer so far) the handle still answers SQL over the raw
         // tables; the reports say which table is missing.
@@ -401,7 +419,7 @@ impl Warehouse {
             missing,
             storage,
             manifests: (raw_manifest, model_manifest),
-            runtime,
+            shared,
         })
     }
 
@@ -426,23 +444,7 @@ impl Warehouse {
     /// into the stored model when it grows past a fraction of the model (see
     /// `acme::PipelineBuilder::fold_ratio`). `None` without a model.
     pub fn tail(&self) -> Option<Tail> {
-        let position = self.model_position()?;
-        let mut tail = Tail { changes: 0, model_rows: 0 };
-        for table in &self.tables {
-            let Ok(files) = table.data_files() else { continue };
-            if table.name().starts_with(&format!("{}/", Layer::Raw.dir())) {
-                // Files whose changes all precede the position hold no tail; a file that
-                // straddles it counts whole (an upper bound).
-                tail.changes += files
-                    .iter()
-                    .filter(|f| !f.all_at_most(acme_core::raw::LSN, position))
-                    .map(|f| f.rows.unwrap_or(0))
-                    .sum::<u64>();
-            } else if table.name().starts_with(&format!("{}/", Layer::Intermediate.dir())) {
-                tail.model_rows += files.iter().map(|f| f.rows.unwrap_or(0)).sum::<u64>();
-            }
-        }
-        Some(tail)
+        Some(tail_size(&self.tables, self.model_position()?))
     }
 
     /// Read every data file of the pinned tables and fail with
@@ -663,6 +665,27 @@ impl Warehouse {
     }
 }
 
+/// How far the stored model at `position` trails the raw tables in `tables` (see
+/// [`Warehouse::tail`]).
+fn tail_size(tables: &[acme_core::LayerTable], position: i64) -> Tail {
+    let mut tail = Tail { changes: 0, model_rows: 0 };
+    for table in tables {
+        let Ok(files) = table.data_files() else { continue };
+        if table.name().starts_with(&format!("{}/", Layer::Raw.dir())) {
+            // Files whose changes all precede the position hold no tail; a file that
+            // straddles it counts whole (an upper bound).
+            tail.changes += files
+                .iter()
+                .filter(|f| !f.all_at_most(acme_core::raw::LSN, position))
+                .map(|f| f.rows.unwrap_or(0))
+                .sum::<u64>();
+        } else if table.name().starts_with(&format!("{}/", Layer::Intermediate.dir())) {
+            tail.model_rows += files.iter().map(|f| f.rows.unwrap_or(0)).sum::<u64>();
+        }
+    }
+    tail
+}
+
 /// How far the stored model trails a [`Warehouse`] handle ([`Warehouse::tail`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
 pub struct Tail {
@@ -687,34 +710,63 @@ fn live_tail_position(raw: Option<&Manifest>, model: Option<&Manifest>) -> Optio
     }
 }
 
+/// The largest tail (raw changes after the stored model's position, as [`Warehouse::tail`]
+/// estimates it) a handle computes once and holds in memory: its first change per key and the
+/// versions it opens (tens of MiB at most). A larger tail is applied by each query instead.
+pub const MAX_MATERIALIZED_TAIL: u64 = 262_144;
+
+/// The schema a handle's in-memory tail is registered in (`tail.<history>_first`,
+/// `tail.<history>_versions`), when it is held in memory.
+pub const TAIL_SCHEMA: &str = "tail";
+
 /// Register the live histories and aggregate: the stored `model.*` tables with the raw
-/// changes after `position` applied (`found`: the registered tables and their schemas).
-async fn register_live_views(ctx: &SessionContext, found: &HashMap<String, Arc<Schema>>, position: i64) -> Result<()> {
-    let mut orders = None;
-    for spec in HistorySpec::acme() {
+/// changes after `position` applied (`found`: the registered tables and their schemas). With
+/// `materialize`, the tail's pieces are computed once here and held in memory (so each query
+/// only probes the stored tables against them, and the engine knows their sizes when it plans
+/// joins); otherwise every query computes them from the raw tables.
+async fn register_live_views(
+    ctx: &SessionContext,
+    found: &HashMap<String, Arc<Schema>>,
+    position: i64,
+    materialize: bool,
+) -> Result<()> {
+    if materialize && let Some(catalog) = ctx.catalog(&ctx.state().config().options().catalog.default_catalog) {
+        catalog.register_schema(TAIL_SCHEMA, Arc::new(datafusion::catalog::MemorySchemaProvider::new()))?;
+    }
+    let specs: Vec<HistorySpec> = HistorySpec::acme()
+        .into_iter()
+        .filter(|spec| found.contains_key(&spec.history_table()) && found.contains_key(&format!("raw_{}", spec.table)))
+        .collect();
+    let pieces = futures::future::try_join_all(specs.iter().map(|spec| async move {
         let history = spec.history_table();
         let raw = format!("raw_{}", spec.table);
-        let (Some(schema), true) = (found.get(&history), found.contains_key(&raw)) else { continue };
-        let attributes = history_attributes(schema);
+        let attributes = found.get(&history).map(|schema| history_attributes(schema)).unwrap_or_default();
         let truncates = live::truncations(ctx, &live::tail_rows(&raw, position)).await?;
+        let first = live::first_changes_sql(spec, &raw, &attributes, position);
+        let versions = live::tail_versions_sql(spec, &raw, &attributes, position, &truncates);
+        let (first, versions) = if materialize {
+            let names = (format!("{TAIL_SCHEMA}.{history}_first"), format!("{TAIL_SCHEMA}.{history}_versions"));
+            hold_in_memory(ctx, &names.0, &first).await?;
+            hold_in_memory(ctx, &names.1, &versions).await?;
+            names
+        } else {
+            (format!("({first})"), format!("({versions})"))
+        };
+        Ok::<_, QueryError>((spec, attributes, truncates, first, versions))
+    }))
+    .await?;
+    for (spec, attributes, truncates, first, versions) in &pieces {
+        let history = spec.history_table();
         let stored = format!("{MODEL_SCHEMA}.{history}");
-        let sql = live::live_history_sql(&spec, &stored, &raw, &attributes, position, &truncates);
+        let sql = live::live_history_sql(spec, &stored, first, versions, attributes, truncates);
         ctx.register_table(history.as_str(), ctx.sql(&sql).await?.into_view())?;
-        if spec.table == "orders" {
-            orders = Some((spec, stored, raw, attributes, truncates.is_empty()));
-        }
     }
     let aggregate = tables::AGG_ORDERS_BY_DELIVERY_DATE;
-    if let (Some((spec, stored, raw, attributes, no_truncation)), true) = (orders, found.contains_key(aggregate)) {
-        let sql = if no_truncation {
-            live::live_orders_aggregate_sql(
-                &format!("{MODEL_SCHEMA}.{aggregate}"),
-                &spec,
-                &stored,
-                &raw,
-                &attributes,
-                position,
-            )
+    let orders = pieces.iter().find(|(spec, ..)| spec.table == "orders");
+    if let (Some((spec, _, truncates, first, versions)), true) = (orders, found.contains_key(aggregate)) {
+        let sql = if truncates.is_empty() {
+            let stored = format!("{MODEL_SCHEMA}.{}", spec.history_table());
+            live::live_orders_aggregate_sql(&format!("{MODEL_SCHEMA}.{aggregate}"), spec, &stored, first, versions)
         } else {
             format!(
                 "SELECT delivery_date, status, CAST(count(*) AS BIGINT) AS orders FROM {} \
@@ -725,6 +777,18 @@ async fn register_live_views(ctx: &SessionContext, found: &HashMap<String, Arc<S
         };
         ctx.register_table(aggregate, ctx.sql(&sql).await?.into_view())?;
     }
+    Ok(())
+}
+
+/// Run `sql` and register its result, held in memory, as `name`.
+async fn hold_in_memory(ctx: &SessionContext, name: &str, sql: &str) -> Result<()> {
+    let df = ctx.sql(sql).await?;
+    let planned = Arc::clone(df.schema().inner());
+    let batches = df.collect().await?;
+    // The batches' own schema: the plan's may differ from it in nullability.
+    let schema = batches.first().map_or(planned, |b| b.schema());
+    let table = datafusion::datasource::MemTable::try_new(schema, vec![batches])?;
+    ctx.register_table(name, Arc::new(table))?;
     Ok(())
 }
 
