@@ -3,8 +3,8 @@
 //! A source at `ACME_BENCH_SF` (default 0.1) is generated, then one `Pipeline` (snapshot, first
 //! model, then capture, model maintenance and warehouse refresh side by side) follows it while
 //! the live workload writes at `ACME_BENCH_TPS` (default 1,000) transactions per second for
-//! `ACME_BENCH_SECONDS` (default 30), starting a model build every `ACME_BENCH_MODEL_INTERVAL_MS`
-//! (default acme's). Meanwhile a probe commits stamped transactions that touch
+//! `ACME_BENCH_SECONDS` (default 30), checking every `ACME_BENCH_MODEL_INTERVAL_MS` whether a model
+//! build is due, folding the tail in at `ACME_BENCH_FOLD_RATIO` of the model (defaults acme's). Meanwhile a probe commits stamped transactions that touch
 //! all four tables (a new customer, a new product, an order of that customer with a delivery
 //! date no other order has, and an item of that product) and measures, from each commit, until
 //! R1, R3 and R4 all show it:
@@ -162,6 +162,11 @@ fn percentiles(mut v: Vec<Duration>) -> String {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
+    // `RUST_LOG=acme=debug,acme_ingest=debug,acme_query=debug` shows each commit round and refresh.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .try_init();
     let sf = common::scale();
     let tps: f64 = env("ACME_BENCH_TPS", 1000.0);
     let seconds: u64 = env("ACME_BENCH_SECONDS", 30);
@@ -278,7 +283,8 @@ async fn main() {
          only once R1 shows the stamp):\n\n\
          | path | p50 | p95 | p99 | max | stamps |\n|---|---|---|---|---|---|\n\
          | `Pipeline::warehouse()` {}\n| HTTP service {}\n| baseline: the raw layer (`raw_orders`) {}\n\n\
-         Model maintenance beside the stream (a build every {interval:?} at most): {} builds, the last {:.1?}; \
+         Model maintenance beside the stream (checked every {interval:?}; a build folds the tail in once it \
+         reaches {fold_ratio} of the model's rows): {} builds, the last {:.1?}; tail at the end {} changes; \
          {} raw compactions; \
          lag at the end {:?} bytes / {:.2?} s; {} retries.\n\
          Peak RSS of the bench process (pipeline, HTTP service, workload driver and probe): {:.0} MiB.\n\
@@ -293,6 +299,7 @@ async fn main() {
         percentiles(raw),
         status.model_builds,
         status.last_model_build.unwrap_or_default(),
+        status.tail_changes,
         status.raw_compactions,
         status.lag_bytes,
         status.lag_seconds.unwrap_or_default(),

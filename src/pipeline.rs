@@ -49,7 +49,7 @@ pub const DEFAULT_MODEL_INTERVAL: Duration = Duration::from_secs(2);
 
 /// The tail, as a fraction of the stored model's rows, at which a model build folds it in, by
 /// default ([`PipelineBuilder::fold_ratio`]).
-pub const DEFAULT_FOLD_RATIO: f64 = 0.02;
+pub const DEFAULT_FOLD_RATIO: f64 = 0.05;
 
 /// How long the stored model may trail the raw layer at most, by default
 /// ([`PipelineBuilder::max_model_lag`]).
@@ -560,8 +560,15 @@ async fn refresh(
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
         let current = Arc::clone(&*warehouses.borrow());
+        let started = Instant::now();
         match current.refreshed().await {
             Ok(Some(newer)) => {
+                tracing::debug!(
+                    raw_position = newer.raw_position(),
+                    model_position = newer.model_position(),
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "warehouse refreshed"
+                );
                 status.send_modify(|s| {
                     s.raw_position = newer.raw_position();
                     s.model_position = s.model_position.max(newer.model_position());

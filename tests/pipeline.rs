@@ -174,7 +174,7 @@ async fn maintenance_folds_the_tail_in_only_once_it_reaches_the_fold_ratio() {
     let model_rows = pipeline.warehouse().tail().expect("a model").model_rows;
     assert!(model_rows > 10_000, "the model holds the snapshot: {model_rows} rows");
 
-    // A few changes: far below 2% of the model. The reports show them; no build runs.
+    // A few changes: far below 5% of the model. The reports show them; no build runs.
     client
         .batch_execute(
             "UPDATE operations.orders SET status = CASE status WHEN 'PENDING' THEN 'PROCESSING' ELSE 'PENDING' END \
@@ -185,7 +185,7 @@ async fn maintenance_folds_the_tail_in_only_once_it_reaches_the_fold_ratio() {
     let w = pipeline.caught_up().await.expect("caught up");
     assert_eq!(acme_reports(&w).await, source_reports(&client).await, "the tail is in the reports");
     let tail = w.tail().expect("a model");
-    assert!(tail.changes >= 5 && (tail.changes as f64) < 0.02 * tail.model_rows as f64, "{tail:?}");
+    assert!(tail.changes >= 5 && (tail.changes as f64) < acme::DEFAULT_FOLD_RATIO * tail.model_rows as f64, "{tail:?}");
     let mut status = pipeline.status();
     tokio::time::timeout(Duration::from_secs(60), status.wait_for(|s| s.tail_changes >= 5))
         .await
@@ -197,7 +197,7 @@ async fn maintenance_folds_the_tail_in_only_once_it_reaches_the_fold_ratio() {
     let w = pipeline.warehouse();
     assert!(w.model_position() < w.raw_position(), "the stored model trails the reports");
 
-    // Changes to a fifth of the items: past 2% of the model. A build folds them in.
+    // Changes to a fifth of the items: past 5% of the model. A build folds them in.
     client
         .batch_execute("UPDATE operations.order_items SET quanity = quanity + 1 WHERE order_item_id % 5 = 0")
         .await

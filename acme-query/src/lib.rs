@@ -309,6 +309,7 @@ impl Warehouse {
         known_start: Option<i64>,
         shared: Shared,
     ) -> Result<Self> {
+        let started = std::time::Instant::now();
         let mut config = SessionConfig::new().with_information_schema(true);
         // Joins whose smaller side (e.g. the open orders, joined to their items in R3) fits in
         // these bounds build one shared hash table instead of repartitioning both sides by key:
@@ -376,9 +377,19 @@ impl Warehouse {
             found.insert(registered, table.schema()?);
             tables.push(table);
         }
+        let opened = started.elapsed();
         if let Some(position) = tail_after {
-            let materialize = tail_size(&tables, position).changes <= shared.max_tail_in_memory;
+            let tail = tail_size(&tables, position);
+            let materialize = tail.changes <= shared.max_tail_in_memory;
+            register_tail_files(&ctx, &tables, position)?;
             register_live_views(&ctx, &found, position, materialize).await?;
+            tracing::debug!(
+                tail = tail.changes,
+                held_in_memory = materialize,
+                open_ms = opened.as_millis() as u64,
+                tail_ms = (started.elapsed() - opened).as_millis() as u64,
+                "warehouse handle loaded with a raw tail"
+            );
         }
         // Without a model (only the raw layer so far) the handle still answers SQL over the raw
         // tables; the reports say which table is missing.
@@ -672,13 +683,7 @@ fn tail_size(tables: &[acme_core::LayerTable], position: i64) -> Tail {
     for table in tables {
         let Ok(files) = table.data_files() else { continue };
         if table.name().starts_with(&format!("{}/", Layer::Raw.dir())) {
-            // Files whose changes all precede the position hold no tail; a file that
-            // straddles it counts whole (an upper bound).
-            tail.changes += files
-                .iter()
-                .filter(|f| !f.all_at_most(acme_core::raw::LSN, position))
-                .map(|f| f.rows.unwrap_or(0))
-                .sum::<u64>();
+            tail.changes += files.iter().map(|f| rows_after(f, position)).sum::<u64>();
         } else if table.name().starts_with(&format!("{}/", Layer::Intermediate.dir())) {
             tail.model_rows += files.iter().map(|f| f.rows.unwrap_or(0)).sum::<u64>();
         }
@@ -686,11 +691,29 @@ fn tail_size(tables: &[acme_core::LayerTable], position: i64) -> Tail {
     tail
 }
 
+/// The rows of a raw file committed after `position`, estimated from its statistics: none when
+/// every change precedes it, all when every change follows it, and for a file that straddles
+/// it (raw compaction merges small files across the model's position) the share of its LSN
+/// range after the position. A file without statistics counts whole.
+fn rows_after(file: &acme_core::DataFile, position: i64) -> u64 {
+    let rows = file.rows.unwrap_or(0);
+    match (file.min_i64(acme_core::raw::LSN), file.max_i64(acme_core::raw::LSN)) {
+        (_, Some(max)) if max <= position => 0,
+        (Some(min), Some(max)) if min <= position && max > min => {
+            let share = (max - position) as f64 / (max - min) as f64;
+            (rows as f64 * share).ceil() as u64
+        }
+        _ if file.all_at_most(acme_core::raw::LSN, position) => 0,
+        _ => rows,
+    }
+}
+
 /// How far the stored model trails a [`Warehouse`] handle ([`Warehouse::tail`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
 pub struct Tail {
     /// Raw changes committed after the stored model's position (estimated from file
-    /// statistics: an upper bound).
+    /// statistics: exact for files wholly before or after it, pro rata of the LSN range for
+    /// a file that straddles it).
     pub changes: u64,
     /// Rows (versions) the stored histories hold.
     pub model_rows: u64,
@@ -715,9 +738,28 @@ fn live_tail_position(raw: Option<&Manifest>, model: Option<&Manifest>) -> Optio
 /// versions it opens (tens of MiB at most). A larger tail is applied by each query instead.
 pub const MAX_MATERIALIZED_TAIL: u64 = 262_144;
 
-/// The schema a handle's in-memory tail is registered in (`tail.<history>_first`,
-/// `tail.<history>_versions`), when it is held in memory.
+/// The schema a handle's tail is registered in: the raw tables' files after the stored model's
+/// position (`tail.raw_<table>`) and, when it is held in memory, its pieces
+/// (`tail.<history>_first`, `tail.<history>_versions`).
 pub const TAIL_SCHEMA: &str = "tail";
+
+/// Register, as `tail.raw_<table>`, each raw table over only the files that may hold changes
+/// after `position` (their LSN statistics say so): the snapshot and the changes the stored
+/// model covers are not even opened, so applying the tail costs what the tail holds, not what
+/// the raw layer holds. The queries still filter by LSN (a file may straddle the position).
+fn register_tail_files(ctx: &SessionContext, tables: &[acme_core::LayerTable], position: i64) -> Result<()> {
+    if let Some(catalog) = ctx.catalog(&ctx.state().config().options().catalog.default_catalog) {
+        catalog.register_schema(TAIL_SCHEMA, Arc::new(datafusion::catalog::MemorySchemaProvider::new()))?;
+    }
+    let prefix = format!("{}/", Layer::Raw.dir());
+    for table in tables {
+        let Some(name) = table.name().strip_prefix(&prefix) else { continue };
+        let files: Vec<acme_core::DataFile> =
+            table.data_files()?.into_iter().filter(|f| !f.all_at_most(acme_core::raw::LSN, position)).collect();
+        ctx.register_table(format!("{TAIL_SCHEMA}.raw_{name}").as_str(), table.provider(Some(&files))?)?;
+    }
+    Ok(())
+}
 
 /// Register the live histories and aggregate: the stored `model.*` tables with the raw
 /// changes after `position` applied (`found`: the registered tables and their schemas). With
@@ -730,16 +772,13 @@ async fn register_live_views(
     position: i64,
     materialize: bool,
 ) -> Result<()> {
-    if materialize && let Some(catalog) = ctx.catalog(&ctx.state().config().options().catalog.default_catalog) {
-        catalog.register_schema(TAIL_SCHEMA, Arc::new(datafusion::catalog::MemorySchemaProvider::new()))?;
-    }
     let specs: Vec<HistorySpec> = HistorySpec::acme()
         .into_iter()
         .filter(|spec| found.contains_key(&spec.history_table()) && found.contains_key(&format!("raw_{}", spec.table)))
         .collect();
     let pieces = futures::future::try_join_all(specs.iter().map(|spec| async move {
         let history = spec.history_table();
-        let raw = format!("raw_{}", spec.table);
+        let raw = format!("{TAIL_SCHEMA}.raw_{}", spec.table);
         let attributes = found.get(&history).map(|schema| history_attributes(schema)).unwrap_or_default();
         let truncates = live::truncations(ctx, &live::tail_rows(&raw, position)).await?;
         let first = live::first_changes_sql(spec, &raw, &attributes, position);
