@@ -217,6 +217,40 @@ pub struct Warehouse {
     manifests: (Option<acme_core::storage::Manifest>, Option<acme_core::storage::Manifest>),
     /// What the handles [`Warehouse::refreshed`] makes share with this one.
     shared: Shared,
+    /// The tail held in memory, which the handles refreshed from this one extend.
+    held: Option<Arc<HeldTail>>,
+}
+
+/// What a handle being loaded takes over from the handle it refreshes.
+#[derive(Default)]
+struct Previous<'a> {
+    /// Its tables (each reads only the commits after the version it holds).
+    tables: &'a [acme_core::LayerTable],
+    /// The history's first instant, when the stored model did not move.
+    known_start: Option<i64>,
+    /// Its tail held in memory.
+    tail: Option<Arc<HeldTail>>,
+}
+
+/// A tail held in memory: the raw changes after `model_position` up to `raw_position`.
+struct HeldTail {
+    model_position: i64,
+    raw_position: i64,
+    /// Per history table.
+    tables: HashMap<String, HeldPieces>,
+}
+
+/// One history's tail pieces ([`acme_model::live`]).
+#[derive(Clone)]
+struct HeldPieces {
+    /// The attribute columns they were computed with (a schema change recomputes them).
+    attributes: Vec<String>,
+    /// The tail's truncations.
+    truncates: Vec<(i64, i64)>,
+    /// The first tail change of each key.
+    first: Arc<dyn datafusion::catalog::TableProvider>,
+    /// The versions the tail opens.
+    versions: Arc<dyn datafusion::catalog::TableProvider>,
 }
 
 /// What a handle passes on to the handles [`Warehouse::refreshed`] makes.
@@ -255,7 +289,7 @@ impl Warehouse {
         let raw_manifest = storage.get_manifest(manifests::RAW).await?;
         let model_manifest = storage.get_manifest(manifests::MODEL).await?;
         let shared = Shared { runtime: RuntimeEnvBuilder::new().build_arc()?, max_tail_in_memory: max_changes };
-        Self::load(storage, url, raw_manifest, model_manifest, &[], None, shared).await
+        Self::load(storage, url, (raw_manifest, model_manifest), Previous::default(), shared).await
     }
 
     /// Move this handle to the warehouse's latest complete commit rounds, if the writers
@@ -287,15 +321,9 @@ impl Warehouse {
         }
         // The first instant of the history only moves with the stored model.
         let known_start = self.history_start.filter(|_| model_manifest.is_some() && model_manifest == self.manifests.1);
-        let loaded = Self::load(
-            self.storage.clone(),
-            &self.url,
-            raw_manifest,
-            model_manifest,
-            &self.tables,
-            known_start,
-            self.shared.clone(),
-        );
+        let previous = Previous { tables: &self.tables, known_start, tail: self.held.clone() };
+        let loaded =
+            Self::load(self.storage.clone(), &self.url, (raw_manifest, model_manifest), previous, self.shared.clone());
         Ok(Some(loaded.await?))
     }
 
@@ -303,10 +331,8 @@ impl Warehouse {
     async fn load(
         storage: Storage,
         url: &str,
-        raw_manifest: Option<acme_core::storage::Manifest>,
-        model_manifest: Option<acme_core::storage::Manifest>,
-        loaded: &[acme_core::LayerTable],
-        known_start: Option<i64>,
+        (raw_manifest, model_manifest): (Option<Manifest>, Option<Manifest>),
+        previous: Previous<'_>,
         shared: Shared,
     ) -> Result<Self> {
         let started = std::time::Instant::now();
@@ -342,7 +368,7 @@ impl Warehouse {
         let loaded = futures::future::try_join_all(wanted.iter().map(|(layer, name, registered, manifest)| {
             let (storage, runtime) = (&storage, &shared.runtime);
             async move {
-                let previous = loaded.iter().find(|t| t.name() == format!("{}/{name}", layer.dir()));
+                let previous = previous.tables.iter().find(|t| t.name() == format!("{}/{name}", layer.dir()));
                 match storage.reopen_pinned(*layer, name, *manifest, previous).await? {
                     Some(table) => {
                         let provider = table.cached_provider(runtime)?;
@@ -378,14 +404,24 @@ impl Warehouse {
             tables.push(table);
         }
         let opened = started.elapsed();
+        let mut held = None;
         if let Some(position) = tail_after {
             let tail = tail_size(&tables, position);
             let materialize = tail.changes <= shared.max_tail_in_memory;
             register_tail_files(&ctx, &tables, position)?;
-            register_live_views(&ctx, &found, position, materialize).await?;
+            let raw_position = raw_manifest.as_ref().map(|m| m.position);
+            // The previous handle's tail, when it starts at the same model position: only the
+            // raw changes committed since that handle are computed (per table, and not at all
+            // for a table with none).
+            let reusable = previous
+                .tail
+                .as_deref()
+                .filter(|t| materialize && t.model_position == position && Some(t.raw_position) <= raw_position);
+            held = register_live_views(&ctx, &found, &tables, position, raw_position, materialize, reusable).await?;
             tracing::debug!(
                 tail = tail.changes,
                 held_in_memory = materialize,
+                incremental = reusable.is_some(),
                 open_ms = opened.as_millis() as u64,
                 tail_ms = (started.elapsed() - opened).as_millis() as u64,
                 "warehouse handle loaded with a raw tail"
@@ -405,8 +441,8 @@ impl Warehouse {
         }
         let start = if missing.is_some() {
             None
-        } else if known_start.is_some() {
-            known_start
+        } else if previous.known_start.is_some() {
+            previous.known_start
         } else {
             // The tail only adds versions after the stored ones: the stored history's first
             // instant is the live one's, unless it is empty.
@@ -431,6 +467,7 @@ impl Warehouse {
             storage,
             manifests: (raw_manifest, model_manifest),
             shared,
+            held: held.map(Arc::new),
         })
     }
 
@@ -763,15 +800,20 @@ fn register_tail_files(ctx: &SessionContext, tables: &[acme_core::LayerTable], p
 
 /// Register the live histories and aggregate: the stored `model.*` tables with the raw
 /// changes after `position` applied (`found`: the registered tables and their schemas). With
-/// `materialize`, the tail's pieces are computed once here and held in memory (so each query
-/// only probes the stored tables against them, and the engine knows their sizes when it plans
-/// joins); otherwise every query computes them from the raw tables.
+/// `materialize`, the tail's pieces are computed here and held in memory (so each query only
+/// probes the stored tables against them, and the engine knows their sizes when it plans
+/// joins), and returned for the next handle; with `previous` (a held tail from `position` to an
+/// earlier raw position), only the raw changes after it are computed and merged into its
+/// pieces. Otherwise every query computes the pieces from the raw tables.
 async fn register_live_views(
     ctx: &SessionContext,
     found: &HashMap<String, Arc<Schema>>,
+    tables: &[acme_core::LayerTable],
     position: i64,
+    raw_position: Option<i64>,
     materialize: bool,
-) -> Result<()> {
+    previous: Option<&HeldTail>,
+) -> Result<Option<HeldTail>> {
     let specs: Vec<HistorySpec> = HistorySpec::acme()
         .into_iter()
         .filter(|spec| found.contains_key(&spec.history_table()) && found.contains_key(&format!("raw_{}", spec.table)))
@@ -780,21 +822,69 @@ async fn register_live_views(
         let history = spec.history_table();
         let raw = format!("{TAIL_SCHEMA}.raw_{}", spec.table);
         let attributes = found.get(&history).map(|schema| history_attributes(schema)).unwrap_or_default();
-        let truncates = live::truncations(ctx, &live::tail_rows(&raw, position)).await?;
-        let first = live::first_changes_sql(spec, &raw, &attributes, position);
-        let versions = live::tail_versions_sql(spec, &raw, &attributes, position, &truncates);
-        let (first, versions) = if materialize {
-            let names = (format!("{TAIL_SCHEMA}.{history}_first"), format!("{TAIL_SCHEMA}.{history}_versions"));
-            hold_in_memory(ctx, &names.0, &first).await?;
-            hold_in_memory(ctx, &names.1, &versions).await?;
-            names
-        } else {
-            (format!("({first})"), format!("({versions})"))
+        let names = (format!("{TAIL_SCHEMA}.{history}_first"), format!("{TAIL_SCHEMA}.{history}_versions"));
+        let earlier = previous.and_then(|p| Some((p.raw_position, p.tables.get(&history)?)));
+        let held = match earlier {
+            Some((from, held)) if held.attributes == attributes => {
+                if !has_rows_after(tables, &spec.table, from)? {
+                    // Nothing new for this table: the previous pieces as they are.
+                    held.clone()
+                } else {
+                    // The changes after `from` closing the held versions and adding theirs,
+                    // exactly as `live_history_sql` applies a tail to a stored history.
+                    let previous_names = (format!("{}_held", names.0), format!("{}_held", names.1));
+                    ctx.register_table(previous_names.0.as_str(), Arc::clone(&held.first))?;
+                    ctx.register_table(previous_names.1.as_str(), Arc::clone(&held.versions))?;
+                    let truncates = live::truncations(ctx, &live::tail_rows(&raw, from)).await?;
+                    let new_first = live::first_changes_sql(spec, &raw, &attributes, from);
+                    let new_versions = live::tail_versions_sql(spec, &raw, &attributes, from, &truncates);
+                    let first = format!(
+                        "SELECT k, lsn, ts, op FROM {held} UNION ALL SELECT n.k, n.lsn, n.ts, n.op FROM ({new_first}) n \
+                         LEFT JOIN {held} p ON p.k = n.k WHERE p.k IS NULL",
+                        held = previous_names.0
+                    );
+                    let versions = live::live_history_sql(
+                        spec,
+                        &previous_names.1,
+                        &format!("({new_first})"),
+                        &format!("({new_versions})"),
+                        &attributes,
+                        &truncates,
+                    );
+                    let (first, versions) = futures::future::try_join(
+                        hold_in_memory(ctx, &first),
+                        hold_in_memory(ctx, &versions),
+                    )
+                    .await?;
+                    // The new pieces hold everything: the previous ones may go with their handle.
+                    ctx.deregister_table(previous_names.0.as_str())?;
+                    ctx.deregister_table(previous_names.1.as_str())?;
+                    let mut all = held.truncates.clone();
+                    all.extend(truncates);
+                    HeldPieces { attributes: attributes.clone(), truncates: all, first, versions }
+                }
+            }
+            _ if materialize => {
+                let truncates = live::truncations(ctx, &live::tail_rows(&raw, position)).await?;
+                let first = live::first_changes_sql(spec, &raw, &attributes, position);
+                let versions = live::tail_versions_sql(spec, &raw, &attributes, position, &truncates);
+                let (first, versions) =
+                    futures::future::try_join(hold_in_memory(ctx, &first), hold_in_memory(ctx, &versions)).await?;
+                HeldPieces { attributes: attributes.clone(), truncates, first, versions }
+            }
+            _ => {
+                let truncates = live::truncations(ctx, &live::tail_rows(&raw, position)).await?;
+                let first = format!("({})", live::first_changes_sql(spec, &raw, &attributes, position));
+                let versions = format!("({})", live::tail_versions_sql(spec, &raw, &attributes, position, &truncates));
+                return Ok::<_, QueryError>((spec, attributes, truncates, first, versions, None));
+            }
         };
-        Ok::<_, QueryError>((spec, attributes, truncates, first, versions))
+        ctx.register_table(names.0.as_str(), Arc::clone(&held.first))?;
+        ctx.register_table(names.1.as_str(), Arc::clone(&held.versions))?;
+        Ok((spec, attributes, held.truncates.clone(), names.0, names.1, Some(held)))
     }))
     .await?;
-    for (spec, attributes, truncates, first, versions) in &pieces {
+    for (spec, attributes, truncates, first, versions, _) in &pieces {
         let history = spec.history_table();
         let stored = format!("{MODEL_SCHEMA}.{history}");
         let sql = live::live_history_sql(spec, &stored, first, versions, attributes, truncates);
@@ -802,7 +892,7 @@ async fn register_live_views(
     }
     let aggregate = tables::AGG_ORDERS_BY_DELIVERY_DATE;
     let orders = pieces.iter().find(|(spec, ..)| spec.table == "orders");
-    if let (Some((spec, _, truncates, first, versions)), true) = (orders, found.contains_key(aggregate)) {
+    if let (Some((spec, _, truncates, first, versions, _)), true) = (orders, found.contains_key(aggregate)) {
         let sql = if truncates.is_empty() {
             let stored = format!("{MODEL_SCHEMA}.{}", spec.history_table());
             live::live_orders_aggregate_sql(&format!("{MODEL_SCHEMA}.{aggregate}"), spec, &stored, first, versions)
@@ -816,19 +906,29 @@ async fn register_live_views(
         };
         ctx.register_table(aggregate, ctx.sql(&sql).await?.into_view())?;
     }
-    Ok(())
+    let held: HashMap<String, HeldPieces> =
+        pieces.into_iter().filter_map(|(spec, .., held)| Some((spec.history_table(), held?))).collect();
+    Ok(match (materialize, raw_position) {
+        (true, Some(raw_position)) => Some(HeldTail { model_position: position, raw_position, tables: held }),
+        _ => None,
+    })
 }
 
-/// Run `sql` and register its result, held in memory, as `name`.
-async fn hold_in_memory(ctx: &SessionContext, name: &str, sql: &str) -> Result<()> {
+/// Whether the raw table `table` has files that may hold changes after `position`.
+fn has_rows_after(tables: &[acme_core::LayerTable], table: &str, position: i64) -> Result<bool> {
+    let name = format!("{}/{table}", Layer::Raw.dir());
+    let Some(raw) = tables.iter().find(|t| t.name() == name) else { return Ok(false) };
+    Ok(raw.data_files()?.iter().any(|f| !f.all_at_most(acme_core::raw::LSN, position)))
+}
+
+/// Run `sql` and hold its result in memory, as a table.
+async fn hold_in_memory(ctx: &SessionContext, sql: &str) -> Result<Arc<dyn datafusion::catalog::TableProvider>> {
     let df = ctx.sql(sql).await?;
     let planned = Arc::clone(df.schema().inner());
     let batches = df.collect().await?;
     // The batches' own schema: the plan's may differ from it in nullability.
     let schema = batches.first().map_or(planned, |b| b.schema());
-    let table = datafusion::datasource::MemTable::try_new(schema, vec![batches])?;
-    ctx.register_table(name, Arc::new(table))?;
-    Ok(())
+    Ok(Arc::new(datafusion::datasource::MemTable::try_new(schema, vec![batches])?))
 }
 
 /// The first instant the orders' history covers (the stored history's first version; the

@@ -20,7 +20,8 @@ async fn reports_apply_the_raw_tail_exactly_between_model_builds() {
     let (url, dir, config, mut stream) = pipeline("live", 0.003, 37).await;
     ModelBuild::new(config.clone()).await.expect("first build");
     let client = acme_testkit::connect(&url).await.expect("connect");
-    let built = Warehouse::open(&config.storage_url).await.expect("open").model_position();
+    let mut refreshed = Warehouse::open(&config.storage_url).await.expect("open");
+    let built = refreshed.model_position();
     assert!(built.is_some(), "the first build recorded its position");
     let now = || async {
         let instant: DateTime<Utc> = client.query_one("SELECT clock_timestamp()", &[]).await.expect("now").get(0);
@@ -93,6 +94,20 @@ async fn reports_apply_the_raw_tail_exactly_between_model_builds() {
         for (instant, expected) in &recorded {
             assert_eq!(&acme(&w, 3, Some(*instant)).await, expected, "round {round}, as of {instant}");
         }
+        // A handle refreshed round after round extends the tail it holds with the new changes
+        // only: the same answers.
+        refreshed = match refreshed.refreshed().await.expect("refresh") {
+            Some(newer) => newer,
+            None => refreshed,
+        };
+        assert_eq!(acme(&refreshed, 3, None).await, oracle(&client, 3).await, "round {round}, refreshed handle");
+        for (instant, expected) in &recorded {
+            assert_eq!(
+                &acme(&refreshed, 3, Some(*instant)).await,
+                expected,
+                "round {round}, as of {instant}, refreshed"
+            );
+        }
         // The same with the tail applied by each query instead of held in memory.
         let lazy = Warehouse::open_with_tail_limit(&config.storage_url, Default::default(), 0).await.expect("open");
         assert_eq!(acme(&lazy, 3, None).await, oracle(&client, 3).await, "round {round}, tail not held");
@@ -122,6 +137,7 @@ async fn reports_apply_the_raw_tail_exactly_between_model_builds() {
         assert!(!x.is_empty(), "{table} has rows");
         assert_eq!(x, y, "{table}: live vs full rebuild");
         assert_eq!(rows(&lazy, table).await, y, "{table}: live (tail not held) vs full rebuild");
+        assert_eq!(rows(&refreshed, table).await, y, "{table}: live (tail extended by refreshes) vs full rebuild");
     }
     // A build folds the tail in: then nothing is left to apply, and the tables are the same.
     ModelBuild::new(config.clone()).await.expect("incremental build");
