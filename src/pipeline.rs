@@ -108,7 +108,7 @@ pub struct PipelineStatus {
     /// Model builds since start that folded raw changes into the stored model.
     pub model_builds: u64,
     /// Raw changes after the stored model's position, which every report applies on read
-    /// (estimated from file statistics when maintenance last checked).
+    /// (as the newest warehouse handle counted them when maintenance last checked).
     pub tail_changes: u64,
     /// Wall time of the last model build that changed the model.
     pub last_model_build: Option<Duration>,

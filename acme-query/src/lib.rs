@@ -219,6 +219,8 @@ pub struct Warehouse {
     shared: Shared,
     /// The tail held in memory, which the handles refreshed from this one extend.
     held: Option<Arc<HeldTail>>,
+    /// The tail's size (`None` without a model).
+    tail: Option<Tail>,
 }
 
 /// What a handle being loaded takes over from the handle it refreshes.
@@ -405,10 +407,12 @@ impl Warehouse {
         }
         let opened = started.elapsed();
         let mut held = None;
-        if let Some(position) = tail_after {
-            let tail = tail_size(&tables, position);
+        let mut tail = model_manifest.as_ref().map(|_| Tail { changes: 0, model_rows: model_rows(&tables) });
+        if let (Some(position), Some(tail)) = (tail_after, tail.as_mut()) {
+            let files = raw_tail_files(&tables, position)?;
+            tail.changes = count_tail(&ctx, &files, position).await?;
             let materialize = tail.changes <= shared.max_tail_in_memory;
-            register_tail_files(&ctx, &tables, position)?;
+            register_tail_files(&ctx, &files)?;
             let raw_position = raw_manifest.as_ref().map(|m| m.position);
             // The previous handle's tail, when it starts at the same model position: only the
             // raw changes committed since that handle are computed (per table, and not at all
@@ -417,7 +421,7 @@ impl Warehouse {
                 .tail
                 .as_deref()
                 .filter(|t| materialize && t.model_position == position && Some(t.raw_position) <= raw_position);
-            held = register_live_views(&ctx, &found, &tables, position, raw_position, materialize, reusable).await?;
+            held = register_live_views(&ctx, &found, &files, position, raw_position, materialize, reusable).await?;
             tracing::debug!(
                 tail = tail.changes,
                 held_in_memory = materialize,
@@ -468,6 +472,7 @@ impl Warehouse {
             manifests: (raw_manifest, model_manifest),
             shared,
             held: held.map(Arc::new),
+            tail,
         })
     }
 
@@ -486,13 +491,13 @@ impl Warehouse {
         self.manifests.1.as_ref().map(|m| m.position)
     }
 
-    /// How far the stored model trails this handle, from the tables' file statistics (no data
-    /// is read): the raw changes after the model's position, which every report applies on
-    /// read, against the rows the stored histories hold. A maintenance policy folds the tail
-    /// into the stored model when it grows past a fraction of the model (see
+    /// How far the stored model trails this handle (counted when the handle was loaded): the
+    /// raw changes after the model's position, which every report applies on read, against the
+    /// rows the stored histories hold. A maintenance policy folds the tail into the stored
+    /// model when it grows past a fraction of the model (see
     /// `acme::PipelineBuilder::fold_ratio`). `None` without a model.
     pub fn tail(&self) -> Option<Tail> {
-        Some(tail_size(&self.tables, self.model_position()?))
+        self.tail
     }
 
     /// Read every data file of the pinned tables and fail with
@@ -713,44 +718,63 @@ impl Warehouse {
     }
 }
 
-/// How far the stored model at `position` trails the raw tables in `tables` (see
-/// [`Warehouse::tail`]).
-fn tail_size(tables: &[acme_core::LayerTable], position: i64) -> Tail {
-    let mut tail = Tail { changes: 0, model_rows: 0 };
-    for table in tables {
-        let Ok(files) = table.data_files() else { continue };
-        if table.name().starts_with(&format!("{}/", Layer::Raw.dir())) {
-            tail.changes += files.iter().map(|f| rows_after(f, position)).sum::<u64>();
-        } else if table.name().starts_with(&format!("{}/", Layer::Intermediate.dir())) {
-            tail.model_rows += files.iter().map(|f| f.rows.unwrap_or(0)).sum::<u64>();
-        }
-    }
-    tail
+/// The rows the stored histories in `tables` hold (from the Delta log's statistics).
+fn model_rows(tables: &[acme_core::LayerTable]) -> u64 {
+    let prefix = format!("{}/", Layer::Intermediate.dir());
+    tables
+        .iter()
+        .filter(|t| t.name().starts_with(&prefix))
+        .filter_map(|t| t.data_files().ok())
+        .flatten()
+        .map(|f| f.rows.unwrap_or(0))
+        .sum()
 }
 
-/// The rows of a raw file committed after `position`, estimated from its statistics: none when
-/// every change precedes it, all when every change follows it, and for a file that straddles
-/// it (raw compaction merges small files across the model's position) the share of its LSN
-/// range after the position. A file without statistics counts whole.
-fn rows_after(file: &acme_core::DataFile, position: i64) -> u64 {
-    let rows = file.rows.unwrap_or(0);
-    match (file.min_i64(acme_core::raw::LSN), file.max_i64(acme_core::raw::LSN)) {
-        (_, Some(max)) if max <= position => 0,
-        (Some(min), Some(max)) if min <= position && max > min => {
-            let share = (max - position) as f64 / (max - min) as f64;
-            (rows as f64 * share).ceil() as u64
-        }
-        _ if file.all_at_most(acme_core::raw::LSN, position) => 0,
-        _ => rows,
+/// One raw table's files that may hold changes after the stored model's position.
+struct TailFiles<'a> {
+    /// The source table (`orders`, ...).
+    table: String,
+    raw: &'a acme_core::LayerTable,
+    /// The files whose LSN statistics do not put every change at or before the position.
+    files: Vec<acme_core::DataFile>,
+}
+
+/// The raw files that may hold changes after `position`, per raw table in `tables`.
+fn raw_tail_files(tables: &[acme_core::LayerTable], position: i64) -> Result<Vec<TailFiles<'_>>> {
+    let prefix = format!("{}/", Layer::Raw.dir());
+    let mut out = Vec::new();
+    for raw in tables {
+        let Some(table) = raw.name().strip_prefix(&prefix) else { continue };
+        let files = raw.data_files()?.into_iter().filter(|f| !f.all_at_most(acme_core::raw::LSN, position)).collect();
+        out.push(TailFiles { table: table.to_string(), raw, files });
     }
+    Ok(out)
+}
+
+/// The raw changes after `position`: the rows of the files wholly after it, from their
+/// statistics, plus those after it in the files that straddle it (raw compaction merges small
+/// files across the model's position, the snapshot's among them), counted by a query on their
+/// LSN column that the files' row-group statistics prune.
+async fn count_tail(ctx: &SessionContext, tails: &[TailFiles<'_>], position: i64) -> Result<u64> {
+    let mut changes = 0;
+    for tail in tails {
+        let (after, straddling): (Vec<_>, Vec<_>) =
+            tail.files.iter().cloned().partition(|f| f.min_i64(acme_core::raw::LSN).is_some_and(|min| min > position));
+        changes += after.iter().map(|f| f.rows.unwrap_or(0)).sum::<u64>();
+        if !straddling.is_empty() {
+            let lsn = datafusion::prelude::col(acme_core::raw::LSN);
+            let df = ctx.read_table(tail.raw.provider(Some(&straddling))?)?;
+            changes += df.filter(lsn.gt(datafusion::prelude::lit(position)))?.count().await? as u64;
+        }
+    }
+    Ok(changes)
 }
 
 /// How far the stored model trails a [`Warehouse`] handle ([`Warehouse::tail`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
 pub struct Tail {
-    /// Raw changes committed after the stored model's position (estimated from file
-    /// statistics: exact for files wholly before or after it, pro rata of the LSN range for
-    /// a file that straddles it).
+    /// Raw changes committed after the stored model's position (rows of the raw layer,
+    /// truncations included).
     pub changes: u64,
     /// Rows (versions) the stored histories hold.
     pub model_rows: u64,
@@ -771,7 +795,7 @@ fn live_tail_position(raw: Option<&Manifest>, model: Option<&Manifest>) -> Optio
 }
 
 /// The largest tail (raw changes after the stored model's position, as [`Warehouse::tail`]
-/// estimates it) a handle computes once and holds in memory: its first change per key and the
+/// counts it) a handle computes once and holds in memory: its first change per key and the
 /// versions it opens (tens of MiB at most). A larger tail is applied by each query instead.
 pub const MAX_MATERIALIZED_TAIL: u64 = 262_144;
 
@@ -781,19 +805,18 @@ pub const MAX_MATERIALIZED_TAIL: u64 = 262_144;
 pub const TAIL_SCHEMA: &str = "tail";
 
 /// Register, as `tail.raw_<table>`, each raw table over only the files that may hold changes
-/// after `position` (their LSN statistics say so): the snapshot and the changes the stored
-/// model covers are not even opened, so applying the tail costs what the tail holds, not what
-/// the raw layer holds. The queries still filter by LSN (a file may straddle the position).
-fn register_tail_files(ctx: &SessionContext, tables: &[acme_core::LayerTable], position: i64) -> Result<()> {
+/// after the stored model's position ([`raw_tail_files`]): the snapshot and the changes the
+/// stored model covers are not even opened, so applying the tail costs what the tail holds, not
+/// what the raw layer holds. The queries still filter by LSN (a file may straddle the position).
+fn register_tail_files(ctx: &SessionContext, tails: &[TailFiles<'_>]) -> Result<()> {
     if let Some(catalog) = ctx.catalog(&ctx.state().config().options().catalog.default_catalog) {
         catalog.register_schema(TAIL_SCHEMA, Arc::new(datafusion::catalog::MemorySchemaProvider::new()))?;
     }
-    let prefix = format!("{}/", Layer::Raw.dir());
-    for table in tables {
-        let Some(name) = table.name().strip_prefix(&prefix) else { continue };
-        let files: Vec<acme_core::DataFile> =
-            table.data_files()?.into_iter().filter(|f| !f.all_at_most(acme_core::raw::LSN, position)).collect();
-        ctx.register_table(format!("{TAIL_SCHEMA}.raw_{name}").as_str(), table.provider(Some(&files))?)?;
+    for tail in tails {
+        ctx.register_table(
+            format!("{TAIL_SCHEMA}.raw_{}", tail.table).as_str(),
+            tail.raw.provider(Some(&tail.files))?,
+        )?;
     }
     Ok(())
 }
@@ -808,7 +831,7 @@ fn register_tail_files(ctx: &SessionContext, tables: &[acme_core::LayerTable], p
 async fn register_live_views(
     ctx: &SessionContext,
     found: &HashMap<String, Arc<Schema>>,
-    tables: &[acme_core::LayerTable],
+    tails: &[TailFiles<'_>],
     position: i64,
     raw_position: Option<i64>,
     materialize: bool,
@@ -826,7 +849,7 @@ async fn register_live_views(
         let earlier = previous.and_then(|p| Some((p.raw_position, p.tables.get(&history)?)));
         let held = match earlier {
             Some((from, held)) if held.attributes == attributes => {
-                if !has_rows_after(tables, &spec.table, from)? {
+                if !has_rows_after(tails, &spec.table, from) {
                     // Nothing new for this table: the previous pieces as they are.
                     held.clone()
                 } else {
@@ -914,11 +937,13 @@ async fn register_live_views(
     })
 }
 
-/// Whether the raw table `table` has files that may hold changes after `position`.
-fn has_rows_after(tables: &[acme_core::LayerTable], table: &str, position: i64) -> Result<bool> {
-    let name = format!("{}/{table}", Layer::Raw.dir());
-    let Some(raw) = tables.iter().find(|t| t.name() == name) else { return Ok(false) };
-    Ok(raw.data_files()?.iter().any(|f| !f.all_at_most(acme_core::raw::LSN, position)))
+/// Whether the raw table `table` has files that may hold changes after `position` (at or
+/// after the stored model's position).
+fn has_rows_after(tails: &[TailFiles<'_>], table: &str, position: i64) -> bool {
+    tails
+        .iter()
+        .filter(|t| t.table == table)
+        .any(|t| t.files.iter().any(|f| !f.all_at_most(acme_core::raw::LSN, position)))
 }
 
 /// Run `sql` and hold its result in memory, as a table.
