@@ -93,33 +93,24 @@ async fn same_rows(client: &tokio_postgres::Client, w: &Warehouse, table: &str, 
             only_acme.iter().chain(&only_pg).filter_map(|r| r.split('|').next().map(str::to_string)).collect();
         keys.dedup();
         let key = columns.split(',').next().unwrap_or_default().trim();
-        let history = w
-            .sql(&format!(
-                "SELECT * FROM {table}_history WHERE CAST({key} AS VARCHAR) IN ({}) ORDER BY {key}, valid_from_lsn",
-                keys.iter().map(|k| format!("'{k}'")).collect::<Vec<_>>().join(", ")
-            ))
-            .await
-            .expect("history")
-            .collect()
-            .await
-            .expect("collect");
-        let raw = w
-            .sql(&format!(
-                "SELECT * FROM raw_{table} WHERE CAST({key} AS VARCHAR) IN ({}) ORDER BY {key}, _lsn, _seq",
-                keys.iter().map(|k| format!("'{k}'")).collect::<Vec<_>>().join(", ")
-            ))
-            .await
-            .expect("raw")
-            .collect()
-            .await
-            .expect("collect");
+        let listed = keys.iter().map(|k| format!("'{k}'")).collect::<Vec<_>>().join(", ");
+        let rows = |sql: String| async move {
+            let batches = w.sql(&sql).await.expect("diagnosis").collect().await.expect("collect");
+            acme::core::arrow::util::pretty::pretty_format_batches(&batches).expect("format").to_string()
+        };
+        let history = rows(format!(
+            "SELECT * FROM {table}_history WHERE CAST({key} AS VARCHAR) IN ({listed}) ORDER BY {key}, valid_from_lsn"
+        ))
+        .await;
+        let raw = rows(format!(
+            "SELECT * FROM raw_{table} WHERE CAST({key} AS VARCHAR) IN ({listed}) ORDER BY {key}, _lsn, _seq"
+        ))
+        .await;
         panic!(
             "{table}: acme's current rows differ from the source's ({} vs {} rows)\nonly in acme: {only_acme:?}\n\
-             only in the source: {only_pg:?}\nhistory:\n{}\nraw:\n{}",
+             only in the source: {only_pg:?}\nhistory:\n{history}\nraw:\n{raw}",
             ours.len(),
             pg.len(),
-            acme::core::arrow::util::pretty::pretty_format_batches(&history).expect("format"),
-            acme::core::arrow::util::pretty::pretty_format_batches(&raw).expect("format"),
         );
     }
     assert_eq!(our_rows, pg_rows, "{table}: rows (a key twice in acme)");

@@ -100,23 +100,13 @@ async fn reports_apply_the_raw_tail_exactly_between_model_builds() {
             Some(newer) => newer,
             None => refreshed,
         };
-        assert_eq!(acme(&refreshed, 3, None).await, oracle(&client, 3).await, "round {round}, refreshed handle");
-        for (instant, expected) in &recorded {
-            assert_eq!(
-                &acme(&refreshed, 3, Some(*instant)).await,
-                expected,
-                "round {round}, as of {instant}, refreshed"
-            );
-        }
         // The same with the tail applied by each query instead of held in memory.
         let lazy = Warehouse::open_with_tail_limit(&config.storage_url, Default::default(), 0).await.expect("open");
-        assert_eq!(acme(&lazy, 3, None).await, oracle(&client, 3).await, "round {round}, tail not held");
-        for (instant, expected) in &recorded {
-            assert_eq!(
-                &acme(&lazy, 3, Some(*instant)).await,
-                expected,
-                "round {round}, as of {instant}, tail not held"
-            );
+        for (how, handle) in [("refreshed", &refreshed), ("tail not held", &lazy)] {
+            assert_eq!(acme(handle, 3, None).await, oracle(&client, 3).await, "round {round}, {how}");
+            for (instant, expected) in &recorded {
+                assert_eq!(&acme(handle, 3, Some(*instant)).await, expected, "round {round}, as of {instant}, {how}");
+            }
         }
         for table in ["customers", "products", "orders", "order_items"] {
             let source: i64 =
