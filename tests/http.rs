@@ -2,11 +2,12 @@
 
 use std::io::{Read, Write};
 
-use acme::core::AcmeConfig;
 use acme::http::{ServiceState, router};
 use acme::ingest::ChangeStream;
 use acme::model::ModelBuild;
 use acme::query::Warehouse;
+
+mod support;
 
 /// A plain HTTP/1.1 GET: (status code, body).
 fn get(addr: std::net::SocketAddr, path: &str) -> (u16, serde_json::Value) {
@@ -23,12 +24,7 @@ fn get(addr: std::net::SocketAddr, path: &str) -> (u16, serde_json::Value) {
 async fn service_answers_the_seed_endpoints_and_rejects_bad_parameters() {
     let url = acme_testkit::acme_database("http", Some((0.002, 5))).await.expect("source");
     let dir = tempfile::tempdir().expect("tmp");
-    let config = AcmeConfig::builder()
-        .source_url(&url)
-        .storage_url(dir.path().display().to_string())
-        .slot(acme_testkit::slot_for(&url))
-        .build()
-        .expect("config");
+    let config = support::config(&url, dir.path());
     ChangeStream::open(config.clone()).await.expect("stream");
     ModelBuild::new(config.clone()).await.expect("model");
     let warehouse = Warehouse::open(&config.storage_url).await.expect("warehouse");

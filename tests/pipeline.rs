@@ -6,9 +6,10 @@ use std::time::Duration;
 use acme::query::datafusion::arrow::array::Array;
 
 use acme::Pipeline;
-use acme::core::AcmeConfig;
 use acme::query::{StatusFilter, Warehouse, open_orders_sql, pending_items_sql, top_customers_sql};
 use acme_testkit::WorkloadConfig;
+
+mod support;
 
 /// R1 (open), R3 and R4 (pending, top 3) as rendered rows, from the source and from acme.
 async fn source_reports(client: &tokio_postgres::Client) -> Vec<Vec<String>> {
@@ -61,21 +62,11 @@ async fn scalar(w: &Warehouse, sql: &str) -> i64 {
     if values.is_null(0) { 0 } else { values.value(0) }
 }
 
-/// A pipeline's config: the source at `url`, the warehouse in `dir`, the source's own slot.
-fn config(url: &str, dir: &std::path::Path) -> AcmeConfig {
-    AcmeConfig::builder()
-        .source_url(url)
-        .storage_url(dir.display().to_string())
-        .slot(acme_testkit::slot_for(url))
-        .build()
-        .expect("config")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pipeline_keeps_the_reports_fresh_while_the_model_is_maintained_beside_the_stream() {
     let url = acme_testkit::acme_database("pipeline", Some((0.003, 41))).await.expect("source");
     let dir = tempfile::tempdir().expect("tmp");
-    let config = config(&url, dir.path());
+    let config = support::config(&url, dir.path());
     // `fold_ratio(0.0)`: fold whenever there is a tail, so that builds run beside the stream.
     let pipeline = Pipeline::builder(config.clone()).fold_ratio(0.0).start().await.expect("start");
     assert!(pipeline.warehouse().model_position().is_some(), "start returns once a model exists");
@@ -160,7 +151,7 @@ async fn a_pipeline_keeps_the_reports_fresh_while_the_model_is_maintained_beside
 async fn maintenance_folds_the_tail_in_only_once_it_reaches_the_fold_ratio() {
     let url = acme_testkit::acme_database("pipeline_fold", Some((0.003, 43))).await.expect("source");
     let dir = tempfile::tempdir().expect("tmp");
-    let config = config(&url, dir.path());
+    let config = support::config(&url, dir.path());
     let interval = Duration::from_millis(200);
     let pipeline = Pipeline::builder(config)
         .model_interval(interval)

@@ -858,9 +858,7 @@ async fn register_live_views(
                     let previous_names = (format!("{}_held", names.0), format!("{}_held", names.1));
                     ctx.register_table(previous_names.0.as_str(), Arc::clone(&held.first))?;
                     ctx.register_table(previous_names.1.as_str(), Arc::clone(&held.versions))?;
-                    let truncates = live::truncations(ctx, &live::tail_rows(&raw, from)).await?;
-                    let new_first = live::first_changes_sql(spec, &raw, &attributes, from);
-                    let new_versions = live::tail_versions_sql(spec, &raw, &attributes, from, &truncates);
+                    let (truncates, new_first, new_versions) = tail_sql(ctx, spec, &raw, &attributes, from).await?;
                     let first = format!(
                         "SELECT k, lsn, ts, op FROM {held} UNION ALL SELECT n.k, n.lsn, n.ts, n.op FROM ({new_first}) n \
                          LEFT JOIN {held} p ON p.k = n.k WHERE p.k IS NULL",
@@ -888,18 +886,14 @@ async fn register_live_views(
                 }
             }
             _ if materialize => {
-                let truncates = live::truncations(ctx, &live::tail_rows(&raw, position)).await?;
-                let first = live::first_changes_sql(spec, &raw, &attributes, position);
-                let versions = live::tail_versions_sql(spec, &raw, &attributes, position, &truncates);
+                let (truncates, first, versions) = tail_sql(ctx, spec, &raw, &attributes, position).await?;
                 let (first, versions) =
                     futures::future::try_join(hold_in_memory(ctx, &first), hold_in_memory(ctx, &versions)).await?;
                 HeldPieces { attributes: attributes.clone(), truncates, first, versions }
             }
             _ => {
-                let truncates = live::truncations(ctx, &live::tail_rows(&raw, position)).await?;
-                let first = format!("({})", live::first_changes_sql(spec, &raw, &attributes, position));
-                let versions = format!("({})", live::tail_versions_sql(spec, &raw, &attributes, position, &truncates));
-                return Ok::<_, QueryError>((spec, attributes, truncates, first, versions, None));
+                let (truncates, first, versions) = tail_sql(ctx, spec, &raw, &attributes, position).await?;
+                return Ok::<_, QueryError>((spec, attributes, truncates, format!("({first})"), format!("({versions})"), None));
             }
         };
         ctx.register_table(names.0.as_str(), Arc::clone(&held.first))?;
@@ -935,6 +929,21 @@ async fn register_live_views(
         (true, Some(raw_position)) => Some(HeldTail { model_position: position, raw_position, tables: held }),
         _ => None,
     })
+}
+
+/// The truncations of `raw` after `from`, and the SQL of the tail's pieces after it: the first
+/// change of each key and the versions the changes open (`acme_model::live`).
+async fn tail_sql(
+    ctx: &SessionContext,
+    spec: &HistorySpec,
+    raw: &str,
+    attributes: &[String],
+    from: i64,
+) -> Result<(Vec<(i64, i64)>, String, String)> {
+    let truncates = live::truncations(ctx, &live::tail_rows(raw, from)).await?;
+    let first = live::first_changes_sql(spec, raw, attributes, from);
+    let versions = live::tail_versions_sql(spec, raw, attributes, from, &truncates);
+    Ok((truncates, first, versions))
 }
 
 /// Whether the raw table `table` has files that may hold changes after `position` (at or

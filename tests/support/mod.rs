@@ -1,6 +1,20 @@
-//! Shared by the root package's tests.
+//! Shared by the root package's tests (each test crate uses part of it).
+#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
+
+use acme::core::AcmeConfig;
+
+/// The config of a pipeline from the source at `url` into the warehouse in `dir`, with the
+/// source's own slot.
+pub fn config(url: &str, dir: &Path) -> AcmeConfig {
+    AcmeConfig::builder()
+        .source_url(url)
+        .storage_url(dir.display().to_string())
+        .slot(acme_testkit::slot_for(url))
+        .build()
+        .expect("config")
+}
 
 /// The `sync` example, built by `cargo test` next to the test binaries.
 pub fn sync_binary() -> PathBuf {
