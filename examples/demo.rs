@@ -177,8 +177,7 @@ async fn print_reports(
     for r in w.top_delivery_dates(limit, as_of).await? {
         println!("  {:<12} {:>8}", opt(r.delivery_date), r.quantity);
     }
-    let mut r3 = w.pending_items_by_product(as_of).await?;
-    r3.sort_by_key(|r| std::cmp::Reverse(r.total_items));
+    let r3 = w.pending_items_by_product(as_of).await?;
     println!("\nR3 open pending items by product ({} products; largest {}):", r3.len(), limit);
     for r in r3.iter().take(limit) {
         println!("  product {:<8} {:>8} items", opt(r.product_id), r.total_items);

@@ -6,52 +6,19 @@ use std::time::Duration;
 use acme::query::datafusion::arrow::array::Array;
 
 use acme::Pipeline;
-use acme::query::{StatusFilter, Warehouse, open_orders_sql, pending_items_sql, top_customers_sql};
+use acme::query::{StatusFilter, Warehouse};
 use acme_testkit::WorkloadConfig;
 
 mod support;
 
-/// R1 (open), R3 and R4 (pending, top 3) as rendered rows, from the source and from acme.
+/// The reports as the source answers them now (the hand-written oracle, top 3).
 async fn source_reports(client: &tokio_postgres::Client) -> Vec<Vec<String>> {
-    let o = "operations.orders";
-    let mut out = Vec::new();
-    for sql in [
-        open_orders_sql(o, &StatusFilter::Open),
-        pending_items_sql(o, "operations.order_items"),
-        top_customers_sql(o, "operations.customers", &StatusFilter::Pending, 3),
-    ] {
-        let rows = client.query(&format!("SELECT CAST(q.* AS text) FROM ({sql}) q"), &[]).await.expect("oracle");
-        out.push(rows.iter().map(|r| r.get::<_, String>(0)).collect());
-    }
-    out
+    acme_testkit::oracle::source_reports(client, 3).await.expect("oracle")
 }
 
+/// The same reports from acme.
 async fn acme_reports(w: &Warehouse) -> Vec<Vec<String>> {
-    let text = |v: Option<String>| match v {
-        Some(s) if s.contains(' ') => format!("\"{s}\""),
-        Some(s) => s,
-        None => String::new(),
-    };
-    let r1 = w.open_orders(StatusFilter::Open, None).await.expect("R1");
-    let r3 = w.pending_items_by_product(None).await.expect("R3");
-    let r4 = w.top_customers(3, StatusFilter::Pending, None).await.expect("R4");
-    vec![
-        r1.iter()
-            .map(|r| {
-                let date = r.delivery_date.map(|d| d.to_string()).unwrap_or_default();
-                format!("({date},{},{})", text(r.status.clone()), r.quantity)
-            })
-            .collect(),
-        r3.iter()
-            .map(|r| format!("({},{})", r.product_id.map(|p| p.to_string()).unwrap_or_default(), r.total_items))
-            .collect(),
-        r4.iter()
-            .map(|r| {
-                let id = r.customer_id.map(|c| c.to_string()).unwrap_or_default();
-                format!("({id},{},{},{})", text(r.customer_name.clone()), r.quantity, r.ranking)
-            })
-            .collect(),
-    ]
+    support::reports(w, 3).await
 }
 
 async fn scalar(w: &Warehouse, sql: &str) -> i64 {
@@ -208,4 +175,177 @@ async fn maintenance_folds_the_tail_in_only_once_it_reaches_the_fold_ratio() {
     let stored = scalar(&w, "SELECT count(*) FROM model.order_items_history WHERE opened_by = 'update'").await;
     assert!(stored >= updated, "{stored} stored update versions for {updated} updated items");
     pipeline.shutdown().await.expect("shutdown");
+}
+
+/// One transaction of a random change mix, seeded: every transaction touches an order (so the
+/// raw orders table names its transaction id), then one to three of: a new order with items
+/// (for an existing customer, or for one that arrives later), a status move (forward or back,
+/// sometimes twice in the transaction), an item's quantity, an item deleted, an order deleted
+/// with its items, a customer renamed, a late customer arriving. Returns the transaction id.
+async fn random_transaction(
+    client: &mut tokio_postgres::Client,
+    rng: &mut acme_testkit::rng::SplitMix64,
+    late_customers: &mut Vec<i64>,
+) -> i64 {
+    const PICK_ORDER: &str = "coalesce((SELECT min(order_id) FROM operations.orders WHERE order_id >= {id}), \
+                              (SELECT min(order_id) FROM operations.orders))";
+    const PICK_ITEM: &str = "(SELECT min(order_item_id) FROM operations.order_items WHERE order_item_id >= {id})";
+    let pick = |template: &str, id: u64| template.replace("{id}", &id.to_string());
+    let tx = client.transaction().await.expect("begin");
+    let mut statements = vec![format!(
+        "UPDATE operations.orders SET updated_at = clock_timestamp() WHERE order_id = {}",
+        pick(PICK_ORDER, rng.range(1, 3_000))
+    )];
+    for _ in 0..rng.range(1, 3) {
+        let statement = match rng.range(0, 7) {
+            0 => {
+                let customer = if rng.chance(0.2) {
+                    let id = 1_000_000 + rng.range(0, 1_000) as i64;
+                    late_customers.push(id);
+                    id
+                } else {
+                    rng.range(1, 200) as i64
+                };
+                let items: Vec<String> = (0..rng.range(1, 3))
+                    .map(|_| format!("((SELECT order_id FROM o), {}, {}, now())", rng.range(1, 25), rng.range(1, 9)))
+                    .collect();
+                format!(
+                    "WITH o AS (INSERT INTO operations.orders (order_date, delivery_date, customer_id, status, created_at) \
+                       VALUES (current_date, current_date + {}, {customer}, 'PENDING', now()) RETURNING order_id) \
+                     INSERT INTO operations.order_items (order_id, product_id, quanity, created_at) VALUES {}",
+                    rng.range(5, 15),
+                    items.join(", ")
+                )
+            }
+            1 | 2 => {
+                let status = acme::query::STATUSES[rng.range(0, 3) as usize];
+                let order = pick(PICK_ORDER, rng.range(1, 3_000));
+                let again = if rng.chance(0.3) {
+                    format!("; UPDATE operations.orders SET status = 'PROCESSING' WHERE order_id = {order}")
+                } else {
+                    String::new()
+                };
+                format!("UPDATE operations.orders SET status = '{status}' WHERE order_id = {order}{again}")
+            }
+            3 => format!(
+                "UPDATE operations.order_items SET quanity = quanity + 1 WHERE order_item_id = {}",
+                pick(PICK_ITEM, rng.range(1, 20_000))
+            ),
+            4 => format!(
+                "DELETE FROM operations.order_items WHERE order_item_id = {}",
+                pick(PICK_ITEM, rng.range(1, 20_000))
+            ),
+            5 => {
+                let order = pick(PICK_ORDER, rng.range(1, 3_000));
+                format!(
+                    "DELETE FROM operations.order_items WHERE order_id = {order}; \
+                     DELETE FROM operations.orders WHERE order_id = {order}"
+                )
+            }
+            6 => format!(
+                "UPDATE operations.customers SET customer_name = 'Renamed customer {}' WHERE customer_id = {}",
+                rng.next_u64() % 1000,
+                rng.range(1, 200)
+            ),
+            _ => match late_customers.pop() {
+                Some(id) => format!(
+                    "INSERT INTO operations.customers (customer_id, customer_name, created_at) \
+                     VALUES ({id}, 'Late customer {id}', now()) ON CONFLICT (customer_id) DO NOTHING"
+                ),
+                None => continue,
+            },
+        };
+        statements.push(statement);
+    }
+    for statement in &statements {
+        tx.batch_execute(statement).await.unwrap_or_else(|e| panic!("{statement}: {e}"));
+    }
+    let xid: i64 = tx.query_one("SELECT txid_current()", &[]).await.expect("xid").get(0);
+    tx.commit().await.expect("commit");
+    xid % (1 << 32)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_handle_read_during_maintenance_and_compaction_equals_the_source_at_its_position() {
+    let seed = std::env::var("ACME_READERS_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(2027u64);
+    println!("ACME_READERS_SEED={seed}");
+    let url = acme_testkit::acme_database("pipeline_readers", Some((0.002, seed))).await.expect("source");
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut config = support::config(&url, dir.path());
+    // Short commit rounds: raw compactions (every 50 rounds) happen while the readers read.
+    config.flush_interval = Duration::from_millis(40);
+    // `fold_ratio(0.0)` and a short interval: model steps run back to back beside the stream.
+    let pipeline = Pipeline::builder(config.clone())
+        .fold_ratio(0.0)
+        .model_interval(Duration::from_millis(100))
+        .start()
+        .await
+        .expect("start");
+    let at_start = pipeline.status().borrow().clone();
+
+    // Writer: one connection, one transaction at a time, the source's answers recorded after
+    // each commit (by transaction id; `None`: before the first one).
+    let writer = {
+        let url = url.clone();
+        tokio::spawn(async move {
+            let mut client = acme_testkit::connect(&url).await.expect("connect");
+            let mut rng = acme_testkit::rng::SplitMix64::new(seed);
+            let mut late = Vec::new();
+            let mut answers = std::collections::HashMap::new();
+            answers.insert(None, acme_testkit::oracle::source_reports(&client, 3).await.expect("oracle"));
+            for _ in 0..250 {
+                let xid = random_transaction(&mut client, &mut rng, &mut late).await;
+                answers.insert(Some(xid), acme_testkit::oracle::source_reports(&client, 3).await.expect("oracle"));
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            answers
+        })
+    };
+    // Readers: the pipeline's published handle and a handle opened from storage, in turn, every
+    // few milliseconds. Each one's reports are kept with the last transaction it holds.
+    let mut seen = Vec::new();
+    let mut turn = 0u64;
+    while !writer.is_finished() {
+        let (kind, w) = if turn.is_multiple_of(2) {
+            ("published", pipeline.warehouse())
+        } else {
+            ("opened", std::sync::Arc::new(Warehouse::open(&config.storage_url).await.expect("open warehouse")))
+        };
+        let xid = scalar(&w, "SELECT max(_xid) FROM raw_orders WHERE _op <> 'snapshot'").await;
+        let reports = support::reports(&w, 3).await;
+        seen.push((kind, turn, (xid != 0).then_some(xid), w.raw_position(), w.model_position(), reports));
+        turn += 1;
+        tokio::time::sleep(Duration::from_millis(3)).await;
+    }
+    let answers = writer.await.expect("writer");
+    let status = pipeline.status().borrow().clone();
+    pipeline.shutdown().await.expect("shutdown");
+
+    let mut positions = std::collections::BTreeSet::new();
+    for (kind, turn, xid, raw, model, reports) in &seen {
+        let expected = answers
+            .get(xid)
+            .unwrap_or_else(|| panic!("read {turn} ({kind}) holds transaction {xid:?}, not one the writer committed"));
+        assert_eq!(
+            reports, expected,
+            "read {turn} ({kind}, raw {raw:?}, model {model:?}) vs the source after transaction {xid:?} (seed {seed})"
+        );
+        assert!(raw >= model, "read {turn}: the reports are never behind the stored model");
+        positions.insert((*raw, *model));
+    }
+    let models = positions.iter().map(|(_, m)| m).collect::<std::collections::BTreeSet<_>>().len();
+    let transactions = seen.iter().map(|s| s.2).collect::<std::collections::BTreeSet<_>>().len();
+    println!(
+        "{} reads, {} states, {models} model positions, {transactions} transactions seen; {status:?}",
+        seen.len(),
+        positions.len()
+    );
+    assert!(
+        seen.len() > 20 && positions.len() > 5 && models > 2,
+        "reads {}, states {}, model positions {models}",
+        seen.len(),
+        positions.len()
+    );
+    assert!(status.model_builds >= at_start.model_builds + 2, "model steps ran during the reads: {status:?}");
+    assert!(status.raw_compactions > at_start.raw_compactions, "raw compactions ran during the reads: {status:?}");
 }

@@ -142,7 +142,8 @@ pub enum Report {
         /// How many dates (1..=10000).
         limit: usize,
     },
-    /// R3: item quantities of open orders per product (`product_id`, `total_items`).
+    /// R3: item quantities of open orders per product (`product_id`, `total_items`), largest
+    /// first, then by product id.
     PendingItemsByProduct,
     /// R4: customers dense-ranked by orders matching the filter
     /// (`customer_id`, `customer_name`, `quantity`, `ranking`).
@@ -675,7 +676,7 @@ impl Warehouse {
         Ok(out)
     }
 
-    /// R3: sum of item quantities of open orders, per product.
+    /// R3: sum of item quantities of open orders, per product, largest first (then by product id).
     pub async fn pending_items_by_product(&self, as_of: Option<DateTime<Utc>>) -> Result<Vec<ProductItems>> {
         let mut out = Vec::new();
         for b in self.report_batches(&Report::PendingItemsByProduct, as_of).await? {
@@ -1036,7 +1037,7 @@ pub fn pending_items_sql(orders: &str, items: &str) -> String {
     format!(
         "SELECT i.product_id, CAST(sum(i.quanity) AS BIGINT) AS total_items FROM {items} i \
          JOIN {orders} o ON o.order_id = i.order_id WHERE o.status <> 'COMPLETED' \
-         GROUP BY i.product_id ORDER BY i.product_id NULLS LAST"
+         GROUP BY i.product_id ORDER BY total_items DESC, i.product_id ASC NULLS LAST"
     )
 }
 

@@ -1,38 +1,23 @@
-//! The reports against the PostgreSQL oracle: the same questions asked of the source tables,
+//! The reports against the PostgreSQL oracle (`acme_testkit::oracle`, written apart from acme's
+//! SQL): the same questions asked of the source tables,
 //! now and as of instants recorded while the live workload ran.
 
 use acme_core::AcmeConfig;
 use acme_ingest::ChangeStream;
 use acme_model::ModelBuild;
-use acme_query::{
-    QueryError, Report, StatusFilter, Warehouse, open_orders_sql, pending_items_sql, top_customers_sql,
-    top_delivery_dates_sql,
-};
+use acme_query::{QueryError, Report, StatusFilter, Warehouse};
 use acme_testkit::WorkloadConfig;
-use chrono::{DateTime, NaiveDate, Utc};
+use chrono::{DateTime, Utc};
 
 mod faults;
 mod incremental;
 mod live;
 mod outside;
 
-/// The four reports as PostgreSQL answers them, rendered as text rows.
+/// The reports of `acme_testkit::oracle::REPORTS` as PostgreSQL answers them (the oracle's
+/// own SQL), rendered as text rows.
 async fn oracle(client: &tokio_postgres::Client, limit: usize) -> Vec<Vec<String>> {
-    let o = "operations.orders";
-    let reports = [
-        open_orders_sql(o, &StatusFilter::Open),
-        open_orders_sql(o, &StatusFilter::Pending),
-        top_delivery_dates_sql(o, limit),
-        pending_items_sql(o, "operations.order_items"),
-        top_customers_sql(o, "operations.customers", &StatusFilter::Pending, limit),
-    ];
-    let mut out = Vec::new();
-    for sql in reports {
-        let text = format!("SELECT CAST(q.* AS text) FROM ({sql}) q");
-        let rows = client.query(&text, &[]).await.expect("oracle query");
-        out.push(rows.iter().map(|r| r.get::<_, String>(0)).collect());
-    }
-    out
+    acme_testkit::oracle::source_reports(client, limit).await.expect("oracle query")
 }
 
 /// A pipeline from `url` into the warehouse directory `dir`, with a slot of its own.
@@ -68,49 +53,21 @@ fn workload(seed: u64, transactions: u64, connections: usize) -> WorkloadConfig 
     }
 }
 
-fn fmt_date(d: Option<NaiveDate>) -> String {
-    d.map(|d| d.to_string()).unwrap_or_default()
-}
-
-fn opt<T: ToString>(v: &Option<T>) -> String {
-    v.as_ref().map(|v| v.to_string()).unwrap_or_default()
-}
-
-fn quoted(s: &Option<String>) -> String {
-    match s {
-        None => String::new(),
-        Some(s) if s.contains(' ') || s.contains(',') => format!("\"{s}\""),
-        Some(s) => s.clone(),
-    }
-}
-
-/// acme's answers rendered like PostgreSQL's row text.
+/// acme's answers to the reports of `acme_testkit::oracle::REPORTS`, rendered like the oracle's.
 async fn acme(w: &Warehouse, limit: usize, as_of: Option<DateTime<Utc>>) -> Vec<Vec<String>> {
-    let r1 = |rows: Vec<acme_query::OpenOrders>| {
-        rows.iter().map(|r| format!("({},{},{})", fmt_date(r.delivery_date), quoted(&r.status), r.quantity)).collect()
-    };
-    vec![
-        r1(w.open_orders(StatusFilter::Open, as_of).await.expect("R1 open")),
-        r1(w.open_orders(StatusFilter::Pending, as_of).await.expect("R1 pending")),
-        w.top_delivery_dates(limit, as_of)
-            .await
-            .expect("R2")
-            .iter()
-            .map(|r| format!("({},{})", fmt_date(r.delivery_date), r.quantity))
-            .collect(),
-        w.pending_items_by_product(as_of)
-            .await
-            .expect("R3")
-            .iter()
-            .map(|r| format!("({},{})", opt(&r.product_id), r.total_items))
-            .collect(),
-        w.top_customers(limit, StatusFilter::Pending, as_of)
-            .await
-            .expect("R4")
-            .iter()
-            .map(|r| format!("({},{},{},{})", opt(&r.customer_id), quoted(&r.customer_name), r.quantity, r.ranking))
-            .collect(),
-    ]
+    let reports = [
+        Report::OpenOrders(StatusFilter::Open),
+        Report::OpenOrders(StatusFilter::Pending),
+        Report::TopDeliveryDates { limit },
+        Report::PendingItemsByProduct,
+        Report::TopCustomers { limit, filter: StatusFilter::Pending },
+    ];
+    let mut out = Vec::new();
+    for report in &reports {
+        let batches = w.report_batches(report, as_of).await.unwrap_or_else(|e| panic!("{report:?}: {e}"));
+        out.push(acme_testkit::oracle::render_batches(&batches).expect("render"));
+    }
+    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

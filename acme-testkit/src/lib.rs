@@ -20,6 +20,7 @@ pub mod cluster;
 pub mod error;
 pub mod fs;
 pub mod generator;
+pub mod oracle;
 pub mod outside;
 pub mod rng;
 pub mod source;

@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use acme::core::AcmeConfig;
+use acme::query::{Report, StatusFilter, Warehouse};
 
 /// The config of a pipeline from the source at `url` into the warehouse in `dir`, with the
 /// source's own slot.
@@ -27,4 +28,22 @@ pub fn sync_binary() -> PathBuf {
         binary.display()
     );
     binary
+}
+
+/// acme's answers to the reports of `acme_testkit::oracle::REPORTS` (current state), rendered
+/// like the oracle's rows.
+pub async fn reports(w: &Warehouse, limit: usize) -> Vec<Vec<String>> {
+    let reports = [
+        Report::OpenOrders(StatusFilter::Open),
+        Report::OpenOrders(StatusFilter::Pending),
+        Report::TopDeliveryDates { limit },
+        Report::PendingItemsByProduct,
+        Report::TopCustomers { limit, filter: StatusFilter::Pending },
+    ];
+    let mut out = Vec::new();
+    for report in &reports {
+        let batches = w.report_batches(report, None).await.unwrap_or_else(|e| panic!("{report:?}: {e}"));
+        out.push(acme_testkit::oracle::render_batches(&batches).expect("render"));
+    }
+    out
 }

@@ -25,7 +25,7 @@ r1 = con.execute(
 r3 = con.execute(
     """SELECT i.product_id, CAST(sum(i.quantity) AS BIGINT)
        FROM fact_order_items i JOIN fact_orders o ON o.order_id = i.order_id WHERE o.is_open
-       GROUP BY i.product_id ORDER BY i.product_id NULLS LAST"""
+       GROUP BY i.product_id ORDER BY 2 DESC, i.product_id NULLS LAST"""
 ).fetchall()
 r4 = con.execute(
     """WITH counts AS (SELECT f.customer_id, count(*) AS quantity FROM fact_orders f
