@@ -470,12 +470,29 @@ fn spawn_maintenance(
         .name("acme-model-driver".into())
         .spawn(move || {
             let result = runtime.block_on(maintain(config, maintenance, status, cancel, committed));
-            // Abandon a build in flight: its tasks are dropped with the runtime.
+            // Abandon a build in flight: its tasks are dropped with the runtime. The Delta log
+            // reader runs parts of a build on blocking threads that hand futures back to this
+            // runtime and panic if it is gone, so let those finish first (bounded).
+            runtime.block_on(settle(&runtime.handle().metrics(), SETTLE_LIMIT));
             runtime.shutdown_background();
             let _ = done_tx.send(result);
         })
         .map_err(|e| PipelineError::Task { task: "maintenance", message: e.to_string() })?;
     Ok(done)
+}
+
+/// How long a stopping maintenance runtime waits for in-flight work handed to it.
+const SETTLE_LIMIT: Duration = Duration::from_secs(2);
+
+/// Wait until the runtime of `metrics` has had no task alive for a few checks in a row (work
+/// that blocking threads handed to it is done), or until `limit` passes.
+async fn settle(metrics: &tokio::runtime::RuntimeMetrics, limit: Duration) {
+    let started = Instant::now();
+    let mut quiet = 0;
+    while quiet < 3 && started.elapsed() < limit {
+        quiet = if metrics.num_alive_tasks() == 0 { quiet + 1 } else { 0 };
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 impl Maintenance {
