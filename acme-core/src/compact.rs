@@ -14,6 +14,11 @@ use crate::error::{Error, Result};
 use crate::files::{DataFile, Replace};
 use crate::storage::{CommitOutcome, LayerTable};
 
+/// The query-engine memory a compaction's sort may hold before it spills to disk (its input is
+/// at most [`CompactOptions::max_input_bytes`] of compressed Parquet, several times that once
+/// decoded).
+pub const COMPACTION_MEMORY_BYTES: usize = 64 << 20;
+
 /// What to compact and how.
 #[derive(Debug, Clone)]
 pub struct CompactOptions {

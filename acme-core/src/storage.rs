@@ -143,6 +143,29 @@ impl Storage {
         ctx
     }
 
+    /// A context for background work that should hold little memory (compaction): like
+    /// [`Storage::session_context`], with the query engine's memory bounded to `limit_bytes`
+    /// (sorts beyond it spill to the temporary directory) and one partition, so that one sort
+    /// has the whole bound.
+    pub fn background_session_context(&self, limit_bytes: usize) -> Result<datafusion::prelude::SessionContext> {
+        let pool = datafusion::execution::memory_pool::FairSpillPool::new(limit_bytes);
+        let runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::new()
+            .with_memory_pool(Arc::new(pool))
+            .build_arc()
+            .map_err(|e| Error::Query {
+                table: self.root.to_string(),
+                context: "starting a query engine",
+                source: Box::new(e),
+            })?;
+        // The share of the bound a sort keeps back for merging what it spilled.
+        let config = datafusion::prelude::SessionConfig::new()
+            .with_target_partitions(1)
+            .with_sort_spill_reservation_bytes(limit_bytes / 4);
+        let ctx = datafusion::prelude::SessionContext::new_with_config_rt(config, runtime);
+        self.register_object_store(&ctx);
+        Ok(ctx)
+    }
+
     /// The root URL (always ends with `/`).
     pub fn root(&self) -> &Url {
         &self.root

@@ -144,3 +144,34 @@ async fn writers_cut_files_at_a_row_count() {
     let adds = writer.finish(table.name()).await.expect("finish");
     assert_eq!(adds.len(), 4, "300 + 300 + 300 + 100 rows");
 }
+
+/// A compaction whose input, decoded, is several times the engine's memory bound still
+/// completes (its sort spills to disk) and writes every row, sorted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compaction_larger_than_its_memory_bound_spills_and_completes() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let storage = Storage::new(&dir.path().display().to_string(), Default::default()).expect("storage");
+    let mut table = storage.open_or_create(Layer::Raw, "wide", &schema()).await.expect("table");
+    let rows_per_file = 100_000i64;
+    for round in 0..10i64 {
+        // Keys interleaved across files, and 100-byte names: about 110 MB decoded in all.
+        let ids: Vec<i64> = (0..rows_per_file).map(|i| i * 10 + (9 - round)).collect();
+        let names: Vec<String> = ids.iter().map(|i| format!("{i:0>100}")).collect();
+        let batch =
+            RecordBatch::try_new(schema(), vec![Arc::new(Int64Array::from(ids)), Arc::new(StringArray::from(names))])
+                .expect("batch");
+        let mut writer = table.writer(64 << 20).expect("writer");
+        writer.write(table.name(), batch).await.expect("write");
+        let files = writer.finish(table.name()).await.expect("finish");
+        table.commit(files, &Position::new("test", round + 1), CommitMode::Append).await.expect("commit");
+    }
+    let bound = 24 << 20;
+    let ctx = storage.background_session_context(bound).expect("context");
+    let options = CompactOptions { max_input_bytes: 1 << 30, ..CompactOptions::sorted_by(&["id"]) };
+    let report = table.compact(&ctx, &options).await.expect("a compaction beyond the bound spills");
+    assert_eq!((report.files_removed, report.rows), (10, 10 * rows_per_file as u64), "{report:?}");
+    let batches = ctx.read_table(table.provider(None).expect("p")).expect("read").collect().await.expect("rows");
+    let read: Vec<i64> =
+        batches.iter().flat_map(|b| b.column(0).as_primitive::<Int64Type>().values().to_vec()).collect();
+    assert_eq!(read, (0..10 * rows_per_file).collect::<Vec<_>>(), "every row once, sorted by id");
+}

@@ -831,7 +831,7 @@ impl ChangeStream {
         // A merge already running beside the stream goes first, so no file is merged twice.
         let mut total = self.finish_background_merge(true).await?;
         self.uncompacted_rounds = 0;
-        let ctx = self.storage.session_context();
+        let ctx = self.storage.background_session_context(acme_core::compact::COMPACTION_MEMORY_BYTES)?;
         let options = self.compact_options();
         for state in &mut self.tables {
             total += state.layer.compact(&ctx, &options).await?;
@@ -854,10 +854,11 @@ impl ChangeStream {
             return;
         }
         self.uncompacted_rounds = 0;
-        let ctx = self.storage.session_context();
+        let storage = self.storage.clone();
         let options = self.compact_options();
         let tables: Vec<LayerTable> = self.tables.iter().map(|t| t.layer.clone()).collect();
         self.background = Some(BackgroundMerge(tokio::spawn(async move {
+            let ctx = storage.background_session_context(acme_core::compact::COMPACTION_MEMORY_BYTES)?;
             let mut merged = Vec::with_capacity(tables.len());
             for table in &tables {
                 merged.push(table.merge_small_files(&ctx, &options).await?);
