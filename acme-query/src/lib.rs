@@ -254,6 +254,8 @@ struct HeldPieces {
     first: Arc<dyn datafusion::catalog::TableProvider>,
     /// The versions the tail opens.
     versions: Arc<dyn datafusion::catalog::TableProvider>,
+    /// Memory the two hold (Arrow buffers, shared ones counted once per array).
+    bytes: usize,
 }
 
 /// What a handle passes on to the handles [`Warehouse::refreshed`] makes.
@@ -408,7 +410,8 @@ impl Warehouse {
         }
         let opened = started.elapsed();
         let mut held = None;
-        let mut tail = model_manifest.as_ref().map(|_| Tail { changes: 0, model_rows: model_rows(&tables) });
+        let mut tail =
+            model_manifest.as_ref().map(|_| Tail { changes: 0, model_rows: model_rows(&tables), held_bytes: 0 });
         if let (Some(position), Some(tail)) = (tail_after, tail.as_mut()) {
             let files = raw_tail_files(&tables, position)?;
             tail.changes = count_tail(&ctx, &files, position).await?;
@@ -423,9 +426,11 @@ impl Warehouse {
                 .as_deref()
                 .filter(|t| materialize && t.model_position == position && Some(t.raw_position) <= raw_position);
             held = register_live_views(&ctx, &found, &files, position, raw_position, materialize, reusable).await?;
+            tail.held_bytes = held.as_ref().map_or(0, |h| h.tables.values().map(|p| p.bytes as u64).sum());
             tracing::debug!(
                 tail = tail.changes,
                 held_in_memory = materialize,
+                held_bytes = tail.held_bytes,
                 incremental = reusable.is_some(),
                 open_ms = opened.as_millis() as u64,
                 tail_ms = (started.elapsed() - opened).as_millis() as u64,
@@ -779,6 +784,9 @@ pub struct Tail {
     pub changes: u64,
     /// Rows (versions) the stored histories hold.
     pub model_rows: u64,
+    /// Memory the handle holds for the tail (its pieces, see [`MAX_MATERIALIZED_TAIL`]); 0
+    /// when each query applies it instead.
+    pub held_bytes: u64,
 }
 
 /// The schema the stored model tables are registered in, as `model.<table>`.
@@ -873,7 +881,7 @@ async fn register_live_views(
                         &attributes,
                         &truncates,
                     );
-                    let (first, versions) = futures::future::try_join(
+                    let ((first, first_bytes), (versions, versions_bytes)) = futures::future::try_join(
                         hold_in_memory(ctx, &first),
                         hold_in_memory(ctx, &versions),
                     )
@@ -883,14 +891,15 @@ async fn register_live_views(
                     ctx.deregister_table(previous_names.1.as_str())?;
                     let mut all = held.truncates.clone();
                     all.extend(truncates);
-                    HeldPieces { attributes: attributes.clone(), truncates: all, first, versions }
+                    let bytes = first_bytes + versions_bytes;
+                    HeldPieces { attributes: attributes.clone(), truncates: all, first, versions, bytes }
                 }
             }
             _ if materialize => {
                 let (truncates, first, versions) = tail_sql(ctx, spec, &raw, &attributes, position).await?;
-                let (first, versions) =
+                let ((first, first_bytes), (versions, versions_bytes)) =
                     futures::future::try_join(hold_in_memory(ctx, &first), hold_in_memory(ctx, &versions)).await?;
-                HeldPieces { attributes: attributes.clone(), truncates, first, versions }
+                HeldPieces { attributes: attributes.clone(), truncates, first, versions, bytes: first_bytes + versions_bytes }
             }
             _ => {
                 let (truncates, first, versions) = tail_sql(ctx, spec, &raw, &attributes, position).await?;
@@ -957,13 +966,40 @@ fn has_rows_after(tails: &[TailFiles<'_>], table: &str, position: i64) -> bool {
 }
 
 /// Run `sql` and hold its result in memory, as a table.
-async fn hold_in_memory(ctx: &SessionContext, sql: &str) -> Result<Arc<dyn datafusion::catalog::TableProvider>> {
+/// Returns the table and the memory its batches hold.
+async fn hold_in_memory(
+    ctx: &SessionContext,
+    sql: &str,
+) -> Result<(Arc<dyn datafusion::catalog::TableProvider>, usize)> {
     let df = ctx.sql(sql).await?;
     let planned = Arc::clone(df.schema().inner());
     let batches = df.collect().await?;
     // The batches' own schema: the plan's may differ from it in nullability.
     let schema = batches.first().map_or(planned, |b| b.schema());
-    Ok(Arc::new(datafusion::datasource::MemTable::try_new(schema, vec![batches])?))
+    // One batch with buffers of its own: the query's output is many small batches whose
+    // string views point into the buffers of every Parquet page and batch they came from, and
+    // holding them would hold all of those (about 7 KB per change instead of the rows' size).
+    let batches = match arrow::compute::concat_batches(&schema, &batches) {
+        Ok(one) if one.num_rows() > 0 => vec![compact_views(one)?],
+        Ok(_) => Vec::new(),
+        Err(e) => return Err(QueryError::DataFusion(Box::new(e.into()))),
+    };
+    let bytes = batches.iter().map(RecordBatch::get_array_memory_size).sum();
+    Ok((Arc::new(datafusion::datasource::MemTable::try_new(schema, vec![batches])?), bytes))
+}
+
+/// `batch` with its string and binary view columns copied into buffers of their own.
+fn compact_views(batch: RecordBatch) -> Result<RecordBatch> {
+    let columns = batch
+        .columns()
+        .iter()
+        .map(|c| match c.data_type() {
+            DataType::Utf8View => Arc::new(c.as_string_view().gc()) as arrow::array::ArrayRef,
+            DataType::BinaryView => Arc::new(c.as_binary_view().gc()) as arrow::array::ArrayRef,
+            _ => Arc::clone(c),
+        })
+        .collect();
+    RecordBatch::try_new(batch.schema(), columns).map_err(|e| QueryError::DataFusion(Box::new(e.into())))
 }
 
 /// The first instant the orders' history covers (the stored history's first version; the
