@@ -867,7 +867,7 @@ async fn register_live_views(
                     let previous_names = (format!("{}_held", names.0), format!("{}_held", names.1));
                     ctx.register_table(previous_names.0.as_str(), Arc::clone(&held.first))?;
                     ctx.register_table(previous_names.1.as_str(), Arc::clone(&held.versions))?;
-                    let (truncates, new_first, new_versions) = tail_sql(ctx, spec, &raw, &attributes, from).await?;
+                    let (truncates, new_first, new_versions) = tail_sql(ctx, tails, spec, &raw, &attributes, from).await?;
                     let first = format!(
                         "SELECT k, lsn, ts, op FROM {held} UNION ALL SELECT n.k, n.lsn, n.ts, n.op FROM ({new_first}) n \
                          LEFT JOIN {held} p ON p.k = n.k WHERE p.k IS NULL",
@@ -896,13 +896,13 @@ async fn register_live_views(
                 }
             }
             _ if materialize => {
-                let (truncates, first, versions) = tail_sql(ctx, spec, &raw, &attributes, position).await?;
+                let (truncates, first, versions) = tail_sql(ctx, tails, spec, &raw, &attributes, position).await?;
                 let ((first, first_bytes), (versions, versions_bytes)) =
                     futures::future::try_join(hold_in_memory(ctx, &first), hold_in_memory(ctx, &versions)).await?;
                 HeldPieces { attributes: attributes.clone(), truncates, first, versions, bytes: first_bytes + versions_bytes }
             }
             _ => {
-                let (truncates, first, versions) = tail_sql(ctx, spec, &raw, &attributes, position).await?;
+                let (truncates, first, versions) = tail_sql(ctx, tails, spec, &raw, &attributes, position).await?;
                 return Ok::<_, QueryError>((spec, attributes, truncates, format!("({first})"), format!("({versions})"), None));
             }
         };
@@ -945,12 +945,21 @@ async fn register_live_views(
 /// change of each key and the versions the changes open (`acme_model::live`).
 async fn tail_sql(
     ctx: &SessionContext,
+    tails: &[TailFiles<'_>],
     spec: &HistorySpec,
     raw: &str,
     attributes: &[String],
     from: i64,
 ) -> Result<(Vec<(i64, i64)>, String, String)> {
-    let truncates = live::truncations(ctx, &live::tail_rows(raw, from)).await?;
+    // A truncation is stored as a row whose values, key included, are all null: a tail whose
+    // files count no null key has none, and needs no query to find them.
+    let may_truncate = tails
+        .iter()
+        .filter(|t| t.table == spec.table)
+        .flat_map(|t| &t.files)
+        .filter(|f| !f.all_at_most(acme_core::raw::LSN, from))
+        .any(|f| f.null_count(&spec.key) != Some(0));
+    let truncates = if may_truncate { live::truncations(ctx, &live::tail_rows(raw, from)).await? } else { Vec::new() };
     let first = live::first_changes_sql(spec, raw, attributes, from);
     let versions = live::tail_versions_sql(spec, raw, attributes, from, &truncates);
     Ok((truncates, first, versions))
