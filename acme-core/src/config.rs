@@ -53,14 +53,20 @@ pub enum CdcMode {
 }
 
 /// Configuration of an acme pipeline.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+///
+/// Its `Debug` form and its serialised form never show a secret: the source URL's password
+/// (in the URL or as a `password=` parameter) and the values of storage options that hold
+/// credentials (see [`is_secret_option`]) read `***`. Deserialising reads them as given.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct AcmeConfig {
     /// PostgreSQL URL of the source (`postgres://user:password@host:port/db?sslmode=...`).
+    #[serde(serialize_with = "redacted::url")]
     pub source_url: Option<String>,
     /// Where the layers live: a local path, `file:///path` or `s3://bucket/prefix`.
     pub storage_url: String,
     /// Options for the object store (for S3: `aws_endpoint`, `aws_region`, `aws_allow_http`, ...).
+    #[serde(serialize_with = "redacted::options")]
     pub storage_options: HashMap<String, String>,
     /// Source schema.
     pub schema: String,
@@ -295,6 +301,121 @@ impl AcmeConfigBuilder {
     }
 }
 
+/// What a secret reads as in `Debug` and serialised configs.
+pub const REDACTED: &str = "***";
+
+/// Whether the storage option `key` holds a credential (its name mentions a secret, password,
+/// token, credential or key: `aws_secret_access_key`, `aws_session_token`,
+/// `azure_storage_account_key`, ...).
+pub fn is_secret_option(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    ["secret", "password", "token", "credential", "key"].iter().any(|word| key.contains(word))
+}
+
+/// `url` (a `postgres://` URL or a `key=value` connection string) with its password replaced
+/// by [`REDACTED`], wherever it is given: `user:password@`, `?password=` or `password=`.
+pub fn redact_source_url(url: &str) -> String {
+    if let Ok(mut parsed) = url::Url::parse(url)
+        && parsed.has_host()
+    {
+        if parsed.password().is_some() {
+            let _ = parsed.set_password(Some(REDACTED));
+        }
+        let pairs: Vec<(String, String)> = parsed
+            .query_pairs()
+            .map(|(k, v)| {
+                let secret = k.eq_ignore_ascii_case("password") || k.eq_ignore_ascii_case("sslpassword");
+                (k.into_owned(), if secret { REDACTED.to_string() } else { v.into_owned() })
+            })
+            .collect();
+        if !pairs.is_empty() {
+            parsed.query_pairs_mut().clear().extend_pairs(pairs);
+        }
+        return parsed.to_string();
+    }
+    // A `key=value` connection string: values may be quoted and hold spaces.
+    let mut out = String::with_capacity(url.len());
+    let mut rest = url;
+    while let Some(at) = rest.find("password") {
+        let (before, from) = rest.split_at(at);
+        out.push_str(before);
+        let after_key = from["password".len()..].trim_start();
+        let starts_key = before.is_empty() || before.ends_with(char::is_whitespace);
+        let Some(value) = after_key.strip_prefix('=').filter(|_| starts_key) else {
+            out.push_str("password");
+            rest = &from["password".len()..];
+            continue;
+        };
+        let value = value.trim_start();
+        let end = if let Some(quoted) = value.strip_prefix('\'') {
+            let mut escaped = false;
+            let close = quoted.char_indices().find(|&(_, c)| {
+                let close = c == '\'' && !escaped;
+                escaped = c == '\\' && !escaped;
+                close
+            });
+            close.map_or(value.len(), |(i, _)| i + 2)
+        } else {
+            value.find(char::is_whitespace).unwrap_or(value.len())
+        };
+        out.push_str("password=");
+        out.push_str(REDACTED);
+        rest = &value[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+impl std::fmt::Debug for AcmeConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let options: std::collections::BTreeMap<&str, &str> = self
+            .storage_options
+            .iter()
+            .map(|(k, v)| (k.as_str(), if is_secret_option(k) { REDACTED } else { v.as_str() }))
+            .collect();
+        f.debug_struct("AcmeConfig")
+            .field("source_url", &self.source_url.as_deref().map(redact_source_url))
+            .field("storage_url", &self.storage_url)
+            .field("storage_options", &options)
+            .field("schema", &self.schema)
+            .field("tables", &self.tables)
+            .field("batch_rows", &self.batch_rows)
+            .field("target_file_bytes", &self.target_file_bytes)
+            .field("snapshot_parallelism", &self.snapshot_parallelism)
+            .field("slot", &self.slot)
+            .field("publication", &self.publication)
+            .field("flush_interval", &self.flush_interval)
+            .field("max_batch_changes", &self.max_batch_changes)
+            .field("cdc_mode", &self.cdc_mode)
+            .field("model_file_rows", &self.model_file_rows)
+            .field("memory_limit_bytes", &self.memory_limit_bytes)
+            .field("source_timeout", &self.source_timeout)
+            .finish()
+    }
+}
+
+/// Serialisers that write secrets as [`REDACTED`].
+mod redacted {
+    use std::collections::{BTreeMap, HashMap};
+
+    use serde::Serializer;
+
+    pub fn url<S: Serializer>(url: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
+        match url {
+            Some(url) => s.serialize_some(&super::redact_source_url(url)),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn options<S: Serializer>(options: &HashMap<String, String>, s: S) -> Result<S::Ok, S::Error> {
+        let shown: BTreeMap<&str, &str> = options
+            .iter()
+            .map(|(k, v)| (k.as_str(), if super::is_secret_option(k) { super::REDACTED } else { v.as_str() }))
+            .collect();
+        s.collect_map(shown)
+    }
+}
+
 mod duration_millis {
     use std::time::Duration;
 
@@ -312,6 +433,40 @@ mod duration_millis {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn debug_and_serialised_configs_never_show_a_secret() {
+        let mut options = HashMap::new();
+        options.insert("aws_secret_access_key".to_string(), "s3-secret-value".to_string());
+        options.insert("aws_session_token".to_string(), "s3-token-value".to_string());
+        options.insert("aws_region".to_string(), "eu-west-1".to_string());
+        for url in [
+            "postgres://acme:url-secret@db.example:5432/finance_db?sslmode=require",
+            "postgres://acme@db.example/finance_db?password=url-secret&sslmode=require",
+            "host=db.example user=acme password=url-secret dbname=finance_db",
+            "host=db.example user=acme password = 'url secret\\' quoted' dbname=finance_db",
+        ] {
+            let config = AcmeConfig {
+                source_url: Some(url.to_string()),
+                storage_options: options.clone(),
+                ..AcmeConfig::default()
+            };
+            let debug = format!("{config:?}");
+            let json = serde_json::to_string(&config).expect("serialise");
+            for shown in [&debug, &json] {
+                for secret in ["url-secret", "url secret", "quoted", "s3-secret-value", "s3-token-value"] {
+                    assert!(!shown.contains(secret), "{secret} shown: {shown}");
+                }
+                assert!(shown.contains("eu-west-1") && shown.contains("db.example"), "the rest is kept: {shown}");
+                assert!(shown.contains(REDACTED), "{shown}");
+            }
+            // Deserialising reads what it is given.
+            let back: AcmeConfig = serde_json::from_str(&json).expect("deserialise");
+            assert_eq!(back.storage_options["aws_region"], "eu-west-1");
+        }
+        let plain = AcmeConfig { source_url: Some("postgres://acme@db/finance".into()), ..AcmeConfig::default() };
+        assert!(format!("{plain:?}").contains("postgres://acme@db/finance"), "nothing to hide: {plain:?}");
+    }
 
     #[test]
     fn defaults_validate() {

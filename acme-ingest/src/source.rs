@@ -48,6 +48,8 @@ impl SourceUrl {
             return Err(IngestError::BadUrl { message: "no user name given".into() });
         }
         let timeout = config.get_connect_timeout().copied().unwrap_or(acme_core::config::DEFAULT_SOURCE_TIMEOUT);
+        let pgpassword = std::env::var("PGPASSWORD").ok();
+        let config = with_password(config, pgpassword, pgpass_file().as_deref());
         Ok(Self { config, timeout })
     }
 
@@ -191,6 +193,72 @@ impl rustls::client::danger::ServerCertVerifier for UnverifiedServer {
     }
 }
 
+/// The password file libpq reads: `PGPASSFILE`, or `~/.pgpass`.
+fn pgpass_file() -> Option<std::path::PathBuf> {
+    std::env::var_os("PGPASSFILE")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| std::path::Path::new(&home).join(".pgpass")))
+}
+
+/// `config` with a password, as libpq finds one when the URL gives none: `PGPASSWORD`
+/// (`pgpassword`), else the first matching line of the password file `pgpass` (ignored, with a
+/// warning, when others than its owner may read it).
+fn with_password(mut config: Config, pgpassword: Option<String>, pgpass: Option<&std::path::Path>) -> Config {
+    if config.get_password().is_some() {
+        return config;
+    }
+    if let Some(password) = pgpassword.filter(|p| !p.is_empty()) {
+        config.password(password);
+        return config;
+    }
+    let Some(path) = pgpass else { return config };
+    let Ok(metadata) = std::fs::metadata(path) else { return config };
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if metadata.permissions().mode() & 0o077 != 0 {
+            tracing::warn!(
+                file = %path.display(),
+                "the password file is readable by others than its owner and is ignored (as libpq does): chmod 0600 it"
+            );
+            return config;
+        }
+    }
+    let Ok(contents) = std::fs::read_to_string(path) else { return config };
+    let host = match config.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(host)) => host.clone(),
+        // libpq matches a socket in the default directory as `localhost`.
+        _ => "localhost".to_string(),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432).to_string();
+    let user = config.get_user().unwrap_or_default().to_string();
+    let database = config.get_dbname().unwrap_or(&user).to_string();
+    if let Some(password) = pgpass_lookup(&contents, [&host, &port, &database, &user]) {
+        config.password(password);
+    }
+    config
+}
+
+/// The password of the first line of a password file (`host:port:database:user:password`,
+/// `*` matching anything, `\:` and `\\` escaping) that matches `wanted`.
+fn pgpass_lookup(contents: &str, wanted: [&str; 4]) -> Option<String> {
+    contents.lines().filter(|line| !line.trim_start().starts_with('#')).find_map(|line| {
+        let mut fields = Vec::with_capacity(5);
+        let mut field = String::new();
+        let mut chars = line.chars();
+        while let Some(c) = chars.next() {
+            match c {
+                '\\' => field.extend(chars.next()),
+                ':' if fields.len() < 4 => fields.push(std::mem::take(&mut field)),
+                c => field.push(c),
+            }
+        }
+        fields.push(field);
+        let [host, port, database, user, password] = <[String; 5]>::try_from(fields).ok()?;
+        let matches = [host, port, database, user].iter().zip(wanted).all(|(f, w)| f == "*" || f == w);
+        matches.then_some(password)
+    })
+}
+
 /// Remove anything that looks like the URL's password from a message.
 fn redact(message: &str, url: &str) -> String {
     let password = url
@@ -328,5 +396,43 @@ mod tests {
         assert!(!format!("{url:?}").contains("s3cret"));
         let err = SourceUrl::parse("postgres://alice:s3cret@db.example:notaport/x").expect_err("bad port");
         assert!(!err.to_string().contains("s3cret"), "{err}");
+    }
+
+    #[test]
+    fn a_password_comes_from_the_url_then_pgpassword_then_the_password_file() {
+        let config = |url: &str| Config::from_str(url).expect("parses");
+        let dir = tempfile::tempdir().expect("tmp");
+        let file = dir.path().join("pgpass");
+        std::fs::write(
+            &file,
+            "# comment\nother.host:5432:*:alice:wrong\ndb.example:*:finance_db:alice:from\\:file\n*:*:*:*:fallback\n",
+        )
+        .expect("write");
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        }
+        let password = |c: Config| c.get_password().map(|p| String::from_utf8_lossy(p).into_owned());
+        let url = "postgres://alice@db.example/finance_db";
+        assert_eq!(
+            password(with_password(
+                config("postgres://alice:inurl@db.example/finance_db"),
+                Some("env".into()),
+                Some(&file)
+            ))
+            .as_deref(),
+            Some("inurl")
+        );
+        assert_eq!(password(with_password(config(url), Some("env".into()), Some(&file))).as_deref(), Some("env"));
+        assert_eq!(password(with_password(config(url), None, Some(&file))).as_deref(), Some("from:file"));
+        let elsewhere = "postgres://bob@elsewhere:6000/x";
+        assert_eq!(password(with_password(config(elsewhere), None, Some(&file))).as_deref(), Some("fallback"));
+        assert_eq!(password(with_password(config(url), None, Some(&dir.path().join("missing")))), None);
+        // A file others may read is ignored, as libpq ignores it.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        }
+        assert_eq!(password(with_password(config(url), None, Some(&file))), None);
     }
 }
