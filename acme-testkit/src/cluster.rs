@@ -127,6 +127,36 @@ impl PgCluster {
         Ok(self.url(&name))
     }
 
+    /// Create the superuser `user` (with REPLICATION) whose connections from loopback,
+    /// ordinary and replication, must give `password` (SCRAM). Other users are unaffected.
+    pub async fn add_password_user(&self, user: &str, password: &str) -> Result<()> {
+        let hba = self.data_dir().join("pg_hba.conf");
+        let existing = std::fs::read_to_string(&hba)
+            .map_err(|source| HarnessError::Io { what: format!("reading {}", hba.display()), source })?;
+        let rules =
+            format!("host all {user} 127.0.0.1/32 scram-sha-256\nhost replication {user} 127.0.0.1/32 scram-sha-256\n");
+        std::fs::write(&hba, format!("{rules}{existing}"))
+            .map_err(|source| HarnessError::Io { what: format!("writing {}", hba.display()), source })?;
+        let (client, connection) = tokio_postgres::connect(&self.url("postgres"), tokio_postgres::NoTls)
+            .await
+            .map_err(|source| HarnessError::Connect { url: self.url("postgres"), source })?;
+        let task = tokio::spawn(connection);
+        for sql in [
+            format!("CREATE ROLE \"{user}\" LOGIN SUPERUSER REPLICATION PASSWORD '{}'", password.replace('\'', "''")),
+            "SELECT pg_reload_conf()".to_string(),
+        ] {
+            client
+                .batch_execute(&sql)
+                .await
+                .map_err(|source| HarnessError::Sql { what: "adding a user with a password".into(), source })?;
+        }
+        drop(client);
+        let _ = task.await;
+        // The reload is asynchronous: give the postmaster a moment to read the new rules.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        Ok(())
+    }
+
     /// Turn TLS on with a fresh self-signed certificate (made with the `openssl` tool), and
     /// create the superuser `user` (with REPLICATION) that may connect over TLS only: its plain
     /// connections, ordinary and replication, are rejected. Other users are unaffected.
