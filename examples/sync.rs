@@ -77,7 +77,9 @@ fn parse_cdc_mode(value: &str) -> Result<CdcMode, String> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| acme::DEFAULT_LOG_FILTER.into()),
+        )
         .init();
     let args = Args::parse();
     let config = AcmeConfig::builder()

@@ -24,6 +24,11 @@ pub use acme_core as core;
 pub use acme_ingest as ingest;
 pub use acme_model as model;
 pub use acme_query as query;
+/// A `tracing` filter (`EnvFilter` syntax) for programs that embed acme: acme's own events at
+/// `info`, and only warnings from the Delta Lake libraries, whose `info` events (a scan-metadata
+/// line per table and refresh) would bury them. The examples use it when `RUST_LOG` is unset.
+pub const DEFAULT_LOG_FILTER: &str = "info,buoyant_kernel=warn,buoyant_kernel_engine=warn,deltalake_core=warn";
+
 pub use pipeline::{
     DEFAULT_FOLD_RATIO, DEFAULT_MAX_MODEL_LAG, DEFAULT_MODEL_INTERVAL, Pipeline, PipelineBuilder, PipelineError,
     PipelineStatus,

@@ -119,3 +119,22 @@ async fn a_source_that_asks_for_a_password_gets_it_from_pgpassword_or_the_passwo
     assert!(ok, "PGPASSWORD's password is used:\n{text}");
     assert!(!text.contains(SECRET), "the password leaked:\n{text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_default_log_level_shows_acme_events_and_not_the_delta_libraries_info() {
+    let url = acme_testkit::acme_database("default_log", Some((0.001, 7))).await.expect("source");
+    let dir = tempfile::tempdir().expect("tmp");
+    let output = Command::new(support::sync_binary())
+        .args(["--source", &url, "--warehouse"])
+        .arg(dir.path().join("w"))
+        .args(["--slot", &acme_testkit::slot_for(&url), "--once"])
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run sync");
+    let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    assert!(output.status.success(), "{text}");
+    assert!(text.contains("initial snapshot complete"), "acme's own events are shown:\n{text}");
+    for noise in ["ScanMetadataCompleted", "buoyant_kernel", "deltalake_core"] {
+        assert!(!text.contains(noise), "{noise} at the default level:\n{text}");
+    }
+}
