@@ -5,6 +5,8 @@
 //! cargo run --release --example serve -- --warehouse ./warehouse [--source postgres://...] [--addr 127.0.0.1:8000]
 //! ```
 
+use std::time::Duration;
+
 use acme::Pipeline;
 use acme::core::AcmeConfig;
 use acme::http::{ServiceState, router};
@@ -31,6 +33,10 @@ struct Args {
     /// Address to listen on (loopback by default).
     #[arg(long, default_value = "127.0.0.1:8000")]
     addr: String,
+    /// With `--source`: `GET /ready` answers 503 while the pipeline's lag exceeds this many
+    /// seconds.
+    #[arg(long, default_value_t = acme::http::DEFAULT_MAX_READY_LAG.as_secs_f64())]
+    max_ready_lag_s: f64,
 }
 
 #[tokio::main]
@@ -46,7 +52,7 @@ async fn main() -> anyhow::Result<()> {
         Some(source) => {
             let config = AcmeConfig::builder().source_url(source).storage_url(&args.warehouse).build()?;
             let started = Pipeline::builder(config).start().await?;
-            let state = ServiceState::live(started.warehouses());
+            let state = ServiceState::pipeline(&started).max_lag(Duration::from_secs_f64(args.max_ready_lag_s));
             pipeline = Some(started);
             state
         }

@@ -3,6 +3,7 @@
 //! | endpoint | report |
 //! |---|---|
 //! | `GET /health` | liveness and what the warehouse covers |
+//! | `GET /ready` | 200 when the reports can be served fresh, 503 (with the reason) while there is no model yet, the pipeline stopped, or its lag exceeds the bound ([`ServiceState::max_lag`]) |
 //! | `GET /analytics/orders?status=open&as_of=` | R1 orders by delivery date and status |
 //! | `GET /analytics/orders/top?limit=3&as_of=` | R2 top delivery dates by open orders |
 //! | `GET /analytics/orders/product?as_of=` | R3 items of open orders by product |
@@ -12,6 +13,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{Query, State};
@@ -22,7 +24,11 @@ use chrono::{DateTime, Utc};
 use serde_json::json;
 use tokio::sync::watch;
 
+use crate::PipelineStatus;
 use crate::query::{QueryError, StatusFilter, Warehouse};
+
+/// The lag beyond which `GET /ready` answers 503 unless set with [`ServiceState::max_lag`].
+pub const DEFAULT_MAX_READY_LAG: Duration = Duration::from_secs(30);
 
 /// The warehouse the service answers from: a fixed handle (swapped with
 /// [`ServiceState::replace`]) or the handles a running [`crate::Pipeline`] publishes.
@@ -30,19 +36,33 @@ use crate::query::{QueryError, StatusFilter, Warehouse};
 pub struct ServiceState {
     warehouse: watch::Receiver<Arc<Warehouse>>,
     replace: Option<Arc<watch::Sender<Arc<Warehouse>>>>,
+    status: Option<watch::Receiver<PipelineStatus>>,
+    max_lag: Duration,
 }
 
 impl ServiceState {
     /// Serve `warehouse`.
     pub fn new(warehouse: Warehouse) -> Self {
         let (sender, warehouse) = watch::channel(Arc::new(warehouse));
-        Self { warehouse, replace: Some(Arc::new(sender)) }
+        Self { warehouse, replace: Some(Arc::new(sender)), status: None, max_lag: DEFAULT_MAX_READY_LAG }
     }
 
     /// Serve the newest handle of a running pipeline ([`crate::Pipeline::warehouses`]): each
     /// request answers from the newest consistent state.
     pub fn live(warehouses: watch::Receiver<Arc<Warehouse>>) -> Self {
-        Self { warehouse: warehouses, replace: None }
+        Self { warehouse: warehouses, replace: None, status: None, max_lag: DEFAULT_MAX_READY_LAG }
+    }
+
+    /// Serve a running pipeline: its newest handles, and its status for `GET /ready`.
+    pub fn pipeline(pipeline: &crate::Pipeline) -> Self {
+        Self { status: Some(pipeline.status()), ..Self::live(pipeline.warehouses()) }
+    }
+
+    /// `GET /ready` answers 503 while the pipeline's lag ([`PipelineStatus::lag_seconds`])
+    /// exceeds `lag` (default [`DEFAULT_MAX_READY_LAG`]).
+    pub fn max_lag(mut self, lag: Duration) -> Self {
+        self.max_lag = lag;
+        self
     }
 
     /// Swap in a newer warehouse view (queries in flight finish on the old one). A live state
@@ -62,6 +82,7 @@ impl ServiceState {
 pub fn router(state: ServiceState) -> Router {
     Router::new()
         .route("/health", get(health))
+        .route("/ready", get(ready))
         .route("/analytics/orders", get(open_orders))
         .route("/analytics/orders/top", get(top_dates))
         .route("/analytics/orders/product", get(items_by_product))
@@ -131,6 +152,37 @@ async fn health(State(state): State<ServiceState>) -> Json<serde_json::Value> {
     }))
 }
 
+/// Why the service is not ready (`None`: ready), for `GET /ready`: no model yet, the pipeline
+/// stopped, or its lag beyond `max_lag`.
+fn not_ready(has_model: bool, status: Option<&PipelineStatus>, max_lag: Duration) -> Option<String> {
+    if !has_model {
+        return Some("no model yet: the snapshot or the first model build is still running".to_string());
+    }
+    let status = status?;
+    if !status.running {
+        return Some(format!("the pipeline stopped: {}", status.last_error.as_deref().unwrap_or("shut down")));
+    }
+    let lag = status.lag_seconds.filter(|lag| *lag > max_lag.as_secs_f64())?;
+    Some(format!("lag {lag:.1}s exceeds the bound of {:.1}s", max_lag.as_secs_f64()))
+}
+
+async fn ready(State(state): State<ServiceState>) -> Response {
+    let w = state.current().await;
+    let status = state.status.as_ref().map(|s| s.borrow().clone());
+    let reason = not_ready(w.model_position().is_some(), status.as_ref(), state.max_lag);
+    let body = json!({
+        "ready": reason.is_none(),
+        "reason": reason,
+        "raw_position": w.raw_position(),
+        "model_position": w.model_position(),
+        "lag_seconds": status.as_ref().and_then(|s| s.lag_seconds),
+        "lag_bytes": status.as_ref().and_then(|s| s.lag_bytes),
+        "max_lag_seconds": state.max_lag.as_secs_f64(),
+    });
+    let code = if reason.is_none() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (code, Json(body)).into_response()
+}
+
 async fn open_orders(State(state): State<ServiceState>, Query(p): Params) -> Result<Response, ApiError> {
     let filter = status(&p, StatusFilter::Open)?;
     let rows = state.current().await.open_orders(filter, as_of(&p)?).await?;
@@ -151,4 +203,26 @@ async fn top_customers(State(state): State<ServiceState>, Query(p): Params) -> R
     let filter = status(&p, StatusFilter::Pending)?;
     let rows = state.current().await.top_customers(limit(&p)?, filter, as_of(&p)?).await?;
     Ok(Json(rows).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readiness_needs_a_model_a_running_pipeline_and_a_lag_within_the_bound() {
+        let bound = Duration::from_secs(2);
+        let running = PipelineStatus { running: true, lag_seconds: Some(1.5), ..PipelineStatus::default() };
+        assert_eq!(not_ready(true, None, bound), None, "a fixed warehouse with a model");
+        assert_eq!(not_ready(true, Some(&running), bound), None);
+        assert!(not_ready(false, Some(&running), bound).is_some_and(|r| r.contains("no model yet")));
+        let behind = PipelineStatus { lag_seconds: Some(2.5), ..running.clone() };
+        assert!(
+            not_ready(true, Some(&behind), bound).is_some_and(|r| r.contains("lag 2.5s exceeds the bound of 2.0s"))
+        );
+        let unmeasured = PipelineStatus { lag_seconds: None, ..running.clone() };
+        assert_eq!(not_ready(true, Some(&unmeasured), bound), None, "no lag measured (trigger fallback)");
+        let stopped = PipelineStatus { running: false, last_error: Some("slot dropped".into()), ..running };
+        assert!(not_ready(true, Some(&stopped), bound).is_some_and(|r| r.contains("stopped: slot dropped")));
+    }
 }

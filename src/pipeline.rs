@@ -437,9 +437,10 @@ async fn capture(
     if let Err(error) = &result {
         tracing::error!(%error, "capture stopped");
         record_error(&status, error, false);
-        status.send_modify(|s| s.running = false);
         let _ = stop_all.send(true);
     }
+    // Stopped for good, or shut down: either way nothing is captured any more.
+    status.send_modify(|s| s.running = false);
     Ok(result?)
 }
 

@@ -63,3 +63,43 @@ async fn service_answers_the_seed_endpoints_and_rejects_bad_parameters() {
     server.abort();
     checks.expect("HTTP checks");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ready_answers_503_without_a_model_and_once_the_pipeline_stopped() {
+    let serve = |state: ServiceState| async move {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let server = tokio::spawn(async move { axum::serve(listener, router(state)).await });
+        (addr, server)
+    };
+    let ready = |addr| tokio::task::spawn_blocking(move || get(addr, "/ready"));
+    let url = acme_testkit::acme_database("http_ready", Some((0.001, 9))).await.expect("source");
+    let dir = tempfile::tempdir().expect("tmp");
+    let config = support::config(&url, dir.path());
+
+    // Only the raw layer: not ready, and it says why; still alive.
+    ChangeStream::open(config.clone()).await.expect("snapshot");
+    let (addr, server) = serve(ServiceState::new(Warehouse::open(&config.storage_url).await.expect("open"))).await;
+    let (status, body) = ready(addr).await.expect("GET /ready");
+    assert_eq!((status, body["ready"].as_bool()), (503, Some(false)), "{body}");
+    assert!(body["reason"].as_str().is_some_and(|r| r.contains("no model yet")), "{body}");
+    assert_eq!(tokio::task::spawn_blocking(move || get(addr, "/health")).await.expect("health").0, 200);
+    server.abort();
+
+    // A running pipeline: ready, with its positions and lag; then stopped: not ready.
+    let pipeline = acme::Pipeline::builder(config).start().await.expect("start");
+    let (addr, server) = serve(ServiceState::pipeline(&pipeline)).await;
+    let mut status = pipeline.status();
+    tokio::time::timeout(std::time::Duration::from_secs(30), status.wait_for(|s| s.lag_seconds.is_some()))
+        .await
+        .expect("the lag is measured within 30 s")
+        .expect("status");
+    let (code, body) = ready(addr).await.expect("GET /ready");
+    assert_eq!((code, body["ready"].as_bool()), (200, Some(true)), "{body}");
+    assert!(body["model_position"].is_i64() && body["lag_seconds"].is_f64(), "{body}");
+    pipeline.shutdown().await.expect("shutdown");
+    let (code, body) = ready(addr).await.expect("GET /ready");
+    assert_eq!(code, 503, "{body}");
+    assert!(body["reason"].as_str().is_some_and(|r| r.contains("stopped")), "{body}");
+    server.abort();
+}
