@@ -33,6 +33,9 @@ struct Args {
     /// Address to listen on (loopback by default).
     #[arg(long, default_value = "127.0.0.1:8000")]
     addr: String,
+    /// With `--source`: the replication slot (the one the warehouse was synced with).
+    #[arg(long, default_value = acme::core::config::DEFAULT_SLOT)]
+    slot: String,
     /// With `--source`: `GET /ready` answers 503 while the pipeline's lag exceeds this many
     /// seconds.
     #[arg(long, default_value_t = acme::http::DEFAULT_MAX_READY_LAG.as_secs_f64())]
@@ -50,7 +53,8 @@ async fn main() -> anyhow::Result<()> {
     let mut pipeline = None;
     let state = match &args.source {
         Some(source) => {
-            let config = AcmeConfig::builder().source_url(source).storage_url(&args.warehouse).build()?;
+            let config =
+                AcmeConfig::builder().source_url(source).storage_url(&args.warehouse).slot(&args.slot).build()?;
             let started = Pipeline::builder(config).start().await?;
             let state = ServiceState::pipeline(&started).max_lag(Duration::from_secs_f64(args.max_ready_lag_s));
             pipeline = Some(started);
@@ -60,20 +64,23 @@ async fn main() -> anyhow::Result<()> {
     };
     let listener = tokio::net::TcpListener::bind(&args.addr).await?;
     println!("serving on http://{}", listener.local_addr()?);
-    let server = axum::serve(listener, router(state));
-    match &pipeline {
-        Some(p) => tokio::select! {
-            r = server => r?,
-            _ = p.stopped() => {}
-            _ = tokio::signal::ctrl_c() => {}
-        },
-        None => tokio::select! {
-            r = server => r?,
-            _ = tokio::signal::ctrl_c() => {}
-        },
-    }
+    // Ctrl-C or SIGTERM (or the pipeline stopping by itself): stop accepting, let the requests
+    // in flight finish, then shut the pipeline down.
+    let status = pipeline.as_ref().map(|p| p.status());
+    let stop = async move {
+        match status {
+            Some(mut status) => tokio::select! {
+                _ = status.wait_for(|s| !s.running) => {}
+                _ = acme::shutdown_signal() => {}
+            },
+            None => acme::shutdown_signal().await,
+        }
+    };
+    axum::serve(listener, router(state)).with_graceful_shutdown(stop).await?;
+    println!("stopped serving: requests in flight finished");
     if let Some(pipeline) = pipeline {
         pipeline.shutdown().await?;
+        println!("pipeline shut down");
     }
     Ok(())
 }

@@ -115,13 +115,13 @@ async fn main() -> anyhow::Result<()> {
     bar.abort();
     let pipeline = pipeline?;
     println!("ready after {:.1?}{}", started.elapsed(), peak_memory());
-    let mut ctrl_c = Box::pin(tokio::signal::ctrl_c());
+    let mut stop = Box::pin(acme::shutdown_signal());
     let mut tick = tokio::time::interval(Duration::from_secs(args.status_interval.max(1)));
     let mut status = pipeline.status();
     let mut seen = status.borrow().clone();
     loop {
         tokio::select! {
-            _ = &mut ctrl_c => break,
+            _ = &mut stop => break,
             _ = pipeline.stopped() => break,
             changed = status.changed() => {
                 if changed.is_err() {

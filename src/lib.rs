@@ -29,6 +29,25 @@ pub use acme_query as query;
 /// line per table and refresh) would bury them. The examples use it when `RUST_LOG` is unset.
 pub const DEFAULT_LOG_FILTER: &str = "info,buoyant_kernel=warn,buoyant_kernel_engine=warn,deltalake_core=warn";
 
+/// Resolves on Ctrl-C (SIGINT) or SIGTERM, the signals a terminal or a service manager stops a
+/// program with: await it, then shut the pipeline down ([`Pipeline::shutdown`]) and let the
+/// HTTP service drain its requests.
+pub async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            // Without a SIGTERM handler, Ctrl-C still stops the program.
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate => {}
+    }
+}
+
 pub use pipeline::{
     DEFAULT_FOLD_RATIO, DEFAULT_MAX_MODEL_LAG, DEFAULT_MODEL_INTERVAL, Pipeline, PipelineBuilder, PipelineError,
     PipelineStatus,

@@ -19,9 +19,14 @@ pub fn config(url: &str, dir: &Path) -> AcmeConfig {
 
 /// The `sync` example, built by `cargo test` next to the test binaries.
 pub fn sync_binary() -> PathBuf {
+    example_binary("sync")
+}
+
+/// The example program `name`, built by `cargo test` next to the test binaries.
+pub fn example_binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test binary path");
     let dir = exe.parent().and_then(Path::parent).expect("target directory");
-    let binary = dir.join("examples").join("sync");
+    let binary = dir.join("examples").join(name);
     assert!(
         binary.exists(),
         "{} is missing: run the suite with `cargo test` (it builds the examples)",

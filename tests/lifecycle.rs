@@ -1,0 +1,111 @@
+//! Lifecycle of the programs: SIGTERM (what a service manager sends) stops `sync` and `serve`
+//! cleanly, with exit code 0, and the next run resumes where they stopped.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// Start example `name` with `args`; its stdout lines arrive on the returned channel.
+fn start(name: &str, args: &[&str]) -> (Child, mpsc::Receiver<String>) {
+    let mut child = Command::new(support::example_binary(name))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start the example");
+    let stdout = child.stdout.take().expect("stdout");
+    let (lines, received) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if lines.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    (child, received)
+}
+
+/// Wait for a line containing `marker`; returns every line seen up to it.
+fn wait_for(lines: &mpsc::Receiver<String>, marker: &str, within: Duration) -> Vec<String> {
+    let mut seen = Vec::new();
+    loop {
+        match lines.recv_timeout(within) {
+            Ok(line) => {
+                let found = line.contains(marker);
+                seen.push(line);
+                if found {
+                    return seen;
+                }
+            }
+            Err(e) => panic!("no line with {marker:?} within {within:?} ({e}); seen:\n{}", seen.join("\n")),
+        }
+    }
+}
+
+/// Send SIGTERM to `child` and wait (at most 60 s) for it to exit; returns its exit code.
+fn terminate(child: &mut Child) -> Option<i32> {
+    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill");
+    assert!(status.success(), "kill -TERM");
+    for _ in 0..600 {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return status.code();
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    panic!("the program did not exit within 60 s of SIGTERM");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_sync_and_serve_cleanly_and_the_next_run_resumes() {
+    let url = acme_testkit::acme_database("lifecycle", Some((0.001, 13))).await.expect("source");
+    let dir = tempfile::tempdir().expect("tmp");
+    let warehouse = dir.path().join("w").display().to_string();
+    let slot = acme_testkit::slot_for(&url);
+    let client = acme_testkit::connect(&url).await.expect("connect");
+
+    // `sync` runs the pipeline until SIGTERM.
+    let (mut sync, lines) = start("sync", &["--source", &url, "--warehouse", &warehouse, "--slot", &slot]);
+    wait_for(&lines, "ready after", Duration::from_secs(120));
+    client.batch_execute("UPDATE operations.orders SET status = 'COMPLETED' WHERE order_id = 1").await.expect("write");
+    assert_eq!(terminate(&mut sync), Some(0), "sync exits with 0 on SIGTERM");
+    wait_for(&lines, "stopped; the next run resumes", Duration::from_secs(5));
+
+    // `serve` with the pipeline in-process: ready, then SIGTERM drains and shuts down.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port").local_addr().expect("addr").port();
+    let addr = format!("127.0.0.1:{port}");
+    let (mut serve, lines) =
+        start("serve", &["--source", &url, "--warehouse", &warehouse, "--addr", &addr, "--slot", &slot]);
+    wait_for(&lines, "serving on", Duration::from_secs(120));
+    let ready = http_get(&addr, "/ready");
+    assert!(ready.starts_with("HTTP/1.1 200"), "ready after resuming:\n{ready}");
+    assert_eq!(terminate(&mut serve), Some(0), "serve exits with 0 on SIGTERM");
+    let tail = wait_for(&lines, "pipeline shut down", Duration::from_secs(5));
+    assert!(tail.iter().any(|l| l.contains("requests in flight finished")), "{tail:?}");
+
+    // The next run resumes: the update made while sync ran is in the reports.
+    let (ok, out) = {
+        let output = Command::new(support::sync_binary())
+            .args(["--source", &url, "--warehouse", &warehouse, "--slot", &slot, "--once"])
+            .output()
+            .expect("sync --once");
+        (output.status.success(), String::from_utf8_lossy(&output.stdout).into_owned())
+    };
+    assert!(ok && out.contains("model at raw LSN"), "{out}");
+    let w = acme::query::Warehouse::open(&warehouse).await.expect("open");
+    assert_eq!(support::reports(&w, 3).await, acme_testkit::oracle::source_reports(&client, 3).await.expect("oracle"));
+}
+
+/// A plain HTTP/1.1 GET; returns the whole response.
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").expect("send");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read");
+    response
+}
