@@ -42,8 +42,21 @@ struct Args {
     max_ready_lag_s: f64,
 }
 
+/// Exit codes: 0 done; 2 a bad command line or setting; 75 transient (run again later); 78 an
+/// operator must act first (the message says what); 70 a bug in acme; 1 anything else
+/// (`acme::Severity`).
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> std::process::ExitCode {
+    match run().await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("Error: {error:?}");
+            std::process::ExitCode::from(acme::exit_code(error.as_ref()))
+        }
+    }
+}
+
+async fn run() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| acme::DEFAULT_LOG_FILTER.into()),

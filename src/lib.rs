@@ -48,7 +48,23 @@ pub async fn shutdown_signal() {
     }
 }
 
+/// The exit code for the error ending a program: [`Severity::exit_code`] of the first
+/// [`PipelineError`] in its chain, else 1.
+pub fn exit_code(error: &(dyn std::error::Error + 'static)) -> u8 {
+    let mut cause = Some(error);
+    while let Some(e) = cause {
+        if let Some(e) = e.downcast_ref::<PipelineError>() {
+            return e.severity().exit_code();
+        }
+        if let Some(e) = e.downcast_ref::<acme_core::Error>() {
+            return Severity::of_storage(e).exit_code();
+        }
+        cause = e.source();
+    }
+    1
+}
+
 pub use pipeline::{
     DEFAULT_FOLD_RATIO, DEFAULT_MAX_MODEL_LAG, DEFAULT_MODEL_INTERVAL, Pipeline, PipelineBuilder, PipelineError,
-    PipelineStatus,
+    PipelineStatus, Severity,
 };

@@ -81,6 +81,74 @@ pub enum PipelineError {
     },
 }
 
+/// What an error asks of whoever runs acme, and the exit code the example programs give it
+/// (see [`PipelineError::severity`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Severity {
+    /// The source or the storage is unreachable or failed for now: run again later (exit 75,
+    /// `EX_TEMPFAIL`).
+    Transient,
+    /// Something needs an operator first: a missing slot or privilege, a changed publication,
+    /// a damaged file, a memory limit too small. The message says what (exit 78, `EX_CONFIG`).
+    NeedsOperator,
+    /// The command line or the settings are wrong (exit 2, as for a bad command line).
+    Usage,
+    /// A bug in acme (exit 70, `EX_SOFTWARE`): please report it.
+    Bug,
+}
+
+impl Severity {
+    /// The process exit code for this severity.
+    pub fn exit_code(self) -> u8 {
+        match self {
+            Severity::Transient => 75,
+            Severity::NeedsOperator => 78,
+            Severity::Usage => 2,
+            Severity::Bug => 70,
+        }
+    }
+
+    /// The severity of a storage or configuration error.
+    pub(crate) fn of_storage(error: &acme_core::Error) -> Self {
+        use acme_core::Error as E;
+        match error {
+            E::Config { .. } | E::StorageUrl { .. } => Severity::Usage,
+            E::Delta { .. } | E::Query { .. } => Severity::Transient,
+            E::Internal(_) | E::Arrow { .. } => Severity::Bug,
+            _ => Severity::NeedsOperator,
+        }
+    }
+}
+
+impl PipelineError {
+    /// Whether retrying later may succeed, an operator must act first, the settings are wrong,
+    /// or acme has a bug.
+    pub fn severity(&self) -> Severity {
+        match self {
+            PipelineError::Config(e) => Severity::of_storage(e),
+            PipelineError::Ingest(e) if e.is_transient() => Severity::Transient,
+            PipelineError::Ingest(e) => match e {
+                IngestError::NoSource | IngestError::BadUrl { .. } => Severity::Usage,
+                IngestError::Storage(e) => Severity::of_storage(e),
+                IngestError::Task(_) | IngestError::Internal(_) | IngestError::Arrow { .. } => Severity::Bug,
+                _ => Severity::NeedsOperator,
+            },
+            PipelineError::Model(e) => match e {
+                ModelError::Core(e) => Severity::of_storage(e),
+                ModelError::Internal(_) | ModelError::DataFusion(_) => Severity::Bug,
+                _ => Severity::NeedsOperator,
+            },
+            PipelineError::Query(e) => match e {
+                QueryError::Core(e) => Severity::of_storage(e),
+                QueryError::InvalidParameter { .. } | QueryError::BeforeHistory { .. } => Severity::Usage,
+                QueryError::MissingTable { .. } => Severity::NeedsOperator,
+                _ => Severity::Bug,
+            },
+            PipelineError::Task { .. } => Severity::Bug,
+        }
+    }
+}
+
 /// Result alias with [`PipelineError`] as the default error type.
 pub type Result<T, E = PipelineError> = std::result::Result<T, E>;
 

@@ -109,3 +109,38 @@ fn http_get(addr: &str, path: &str) -> String {
     stream.read_to_string(&mut response).expect("read");
     response
 }
+
+/// Run `sync --once` with `args`; returns its exit code and what it printed on stderr.
+fn sync_once(args: &[&str]) -> (Option<i32>, String) {
+    let output = Command::new(support::sync_binary()).args(args).arg("--once").output().expect("sync --once");
+    (output.status.code(), String::from_utf8_lossy(&output.stderr).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exit_codes_tell_a_bad_setting_a_transient_failure_and_an_operator_action_apart() {
+    let url = acme_testkit::acme_database("exit_codes", Some((0.001, 17))).await.expect("source");
+    let dir = tempfile::tempdir().expect("tmp");
+    let warehouse = dir.path().join("w").display().to_string();
+    let slot = acme_testkit::slot_for(&url);
+    let database = url.rsplit('/').next().expect("database");
+
+    // A bad setting: 2, like a bad command line.
+    let (code, err) = sync_once(&["--source", "postgres//nobody@@", "--warehouse", &warehouse]);
+    assert_eq!(code, Some(2), "a source URL that does not parse: {err}");
+    let (code, err) = sync_once(&["--source", &url, "--warehouse", &warehouse, "--memory-limit-mib", "1"]);
+    assert_eq!(code, Some(2), "a memory limit below the minimum: {err}");
+
+    // Nothing listens at the source's address: transient, 75.
+    let nowhere = format!("postgres://postgres@127.0.0.1:1/{database}");
+    let (code, err) = sync_once(&["--source", &nowhere, "--warehouse", &warehouse, "--slot", &slot]);
+    assert_eq!(code, Some(75), "an unreachable source: {err}");
+
+    // A warehouse whose slot was dropped: an operator must re-sync, 78, and the message says so.
+    let (code, err) = sync_once(&["--source", &url, "--warehouse", &warehouse, "--slot", &slot]);
+    assert_eq!(code, Some(0), "{err}");
+    let client = acme_testkit::connect(&url).await.expect("connect");
+    client.execute("SELECT pg_drop_replication_slot($1)", &[&slot]).await.expect("drop the slot");
+    let (code, err) = sync_once(&["--source", &url, "--warehouse", &warehouse, "--slot", &slot]);
+    assert_eq!(code, Some(78), "a lost slot: {err}");
+    assert!(err.contains("re-sync"), "{err}");
+}
