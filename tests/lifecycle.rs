@@ -138,7 +138,19 @@ async fn exit_codes_tell_a_bad_setting_a_transient_failure_and_an_operator_actio
     // A warehouse whose slot was dropped: an operator must re-sync, 78, and the message says so.
     let (code, err) = sync_once(&["--source", &url, "--warehouse", &warehouse, "--slot", &slot]);
     assert_eq!(code, Some(0), "{err}");
+    // Another slot name than the warehouse was synced through: a setting to put back, 2; both
+    // names given, and no advice to delete anything.
+    let (code, err) = sync_once(&["--source", &url, "--warehouse", &warehouse, "--slot", "another_slot"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains(&slot) && err.contains("another_slot") && err.contains("intact"), "{err}");
+    assert!(!err.contains("remov") && !err.contains("delet"), "{err}");
     let client = acme_testkit::connect(&url).await.expect("connect");
+    let slots: i64 = client
+        .query_one("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'another_slot'", &[])
+        .await
+        .expect("slots")
+        .get(0);
+    assert_eq!(slots, 0, "no slot was created under the other name");
     client.execute("SELECT pg_drop_replication_slot($1)", &[&slot]).await.expect("drop the slot");
     let (code, err) = sync_once(&["--source", &url, "--warehouse", &warehouse, "--slot", &slot]);
     assert_eq!(code, Some(78), "a lost slot: {err}");

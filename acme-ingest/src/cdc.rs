@@ -281,6 +281,16 @@ impl ChangeStream {
                 }
             }
         }
+        if snapshot_complete
+            && !triggers
+            && let Some(stored) = storage.get_meta(SLOT_META).await?
+            && stored != config.slot.as_bytes()
+        {
+            return Err(IngestError::SlotNameChanged {
+                stored: String::from_utf8_lossy(&stored).into_owned(),
+                configured: config.slot.clone(),
+            });
+        }
         let slot = if triggers { SlotState::Ready } else { slot_state(&client, &config.slot).await? };
         let snapshot_complete = snapshot_complete || triggers;
         match (slot, snapshot_complete) {

@@ -146,6 +146,17 @@ pub enum IngestError {
         /// The slot name.
         slot: String,
     },
+    /// The warehouse was synced through another slot than the configured one.
+    #[error(
+        "this warehouse was synced through replication slot {stored}, not {configured}: its data is intact; to \
+         continue, set the slot back to {stored} (config `slot`, `--slot {stored}`)"
+    )]
+    SlotNameChanged {
+        /// The slot the warehouse records.
+        stored: String,
+        /// The slot configured now.
+        configured: String,
+    },
     /// The slot exists but this warehouse did not create it.
     #[error(
         "replication slot {slot} already exists and this warehouse did not create it (another warehouse may \
