@@ -25,26 +25,26 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// Command-line arguments.
 #[derive(Debug, Parser)]
-#[command(about = "Run acme end to end and print the four logistics reports")]
+#[command(version, about = "Run acme end to end and print the four logistics reports")]
 struct Args {
     /// Source PostgreSQL URL; without it an ephemeral local cluster with generated data is used
     /// (and a live workload writes to it while acme streams).
-    #[arg(long)]
+    #[arg(long, env = "ACME_SOURCE")]
     source: Option<String>,
     /// Warehouse directory or URL (default: a new temporary directory).
-    #[arg(long)]
+    #[arg(long, env = "ACME_WAREHOUSE")]
     warehouse: Option<String>,
     /// Scale factor of the generated data (ephemeral source only).
-    #[arg(long, default_value_t = 0.05)]
+    #[arg(long, env = "ACME_SCALE", default_value_t = 0.05)]
     scale: f64,
     /// Seed of the generated data and workload.
-    #[arg(long, default_value_t = 42)]
+    #[arg(long, env = "ACME_SEED", default_value_t = 42)]
     seed: u64,
     /// Seconds of live workload while streaming (ephemeral source only).
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, env = "ACME_SECONDS", default_value_t = 5)]
     seconds: u64,
     /// Rows shown per report.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, env = "ACME_LIMIT", default_value_t = 3)]
     limit: usize,
 }
 

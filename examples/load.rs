@@ -9,16 +9,16 @@ use clap::Parser;
 
 /// Command-line arguments.
 #[derive(Debug, Parser)]
-#[command(about = "Create the ACME source schema in a database and load generated data")]
+#[command(version, about = "Create the ACME source schema in a database and load generated data")]
 struct Args {
     /// Target PostgreSQL URL (its `operations` schema must not exist yet).
-    #[arg(long)]
+    #[arg(long, env = "ACME_TARGET")]
     target: String,
     /// Scale factor (1 = 100k customers, 10k products, 1M orders, 7-10 items each).
-    #[arg(long, default_value_t = 0.01)]
+    #[arg(long, env = "ACME_SCALE", default_value_t = 0.01)]
     scale: f64,
     /// Seed.
-    #[arg(long, default_value_t = 42)]
+    #[arg(long, env = "ACME_SEED", default_value_t = 42)]
     seed: u64,
 }
 

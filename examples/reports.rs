@@ -25,29 +25,35 @@ enum Format {
 
 /// Command-line arguments.
 #[derive(Debug, Parser)]
-#[command(about = "Print the four ACME logistics reports")]
+#[command(version, about = "Print the four ACME logistics reports")]
 struct Args {
     /// Warehouse directory or URL.
-    #[arg(long)]
+    #[arg(long, env = "ACME_WAREHOUSE")]
     warehouse: String,
     /// Answer as of this instant (RFC 3339).
-    #[arg(long)]
+    #[arg(long, env = "ACME_AS_OF")]
     as_of: Option<chrono::DateTime<chrono::Utc>>,
     /// Rows of R2, and ranks of R4.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, env = "ACME_LIMIT", default_value_t = 3)]
     limit: usize,
     /// Orders counted by R1 and R4: open, pending, or one status.
-    #[arg(long)]
+    #[arg(long, env = "ACME_STATUS")]
     status: Option<String>,
     /// Output format.
-    #[arg(long, value_enum, default_value_t = Format::Table)]
+    #[arg(long, env = "ACME_FORMAT", value_enum, default_value_t = Format::Table)]
     format: Format,
+    /// An object-store option as key=value (for S3: aws_endpoint, aws_region, aws_access_key_id,
+    /// aws_secret_access_key, aws_allow_http, ...); repeat it for several, or give them
+    /// comma-separated in ACME_STORAGE_OPTIONS.
+    #[arg(long = "storage-option", env = "ACME_STORAGE_OPTIONS", value_delimiter = ',',
+          value_parser = acme::core::config::parse_storage_option)]
+    storage_option: Vec<(String, String)>,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let w = Warehouse::open(&args.warehouse).await?;
+    let w = Warehouse::open_with_options(&args.warehouse, args.storage_option.iter().cloned().collect()).await?;
     let r1_filter = args.status.as_deref().map(StatusFilter::parse).transpose()?.unwrap_or(StatusFilter::Open);
     let r4_filter = args.status.as_deref().map(StatusFilter::parse).transpose()?.unwrap_or(StatusFilter::Pending);
     let open_orders = w.open_orders(r1_filter, args.as_of).await?;

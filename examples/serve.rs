@@ -21,25 +21,31 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// Command-line arguments.
 #[derive(Debug, Parser)]
-#[command(about = "Serve the ACME reports over HTTP")]
+#[command(version, about = "Serve the ACME reports over HTTP")]
 struct Args {
     /// Warehouse directory or URL.
-    #[arg(long)]
+    #[arg(long, env = "ACME_WAREHOUSE")]
     warehouse: String,
     /// Also run the pipeline from this source in-process (`acme::Pipeline`): every request
     /// answers from the newest consistent state.
-    #[arg(long)]
+    #[arg(long, env = "ACME_SOURCE")]
     source: Option<String>,
     /// Address to listen on (loopback by default).
-    #[arg(long, default_value = "127.0.0.1:8000")]
+    #[arg(long, env = "ACME_ADDR", default_value = "127.0.0.1:8000")]
     addr: String,
     /// With `--source`: the replication slot (the one the warehouse was synced with).
-    #[arg(long, default_value = acme::core::config::DEFAULT_SLOT)]
+    #[arg(long, env = "ACME_SLOT", default_value = acme::core::config::DEFAULT_SLOT)]
     slot: String,
     /// With `--source`: `GET /ready` answers 503 while the pipeline's lag exceeds this many
     /// seconds.
-    #[arg(long, default_value_t = acme::http::DEFAULT_MAX_READY_LAG.as_secs_f64())]
+    #[arg(long, env = "ACME_MAX_READY_LAG_S", default_value_t = acme::http::DEFAULT_MAX_READY_LAG.as_secs_f64())]
     max_ready_lag_s: f64,
+    /// An object-store option as key=value (for S3: aws_endpoint, aws_region, aws_access_key_id,
+    /// aws_secret_access_key, aws_allow_http, ...); repeat it for several, or give them
+    /// comma-separated in ACME_STORAGE_OPTIONS.
+    #[arg(long = "storage-option", env = "ACME_STORAGE_OPTIONS", value_delimiter = ',',
+          value_parser = acme::core::config::parse_storage_option)]
+    storage_option: Vec<(String, String)>,
 }
 
 /// Exit codes: 0 done; 2 a bad command line or setting; 75 transient (run again later); 78 an
@@ -66,14 +72,20 @@ async fn run() -> anyhow::Result<()> {
     let mut pipeline = None;
     let state = match &args.source {
         Some(source) => {
-            let config =
-                AcmeConfig::builder().source_url(source).storage_url(&args.warehouse).slot(&args.slot).build()?;
+            let config = AcmeConfig::builder()
+                .source_url(source)
+                .storage_url(&args.warehouse)
+                .storage_options(args.storage_option.iter().cloned())
+                .slot(&args.slot)
+                .build()?;
             let started = Pipeline::builder(config).start().await?;
             let state = ServiceState::pipeline(&started).max_lag(Duration::from_secs_f64(args.max_ready_lag_s));
             pipeline = Some(started);
             state
         }
-        None => ServiceState::new(Warehouse::open(&args.warehouse).await?),
+        None => ServiceState::new(
+            Warehouse::open_with_options(&args.warehouse, args.storage_option.iter().cloned().collect()).await?,
+        ),
     };
     let listener = tokio::net::TcpListener::bind(&args.addr).await?;
     println!("serving on http://{}", listener.local_addr()?);

@@ -27,42 +27,48 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// Command-line arguments.
 #[derive(Debug, Parser)]
-#[command(about = "Replicate a PostgreSQL source into an acme warehouse")]
+#[command(version, about = "Replicate a PostgreSQL source into an acme warehouse")]
 struct Args {
     /// Source PostgreSQL URL.
-    #[arg(long)]
+    #[arg(long, env = "ACME_SOURCE")]
     source: String,
     /// Warehouse directory or URL.
-    #[arg(long)]
+    #[arg(long, env = "ACME_WAREHOUSE")]
     warehouse: String,
     /// Catch up once, build the model and exit.
     #[arg(long)]
     once: bool,
     /// Milliseconds between two checks of whether a model build is due while streaming.
-    #[arg(long, default_value_t = acme::DEFAULT_MODEL_INTERVAL.as_millis() as u64)]
+    #[arg(long, env = "ACME_MODEL_INTERVAL_MS", default_value_t = acme::DEFAULT_MODEL_INTERVAL.as_millis() as u64)]
     model_interval_ms: u64,
     /// Fold the raw changes after the stored model's position into it once they reach this
     /// fraction of the model's rows (the reports do not wait for builds: they apply those
     /// changes on read). 0 builds whenever there are any.
-    #[arg(long, default_value_t = acme::DEFAULT_FOLD_RATIO)]
+    #[arg(long, env = "ACME_FOLD_RATIO", default_value_t = acme::DEFAULT_FOLD_RATIO)]
     fold_ratio: f64,
     /// Fold them in, however few, once the stored model is this many seconds old.
-    #[arg(long, default_value_t = acme::DEFAULT_MAX_MODEL_LAG.as_secs())]
+    #[arg(long, env = "ACME_MAX_MODEL_LAG_S", default_value_t = acme::DEFAULT_MAX_MODEL_LAG.as_secs())]
     max_model_lag_s: u64,
     /// Seconds between two status lines while streaming.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, env = "ACME_STATUS_INTERVAL", default_value_t = 5)]
     status_interval: u64,
     /// Replication slot name (with `--cdc-mode triggers`: the name of the changelog objects).
-    #[arg(long, default_value = acme::core::config::DEFAULT_SLOT)]
+    #[arg(long, env = "ACME_SLOT", default_value = acme::core::config::DEFAULT_SLOT)]
     slot: String,
     /// How changes are captured: `stream` (logical decoding, the default), `sql-poll` (logical
     /// decoding read by SQL) or `triggers` (the fallback for sources without logical replication).
-    #[arg(long, default_value = "stream", value_parser = parse_cdc_mode)]
+    #[arg(long, env = "ACME_CDC_MODE", default_value = "stream", value_parser = parse_cdc_mode)]
     cdc_mode: CdcMode,
     /// Memory the model build's query engine may hold, in MiB (sorts and aggregations spill
     /// to the temporary directory beyond it).
-    #[arg(long, default_value_t = acme::core::config::DEFAULT_MEMORY_LIMIT_BYTES / (1024 * 1024))]
+    #[arg(long, env = "ACME_MEMORY_LIMIT_MIB", default_value_t = acme::core::config::DEFAULT_MEMORY_LIMIT_BYTES / (1024 * 1024))]
     memory_limit_mib: u64,
+    /// An object-store option as key=value (for S3: aws_endpoint, aws_region, aws_access_key_id,
+    /// aws_secret_access_key, aws_allow_http, ...); repeat it for several, or give them
+    /// comma-separated in ACME_STORAGE_OPTIONS.
+    #[arg(long = "storage-option", env = "ACME_STORAGE_OPTIONS", value_delimiter = ',',
+          value_parser = acme::core::config::parse_storage_option)]
+    storage_option: Vec<(String, String)>,
 }
 
 fn parse_cdc_mode(value: &str) -> Result<CdcMode, String> {
@@ -98,6 +104,7 @@ async fn run() -> anyhow::Result<()> {
     let config = AcmeConfig::builder()
         .source_url(&args.source)
         .storage_url(&args.warehouse)
+        .storage_options(args.storage_option.iter().cloned())
         .slot(&args.slot)
         .cdc_mode(args.cdc_mode)
         .memory_limit_bytes(args.memory_limit_mib * 1024 * 1024)

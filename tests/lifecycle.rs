@@ -156,3 +156,57 @@ async fn exit_codes_tell_a_bad_setting_a_transient_failure_and_an_operator_actio
     assert_eq!(code, Some(78), "a lost slot: {err}");
     assert!(err.contains("re-sync"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_flag_comes_from_the_environment_too_and_storage_options_reach_s3() {
+    let url = acme_testkit::acme_database("cli_env", Some((0.001, 19))).await.expect("source");
+    let slot = acme_testkit::slot_for(&url);
+
+    let version = Command::new(support::sync_binary()).arg("--version").output().expect("--version");
+    let text = String::from_utf8_lossy(&version.stdout);
+    assert!(version.status.success() && text.contains(env!("CARGO_PKG_VERSION")), "{text}");
+
+    // A storage option that is not key=value: a usage error that names it.
+    let output = Command::new(support::sync_binary())
+        .args(["--source", &url, "--warehouse", "/nonexistent", "--storage-option", "aws_region", "--once"])
+        .output()
+        .expect("sync");
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{err}");
+    assert!(err.contains("aws_region") && err.contains("key=value"), "{err}");
+
+    // The source, the warehouse (on the S3 API server), the slot and the storage options from
+    // the environment only: the snapshot and the model land in the bucket.
+    let moto = acme_testkit::MotoServer::start().expect("moto S3 server (installed by .ci/run)");
+    moto.create_bucket("acme-cli").expect("bucket");
+    let options: Vec<String> = moto.storage_options().iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let output = Command::new(support::sync_binary())
+        .arg("--once")
+        .env("ACME_SOURCE", &url)
+        .env("ACME_WAREHOUSE", "s3://acme-cli/warehouse")
+        .env("ACME_SLOT", &slot)
+        .env("ACME_STORAGE_OPTIONS", options.join(","))
+        .output()
+        .expect("sync");
+    let out = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success() && out.contains("model at raw LSN"),
+        "{out}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let w = acme::query::Warehouse::open_with_options("s3://acme-cli/warehouse", moto.storage_options())
+        .await
+        .expect("open on S3");
+    let client = acme_testkit::connect(&url).await.expect("connect");
+    assert_eq!(support::reports(&w, 3).await, acme_testkit::oracle::source_reports(&client, 3).await.expect("oracle"));
+
+    // `reports` reads the same warehouse with its options from the command line.
+    let mut reports = Command::new(support::example_binary("reports"));
+    reports.args(["--warehouse", "s3://acme-cli/warehouse", "--format", "json"]);
+    for option in &options {
+        reports.args(["--storage-option", option]);
+    }
+    let output = reports.output().expect("reports");
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON");
+    assert!(json["open_orders"].as_array().is_some_and(|r| !r.is_empty()), "{json}");
+}

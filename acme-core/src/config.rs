@@ -212,6 +212,12 @@ impl AcmeConfigBuilder {
         self
     }
 
+    /// Several object-store options at once (see [`AcmeConfigBuilder::storage_option`]).
+    pub fn storage_options(mut self, options: impl IntoIterator<Item = (String, String)>) -> Self {
+        self.config.storage_options.extend(options);
+        self
+    }
+
     /// The source schema.
     pub fn schema(mut self, schema: impl Into<String>) -> Self {
         self.config.schema = schema.into();
@@ -298,6 +304,22 @@ impl AcmeConfigBuilder {
     pub fn build(self) -> Result<AcmeConfig> {
         self.config.validate()?;
         Ok(self.config)
+    }
+}
+
+/// Parse a storage option given as `key=value` (for example on a command line).
+pub fn parse_storage_option(text: &str) -> std::result::Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((key, value)) if !key.trim().is_empty() => Ok((key.trim().to_string(), value.to_string())),
+        _ => Err(format!("`{}` is not key=value (for example aws_region=eu-west-1)", redact_option_text(text))),
+    }
+}
+
+/// A `key=value` text with the value hidden when the key names a secret.
+fn redact_option_text(text: &str) -> String {
+    match text.split_once('=') {
+        Some((key, _)) if is_secret_option(key) => format!("{key}={REDACTED}"),
+        _ => text.to_string(),
     }
 }
 
