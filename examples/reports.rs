@@ -1,8 +1,11 @@
-//! Print the four reports of a warehouse, now or as of an instant, as tables or JSON.
+//! Print the four reports of a warehouse, now or as of an instant, as tables or JSON; or the
+//! answer to an ad-hoc SQL query over its tables, as a table, JSON or CSV.
 //!
 //! ```text
 //! cargo run --release --example reports -- --warehouse ./warehouse [--as-of 2026-01-01T00:00:00Z] \
 //!     [--limit 3] [--status open] [--format table|json]
+//! cargo run --release --example reports -- --warehouse ./warehouse \
+//!     --sql "SELECT status, count(*) FROM orders_current GROUP BY status" [--format table|json|csv]
 //! ```
 
 use acme::query::{StatusFilter, Warehouse};
@@ -19,8 +22,10 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 enum Format {
     /// Aligned text tables.
     Table,
-    /// One JSON object with the four reports.
+    /// One JSON object with the four reports (with `--sql`: an array of row objects).
     Json,
+    /// With `--sql` only: comma-separated values with a header line.
+    Csv,
 }
 
 /// Command-line arguments.
@@ -48,12 +53,23 @@ struct Args {
     #[arg(long = "storage-option", env = "ACME_STORAGE_OPTIONS", value_delimiter = ',',
           value_parser = acme::core::config::parse_storage_option)]
     storage_option: Vec<(String, String)>,
+    /// Run this SQL over the warehouse's tables instead of the four reports (the histories
+    /// `<table>_history`, the current rows `<table>_current`, the star schema, `raw_<table>`).
+    #[arg(long, env = "ACME_SQL")]
+    sql: Option<String>,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let w = Warehouse::open_with_options(&args.warehouse, args.storage_option.iter().cloned().collect()).await?;
+    if let Some(sql) = &args.sql {
+        let batches = w.sql(sql).await?.collect().await?;
+        return print_rows(&batches, args.format);
+    }
+    if matches!(args.format, Format::Csv) {
+        anyhow::bail!("--format csv is for --sql; the four reports print as table or json");
+    }
     let r1_filter = args.status.as_deref().map(StatusFilter::parse).transpose()?.unwrap_or(StatusFilter::Open);
     let r4_filter = args.status.as_deref().map(StatusFilter::parse).transpose()?.unwrap_or(StatusFilter::Pending);
     let open_orders = w.open_orders(r1_filter, args.as_of).await?;
@@ -70,7 +86,7 @@ async fn main() -> anyhow::Result<()> {
             });
             println!("{out}");
         }
-        Format::Table => {
+        Format::Table | Format::Csv => {
             println!("R1 open orders by delivery date and status");
             for r in &open_orders {
                 println!(
@@ -105,4 +121,51 @@ async fn main() -> anyhow::Result<()> {
 
 fn opt<T: ToString>(v: Option<T>) -> String {
     v.map(|v| v.to_string()).unwrap_or_else(|| "-".into())
+}
+
+/// Ad-hoc query rows in `format` on stdout (string views written as plain strings).
+fn print_rows(
+    batches: &[acme::query::datafusion::arrow::record_batch::RecordBatch],
+    format: Format,
+) -> anyhow::Result<()> {
+    use acme::query::datafusion::arrow::datatypes::{DataType, Field, Schema};
+    let plain: Vec<_> = batches
+        .iter()
+        .map(|b| {
+            let fields: Vec<Field> = b
+                .schema()
+                .fields()
+                .iter()
+                .map(|f| match f.data_type() {
+                    DataType::Utf8View => f.as_ref().clone().with_data_type(DataType::Utf8),
+                    DataType::BinaryView => f.as_ref().clone().with_data_type(DataType::Binary),
+                    _ => f.as_ref().clone(),
+                })
+                .collect();
+            let columns = b
+                .columns()
+                .iter()
+                .zip(&fields)
+                .map(|(c, f)| arrow::compute::cast(c, f.data_type()))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(arrow::record_batch::RecordBatch::try_new(std::sync::Arc::new(Schema::new(fields)), columns)?)
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let stdout = std::io::stdout().lock();
+    match format {
+        Format::Table => println!("{}", arrow::util::pretty::pretty_format_batches(&plain)?),
+        Format::Json => {
+            let mut writer = arrow::json::ArrayWriter::new(stdout);
+            writer.write_batches(&plain.iter().collect::<Vec<_>>())?;
+            writer.finish()?;
+            println!();
+        }
+        Format::Csv => {
+            let mut writer = arrow::csv::Writer::new(stdout);
+            for batch in &plain {
+                writer.write(batch)?;
+            }
+        }
+    }
+    Ok(())
 }

@@ -209,4 +209,42 @@ async fn every_flag_comes_from_the_environment_too_and_storage_options_reach_s3(
     let output = reports.output().expect("reports");
     let json: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON");
     assert!(json["open_orders"].as_array().is_some_and(|r| !r.is_empty()), "{json}");
+
+    // Ad-hoc SQL, in the three formats, equal to the source's answer.
+    let expected: Vec<(String, i64)> = client
+        .query("SELECT status, count(*) FROM operations.orders GROUP BY status ORDER BY status", &[])
+        .await
+        .expect("source counts")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let sql = "SELECT status, count(*) AS orders FROM orders_current GROUP BY status ORDER BY status";
+    let run = |format: &str| {
+        let mut command = Command::new(support::example_binary("reports"));
+        command.args(["--warehouse", "s3://acme-cli/warehouse", "--sql", sql, "--format", format]);
+        command.env("ACME_STORAGE_OPTIONS", options.join(","));
+        let output = command.output().expect("reports --sql");
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    let csv = run("csv");
+    let mut lines = csv.lines();
+    assert_eq!(lines.next(), Some("status,orders"), "{csv}");
+    let rows: Vec<(String, i64)> = lines
+        .map(|l| l.split_once(',').map(|(s, n)| (s.to_string(), n.parse().expect("count"))).expect("two fields"))
+        .collect();
+    assert_eq!(rows, expected, "CSV");
+    let json: serde_json::Value = serde_json::from_str(&run("json")).expect("JSON rows");
+    let rows: Vec<(String, i64)> = json
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|r| (r["status"].as_str().expect("status").to_string(), r["orders"].as_i64().expect("orders")))
+        .collect();
+    assert_eq!(rows, expected, "JSON");
+    let table = run("table");
+    assert!(
+        expected.iter().all(|(status, n)| table.contains(status.as_str()) && table.contains(&n.to_string())),
+        "{table}"
+    );
 }
