@@ -395,8 +395,8 @@ impl Pipeline {
     }
 
     /// A warehouse handle that holds every change committed at the source before the call:
-    /// waits until the slot's confirmed position passes the source's WAL position read now,
-    /// then returns the newest handle. Logical decoding only (with
+    /// commits a heartbeat at the source ([`acme_ingest::cdc::write_heartbeat`]), waits until
+    /// the slot's confirmed position passes it, then returns the newest handle. Logical decoding only (with
     /// [`acme_core::CdcMode::Triggers`] there is no WAL position to wait for).
     pub async fn caught_up(&self) -> Result<Arc<Warehouse>> {
         if self.config.cdc_mode == acme_core::CdcMode::Triggers {
@@ -408,15 +408,11 @@ impl Pipeline {
         let url = SourceUrl::parse(self.config.source_url.as_deref().ok_or(IngestError::NoSource)?)?
             .with_timeout(self.config.source_timeout);
         let client = url.connect().await?;
-        let row = url
-            .bounded_sql(
-                "reading the source's WAL position",
-                client.query_one("SELECT pg_current_wal_lsn()::text", &[]),
-            )
-            .await?;
-        let target = Lsn::parse(row.get::<_, &str>(0))?;
+        // Not `pg_current_wal_lsn()`: with asynchronous commit a transaction that has committed
+        // may end past the WAL written so far, and the slot could pass that position first.
+        let target = acme_ingest::cdc::write_heartbeat(&url, &client).await?;
         let mut status = self.status.clone();
-        let reached = status.wait_for(|s| s.confirmed_lsn >= target || !s.running).await.map(|s| s.running);
+        let reached = status.wait_for(|s| s.confirmed_lsn > target || !s.running).await.map(|s| s.running);
         if !reached.unwrap_or(false) {
             let error = self.status.borrow().last_error.clone().unwrap_or_else(|| "shut down".into());
             return Err(PipelineError::Task { task: "caught_up", message: format!("the pipeline stopped: {error}") });

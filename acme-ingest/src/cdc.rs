@@ -53,6 +53,27 @@ pub const SLOT_META: &str = "slot";
 /// Metadata document naming the capture method that filled the warehouse.
 pub const CAPTURE_META: &str = "capture";
 
+/// Commit a heartbeat on `client` (a connection to the source at `url`): a transactional
+/// logical-decoding message with synchronous commit, which writes no table and flushes all WAL
+/// before it, so every transaction committed before the call (with asynchronous commit too) is
+/// decoded before it. Returns the message's LSN: a slot confirmed past it holds them all.
+pub async fn write_heartbeat(url: &SourceUrl, client: &tokio_postgres::Client) -> Result<Lsn> {
+    let write = async {
+        client
+            .batch_execute("BEGIN; SET LOCAL synchronous_commit = on")
+            .await
+            .map_err(sql("starting the heartbeat"))?;
+        let lsn: String = client
+            .query_one("SELECT pg_logical_emit_message(true, 'acme-heartbeat', '')::text", &[])
+            .await
+            .map_err(sql("writing the heartbeat"))?
+            .get(0);
+        client.batch_execute("COMMIT").await.map_err(sql("committing the heartbeat"))?;
+        Ok(lsn)
+    };
+    Lsn::parse(&url.bounded("writing a heartbeat", write).await?)
+}
+
 /// An idle stream writes a heartbeat this often so that its slot keeps advancing.
 pub const IDLE_HEARTBEAT: Duration = Duration::from_secs(10);
 
@@ -1056,22 +1077,8 @@ impl ChangeStream {
     /// past it proves every transaction committed before the call was read, and lets an idle
     /// stream advance its slot so the source does not retain WAL.
     pub async fn heartbeat(&mut self) -> Result<Lsn> {
-        let client = &self.client;
-        let write = async {
-            client
-                .batch_execute("BEGIN; SET LOCAL synchronous_commit = on")
-                .await
-                .map_err(sql("starting the heartbeat"))?;
-            let lsn: String = client
-                .query_one("SELECT pg_logical_emit_message(true, 'acme-heartbeat', '')::text", &[])
-                .await
-                .map_err(sql("writing the heartbeat"))?
-                .get(0);
-            client.batch_execute("COMMIT").await.map_err(sql("committing the heartbeat"))?;
-            Ok(lsn)
-        };
-        match self.url.bounded("writing a heartbeat", write).await {
-            Ok(lsn) => Lsn::parse(&lsn),
+        match write_heartbeat(&self.url, &self.client).await {
+            Ok(lsn) => Ok(lsn),
             Err(e) => {
                 // A heartbeat cut off half-way leaves its transaction open: start afresh.
                 self.dirty = true;
