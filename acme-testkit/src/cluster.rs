@@ -130,31 +130,11 @@ impl PgCluster {
     /// Create the superuser `user` (with REPLICATION) whose connections from loopback,
     /// ordinary and replication, must give `password` (SCRAM). Other users are unaffected.
     pub async fn add_password_user(&self, user: &str, password: &str) -> Result<()> {
-        let hba = self.data_dir().join("pg_hba.conf");
-        let existing = std::fs::read_to_string(&hba)
-            .map_err(|source| HarnessError::Io { what: format!("reading {}", hba.display()), source })?;
         let rules =
             format!("host all {user} 127.0.0.1/32 scram-sha-256\nhost replication {user} 127.0.0.1/32 scram-sha-256\n");
-        std::fs::write(&hba, format!("{rules}{existing}"))
-            .map_err(|source| HarnessError::Io { what: format!("writing {}", hba.display()), source })?;
-        let (client, connection) = tokio_postgres::connect(&self.url("postgres"), tokio_postgres::NoTls)
-            .await
-            .map_err(|source| HarnessError::Connect { url: self.url("postgres"), source })?;
-        let task = tokio::spawn(connection);
-        for sql in [
-            format!("CREATE ROLE \"{user}\" LOGIN SUPERUSER REPLICATION PASSWORD '{}'", password.replace('\'', "''")),
-            "SELECT pg_reload_conf()".to_string(),
-        ] {
-            client
-                .batch_execute(&sql)
-                .await
-                .map_err(|source| HarnessError::Sql { what: "adding a user with a password".into(), source })?;
-        }
-        drop(client);
-        let _ = task.await;
-        // The reload is asynchronous: give the postmaster a moment to read the new rules.
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        Ok(())
+        let role =
+            format!("CREATE ROLE \"{user}\" LOGIN SUPERUSER REPLICATION PASSWORD '{}'", password.replace('\'', "''"));
+        self.add_user_rules("adding a user with a password", &rules, &[role]).await
     }
 
     /// Turn TLS on with a fresh self-signed certificate (made with the `openssl` tool), and
@@ -176,32 +156,34 @@ impl PgCluster {
                 .arg(data.join("server.key"))
                 .arg(data.join("server.crt")))?;
         }
-        let hba = data.join("pg_hba.conf");
-        let existing = std::fs::read_to_string(&hba)
-            .map_err(|source| HarnessError::Io { what: format!("reading {}", hba.display()), source })?;
         let rules = format!(
             "hostnossl all {user} 127.0.0.1/32 reject\nhostnossl replication {user} 127.0.0.1/32 reject\n\
              hostssl all {user} 127.0.0.1/32 trust\nhostssl replication {user} 127.0.0.1/32 trust\n"
         );
+        let statements =
+            [format!("CREATE ROLE \"{user}\" LOGIN SUPERUSER REPLICATION"), "ALTER SYSTEM SET ssl = on".into()];
+        self.add_user_rules("enabling TLS", &rules, &statements).await
+    }
+
+    /// Put `rules` first in `pg_hba.conf`, run `statements` as the superuser, and reload the
+    /// configuration (`what` names the step in errors).
+    async fn add_user_rules(&self, what: &str, rules: &str, statements: &[String]) -> Result<()> {
+        let hba = self.data_dir().join("pg_hba.conf");
+        let existing = std::fs::read_to_string(&hba)
+            .map_err(|source| HarnessError::Io { what: format!("reading {}", hba.display()), source })?;
         std::fs::write(&hba, format!("{rules}{existing}"))
             .map_err(|source| HarnessError::Io { what: format!("writing {}", hba.display()), source })?;
         let (client, connection) = tokio_postgres::connect(&self.url("postgres"), tokio_postgres::NoTls)
             .await
             .map_err(|source| HarnessError::Connect { url: self.url("postgres"), source })?;
         let task = tokio::spawn(connection);
-        for sql in [
-            format!("CREATE ROLE \"{user}\" LOGIN SUPERUSER REPLICATION"),
-            "ALTER SYSTEM SET ssl = on".to_string(),
-            "SELECT pg_reload_conf()".to_string(),
-        ] {
-            client
-                .batch_execute(&sql)
-                .await
-                .map_err(|source| HarnessError::Sql { what: "enabling TLS".into(), source })?;
+        for sql in statements.iter().map(String::as_str).chain(["SELECT pg_reload_conf()"]) {
+            client.batch_execute(sql).await.map_err(|source| HarnessError::Sql { what: what.into(), source })?;
         }
         drop(client);
         let _ = task.await;
-        // The reload is asynchronous: give the postmaster a moment to load the certificate.
+        // The reload is asynchronous: give the postmaster a moment to read the rules (and a
+        // certificate).
         tokio::time::sleep(Duration::from_millis(300)).await;
         Ok(())
     }
