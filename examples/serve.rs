@@ -53,13 +53,7 @@ struct Args {
 /// (`acme::Severity`).
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    match run().await {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("Error: {error:?}");
-            std::process::ExitCode::from(acme::exit_code(error.as_ref()))
-        }
-    }
+    acme::exit_status(run().await)
 }
 
 async fn run() -> anyhow::Result<()> {

@@ -85,13 +85,7 @@ fn parse_cdc_mode(value: &str) -> Result<CdcMode, String> {
 /// (`acme::Severity`).
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    match run().await {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("Error: {error:?}");
-            std::process::ExitCode::from(acme::exit_code(error.as_ref()))
-        }
-    }
+    acme::exit_status(run().await)
 }
 
 async fn run() -> anyhow::Result<()> {

@@ -64,6 +64,21 @@ pub fn exit_code(error: &(dyn std::error::Error + 'static)) -> u8 {
     1
 }
 
+/// The exit status of a program whose `main` ran to `result`: success, or the error printed
+/// on stderr and [`exit_code`]'s code.
+pub fn exit_status<E>(result: std::result::Result<(), E>) -> std::process::ExitCode
+where
+    E: std::fmt::Debug + AsRef<dyn std::error::Error + Send + Sync + 'static>,
+{
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("Error: {error:?}");
+            std::process::ExitCode::from(exit_code(error.as_ref()))
+        }
+    }
+}
+
 pub use pipeline::{
     DEFAULT_FOLD_RATIO, DEFAULT_MAX_MODEL_LAG, DEFAULT_MODEL_INTERVAL, Pipeline, PipelineBuilder, PipelineError,
     PipelineStatus, Severity,
