@@ -24,9 +24,8 @@ use std::time::{Duration, Instant};
 use acme_core::raw;
 use acme_core::storage::{Manifest, manifests};
 use acme_core::{AcmeConfig, CompactOptions, Layer, LayerTable, Position, Storage};
-use arrow::array::{Array, ArrayRef, BooleanArray, Date32Array, Int32Array, RecordBatch, StringArray};
+use arrow::array::Array;
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
-use chrono::{Datelike, NaiveDate};
 use datafusion::prelude::{DataFrame, SessionConfig, SessionContext};
 
 use crate::error::{ModelError, Result};
@@ -47,15 +46,13 @@ pub mod tables {
     pub const DIM_CUSTOMER: &str = "dim_customer";
     /// Product dimension with history and surrogate keys (`product_sk`; -1 = unknown member).
     pub const DIM_PRODUCT: &str = "dim_product";
-    /// Calendar dimension over the order and delivery dates.
-    pub const DIM_DATE: &str = "dim_date";
-    /// Order status dimension.
-    pub const DIM_STATUS: &str = "dim_status";
-    /// One row per order status transition.
+    /// One row per order status transition: when the order entered and left each status.
     pub const FACT_ORDER_STATUS: &str = "fact_order_status";
-    /// Accumulating snapshot of current orders: when each status was reached.
+    /// One row per order version, valid from-to: status (degenerate dimension with the
+    /// `is_open` and `is_pending` flags), delivery date, customer.
     pub const FACT_ORDERS: &str = "fact_orders";
-    /// Current order items with the unit price in force when the order was placed.
+    /// One row per order item version, valid from-to, with the product version, unit price and
+    /// amount in force when the order was placed.
     pub const FACT_ORDER_ITEMS: &str = "fact_order_items";
     /// Aggregate: current orders per (delivery_date, status), for R1 and R2.
     pub const AGG_ORDERS_BY_DELIVERY_DATE: &str = "agg_orders_by_delivery_date";
@@ -129,10 +126,8 @@ impl ModelBuild {
             self.specs.iter().map(|spec| (Layer::Intermediate, spec.history_table())).collect();
         out.extend(
             [
-                tables::DIM_STATUS,
                 tables::DIM_CUSTOMER,
                 tables::DIM_PRODUCT,
-                tables::DIM_DATE,
                 tables::FACT_ORDER_STATUS,
                 tables::FACT_ORDER_ITEMS,
                 tables::FACT_ORDERS,
@@ -277,8 +272,6 @@ impl ModelBuild {
             )
             .await?;
         build.orders_aggregate().await?;
-        build.date_dimension().await?;
-        build.status_dimension().await?;
         build.compact(&self.model_tables(), &self.specs).await?;
         // Readers pin the versions named here: they never see a half-built model.
         build.write_manifest(&self.model_tables()).await?;
@@ -675,63 +668,6 @@ impl Build<'_> {
         self.apply(table, name, &target, df, None, step).await
     }
 
-    /// The calendar, rewritten when the range of order and delivery dates grows.
-    async fn date_dimension(&mut self) -> Result<()> {
-        let started = Instant::now();
-        let (existing, from) = self.built(Layer::Presentation, tables::DIM_DATE).await?;
-        if from >= self.target {
-            return Ok(());
-        }
-        let dates = date_dimension(self.ctx).await?;
-        if let Some(table) = &existing
-            && from > 0
-        {
-            self.register(tables::DIM_DATE, table)?;
-            let current = self
-                .ctx
-                .sql(&format!(
-                    "SELECT CAST(min(date) AS INT), CAST(max(date) AS INT), count(*) FROM {}",
-                    tables::DIM_DATE
-                ))
-                .await?
-                .collect()
-                .await?;
-            let wanted = dates
-                .column(0)
-                .as_any()
-                .downcast_ref::<Date32Array>()
-                .map(|d| (d.len(), (!d.is_empty()).then(|| (d.value(0), d.value(d.len() - 1)))));
-            let stored = current.first().and_then(|b| {
-                let lo = b.column(0).as_any().downcast_ref::<Int32Array>()?;
-                let hi = b.column(1).as_any().downcast_ref::<Int32Array>()?;
-                let n = b.column(2).as_any().downcast_ref::<arrow::array::Int64Array>()?;
-                Some((n.value(0) as usize, (!lo.is_null(0)).then(|| (lo.value(0), hi.value(0)))))
-            });
-            if wanted == stored {
-                return Ok(());
-            }
-        }
-        let df = self.ctx.read_batch(dates)?;
-        let table = self.table(existing, Layer::Presentation, tables::DIM_DATE, &df).await?;
-        let target = Target { key: "date", keys: Keys::All, open: None };
-        let step = Step { incremental: false, keys: 0, started };
-        self.apply(table, tables::DIM_DATE, &target, df, None, step).await
-    }
-
-    /// The status dimension: written once.
-    async fn status_dimension(&mut self) -> Result<()> {
-        let started = Instant::now();
-        let (existing, from) = self.built(Layer::Presentation, tables::DIM_STATUS).await?;
-        if existing.is_some() && from > 0 {
-            return Ok(());
-        }
-        let df = self.ctx.sql(&star::dim_status_sql()).await?;
-        let table = self.table(existing, Layer::Presentation, tables::DIM_STATUS, &df).await?;
-        let target = Target { key: "status_sk", keys: Keys::All, open: None };
-        let step = Step { incremental: false, keys: 0, started };
-        self.apply(table, tables::DIM_STATUS, &target, df, None, step).await
-    }
-
     /// Merge the small files incremental builds leave, sorted by each table's key.
     async fn compact(&mut self, model: &[(Layer, String)], specs: &[HistorySpec]) -> Result<()> {
         for (layer, name) in model {
@@ -741,16 +677,20 @@ impl Build<'_> {
                     CompactOptions::sorted_by(&[&spec.key, history::VALID_FROM_LSN]).split_by(history::IS_CURRENT)
                 }
                 None => {
-                    let key = match name.as_str() {
-                        tables::DIM_CUSTOMER => "customer_sk",
-                        tables::DIM_PRODUCT => "product_sk",
-                        tables::FACT_ORDER_ITEMS => "order_item_id",
-                        tables::DIM_DATE => "date",
-                        tables::DIM_STATUS => "status_sk",
-                        tables::AGG_ORDERS_BY_DELIVERY_DATE => "delivery_date",
-                        _ => "order_id",
+                    let key: &[&str] = match name.as_str() {
+                        tables::DIM_CUSTOMER => &["customer_sk"],
+                        tables::DIM_PRODUCT => &["product_sk"],
+                        tables::FACT_ORDER_ITEMS => &["order_item_id", "valid_from_lsn"],
+                        tables::FACT_ORDERS => &["order_id", "valid_from_lsn"],
+                        tables::FACT_ORDER_STATUS => &["order_id", "entered_lsn"],
+                        tables::AGG_ORDERS_BY_DELIVERY_DATE => &["delivery_date"],
+                        other => {
+                            return Err(ModelError::Internal(format!(
+                                "no compaction order declared for model table `{other}`"
+                            )));
+                        }
                     };
-                    CompactOptions::sorted_by(&[key])
+                    CompactOptions::sorted_by(key)
                 }
             };
             let options = CompactOptions {
@@ -793,45 +733,6 @@ fn storage_schema(df: &DataFrame) -> SchemaRef {
             })
             .collect::<Vec<Field>>(),
     ))
-}
-
-/// One row per day from the first order date to the last delivery date.
-async fn date_dimension(ctx: &SessionContext) -> Result<RecordBatch> {
-    let batches = ctx
-        .sql("SELECT CAST(min(order_date) AS INT), CAST(max(delivery_date) AS INT) FROM orders_history")
-        .await?
-        .collect()
-        .await?;
-    let range = batches.first().and_then(|b| {
-        let lo = b.column(0).as_any().downcast_ref::<Int32Array>()?;
-        let hi = b.column(1).as_any().downcast_ref::<Int32Array>()?;
-        (lo.len() == 1 && !lo.is_null(0) && !hi.is_null(0)).then(|| (lo.value(0), hi.value(0)))
-    });
-    let days: Vec<i32> = match range {
-        Some((lo, hi)) if hi >= lo => (lo..=hi).collect(),
-        _ => Vec::new(),
-    };
-    let epoch = NaiveDate::from_ymd_opt(1970, 1, 1).unwrap_or_default();
-    let dates: Vec<NaiveDate> = days.iter().map(|d| epoch + chrono::Duration::days(i64::from(*d))).collect();
-    let columns: Vec<ArrayRef> = vec![
-        Arc::new(Date32Array::from(days.clone())),
-        Arc::new(Int32Array::from(dates.iter().map(|d| d.year()).collect::<Vec<_>>())),
-        Arc::new(Int32Array::from(dates.iter().map(|d| d.month() as i32).collect::<Vec<_>>())),
-        Arc::new(Int32Array::from(dates.iter().map(|d| d.day() as i32).collect::<Vec<_>>())),
-        Arc::new(Int32Array::from(dates.iter().map(|d| d.weekday().number_from_monday() as i32).collect::<Vec<_>>())),
-        Arc::new(StringArray::from_iter_values(dates.iter().map(|d| d.weekday().to_string()))),
-        Arc::new(BooleanArray::from(dates.iter().map(|d| d.weekday().number_from_monday() >= 6).collect::<Vec<_>>())),
-    ];
-    let schema = Arc::new(Schema::new(vec![
-        Field::new("date", DataType::Date32, true),
-        Field::new("year", DataType::Int32, true),
-        Field::new("month", DataType::Int32, true),
-        Field::new("day", DataType::Int32, true),
-        Field::new("iso_weekday", DataType::Int32, true),
-        Field::new("weekday_name", DataType::Utf8, true),
-        Field::new("is_weekend", DataType::Boolean, true),
-    ]));
-    RecordBatch::try_new(schema, columns).map_err(|e| ModelError::Internal(format!("dim_date: {e}")))
 }
 
 /// Plan a star table's query. A whole table recomputed (`scoped` false) joins inputs that grow

@@ -155,3 +155,74 @@ pub async fn truncations(ctx: &SessionContext, relation: &str) -> datafusion::er
     }
     Ok(out)
 }
+
+/// A star-schema table kept at the raw layer's position on read: the stored rows of the keys
+/// the tail does not touch, plus the rows of the touched keys recomputed by the table's own
+/// scoped statement ([`crate::star`]) over the live histories, exactly as the next model build
+/// will write them. The work follows the tail: the touched keys and their rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LiveStar {
+    /// The presentation table.
+    pub name: &'static str,
+    /// Its key (also the key of `history`).
+    pub key: &'static str,
+    /// The source table whose history the rows are computed from.
+    pub source: &'static str,
+}
+
+/// The star tables maintained on read, in dependency order (dimensions before the facts that
+/// look them up).
+pub const LIVE_STAR: [LiveStar; 5] = [
+    LiveStar { name: crate::tables::DIM_CUSTOMER, key: "customer_id", source: "customers" },
+    LiveStar { name: crate::tables::DIM_PRODUCT, key: "product_id", source: "products" },
+    LiveStar { name: crate::tables::FACT_ORDER_STATUS, key: "order_id", source: "orders" },
+    LiveStar { name: crate::tables::FACT_ORDERS, key: "order_id", source: "orders" },
+    LiveStar { name: crate::tables::FACT_ORDER_ITEMS, key: "order_item_id", source: "order_items" },
+];
+
+/// The keys of `star` whose rows the tail changes (column `k`), as the model build finds them
+/// (its `changed` queries), from the tail instead of the histories: `first(source)` is the
+/// relation of the first tail change of each key of a source table ([`first_changes_sql`]),
+/// `stored` the schema of the stored model tables, and `new_orders` a relation of the orders
+/// with no stored version (for the items that arrived before their order).
+pub fn touched_keys_sql(
+    star: &LiveStar,
+    first: &dyn Fn(&str) -> String,
+    stored: &str,
+    new_orders: Option<&str>,
+) -> String {
+    let own = format!("SELECT k FROM {}", first(star.source));
+    match star.name {
+        crate::tables::FACT_ORDERS => format!(
+            "{own} UNION SELECT order_id AS k FROM {stored}.{name} WHERE customer_sk = -1 AND customer_id IN \
+             (SELECT k FROM {customers})",
+            name = star.name,
+            customers = first("customers"),
+        ),
+        crate::tables::FACT_ORDER_ITEMS => {
+            let mut sql = format!(
+                "{own} UNION SELECT order_item_id AS k FROM {stored}.{name} WHERE product_sk = -1 AND product_id IN \
+                 (SELECT k FROM {products})",
+                name = star.name,
+                products = first("products"),
+            );
+            if let Some(orders) = new_orders {
+                sql.push_str(&format!(
+                    " UNION SELECT order_item_id AS k FROM {stored}.{name} WHERE {orders}",
+                    name = star.name
+                ));
+            }
+            sql
+        }
+        _ => own,
+    }
+}
+
+/// The tail's orders that have no version in the stored `history` (orders placed after the
+/// model's position): items stored before them are priced again once they arrive.
+pub fn new_orders_sql(first_orders: &str, history: &str) -> String {
+    format!(
+        "SELECT f.k FROM {first_orders} f LEFT JOIN (SELECT DISTINCT order_id FROM {history}) h ON h.order_id = f.k \
+         WHERE h.order_id IS NULL"
+    )
+}

@@ -93,14 +93,6 @@ pub fn dim_product_sql(previous: Option<&str>, base: i64, scope: Option<&str>) -
     dimension_sql(dim, previous, base, scope)
 }
 
-/// `dim_status`: the four statuses and whether each counts as open and as pending.
-pub fn dim_status_sql() -> String {
-    "SELECT * FROM (VALUES (1, 'PENDING', true, true), (2, 'PROCESSING', true, false), \
-     (3, 'REPROCESSING', true, false), (4, 'COMPLETED', false, false)) \
-     AS s(status_sk, status, is_open, is_pending)"
-        .to_string()
-}
-
 /// `fact_order_status`: one row per status an order entered, with when it entered and left
 /// it (left: when the next status was entered, or when the order was deleted or truncated;
 /// null while it holds).
@@ -145,38 +137,42 @@ pub fn order_status_multi_sql() -> String {
     format!("SELECT DISTINCT h.order_id FROM orders_history h WHERE {VISIBLE} AND h.closed_by = 'update'")
 }
 
-/// `fact_orders`: the accumulating snapshot of current orders: status, whether open, when
-/// each status was first reached, and the customer version in force when the order was
-/// placed (an order placed before its customer was seen, a late-arriving key, takes the
-/// customer's first version once it arrives, and the Unknown member -1 until then).
+/// The validity columns every versioned star table ends with, in order.
+pub const VALIDITY_COLUMNS: [&str; 5] = ["valid_from", "valid_to", "valid_from_lsn", "valid_to_lsn", "is_current"];
+
+/// `fact_orders`: one row per version of an order that existed outside its own transaction,
+/// valid from `valid_from` to `valid_to` (null while current), with its status as a degenerate
+/// dimension (`status`, and the flags `is_open` and `is_pending` the reports filter on), when
+/// the order was placed, and the customer version in force when it was placed (an order
+/// placed before its customer was seen, a late-arriving key, takes the customer's first
+/// version once it arrives, and the Unknown member -1 until then). The current orders are the
+/// rows with `is_current`; the orders as of an instant are the rows valid at it.
 pub fn fact_orders_sql(scope: Option<&str>) -> String {
     let filter = scope_join("h.order_id", scope);
     format!(
-        "WITH h AS (SELECT h.* FROM orders_history h{filter} WHERE NOT h.is_deleted), \
-         reached AS (SELECT order_id, min(valid_from_lsn) AS placed_lsn, min(valid_from) AS placed_at, \
-             min(CASE WHEN status = 'PENDING' THEN valid_from END) AS pending_at, \
-             min(CASE WHEN status = 'PROCESSING' THEN valid_from END) AS processing_at, \
-             min(CASE WHEN status = 'REPROCESSING' THEN valid_from END) AS reprocessing_at, \
-             min(CASE WHEN status = 'COMPLETED' THEN valid_from END) AS completed_at \
+        "WITH h AS (SELECT h.* FROM orders_history h{filter} WHERE {VISIBLE}), \
+         placed AS (SELECT order_id, min(valid_from_lsn) AS placed_lsn, min(valid_from) AS placed_at \
            FROM h GROUP BY order_id), \
          customers AS (SELECT customer_sk, customer_id, valid_from_lsn, valid_to_lsn FROM dim_customer \
            WHERE customer_sk >= 0), \
          first_version AS (SELECT customer_id, min(customer_sk) AS customer_sk FROM customers GROUP BY customer_id) \
          SELECT o.order_id, o.customer_id, coalesce(c.customer_sk, f.customer_sk, -1) AS customer_sk, o.order_date, \
-           o.delivery_date, o.status, o.status <> 'COMPLETED' AS is_open, r.placed_at, r.pending_at, \
-           r.processing_at, r.reprocessing_at, r.completed_at, o.created_at, o.updated_at \
+           o.delivery_date, o.status, o.status <> 'COMPLETED' AS is_open, o.status = 'PENDING' AS is_pending, \
+           p.placed_at, p.placed_lsn, o.created_at, o.updated_at, \
+           o.valid_from, o.valid_to, o.valid_from_lsn, o.valid_to_lsn, o.valid_to_lsn IS NULL AS is_current \
          FROM h o \
-         JOIN reached r ON r.order_id = o.order_id \
-         LEFT JOIN customers c ON c.customer_id = o.customer_id AND c.valid_from_lsn <= r.placed_lsn \
-           AND (c.valid_to_lsn IS NULL OR c.valid_to_lsn > r.placed_lsn) \
-         LEFT JOIN first_version f ON f.customer_id = o.customer_id \
-         WHERE o.is_current"
+         JOIN placed p ON p.order_id = o.order_id \
+         LEFT JOIN customers c ON c.customer_id = o.customer_id AND c.valid_from_lsn <= p.placed_lsn \
+           AND (c.valid_to_lsn IS NULL OR c.valid_to_lsn > p.placed_lsn) \
+         LEFT JOIN first_version f ON f.customer_id = o.customer_id"
     )
 }
 
-/// `fact_order_items`: current order items with the product version, unit price and amount
-/// in force when the order was placed (the product's first version for an order placed
-/// before the product was seen; the Unknown member -1 until the product arrives).
+/// `fact_order_items`: one row per version of an order item that existed outside its own
+/// transaction (validity as in [`fact_orders_sql`]), with the product version, unit price and
+/// amount in force when its order was placed (the product's first version for an order placed
+/// before the product was seen; the Unknown member -1 until the product arrives; an item
+/// whose order is not known is priced at the version's own position).
 pub fn fact_order_items_sql(scope: Option<&str>) -> String {
     let filter = scope_join("h.order_item_id", scope);
     let placed_scope = match scope {
@@ -184,8 +180,9 @@ pub fn fact_order_items_sql(scope: Option<&str>) -> String {
         None => "",
     };
     format!(
-        "WITH items AS (SELECT h.order_item_id, h.order_id, h.product_id, h.quanity AS quantity, h.valid_from_lsn \
-           FROM order_items_history h{filter} WHERE h.is_current AND NOT h.is_deleted), \
+        "WITH items AS (SELECT h.order_item_id, h.order_id, h.product_id, h.quanity AS quantity, \
+             h.valid_from, h.valid_to, h.valid_from_lsn, h.valid_to_lsn \
+           FROM order_items_history h{filter} WHERE {VISIBLE}), \
          placed AS (SELECT o.order_id, min(o.valid_from_lsn) AS placed_lsn FROM orders_history o{placed_scope} \
            WHERE NOT o.is_deleted GROUP BY o.order_id), \
          products AS (SELECT product_sk, product_id, unity_price, valid_to_lsn, \
@@ -195,7 +192,8 @@ pub fn fact_order_items_sql(scope: Option<&str>) -> String {
          placed_items AS (SELECT i.*, coalesce(p.placed_lsn, i.valid_from_lsn) AS placed_lsn \
            FROM items i LEFT JOIN placed p ON p.order_id = i.order_id) \
          SELECT it.order_item_id, it.order_id, it.product_id, coalesce(d.product_sk, -1) AS product_sk, \
-           it.quantity, d.unity_price AS unit_price, CAST(it.quantity AS DECIMAL(38, 10)) * d.unity_price AS amount \
+           it.quantity, d.unity_price AS unit_price, CAST(it.quantity AS DECIMAL(38, 10)) * d.unity_price AS amount, \
+           it.valid_from, it.valid_to, it.valid_from_lsn, it.valid_to_lsn, it.valid_to_lsn IS NULL AS is_current \
          FROM placed_items it LEFT JOIN products d ON d.product_id = it.product_id AND d.from_lsn <= it.placed_lsn \
            AND (d.valid_to_lsn IS NULL OR d.valid_to_lsn > it.placed_lsn)"
     )

@@ -48,6 +48,8 @@ use acme_model::history::{HistorySpec, history_attributes, state_predicate};
 use acme_model::live;
 use acme_model::tables;
 
+mod live_star;
+
 /// Result alias with [`QueryError`] as the default error type.
 pub type Result<T, E = QueryError> = std::result::Result<T, E>;
 
@@ -361,8 +363,6 @@ impl Warehouse {
         for name in [
             tables::DIM_CUSTOMER,
             tables::DIM_PRODUCT,
-            tables::DIM_DATE,
-            tables::DIM_STATUS,
             tables::FACT_ORDER_STATUS,
             tables::FACT_ORDERS,
             tables::FACT_ORDER_ITEMS,
@@ -400,7 +400,9 @@ impl Warehouse {
             } else {
                 ctx.register_table(format!("{MODEL_SCHEMA}.{registered}").as_str(), Arc::clone(&provider))?;
                 let live = tail_after.is_some()
-                    && (registered.ends_with("_history") || registered == tables::AGG_ORDERS_BY_DELIVERY_DATE);
+                    && (registered.ends_with("_history")
+                        || registered == tables::AGG_ORDERS_BY_DELIVERY_DATE
+                        || live::LIVE_STAR.iter().any(|s| s.name == registered));
                 if !live {
                     ctx.register_table(registered.as_str(), provider)?;
                 }
@@ -425,8 +427,12 @@ impl Warehouse {
                 .tail
                 .as_deref()
                 .filter(|t| materialize && t.model_position == position && Some(t.raw_position) <= raw_position);
-            held = register_live_views(&ctx, &found, &files, position, raw_position, materialize, reusable).await?;
-            tail.held_bytes = held.as_ref().map_or(0, |h| h.tables.values().map(|p| p.bytes as u64).sum());
+            let tails;
+            (held, tails) =
+                register_live_views(&ctx, &found, &files, position, raw_position, materialize, reusable).await?;
+            let star_bytes = live_star::register(&ctx, &shared.runtime, &found, &tails).await?;
+            tail.held_bytes =
+                star_bytes + held.as_ref().map_or(0, |h| h.tables.values().map(|p| p.bytes as u64).sum::<u64>());
             tracing::debug!(
                 tail = tail.changes,
                 held_in_memory = materialize,
@@ -448,6 +454,12 @@ impl Warehouse {
             }
             let view = ctx.sql(&format!("SELECT * FROM {history} WHERE {}", state_predicate(None))).await?;
             ctx.register_table(format!("{}_current", spec.table).as_str(), view.into_view())?;
+        }
+        // The reports read the star schema.
+        for name in [tables::FACT_ORDERS, tables::FACT_ORDER_ITEMS, tables::DIM_CUSTOMER] {
+            if !found.contains_key(name) {
+                missing.get_or_insert_with(|| format!("{}/{name}", Layer::Presentation.dir()));
+            }
         }
         let start = if missing.is_some() {
             None
@@ -542,13 +554,14 @@ impl Warehouse {
         Ok((as_of.is_none() && self.has_aggregate).then_some(tables::AGG_ORDERS_BY_DELIVERY_DATE))
     }
 
-    /// SQL for the state of `table` (`orders`, ...) now or as of an instant.
-    fn state(&self, table: &str, as_of: Option<DateTime<Utc>>) -> Result<String> {
+    /// The predicate selecting the rows of a versioned star table (alias `alias`) in force now
+    /// or at an instant.
+    fn valid(&self, alias: &str, as_of: Option<DateTime<Utc>>) -> Result<String> {
         if let Some(missing) = &self.missing {
             return Err(QueryError::MissingTable { url: self.url.clone(), table: missing.clone() });
         }
-        let micros = match as_of {
-            None => None,
+        Ok(match as_of {
+            None => format!("{alias}.is_current"),
             Some(t) => {
                 let micros = t.timestamp_micros();
                 if let Some(start) = self.history_start
@@ -559,10 +572,10 @@ impl Warehouse {
                         start: DateTime::from_timestamp_micros(start).unwrap_or_default(),
                     });
                 }
-                Some(micros)
+                let t = acme_model::history::utc_micros(micros);
+                format!("{alias}.valid_from <= {t} AND ({alias}.valid_to IS NULL OR {alias}.valid_to > {t})")
             }
-        };
-        Ok(format!("(SELECT * FROM {table}_history WHERE {})", state_predicate(micros)))
+        })
     }
 
     /// One report as Arrow record batches, with the seed's column names (see [`Report`]).
@@ -588,7 +601,7 @@ impl Warehouse {
             Report::OpenOrders(filter) => (
                 match self.aggregate(as_of)? {
                     Some(agg) => open_orders_from_aggregate_sql(agg, filter),
-                    None => open_orders_sql(&self.state("orders", as_of)?, filter),
+                    None => star_open_orders_sql(&self.valid("o", as_of)?, filter),
                 },
                 &[("delivery_date", Date32), ("status", Utf8), ("quantity", Int64)],
             ),
@@ -597,19 +610,19 @@ impl Warehouse {
                 (
                     match self.aggregate(as_of)? {
                         Some(agg) => top_delivery_dates_from_aggregate_sql(agg, *limit),
-                        None => top_delivery_dates_sql(&self.state("orders", as_of)?, *limit),
+                        None => star_top_delivery_dates_sql(&self.valid("o", as_of)?, *limit),
                     },
                     &[("delivery_date", Date32), ("quantity", Int64)],
                 )
             }
             Report::PendingItemsByProduct => (
-                pending_items_sql(&self.state("orders", as_of)?, &self.state("order_items", as_of)?),
+                star_pending_items_sql(&self.valid("i", as_of)?, &self.valid("o", as_of)?),
                 &[("product_id", Int64), ("total_items", Int64)],
             ),
             Report::TopCustomers { limit, filter } => {
                 check_limit(*limit)?;
                 (
-                    top_customers_sql(&self.state("orders", as_of)?, &self.state("customers", as_of)?, filter, *limit),
+                    star_top_customers_sql(&self.valid("o", as_of)?, &self.valid("c", as_of)?, filter, *limit),
                     &[("customer_id", Int64), ("customer_name", Utf8), ("quantity", Int64), ("ranking", Int64)],
                 )
             }
@@ -845,7 +858,7 @@ async fn register_live_views(
     raw_position: Option<i64>,
     materialize: bool,
     previous: Option<&HeldTail>,
-) -> Result<Option<HeldTail>> {
+) -> Result<(Option<HeldTail>, Vec<live_star::HistoryTail>)> {
     let specs: Vec<HistorySpec> = HistorySpec::acme()
         .into_iter()
         .filter(|spec| found.contains_key(&spec.history_table()) && found.contains_key(&format!("raw_{}", spec.table)))
@@ -933,12 +946,19 @@ async fn register_live_views(
         };
         ctx.register_table(aggregate, ctx.sql(&sql).await?.into_view())?;
     }
-    let held: HashMap<String, HeldPieces> =
-        pieces.into_iter().filter_map(|(spec, .., held)| Some((spec.history_table(), held?))).collect();
-    Ok(match (materialize, raw_position) {
+    let mut tails = Vec::new();
+    let mut held = HashMap::new();
+    for (spec, attributes, truncates, first, versions, pieces) in pieces {
+        if let Some(pieces) = pieces {
+            held.insert(spec.history_table(), pieces);
+        }
+        tails.push(live_star::HistoryTail { spec: spec.clone(), attributes, truncates, first, versions });
+    }
+    let held = match (materialize, raw_position) {
         (true, Some(raw_position)) => Some(HeldTail { model_position: position, raw_position, tables: held }),
         _ => None,
-    })
+    };
+    Ok((held, tails))
 }
 
 /// The truncations of `raw` after `from`, and the SQL of the tail's pieces after it: the first
@@ -1096,5 +1116,57 @@ pub fn top_customers_sql(orders: &str, customers: &str, filter: &StatusFilter, l
          LEFT JOIN {customers} c ON c.customer_id = r.customer_id \
          WHERE r.ranking <= {limit} ORDER BY r.ranking, r.customer_id NULLS LAST",
         filter.predicate()
+    )
+}
+
+impl StatusFilter {
+    /// The filter over `fact_orders` (alias `o`): its status flags, or the status itself.
+    fn star_predicate(&self) -> String {
+        match self {
+            StatusFilter::Open => "o.is_open".to_string(),
+            StatusFilter::Pending => "o.is_pending".to_string(),
+            StatusFilter::Status(s) => format!("o.status = '{}'", s.replace('\'', "''")),
+        }
+    }
+}
+
+/// R1 over the star schema: `fact_orders` rows in force (`valid`, alias `o`).
+fn star_open_orders_sql(valid: &str, filter: &StatusFilter) -> String {
+    format!(
+        "SELECT o.delivery_date, o.status, count(*) AS quantity FROM fact_orders o WHERE {valid} AND {} \
+         GROUP BY o.delivery_date, o.status ORDER BY o.delivery_date NULLS LAST, o.status NULLS LAST",
+        filter.star_predicate()
+    )
+}
+
+/// R2 over the star schema.
+fn star_top_delivery_dates_sql(valid: &str, limit: usize) -> String {
+    format!(
+        "SELECT o.delivery_date, count(*) AS quantity FROM fact_orders o WHERE {valid} AND o.is_open \
+         GROUP BY o.delivery_date ORDER BY quantity DESC, o.delivery_date ASC NULLS LAST LIMIT {limit}"
+    )
+}
+
+/// R3 over the star schema: item rows (`i`) and order rows (`o`) in force, of open orders.
+fn star_pending_items_sql(valid_items: &str, valid_orders: &str) -> String {
+    format!(
+        "SELECT i.product_id, CAST(sum(i.quantity) AS BIGINT) AS total_items FROM fact_order_items i \
+         JOIN fact_orders o ON o.order_id = i.order_id WHERE {valid_items} AND {valid_orders} AND o.is_open \
+         GROUP BY i.product_id ORDER BY total_items DESC, i.product_id ASC NULLS LAST"
+    )
+}
+
+/// R4 over the star schema: orders in force (`o`) per customer, named by the customer
+/// dimension's version in force (`c`, joined on the customer's durable key).
+fn star_top_customers_sql(valid_orders: &str, valid_customers: &str, filter: &StatusFilter, limit: usize) -> String {
+    format!(
+        "WITH counts AS (SELECT o.customer_id, count(*) AS quantity FROM fact_orders o WHERE {valid_orders} AND {} \
+           GROUP BY o.customer_id), \
+         ranked AS (SELECT customer_id, quantity, CAST(dense_rank() OVER (ORDER BY quantity DESC) AS BIGINT) AS ranking \
+           FROM counts) \
+         SELECT r.customer_id, c.customer_name, r.quantity, r.ranking FROM ranked r \
+         LEFT JOIN dim_customer c ON c.customer_id = r.customer_id AND c.customer_sk >= 0 AND {valid_customers} \
+         WHERE r.ranking <= {limit} ORDER BY r.ranking, r.customer_id NULLS LAST",
+        filter.star_predicate()
     )
 }

@@ -45,11 +45,22 @@ async fn a_truncated_data_file_and_a_corrupt_commit_get_errors_naming_them() {
     // Opening reads the history's start: the error names the file.
     let error = Warehouse::open(&config.storage_url).await.expect_err("open over a truncated history file");
     assert!(error.to_string().contains(&name), "the open error names the file: {error}");
-    // A handle opened before the damage: the report's error names it.
     std::fs::write(&victim, &bytes).expect("restore");
+    // A fact table's file under a report, damaged after the handle was opened: the report's
+    // error names it.
+    let items = acme_core::Storage::new(&config.storage_url, Default::default())
+        .expect("storage")
+        .open(acme_core::Layer::Presentation, "fact_order_items")
+        .await
+        .expect("open")
+        .expect("the items fact table");
+    let file = items.data_files().expect("files").into_iter().next().expect("a fact table file");
+    let victim = dir.path().join("presentation").join("fact_order_items").join(&file.path);
+    let name = victim.file_name().expect("name").to_string_lossy().to_string();
+    let bytes = std::fs::read(&victim).expect("read");
     let w = Warehouse::open(&config.storage_url).await.expect("open");
-    std::fs::write(&victim, &bytes[..bytes.len() / 3]).expect("truncate again");
-    let error = w.pending_items_by_product(None).await.expect_err("R3 over a truncated history file");
+    std::fs::write(&victim, &bytes[..bytes.len() / 3]).expect("truncate");
+    let error = w.pending_items_by_product(None).await.expect_err("R3 over a truncated fact table file");
     assert!(error.to_string().contains(&name), "the report error names the file: {error}");
     std::fs::write(&victim, &bytes).expect("restore");
     assert!(!w.pending_items_by_product(None).await.expect("R3 after the repair").is_empty());

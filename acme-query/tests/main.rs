@@ -197,8 +197,9 @@ async fn readers_see_one_consistent_model_while_builds_commit() {
             |table: &str| format!("SELECT count(*) FROM model.{table}_history WHERE is_current AND NOT is_deleted");
         let orders = scalar(&w, &current("orders")).await;
         let items = scalar(&w, &current("order_items")).await;
-        assert_eq!(orders, scalar(&w, "SELECT count(*) FROM fact_orders").await, "orders vs fact_orders");
-        assert_eq!(items, scalar(&w, "SELECT count(*) FROM fact_order_items").await, "items vs fact_order_items");
+        assert_eq!(orders, scalar(&w, "SELECT count(*) FROM model.fact_orders WHERE is_current").await, "orders");
+        let stored_items = "SELECT count(*) FROM model.fact_order_items WHERE is_current";
+        assert_eq!(items, scalar(&w, stored_items).await, "items vs fact_order_items");
         let built = scalar(&w, "SELECT max(valid_from_lsn) FROM model.orders_history").await;
         assert!(w.model_position().is_some_and(|p| p >= built), "the model position covers its histories");
         positions.insert(w.model_position());
