@@ -57,7 +57,8 @@ pub fn attribute_columns(raw_schema: &Schema) -> Vec<String> {
     raw_schema.fields().iter().map(|f| f.name().clone()).filter(|n| !n.starts_with('_')).collect()
 }
 
-pub(crate) fn quote(name: &str) -> String {
+/// `name` as a quoted SQL identifier.
+pub fn quote(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 

@@ -180,37 +180,54 @@ pub const LIVE_STAR: [LiveStar; 5] = [
     LiveStar { name: crate::tables::FACT_ORDER_ITEMS, key: "order_item_id", source: "order_items" },
 ];
 
-/// The keys of `star` whose rows the tail changes (column `k`), as the model build finds them
-/// (its `changed` queries), from the tail instead of the histories: `first(source)` is the
-/// relation of the first tail change of each key of a source table ([`first_changes_sql`]),
-/// `stored` the schema of the stored model tables, and `new_orders` a relation of the orders
-/// with no stored version (for the items that arrived before their order).
-pub fn touched_keys_sql(
-    star: &LiveStar,
-    first: &dyn Fn(&str) -> String,
-    stored: &str,
-    new_orders: Option<&str>,
-) -> String {
-    let own = format!("SELECT k FROM {}", first(star.source));
+/// Where [`touched_keys_sql`] finds the keys a tail touches. Each relation has a column `k`.
+#[derive(Debug, Clone, Default)]
+pub struct Touched {
+    /// The keys of the star table's own source table with changes in the tail.
+    pub own: String,
+    /// The customers with changes in the tail.
+    pub customers: String,
+    /// The products with changes in the tail.
+    pub products: String,
+    /// The relations holding the star table's rows so far (the stored table, and rows already
+    /// recomputed for an earlier part of the tail).
+    pub rows: Vec<String>,
+    /// For `fact_order_items`: a predicate on `order_id` selecting the orders placed in the
+    /// tail that had no version before it (the items stored before them are priced again).
+    pub new_orders: Option<String>,
+}
+
+/// The keys of `star` whose rows the tail changes (column `k`), as the model build's
+/// `changed` queries find them: its own source's changed keys, and the late-arriving keys the
+/// tail resolves (rows stored with the Unknown customer or product whose customer or product
+/// is in the tail, and items whose order was placed in the tail).
+pub fn touched_keys_sql(star: &LiveStar, touched: &Touched) -> String {
+    let own = format!("SELECT k FROM {}", touched.own);
+    let over_rows = |select: &str, predicate: &str| {
+        touched
+            .rows
+            .iter()
+            .map(|rows| format!(" UNION SELECT {select} AS k FROM {rows} WHERE {predicate}"))
+            .collect::<String>()
+    };
     match star.name {
         crate::tables::FACT_ORDERS => format!(
-            "{own} UNION SELECT order_id AS k FROM {stored}.{name} WHERE customer_sk = -1 AND customer_id IN \
-             (SELECT k FROM {customers})",
-            name = star.name,
-            customers = first("customers"),
+            "{own}{}",
+            over_rows(
+                "order_id",
+                &format!("customer_sk = -1 AND customer_id IN (SELECT k FROM {})", touched.customers)
+            )
         ),
         crate::tables::FACT_ORDER_ITEMS => {
             let mut sql = format!(
-                "{own} UNION SELECT order_item_id AS k FROM {stored}.{name} WHERE product_sk = -1 AND product_id IN \
-                 (SELECT k FROM {products})",
-                name = star.name,
-                products = first("products"),
+                "{own}{}",
+                over_rows(
+                    "order_item_id",
+                    &format!("product_sk = -1 AND product_id IN (SELECT k FROM {})", touched.products)
+                )
             );
-            if let Some(orders) = new_orders {
-                sql.push_str(&format!(
-                    " UNION SELECT order_item_id AS k FROM {stored}.{name} WHERE {orders}",
-                    name = star.name
-                ));
+            if let Some(orders) = &touched.new_orders {
+                sql.push_str(&over_rows("order_item_id", orders));
             }
             sql
         }
@@ -218,11 +235,8 @@ pub fn touched_keys_sql(
     }
 }
 
-/// The tail's orders that have no version in the stored `history` (orders placed after the
-/// model's position): items stored before them are priced again once they arrive.
-pub fn new_orders_sql(first_orders: &str, history: &str) -> String {
-    format!(
-        "SELECT f.k FROM {first_orders} f LEFT JOIN (SELECT DISTINCT order_id FROM {history}) h ON h.order_id = f.k \
-         WHERE h.order_id IS NULL"
-    )
+/// The orders among `orders` (a relation with column `k`) that have no version in the stored
+/// `history`: orders placed after the model's position.
+pub fn new_orders_sql(orders: &str, history: &str) -> String {
+    format!("SELECT f.k FROM {orders} f WHERE NOT EXISTS (SELECT 1 FROM {history} h WHERE h.order_id = f.k)")
 }

@@ -243,6 +243,8 @@ struct HeldTail {
     raw_position: i64,
     /// Per history table.
     tables: HashMap<String, HeldPieces>,
+    /// The star rows recomputed for the tail.
+    star: Option<live_star::HeldStar>,
 }
 
 /// One history's tail pieces ([`acme_model::live`]).
@@ -430,7 +432,23 @@ impl Warehouse {
             let tails;
             (held, tails) =
                 register_live_views(&ctx, &found, &files, position, raw_position, materialize, reusable).await?;
-            let star_bytes = live_star::register(&ctx, &shared.runtime, &found, &tails).await?;
+            let stored: HashMap<String, &acme_core::LayerTable> = tables
+                .iter()
+                .filter(|t| !t.name().starts_with(Layer::Raw.dir()))
+                .filter_map(|t| Some((t.name().rsplit('/').next()?.to_string(), t)))
+                .collect();
+            let inputs = live_star::LiveInputs {
+                runtime: &shared.runtime,
+                found: &found,
+                stored: &stored,
+                tails: &tails,
+                raw_position: raw_position.unwrap_or(i64::MAX),
+                previous: reusable.and_then(|t| t.star.as_ref()).filter(|_| raw_position.is_some()),
+            };
+            let (star_bytes, star) = live_star::register(&ctx, &inputs).await?;
+            if let Some(held) = held.as_mut() {
+                held.star = star;
+            }
             tail.held_bytes =
                 star_bytes + held.as_ref().map_or(0, |h| h.tables.values().map(|p| p.bytes as u64).sum::<u64>());
             tracing::debug!(
@@ -955,7 +973,9 @@ async fn register_live_views(
         tails.push(live_star::HistoryTail { spec: spec.clone(), attributes, truncates, first, versions });
     }
     let held = match (materialize, raw_position) {
-        (true, Some(raw_position)) => Some(HeldTail { model_position: position, raw_position, tables: held }),
+        (true, Some(raw_position)) => {
+            Some(HeldTail { model_position: position, raw_position, tables: held, star: None })
+        }
         _ => None,
     };
     Ok((held, tails))

@@ -5,15 +5,19 @@
 //! same tail in writes exactly these rows, so the reports read one dimensional model whose
 //! freshness is the raw layer's, and a reader never waits for a build.
 //!
-//! The work per handle follows the tail: the touched keys (from the tail's first change per
-//! key, plus the late-arriving keys the tail resolves), the stored versions of those keys, and
-//! the tail's versions. The recomputed rows are held in memory with the handle.
+//! The work follows the tail: the touched keys (from the tail's changes, plus the late-arriving
+//! keys the tail resolves), the stored versions of those keys (looked up by key: the stored
+//! history's other columns are decoded only for them), and the tail's versions. The recomputed
+//! rows are held in memory with the handle, and a handle refreshed from one that holds them
+//! recomputes the facts only for the keys the new changes touch. The dimensions, small, are
+//! recomputed for the whole tail (their new versions are numbered across it).
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use acme_model::history::HistorySpec;
-use acme_model::live::{self, LIVE_STAR, LiveStar};
+use acme_core::LayerTable;
+use acme_model::history::{HistorySpec, quote};
+use acme_model::live::{self, LIVE_STAR, LiveStar, Touched};
 use acme_model::{star, tables};
 use arrow::array::{Array, AsArray};
 use arrow::datatypes::{Int64Type, Schema};
@@ -34,44 +38,72 @@ pub(crate) struct HistoryTail {
     pub versions: String,
 }
 
-/// Register every star table of [`LIVE_STAR`] that is stored (`found`) as its live state in
-/// `ctx`, and return the memory the recomputed rows hold.
-pub(crate) async fn register(
-    ctx: &SessionContext,
-    runtime: &Arc<RuntimeEnv>,
-    found: &HashMap<String, Arc<Schema>>,
-    tails: &[HistoryTail],
-) -> Result<u64> {
-    let tail_of = |source: &str| tail_of(tails, source);
-    let stored = |name: &str| found.contains_key(name);
+/// A fact table's touched keys and their recomputed rows, held in memory.
+type KeysAndRows = (Arc<dyn TableProvider>, Arc<dyn TableProvider>);
+
+/// The star rows a handle recomputed for its tail, which a refreshed handle extends.
+#[derive(Clone, Default)]
+pub(crate) struct HeldStar {
+    /// The raw position the rows are at.
+    pub raw_position: i64,
+    /// Per fact table: the touched keys and their rows.
+    pub tables: HashMap<&'static str, KeysAndRows>,
+}
+
+/// What [`register`] needs besides the context.
+pub(crate) struct LiveInputs<'a> {
+    pub runtime: &'a Arc<RuntimeEnv>,
+    /// The registered tables and their schemas.
+    pub found: &'a HashMap<String, Arc<Schema>>,
+    /// The stored model tables, by registered name.
+    pub stored: &'a HashMap<String, &'a LayerTable>,
+    pub tails: &'a [HistoryTail],
+    /// The raw position the handle answers at.
+    pub raw_position: i64,
+    /// The rows a handle at the same model position recomputed, to extend.
+    pub previous: Option<&'a HeldStar>,
+}
+
+/// Register every star table of [`LIVE_STAR`] that is stored as its live state in `ctx`.
+/// Returns the memory the recomputed rows hold, and the rows to pass on (none when the tail
+/// has a truncation).
+pub(crate) async fn register(ctx: &SessionContext, inputs: &LiveInputs<'_>) -> Result<(u64, Option<HeldStar>)> {
     // A truncation in the tail touches every key: the star tables are then computed whole on
     // read, from the live histories (a truncation is rare, and the next build folds it in).
-    let truncated = tails.iter().any(|t| !t.truncates.is_empty());
-    let mut held = 0u64;
-    for star in LIVE_STAR.iter().filter(|s| stored(s.name)) {
+    let truncated = inputs.tails.iter().any(|t| !t.truncates.is_empty());
+    let mut held = HeldStar { raw_position: inputs.raw_position, tables: HashMap::new() };
+    let mut bytes = 0u64;
+    for star in LIVE_STAR.iter().filter(|s| inputs.found.contains_key(s.name)) {
         let needs: &[&str] = match star.name {
             tables::FACT_ORDERS => &["orders", "customers"],
             tables::FACT_ORDER_ITEMS => &["order_items", "products", "orders"],
             _ => &[star.source],
         };
-        if needs.iter().any(|s| tail_of(s).is_none()) {
+        if needs.iter().any(|s| tail_of(inputs.tails, s).is_none()) {
             // A history without its raw table: the stored rows as they are.
             let provider = ctx.table_provider(format!("{MODEL_SCHEMA}.{}", star.name).as_str()).await?;
             ctx.register_table(star.name, provider)?;
             continue;
         }
         if truncated {
-            let sql = statement(star, None, 0);
-            ctx.register_table(star.name, ctx.sql(&sql).await?.into_view())?;
+            ctx.register_table(star.name, ctx.sql(&statement(star, None, 0)).await?.into_view())?;
             continue;
         }
-        held += register_one(ctx, runtime, star, tails).await?;
+        let (table_bytes, kept) = register_one(ctx, inputs, star).await?;
+        bytes += table_bytes;
+        if let Some(kept) = kept {
+            held.tables.insert(star.name, kept);
+        }
     }
-    Ok(held)
+    Ok((bytes, (!truncated).then_some(held)))
 }
 
 fn tail_of<'a>(tails: &'a [HistoryTail], source: &str) -> Option<&'a HistoryTail> {
     tails.iter().find(|t| t.spec.table == source)
+}
+
+fn is_dimension(star: &LiveStar) -> bool {
+    matches!(star.name, tables::DIM_CUSTOMER | tables::DIM_PRODUCT)
 }
 
 /// The table's statement, scoped to the key table `scope` (the dimensions number new versions
@@ -87,53 +119,153 @@ fn statement(star: &LiveStar, scope: Option<&str>, base: i64) -> String {
     }
 }
 
+/// Register one star table; returns the memory its held keys and rows take, and them.
 async fn register_one(
     ctx: &SessionContext,
-    runtime: &Arc<RuntimeEnv>,
+    inputs: &LiveInputs<'_>,
     star: &LiveStar,
-    tails: &[HistoryTail],
-) -> Result<u64> {
-    let tail_of = |source: &str| tail_of(tails, source);
+) -> Result<(u64, Option<KeysAndRows>)> {
     let stored_name = format!("{MODEL_SCHEMA}.{}", star.name);
-    let first =
-        |source: &str| tail_of(source).map_or_else(|| "(SELECT 0 AS k WHERE false)".into(), |t| t.first.clone());
-    // Items stored before their order: only orders the stored history lacks can have them,
-    // and the bounds of those orders' ids let the files' statistics skip the rest.
-    let mut new_orders = None;
-    if star.name == tables::FACT_ORDER_ITEMS {
-        let sql = live::new_orders_sql(&first("orders"), &format!("{MODEL_SCHEMA}.orders_history"));
-        let keys = int64_column(ctx, &format!("SELECT min(k), max(k) FROM ({sql}) n")).await?;
-        if let [Some(lo), Some(hi)] = keys[..] {
-            let table = format!("{TAIL_SCHEMA}.{}_new_orders", star.name);
-            let (provider, _) = hold_in_memory(ctx, &sql).await?;
-            ctx.register_table(table.as_str(), provider)?;
-            new_orders = Some(format!("order_id BETWEEN {lo} AND {hi} AND order_id IN (SELECT k FROM {table})"));
+    let name = |part: &str| format!("{TAIL_SCHEMA}.{}_{part}", star.name);
+    // A fact table extends the rows a handle at an earlier raw position recomputed, with the
+    // keys the changes after that position touch; a dimension recomputes its whole tail.
+    let previous = inputs
+        .previous
+        .filter(|p| p.raw_position <= inputs.raw_position && !is_dimension(star))
+        .and_then(|p| Some((p.raw_position, p.tables.get(star.name)?)));
+    let changed = |source: &str| -> String {
+        let Some(tail) = tail_of(inputs.tails, source) else { return "(SELECT 0 AS k WHERE false)".into() };
+        match previous {
+            None => tail.first.clone(),
+            Some((since, _)) => format!(
+                "(SELECT DISTINCT {key} AS k FROM {TAIL_SCHEMA}.raw_{source} WHERE {lsn} > {since} AND {key} IS NOT NULL)",
+                key = quote(&tail.spec.key),
+                lsn = acme_core::raw::LSN,
+            ),
+        }
+    };
+    let mut touched = Touched {
+        own: changed(star.source),
+        customers: changed("customers"),
+        products: changed("products"),
+        rows: vec![stored_name.clone()],
+        new_orders: None,
+    };
+    if let Some((_, (_, rows))) = previous {
+        ctx.register_table(name("previous_rows").as_str(), Arc::clone(rows))?;
+        touched.rows.push(name("previous_rows"));
+    }
+    // Items stored before their order: only orders placed in the tail with no stored version
+    // can have them, and the bounds of those orders' ids let the files' statistics skip the
+    // rest.
+    if star.name == tables::FACT_ORDER_ITEMS
+        && let Some(orders) = tail_of(inputs.tails, "orders")
+    {
+        let placed = match previous {
+            None => orders.first.clone(),
+            Some((since, _)) => format!("(SELECT k FROM {} WHERE lsn > {since})", orders.first),
+        };
+        let sql = live::new_orders_sql(&placed, &format!("{MODEL_SCHEMA}.orders_history"));
+        let (provider, new_bytes) = hold_in_memory(ctx, &sql).await?;
+        if new_bytes > 0 {
+            ctx.register_table(name("new_orders").as_str(), provider)?;
+            let bounds = int64_row(ctx, &format!("SELECT min(k), max(k) FROM {}", name("new_orders"))).await?;
+            if let [Some(lo), Some(hi)] = bounds[..] {
+                touched.new_orders = Some(format!(
+                    "order_id BETWEEN {lo} AND {hi} AND order_id IN (SELECT k FROM {})",
+                    name("new_orders")
+                ));
+            }
         }
     }
-    let keys_sql = live::touched_keys_sql(star, &first, MODEL_SCHEMA, new_orders.as_deref());
+    let keys_sql = live::touched_keys_sql(star, &touched);
     let (keys, key_bytes) =
         hold_in_memory(ctx, &format!("SELECT DISTINCT k FROM ({keys_sql}) t WHERE k IS NOT NULL")).await?;
     // (A held relation takes no memory only when it has no rows.)
-    if key_bytes == 0 {
-        ctx.register_table(star.name, ctx.table_provider(stored_name.as_str()).await?)?;
-        return Ok(0);
-    }
-    let keys_name = format!("{TAIL_SCHEMA}.{}_keys", star.name);
-    ctx.register_table(keys_name.as_str(), Arc::clone(&keys))?;
+    let (all_keys, rows) = if key_bytes == 0 {
+        match previous {
+            None => {
+                ctx.register_table(star.name, ctx.table_provider(stored_name.as_str()).await?)?;
+                return Ok((0, None));
+            }
+            Some((_, (keys, rows))) => (Arc::clone(keys), Arc::clone(rows)),
+        }
+    } else {
+        ctx.register_table(name("touched").as_str(), Arc::clone(&keys))?;
+        let fresh = recompute(ctx, inputs, star, &name("touched")).await?;
+        match previous {
+            None => (keys, fresh),
+            Some(_) => {
+                // The earlier rows of the keys not touched again, and the recomputed ones.
+                ctx.register_table(name("fresh_rows").as_str(), Arc::clone(&fresh))?;
+                let columns = column_list(&fresh);
+                let rows = hold_in_memory(
+                    ctx,
+                    &format!(
+                        "SELECT {prefixed} FROM {previous} p LEFT JOIN {touched} t ON t.k = p.{key} WHERE t.k IS NULL \
+                         UNION ALL SELECT {columns} FROM {fresh}",
+                        prefixed = prefixed(&columns, "p"),
+                        previous = name("previous_rows"),
+                        touched = name("touched"),
+                        fresh = name("fresh_rows"),
+                        key = star.key,
+                    ),
+                )
+                .await?
+                .0;
+                if let Some((_, (previous_keys, _))) = previous {
+                    ctx.register_table(name("previous_keys").as_str(), Arc::clone(previous_keys))?;
+                }
+                let all_keys = hold_in_memory(
+                    ctx,
+                    &format!("SELECT k FROM {} UNION SELECT k FROM {}", name("previous_keys"), name("touched")),
+                )
+                .await?
+                .0;
+                (all_keys, rows)
+            }
+        }
+    };
+    ctx.register_table(name("keys").as_str(), Arc::clone(&all_keys))?;
+    ctx.register_table(name("rows").as_str(), Arc::clone(&rows))?;
+    let columns = column_list(&rows);
+    let view = format!(
+        "SELECT {prefixed} FROM {stored_name} s LEFT JOIN {keys} t ON t.k = s.{key} WHERE t.k IS NULL \
+         UNION ALL SELECT {columns} FROM {rows}",
+        prefixed = prefixed(&columns, "s"),
+        keys = name("keys"),
+        rows = name("rows"),
+        key = star.key,
+    );
+    ctx.register_table(star.name, ctx.sql(&view).await?.into_view())?;
+    Ok((memory(&all_keys) + memory(&rows), Some((all_keys, rows))))
+}
 
-    // The statement runs in a context of its own, where the star's own history is the live
-    // history of the touched keys only (their stored versions, probed by key, and the tail's),
-    // and every other table is the live one of `ctx`.
-    let scoped = SessionContext::new_with_config_rt(SessionConfig::new(), Arc::clone(runtime));
-    scoped.register_table("scope_keys", Arc::clone(&keys))?;
+/// The rows of the keys in `keys` (a registered relation of `ctx`), computed by the table's
+/// scoped statement in a context of its own, where the star's own history is the live history
+/// of those keys only (their stored versions, looked up by key, and the tail's) and every
+/// other table is the live one of `ctx`.
+async fn recompute(
+    ctx: &SessionContext,
+    inputs: &LiveInputs<'_>,
+    star: &LiveStar,
+    keys: &str,
+) -> Result<Arc<dyn TableProvider>> {
+    let scoped = SessionContext::new_with_config_rt(SessionConfig::new(), Arc::clone(inputs.runtime));
+    scoped.register_table("scope_keys", ctx.table_provider(keys).await?)?;
     for source in ["customers", "products", "orders", "order_items"] {
-        let Some(tail) = tail_of(source) else { continue };
+        let Some(tail) = tail_of(inputs.tails, source) else { continue };
         let history = tail.spec.history_table();
         let provider: Arc<dyn TableProvider> = if source == star.source {
-            let stored = format!(
-                "(SELECT h.* FROM {MODEL_SCHEMA}.{history} h JOIN {keys_name} s ON s.k = h.{key})",
-                key = tail.spec.key
-            );
+            let stored = match inputs.stored.get(&history) {
+                Some(table) => {
+                    let lookup = format!("{TAIL_SCHEMA}.{}_lookup", star.name);
+                    ctx.register_table(lookup.as_str(), table.lookup_provider()?)?;
+                    lookup
+                }
+                None => format!("{MODEL_SCHEMA}.{history}"),
+            };
+            let stored = format!("(SELECT h.* FROM {stored} h JOIN {keys} s ON s.k = h.{})", quote(&tail.spec.key));
             let sql = live::live_history_sql(
                 &tail.spec,
                 &stored,
@@ -154,35 +286,44 @@ async fn register_one(
         }
     }
     let mut base = 0;
-    if let Some(sk) = match star.name {
+    let sk = match star.name {
         tables::DIM_CUSTOMER => Some("customer_sk"),
         tables::DIM_PRODUCT => Some("product_sk"),
         _ => None,
-    } {
-        scoped.register_table("model_previous", ctx.table_provider(stored_name.as_str()).await?)?;
-        base = int64_column(ctx, &format!("SELECT coalesce(max({sk}), 0) FROM {stored_name}"))
-            .await?
-            .first()
-            .copied()
-            .flatten()
-            .unwrap_or(0);
+    };
+    if let Some(sk) = sk {
+        let stored = format!("{MODEL_SCHEMA}.{}", star.name);
+        scoped.register_table("model_previous", ctx.table_provider(stored.as_str()).await?)?;
+        let row = int64_row(ctx, &format!("SELECT coalesce(max({sk}), 0) FROM {stored}")).await?;
+        base = row.first().copied().flatten().unwrap_or(0);
     }
-    let (rows, bytes) = hold_in_memory(&scoped, &statement(star, Some("scope_keys"), base)).await?;
-    let rows_name = format!("{TAIL_SCHEMA}.{}_rows", star.name);
-    let columns = rows.schema().fields().iter().map(|f| format!("\"{}\"", f.name())).collect::<Vec<_>>().join(", ");
-    ctx.register_table(rows_name.as_str(), rows)?;
-    let view = format!(
-        "SELECT {stored_columns} FROM {stored_name} s LEFT JOIN {keys_name} t ON t.k = s.{key} WHERE t.k IS NULL \
-         UNION ALL SELECT {columns} FROM {rows_name}",
-        stored_columns = columns.split(", ").map(|c| format!("s.{c}")).collect::<Vec<_>>().join(", "),
-        key = star.key,
-    );
-    ctx.register_table(star.name, ctx.sql(&view).await?.into_view())?;
-    Ok((bytes + key_bytes) as u64)
+    Ok(hold_in_memory(&scoped, &statement(star, Some("scope_keys"), base)).await?.0)
 }
 
-/// The first row of a query's Int64 columns.
-async fn int64_column(ctx: &SessionContext, sql: &str) -> Result<Vec<Option<i64>>> {
+/// The quoted column names of a relation, comma-separated.
+fn column_list(provider: &Arc<dyn TableProvider>) -> String {
+    provider.schema().fields().iter().map(|f| format!("\"{}\"", f.name())).collect::<Vec<_>>().join(", ")
+}
+
+/// `columns` (from [`column_list`]) qualified by `alias`.
+fn prefixed(columns: &str, alias: &str) -> String {
+    columns.split(", ").map(|c| format!("{alias}.{c}")).collect::<Vec<_>>().join(", ")
+}
+
+/// The memory a held relation takes.
+fn memory(provider: &Arc<dyn TableProvider>) -> u64 {
+    provider
+        .as_ref()
+        .downcast_ref::<datafusion::datasource::MemTable>()
+        .map_or(0, |m| m.batches.iter().map(|p| p.try_read().map_or(0, |b| held_bytes(b.as_slice()))).sum())
+}
+
+fn held_bytes(batches: &[arrow::array::RecordBatch]) -> u64 {
+    batches.iter().map(|b| b.get_array_memory_size() as u64).sum()
+}
+
+/// The first row of a query, as Int64 values.
+async fn int64_row(ctx: &SessionContext, sql: &str) -> Result<Vec<Option<i64>>> {
     let batches = ctx.sql(sql).await?.collect().await?;
     let Some(batch) = batches.iter().find(|b| b.num_rows() > 0) else { return Ok(Vec::new()) };
     Ok(batch
