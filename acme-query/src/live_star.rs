@@ -89,7 +89,15 @@ pub(crate) async fn register(ctx: &SessionContext, inputs: &LiveInputs<'_>) -> R
             ctx.register_table(star.name, ctx.sql(&statement(star, None, 0)).await?.into_view())?;
             continue;
         }
+        let started = std::time::Instant::now();
         let (table_bytes, kept) = register_one(ctx, inputs, star).await?;
+        tracing::debug!(
+            table = star.name,
+            extended = inputs.previous.is_some(),
+            held_bytes = table_bytes,
+            ms = started.elapsed().as_millis() as u64,
+            "live star table"
+        );
         bytes += table_bytes;
         if let Some(kept) = kept {
             held.tables.insert(star.name, kept);
@@ -178,6 +186,7 @@ async fn register_one(
             }
         }
     }
+    let started = std::time::Instant::now();
     let keys_sql = live::touched_keys_sql(star, &touched);
     let (keys, key_bytes) =
         hold_in_memory(ctx, &format!("SELECT DISTINCT k FROM ({keys_sql}) t WHERE k IS NOT NULL")).await?;
@@ -192,7 +201,14 @@ async fn register_one(
         }
     } else {
         ctx.register_table(name("touched").as_str(), Arc::clone(&keys))?;
+        let found = started.elapsed();
         let fresh = recompute(ctx, inputs, star, &name("touched")).await?;
+        tracing::debug!(
+            table = star.name,
+            keys_ms = found.as_millis() as u64,
+            recompute_ms = (started.elapsed() - found).as_millis() as u64,
+            "live star keys recomputed"
+        );
         match previous {
             None => (keys, fresh),
             Some(_) => {
