@@ -189,8 +189,12 @@ pub struct Touched {
     pub customers: String,
     /// The products with changes in the tail.
     pub products: String,
-    /// The relations holding the star table's rows so far (the stored table, and rows already
-    /// recomputed for an earlier part of the tail).
+    /// The relations holding the star table's rows so far with an Unknown member (the stored
+    /// ones, and rows already recomputed for an earlier part of the tail; relations holding
+    /// other rows too are filtered).
+    pub unknown_rows: Vec<String>,
+    /// The relations holding the star table's rows so far, searched for the items of
+    /// `new_orders`.
     pub rows: Vec<String>,
     /// For `fact_order_items`: a predicate on `order_id` selecting the orders placed in the
     /// tail that had no version before it (the items stored before them are priced again).
@@ -203,17 +207,18 @@ pub struct Touched {
 /// is in the tail, and items whose order was placed in the tail).
 pub fn touched_keys_sql(star: &LiveStar, touched: &Touched) -> String {
     let own = format!("SELECT k FROM {}", touched.own);
-    let over_rows = |select: &str, predicate: &str| {
-        touched
-            .rows
+    let over = |relations: &[String], select: &str, predicate: &str| {
+        relations
             .iter()
             .map(|rows| format!(" UNION SELECT {select} AS k FROM {rows} WHERE {predicate}"))
             .collect::<String>()
     };
+    let over_unknown = |select: &str, predicate: &str| over(&touched.unknown_rows, select, predicate);
+    let over_rows = |select: &str, predicate: &str| over(&touched.rows, select, predicate);
     match star.name {
         crate::tables::FACT_ORDERS => format!(
             "{own}{}",
-            over_rows(
+            over_unknown(
                 "order_id",
                 &format!("customer_sk = -1 AND customer_id IN (SELECT k FROM {})", touched.customers)
             )
@@ -221,7 +226,7 @@ pub fn touched_keys_sql(star: &LiveStar, touched: &Touched) -> String {
         crate::tables::FACT_ORDER_ITEMS => {
             let mut sql = format!(
                 "{own}{}",
-                over_rows(
+                over_unknown(
                     "order_item_id",
                     &format!("product_sk = -1 AND product_id IN (SELECT k FROM {})", touched.products)
                 )

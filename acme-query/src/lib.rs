@@ -222,6 +222,8 @@ pub struct Warehouse {
     shared: Shared,
     /// The tail held in memory, which the handles refreshed from this one extend.
     held: Option<Arc<HeldTail>>,
+    /// The star rows recomputed for the tail, which the handles refreshed from this one extend.
+    star: Option<Arc<live_star::HeldStar>>,
     /// The tail's size (`None` without a model).
     tail: Option<Tail>,
 }
@@ -235,6 +237,8 @@ struct Previous<'a> {
     known_start: Option<i64>,
     /// Its tail held in memory.
     tail: Option<Arc<HeldTail>>,
+    /// Its star rows recomputed for the tail.
+    star: Option<Arc<live_star::HeldStar>>,
 }
 
 /// A tail held in memory: the raw changes after `model_position` up to `raw_position`.
@@ -243,8 +247,6 @@ struct HeldTail {
     raw_position: i64,
     /// Per history table.
     tables: HashMap<String, HeldPieces>,
-    /// The star rows recomputed for the tail.
-    star: Option<live_star::HeldStar>,
 }
 
 /// One history's tail pieces ([`acme_model::live`]).
@@ -330,7 +332,7 @@ impl Warehouse {
         }
         // The first instant of the history only moves with the stored model.
         let known_start = self.history_start.filter(|_| model_manifest.is_some() && model_manifest == self.manifests.1);
-        let previous = Previous { tables: &self.tables, known_start, tail: self.held.clone() };
+        let previous = Previous { tables: &self.tables, known_start, tail: self.held.clone(), star: self.star.clone() };
         let loaded =
             Self::load(self.storage.clone(), &self.url, (raw_manifest, model_manifest), previous, self.shared.clone());
         Ok(Some(loaded.await?))
@@ -414,6 +416,7 @@ impl Warehouse {
         }
         let opened = started.elapsed();
         let mut held = None;
+        let mut held_star = None;
         let mut tail =
             model_manifest.as_ref().map(|_| Tail { changes: 0, model_rows: model_rows(&tables), held_bytes: 0 });
         if let (Some(position), Some(tail)) = (tail_after, tail.as_mut()) {
@@ -443,12 +446,13 @@ impl Warehouse {
                 stored: &stored,
                 tails: &tails,
                 raw_position: raw_position.unwrap_or(i64::MAX),
-                previous: reusable.and_then(|t| t.star.as_ref()).filter(|_| raw_position.is_some()),
+                model_position: position,
+                previous: previous.star.as_deref().filter(|s| {
+                    raw_position.is_some() && s.model_position == position && Some(s.raw_position) <= raw_position
+                }),
             };
             let (star_bytes, star) = live_star::register(&ctx, &inputs).await?;
-            if let Some(held) = held.as_mut() {
-                held.star = star;
-            }
+            held_star = star.map(Arc::new);
             tail.held_bytes =
                 star_bytes + held.as_ref().map_or(0, |h| h.tables.values().map(|p| p.bytes as u64).sum::<u64>());
             tracing::debug!(
@@ -508,6 +512,7 @@ impl Warehouse {
             manifests: (raw_manifest, model_manifest),
             shared,
             held: held.map(Arc::new),
+            star: held_star,
             tail,
         })
     }
@@ -973,9 +978,7 @@ async fn register_live_views(
         tails.push(live_star::HistoryTail { spec: spec.clone(), attributes, truncates, first, versions });
     }
     let held = match (materialize, raw_position) {
-        (true, Some(raw_position)) => {
-            Some(HeldTail { model_position: position, raw_position, tables: held, star: None })
-        }
+        (true, Some(raw_position)) => Some(HeldTail { model_position: position, raw_position, tables: held }),
         _ => None,
     };
     Ok((held, tails))

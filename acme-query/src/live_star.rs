@@ -44,10 +44,15 @@ type KeysAndRows = (Arc<dyn TableProvider>, Arc<dyn TableProvider>);
 /// The star rows a handle recomputed for its tail, which a refreshed handle extends.
 #[derive(Clone, Default)]
 pub(crate) struct HeldStar {
+    /// The stored model's position the rows extend.
+    pub model_position: i64,
     /// The raw position the rows are at.
     pub raw_position: i64,
-    /// Per fact table: the touched keys and their rows.
+    /// Per star table: the touched keys and their rows.
     pub tables: HashMap<&'static str, KeysAndRows>,
+    /// Per fact table: its stored rows with an Unknown member (the candidates of late-arriving
+    /// keys), found once per stored model.
+    pub unknown: HashMap<&'static str, Arc<dyn TableProvider>>,
 }
 
 /// What [`register`] needs besides the context.
@@ -60,6 +65,8 @@ pub(crate) struct LiveInputs<'a> {
     pub tails: &'a [HistoryTail],
     /// The raw position the handle answers at.
     pub raw_position: i64,
+    /// The stored model's position.
+    pub model_position: i64,
     /// The rows a handle at the same model position recomputed, to extend.
     pub previous: Option<&'a HeldStar>,
 }
@@ -71,7 +78,12 @@ pub(crate) async fn register(ctx: &SessionContext, inputs: &LiveInputs<'_>) -> R
     // A truncation in the tail touches every key: the star tables are then computed whole on
     // read, from the live histories (a truncation is rare, and the next build folds it in).
     let truncated = inputs.tails.iter().any(|t| !t.truncates.is_empty());
-    let mut held = HeldStar { raw_position: inputs.raw_position, tables: HashMap::new() };
+    let mut held = HeldStar {
+        model_position: inputs.model_position,
+        raw_position: inputs.raw_position,
+        tables: HashMap::new(),
+        unknown: HashMap::new(),
+    };
     let mut bytes = 0u64;
     for star in LIVE_STAR.iter().filter(|s| inputs.found.contains_key(s.name)) {
         let needs: &[&str] = match star.name {
@@ -90,7 +102,7 @@ pub(crate) async fn register(ctx: &SessionContext, inputs: &LiveInputs<'_>) -> R
             continue;
         }
         let started = std::time::Instant::now();
-        let (table_bytes, kept) = register_one(ctx, inputs, star).await?;
+        let (table_bytes, kept) = register_one(ctx, inputs, star, &mut held).await?;
         tracing::debug!(
             table = star.name,
             extended = inputs.previous.is_some(),
@@ -110,8 +122,22 @@ fn tail_of<'a>(tails: &'a [HistoryTail], source: &str) -> Option<&'a HistoryTail
     tails.iter().find(|t| t.spec.table == source)
 }
 
-fn is_dimension(star: &LiveStar) -> bool {
-    matches!(star.name, tables::DIM_CUSTOMER | tables::DIM_PRODUCT)
+/// The surrogate key of a dimension.
+fn surrogate_key(star: &LiveStar) -> Option<&'static str> {
+    match star.name {
+        tables::DIM_CUSTOMER => Some("customer_sk"),
+        tables::DIM_PRODUCT => Some("product_sk"),
+        _ => None,
+    }
+}
+
+/// The predicate selecting a fact table's rows with an Unknown member.
+fn unknown_member(star: &LiveStar) -> Option<&'static str> {
+    match star.name {
+        tables::FACT_ORDERS => Some("customer_sk = -1"),
+        tables::FACT_ORDER_ITEMS => Some("product_sk = -1"),
+        _ => None,
+    }
 }
 
 /// The table's statement, scoped to the key table `scope` (the dimensions number new versions
@@ -132,15 +158,13 @@ async fn register_one(
     ctx: &SessionContext,
     inputs: &LiveInputs<'_>,
     star: &LiveStar,
+    held: &mut HeldStar,
 ) -> Result<(u64, Option<KeysAndRows>)> {
     let stored_name = format!("{MODEL_SCHEMA}.{}", star.name);
     let name = |part: &str| format!("{TAIL_SCHEMA}.{}_{part}", star.name);
-    // A fact table extends the rows a handle at an earlier raw position recomputed, with the
-    // keys the changes after that position touch; a dimension recomputes its whole tail.
-    let previous = inputs
-        .previous
-        .filter(|p| p.raw_position <= inputs.raw_position && !is_dimension(star))
-        .and_then(|p| Some((p.raw_position, p.tables.get(star.name)?)));
+    // A table extends the rows a handle at an earlier raw position recomputed, with the keys
+    // the changes after that position touch.
+    let previous = inputs.previous.and_then(|p| Some((p.raw_position, p.tables.get(star.name)?)));
     let changed = |source: &str| -> String {
         let Some(tail) = tail_of(inputs.tails, source) else { return "(SELECT 0 AS k WHERE false)".into() };
         match previous {
@@ -156,12 +180,25 @@ async fn register_one(
         own: changed(star.source),
         customers: changed("customers"),
         products: changed("products"),
+        unknown_rows: Vec::new(),
         rows: vec![stored_name.clone()],
         new_orders: None,
     };
+    if let Some(predicate) = unknown_member(star) {
+        // The stored rows with an Unknown member do not change with the tail: found once per
+        // stored model, instead of a scan of the stored table per handle.
+        let unknown = match inputs.previous.and_then(|p| p.unknown.get(star.name)) {
+            Some(unknown) => Arc::clone(unknown),
+            None => hold_in_memory(ctx, &format!("SELECT * FROM {stored_name} WHERE {predicate}")).await?.0,
+        };
+        ctx.register_table(name("stored_unknown").as_str(), Arc::clone(&unknown))?;
+        touched.unknown_rows.push(name("stored_unknown"));
+        held.unknown.insert(star.name, unknown);
+    }
     if let Some((_, (_, rows))) = previous {
         ctx.register_table(name("previous_rows").as_str(), Arc::clone(rows))?;
         touched.rows.push(name("previous_rows"));
+        touched.unknown_rows.push(name("previous_rows"));
     }
     // Items stored before their order: only orders placed in the tail with no stored version
     // can have them, and the bounds of those orders' ids let the files' statistics skip the
@@ -202,7 +239,12 @@ async fn register_one(
     } else {
         ctx.register_table(name("touched").as_str(), Arc::clone(&keys))?;
         let found = started.elapsed();
-        let fresh = recompute(ctx, inputs, star, &name("touched")).await?;
+        if let Some((_, (previous_keys, _))) = previous {
+            ctx.register_table(name("previous_keys").as_str(), Arc::clone(previous_keys))?;
+        }
+        let previous_names = previous.map(|_| (name("previous_rows"), name("previous_keys")));
+        let previous_rows = previous_names.as_ref().map(|(rows, keys)| (rows.as_str(), keys.as_str()));
+        let fresh = recompute(ctx, inputs, star, &name("touched"), previous_rows).await?;
         tracing::debug!(
             table = star.name,
             keys_ms = found.as_millis() as u64,
@@ -229,9 +271,6 @@ async fn register_one(
                 )
                 .await?
                 .0;
-                if let Some((_, (previous_keys, _))) = previous {
-                    ctx.register_table(name("previous_keys").as_str(), Arc::clone(previous_keys))?;
-                }
                 let all_keys = hold_in_memory(
                     ctx,
                     &format!("SELECT k FROM {} UNION SELECT k FROM {}", name("previous_keys"), name("touched")),
@@ -266,6 +305,7 @@ async fn recompute(
     inputs: &LiveInputs<'_>,
     star: &LiveStar,
     keys: &str,
+    previous_rows: Option<(&str, &str)>,
 ) -> Result<Arc<dyn TableProvider>> {
     let scoped = SessionContext::new_with_config_rt(SessionConfig::new(), Arc::clone(inputs.runtime));
     scoped.register_table("scope_keys", ctx.table_provider(keys).await?)?;
@@ -302,15 +342,26 @@ async fn recompute(
         }
     }
     let mut base = 0;
-    let sk = match star.name {
-        tables::DIM_CUSTOMER => Some("customer_sk"),
-        tables::DIM_PRODUCT => Some("product_sk"),
-        _ => None,
-    };
-    if let Some(sk) = sk {
+    if let Some(sk) = surrogate_key(star) {
+        // The versions numbered so far (stored, and recomputed for an earlier part of the tail)
+        // keep their keys; new ones are numbered after the highest.
         let stored = format!("{MODEL_SCHEMA}.{}", star.name);
-        scoped.register_table("model_previous", ctx.table_provider(stored.as_str()).await?)?;
-        let row = int64_row(ctx, &format!("SELECT coalesce(max({sk}), 0) FROM {stored}")).await?;
+        let numbered = match previous_rows {
+            None => stored,
+            Some((rows, keys)) => {
+                // (The held rows hold every version of their keys, the stored ones included.)
+                let columns = column_list(&ctx.table_provider(rows).await?);
+                format!(
+                    "(SELECT {} FROM {stored} s LEFT JOIN {keys} t ON t.k = s.{key} WHERE t.k IS NULL \
+                     UNION ALL SELECT {columns} FROM {rows})",
+                    prefixed(&columns, "s"),
+                    key = star.key,
+                )
+            }
+        };
+        let view = ctx.sql(&format!("SELECT * FROM {numbered} n")).await?.into_view();
+        scoped.register_table("model_previous", view)?;
+        let row = int64_row(ctx, &format!("SELECT coalesce(max({sk}), 0) FROM {numbered} n")).await?;
         base = row.first().copied().flatten().unwrap_or(0);
     }
     Ok(hold_in_memory(&scoped, &statement(star, Some("scope_keys"), base)).await?.0)
