@@ -81,6 +81,33 @@ async fn shown(w: &Warehouse, (customer, product, date): &(i64, i64, String)) ->
     r3.iter().any(|r| r.product_id == Some(*product)) && r4.iter().any(|r| r.customer_id == Some(*customer))
 }
 
+/// What each report and table holds of a stamp that was not shown.
+async fn diagnose(w: &Warehouse, (customer, product, date): &(i64, i64, String)) -> String {
+    let r1 = w.open_orders(StatusFilter::Open, None).await.expect("R1");
+    let r3 = w.pending_items_by_product(None).await.expect("R3");
+    let r4 = w.top_customers(10_000, StatusFilter::Pending, None).await.expect("R4");
+    let mut out = format!(
+        "raw position {:?}, model position {:?}; in R1 {}, R3 {}, R4 {}",
+        w.raw_position(),
+        w.model_position(),
+        r1.iter().any(|r| r.delivery_date.is_some_and(|d| &d.to_string() == date)),
+        r3.iter().any(|r| r.product_id == Some(*product)),
+        r4.iter().any(|r| r.customer_id == Some(*customer)),
+    );
+    for sql in [
+        format!("SELECT * FROM raw_orders WHERE customer_id = {customer}"),
+        format!("SELECT * FROM orders_history WHERE customer_id = {customer}"),
+        format!("SELECT * FROM fact_orders WHERE customer_id = {customer}"),
+        format!("SELECT * FROM fact_order_items WHERE product_id = {product}"),
+        format!("SELECT * FROM agg_orders_by_delivery_date WHERE delivery_date = CAST('{date}' AS DATE)"),
+    ] {
+        let batches = w.sql(&sql).await.expect("diagnosis").collect().await.expect("diagnosis rows");
+        let text = acme::core::arrow::util::pretty::pretty_format_batches(&batches).expect("format");
+        out.push_str(&format!("\n{sql}:\n{text}"));
+    }
+    out
+}
+
 /// A plain HTTP/1.1 GET of a JSON body.
 fn get(addr: std::net::SocketAddr, path: &str) -> serde_json::Value {
     let mut stream = std::net::TcpStream::connect(addr).expect("connect");
@@ -219,7 +246,9 @@ async fn main() {
             // reports, and looking again at the same state would take CPU from the pipeline
             // and the workload for nothing.
             if looked_at == Some(w.raw_position()) {
-                assert!(committed.elapsed() < deadline, "stamp {n} not shown after {deadline:?}");
+                if committed.elapsed() >= deadline {
+                    panic!("stamp {n} not shown after {deadline:?}: {}", diagnose(&w, &stamp).await);
+                }
                 tokio::time::sleep(Duration::from_millis(10)).await;
                 continue;
             }
@@ -257,7 +286,9 @@ async fn main() {
                 }
                 break;
             }
-            assert!(committed.elapsed() < deadline, "stamp {n} not shown after {deadline:?}");
+            if committed.elapsed() >= deadline {
+                panic!("stamp {n} not shown after {deadline:?}: {}", diagnose(&w, &stamp).await);
+            }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
