@@ -445,6 +445,7 @@ impl Warehouse {
                 found: &found,
                 stored: &stored,
                 tails: &tails,
+                raw_files: &files,
                 raw_position: raw_position.unwrap_or(i64::MAX),
                 model_position: position,
                 previous: previous.star.as_deref().filter(|s| {

@@ -53,6 +53,8 @@ pub(crate) struct HeldStar {
     /// Per fact table: its stored rows with an Unknown member (the candidates of late-arriving
     /// keys), found once per stored model.
     pub unknown: HashMap<&'static str, Arc<dyn TableProvider>>,
+    /// Per dimension: the highest surrogate key stored.
+    pub stored_max_sk: HashMap<&'static str, i64>,
 }
 
 /// What [`register`] needs besides the context.
@@ -63,6 +65,8 @@ pub(crate) struct LiveInputs<'a> {
     /// The stored model tables, by registered name.
     pub stored: &'a HashMap<String, &'a LayerTable>,
     pub tails: &'a [HistoryTail],
+    /// The raw files of the tail.
+    pub raw_files: &'a [crate::TailFiles<'a>],
     /// The raw position the handle answers at.
     pub raw_position: i64,
     /// The stored model's position.
@@ -83,7 +87,22 @@ pub(crate) async fn register(ctx: &SessionContext, inputs: &LiveInputs<'_>) -> R
         raw_position: inputs.raw_position,
         tables: HashMap::new(),
         unknown: HashMap::new(),
+        stored_max_sk: inputs.previous.map(|p| p.stored_max_sk.clone()).unwrap_or_default(),
     };
+    // The keys changed since the rows passed on: from the raw files after that position only
+    // (the newest micro-batches), not from the whole tail.
+    if let Some(previous) = inputs.previous {
+        for tail in inputs.raw_files {
+            let files: Vec<_> = tail
+                .files
+                .iter()
+                .filter(|f| !f.all_at_most(acme_core::raw::LSN, previous.raw_position))
+                .cloned()
+                .collect();
+            let since = format!("{TAIL_SCHEMA}.raw_{}_since", tail.table);
+            ctx.register_table(since.as_str(), tail.raw.provider(Some(&files))?)?;
+        }
+    }
     let mut bytes = 0u64;
     for star in LIVE_STAR.iter().filter(|s| inputs.found.contains_key(s.name)) {
         let needs: &[&str] = match star.name {
@@ -170,7 +189,8 @@ async fn register_one(
         match previous {
             None => tail.first.clone(),
             Some((since, _)) => format!(
-                "(SELECT DISTINCT {key} AS k FROM {TAIL_SCHEMA}.raw_{source} WHERE {lsn} > {since} AND {key} IS NOT NULL)",
+                "(SELECT DISTINCT {key} AS k FROM {TAIL_SCHEMA}.raw_{source}_since WHERE {lsn} > {since} \
+                 AND {key} IS NOT NULL)",
                 key = quote(&tail.spec.key),
                 lsn = acme_core::raw::LSN,
             ),
@@ -244,7 +264,7 @@ async fn register_one(
         }
         let previous_names = previous.map(|_| (name("previous_rows"), name("previous_keys")));
         let previous_rows = previous_names.as_ref().map(|(rows, keys)| (rows.as_str(), keys.as_str()));
-        let fresh = recompute(ctx, inputs, star, &name("touched"), previous_rows).await?;
+        let fresh = recompute(ctx, inputs, star, &name("touched"), previous_rows, held).await?;
         tracing::debug!(
             table = star.name,
             keys_ms = found.as_millis() as u64,
@@ -306,35 +326,35 @@ async fn recompute(
     star: &LiveStar,
     keys: &str,
     previous_rows: Option<(&str, &str)>,
+    held: &mut HeldStar,
 ) -> Result<Arc<dyn TableProvider>> {
     let scoped = SessionContext::new_with_config_rt(SessionConfig::new(), Arc::clone(inputs.runtime));
     scoped.register_table("scope_keys", ctx.table_provider(keys).await?)?;
+    let own = tail_of(inputs.tails, star.source).ok_or_else(|| missing_tail(star.source))?;
+    let own_history = scoped_history(ctx, inputs, own, keys, &format!("{}_own", star.name)).await?;
+    scoped.register_table(own.spec.history_table().as_str(), Arc::clone(&own_history))?;
+    // The items' statement reads their orders' first versions: the orders of the touched
+    // items only, looked up the same way, not the whole orders history.
+    let mut placed = None;
+    if star.name == tables::FACT_ORDER_ITEMS
+        && let Some(orders) = tail_of(inputs.tails, "orders")
+    {
+        let items = format!("{TAIL_SCHEMA}.{}_items", star.name);
+        ctx.register_table(items.as_str(), own_history)?;
+        let order_keys = format!("{TAIL_SCHEMA}.{}_order_keys", star.name);
+        let sql = format!("SELECT DISTINCT order_id AS k FROM {items} WHERE order_id IS NOT NULL");
+        ctx.register_table(order_keys.as_str(), hold_in_memory(ctx, &sql).await?.0)?;
+        let history = scoped_history(ctx, inputs, orders, &order_keys, &format!("{}_orders", star.name)).await?;
+        scoped.register_table(orders.spec.history_table().as_str(), history)?;
+        placed = Some("orders");
+    }
     for source in ["customers", "products", "orders", "order_items"] {
         let Some(tail) = tail_of(inputs.tails, source) else { continue };
+        if source == star.source || Some(source) == placed {
+            continue;
+        }
         let history = tail.spec.history_table();
-        let provider: Arc<dyn TableProvider> = if source == star.source {
-            let stored = match inputs.stored.get(&history) {
-                Some(table) => {
-                    let lookup = format!("{TAIL_SCHEMA}.{}_lookup", star.name);
-                    ctx.register_table(lookup.as_str(), table.lookup_provider()?)?;
-                    lookup
-                }
-                None => format!("{MODEL_SCHEMA}.{history}"),
-            };
-            let stored = format!("(SELECT h.* FROM {stored} h JOIN {keys} s ON s.k = h.{})", quote(&tail.spec.key));
-            let sql = live::live_history_sql(
-                &tail.spec,
-                &stored,
-                &tail.first,
-                &tail.versions,
-                &tail.attributes,
-                &tail.truncates,
-            );
-            ctx.sql(&sql).await?.into_view()
-        } else {
-            ctx.table_provider(history.as_str()).await?
-        };
-        scoped.register_table(history.as_str(), provider)?;
+        scoped.register_table(history.as_str(), ctx.table_provider(history.as_str()).await?)?;
     }
     for dimension in [tables::DIM_CUSTOMER, tables::DIM_PRODUCT] {
         if let Ok(provider) = ctx.table_provider(dimension).await {
@@ -361,10 +381,48 @@ async fn recompute(
         };
         let view = ctx.sql(&format!("SELECT * FROM {numbered} n")).await?.into_view();
         scoped.register_table("model_previous", view)?;
-        let row = int64_row(ctx, &format!("SELECT coalesce(max({sk}), 0) FROM {numbered} n")).await?;
-        base = row.first().copied().flatten().unwrap_or(0);
+        let max = |sql: String| async move {
+            Ok::<_, crate::QueryError>(int64_row(ctx, &sql).await?.first().copied().flatten().unwrap_or(0))
+        };
+        let stored_max = match inputs.previous.and_then(|p| p.stored_max_sk.get(star.name)) {
+            Some(max) => *max,
+            None => max(format!("SELECT coalesce(max({sk}), 0) FROM {MODEL_SCHEMA}.{}", star.name)).await?,
+        };
+        held.stored_max_sk.insert(star.name, stored_max);
+        base = match previous_rows {
+            Some((rows, _)) => stored_max.max(max(format!("SELECT coalesce(max({sk}), 0) FROM {rows}")).await?),
+            None => stored_max,
+        };
     }
     Ok(hold_in_memory(&scoped, &statement(star, Some("scope_keys"), base)).await?.0)
+}
+
+/// The live history of `tail`'s source restricted to the keys in `keys` (a relation of `ctx`
+/// with a column `k`): their stored versions, looked up by key, with the tail applied.
+async fn scoped_history(
+    ctx: &SessionContext,
+    inputs: &LiveInputs<'_>,
+    tail: &HistoryTail,
+    keys: &str,
+    lookup_name: &str,
+) -> Result<Arc<dyn TableProvider>> {
+    let history = tail.spec.history_table();
+    let stored = match inputs.stored.get(&history) {
+        Some(table) => {
+            let lookup = format!("{TAIL_SCHEMA}.{lookup_name}_lookup");
+            ctx.register_table(lookup.as_str(), table.lookup_provider()?)?;
+            lookup
+        }
+        None => format!("{MODEL_SCHEMA}.{history}"),
+    };
+    let stored = format!("(SELECT h.* FROM {stored} h JOIN {keys} s ON s.k = h.{})", quote(&tail.spec.key));
+    let sql =
+        live::live_history_sql(&tail.spec, &stored, &tail.first, &tail.versions, &tail.attributes, &tail.truncates);
+    Ok(ctx.sql(&sql).await?.into_view())
+}
+
+fn missing_tail(source: &str) -> crate::QueryError {
+    datafusion::error::DataFusionError::Internal(format!("the live star has no raw tail for `{source}`")).into()
 }
 
 /// The quoted column names of a relation, comma-separated.
