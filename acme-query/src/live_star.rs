@@ -120,6 +120,12 @@ pub(crate) async fn register(ctx: &SessionContext, inputs: &LiveInputs<'_>) -> R
             ctx.register_table(star.name, ctx.sql(&statement(star, None, 0)).await?.into_view())?;
             continue;
         }
+        if star.name == tables::FACT_ORDER_STATUS {
+            // No report reads it: its touched rows are computed by the queries that read it,
+            // not by every refresh.
+            register_lazy(ctx, inputs, star).await?;
+            continue;
+        }
         let started = std::time::Instant::now();
         let (table_bytes, kept) = register_one(ctx, inputs, star, &mut held).await?;
         tracing::debug!(
@@ -395,6 +401,31 @@ async fn recompute(
         };
     }
     Ok(hold_in_memory(&scoped, &statement(star, Some("scope_keys"), base)).await?.0)
+}
+
+/// Register `star` (keyed by its source's key, with no late-arriving keys) as a view that
+/// recomputes the rows of the keys the tail touches in each query that reads it.
+async fn register_lazy(ctx: &SessionContext, inputs: &LiveInputs<'_>, star: &LiveStar) -> Result<()> {
+    let tail = tail_of(inputs.tails, star.source).ok_or_else(|| missing_tail(star.source))?;
+    let keys = format!("{TAIL_SCHEMA}.{}_keys", star.name);
+    let keys_view = ctx.sql(&format!("SELECT DISTINCT k FROM {} f WHERE k IS NOT NULL", tail.first)).await?;
+    ctx.register_table(keys.as_str(), keys_view.into_view())?;
+    let scoped = SessionContext::new_with_config_rt(SessionConfig::new(), Arc::clone(inputs.runtime));
+    scoped.register_table("scope_keys", ctx.table_provider(keys.as_str()).await?)?;
+    let history = scoped_history(ctx, inputs, tail, &keys, star.name).await?;
+    scoped.register_table(tail.spec.history_table().as_str(), history)?;
+    let rows = format!("{TAIL_SCHEMA}.{}_rows", star.name);
+    ctx.register_table(rows.as_str(), scoped.sql(&statement(star, Some("scope_keys"), 0)).await?.into_view())?;
+    let columns = column_list(&ctx.table_provider(rows.as_str()).await?);
+    let stored = format!("{MODEL_SCHEMA}.{}", star.name);
+    let view = format!(
+        "SELECT {prefixed} FROM {stored} s LEFT JOIN {keys} t ON t.k = s.{key} WHERE t.k IS NULL \
+         UNION ALL SELECT {columns} FROM {rows}",
+        prefixed = prefixed(&columns, "s"),
+        key = star.key,
+    );
+    ctx.register_table(star.name, ctx.sql(&view).await?.into_view())?;
+    Ok(())
 }
 
 /// The live history of `tail`'s source restricted to the keys in `keys` (a relation of `ctx`
