@@ -82,7 +82,7 @@ pub(crate) async fn register(ctx: &SessionContext, inputs: &LiveInputs<'_>) -> R
     // A truncation in the tail touches every key: the star tables are then computed whole on
     // read, from the live histories (a truncation is rare, and the next build folds it in).
     let truncated = inputs.tails.iter().any(|t| !t.truncates.is_empty());
-    let mut held = HeldStar {
+    let held = HeldStar {
         model_position: inputs.model_position,
         raw_position: inputs.raw_position,
         tables: HashMap::new(),
@@ -103,44 +103,59 @@ pub(crate) async fn register(ctx: &SessionContext, inputs: &LiveInputs<'_>) -> R
             ctx.register_table(since.as_str(), tail.raw.provider(Some(&files))?)?;
         }
     }
+    // The dimensions, then the facts that look them up; the tables of each group concurrently.
+    let held = std::sync::Mutex::new(held);
     let mut bytes = 0u64;
-    for star in LIVE_STAR.iter().filter(|s| inputs.found.contains_key(s.name)) {
-        let needs: &[&str] = match star.name {
-            tables::FACT_ORDERS => &["orders", "customers"],
-            tables::FACT_ORDER_ITEMS => &["order_items", "products", "orders"],
-            _ => &[star.source],
-        };
-        if needs.iter().any(|s| tail_of(inputs.tails, s).is_none()) {
-            // A history without its raw table: the stored rows as they are.
-            let provider = ctx.table_provider(format!("{MODEL_SCHEMA}.{}", star.name).as_str()).await?;
-            ctx.register_table(star.name, provider)?;
-            continue;
-        }
-        if truncated {
-            ctx.register_table(star.name, ctx.sql(&statement(star, None, 0)).await?.into_view())?;
-            continue;
-        }
-        if star.name == tables::FACT_ORDER_STATUS {
-            // No report reads it: its touched rows are computed by the queries that read it,
-            // not by every refresh.
-            register_lazy(ctx, inputs, star).await?;
-            continue;
-        }
-        let started = std::time::Instant::now();
-        let (table_bytes, kept) = register_one(ctx, inputs, star, &mut held).await?;
-        tracing::debug!(
-            table = star.name,
-            extended = inputs.previous.is_some(),
-            held_bytes = table_bytes,
-            ms = started.elapsed().as_millis() as u64,
-            "live star table"
-        );
-        bytes += table_bytes;
-        if let Some(kept) = kept {
-            held.tables.insert(star.name, kept);
-        }
+    for group in [&LIVE_STAR[..2], &LIVE_STAR[2..]] {
+        let steps = group.iter().filter(|s| inputs.found.contains_key(s.name)).map(|star| {
+            let held = &held;
+            async move {
+                let needs: &[&str] = match star.name {
+                    tables::FACT_ORDERS => &["orders", "customers"],
+                    tables::FACT_ORDER_ITEMS => &["order_items", "products", "orders"],
+                    _ => &[star.source],
+                };
+                if needs.iter().any(|s| tail_of(inputs.tails, s).is_none()) {
+                    // A history without its raw table: the stored rows as they are.
+                    let provider = ctx.table_provider(format!("{MODEL_SCHEMA}.{}", star.name).as_str()).await?;
+                    ctx.register_table(star.name, provider)?;
+                    return Ok(0);
+                }
+                if truncated {
+                    ctx.register_table(star.name, ctx.sql(&statement(star, None, 0)).await?.into_view())?;
+                    return Ok(0);
+                }
+                if star.name == tables::FACT_ORDER_STATUS {
+                    // No report reads it: its touched rows are computed by the queries that read
+                    // it, not by every refresh.
+                    register_lazy(ctx, inputs, star).await?;
+                    return Ok(0);
+                }
+                let started = std::time::Instant::now();
+                let (table_bytes, kept) = register_one(ctx, inputs, star, held).await?;
+                tracing::debug!(
+                    table = star.name,
+                    extended = inputs.previous.is_some(),
+                    held_bytes = table_bytes,
+                    ms = started.elapsed().as_millis() as u64,
+                    "live star table"
+                );
+                if let Some(kept) = kept {
+                    lock(held).tables.insert(star.name, kept);
+                }
+                Ok::<_, crate::QueryError>(table_bytes)
+            }
+        });
+        bytes += futures::future::try_join_all(steps).await?.into_iter().sum::<u64>();
     }
+    let held = held.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner);
     Ok((bytes, (!truncated).then_some(held)))
+}
+
+/// The held rows being assembled (a panic elsewhere cannot leave them half-written: each
+/// insert is one map entry).
+fn lock(held: &std::sync::Mutex<HeldStar>) -> std::sync::MutexGuard<'_, HeldStar> {
+    held.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 fn tail_of<'a>(tails: &'a [HistoryTail], source: &str) -> Option<&'a HistoryTail> {
@@ -183,7 +198,7 @@ async fn register_one(
     ctx: &SessionContext,
     inputs: &LiveInputs<'_>,
     star: &LiveStar,
-    held: &mut HeldStar,
+    held: &std::sync::Mutex<HeldStar>,
 ) -> Result<(u64, Option<KeysAndRows>)> {
     let stored_name = format!("{MODEL_SCHEMA}.{}", star.name);
     let name = |part: &str| format!("{TAIL_SCHEMA}.{}_{part}", star.name);
@@ -219,7 +234,7 @@ async fn register_one(
         };
         ctx.register_table(name("stored_unknown").as_str(), Arc::clone(&unknown))?;
         touched.unknown_rows.push(name("stored_unknown"));
-        held.unknown.insert(star.name, unknown);
+        lock(held).unknown.insert(star.name, unknown);
     }
     if let Some((_, (_, rows))) = previous {
         ctx.register_table(name("previous_rows").as_str(), Arc::clone(rows))?;
@@ -332,7 +347,7 @@ async fn recompute(
     star: &LiveStar,
     keys: &str,
     previous_rows: Option<(&str, &str)>,
-    held: &mut HeldStar,
+    held: &std::sync::Mutex<HeldStar>,
 ) -> Result<Arc<dyn TableProvider>> {
     let scoped = SessionContext::new_with_config_rt(SessionConfig::new(), Arc::clone(inputs.runtime));
     scoped.register_table("scope_keys", ctx.table_provider(keys).await?)?;
@@ -394,7 +409,7 @@ async fn recompute(
             Some(max) => *max,
             None => max(format!("SELECT coalesce(max({sk}), 0) FROM {MODEL_SCHEMA}.{}", star.name)).await?,
         };
-        held.stored_max_sk.insert(star.name, stored_max);
+        lock(held).stored_max_sk.insert(star.name, stored_max);
         base = match previous_rows {
             Some((rows, _)) => stored_max.max(max(format!("SELECT coalesce(max({sk}), 0) FROM {rows}")).await?),
             None => stored_max,
