@@ -453,15 +453,32 @@ async fn scoped_history(
     lookup_name: &str,
 ) -> Result<Arc<dyn TableProvider>> {
     let history = tail.spec.history_table();
+    let key = quote(&tail.spec.key);
     let stored = match inputs.stored.get(&history) {
         Some(table) => {
-            let lookup = format!("{TAIL_SCHEMA}.{lookup_name}_lookup");
-            ctx.register_table(lookup.as_str(), table.lookup_provider()?)?;
-            lookup
+            // Keys above every stored key (new rows: a serial key's inserts) have no stored
+            // versions: only the others are looked up, and with none the stored history is
+            // not read at all. The bound comes from the files' statistics.
+            let files = table.data_files()?;
+            let bound = files.iter().map(|f| f.max_i64(&tail.spec.key)).collect::<Option<Vec<_>>>();
+            let bound = bound.map(|maxima| maxima.into_iter().max().unwrap_or(i64::MIN));
+            let (old_keys, filter) = match bound {
+                Some(max) => (
+                    int64_row(ctx, &format!("SELECT count(*) FROM {keys} WHERE k <= {max}")).await?,
+                    format!(" AND s.k <= {max}"),
+                ),
+                None => (vec![Some(1)], String::new()),
+            };
+            if old_keys.first().copied().flatten().unwrap_or(0) == 0 {
+                format!("(SELECT h.* FROM {MODEL_SCHEMA}.{history} h WHERE false)")
+            } else {
+                let lookup = format!("{TAIL_SCHEMA}.{lookup_name}_lookup");
+                ctx.register_table(lookup.as_str(), table.lookup_provider()?)?;
+                format!("(SELECT h.* FROM {lookup} h JOIN {keys} s ON s.k = h.{key}{filter})")
+            }
         }
-        None => format!("{MODEL_SCHEMA}.{history}"),
+        None => format!("(SELECT h.* FROM {MODEL_SCHEMA}.{history} h JOIN {keys} s ON s.k = h.{key})"),
     };
-    let stored = format!("(SELECT h.* FROM {stored} h JOIN {keys} s ON s.k = h.{})", quote(&tail.spec.key));
     let sql =
         live::live_history_sql(&tail.spec, &stored, &tail.first, &tail.versions, &tail.attributes, &tail.truncates);
     Ok(ctx.sql(&sql).await?.into_view())
