@@ -297,21 +297,14 @@ async fn register_one(
             Some(_) => {
                 // The earlier rows of the keys not touched again, and the recomputed ones.
                 ctx.register_table(name("fresh_rows").as_str(), Arc::clone(&fresh))?;
-                let columns = column_list(&fresh);
-                let rows = hold_in_memory(
-                    ctx,
-                    &format!(
-                        "SELECT {prefixed} FROM {previous} p LEFT JOIN {touched} t ON t.k = p.{key} WHERE t.k IS NULL \
-                         UNION ALL SELECT {columns} FROM {fresh}",
-                        prefixed = prefixed(&columns, "p"),
-                        previous = name("previous_rows"),
-                        touched = name("touched"),
-                        fresh = name("fresh_rows"),
-                        key = star.key,
-                    ),
-                )
-                .await?
-                .0;
+                let sql = replaced_sql(
+                    &name("previous_rows"),
+                    star.key,
+                    &name("touched"),
+                    &name("fresh_rows"),
+                    &column_list(&fresh),
+                );
+                let rows = hold_in_memory(ctx, &sql).await?.0;
                 let all_keys = hold_in_memory(
                     ctx,
                     &format!("SELECT k FROM {} UNION SELECT k FROM {}", name("previous_keys"), name("touched")),
@@ -324,15 +317,7 @@ async fn register_one(
     };
     ctx.register_table(name("keys").as_str(), Arc::clone(&all_keys))?;
     ctx.register_table(name("rows").as_str(), Arc::clone(&rows))?;
-    let columns = column_list(&rows);
-    let view = format!(
-        "SELECT {prefixed} FROM {stored_name} s LEFT JOIN {keys} t ON t.k = s.{key} WHERE t.k IS NULL \
-         UNION ALL SELECT {columns} FROM {rows}",
-        prefixed = prefixed(&columns, "s"),
-        keys = name("keys"),
-        rows = name("rows"),
-        key = star.key,
-    );
+    let view = replaced_sql(&stored_name, star.key, &name("keys"), &name("rows"), &column_list(&rows));
     ctx.register_table(star.name, ctx.sql(&view).await?.into_view())?;
     Ok((memory(&all_keys) + memory(&rows), Some((all_keys, rows))))
 }
@@ -392,12 +377,7 @@ async fn recompute(
             Some((rows, keys)) => {
                 // (The held rows hold every version of their keys, the stored ones included.)
                 let columns = column_list(&ctx.table_provider(rows).await?);
-                format!(
-                    "(SELECT {} FROM {stored} s LEFT JOIN {keys} t ON t.k = s.{key} WHERE t.k IS NULL \
-                     UNION ALL SELECT {columns} FROM {rows})",
-                    prefixed(&columns, "s"),
-                    key = star.key,
-                )
+                format!("({})", replaced_sql(&stored, star.key, keys, rows, &columns))
             }
         };
         let view = ctx.sql(&format!("SELECT * FROM {numbered} n")).await?.into_view();
@@ -432,13 +412,7 @@ async fn register_lazy(ctx: &SessionContext, inputs: &LiveInputs<'_>, star: &Liv
     let rows = format!("{TAIL_SCHEMA}.{}_rows", star.name);
     ctx.register_table(rows.as_str(), scoped.sql(&statement(star, Some("scope_keys"), 0)).await?.into_view())?;
     let columns = column_list(&ctx.table_provider(rows.as_str()).await?);
-    let stored = format!("{MODEL_SCHEMA}.{}", star.name);
-    let view = format!(
-        "SELECT {prefixed} FROM {stored} s LEFT JOIN {keys} t ON t.k = s.{key} WHERE t.k IS NULL \
-         UNION ALL SELECT {columns} FROM {rows}",
-        prefixed = prefixed(&columns, "s"),
-        key = star.key,
-    );
+    let view = replaced_sql(&format!("{MODEL_SCHEMA}.{}", star.name), star.key, &keys, &rows, &columns);
     ctx.register_table(star.name, ctx.sql(&view).await?.into_view())?;
     Ok(())
 }
@@ -493,9 +467,15 @@ fn column_list(provider: &Arc<dyn TableProvider>) -> String {
     provider.schema().fields().iter().map(|f| format!("\"{}\"", f.name())).collect::<Vec<_>>().join(", ")
 }
 
-/// `columns` (from [`column_list`]) qualified by `alias`.
-fn prefixed(columns: &str, alias: &str) -> String {
-    columns.split(", ").map(|c| format!("{alias}.{c}")).collect::<Vec<_>>().join(", ")
+/// SQL of the rows of `base` whose `key` is not among the keys of `keys` (column `k`),
+/// followed by the rows of `rows`: `base` with those keys' rows replaced. `columns` (from
+/// [`column_list`]) are the columns both give.
+fn replaced_sql(base: &str, key: &str, keys: &str, rows: &str, columns: &str) -> String {
+    let kept = columns.split(", ").map(|c| format!("b.{c}")).collect::<Vec<_>>().join(", ");
+    format!(
+        "SELECT {kept} FROM {base} b LEFT JOIN {keys} t ON t.k = b.{key} WHERE t.k IS NULL \
+         UNION ALL SELECT {columns} FROM {rows}"
+    )
 }
 
 /// The memory a held relation takes.

@@ -25,6 +25,19 @@ const LIVE_TABLES: [&str; 10] = [
     "fact_order_items",
 ];
 
+/// An order of `customer` with an item of `product`, neither of which exists yet, and an item
+/// of order `early_order`, which does not exist yet either.
+fn late_keys(customer: i64, product: i64, early_order: i64) -> String {
+    format!(
+        "WITH o AS (INSERT INTO operations.orders (order_date, delivery_date, customer_id, status, created_at) \
+           VALUES (current_date, current_date + 10, {customer}, 'PENDING', now()) RETURNING order_id) \
+         INSERT INTO operations.order_items (order_id, product_id, quanity, created_at) \
+           SELECT order_id, {product}, 5, now() FROM o; \
+         INSERT INTO operations.order_items (order_id, product_id, quanity, created_at) \
+           VALUES ({early_order}, 1, 7, now())"
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reports_apply_the_raw_tail_exactly_between_model_builds() {
     let (url, dir, config, mut stream) = pipeline("live", 0.003, 37).await;
@@ -163,17 +176,7 @@ async fn reports_apply_the_raw_tail_exactly_between_model_builds() {
     let (late_customer, late_product) = (late_customer + 1, late_product + 1);
     let early_order: i64 =
         client.query_one("SELECT max(order_id) + 1000 FROM operations.orders", &[]).await.expect("max").get(0);
-    client
-        .batch_execute(&format!(
-            "WITH o AS (INSERT INTO operations.orders (order_date, delivery_date, customer_id, status, created_at) \
-               VALUES (current_date, current_date + 10, {late_customer}, 'PENDING', now()) RETURNING order_id) \
-             INSERT INTO operations.order_items (order_id, product_id, quanity, created_at) \
-               SELECT order_id, {late_product}, 5, now() FROM o; \
-             INSERT INTO operations.order_items (order_id, product_id, quanity, created_at) \
-               VALUES ({early_order}, 1, 7, now())"
-        ))
-        .await
-        .expect("late keys");
+    client.batch_execute(&late_keys(late_customer, late_product, early_order)).await.expect("late keys");
     stream.catch_up().await.expect("catch up");
     ModelBuild::new(config.clone()).await.expect("build with late keys");
     let stored = Warehouse::open(&config.storage_url).await.expect("open");
@@ -182,17 +185,8 @@ async fn reports_apply_the_raw_tail_exactly_between_model_builds() {
     acme_testkit::run_workload(&url, &workload(900, 150, 2)).await.expect("workload");
     // The same late keys again, in the part of the tail the handle below holds.
     let (held_customer, held_product, held_order) = (late_customer + 1, late_product + 1, early_order + 1);
-    client
-        .batch_execute(&format!(
-            "WITH o AS (INSERT INTO operations.orders (order_date, delivery_date, customer_id, status, created_at) \
-               VALUES (current_date, current_date + 10, {held_customer}, 'PENDING', now()) RETURNING order_id) \
-             INSERT INTO operations.order_items (order_id, product_id, quanity, created_at) \
-               SELECT order_id, {held_product}, 6, now() FROM o; \
-             INSERT INTO operations.order_items (order_id, product_id, quanity, created_at) \
-               VALUES ({held_order}, 2, 8, now())"
-        ))
-        .await
-        .expect("late keys in the tail");
+    let sql = late_keys(held_customer, held_product, held_order);
+    client.batch_execute(&sql).await.expect("late keys in the tail");
     stream.catch_up().await.expect("catch up");
     // A handle holding the first part of the tail, refreshed below: it recomputes the star rows
     // of the keys the later changes touch only, and keeps its other rows.
