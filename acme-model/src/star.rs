@@ -149,12 +149,17 @@ pub const VALIDITY_COLUMNS: [&str; 5] = ["valid_from", "valid_to", "valid_from_l
 /// rows with `is_current`; the orders as of an instant are the rows valid at it.
 pub fn fact_orders_sql(scope: Option<&str>) -> String {
     let filter = scope_join("h.order_id", scope);
+    // Scoped to a few orders, only their customers' versions are looked at.
+    let customers_of = match scope {
+        Some(_) => " AND customer_id IN (SELECT customer_id FROM h)",
+        None => "",
+    };
     format!(
         "WITH h AS (SELECT h.* FROM orders_history h{filter} WHERE {VISIBLE}), \
          placed AS (SELECT order_id, min(valid_from_lsn) AS placed_lsn, min(valid_from) AS placed_at \
            FROM h GROUP BY order_id), \
          customers AS (SELECT customer_sk, customer_id, valid_from_lsn, valid_to_lsn FROM dim_customer \
-           WHERE customer_sk >= 0), \
+           WHERE customer_sk >= 0{customers_of}), \
          first_version AS (SELECT customer_id, min(customer_sk) AS customer_sk FROM customers GROUP BY customer_id) \
          SELECT o.order_id, o.customer_id, coalesce(c.customer_sk, f.customer_sk, -1) AS customer_sk, o.order_date, \
            o.delivery_date, o.status, o.status <> 'COMPLETED' AS is_open, o.status = 'PENDING' AS is_pending, \

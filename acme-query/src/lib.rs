@@ -2,18 +2,22 @@
 //!
 //! A [`Warehouse`] registers every layer table (raw, histories, star schema) in a DataFusion
 //! `SessionContext`, plus `<table>_current` views of the current state. Reports are typed, and
-//! each takes an optional `as_of` instant answered from the SCD2 history.
+//! each takes an optional `as_of` instant. They are dimensional queries over the star schema:
+//! the versioned facts (`fact_orders`, `fact_order_items`) filtered by validity and by the
+//! order's status flags, joined to the customer dimension's version in force; R1 and R2 on the
+//! current state read the aggregate of current orders.
 //!
 //! A handle is a consistent snapshot: every table is loaded at the version recorded in the
 //! last complete commit round of its writer (`_acme/raw.json`, `_acme/model.json`), so
 //! queries never mix tables from before and after a concurrent ingest or model build.
 //! [`Warehouse::refresh`] moves a handle to newer data, reading only the new commits.
 //!
-//! The reports are fresh to the raw layer, not to the last model build: the histories (and the
-//! aggregate of current orders) are registered as the stored model (`model.<table>`) with the
-//! raw changes committed after the model's position applied on read (`acme_model::live`), so
-//! a change shows in every report as soon as the change stream has committed it, exactly as a
-//! model build would have folded it in.
+//! The reports are fresh to the raw layer, not to the last model build: the histories, the
+//! aggregate and the star tables are registered as the stored model (`model.<table>`) with the
+//! raw changes committed after the model's position applied on read (`acme_model::live`; the
+//! star tables recompute the rows of the keys those changes touch with the build's own
+//! statements), so a change shows in every report as soon as the change stream has committed
+//! it, exactly as a model build would have folded it in.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), acme_query::QueryError> {
@@ -526,9 +530,9 @@ impl Warehouse {
     }
 
     /// The source position (commit LSN) the stored model covers, when the model build recorded
-    /// one: every table of the `model` schema (`model.<table>`) is at exactly this position,
-    /// and so are the star-schema tables; the histories and the aggregate under their plain
-    /// names are at [`Warehouse::raw_position`].
+    /// one: every table of the `model` schema (`model.<table>`) is at exactly this position;
+    /// the histories, the aggregate and the star tables under their plain names are at
+    /// [`Warehouse::raw_position`].
     pub fn model_position(&self) -> Option<i64> {
         self.manifests.1.as_ref().map(|m| m.position)
     }
