@@ -106,8 +106,9 @@ pub(crate) async fn register(ctx: &SessionContext, inputs: &LiveInputs<'_>) -> R
     // The dimensions, then the facts that look them up; the tables of each group concurrently.
     let held = std::sync::Mutex::new(held);
     let mut bytes = 0u64;
-    for group in [&LIVE_STAR[..2], &LIVE_STAR[2..]] {
-        let steps = group.iter().filter(|s| inputs.found.contains_key(s.name)).map(|star| {
+    for dimensions in [true, false] {
+        let group = LIVE_STAR.iter().filter(|s| surrogate_key(s).is_some() == dimensions);
+        let steps = group.filter(|s| inputs.found.contains_key(s.name)).map(|star| {
             let held = &held;
             async move {
                 let needs: &[&str] = match star.name {
