@@ -55,6 +55,18 @@ pub(crate) struct HeldStar {
     pub unknown: HashMap<&'static str, Arc<dyn TableProvider>>,
     /// Per dimension: the highest surrogate key stored.
     pub stored_max_sk: HashMap<&'static str, i64>,
+    /// Per history: how its stored versions are looked up by key.
+    pub lookups: HashMap<String, StoredLookup>,
+}
+
+/// A stored history's key lookup, made once per stored model.
+#[derive(Clone)]
+pub(crate) struct StoredLookup {
+    /// The stored history read with filters evaluated while decoding
+    /// (`LayerTable::lookup_provider`).
+    provider: Arc<dyn TableProvider>,
+    /// The highest key stored, from the files' statistics (`None` when a file has none).
+    max_key: Option<i64>,
 }
 
 /// What [`register`] needs besides the context.
@@ -82,13 +94,23 @@ pub(crate) async fn register(ctx: &SessionContext, inputs: &LiveInputs<'_>) -> R
     // A truncation in the tail touches every key: the star tables are then computed whole on
     // read, from the live histories (a truncation is rare, and the next build folds it in).
     let truncated = inputs.tails.iter().any(|t| !t.truncates.is_empty());
-    let held = HeldStar {
+    let mut held = HeldStar {
         model_position: inputs.model_position,
         raw_position: inputs.raw_position,
         tables: HashMap::new(),
         unknown: HashMap::new(),
         stored_max_sk: inputs.previous.map(|p| p.stored_max_sk.clone()).unwrap_or_default(),
+        lookups: inputs.previous.map(|p| p.lookups.clone()).unwrap_or_default(),
     };
+    // The stored histories' lookups, made once per stored model.
+    for tail in inputs.tails {
+        let history = tail.spec.history_table();
+        if let (false, Some(table)) = (held.lookups.contains_key(&history), inputs.stored.get(&history)) {
+            let maxima = table.data_files()?.iter().map(|f| f.max_i64(&tail.spec.key)).collect::<Option<Vec<_>>>();
+            let max_key = maxima.map(|m| m.into_iter().max().unwrap_or(i64::MIN));
+            held.lookups.insert(history, StoredLookup { provider: table.lookup_provider()?, max_key });
+        }
+    }
     // The keys changed since the rows passed on: from the raw files after that position only
     // (the newest micro-batches), not from the whole tail.
     if let Some(previous) = inputs.previous {
@@ -129,7 +151,7 @@ pub(crate) async fn register(ctx: &SessionContext, inputs: &LiveInputs<'_>) -> R
                 if star.name == tables::FACT_ORDER_STATUS {
                     // No report reads it: its touched rows are computed by the queries that read
                     // it, not by every refresh.
-                    register_lazy(ctx, inputs, star).await?;
+                    register_lazy(ctx, inputs, star, held).await?;
                     return Ok(0);
                 }
                 let started = std::time::Instant::now();
@@ -338,7 +360,8 @@ async fn recompute(
     let scoped = SessionContext::new_with_config_rt(SessionConfig::new(), Arc::clone(inputs.runtime));
     scoped.register_table("scope_keys", ctx.table_provider(keys).await?)?;
     let own = tail_of(inputs.tails, star.source).ok_or_else(|| missing_tail(star.source))?;
-    let own_history = scoped_history(ctx, inputs, own, keys, &format!("{}_own", star.name)).await?;
+    let lookup = |tail: &HistoryTail| lock(held).lookups.get(&tail.spec.history_table()).cloned();
+    let own_history = scoped_history(ctx, own, lookup(own), keys, &format!("{}_own", star.name)).await?;
     scoped.register_table(own.spec.history_table().as_str(), Arc::clone(&own_history))?;
     // The items' statement reads their orders' first versions: the orders of the touched
     // items only, looked up the same way, not the whole orders history.
@@ -351,7 +374,8 @@ async fn recompute(
         let order_keys = format!("{TAIL_SCHEMA}.{}_order_keys", star.name);
         let sql = format!("SELECT DISTINCT order_id AS k FROM {items} WHERE order_id IS NOT NULL");
         ctx.register_table(order_keys.as_str(), hold_in_memory(ctx, &sql).await?.0)?;
-        let history = scoped_history(ctx, inputs, orders, &order_keys, &format!("{}_orders", star.name)).await?;
+        let name = format!("{}_orders", star.name);
+        let history = scoped_history(ctx, orders, lookup(orders), &order_keys, &name).await?;
         scoped.register_table(orders.spec.history_table().as_str(), history)?;
         placed = Some("orders");
     }
@@ -401,14 +425,20 @@ async fn recompute(
 
 /// Register `star` (keyed by its source's key, with no late-arriving keys) as a view that
 /// recomputes the rows of the keys the tail touches in each query that reads it.
-async fn register_lazy(ctx: &SessionContext, inputs: &LiveInputs<'_>, star: &LiveStar) -> Result<()> {
+async fn register_lazy(
+    ctx: &SessionContext,
+    inputs: &LiveInputs<'_>,
+    star: &LiveStar,
+    held: &std::sync::Mutex<HeldStar>,
+) -> Result<()> {
     let tail = tail_of(inputs.tails, star.source).ok_or_else(|| missing_tail(star.source))?;
     let keys = format!("{TAIL_SCHEMA}.{}_keys", star.name);
     let keys_view = ctx.sql(&format!("SELECT DISTINCT k FROM {} f WHERE k IS NOT NULL", tail.first)).await?;
     ctx.register_table(keys.as_str(), keys_view.into_view())?;
     let scoped = SessionContext::new_with_config_rt(SessionConfig::new(), Arc::clone(inputs.runtime));
     scoped.register_table("scope_keys", ctx.table_provider(keys.as_str()).await?)?;
-    let history = scoped_history(ctx, inputs, tail, &keys, star.name).await?;
+    let lookup = lock(held).lookups.get(&tail.spec.history_table()).cloned();
+    let history = scoped_history(ctx, tail, lookup, &keys, star.name).await?;
     scoped.register_table(tail.spec.history_table().as_str(), history)?;
     let rows = format!("{TAIL_SCHEMA}.{}_rows", star.name);
     ctx.register_table(rows.as_str(), scoped.sql(&statement(star, Some("scope_keys"), 0)).await?.into_view())?;
@@ -422,22 +452,19 @@ async fn register_lazy(ctx: &SessionContext, inputs: &LiveInputs<'_>, star: &Liv
 /// with a column `k`): their stored versions, looked up by key, with the tail applied.
 async fn scoped_history(
     ctx: &SessionContext,
-    inputs: &LiveInputs<'_>,
     tail: &HistoryTail,
+    lookup: Option<StoredLookup>,
     keys: &str,
     lookup_name: &str,
 ) -> Result<Arc<dyn TableProvider>> {
     let history = tail.spec.history_table();
     let key = quote(&tail.spec.key);
-    let stored = match inputs.stored.get(&history) {
-        Some(table) => {
+    let stored = match lookup {
+        Some(StoredLookup { provider, max_key }) => {
             // Keys above every stored key (new rows: a serial key's inserts) have no stored
             // versions: only the others are looked up, and with none the stored history is
-            // not read at all. The bound comes from the files' statistics.
-            let files = table.data_files()?;
-            let bound = files.iter().map(|f| f.max_i64(&tail.spec.key)).collect::<Option<Vec<_>>>();
-            let bound = bound.map(|maxima| maxima.into_iter().max().unwrap_or(i64::MIN));
-            let (old_keys, filter) = match bound {
+            // not read at all.
+            let (old_keys, filter) = match max_key {
                 Some(max) => (
                     int64_row(ctx, &format!("SELECT count(*) FROM {keys} WHERE k <= {max}")).await?,
                     format!(" AND s.k <= {max}"),
@@ -447,9 +474,9 @@ async fn scoped_history(
             if old_keys.first().copied().flatten().unwrap_or(0) == 0 {
                 format!("(SELECT h.* FROM {MODEL_SCHEMA}.{history} h WHERE false)")
             } else {
-                let lookup = format!("{TAIL_SCHEMA}.{lookup_name}_lookup");
-                ctx.register_table(lookup.as_str(), table.lookup_provider()?)?;
-                format!("(SELECT h.* FROM {lookup} h JOIN {keys} s ON s.k = h.{key}{filter})")
+                let name = format!("{TAIL_SCHEMA}.{lookup_name}_lookup");
+                ctx.register_table(name.as_str(), provider)?;
+                format!("(SELECT h.* FROM {name} h JOIN {keys} s ON s.k = h.{key}{filter})")
             }
         }
         None => format!("(SELECT h.* FROM {MODEL_SCHEMA}.{history} h JOIN {keys} s ON s.k = h.{key})"),
