@@ -26,6 +26,8 @@ pub struct DataFile {
     pub size: u64,
     /// Rows, when the statistics record them.
     pub rows: Option<u64>,
+    /// Location in the table's object store (relative to the table's root).
+    pub(crate) location: object_store::path::Path,
     uri: String,
     stats: Option<serde_json::Value>,
     remove: Remove,
@@ -98,6 +100,7 @@ impl LayerTable {
                     size: u64::try_from(file.size()).unwrap_or(0),
                     rows: file.num_records().map(|n| n as u64),
                     uri: log_store.to_uri(&location),
+                    location,
                     stats: file.stats().and_then(|s| serde_json::from_str(&s).ok()),
                     remove: file.remove_action(true),
                 }
@@ -109,15 +112,7 @@ impl LayerTable {
     /// `files` is `None`), read with DataFusion's Parquet scan: statistics pruning, string
     /// views, and NULL for columns that files written before a schema change lack.
     pub fn provider(&self, files: Option<&[DataFile]>) -> Result<Arc<dyn TableProvider>> {
-        self.scan(files, None, false)
-    }
-
-    /// [`LayerTable::provider`] for lookups of a few keys: filters (a query's predicates, and
-    /// the key sets a hash join pushes down to its probe side) are evaluated while decoding,
-    /// on their columns first, and the other columns are decoded only for the rows that pass.
-    /// A scan that keeps most rows is faster with [`LayerTable::provider`].
-    pub fn lookup_provider(&self) -> Result<Arc<dyn TableProvider>> {
-        self.scan(None, None, true)
+        self.scan(files, None)
     }
 
     /// [`LayerTable::provider`] over all files, keeping the per-file statistics it collects
@@ -128,14 +123,13 @@ impl LayerTable {
         &self,
         runtime: &datafusion::execution::runtime_env::RuntimeEnv,
     ) -> Result<Arc<dyn TableProvider>> {
-        self.scan(None, runtime.cache_manager.get_file_statistic_cache(), false)
+        self.scan(None, runtime.cache_manager.get_file_statistic_cache())
     }
 
     fn scan(
         &self,
         files: Option<&[DataFile]>,
         cache: Option<Arc<datafusion::execution::cache::cache_manager::FileStatisticsCache>>,
-        pushdown: bool,
     ) -> Result<Arc<dyn TableProvider>> {
         let stored = self.schema()?;
         // Strings are read as views: Parquet decodes into them without copying each value.
@@ -166,14 +160,7 @@ impl LayerTable {
             .iter()
             .map(|f| ListingTableUrl::parse(&f.uri).map_err(|e| query(Box::new(e))))
             .collect::<Result<Vec<_>>>()?;
-        let mut format = ParquetFormat::default();
-        if pushdown {
-            let mut options = format.options().clone();
-            options.global.pushdown_filters = true;
-            options.global.reorder_filters = true;
-            format = format.with_options(options);
-        }
-        let options = ListingOptions::new(Arc::new(format)).with_file_extension(".parquet");
+        let options = ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
         let config = ListingTableConfig::new_with_multi_paths(urls).with_listing_options(options).with_schema(schema);
         Ok(Arc::new(ListingTable::try_new(config).map_err(|e| query(Box::new(e)))?.with_cache(cache)))
     }

@@ -25,6 +25,7 @@ pub mod compact;
 pub mod config;
 pub mod error;
 pub mod files;
+pub mod lookup;
 pub mod raw;
 pub mod storage;
 
@@ -32,6 +33,7 @@ pub use compact::{CompactOptions, CompactReport, MergedFiles};
 pub use config::{AcmeConfig, AcmeConfigBuilder, CdcMode};
 pub use error::{Error, Result};
 pub use files::{DataFile, Replace};
+pub use lookup::KeyIndex;
 pub use storage::{CommitMode, CommitOutcome, Layer, LayerTable, LayerWriter, Position, Storage};
 
 pub use arrow;

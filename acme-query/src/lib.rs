@@ -1028,9 +1028,30 @@ async fn hold_in_memory(
     ctx: &SessionContext,
     sql: &str,
 ) -> Result<(Arc<dyn datafusion::catalog::TableProvider>, usize)> {
+    let started = std::time::Instant::now();
     let df = ctx.sql(sql).await?;
     let planned = Arc::clone(df.schema().inner());
-    let batches = df.collect().await?;
+    let batches = if tracing::enabled!(target: "acme_query::plans", tracing::Level::TRACE) {
+        // Each held relation's plan with its operators' metrics: where a refresh spends its time.
+        let task = Arc::new(df.task_ctx());
+        let plan = df.create_physical_plan().await?;
+        let plan_ms = started.elapsed().as_millis() as u64;
+        let started = std::time::Instant::now();
+        let batches = datafusion::physical_plan::collect(Arc::clone(&plan), task).await?;
+        let shown = datafusion::physical_plan::display::DisplayableExecutionPlan::with_metrics(plan.as_ref())
+            .indent(true)
+            .to_string();
+        tracing::trace!(
+            target: "acme_query::plans",
+            plan_ms,
+            ms = started.elapsed().as_millis() as u64,
+            %sql,
+            "held relation\n{shown}"
+        );
+        batches
+    } else {
+        df.collect().await?
+    };
     // The batches' own schema: the plan's may differ from it in nullability.
     let schema = batches.first().map_or(planned, |b| b.schema());
     // One batch with buffers of its own: the query's output is many small batches whose

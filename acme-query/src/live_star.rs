@@ -59,15 +59,10 @@ pub(crate) struct HeldStar {
     pub lookups: HashMap<String, StoredLookup>,
 }
 
-/// A stored history's key lookup, made once per stored model.
-#[derive(Clone)]
-pub(crate) struct StoredLookup {
-    /// The stored history read with filters evaluated while decoding
-    /// (`LayerTable::lookup_provider`).
-    provider: Arc<dyn TableProvider>,
-    /// The highest key stored, from the files' statistics (`None` when a file has none).
-    max_key: Option<i64>,
-}
+/// A stored history's key lookup, made once per stored model: the pages of its key column
+/// (`acme_core::KeyIndex`), so the stored versions of a few keys are read from the pages that
+/// hold them, not found by a scan of the key column.
+pub(crate) type StoredLookup = Arc<acme_core::KeyIndex>;
 
 /// What [`register`] needs besides the context.
 pub(crate) struct LiveInputs<'a> {
@@ -106,9 +101,7 @@ pub(crate) async fn register(ctx: &SessionContext, inputs: &LiveInputs<'_>) -> R
     for tail in inputs.tails {
         let history = tail.spec.history_table();
         if let (false, Some(table)) = (held.lookups.contains_key(&history), inputs.stored.get(&history)) {
-            let maxima = table.data_files()?.iter().map(|f| f.max_i64(&tail.spec.key)).collect::<Option<Vec<_>>>();
-            let max_key = maxima.map(|m| m.into_iter().max().unwrap_or(i64::MIN));
-            held.lookups.insert(history, StoredLookup { provider: table.lookup_provider()?, max_key });
+            held.lookups.insert(history, Arc::new(table.key_index(&tail.spec.key).await?));
         }
     }
     // The keys changed since the rows passed on: from the raw files after that position only
@@ -274,8 +267,26 @@ async fn register_one(
             None => orders.first.clone(),
             Some((since, _)) => format!("(SELECT k FROM {} WHERE lsn > {since})", orders.first),
         };
-        let sql = live::new_orders_sql(&placed, &format!("{MODEL_SCHEMA}.orders_history"));
-        let (provider, new_bytes) = hold_in_memory(ctx, &sql).await?;
+        let orders_history = orders.spec.history_table();
+        // (The lock is released before the awaits below: the other tables take it meanwhile.)
+        let index = lock(held).lookups.get(&orders_history).cloned();
+        let (provider, new_bytes) = match index {
+            // The placed orders with no stored version, by a lookup of their keys.
+            Some(index) => {
+                let placed = int64_column(ctx, &format!("SELECT k FROM {placed} p WHERE k IS NOT NULL")).await?;
+                let stored = index.rows(&placed, Some(&[orders.spec.key.as_str()])).await?;
+                let stored: std::collections::HashSet<i64> = stored
+                    .iter()
+                    .flat_map(|b| b.column(0).as_primitive::<Int64Type>().iter().flatten().collect::<Vec<_>>())
+                    .collect();
+                let new: Vec<i64> = placed.into_iter().filter(|k| !stored.contains(k)).collect();
+                key_table(&new)?
+            }
+            None => {
+                let sql = live::new_orders_sql(&placed, &format!("{MODEL_SCHEMA}.{orders_history}"));
+                hold_in_memory(ctx, &sql).await?
+            }
+        };
         if new_bytes > 0 {
             ctx.register_table(name("new_orders").as_str(), provider)?;
             let bounds = int64_row(ctx, &format!("SELECT min(k), max(k) FROM {}", name("new_orders"))).await?;
@@ -460,23 +471,25 @@ async fn scoped_history(
     let history = tail.spec.history_table();
     let key = quote(&tail.spec.key);
     let stored = match lookup {
-        Some(StoredLookup { provider, max_key }) => {
-            // Keys above every stored key (new rows: a serial key's inserts) have no stored
-            // versions: only the others are looked up, and with none the stored history is
-            // not read at all.
-            let (old_keys, filter) = match max_key {
-                Some(max) => (
-                    int64_row(ctx, &format!("SELECT count(*) FROM {keys} WHERE k <= {max}")).await?,
-                    format!(" AND s.k <= {max}"),
-                ),
-                None => (vec![Some(1)], String::new()),
-            };
-            if old_keys.first().copied().flatten().unwrap_or(0) == 0 {
+        Some(index) => {
+            // The stored versions of the keys, read from the pages that hold them (keys above
+            // every stored key, a serial key's inserts, are not read at all).
+            let keys = int64_column(ctx, &format!("SELECT k FROM {keys} s WHERE k IS NOT NULL")).await?;
+            let rows = index.rows(&keys, None).await?;
+            tracing::debug!(
+                history = history.as_str(),
+                keys = keys.len(),
+                rows_read = index.selected_rows(&keys),
+                rows_stored = index.rows_indexed(),
+                "stored versions looked up"
+            );
+            if rows.is_empty() {
                 format!("(SELECT h.* FROM {MODEL_SCHEMA}.{history} h WHERE false)")
             } else {
                 let name = format!("{TAIL_SCHEMA}.{lookup_name}_lookup");
-                ctx.register_table(name.as_str(), provider)?;
-                format!("(SELECT h.* FROM {name} h JOIN {keys} s ON s.k = h.{key}{filter})")
+                let rows = datafusion::datasource::MemTable::try_new(index.schema(), vec![rows])?;
+                ctx.register_table(name.as_str(), Arc::new(rows))?;
+                format!("(SELECT h.* FROM {name} h)")
             }
         }
         None => format!("(SELECT h.* FROM {MODEL_SCHEMA}.{history} h JOIN {keys} s ON s.k = h.{key})"),
@@ -516,6 +529,34 @@ fn memory(provider: &Arc<dyn TableProvider>) -> u64 {
 
 fn held_bytes(batches: &[arrow::array::RecordBatch]) -> u64 {
     batches.iter().map(|b| b.get_array_memory_size() as u64).sum()
+}
+
+/// The first column of a query's rows, as Int64 values (nulls left out).
+async fn int64_column(ctx: &SessionContext, sql: &str) -> Result<Vec<i64>> {
+    let mut out = Vec::new();
+    for batch in ctx.sql(sql).await?.collect().await? {
+        let column = arrow::compute::cast(batch.column(0), &arrow::datatypes::DataType::Int64)
+            .map_err(|e| crate::QueryError::DataFusion(Box::new(e.into())))?;
+        out.extend(column.as_primitive::<Int64Type>().iter().flatten());
+    }
+    Ok(out)
+}
+
+/// A one-column relation `k` of `keys`, held in memory, and the memory it takes.
+fn key_table(keys: &[i64]) -> Result<(Arc<dyn TableProvider>, usize)> {
+    let schema =
+        Arc::new(Schema::new(vec![arrow::datatypes::Field::new("k", arrow::datatypes::DataType::Int64, true)]));
+    let batches = if keys.is_empty() {
+        Vec::new()
+    } else {
+        let column = Arc::new(arrow::array::Int64Array::from(keys.to_vec())) as arrow::array::ArrayRef;
+        vec![
+            arrow::array::RecordBatch::try_new(Arc::clone(&schema), vec![column])
+                .map_err(|e| crate::QueryError::DataFusion(Box::new(e.into())))?,
+        ]
+    };
+    let bytes = batches.iter().map(arrow::array::RecordBatch::get_array_memory_size).sum();
+    Ok((Arc::new(datafusion::datasource::MemTable::try_new(schema, vec![batches])?), bytes))
 }
 
 /// The first row of a query, as Int64 values.

@@ -1,0 +1,405 @@
+//! Key lookups in a table sorted by an integer key: the rows of a few keys, read from the
+//! Parquet pages whose key range holds one of them, instead of a scan of the key column.
+//!
+//! Model tables are compacted in key order, so each page of the key column covers a narrow
+//! key range (its minimum and maximum are in the file's page index). A [`KeyIndex`] keeps, for
+//! every file of one table version, the first row and the key range of each key page, and reads
+//! only the rows of the pages that may hold a looked-up key: the cost follows the number of
+//! keys, not the table's size. Files whose rows are not in key order (small files a step wrote,
+//! before compaction) just select more pages; the answer is exact either way, since the rows
+//! read are filtered by key.
+
+use std::sync::Arc;
+
+use arrow::array::{Array, ArrayRef, AsArray, BooleanArray, RecordBatch, new_null_array};
+use arrow::datatypes::{DataType, Field, Int64Type, Schema, SchemaRef};
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use futures::{FutureExt, StreamExt, TryStreamExt};
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt};
+use parquet::arrow::ProjectionMask;
+use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ArrowReaderOptions, RowSelection, RowSelector};
+use parquet::arrow::async_reader::{AsyncFileReader, ParquetRecordBatchStreamBuilder};
+use parquet::errors::ParquetError;
+use parquet::file::metadata::{PageIndexPolicy, ParquetMetaData, ParquetMetaDataBuilder, ParquetMetaDataReader};
+use parquet::file::page_index::column_index::ColumnIndexMetaData;
+
+use crate::error::{Error, Result};
+use crate::storage::LayerTable;
+
+/// Files whose metadata is read at once while an index is built, and files read at once by a
+/// lookup.
+const CONCURRENT_FILES: usize = 8;
+
+/// The key pages of one row group: `(first row, min key, max key)` per page, in row order.
+/// Empty when the file has no page statistics for the key: then the whole row group is read.
+#[derive(Debug, Clone)]
+struct RowGroupKeys {
+    rows: usize,
+    pages: Vec<(usize, i64, i64)>,
+    /// The row group's key range (from its statistics), when known.
+    range: Option<(i64, i64)>,
+}
+
+#[derive(Debug, Clone)]
+struct IndexedFile {
+    location: Path,
+    /// Relative to the table's root, for error messages.
+    path: String,
+    size: u64,
+    /// The footer (without the page index, which only the key pages below need).
+    metadata: ArrowReaderMetadata,
+    /// Leaf index of the key column.
+    key_leaf: usize,
+    row_groups: Vec<RowGroupKeys>,
+}
+
+/// The key pages of every data file of one loaded table version, for reading the rows of a
+/// set of keys. Made by [`LayerTable::key_index`]; data files never change once written, so
+/// an index stays valid for that version.
+#[derive(Debug, Clone)]
+pub struct KeyIndex {
+    table: String,
+    key: String,
+    store: Arc<dyn ObjectStore>,
+    schema: SchemaRef,
+    files: Vec<IndexedFile>,
+}
+
+impl LayerTable {
+    /// Index the data files of the loaded version by `key` (an integer column): reads each
+    /// file's footer and the page index of the key column.
+    pub async fn key_index(&self, key: &str) -> Result<KeyIndex> {
+        let table = self.name().to_string();
+        let store = self.delta().log_store().object_store(None);
+        let stored = self.schema()?;
+        // Strings as views, as every scan of the layers gives them.
+        let schema = Arc::new(Schema::new(
+            stored
+                .fields()
+                .iter()
+                .map(|f| {
+                    let ty = match f.data_type() {
+                        DataType::Utf8 | DataType::LargeUtf8 => DataType::Utf8View,
+                        DataType::Binary | DataType::LargeBinary => DataType::BinaryView,
+                        other => other.clone(),
+                    };
+                    Field::new(f.name(), ty, true)
+                })
+                .collect::<Vec<_>>(),
+        ));
+        let files = self.data_files()?;
+        // (Futures collected first: a stream over a closure that borrows is not provably `Send`.)
+        let reads: Vec<_> = files
+            .into_iter()
+            .map(|file| {
+                index_file(Arc::clone(&store), table.clone(), key.to_string(), file.location, file.path, file.size)
+                    .boxed()
+            })
+            .collect();
+        let indexed = futures::stream::iter(reads).buffered(CONCURRENT_FILES).try_collect::<Vec<_>>().await?;
+        Ok(KeyIndex { table, key: key.to_string(), store, schema, files: indexed })
+    }
+}
+
+async fn index_file(
+    store: Arc<dyn ObjectStore>,
+    table: String,
+    key: String,
+    location: Path,
+    path: String,
+    size: u64,
+) -> Result<IndexedFile> {
+    let key = key.as_str();
+    let bad = |message: String| Error::DataFile { table: table.clone(), file: path.clone(), message };
+    let mut reader = FileReader { store, location: location.clone(), size };
+    let options = ArrowReaderOptions::new()
+        .with_column_index_policy(PageIndexPolicy::Optional)
+        .with_offset_index_policy(PageIndexPolicy::Optional);
+    let full = ArrowReaderMetadata::load_async(&mut reader, options).await.map_err(|e| bad(e.to_string()))?;
+    let parquet = full.metadata();
+    let key_leaf = parquet
+        .file_metadata()
+        .schema_descr()
+        .columns()
+        .iter()
+        .position(|c| c.path().parts() == [key])
+        .ok_or_else(|| bad(format!("no key column `{key}`")))?;
+    let mut row_groups = Vec::with_capacity(parquet.num_row_groups());
+    for (i, group) in parquet.row_groups().iter().enumerate() {
+        let rows = usize::try_from(group.num_rows()).unwrap_or(0);
+        let range = group.column(key_leaf).statistics().and_then(|s| match s {
+            parquet::file::statistics::Statistics::Int64(v) => Some((*v.min_opt()?, *v.max_opt()?)),
+            _ => None,
+        });
+        let column_index = parquet.column_index().and_then(|c| c.get(i)).and_then(|c| c.get(key_leaf));
+        let offsets = parquet.offset_index().and_then(|o| o.get(i)).and_then(|o| o.get(key_leaf));
+        let mut pages = Vec::new();
+        if let (Some(ColumnIndexMetaData::INT64(index)), Some(offsets)) = (column_index, offsets) {
+            let locations = offsets.page_locations();
+            for (page, location) in locations.iter().enumerate() {
+                // A page of nulls only (no bounds) holds no key.
+                if let (Some(min), Some(max)) = (index.min_value(page), index.max_value(page)) {
+                    pages.push((usize::try_from(location.first_row_index).unwrap_or(0), *min, *max));
+                } else {
+                    pages.push((usize::try_from(location.first_row_index).unwrap_or(0), 1, 0));
+                }
+            }
+        }
+        row_groups.push(RowGroupKeys { rows, pages, range });
+    }
+    // The page index is only needed here: the reader gets the footer alone.
+    let footer = ParquetMetaDataBuilder::new_from_metadata(parquet.as_ref().clone())
+        .set_column_index(None)
+        .set_offset_index(None)
+        .build();
+    let metadata =
+        ArrowReaderMetadata::try_new(Arc::new(footer), ArrowReaderOptions::new()).map_err(|e| bad(e.to_string()))?;
+    Ok(IndexedFile { location, path, size, metadata, key_leaf, row_groups })
+}
+
+/// Whether a sorted, deduplicated `keys` has a key in `[min, max]`.
+fn any_in(keys: &[i64], min: i64, max: i64) -> bool {
+    let at = keys.partition_point(|k| *k < min);
+    at < keys.len() && keys[at] <= max
+}
+
+/// The row groups of a file and their rows that may hold one of `keys`.
+fn selection(row_groups: &[RowGroupKeys], keys: &[i64]) -> Option<(Vec<usize>, RowSelection)> {
+    let mut groups = Vec::new();
+    let mut selectors: Vec<RowSelector> = Vec::new();
+    let mut push = |selector: RowSelector| match selectors.last_mut() {
+        Some(last) if last.skip == selector.skip => last.row_count += selector.row_count,
+        _ => selectors.push(selector),
+    };
+    for (i, group) in row_groups.iter().enumerate() {
+        if group.range.is_some_and(|(min, max)| !any_in(keys, min, max)) || group.rows == 0 {
+            continue;
+        }
+        if group.pages.is_empty() {
+            groups.push(i);
+            push(RowSelector::select(group.rows));
+            continue;
+        }
+        let mut selected_any = false;
+        let mut group_selectors = Vec::new();
+        for (p, (first, min, max)) in group.pages.iter().enumerate() {
+            let end = group.pages.get(p + 1).map_or(group.rows, |next| next.0);
+            let rows = end.saturating_sub(*first);
+            let hit = min <= max && any_in(keys, *min, *max);
+            selected_any |= hit;
+            group_selectors.push(if hit { RowSelector::select(rows) } else { RowSelector::skip(rows) });
+        }
+        if selected_any {
+            groups.push(i);
+            for selector in group_selectors {
+                push(selector);
+            }
+        }
+    }
+    (!groups.is_empty()).then(|| (groups, RowSelection::from(selectors)))
+}
+
+impl KeyIndex {
+    /// The schema of the rows a lookup returns (the table's, strings as views).
+    pub fn schema(&self) -> SchemaRef {
+        Arc::clone(&self.schema)
+    }
+
+    /// The highest key stored, from the row groups' statistics (`None` when a row group has
+    /// none, or when the table is empty).
+    pub fn max_key(&self) -> Option<i64> {
+        let mut max = None;
+        for group in self.files.iter().flat_map(|f| &f.row_groups) {
+            if group.rows == 0 {
+                continue;
+            }
+            let (_, hi) = group.range?;
+            max = Some(max.map_or(hi, |m: i64| m.max(hi)));
+        }
+        max
+    }
+
+    /// How many rows a lookup of `keys` reads (decodes) from the files: the rows of the pages
+    /// whose key range holds one of them.
+    pub fn selected_rows(&self, keys: &[i64]) -> usize {
+        let mut keys = keys.to_vec();
+        keys.sort_unstable();
+        keys.dedup();
+        self.files.iter().filter_map(|f| selection(&f.row_groups, &keys)).map(|(_, s)| s.row_count()).sum()
+    }
+
+    /// Rows in the indexed files.
+    pub fn rows_indexed(&self) -> usize {
+        self.files.iter().flat_map(|f| &f.row_groups).map(|g| g.rows).sum()
+    }
+
+    /// The rows whose key is one of `keys` (in any order, duplicates allowed), in
+    /// [`KeyIndex::schema`], reading only the pages that may hold them. With `columns`, only
+    /// those columns (the key among them or not).
+    pub async fn rows(&self, keys: &[i64], columns: Option<&[&str]>) -> Result<Vec<RecordBatch>> {
+        let mut keys = keys.to_vec();
+        keys.sort_unstable();
+        keys.dedup();
+        let schema = match columns {
+            None => Arc::clone(&self.schema),
+            Some(columns) => {
+                let fields = columns
+                    .iter()
+                    .map(|c| {
+                        self.schema
+                            .field_with_name(c)
+                            .cloned()
+                            .map_err(|_| Error::Internal(format!("`{}` has no column `{c}` to look up", self.table)))
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                Arc::new(Schema::new(fields))
+            }
+        };
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys = Arc::new(keys);
+        let reads: Vec<_> = self
+            .files
+            .iter()
+            .filter_map(|file| {
+                let (groups, selected) = selection(&file.row_groups, &keys)?;
+                Some(self.read(file, groups, selected, Arc::clone(&keys), Arc::clone(&schema)).boxed())
+            })
+            .collect();
+        let batches: Vec<Vec<RecordBatch>> =
+            futures::stream::iter(reads).buffer_unordered(CONCURRENT_FILES).try_collect().await?;
+        Ok(batches.into_iter().flatten().collect())
+    }
+
+    async fn read(
+        &self,
+        file: &IndexedFile,
+        groups: Vec<usize>,
+        selection: RowSelection,
+        keys: Arc<Vec<i64>>,
+        schema: SchemaRef,
+    ) -> Result<Vec<RecordBatch>> {
+        let bad = |message: String| Error::DataFile { table: self.table.clone(), file: file.path.clone(), message };
+        let reader = FileReader { store: Arc::clone(&self.store), location: file.location.clone(), size: file.size };
+        let parquet_schema = file.metadata.parquet_schema();
+        // The wanted columns the file has, and always the key (to filter on).
+        let wanted: Vec<usize> = (0..parquet_schema.num_columns())
+            .filter(|&i| {
+                let name = parquet_schema.column(i).name().to_string();
+                i == file.key_leaf || schema.field_with_name(&name).is_ok()
+            })
+            .collect();
+        let mut stream = ParquetRecordBatchStreamBuilder::new_with_metadata(reader, file.metadata.clone())
+            .with_projection(ProjectionMask::leaves(parquet_schema, wanted))
+            .with_row_groups(groups)
+            .with_row_selection(selection)
+            .with_batch_size(8192)
+            .build()
+            .map_err(|e| bad(e.to_string()))?;
+        let mut out = Vec::new();
+        while let Some(batch) = stream.next().await {
+            let batch = batch.map_err(|e| bad(e.to_string()))?;
+            let Some(column) = batch.column_by_name(&self.key) else {
+                return Err(bad(format!("no key column `{}`", self.key)));
+            };
+            let Some(values) = column.as_primitive_opt::<Int64Type>() else {
+                return Err(bad(format!("key column `{}` is not a BIGINT", self.key)));
+            };
+            let mask: BooleanArray =
+                values.iter().map(|k| Some(k.is_some_and(|k| keys.binary_search(&k).is_ok()))).collect();
+            let kept = arrow::compute::filter_record_batch(&batch, &mask).map_err(|e| bad(e.to_string()))?;
+            if kept.num_rows() > 0 {
+                out.push(conform(&kept, &schema).map_err(|e| bad(e.to_string()))?);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// One data file read through the table's object store, its size known from the Delta log
+/// (so the footer is read without a listing or a HEAD request).
+struct FileReader {
+    store: Arc<dyn ObjectStore>,
+    location: Path,
+    size: u64,
+}
+
+fn store_error(e: object_store::Error) -> ParquetError {
+    ParquetError::External(Box::new(e))
+}
+
+impl AsyncFileReader for FileReader {
+    fn get_bytes(&mut self, range: std::ops::Range<u64>) -> BoxFuture<'_, parquet::errors::Result<Bytes>> {
+        async move { self.store.get_range(&self.location, range).await.map_err(store_error) }.boxed()
+    }
+
+    fn get_byte_ranges(
+        &mut self,
+        ranges: Vec<std::ops::Range<u64>>,
+    ) -> BoxFuture<'_, parquet::errors::Result<Vec<Bytes>>> {
+        async move { self.store.get_ranges(&self.location, &ranges).await.map_err(store_error) }.boxed()
+    }
+
+    fn get_metadata<'a>(
+        &'a mut self,
+        options: Option<&'a ArrowReaderOptions>,
+    ) -> BoxFuture<'a, parquet::errors::Result<Arc<ParquetMetaData>>> {
+        async move {
+            let size = self.size;
+            let metadata =
+                ParquetMetaDataReader::new().with_arrow_reader_options(options).load_and_finish(self, size).await?;
+            Ok(Arc::new(metadata))
+        }
+        .boxed()
+    }
+}
+
+/// `batch` in `schema`: columns by name, cast where the file's type differs, null where the
+/// file predates the column.
+fn conform(batch: &RecordBatch, schema: &SchemaRef) -> std::result::Result<RecordBatch, arrow::error::ArrowError> {
+    let columns = schema
+        .fields()
+        .iter()
+        .map(|field| match batch.column_by_name(field.name()) {
+            Some(column) if column.data_type() == field.data_type() => Ok(Arc::clone(column)),
+            Some(column) => arrow::compute::cast(column, field.data_type()),
+            None => Ok(new_null_array(field.data_type(), batch.num_rows())),
+        })
+        .collect::<std::result::Result<Vec<ArrayRef>, _>>()?;
+    RecordBatch::try_new(Arc::clone(schema), columns)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_in_a_range() {
+        let keys = [3, 10, 20];
+        assert!(any_in(&keys, 0, 3));
+        assert!(any_in(&keys, 11, 20));
+        assert!(!any_in(&keys, 11, 19));
+        assert!(!any_in(&keys, 21, 30));
+        assert!(!any_in(&[], 0, 30));
+    }
+
+    #[test]
+    fn pages_without_keys_are_skipped() {
+        let row_groups = vec![
+            RowGroupKeys { rows: 30, pages: vec![(0, 1, 10), (10, 11, 20), (20, 21, 30)], range: Some((1, 30)) },
+            RowGroupKeys { rows: 10, pages: vec![(0, 31, 40)], range: Some((31, 40)) },
+            RowGroupKeys { rows: 10, pages: Vec::new(), range: None },
+        ];
+        let (groups, selected) = selection(&row_groups, &[15, 16]).expect("a selection");
+        assert_eq!(groups, vec![0, 2]);
+        let selectors: Vec<RowSelector> = selected.into();
+        assert_eq!(
+            selectors,
+            vec![RowSelector::skip(10), RowSelector::select(10), RowSelector::skip(10), RowSelector::select(10)]
+        );
+        assert!(selection(&row_groups[..2], &[50]).is_none());
+    }
+}

@@ -1,0 +1,85 @@
+//! Key lookups on real files: the rows of a few keys, read from the pages that hold them,
+//! equal a filter over the whole table, in sorted and unsorted files alike, and a lookup in
+//! a table sorted by key reads a number of rows that follows the keys, not the table.
+
+use std::sync::Arc;
+
+use acme_core::{CommitMode, CompactOptions, Layer, Position, Storage, storage::PAGE_ROWS};
+use arrow::array::{Array, AsArray, Int64Array, RecordBatch, StringArray};
+use arrow::datatypes::{DataType, Field, Int64Type, Schema};
+use datafusion::prelude::SessionContext;
+
+fn schema() -> Arc<Schema> {
+    Arc::new(Schema::new(vec![Field::new("id", DataType::Int64, true), Field::new("name", DataType::Utf8, true)]))
+}
+
+async fn append(table: &mut acme_core::LayerTable, ids: Vec<Option<i64>>, position: i64) {
+    let names: Vec<String> = ids.iter().map(|i| format!("n{i:?}")).collect();
+    let batch =
+        RecordBatch::try_new(schema(), vec![Arc::new(Int64Array::from(ids)), Arc::new(StringArray::from(names))])
+            .expect("batch");
+    let mut writer = table.writer(1 << 30).expect("writer");
+    writer.write(table.name(), batch).await.expect("write");
+    let files = writer.finish(table.name()).await.expect("finish");
+    table.commit(files, &Position::new("test", position), CommitMode::Append).await.expect("commit");
+}
+
+/// (id, name) pairs of some batches, sorted.
+fn pairs(batches: &[RecordBatch]) -> Vec<(i64, String)> {
+    let mut out: Vec<(i64, String)> = batches
+        .iter()
+        .flat_map(|b| {
+            let ids = b.column_by_name("id").expect("id").as_primitive::<Int64Type>().clone();
+            let names = arrow::compute::cast(b.column_by_name("name").expect("name"), &DataType::Utf8).expect("cast");
+            let names = names.as_string::<i32>().clone();
+            (0..b.num_rows())
+                .filter(|&i| ids.is_valid(i))
+                .map(|i| (ids.value(i), names.value(i).to_string()))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lookup_reads_the_rows_of_its_keys_from_their_pages_only() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let storage = Storage::new(&dir.path().display().to_string(), Default::default()).expect("storage");
+    let mut table = storage.open_or_create(Layer::Intermediate, "versions", &schema()).await.expect("table");
+    // 40 keys per 1,000 rows, each key with several versions, in three unsorted files, and
+    // one file with a null key.
+    let rows = 60_000i64;
+    for part in 0..3i64 {
+        let ids = (0..rows / 3).map(|i| Some((i * 7919 + part * 13) % (rows / 25))).collect();
+        append(&mut table, ids, part + 1).await;
+    }
+    append(&mut table, vec![None, Some(5)], 4).await;
+    let ctx = SessionContext::new();
+    let keys = [5i64, 17, 1_000, 2_399, 2_400, -3, 5];
+    let expected =
+        |batches: &[RecordBatch]| pairs(batches).into_iter().filter(|(id, _)| keys.contains(id)).collect::<Vec<_>>();
+    let all = ctx.read_table(table.provider(None).expect("provider")).expect("read").collect().await.expect("rows");
+    let index = table.key_index("id").await.expect("index");
+    assert_eq!(index.max_key(), Some(rows / 25 - 1));
+    let found = index.rows(&keys, None).await.expect("lookup");
+    assert!(!found.is_empty());
+    assert_eq!(pairs(&found), expected(&all), "unsorted files: the rows of the keys");
+    assert!(index.rows(&[], None).await.expect("none").is_empty());
+    assert!(index.rows(&[rows], None).await.expect("above every key").is_empty());
+    // Only some columns.
+    let ids = index.rows(&keys, Some(&["id"])).await.expect("ids");
+    assert_eq!(ids.iter().map(|b| b.num_columns()).max(), Some(1));
+    assert_eq!(ids.iter().map(|b| b.num_rows()).sum::<usize>(), expected(&all).len());
+
+    // Sorted by key, as model tables are compacted: the lookup reads a page per key.
+    let options = CompactOptions { min_files: 2, ..CompactOptions::sorted_by(&["id"]) };
+    assert_eq!(table.compact(&ctx, &options).await.expect("compact").files_removed, 4);
+    let index = table.key_index("id").await.expect("index");
+    assert_eq!(index.rows_indexed(), rows as usize + 2);
+    let found = index.rows(&keys, None).await.expect("lookup");
+    assert_eq!(pairs(&found), expected(&all), "sorted file: the rows of the keys");
+    let read = index.selected_rows(&keys);
+    assert!(read <= 2 * 5 * PAGE_ROWS, "{read} rows read for 5 keys (pages of {PAGE_ROWS} rows)");
+    assert!(read < index.rows_indexed() / 4, "{read} of {} rows read", index.rows_indexed());
+}
