@@ -104,6 +104,14 @@ pub(crate) async fn register(ctx: &SessionContext, inputs: &LiveInputs<'_>) -> R
             held.lookups.insert(history, Arc::new(table.key_index(&tail.spec.key).await?));
         }
     }
+    // And the stored dimensions', by business key (the facts look up the versions of their
+    // customers and products).
+    for dimension in LIVE_STAR.iter().filter(|s| surrogate_key(s).is_some()) {
+        let name = dimension.name.to_string();
+        if let (false, Some(table)) = (held.lookups.contains_key(&name), inputs.stored.get(&name)) {
+            held.lookups.insert(name, Arc::new(table.key_index(dimension.key).await?));
+        }
+    }
     // The keys changed since the rows passed on: from the raw files after that position only
     // (the newest micro-batches), not from the whole tail.
     if let Some(previous) = inputs.previous {
@@ -372,7 +380,15 @@ async fn recompute(
     scoped.register_table("scope_keys", ctx.table_provider(keys).await?)?;
     let own = tail_of(inputs.tails, star.source).ok_or_else(|| missing_tail(star.source))?;
     let lookup = |tail: &HistoryTail| lock(held).lookups.get(&tail.spec.history_table()).cloned();
-    let own_history = scoped_history(ctx, own, lookup(own), keys, &format!("{}_own", star.name)).await?;
+    let mut own_history = scoped_history(ctx, own, lookup(own), keys, &format!("{}_own", star.name)).await?;
+    let own_rows = format!("{TAIL_SCHEMA}.{}_own_rows", star.name);
+    if surrogate_key(star).is_none() {
+        // Held: the statement reads it, and the dimension lookup below reads its members.
+        let view = format!("{own_rows}_view");
+        ctx.register_table(view.as_str(), own_history)?;
+        own_history = hold_in_memory(ctx, &format!("SELECT * FROM {view}")).await?.0;
+    }
+    ctx.register_table(own_rows.as_str(), Arc::clone(&own_history))?;
     scoped.register_table(own.spec.history_table().as_str(), Arc::clone(&own_history))?;
     // The items' statement reads their orders' first versions: the orders of the touched
     // items only, looked up the same way, not the whole orders history.
@@ -398,16 +414,46 @@ async fn recompute(
         let history = tail.spec.history_table();
         scoped.register_table(history.as_str(), ctx.table_provider(history.as_str()).await?)?;
     }
+    // The facts read the versions of their own customers or products only: those are looked
+    // up in the stored dimension (with this handle's recomputed rows in place of the stored
+    // ones of the same keys), not read from the whole dimension.
+    let fact_dimension = match star.name {
+        tables::FACT_ORDERS => Some((tables::DIM_CUSTOMER, "customer_id")),
+        tables::FACT_ORDER_ITEMS => Some((tables::DIM_PRODUCT, "product_id")),
+        _ => None,
+    };
     for dimension in [tables::DIM_CUSTOMER, tables::DIM_PRODUCT] {
-        if let Ok(provider) = ctx.table_provider(dimension).await {
-            scoped.register_table(dimension, provider)?;
-        }
+        let provider = match fact_dimension {
+            Some((wanted, _)) if wanted != dimension => continue,
+            Some((_, column)) => {
+                let of = format!("SELECT DISTINCT {column} FROM {own_rows} r WHERE {column} IS NOT NULL");
+                scoped_dimension(ctx, held, dimension, &of, star.name).await?
+            }
+            None => None,
+        };
+        let provider = match provider {
+            Some(provider) => provider,
+            None => match ctx.table_provider(dimension).await {
+                Ok(provider) => provider,
+                Err(_) => continue,
+            },
+        };
+        scoped.register_table(dimension, provider)?;
     }
     let mut base = 0;
     if let Some(sk) = surrogate_key(star) {
         // The versions numbered so far (stored, and recomputed for an earlier part of the tail)
         // keep their keys; new ones are numbered after the highest.
-        let stored = format!("{MODEL_SCHEMA}.{}", star.name);
+        // The stored versions of the touched keys only (`model_previous` is joined with them).
+        let index = lock(held).lookups.get(star.name).cloned();
+        let stored = match index {
+            Some(index) => {
+                let touched = int64_column(ctx, &format!("SELECT k FROM {keys} s WHERE k IS NOT NULL")).await?;
+                let name = format!("{TAIL_SCHEMA}.{}_stored_touched", star.name);
+                looked_up(ctx, &index, &touched, &name, star.name).await?
+            }
+            None => format!("{MODEL_SCHEMA}.{}", star.name),
+        };
         let numbered = match previous_rows {
             None => stored,
             Some((rows, keys)) => {
@@ -475,7 +521,6 @@ async fn scoped_history(
             // The stored versions of the keys, read from the pages that hold them (keys above
             // every stored key, a serial key's inserts, are not read at all).
             let keys = int64_column(ctx, &format!("SELECT k FROM {keys} s WHERE k IS NOT NULL")).await?;
-            let rows = index.rows(&keys, None).await?;
             tracing::debug!(
                 history = history.as_str(),
                 keys = keys.len(),
@@ -483,14 +528,8 @@ async fn scoped_history(
                 rows_stored = index.rows_indexed(),
                 "stored versions looked up"
             );
-            if rows.is_empty() {
-                format!("(SELECT h.* FROM {MODEL_SCHEMA}.{history} h WHERE false)")
-            } else {
-                let name = format!("{TAIL_SCHEMA}.{lookup_name}_lookup");
-                let rows = datafusion::datasource::MemTable::try_new(index.schema(), vec![rows])?;
-                ctx.register_table(name.as_str(), Arc::new(rows))?;
-                format!("(SELECT h.* FROM {name} h)")
-            }
+            let name = format!("{TAIL_SCHEMA}.{lookup_name}_lookup");
+            format!("(SELECT h.* FROM {} h)", looked_up(ctx, &index, &keys, &name, &history).await?)
         }
         None => format!("(SELECT h.* FROM {MODEL_SCHEMA}.{history} h JOIN {keys} s ON s.k = h.{key})"),
     };
@@ -529,6 +568,60 @@ fn memory(provider: &Arc<dyn TableProvider>) -> u64 {
 
 fn held_bytes(batches: &[arrow::array::RecordBatch]) -> u64 {
     batches.iter().map(|b| b.get_array_memory_size() as u64).sum()
+}
+
+/// The stored rows of `table` (a model table) whose key is among `keys`, read through its
+/// key index and held in `ctx` as `name`. Returns the relation to read them from (an empty
+/// one when there are none).
+async fn looked_up(
+    ctx: &SessionContext,
+    index: &acme_core::KeyIndex,
+    keys: &[i64],
+    name: &str,
+    table: &str,
+) -> Result<String> {
+    let rows = index.rows(keys, None).await?;
+    if rows.is_empty() {
+        return Ok(format!("(SELECT * FROM {MODEL_SCHEMA}.{table} WHERE false)"));
+    }
+    ctx.register_table(name, Arc::new(datafusion::datasource::MemTable::try_new(index.schema(), vec![rows])?))?;
+    Ok(name.to_string())
+}
+
+/// The live rows of `dimension` for the business keys `of` selects (a query of `ctx` whose
+/// first column holds them): the stored versions of those keys, looked up, with the rows this
+/// handle recomputed for its touched keys in place of the stored ones. `None` when the
+/// dimension is not stored (the live view is then read whole).
+async fn scoped_dimension(
+    ctx: &SessionContext,
+    held: &std::sync::Mutex<HeldStar>,
+    dimension: &'static str,
+    of: &str,
+    prefix: &str,
+) -> Result<Option<Arc<dyn TableProvider>>> {
+    let Some(star) = LIVE_STAR.iter().find(|s| s.name == dimension) else { return Ok(None) };
+    let Some(index) = lock(held).lookups.get(dimension).cloned() else { return Ok(None) };
+    let ids = int64_column(ctx, of).await?;
+    let name = |part: &str| format!("{TAIL_SCHEMA}.{prefix}_{dimension}_{part}");
+    let stored = looked_up(ctx, &index, &ids, &name("stored"), dimension).await?;
+    let recomputed = lock(held).tables.get(dimension).cloned();
+    let sql = match recomputed {
+        None => format!("SELECT * FROM {stored} s"),
+        Some((keys, rows)) => {
+            ctx.register_table(name("keys").as_str(), keys)?;
+            ctx.register_table(name("ids").as_str(), key_table(&ids)?.0)?;
+            let columns = column_list(&rows);
+            ctx.register_table(name("rows").as_str(), rows)?;
+            let wanted = format!(
+                "(SELECT * FROM {} r WHERE r.{key} IN (SELECT k FROM {})) w",
+                name("rows"),
+                name("ids"),
+                key = star.key
+            );
+            replaced_sql(&stored, star.key, &name("keys"), &wanted, &columns)
+        }
+    };
+    Ok(Some(ctx.sql(&sql).await?.into_view()))
 }
 
 /// The first column of a query's rows, as Int64 values (nulls left out).
