@@ -644,7 +644,17 @@ impl Warehouse {
                 )
             }
             Report::PendingItemsByProduct => (
-                star_pending_items_sql(&self.valid("i", as_of)?, &self.valid("o", as_of)?),
+                match (as_of, self.star.as_ref().is_some_and(|s| s.pending.is_some())) {
+                    // Kept by difference as the handles refresh (live_star::pending_items).
+                    (None, true) => {
+                        self.valid("i", None)?;
+                        format!(
+                            "SELECT product_id, total_items FROM {} ORDER BY total_items DESC, product_id ASC NULLS LAST",
+                            live_star::PENDING_ITEMS
+                        )
+                    }
+                    _ => star_pending_items_sql(&self.valid("i", as_of)?, &self.valid("o", as_of)?),
+                },
                 &[("product_id", Int64), ("total_items", Int64)],
             ),
             Report::TopCustomers { limit, filter } => {

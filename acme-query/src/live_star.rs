@@ -57,7 +57,15 @@ pub(crate) struct HeldStar {
     pub stored_max_sk: HashMap<&'static str, i64>,
     /// Per history: how its stored versions are looked up by key.
     pub lookups: HashMap<String, StoredLookup>,
+    /// R3 on the current state, maintained by difference (see [`pending_items`]).
+    pub pending: Option<Arc<PendingItems>>,
 }
+
+/// R3 on the current state (open pending items per product) at a handle's raw position, kept
+/// by difference from one handle to the next: per product id, the sum of the quantities of the
+/// current items of current open orders, how many of those quantities are not null, and how
+/// many items count. A product is in the report while its item count is positive.
+pub(crate) type PendingItems = HashMap<Option<i64>, [i64; 3]>;
 
 /// A stored history's key lookup, made once per stored model: the pages of its key column
 /// (`acme_core::KeyIndex`), so the stored versions of a few keys are read from the pages that
@@ -96,6 +104,7 @@ pub(crate) async fn register(ctx: &SessionContext, inputs: &LiveInputs<'_>) -> R
         unknown: HashMap::new(),
         stored_max_sk: inputs.previous.map(|p| p.stored_max_sk.clone()).unwrap_or_default(),
         lookups: inputs.previous.map(|p| p.lookups.clone()).unwrap_or_default(),
+        pending: None,
     };
     // The stored histories' lookups, made once per stored model.
     for tail in inputs.tails {
@@ -172,8 +181,218 @@ pub(crate) async fn register(ctx: &SessionContext, inputs: &LiveInputs<'_>) -> R
         });
         bytes += futures::future::try_join_all(steps).await?.into_iter().sum::<u64>();
     }
-    let held = held.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut held = held.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if !truncated
+        && [tables::FACT_ORDERS, tables::FACT_ORDER_ITEMS].iter().all(|t| inputs.stored.contains_key(*t))
+        && ["orders", "order_items"].iter().all(|t| tail_of(inputs.tails, t).is_some())
+    {
+        let started = std::time::Instant::now();
+        let (pending, incremental) = pending_items(ctx, inputs, &mut held).await?;
+        tracing::debug!(
+            incremental,
+            products = pending.len(),
+            ms = started.elapsed().as_millis() as u64,
+            "R3 on the current state maintained"
+        );
+        held.pending = Some(Arc::new(pending));
+    }
     Ok((bytes, (!truncated).then_some(held)))
+}
+
+/// Name of the relation holding R3 on the current state, when a handle maintains it.
+pub(crate) const PENDING_ITEMS: &str = "pending_items_current";
+
+/// R3 on the current state at this handle's position, registered as [`PENDING_ITEMS`]
+/// (`product_id`, `total_items`, `items`). From a handle at the same model position that
+/// maintained it, by difference: the items whose rows the changes since that handle touch, and
+/// the items of the orders they touch, are taken off as that handle saw them and added back as
+/// this one sees them; the stored rows involved are looked up by key, never scanned. Otherwise
+/// (the first handle on a stored model) counted over the live facts once. Returns the counts,
+/// and whether they were kept by difference.
+async fn pending_items(
+    ctx: &SessionContext,
+    inputs: &LiveInputs<'_>,
+    held: &mut HeldStar,
+) -> Result<(PendingItems, bool)> {
+    let items_table = tables::FACT_ORDER_ITEMS;
+    let orders_table = tables::FACT_ORDERS;
+    let contributing = "i.is_current AND o.is_current AND o.is_open";
+    let counts = |items: &str, orders: &str| {
+        format!(
+            "SELECT i.product_id, CAST(sum(i.quantity) AS BIGINT), count(i.quantity), count(*) FROM {items} i \
+             JOIN {orders} o ON o.order_id = i.order_id WHERE {contributing} GROUP BY i.product_id"
+        )
+    };
+    let previous = inputs.previous.and_then(|p| Some((p, p.pending.as_ref()?)));
+    let Some((previous, before)) = previous else {
+        let totals = collect_counts(ctx, &counts(items_table, orders_table)).await?;
+        register_pending(ctx, &totals)?;
+        return Ok((totals, false));
+    };
+    let name = |part: &str| format!("{TAIL_SCHEMA}.pending_{part}");
+    // The keys touched since the previous handle (registered by `register_one`).
+    let touched = |table: &str| format!("{TAIL_SCHEMA}.{table}_touched");
+    let keys_of = |table: &str| {
+        let relation = touched(table);
+        async move {
+            match ctx.table_exist(relation.as_str())? {
+                true => int64_column(ctx, &format!("SELECT k FROM {relation} t WHERE k IS NOT NULL")).await,
+                false => Ok(Vec::new()),
+            }
+        }
+    };
+    let (items, orders) = (keys_of(items_table).await?, keys_of(orders_table).await?);
+    let mut totals = (**before).clone();
+    if items.is_empty() && orders.is_empty() {
+        register_pending(ctx, &totals)?;
+        return Ok((totals, true));
+    }
+    // Stored lookups of the facts, made once per stored model.
+    for (lookup, table, key) in [
+        (items_table.to_string(), items_table, "order_item_id"),
+        (format!("{items_table}.order_id"), items_table, "order_id"),
+        (orders_table.to_string(), orders_table, "order_id"),
+    ] {
+        if !held.lookups.contains_key(&lookup)
+            && let Some(stored) = inputs.stored.get(table)
+        {
+            held.lookups.insert(lookup, Arc::new(stored.key_index(key).await?));
+        }
+    }
+    let index = |lookup: &str| -> Result<StoredLookup> {
+        held.lookups.get(lookup).cloned().ok_or_else(|| {
+            crate::QueryError::from(datafusion::error::DataFusionError::Internal(format!(
+                "no stored lookup of `{lookup}`"
+            )))
+        })
+    };
+    ctx.register_table(name("items").as_str(), key_table(&items)?.0)?;
+    ctx.register_table(name("orders").as_str(), key_table(&orders)?.0)?;
+    // The stored rows of the touched items and of the touched orders' items.
+    let (items_index, items_by_order, orders_index) =
+        (index(items_table)?, index(&format!("{items_table}.order_id"))?, index(orders_table)?);
+    let by_item = looked_up(ctx, &items_index, &items, &name("stored_by_item"), items_table).await?;
+    let by_order = looked_up(ctx, &items_by_order, &orders, &name("stored_by_order"), items_table).await?;
+    let stored_items = format!(
+        "(SELECT * FROM {by_item} UNION ALL SELECT * FROM {by_order} b \
+         WHERE b.order_item_id NOT IN (SELECT k FROM {}))",
+        name("items")
+    );
+    let affected = format!(
+        "(order_item_id IN (SELECT k FROM {}) OR order_id IN (SELECT k FROM {}))",
+        name("items"),
+        name("orders")
+    );
+    // Each side: the previous handle's state and this one's, over the affected items.
+    let now = (held.tables.get(items_table).cloned(), held.tables.get(orders_table).cloned());
+    let before_state = (previous.tables.get(items_table).cloned(), previous.tables.get(orders_table).cloned());
+    let mut sides = Vec::new();
+    for (side, (items_held, orders_held)) in [("before", before_state), ("now", now)] {
+        let items_sql =
+            live_subset(ctx, &stored_items, "order_item_id", items_held, &affected, &name(&format!("{side}_items")))?;
+        ctx.register_table(name(&format!("{side}_affected")).as_str(), hold_in_memory(ctx, &items_sql).await?.0)?;
+        sides.push((side, orders_held));
+    }
+    // The orders of the affected items, on both sides.
+    let mut order_ids = orders.clone();
+    for (side, _) in &sides {
+        let sql =
+            format!("SELECT DISTINCT order_id FROM {} a WHERE order_id IS NOT NULL", name(&format!("{side}_affected")));
+        order_ids.extend(int64_column(ctx, &sql).await?);
+    }
+    order_ids.sort_unstable();
+    order_ids.dedup();
+    ctx.register_table(name("order_ids").as_str(), key_table(&order_ids)?.0)?;
+    let stored_orders = looked_up(ctx, &orders_index, &order_ids, &name("stored_orders"), orders_table).await?;
+    let wanted_orders = format!("order_id IN (SELECT k FROM {})", name("order_ids"));
+    for (side, orders_held) in sides {
+        let orders_sql = live_subset(
+            ctx,
+            &stored_orders,
+            "order_id",
+            orders_held,
+            &wanted_orders,
+            &name(&format!("{side}_orders")),
+        )?;
+        let sql = counts(&name(&format!("{side}_affected")), &format!("({orders_sql})"));
+        let sign = if side == "before" { -1 } else { 1 };
+        for (product, values) in collect_counts(ctx, &sql).await? {
+            let entry = totals.entry(product).or_insert([0; 3]);
+            for (total, value) in entry.iter_mut().zip(values) {
+                *total += sign * value;
+            }
+        }
+    }
+    totals.retain(|_, [_, _, rows]| *rows != 0);
+    register_pending(ctx, &totals)?;
+    Ok((totals, true))
+}
+
+/// SQL of the rows of `stored` (looked-up stored rows of a fact table) with those of the keys
+/// `held` holds replaced by its rows that `filter` selects: a fact table as one handle sees it,
+/// restricted to some rows. Registers the held relations under `prefix`.
+fn live_subset(
+    ctx: &SessionContext,
+    stored: &str,
+    key: &str,
+    held: Option<KeysAndRows>,
+    filter: &str,
+    prefix: &str,
+) -> Result<String> {
+    let Some((keys, rows)) = held else { return Ok(format!("SELECT * FROM {stored} s")) };
+    let (keys_name, rows_name) = (format!("{prefix}_keys"), format!("{prefix}_rows"));
+    let columns = column_list(&rows);
+    ctx.register_table(keys_name.as_str(), keys)?;
+    ctx.register_table(rows_name.as_str(), rows)?;
+    Ok(replaced_sql(stored, key, &keys_name, &format!("(SELECT * FROM {rows_name} r WHERE {filter}) w"), &columns))
+}
+
+/// Per product id: the three counts of [`PendingItems`] a query returns.
+async fn collect_counts(ctx: &SessionContext, sql: &str) -> Result<PendingItems> {
+    let mut out = PendingItems::new();
+    for batch in ctx.sql(sql).await?.collect().await? {
+        let columns = batch
+            .columns()
+            .iter()
+            .map(|c| arrow::compute::cast(c, &arrow::datatypes::DataType::Int64))
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|e| crate::QueryError::DataFusion(Box::new(e.into())))?;
+        let [product, sum, nonnull, rows] = &columns[..] else { continue };
+        let (product, sum, nonnull, rows) = (
+            product.as_primitive::<Int64Type>(),
+            sum.as_primitive::<Int64Type>(),
+            nonnull.as_primitive::<Int64Type>(),
+            rows.as_primitive::<Int64Type>(),
+        );
+        for i in 0..batch.num_rows() {
+            let key = (!product.is_null(i)).then(|| product.value(i));
+            let entry = out.entry(key).or_insert([0; 3]);
+            entry[0] += if sum.is_null(i) { 0 } else { sum.value(i) };
+            entry[1] += nonnull.value(i);
+            entry[2] += rows.value(i);
+        }
+    }
+    Ok(out)
+}
+
+/// Register [`PENDING_ITEMS`]: the report's rows (a product's total is null when none of its
+/// quantities is known, as SQL's `sum` gives it).
+fn register_pending(ctx: &SessionContext, totals: &PendingItems) -> Result<()> {
+    use arrow::array::{ArrayRef, Int64Array};
+    use arrow::datatypes::{DataType, Field};
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("product_id", DataType::Int64, true),
+        Field::new("total_items", DataType::Int64, true),
+        Field::new("items", DataType::Int64, false),
+    ]));
+    let products: Int64Array = totals.keys().copied().collect();
+    let sums: Int64Array = totals.values().map(|[sum, nonnull, _]| (*nonnull > 0).then_some(*sum)).collect();
+    let rows: Int64Array = totals.values().map(|[_, _, rows]| Some(*rows)).collect();
+    let columns: Vec<ArrayRef> = vec![Arc::new(products), Arc::new(sums), Arc::new(rows)];
+    let batch = arrow::array::RecordBatch::try_new(Arc::clone(&schema), columns)
+        .map_err(|e| crate::QueryError::DataFusion(Box::new(e.into())))?;
+    ctx.register_table(PENDING_ITEMS, Arc::new(datafusion::datasource::MemTable::try_new(schema, vec![vec![batch]])?))?;
+    Ok(())
 }
 
 /// The held rows being assembled (a panic elsewhere cannot leave them half-written: each
