@@ -126,14 +126,11 @@ impl LayerTable {
         self.scan(None, runtime.cache_manager.get_file_statistic_cache())
     }
 
-    fn scan(
-        &self,
-        files: Option<&[DataFile]>,
-        cache: Option<Arc<datafusion::execution::cache::cache_manager::FileStatisticsCache>>,
-    ) -> Result<Arc<dyn TableProvider>> {
+    /// The table's schema as scans read it: strings and binaries as views (Parquet decodes into
+    /// them without copying each value).
+    pub fn read_schema(&self) -> Result<Arc<Schema>> {
         let stored = self.schema()?;
-        // Strings are read as views: Parquet decodes into them without copying each value.
-        let schema = Arc::new(Schema::new(
+        Ok(Arc::new(Schema::new(
             stored
                 .fields()
                 .iter()
@@ -143,7 +140,15 @@ impl LayerTable {
                     _ => f.as_ref().clone(),
                 })
                 .collect::<Vec<Field>>(),
-        ));
+        )))
+    }
+
+    fn scan(
+        &self,
+        files: Option<&[DataFile]>,
+        cache: Option<Arc<datafusion::execution::cache::cache_manager::FileStatisticsCache>>,
+    ) -> Result<Arc<dyn TableProvider>> {
+        let schema = self.read_schema()?;
         let all;
         let files = match files {
             Some(files) => files,

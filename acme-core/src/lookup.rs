@@ -12,7 +12,7 @@
 use std::sync::Arc;
 
 use arrow::array::{Array, ArrayRef, AsArray, BooleanArray, RecordBatch, new_null_array};
-use arrow::datatypes::{DataType, Field, Int64Type, Schema, SchemaRef};
+use arrow::datatypes::{Int64Type, Schema, SchemaRef};
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt, TryStreamExt};
@@ -73,21 +73,10 @@ impl LayerTable {
     pub async fn key_index(&self, key: &str) -> Result<KeyIndex> {
         let table = self.name().to_string();
         let store = self.delta().log_store().object_store(None);
-        let stored = self.schema()?;
-        // Strings as views, as every scan of the layers gives them.
+        // Every column nullable: files written before a column was added read it as null.
+        let read = self.read_schema()?;
         let schema = Arc::new(Schema::new(
-            stored
-                .fields()
-                .iter()
-                .map(|f| {
-                    let ty = match f.data_type() {
-                        DataType::Utf8 | DataType::LargeUtf8 => DataType::Utf8View,
-                        DataType::Binary | DataType::LargeBinary => DataType::BinaryView,
-                        other => other.clone(),
-                    };
-                    Field::new(f.name(), ty, true)
-                })
-                .collect::<Vec<_>>(),
+            read.fields().iter().map(|f| f.as_ref().clone().with_nullable(true)).collect::<Vec<_>>(),
         ));
         let files = self.data_files()?;
         // (Futures collected first: a stream over a closure that borrows is not provably `Send`.)

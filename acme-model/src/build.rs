@@ -596,6 +596,9 @@ impl Build<'_> {
         if let Some(keys) = &keys {
             register_keys(self.ctx, "scope_keys", keys)?;
         }
+        // Written in the table's sort order (a whole table's joins leave it in their own order).
+        let order = sort_order(name)?.join(", ");
+        let sql = |scope: Option<&str>| format!("SELECT * FROM ({}) s ORDER BY {order}", sql(scope));
         let mut df = plan_star(self.ctx, &sql(keys.as_ref().map(|_| "scope_keys")), keys.is_some()).await?;
         // A table written by an older acme without some column is recomputed whole.
         if keys.is_some()
@@ -676,22 +679,7 @@ impl Build<'_> {
                 Some(spec) => {
                     CompactOptions::sorted_by(&[&spec.key, history::VALID_FROM_LSN]).split_by(history::IS_CURRENT)
                 }
-                None => {
-                    let key: &[&str] = match name.as_str() {
-                        tables::DIM_CUSTOMER => &["customer_sk"],
-                        tables::DIM_PRODUCT => &["product_sk"],
-                        tables::FACT_ORDER_ITEMS => &["order_item_id", "valid_from_lsn"],
-                        tables::FACT_ORDERS => &["order_id", "valid_from_lsn"],
-                        tables::FACT_ORDER_STATUS => &["order_id", "entered_lsn"],
-                        tables::AGG_ORDERS_BY_DELIVERY_DATE => &["delivery_date"],
-                        other => {
-                            return Err(ModelError::Internal(format!(
-                                "no compaction order declared for model table `{other}`"
-                            )));
-                        }
-                    };
-                    CompactOptions::sorted_by(key)
-                }
+                None => CompactOptions::sorted_by(sort_order(name)?),
             };
             let options = CompactOptions {
                 target_file_bytes: self.config.target_file_bytes,
@@ -733,6 +721,21 @@ fn storage_schema(df: &DataFrame) -> SchemaRef {
             })
             .collect::<Vec<Field>>(),
     ))
+}
+
+/// The order a presentation table's rows are stored in: by its key, so that files and their
+/// pages cover narrow key ranges (compaction merges in this order, builds write in it, and key
+/// lookups read only the pages of their keys).
+fn sort_order(name: &str) -> Result<&'static [&'static str]> {
+    Ok(match name {
+        tables::DIM_CUSTOMER => &["customer_sk"],
+        tables::DIM_PRODUCT => &["product_sk"],
+        tables::FACT_ORDER_ITEMS => &["order_item_id", "valid_from_lsn"],
+        tables::FACT_ORDERS => &["order_id", "valid_from_lsn"],
+        tables::FACT_ORDER_STATUS => &["order_id", "entered_lsn"],
+        tables::AGG_ORDERS_BY_DELIVERY_DATE => &["delivery_date"],
+        other => return Err(ModelError::Internal(format!("no sort order declared for model table `{other}`"))),
+    })
 }
 
 /// Plan a star table's query. A whole table recomputed (`scoped` false) joins inputs that grow

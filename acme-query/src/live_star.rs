@@ -740,13 +740,6 @@ async fn scoped_history(
             // The stored versions of the keys, read from the pages that hold them (keys above
             // every stored key, a serial key's inserts, are not read at all).
             let keys = int64_column(ctx, &format!("SELECT k FROM {keys} s WHERE k IS NOT NULL")).await?;
-            tracing::debug!(
-                history = history.as_str(),
-                keys = keys.len(),
-                rows_read = index.selected_rows(&keys),
-                rows_stored = index.rows_indexed(),
-                "stored versions looked up"
-            );
             let name = format!("{TAIL_SCHEMA}.{lookup_name}_lookup");
             format!("(SELECT h.* FROM {} h)", looked_up(ctx, &index, &keys, &name, &history).await?)
         }
@@ -800,6 +793,13 @@ async fn looked_up(
     table: &str,
 ) -> Result<String> {
     let rows = index.rows(keys, None).await?;
+    tracing::debug!(
+        table,
+        keys = keys.len(),
+        rows_read = index.selected_rows(keys),
+        rows_stored = index.rows_indexed(),
+        "stored rows looked up"
+    );
     if rows.is_empty() {
         return Ok(format!("(SELECT * FROM {MODEL_SCHEMA}.{table} WHERE false)"));
     }
