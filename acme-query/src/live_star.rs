@@ -6,11 +6,11 @@
 //! freshness is the raw layer's, and a reader never waits for a build.
 //!
 //! The work follows the tail: the touched keys (from the tail's changes, plus the late-arriving
-//! keys the tail resolves), the stored versions of those keys (looked up by key: the stored
-//! history's other columns are decoded only for them), and the tail's versions. The recomputed
-//! rows are held in memory with the handle, and a handle refreshed from one that holds them
-//! recomputes the facts only for the keys the new changes touch. The dimensions, small, are
-//! recomputed for the whole tail (their new versions are numbered across it).
+//! keys the tail resolves), the stored versions of those keys (read through an
+//! `acme_core::KeyIndex`: only the Parquet pages that hold them), and the tail's versions. The
+//! recomputed rows are held in memory with the handle, and a handle refreshed from one that
+//! holds them recomputes only the keys the new changes touch; R3 on the current state is kept
+//! by difference the same way ([`PENDING_ITEMS`]).
 
 use std::collections::HashMap;
 use std::sync::Arc;
