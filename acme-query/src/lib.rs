@@ -660,7 +660,19 @@ impl Warehouse {
             Report::TopCustomers { limit, filter } => {
                 check_limit(*limit)?;
                 (
-                    star_top_customers_sql(&self.valid("o", as_of)?, &self.valid("c", as_of)?, filter, *limit),
+                    match (as_of, self.star.as_ref().is_some_and(|s| s.customer_orders.is_some())) {
+                        // Kept by difference as the handles refresh (live_star::customer_orders).
+                        (None, true) => {
+                            let counts = format!(
+                                "SELECT o.customer_id, CAST(sum(o.orders) AS BIGINT) AS quantity FROM {} o \
+                                 WHERE {} GROUP BY o.customer_id HAVING sum(o.orders) > 0",
+                                live_star::CUSTOMER_ORDERS,
+                                filter.star_predicate()
+                            );
+                            ranked_customers_sql(&counts, &self.valid("c", None)?, *limit)
+                        }
+                        _ => star_top_customers_sql(&self.valid("o", as_of)?, &self.valid("c", as_of)?, filter, *limit),
+                    },
                     &[("customer_id", Int64), ("customer_name", Utf8), ("quantity", Int64), ("ranking", Int64)],
                 )
             }
@@ -1218,14 +1230,22 @@ fn star_pending_items_sql(valid_items: &str, valid_orders: &str) -> String {
 /// R4 over the star schema: orders in force (`o`) per customer, named by the customer
 /// dimension's version in force (`c`, joined on the customer's durable key).
 fn star_top_customers_sql(valid_orders: &str, valid_customers: &str, filter: &StatusFilter, limit: usize) -> String {
+    let counts = format!(
+        "SELECT o.customer_id, count(*) AS quantity FROM fact_orders o WHERE {valid_orders} AND {} GROUP BY o.customer_id",
+        filter.star_predicate()
+    );
+    ranked_customers_sql(&counts, valid_customers, limit)
+}
+
+/// R4 from `counts` (SQL of orders per customer: `customer_id`, `quantity`), dense-ranked and
+/// named by the customer dimension's version in force (`c`, joined on the durable key).
+fn ranked_customers_sql(counts: &str, valid_customers: &str, limit: usize) -> String {
     format!(
-        "WITH counts AS (SELECT o.customer_id, count(*) AS quantity FROM fact_orders o WHERE {valid_orders} AND {} \
-           GROUP BY o.customer_id), \
+        "WITH counts AS ({counts}), \
          ranked AS (SELECT customer_id, quantity, CAST(dense_rank() OVER (ORDER BY quantity DESC) AS BIGINT) AS ranking \
            FROM counts) \
          SELECT r.customer_id, c.customer_name, r.quantity, r.ranking FROM ranked r \
          LEFT JOIN dim_customer c ON c.customer_id = r.customer_id AND c.customer_sk >= 0 AND {valid_customers} \
-         WHERE r.ranking <= {limit} ORDER BY r.ranking, r.customer_id NULLS LAST",
-        filter.star_predicate()
+         WHERE r.ranking <= {limit} ORDER BY r.ranking, r.customer_id NULLS LAST"
     )
 }

@@ -59,6 +59,17 @@ pub(crate) struct HeldStar {
     pub lookups: HashMap<String, StoredLookup>,
     /// R3 on the current state, maintained by difference (see [`pending_items`]).
     pub pending: Option<Arc<PendingItems>>,
+    /// Current orders per customer and status, maintained by difference (see
+    /// [`customer_orders`]).
+    pub customer_orders: Option<Arc<CustomerOrders>>,
+}
+
+/// Current orders per (customer id, status) at a handle's raw position, for R4: the counts at
+/// the first handle on the stored model (`base`, counted once and shared by every later handle)
+/// plus the differences since (`delta`, which follows the changes, not the table).
+pub(crate) struct CustomerOrders {
+    base: Arc<dyn TableProvider>,
+    delta: HashMap<(Option<i64>, Option<String>), i64>,
 }
 
 /// R3 on the current state (open pending items per product) at a handle's raw position, kept
@@ -105,6 +116,7 @@ pub(crate) async fn register(ctx: &SessionContext, inputs: &LiveInputs<'_>) -> R
         stored_max_sk: inputs.previous.map(|p| p.stored_max_sk.clone()).unwrap_or_default(),
         lookups: inputs.previous.map(|p| p.lookups.clone()).unwrap_or_default(),
         pending: None,
+        customer_orders: None,
     };
     // The stored histories' lookups, made once per stored model.
     for tail in inputs.tails {
@@ -195,6 +207,14 @@ pub(crate) async fn register(ctx: &SessionContext, inputs: &LiveInputs<'_>) -> R
             "R3 on the current state maintained"
         );
         held.pending = Some(Arc::new(pending));
+        let started = std::time::Instant::now();
+        let counts = customer_orders(ctx, inputs, &mut held).await?;
+        tracing::debug!(
+            changed = counts.delta.len(),
+            ms = started.elapsed().as_millis() as u64,
+            "orders per customer on the current state maintained"
+        );
+        held.customer_orders = Some(Arc::new(counts));
     }
     Ok((bytes, (!truncated).then_some(held)))
 }
@@ -326,6 +346,111 @@ async fn pending_items(
     totals.retain(|_, [_, _, rows]| *rows != 0);
     register_pending(ctx, &totals)?;
     Ok((totals, true))
+}
+
+/// Name of the relation of current orders per customer and status (`customer_id`, `status`,
+/// `is_open`, `is_pending`, `orders`), when a handle maintains it.
+pub(crate) const CUSTOMER_ORDERS: &str = "customer_orders_current";
+
+/// Current orders per customer and status at this handle's position, registered as
+/// [`CUSTOMER_ORDERS`]. From a handle at the same model position that kept them: the orders the
+/// changes since that handle touch are taken off as it saw them and added back as this one sees
+/// them (stored rows looked up by key). Otherwise counted once over the live `fact_orders`.
+async fn customer_orders(ctx: &SessionContext, inputs: &LiveInputs<'_>, held: &mut HeldStar) -> Result<CustomerOrders> {
+    let table = tables::FACT_ORDERS;
+    let name = |part: &str| format!("{TAIL_SCHEMA}.customer_orders_{part}");
+    let count = |relation: &str| {
+        format!(
+            "SELECT customer_id, status, CAST(count(*) AS BIGINT) AS orders FROM {relation} o WHERE is_current \
+             GROUP BY customer_id, status"
+        )
+    };
+    let previous = inputs.previous.and_then(|p| Some((p, p.customer_orders.as_ref()?)));
+    let counts = match previous {
+        None => CustomerOrders { base: hold_in_memory(ctx, &count(table)).await?.0, delta: HashMap::new() },
+        Some((previous, kept)) => {
+            let mut delta = kept.delta.clone();
+            let touched = format!("{TAIL_SCHEMA}.{table}_touched");
+            let orders = match ctx.table_exist(touched.as_str())? {
+                true => int64_column(ctx, &format!("SELECT k FROM {touched} t WHERE k IS NOT NULL")).await?,
+                false => Vec::new(),
+            };
+            if !orders.is_empty() {
+                if !held.lookups.contains_key(table)
+                    && let Some(stored) = inputs.stored.get(table)
+                {
+                    held.lookups.insert(table.to_string(), Arc::new(stored.key_index("order_id").await?));
+                }
+                let index = held.lookups.get(table).cloned().ok_or_else(|| {
+                    crate::QueryError::from(datafusion::error::DataFusionError::Internal(format!(
+                        "no stored lookup of `{table}`"
+                    )))
+                })?;
+                ctx.register_table(name("orders").as_str(), key_table(&orders)?.0)?;
+                let stored = looked_up(ctx, &index, &orders, &name("stored"), table).await?;
+                let wanted = format!("order_id IN (SELECT k FROM {})", name("orders"));
+                let sides =
+                    [("before", previous.tables.get(table).cloned(), -1), ("now", held.tables.get(table).cloned(), 1)];
+                for (side, kept_rows, sign) in sides {
+                    let rows = live_subset(ctx, &stored, "order_id", kept_rows, &wanted, &name(side))?;
+                    for batch in ctx.sql(&count(&format!("({rows})"))).await?.collect().await? {
+                        let customers = arrow::compute::cast(batch.column(0), &arrow::datatypes::DataType::Int64)
+                            .map_err(|e| crate::QueryError::DataFusion(Box::new(e.into())))?;
+                        let statuses = arrow::compute::cast(batch.column(1), &arrow::datatypes::DataType::Utf8)
+                            .map_err(|e| crate::QueryError::DataFusion(Box::new(e.into())))?;
+                        let (customers, statuses) =
+                            (customers.as_primitive::<Int64Type>(), statuses.as_string::<i32>());
+                        let counts = batch.column(2).as_primitive::<Int64Type>();
+                        for i in 0..batch.num_rows() {
+                            let key = (
+                                (!customers.is_null(i)).then(|| customers.value(i)),
+                                (!statuses.is_null(i)).then(|| statuses.value(i).to_string()),
+                            );
+                            *delta.entry(key).or_insert(0) += sign * counts.value(i);
+                        }
+                    }
+                }
+                delta.retain(|_, n| *n != 0);
+            }
+            CustomerOrders { base: Arc::clone(&kept.base), delta }
+        }
+    };
+    register_customer_orders(ctx, &counts).await?;
+    Ok(counts)
+}
+
+/// Register [`CUSTOMER_ORDERS`]: the base counts and the differences since, with the status
+/// flags `fact_orders` derives from the status.
+async fn register_customer_orders(ctx: &SessionContext, counts: &CustomerOrders) -> Result<()> {
+    use arrow::array::{ArrayRef, Int64Array, StringArray};
+    let base = format!("{TAIL_SCHEMA}.customer_orders_base");
+    let delta = format!("{TAIL_SCHEMA}.customer_orders_delta");
+    ctx.register_table(base.as_str(), Arc::clone(&counts.base))?;
+    let schema = counts.base.schema();
+    let customers: Int64Array = counts.delta.keys().map(|(c, _)| *c).collect();
+    let statuses: StringArray = counts.delta.keys().map(|(_, s)| s.clone()).collect();
+    let orders: Int64Array = counts.delta.values().map(|n| Some(*n)).collect();
+    let columns: Vec<ArrayRef> = vec![Arc::new(customers), Arc::new(statuses), Arc::new(orders)];
+    let columns = columns
+        .iter()
+        .zip(schema.fields())
+        .map(|(c, f)| arrow::compute::cast(c, f.data_type()))
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| crate::QueryError::DataFusion(Box::new(e.into())))?;
+    let batch = arrow::array::RecordBatch::try_new(Arc::clone(&schema), columns)
+        .map_err(|e| crate::QueryError::DataFusion(Box::new(e.into())))?;
+    ctx.register_table(
+        delta.as_str(),
+        Arc::new(datafusion::datasource::MemTable::try_new(schema, vec![vec![batch]])?),
+    )?;
+    let view = ctx
+        .sql(&format!(
+            "SELECT customer_id, status, status <> 'COMPLETED' AS is_open, status = 'PENDING' AS is_pending, orders \
+             FROM (SELECT * FROM {base} UNION ALL SELECT * FROM {delta}) c"
+        ))
+        .await?;
+    ctx.register_table(CUSTOMER_ORDERS, view.into_view())?;
+    Ok(())
 }
 
 /// SQL of the rows of `stored` (looked-up stored rows of a fact table) with those of the keys
