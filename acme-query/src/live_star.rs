@@ -9,8 +9,8 @@
 //! keys the tail resolves), the stored versions of those keys (read through an
 //! `acme_core::KeyIndex`: only the Parquet pages that hold them), and the tail's versions. The
 //! recomputed rows are held in memory with the handle, and a handle refreshed from one that
-//! holds them recomputes only the keys the new changes touch; R3 on the current state is kept
-//! by difference the same way ([`PENDING_ITEMS`]).
+//! holds them recomputes only the keys the new changes touch; R3 and R4 on the current state
+//! are kept by difference the same way ([`PENDING_ITEMS`], [`CUSTOMER_ORDERS`]).
 
 use std::collections::HashMap;
 use std::sync::Arc;
