@@ -250,47 +250,18 @@ async fn pending_items(
         return Ok((totals, false));
     };
     let name = |part: &str| format!("{TAIL_SCHEMA}.pending_{part}");
-    // The keys touched since the previous handle (registered by `register_one`).
-    let touched = |table: &str| format!("{TAIL_SCHEMA}.{table}_touched");
-    let keys_of = |table: &str| {
-        let relation = touched(table);
-        async move {
-            match ctx.table_exist(relation.as_str())? {
-                true => int64_column(ctx, &format!("SELECT k FROM {relation} t WHERE k IS NOT NULL")).await,
-                false => Ok(Vec::new()),
-            }
-        }
-    };
-    let (items, orders) = (keys_of(items_table).await?, keys_of(orders_table).await?);
+    let (items, orders) = (touched_since(ctx, items_table).await?, touched_since(ctx, orders_table).await?);
     let mut totals = (**before).clone();
     if items.is_empty() && orders.is_empty() {
         register_pending(ctx, &totals)?;
         return Ok((totals, true));
     }
-    // Stored lookups of the facts, made once per stored model.
-    for (lookup, table, key) in [
-        (items_table.to_string(), items_table, "order_item_id"),
-        (format!("{items_table}.order_id"), items_table, "order_id"),
-        (orders_table.to_string(), orders_table, "order_id"),
-    ] {
-        if !held.lookups.contains_key(&lookup)
-            && let Some(stored) = inputs.stored.get(table)
-        {
-            held.lookups.insert(lookup, Arc::new(stored.key_index(key).await?));
-        }
-    }
-    let index = |lookup: &str| -> Result<StoredLookup> {
-        held.lookups.get(lookup).cloned().ok_or_else(|| {
-            crate::QueryError::from(datafusion::error::DataFusionError::Internal(format!(
-                "no stored lookup of `{lookup}`"
-            )))
-        })
-    };
     ctx.register_table(name("items").as_str(), key_table(&items)?.0)?;
     ctx.register_table(name("orders").as_str(), key_table(&orders)?.0)?;
     // The stored rows of the touched items and of the touched orders' items.
-    let (items_index, items_by_order, orders_index) =
-        (index(items_table)?, index(&format!("{items_table}.order_id"))?, index(orders_table)?);
+    let items_index = fact_lookup(inputs, held, items_table, "order_item_id").await?;
+    let items_by_order = fact_lookup(inputs, held, items_table, "order_id").await?;
+    let orders_index = fact_lookup(inputs, held, orders_table, "order_id").await?;
     let by_item = looked_up(ctx, &items_index, &items, &name("stored_by_item"), items_table).await?;
     let by_order = looked_up(ctx, &items_by_order, &orders, &name("stored_by_order"), items_table).await?;
     let stored_items = format!(
@@ -370,22 +341,9 @@ async fn customer_orders(ctx: &SessionContext, inputs: &LiveInputs<'_>, held: &m
         None => CustomerOrders { base: hold_in_memory(ctx, &count(table)).await?.0, delta: HashMap::new() },
         Some((previous, kept)) => {
             let mut delta = kept.delta.clone();
-            let touched = format!("{TAIL_SCHEMA}.{table}_touched");
-            let orders = match ctx.table_exist(touched.as_str())? {
-                true => int64_column(ctx, &format!("SELECT k FROM {touched} t WHERE k IS NOT NULL")).await?,
-                false => Vec::new(),
-            };
+            let orders = touched_since(ctx, table).await?;
             if !orders.is_empty() {
-                if !held.lookups.contains_key(table)
-                    && let Some(stored) = inputs.stored.get(table)
-                {
-                    held.lookups.insert(table.to_string(), Arc::new(stored.key_index("order_id").await?));
-                }
-                let index = held.lookups.get(table).cloned().ok_or_else(|| {
-                    crate::QueryError::from(datafusion::error::DataFusionError::Internal(format!(
-                        "no stored lookup of `{table}`"
-                    )))
-                })?;
+                let index = fact_lookup(inputs, held, table, "order_id").await?;
                 ctx.register_table(name("orders").as_str(), key_table(&orders)?.0)?;
                 let stored = looked_up(ctx, &index, &orders, &name("stored"), table).await?;
                 let wanted = format!("order_id IN (SELECT k FROM {})", name("orders"));
@@ -451,6 +409,29 @@ async fn register_customer_orders(ctx: &SessionContext, counts: &CustomerOrders)
         .await?;
     ctx.register_table(CUSTOMER_ORDERS, view.into_view())?;
     Ok(())
+}
+
+/// The keys of a star table that the changes since the previous handle touch (registered by
+/// `register_one` as `<table>_touched`; none when it registered none).
+async fn touched_since(ctx: &SessionContext, table: &str) -> Result<Vec<i64>> {
+    let relation = format!("{TAIL_SCHEMA}.{table}_touched");
+    match ctx.table_exist(relation.as_str())? {
+        true => int64_column(ctx, &format!("SELECT k FROM {relation} t WHERE k IS NOT NULL")).await,
+        false => Ok(Vec::new()),
+    }
+}
+
+/// The stored fact table's lookup by `key`, made once per stored model.
+async fn fact_lookup(inputs: &LiveInputs<'_>, held: &mut HeldStar, table: &str, key: &str) -> Result<StoredLookup> {
+    let name = format!("{table}.{key}");
+    if !held.lookups.contains_key(&name)
+        && let Some(stored) = inputs.stored.get(table)
+    {
+        held.lookups.insert(name.clone(), Arc::new(stored.key_index(key).await?));
+    }
+    held.lookups.get(&name).cloned().ok_or_else(|| {
+        datafusion::error::DataFusionError::Internal(format!("`{table}` is not stored: no lookup by `{key}`")).into()
+    })
 }
 
 /// SQL of the rows of `stored` (looked-up stored rows of a fact table) with those of the keys
