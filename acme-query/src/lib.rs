@@ -99,6 +99,12 @@ impl From<datafusion::error::DataFusionError> for QueryError {
     }
 }
 
+impl From<arrow::error::ArrowError> for QueryError {
+    fn from(e: arrow::error::ArrowError) -> Self {
+        QueryError::DataFusion(Box::new(e.into()))
+    }
+}
+
 /// Which orders a report counts.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub enum StatusFilter {
@@ -699,12 +705,8 @@ impl Warehouse {
                 .iter()
                 .zip(fields)
                 .map(|(c, (_, t))| if c.data_type() == t { Ok(c.clone()) } else { cast(c, t) })
-                .collect::<std::result::Result<Vec<_>, _>>()
-                .map_err(|e| QueryError::DataFusion(Box::new(e.into())))?;
-            out.push(
-                RecordBatch::try_new(Arc::clone(&schema), columns)
-                    .map_err(|e| QueryError::DataFusion(Box::new(e.into())))?,
-            );
+                .collect::<std::result::Result<Vec<_>, _>>()?;
+            out.push(RecordBatch::try_new(Arc::clone(&schema), columns)?);
         }
         Ok(out)
     }
@@ -1082,7 +1084,7 @@ async fn hold_in_memory(
     let batches = match arrow::compute::concat_batches(&schema, &batches) {
         Ok(one) if one.num_rows() > 0 => vec![compact_views(one)?],
         Ok(_) => Vec::new(),
-        Err(e) => return Err(QueryError::DataFusion(Box::new(e.into()))),
+        Err(e) => return Err(e.into()),
     };
     let bytes = batches.iter().map(RecordBatch::get_array_memory_size).sum();
     Ok((Arc::new(datafusion::datasource::MemTable::try_new(schema, vec![batches])?), bytes))
@@ -1099,7 +1101,7 @@ fn compact_views(batch: RecordBatch) -> Result<RecordBatch> {
             _ => Arc::clone(c),
         })
         .collect();
-    RecordBatch::try_new(batch.schema(), columns).map_err(|e| QueryError::DataFusion(Box::new(e.into())))
+    Ok(RecordBatch::try_new(batch.schema(), columns)?)
 }
 
 /// The first instant the orders' history covers (the stored history's first version; the

@@ -352,10 +352,8 @@ async fn customer_orders(ctx: &SessionContext, inputs: &LiveInputs<'_>, held: &m
                 for (side, kept_rows, sign) in sides {
                     let rows = live_subset(ctx, &stored, "order_id", kept_rows, &wanted, &name(side))?;
                     for batch in ctx.sql(&count(&format!("({rows})"))).await?.collect().await? {
-                        let customers = arrow::compute::cast(batch.column(0), &arrow::datatypes::DataType::Int64)
-                            .map_err(|e| crate::QueryError::DataFusion(Box::new(e.into())))?;
-                        let statuses = arrow::compute::cast(batch.column(1), &arrow::datatypes::DataType::Utf8)
-                            .map_err(|e| crate::QueryError::DataFusion(Box::new(e.into())))?;
+                        let customers = arrow::compute::cast(batch.column(0), &arrow::datatypes::DataType::Int64)?;
+                        let statuses = arrow::compute::cast(batch.column(1), &arrow::datatypes::DataType::Utf8)?;
                         let (customers, statuses) =
                             (customers.as_primitive::<Int64Type>(), statuses.as_string::<i32>());
                         let counts = batch.column(2).as_primitive::<Int64Type>();
@@ -393,10 +391,8 @@ async fn register_customer_orders(ctx: &SessionContext, counts: &CustomerOrders)
         .iter()
         .zip(schema.fields())
         .map(|(c, f)| arrow::compute::cast(c, f.data_type()))
-        .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(|e| crate::QueryError::DataFusion(Box::new(e.into())))?;
-    let batch = arrow::array::RecordBatch::try_new(Arc::clone(&schema), columns)
-        .map_err(|e| crate::QueryError::DataFusion(Box::new(e.into())))?;
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    let batch = arrow::array::RecordBatch::try_new(Arc::clone(&schema), columns)?;
     ctx.register_table(
         delta.as_str(),
         Arc::new(datafusion::datasource::MemTable::try_new(schema, vec![vec![batch]])?),
@@ -461,8 +457,7 @@ async fn collect_counts(ctx: &SessionContext, sql: &str) -> Result<PendingItems>
             .columns()
             .iter()
             .map(|c| arrow::compute::cast(c, &arrow::datatypes::DataType::Int64))
-            .collect::<std::result::Result<Vec<_>, _>>()
-            .map_err(|e| crate::QueryError::DataFusion(Box::new(e.into())))?;
+            .collect::<std::result::Result<Vec<_>, _>>()?;
         let [product, sum, nonnull, rows] = &columns[..] else { continue };
         let (product, sum, nonnull, rows) = (
             product.as_primitive::<Int64Type>(),
@@ -495,8 +490,7 @@ fn register_pending(ctx: &SessionContext, totals: &PendingItems) -> Result<()> {
     let sums: Int64Array = totals.values().map(|[sum, nonnull, _]| (*nonnull > 0).then_some(*sum)).collect();
     let rows: Int64Array = totals.values().map(|[_, _, rows]| Some(*rows)).collect();
     let columns: Vec<ArrayRef> = vec![Arc::new(products), Arc::new(sums), Arc::new(rows)];
-    let batch = arrow::array::RecordBatch::try_new(Arc::clone(&schema), columns)
-        .map_err(|e| crate::QueryError::DataFusion(Box::new(e.into())))?;
+    let batch = arrow::array::RecordBatch::try_new(Arc::clone(&schema), columns)?;
     ctx.register_table(PENDING_ITEMS, Arc::new(datafusion::datasource::MemTable::try_new(schema, vec![vec![batch]])?))?;
     Ok(())
 }
@@ -705,7 +699,8 @@ async fn recompute(
     scoped.register_table("scope_keys", ctx.table_provider(keys).await?)?;
     let own = tail_of(inputs.tails, star.source).ok_or_else(|| missing_tail(star.source))?;
     let lookup = |tail: &HistoryTail| lock(held).lookups.get(&tail.spec.history_table()).cloned();
-    let mut own_history = scoped_history(ctx, own, lookup(own), keys, &format!("{}_own", star.name)).await?;
+    let (mut own_history, touched_keys) =
+        scoped_history(ctx, own, lookup(own), keys, &format!("{}_own", star.name)).await?;
     let own_rows = format!("{TAIL_SCHEMA}.{}_own_rows", star.name);
     if surrogate_key(star).is_none() {
         // Held: the statement reads it, and the dimension lookup below reads its members.
@@ -727,7 +722,7 @@ async fn recompute(
         let sql = format!("SELECT DISTINCT order_id AS k FROM {items} WHERE order_id IS NOT NULL");
         ctx.register_table(order_keys.as_str(), hold_in_memory(ctx, &sql).await?.0)?;
         let name = format!("{}_orders", star.name);
-        let history = scoped_history(ctx, orders, lookup(orders), &order_keys, &name).await?;
+        let (history, _) = scoped_history(ctx, orders, lookup(orders), &order_keys, &name).await?;
         scoped.register_table(orders.spec.history_table().as_str(), history)?;
         placed = Some("orders");
     }
@@ -773,7 +768,11 @@ async fn recompute(
         let index = lock(held).lookups.get(star.name).cloned();
         let stored = match index {
             Some(index) => {
-                let touched = int64_column(ctx, &format!("SELECT k FROM {keys} s WHERE k IS NOT NULL")).await?;
+                // (Read once: the history's lookup above read the same keys.)
+                let touched = match &touched_keys {
+                    Some(touched) => touched.clone(),
+                    None => int64_column(ctx, &format!("SELECT k FROM {keys} s WHERE k IS NOT NULL")).await?,
+                };
                 let name = format!("{TAIL_SCHEMA}.{}_stored_touched", star.name);
                 looked_up(ctx, &index, &touched, &name, star.name).await?
             }
@@ -820,7 +819,7 @@ async fn register_lazy(
     let scoped = SessionContext::new_with_config_rt(SessionConfig::new(), Arc::clone(inputs.runtime));
     scoped.register_table("scope_keys", ctx.table_provider(keys.as_str()).await?)?;
     let lookup = lock(held).lookups.get(&tail.spec.history_table()).cloned();
-    let history = scoped_history(ctx, tail, lookup, &keys, star.name).await?;
+    let (history, _) = scoped_history(ctx, tail, lookup, &keys, star.name).await?;
     scoped.register_table(tail.spec.history_table().as_str(), history)?;
     let rows = format!("{TAIL_SCHEMA}.{}_rows", star.name);
     ctx.register_table(rows.as_str(), scoped.sql(&statement(star, Some("scope_keys"), 0)).await?.into_view())?;
@@ -831,29 +830,33 @@ async fn register_lazy(
 }
 
 /// The live history of `tail`'s source restricted to the keys in `keys` (a relation of `ctx`
-/// with a column `k`): their stored versions, looked up by key, with the tail applied.
+/// with a column `k`): their stored versions, looked up by key, with the tail applied. Also
+/// returns the keys, when they were read to look them up.
 async fn scoped_history(
     ctx: &SessionContext,
     tail: &HistoryTail,
     lookup: Option<StoredLookup>,
     keys: &str,
     lookup_name: &str,
-) -> Result<Arc<dyn TableProvider>> {
+) -> Result<(Arc<dyn TableProvider>, Option<Vec<i64>>)> {
     let history = tail.spec.history_table();
     let key = quote(&tail.spec.key);
+    let mut read = None;
     let stored = match lookup {
         Some(index) => {
             // The stored versions of the keys, read from the pages that hold them (keys above
             // every stored key, a serial key's inserts, are not read at all).
             let keys = int64_column(ctx, &format!("SELECT k FROM {keys} s WHERE k IS NOT NULL")).await?;
             let name = format!("{TAIL_SCHEMA}.{lookup_name}_lookup");
-            format!("(SELECT h.* FROM {} h)", looked_up(ctx, &index, &keys, &name, &history).await?)
+            let relation = looked_up(ctx, &index, &keys, &name, &history).await?;
+            read = Some(keys);
+            format!("(SELECT h.* FROM {relation} h)")
         }
         None => format!("(SELECT h.* FROM {MODEL_SCHEMA}.{history} h JOIN {keys} s ON s.k = h.{key})"),
     };
     let sql =
         live::live_history_sql(&tail.spec, &stored, &tail.first, &tail.versions, &tail.attributes, &tail.truncates);
-    Ok(ctx.sql(&sql).await?.into_view())
+    Ok((ctx.sql(&sql).await?.into_view(), read))
 }
 
 fn missing_tail(source: &str) -> crate::QueryError {
@@ -899,13 +902,16 @@ async fn looked_up(
     table: &str,
 ) -> Result<String> {
     let rows = index.rows(keys, None).await?;
-    tracing::debug!(
-        table,
-        keys = keys.len(),
-        rows_read = index.selected_rows(keys),
-        rows_stored = index.rows_indexed(),
-        "stored rows looked up"
-    );
+    if tracing::enabled!(tracing::Level::DEBUG) {
+        // (The selection is worked out again for the log only when it is written.)
+        tracing::debug!(
+            table,
+            keys = keys.len(),
+            rows_read = index.selected_rows(keys),
+            rows_stored = index.rows_indexed(),
+            "stored rows looked up"
+        );
+    }
     if rows.is_empty() {
         return Ok(format!("(SELECT * FROM {MODEL_SCHEMA}.{table} WHERE false)"));
     }
@@ -953,8 +959,7 @@ async fn scoped_dimension(
 async fn int64_column(ctx: &SessionContext, sql: &str) -> Result<Vec<i64>> {
     let mut out = Vec::new();
     for batch in ctx.sql(sql).await?.collect().await? {
-        let column = arrow::compute::cast(batch.column(0), &arrow::datatypes::DataType::Int64)
-            .map_err(|e| crate::QueryError::DataFusion(Box::new(e.into())))?;
+        let column = arrow::compute::cast(batch.column(0), &arrow::datatypes::DataType::Int64)?;
         out.extend(column.as_primitive::<Int64Type>().iter().flatten());
     }
     Ok(out)
@@ -968,10 +973,7 @@ fn key_table(keys: &[i64]) -> Result<(Arc<dyn TableProvider>, usize)> {
         Vec::new()
     } else {
         let column = Arc::new(arrow::array::Int64Array::from(keys.to_vec())) as arrow::array::ArrayRef;
-        vec![
-            arrow::array::RecordBatch::try_new(Arc::clone(&schema), vec![column])
-                .map_err(|e| crate::QueryError::DataFusion(Box::new(e.into())))?,
-        ]
+        vec![arrow::array::RecordBatch::try_new(Arc::clone(&schema), vec![column])?]
     };
     let bytes = batches.iter().map(arrow::array::RecordBatch::get_array_memory_size).sum();
     Ok((Arc::new(datafusion::datasource::MemTable::try_new(schema, vec![batches])?), bytes))
