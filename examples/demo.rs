@@ -8,6 +8,11 @@
 //! cargo run --release --example demo
 //! cargo run --release --example demo -- --source postgres://user:pass@host/db --warehouse ./warehouse
 //! ```
+//! With `--source`, the demo streams through a replication slot and publication of its own
+//! (`acme_demo_<pid>_<n>` unless `--slot` is given) and removes them, and anything else it
+//! created in the source, when it ends, whether it succeeded or not: a slot left behind would
+//! hold the server's WAL. `--keep` keeps them (with `--warehouse`, `sync --slot <name>
+//! --publication <name>` continues from there; `teardown` removes them later).
 
 use std::time::{Duration, Instant};
 
@@ -46,6 +51,13 @@ struct Args {
     /// Rows shown per report.
     #[arg(long, env = "ACME_LIMIT", default_value_t = 3)]
     limit: usize,
+    /// With `--source`: the replication slot (and publication) name; default a new
+    /// `acme_demo_<pid>_<n>`.
+    #[arg(long, env = "ACME_SLOT")]
+    slot: Option<String>,
+    /// With `--source`: keep the slot and publication in the source when the demo ends.
+    #[arg(long)]
+    keep: bool,
 }
 
 #[tokio::main]
@@ -82,8 +94,49 @@ async fn main() -> anyhow::Result<()> {
             path
         }
     };
-    let config = AcmeConfig::builder().source_url(&source).storage_url(&warehouse).build()?;
+    let mut config = AcmeConfig::builder().source_url(&source).storage_url(&warehouse);
+    if cluster.is_none() {
+        // Objects of its own in the user's database, never those of a warehouse already there.
+        let slot = args.slot.clone().unwrap_or_else(|| {
+            let n =
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().subsec_nanos();
+            format!("acme_demo_{}_{n}", std::process::id())
+        });
+        config = config.slot(&slot).publication(&slot);
+    }
+    let config = config.build()?;
+    let result = run(&args, &source, config.clone(), cluster.is_some()).await;
+    let slot = &config.slot;
+    if cluster.is_none() && args.keep {
+        println!(
+            "\nkept in the source: replication slot {slot} and publication {slot} (remove them with \
+             `cargo run --example teardown -- --source <url> --slot {slot} --publication {slot}`)"
+        );
+    } else if cluster.is_none() {
+        match acme::ingest::teardown(&config).await {
+            Ok(done) => {
+                for object in &done.removed {
+                    println!("removed from the source: {object}");
+                }
+            }
+            Err(error) => {
+                eprintln!(
+                    "could not remove the demo's objects from the source: run \
+                     `cargo run --example teardown -- --source <url> --slot {slot} --publication {slot}`"
+                );
+                // The run's own error, if any, is the one to report.
+                result?;
+                return Err(acme::PipelineError::from(error).into());
+            }
+        }
+    }
+    drop(cluster);
+    result
+}
 
+/// Snapshot, stream and model through a pipeline, then print the reports (and, with a
+/// generated source, the freshness of stamped transactions under a live workload).
+async fn run(args: &Args, source: &str, config: AcmeConfig, generated: bool) -> anyhow::Result<()> {
     let started = Instant::now();
     let pipeline = Pipeline::builder(config.clone()).start().await?;
     println!(
@@ -93,7 +146,7 @@ async fn main() -> anyhow::Result<()> {
     );
 
     let mut as_of = None;
-    if cluster.is_some() {
+    if generated {
         let workload = WorkloadConfig {
             seed: args.seed,
             rate_tps: 200.0,
@@ -103,10 +156,10 @@ async fn main() -> anyhow::Result<()> {
             deletes: true,
             inserts_only: false,
         };
-        let url = source.clone();
+        let url = source.to_string();
         let writer = tokio::spawn(async move { acme_testkit::run_workload(&url, &workload).await });
         let halfway = Instant::now() + Duration::from_secs(args.seconds / 2);
-        let client = acme_testkit::connect(&source).await?;
+        let client = acme_testkit::connect(source).await?;
         let mut delays = Vec::new();
         while !writer.is_finished() {
             if as_of.is_none() && Instant::now() >= halfway {
@@ -158,7 +211,6 @@ async fn main() -> anyhow::Result<()> {
     drop(warehouse);
     pipeline.shutdown().await?;
     println!("\npeak RSS: {}", peak_rss());
-    drop(cluster);
     Ok(())
 }
 

@@ -36,6 +36,9 @@ struct Args {
     /// With `--source`: the replication slot (the one the warehouse was synced with).
     #[arg(long, env = "ACME_SLOT", default_value = acme::core::config::DEFAULT_SLOT)]
     slot: String,
+    /// Publication the logical stream reads (created, and marked as acme's, if missing).
+    #[arg(long, env = "ACME_PUBLICATION", default_value = acme::core::config::DEFAULT_PUBLICATION)]
+    publication: String,
     /// With `--source`: `GET /ready` answers 503 while the pipeline's lag exceeds this many
     /// seconds.
     #[arg(long, env = "ACME_MAX_READY_LAG_S", default_value_t = acme::http::DEFAULT_MAX_READY_LAG.as_secs_f64())]
@@ -71,6 +74,7 @@ async fn run() -> anyhow::Result<()> {
                 .storage_url(&args.warehouse)
                 .storage_options(args.storage_option.iter().cloned())
                 .slot(&args.slot)
+                .publication(&args.publication)
                 .build()?;
             let started = Pipeline::builder(config).start().await?;
             let state = ServiceState::pipeline(&started).max_lag(Duration::from_secs_f64(args.max_ready_lag_s));

@@ -55,6 +55,9 @@ struct Args {
     /// Replication slot name (with `--cdc-mode triggers`: the name of the changelog objects).
     #[arg(long, env = "ACME_SLOT", default_value = acme::core::config::DEFAULT_SLOT)]
     slot: String,
+    /// Publication the logical stream reads (created, and marked as acme's, if missing).
+    #[arg(long, env = "ACME_PUBLICATION", default_value = acme::core::config::DEFAULT_PUBLICATION)]
+    publication: String,
     /// How changes are captured: `stream` (logical decoding, the default), `sql-poll` (logical
     /// decoding read by SQL) or `triggers` (the fallback for sources without logical replication).
     #[arg(long, env = "ACME_CDC_MODE", default_value = "stream", value_parser = parse_cdc_mode)]
@@ -100,6 +103,7 @@ async fn run() -> anyhow::Result<()> {
         .storage_url(&args.warehouse)
         .storage_options(args.storage_option.iter().cloned())
         .slot(&args.slot)
+        .publication(&args.publication)
         .cdc_mode(args.cdc_mode)
         .memory_limit_bytes(args.memory_limit_mib * 1024 * 1024)
         .build()?;

@@ -128,9 +128,10 @@ impl PipelineError {
             PipelineError::Config(e) => Severity::of_storage(e),
             PipelineError::Ingest(e) if e.is_transient() => Severity::Transient,
             PipelineError::Ingest(e) => match e {
-                IngestError::NoSource | IngestError::BadUrl { .. } | IngestError::SlotNameChanged { .. } => {
-                    Severity::Usage
-                }
+                IngestError::NoSource
+                | IngestError::BadUrl { .. }
+                | IngestError::SlotNameChanged { .. }
+                | IngestError::PublicationNameChanged { .. } => Severity::Usage,
                 IngestError::Storage(e) => Severity::of_storage(e),
                 IngestError::Task(_) | IngestError::Internal(_) | IngestError::Arrow { .. } => Severity::Bug,
                 _ => Severity::NeedsOperator,

@@ -248,3 +248,136 @@ async fn every_flag_comes_from_the_environment_too_and_storage_options_reach_s3(
         "{table}"
     );
 }
+
+/// Run example `name` to its end; returns its exit code, stdout and stderr.
+fn run(name: &str, args: &[&str]) -> (Option<i32>, String, String) {
+    let output = Command::new(support::example_binary(name))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run the example");
+    let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
+    (output.status.code(), text(&output.stdout), text(&output.stderr))
+}
+
+/// What acme can leave in a source: replication slots of the database, publications, capture
+/// triggers, and the changelog schema.
+async fn source_objects(client: &tokio_postgres::Client) -> Vec<String> {
+    let rows = client
+        .query(
+            "SELECT 'slot ' || slot_name FROM pg_replication_slots WHERE database = current_database() \
+             UNION ALL SELECT 'publication ' || pubname FROM pg_publication \
+             UNION ALL SELECT 'trigger ' || tgname FROM pg_trigger WHERE tgname LIKE '%\\_capture%' \
+             UNION ALL SELECT 'schema ' || nspname FROM pg_namespace WHERE nspname = 'acme_cdc' ORDER BY 1",
+            &[],
+        )
+        .await
+        .expect("source objects");
+    rows.iter().map(|r| r.get(0)).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_leaves_nothing_in_a_source_and_teardown_removes_what_acme_created_only() {
+    let url = acme_testkit::acme_database("teardown", Some((0.001, 23))).await.expect("source");
+    let client = acme_testkit::connect(&url).await.expect("connect");
+    let slot = acme_testkit::slot_for(&url);
+    let dir = tempfile::tempdir().expect("tmp");
+    let warehouse = |name: &str| dir.path().join(name).display().to_string();
+    // The test source comes with the seed's own publication (acme_publication).
+    let before = source_objects(&client).await;
+    let and = |extra: &[String]| {
+        let mut all: Vec<String> = before.iter().cloned().chain(extra.iter().cloned()).collect();
+        all.sort();
+        all
+    };
+
+    // The demo against a user's database: its own slot and publication, removed at the end.
+    let (code, out, err) = run("demo", &["--source", &url]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(
+        out.contains("R1 open orders") && out.contains("removed from the source: replication slot acme_demo_"),
+        "{out}"
+    );
+    assert!(out.contains("removed from the source: publication acme_demo_"), "{out}");
+    assert_eq!(source_objects(&client).await, and(&[]), "{out}");
+    // And again: nothing from the first run is in the way.
+    let (code, out, err) = run("demo", &["--source", &url]);
+    assert_eq!(code, Some(0), "{out}{err}");
+
+    // With --keep they stay, and teardown removes them, saying so; a second teardown finds nothing.
+    let kept = format!("{slot}_kept");
+    let (code, out, err) = run("demo", &["--source", &url, "--slot", &kept, "--keep", "--warehouse", &warehouse("k")]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains(&format!("kept in the source: replication slot {kept}")), "{out}");
+    assert_eq!(source_objects(&client).await, and(&[format!("publication {kept}"), format!("slot {kept}")]));
+    // The kept warehouse continues with sync under the same names.
+    let (code, _, err) = run(
+        "sync",
+        &["--source", &url, "--warehouse", &warehouse("k"), "--slot", &kept, "--publication", &kept, "--once"],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    let (code, out, err) = run("teardown", &["--source", &url, "--slot", &kept, "--publication", &kept]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains(&format!("removed replication slot {kept}")), "{out}");
+    assert!(out.contains(&format!("removed publication {kept}")), "{out}");
+    assert_eq!(source_objects(&client).await, and(&[]));
+    let (code, out, _) = run("teardown", &["--source", &url, "--slot", &kept, "--publication", &kept]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains("nothing of acme's"), "{out}");
+
+    // A publication the user made is read, and left in place by teardown, which says why.
+    client
+        .batch_execute(
+            "CREATE PUBLICATION mine FOR TABLE operations.customers, operations.products, operations.orders, \
+             operations.order_items",
+        )
+        .await
+        .expect("the user's publication");
+    let (code, _, err) = run(
+        "sync",
+        &["--source", &url, "--warehouse", &warehouse("m"), "--slot", &slot, "--publication", "mine", "--once"],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    // Another publication name than the warehouse streams through: a setting to put back (2),
+    // both names given, nothing to delete.
+    let (code, _, err) = run(
+        "sync",
+        &["--source", &url, "--warehouse", &warehouse("m"), "--slot", &slot, "--publication", "other", "--once"],
+    );
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("mine") && err.contains("other") && err.contains("intact"), "{err}");
+    assert!(!err.contains("remov") && !err.contains("delet"), "{err}");
+    // A slot a running acme streams from is not removed: 78, naming the process.
+    let (mut sync, lines) =
+        start("sync", &["--source", &url, "--warehouse", &warehouse("m"), "--slot", &slot, "--publication", "mine"]);
+    wait_for(&lines, "ready after", Duration::from_secs(120));
+    let (code, out, err) = run("teardown", &["--source", &url, "--slot", &slot, "--publication", "mine"]);
+    assert_eq!(code, Some(78), "{out}{err}");
+    assert!(err.contains("in use by server process") && err.contains("stop that process"), "{err}");
+    assert_eq!(source_objects(&client).await, and(&["publication mine".to_string(), format!("slot {slot}")]));
+    assert_eq!(terminate(&mut sync), Some(0));
+    let (code, out, err) = run("teardown", &["--source", &url, "--slot", &slot, "--publication", "mine"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains(&format!("removed replication slot {slot}")), "{out}");
+    assert!(out.contains("kept publication mine (acme did not create it"), "{out}");
+    assert_eq!(source_objects(&client).await, and(&["publication mine".to_string()]));
+
+    // The trigger fallback: its triggers on every table, the function, the changelog and its
+    // schema are removed.
+    let triggers = format!("{slot}_t");
+    let (code, _, err) = run(
+        "sync",
+        &["--source", &url, "--warehouse", &warehouse("t"), "--slot", &triggers, "--cdc-mode", "triggers", "--once"],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(source_objects(&client).await.iter().filter(|o| o.starts_with("trigger ")).count(), 8);
+    let (code, out, err) = run("teardown", &["--source", &url, "--slot", &triggers]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    for table in ["customers", "products", "orders", "order_items"] {
+        assert!(out.contains(&format!("removed trigger {triggers}_capture on operations.{table}")), "{out}");
+        assert!(out.contains(&format!("removed trigger {triggers}_capture_truncate on operations.{table}")), "{out}");
+    }
+    assert!(out.contains(&format!("removed table acme_cdc.{triggers}_changes")), "{out}");
+    assert!(out.contains("removed schema acme_cdc"), "{out}");
+    assert_eq!(source_objects(&client).await, and(&["publication mine".to_string()]));
+}

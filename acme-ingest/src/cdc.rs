@@ -50,6 +50,9 @@ use crate::types::PgType;
 /// Metadata document naming the replication slot this warehouse created.
 pub const SLOT_META: &str = "slot";
 
+/// Metadata document naming the publication this warehouse streams through.
+pub const PUBLICATION_META: &str = "publication";
+
 /// Metadata document naming the capture method that filled the warehouse.
 pub const CAPTURE_META: &str = "capture";
 
@@ -249,10 +252,6 @@ impl ChangeStream {
             }
             sources.push(table);
         }
-        if !triggers {
-            ensure_publication(&client, &config, &sources).await?;
-        }
-
         // Is there a complete snapshot already?
         let mut layers = Vec::with_capacity(sources.len());
         for table in &sources {
@@ -312,6 +311,20 @@ impl ChangeStream {
                 configured: config.slot.clone(),
             });
         }
+        if snapshot_complete
+            && !triggers
+            && let Some(stored) = storage.get_meta(PUBLICATION_META).await?
+            && stored != config.publication.as_bytes()
+        {
+            return Err(IngestError::PublicationNameChanged {
+                stored: String::from_utf8_lossy(&stored).into_owned(),
+                configured: config.publication.clone(),
+            });
+        }
+        if !triggers {
+            // (After the check above: a mistyped name must not create a publication.)
+            ensure_publication(&client, &config, &sources).await?;
+        }
         let slot = if triggers { SlotState::Ready } else { slot_state(&client, &config.slot).await? };
         let snapshot_complete = snapshot_complete || triggers;
         match (slot, snapshot_complete) {
@@ -335,6 +348,7 @@ impl ChangeStream {
                         .map_err(sql(format!("dropping the unused replication slot {}", config.slot)))?;
                 }
                 storage.put_meta(SLOT_META, config.slot.as_bytes().to_vec()).await?;
+                storage.put_meta(PUBLICATION_META, config.publication.as_bytes().to_vec()).await?;
                 storage.put_meta(CAPTURE_META, method.as_bytes().to_vec()).await?;
                 let mut replication = ReplicationConnection::connect(&url).await?;
                 let created = create_slot_exporting_snapshot(&mut replication, &config.slot).await?;
@@ -1304,11 +1318,13 @@ async fn ensure_publication(client: &Client, config: &AcmeConfig, tables: &[Sour
         .is_some();
     if !exists {
         let list: Vec<String> = tables.iter().map(|t| t.quoted()).collect();
+        // The comment marks it as acme's: `teardown` removes only publications acme created.
+        let name = crate::source::quote_ident(&config.publication);
         client
             .batch_execute(&format!(
-                "CREATE PUBLICATION {} FOR TABLE {}",
-                crate::source::quote_ident(&config.publication),
-                list.join(", ")
+                "CREATE PUBLICATION {name} FOR TABLE {}; COMMENT ON PUBLICATION {name} IS {}",
+                list.join(", "),
+                crate::teardown::quote_literal(&crate::teardown::publication_mark(&config.slot)),
             ))
             .await
             .map_err(sql(format!("creating publication {}", config.publication)))?;

@@ -157,6 +157,28 @@ pub enum IngestError {
         /// The slot configured now.
         configured: String,
     },
+    /// The warehouse streams through another publication than the configured one.
+    #[error(
+        "this warehouse streams through publication {stored}, not {configured}: its data is intact; to continue, \
+         set the publication back to {stored} (config `publication`, `--publication {stored}`)"
+    )]
+    PublicationNameChanged {
+        /// The publication the warehouse records.
+        stored: String,
+        /// The publication configured now.
+        configured: String,
+    },
+    /// The slot is in use by a running process, so it cannot be removed.
+    #[error(
+        "replication slot {slot} is in use by server process {pid} (a running acme streams from it): stop that \
+         process first, then run teardown again"
+    )]
+    SlotActive {
+        /// The slot name.
+        slot: String,
+        /// The server process that holds it.
+        pid: i32,
+    },
     /// The slot exists but this warehouse did not create it.
     #[error(
         "replication slot {slot} already exists and this warehouse did not create it (another warehouse may \

@@ -45,6 +45,7 @@ pub mod pgoutput;
 pub mod replication;
 pub mod snapshot;
 pub mod source;
+pub mod teardown;
 pub mod triggers;
 pub mod types;
 
@@ -53,3 +54,4 @@ pub use error::{IngestError, Result};
 pub use lsn::Lsn;
 pub use snapshot::{Snapshot, SnapshotPoint, SnapshotProgress, SnapshotReport, TableSnapshot};
 pub use source::{SourceTable, SourceUrl};
+pub use teardown::{Teardown, teardown};

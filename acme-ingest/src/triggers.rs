@@ -207,6 +207,76 @@ impl Changelog {
         run_script(client, &drop, "removing the changelog").await
     }
 
+    /// Remove every object of this changelog that exists: the capture triggers from whichever
+    /// tables carry them (found in the catalog, so a table since dropped from the configuration
+    /// loses them too), then the function and the changelog, and the `acme_cdc` schema once it
+    /// holds nothing else. Returns what it removed, one description per object.
+    pub async fn remove(&self, client: &Client) -> Result<Vec<String>> {
+        let rows = client
+            .query(
+                "SELECT format('%I.%I', n.nspname, c.relname), t.tgname FROM pg_trigger t \
+                 JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE t.tgname = ANY($1) ORDER BY 1, 2",
+                &[&self.trigger_names().to_vec()],
+            )
+            .await
+            .map_err(sql("looking for the capture triggers"))?;
+        let mut removed = Vec::new();
+        let mut tables: Vec<String> = Vec::new();
+        let mut script = String::new();
+        for row in &rows {
+            let (table, trigger): (String, String) = (row.get(0), row.get(1));
+            script.push_str(&format!("DROP TRIGGER IF EXISTS {} ON {table};", quote_ident(&trigger)));
+            removed.push(format!("trigger {trigger} on {table}"));
+            if !tables.contains(&table) {
+                tables.push(table);
+            }
+        }
+        if !tables.is_empty() {
+            with_locks(client, &tables.join(", "), "ACCESS EXCLUSIVE", &script, "removing the capture triggers")
+                .await?;
+        }
+        let function: bool = client
+            .query_one("SELECT to_regprocedure($1) IS NOT NULL", &[&format!("{}()", self.function)])
+            .await
+            .map_err(sql("looking for the capture function"))?
+            .get(0);
+        let log: bool = client
+            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&self.log])
+            .await
+            .map_err(sql("looking for the changelog"))?
+            .get(0);
+        let drop =
+            format!("BEGIN; DROP FUNCTION IF EXISTS {}(); DROP TABLE IF EXISTS {}; COMMIT;", self.function, self.log);
+        run_script(client, &drop, "removing the changelog").await?;
+        if function {
+            removed.push(format!("function {SCHEMA}.{}_capture()", self.slot));
+        }
+        if log {
+            removed.push(format!("table {SCHEMA}.{}_changes", self.slot));
+        }
+        // The schema, once no warehouse's changelog is left in it.
+        let empty: Option<bool> = client
+            .query_opt(
+                "SELECT NOT EXISTS (SELECT 1 FROM pg_class WHERE relnamespace = n.oid) \
+                 AND NOT EXISTS (SELECT 1 FROM pg_proc WHERE pronamespace = n.oid) FROM pg_namespace n WHERE nspname = $1",
+                &[&SCHEMA],
+            )
+            .await
+            .map_err(sql("looking for the changelog schema"))?
+            .map(|row| row.get(0));
+        if empty == Some(true) {
+            run_script(
+                client,
+                &format!("DROP SCHEMA IF EXISTS {}", quote_ident(SCHEMA)),
+                "removing the changelog schema",
+            )
+            .await?;
+            removed.push(format!("schema {SCHEMA}"));
+        }
+        Ok(removed)
+    }
+
     /// The first of `tables` missing an enabled capture trigger (qualified name), if any: a
     /// table whose trigger was dropped or disabled silently stops changing in the warehouse.
     pub async fn missing_trigger(&self, client: &Client, tables: &[SourceTable]) -> Result<Option<String>> {
@@ -396,6 +466,12 @@ async fn with_table_locks(
     script: &str,
     doing: &str,
 ) -> Result<()> {
+    let names = tables.iter().map(SourceTable::quoted).collect::<Vec<_>>().join(", ");
+    with_locks(client, &names, mode, script, doing).await
+}
+
+/// [`with_table_locks`] over `names`: quoted table names, comma-separated.
+async fn with_locks(client: &Client, names: &str, mode: &str, script: &str, doing: &str) -> Result<()> {
     let deadlock_ms: i64 = client
         .query_one(
             "SELECT setting::int8 * CASE unit WHEN 's' THEN 1000 ELSE 1 END FROM pg_settings WHERE name = 'deadlock_timeout'",
@@ -406,7 +482,6 @@ async fn with_table_locks(
         .get(0);
     let bound =
         std::time::Duration::from_millis(u64::try_from(deadlock_ms / 2).unwrap_or(1).max(1)).min(LOCK_ATTEMPT_MAX);
-    let names = tables.iter().map(SourceTable::quoted).collect::<Vec<_>>().join(", ");
     let started = std::time::Instant::now();
     let mut backoff = std::time::Duration::from_millis(10);
     loop {
@@ -429,7 +504,7 @@ async fn with_table_locks(
         }
         if started.elapsed() >= LOCK_RETRY_FOR {
             return Err(IngestError::CaptureBusy {
-                tables: names,
+                tables: names.to_string(),
                 lock_ms: bound.as_millis() as u64,
                 tried_secs: LOCK_RETRY_FOR.as_secs(),
             });
