@@ -8,7 +8,17 @@
 //! stored files are read as they are (joined with small tables of the tail's keys), never
 //! rewritten.
 
+use std::collections::HashMap;
+use std::sync::Arc;
+
 use acme_core::raw;
+use arrow::array::{Array, ArrayRef, AsArray, BooleanArray, RecordBatch, UInt32Array};
+use arrow::compute::kernels::boolean::{and, not};
+use arrow::compute::kernels::zip::zip;
+use arrow::compute::{SortColumn, SortOptions, cast, concat_batches, lexsort_to_indices, partition, take};
+use arrow::datatypes::{DataType, SchemaRef};
+use arrow::error::ArrowError;
+use arrow::row::{RowConverter, SortField};
 use datafusion::prelude::SessionContext;
 
 use crate::history::{
@@ -244,4 +254,142 @@ pub fn touched_keys_sql(star: &LiveStar, touched: &Touched) -> String {
 /// `history`: orders placed after the model's position.
 pub fn new_orders_sql(orders: &str, history: &str) -> String {
     format!("SELECT f.k FROM {orders} f WHERE NOT EXISTS (SELECT 1 FROM {history} h WHERE h.order_id = f.k)")
+}
+
+/// The tail's pieces ([`first_changes_sql`], [`tail_versions_sql`]) held for the raw changes
+/// up to some position, extended in memory with the raw changes after it: what the SQL of
+/// [`first_changes_sql`] and [`live_history_sql`] computes for a refresh, without planning a
+/// query. Each refresh of a live handle applies a few hundred changes; planning the window and
+/// join statements cost more than applying them.
+///
+/// - `changes`: the new raw changes (attributes and meta columns), none a truncation, all
+///   after the held position, in any order.
+/// - `first`, `versions`: the held pieces (their schema, and their rows).
+///
+/// Returns the extended pieces, in the held schemas: the first change of each key not held
+/// yet is added; a held version still open is closed by its key's first new change (as
+/// [`live_history_sql`] closes stored versions); the versions the new changes open follow,
+/// each closed by the next change of its key (as [`history_sql`]).
+pub fn extend_tail_pieces(
+    spec: &HistorySpec,
+    changes: &RecordBatch,
+    first: (&SchemaRef, &[RecordBatch]),
+    versions: (&SchemaRef, &[RecordBatch]),
+) -> Result<(RecordBatch, RecordBatch), ArrowError> {
+    let column = |batch: &RecordBatch, name: &str| {
+        batch.column_by_name(name).cloned().ok_or_else(|| {
+            ArrowError::SchemaError(format!("the tail of {} has no column `{name}`", spec.history_table()))
+        })
+    };
+    // The changes by key, then commit LSN, then position in the transaction.
+    let ascending = Some(SortOptions { descending: false, nulls_first: true });
+    let order = lexsort_to_indices(
+        &[&spec.key, raw::LSN, raw::SEQ]
+            .iter()
+            .map(|name| Ok(SortColumn { values: column(changes, name)?, options: ascending }))
+            .collect::<Result<Vec<_>, ArrowError>>()?,
+        None,
+    )?;
+    let sorted = |name: &str| take(column(changes, name)?.as_ref(), &order, None);
+    let (key, lsn, ts, op) = (sorted(&spec.key)?, sorted(raw::LSN)?, sorted(raw::COMMIT_TS)?, sorted(raw::OP)?);
+    let ranges = partition(std::slice::from_ref(&key))?.ranges();
+    // Each change's next change of the same key, if any.
+    let mut next = vec![None; key.len()];
+    for range in &ranges {
+        for (i, slot) in next.iter_mut().enumerate().take(range.end.saturating_sub(1)).skip(range.start) {
+            *slot = Some(i as u32 + 1);
+        }
+    }
+    let next = UInt32Array::from(next);
+    let starts = UInt32Array::from_iter_values(ranges.iter().map(|r| r.start as u32));
+    let deleted: BooleanArray = {
+        let ops = cast(&op, &DataType::Utf8)?;
+        ops.as_string::<i32>().iter().map(|o| o.map(|o| o == "delete")).collect()
+    };
+    let current: BooleanArray = next.iter().map(|n| Some(n.is_none())).collect();
+
+    // The versions the new changes open.
+    let (versions_schema, held_versions) = versions;
+    let opened = versions_schema
+        .fields()
+        .iter()
+        .map(|field| {
+            let array = match field.name().as_str() {
+                VALID_FROM => Arc::clone(&ts),
+                VALID_TO => take(ts.as_ref(), &next, None)?,
+                VALID_FROM_LSN => Arc::clone(&lsn),
+                VALID_TO_LSN => take(lsn.as_ref(), &next, None)?,
+                IS_CURRENT => Arc::new(current.clone()) as ArrayRef,
+                OPENED_BY => Arc::clone(&op),
+                CLOSED_BY => take(op.as_ref(), &next, None)?,
+                IS_DELETED => Arc::new(deleted.clone()) as ArrayRef,
+                attribute => sorted(attribute)?,
+            };
+            cast(&array, field.data_type())
+        })
+        .collect::<Result<Vec<_>, ArrowError>>()?;
+    let opened = RecordBatch::try_new(Arc::clone(versions_schema), opened)?;
+
+    // The first new change of each key, and the held keys' positions among them.
+    let new_first = [&key, &lsn, &ts, &op].map(|a| take(a.as_ref(), &starts, None));
+    let [new_keys, new_lsn, new_ts, new_op] = new_first;
+    let new_keys = new_keys?;
+    let key_type = versions_schema.field_with_name(&spec.key)?.data_type().clone();
+    let converter = RowConverter::new(vec![SortField::new(key_type.clone())])?;
+    let new_rows = converter.convert_columns(&[cast(&new_keys, &key_type)?])?;
+    let position: HashMap<&[u8], u32> = (0..new_rows.num_rows()).map(|i| (new_rows.row(i).data(), i as u32)).collect();
+
+    // Held first changes, then the new keys' first changes.
+    let (first_schema, held_first) = first;
+    let mut held_keys = std::collections::HashSet::new();
+    let mut first_batches = held_first.to_vec();
+    for batch in held_first {
+        let rows = converter.convert_columns(&[cast(batch.column(0), &key_type)?])?;
+        held_keys.extend((0..rows.num_rows()).map(|i| rows.row(i).owned()));
+    }
+    let unseen = UInt32Array::from_iter_values(
+        (0..new_rows.num_rows()).filter(|i| !held_keys.contains(&new_rows.row(*i).owned())).map(|i| i as u32),
+    );
+    let added = [Ok(new_keys), new_lsn, new_ts, new_op]
+        .into_iter()
+        .zip(first_schema.fields())
+        .map(|(array, field)| cast(&take(array?.as_ref(), &unseen, None)?, field.data_type()))
+        .collect::<Result<Vec<_>, ArrowError>>()?;
+    first_batches.push(RecordBatch::try_new(Arc::clone(first_schema), added)?);
+    let first = concat_batches(first_schema, &first_batches)?;
+
+    // Held versions: an open one is closed by its key's first new change.
+    let closing = |field: &str| -> Result<ArrayRef, ArrowError> {
+        let source = match field {
+            VALID_TO => &ts,
+            VALID_TO_LSN => &lsn,
+            _ => &op,
+        };
+        cast(&take(source.as_ref(), &starts, None)?, versions_schema.field_with_name(field)?.data_type())
+    };
+    let (close_ts, close_lsn, close_op) = (closing(VALID_TO)?, closing(VALID_TO_LSN)?, closing(CLOSED_BY)?);
+    let mut version_batches = Vec::with_capacity(held_versions.len() + 1);
+    for batch in held_versions {
+        let rows = converter.convert_columns(&[cast(&column(batch, &spec.key)?, &key_type)?])?;
+        let open = column(batch, IS_CURRENT)?;
+        let open = open.as_boolean();
+        let by: UInt32Array = (0..batch.num_rows())
+            .map(|i| match open.is_valid(i) && open.value(i) {
+                true => position.get(rows.row(i).data()).copied(),
+                false => None,
+            })
+            .collect();
+        let closed = BooleanArray::from_iter(by.iter().map(|b| Some(b.is_some())));
+        let mut columns = batch.columns().to_vec();
+        for (name, by_first) in [(VALID_TO, &close_ts), (VALID_TO_LSN, &close_lsn), (CLOSED_BY, &close_op)] {
+            let index = batch.schema().index_of(name)?;
+            columns[index] = zip(&closed, &take(by_first.as_ref(), &by, None)?, &columns[index])?;
+        }
+        let index = batch.schema().index_of(IS_CURRENT)?;
+        columns[index] = Arc::new(and(open, &not(&closed)?)?);
+        version_batches.push(RecordBatch::try_new(batch.schema(), columns)?);
+    }
+    version_batches.push(opened);
+    let versions = concat_batches(versions_schema, &version_batches)?;
+    Ok((first, versions))
 }

@@ -926,6 +926,8 @@ async fn register_live_views(
                 if !has_rows_after(tails, &spec.table, from) {
                     // Nothing new for this table: the previous pieces as they are.
                     held.clone()
+                } else if let Some(extended) = extend_in_memory(ctx, tails, spec, held, from).await? {
+                    extended
                 } else {
                     // The changes after `from` closing the held versions and adding theirs,
                     // exactly as `live_history_sql` applies a tail to a stored history.
@@ -1011,6 +1013,68 @@ async fn register_live_views(
         _ => None,
     };
     Ok((held, tails))
+}
+
+/// `held` (a history's tail pieces up to raw position `from`) extended with the raw changes
+/// after `from` in memory ([`live::extend_tail_pieces`]): the changes are read with one scan,
+/// and no statement is planned. `None` when those changes may hold a truncation (it closes
+/// every open version: the SQL applies it), or the raw table lacks an attribute.
+async fn extend_in_memory(
+    ctx: &SessionContext,
+    tails: &[TailFiles<'_>],
+    spec: &HistorySpec,
+    held: &HeldPieces,
+    from: i64,
+) -> Result<Option<HeldPieces>> {
+    use acme_core::raw::{COMMIT_TS, LSN, OP, SEQ};
+    use datafusion::prelude::{ident, lit};
+    let Some(tail) = tails.iter().find(|t| t.table == spec.table) else { return Ok(None) };
+    let files: Vec<_> = tail.files.iter().filter(|f| !f.all_at_most(LSN, from)).cloned().collect();
+    // A truncation is stored with a null key.
+    if files.iter().any(|f| f.null_count(&spec.key) != Some(0)) {
+        return Ok(None);
+    }
+    let provider = tail.raw.provider(Some(&files))?;
+    let raw_schema = provider.schema();
+    if held.attributes.iter().any(|a| raw_schema.field_with_name(a).is_err()) {
+        return Ok(None);
+    }
+    let (Some(first), Some(versions)) = (held_batches(&held.first).await, held_batches(&held.versions).await) else {
+        return Ok(None);
+    };
+    let columns = held.attributes.iter().map(String::as_str).chain([COMMIT_TS, LSN, SEQ, OP]).map(ident);
+    let changes = ctx
+        .read_table(provider)?
+        .filter(ident(LSN).gt(lit(from)).and(ident(OP).not_eq(lit("truncate"))))?
+        .select(columns.collect::<Vec<_>>())?;
+    let schema = Arc::new(changes.schema().as_arrow().clone());
+    let changes = arrow::compute::concat_batches(&schema, &changes.collect().await?)?;
+    let (first, versions) = live::extend_tail_pieces(spec, &changes, (&first.0, &first.1), (&versions.0, &versions.1))?;
+    let (first, versions) = (compact_views(first)?, compact_views(versions)?);
+    let bytes = first.get_array_memory_size() + versions.get_array_memory_size();
+    let table = |batch: RecordBatch| -> Result<Arc<dyn datafusion::catalog::TableProvider>> {
+        Ok(Arc::new(datafusion::datasource::MemTable::try_new(batch.schema(), vec![vec![batch]])?))
+    };
+    Ok(Some(HeldPieces {
+        attributes: held.attributes.clone(),
+        truncates: held.truncates.clone(),
+        first: table(first)?,
+        versions: table(versions)?,
+        bytes,
+    }))
+}
+
+/// The schema and rows of a relation [`hold_in_memory`] holds; `None` for another kind.
+async fn held_batches(
+    provider: &Arc<dyn datafusion::catalog::TableProvider>,
+) -> Option<(arrow::datatypes::SchemaRef, Vec<RecordBatch>)> {
+    let any: &dyn std::any::Any = provider.as_ref();
+    let table = any.downcast_ref::<datafusion::datasource::MemTable>()?;
+    let mut batches = Vec::new();
+    for partition in &table.batches {
+        batches.extend(partition.read().await.iter().cloned());
+    }
+    Some((provider.schema(), batches))
 }
 
 /// The truncations of `raw` after `from`, and the SQL of the tail's pieces after it: the first
