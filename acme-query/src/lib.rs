@@ -1065,7 +1065,7 @@ async fn extend_in_memory(
 }
 
 /// The schema and rows of a relation [`hold_in_memory`] holds; `None` for another kind.
-async fn held_batches(
+pub(crate) async fn held_batches(
     provider: &Arc<dyn datafusion::catalog::TableProvider>,
 ) -> Option<(arrow::datatypes::SchemaRef, Vec<RecordBatch>)> {
     let any: &dyn std::any::Any = provider.as_ref();

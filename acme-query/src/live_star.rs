@@ -147,6 +147,12 @@ pub(crate) async fn register(ctx: &SessionContext, inputs: &LiveInputs<'_>) -> R
             ctx.register_table(since.as_str(), tail.raw.provider(Some(&files))?)?;
         }
     }
+    // And those keys, read once here for every star table that follows them.
+    let since_keys = match inputs.previous {
+        Some(previous) => Some(changed_keys(ctx, inputs.tails, previous.raw_position).await?),
+        None => None,
+    };
+    let since_keys = since_keys.as_ref();
     // The dimensions, then the facts that look them up; the tables of each group concurrently.
     let held = std::sync::Mutex::new(held);
     let mut bytes = 0u64;
@@ -177,7 +183,7 @@ pub(crate) async fn register(ctx: &SessionContext, inputs: &LiveInputs<'_>) -> R
                     return Ok(0);
                 }
                 let started = std::time::Instant::now();
-                let (table_bytes, kept) = register_one(ctx, inputs, star, held).await?;
+                let (table_bytes, kept) = register_one(ctx, inputs, star, held, since_keys).await?;
                 tracing::debug!(
                     table = star.name,
                     extended = inputs.previous.is_some(),
@@ -542,6 +548,7 @@ async fn register_one(
     inputs: &LiveInputs<'_>,
     star: &LiveStar,
     held: &std::sync::Mutex<HeldStar>,
+    since_keys: Option<&HashMap<String, Vec<i64>>>,
 ) -> Result<(u64, Option<KeysAndRows>)> {
     let stored_name = format!("{MODEL_SCHEMA}.{}", star.name);
     let name = |part: &str| format!("{TAIL_SCHEMA}.{}_{part}", star.name);
@@ -560,6 +567,7 @@ async fn register_one(
             ),
         }
     };
+    let mut new_orders = None;
     let mut touched = Touched {
         own: changed(star.source),
         customers: changed("customers"),
@@ -607,7 +615,9 @@ async fn register_one(
                     .flat_map(|b| b.column(0).as_primitive::<Int64Type>().iter().flatten().collect::<Vec<_>>())
                     .collect();
                 let new: Vec<i64> = placed.into_iter().filter(|k| !stored.contains(k)).collect();
-                key_table(&new)?
+                let table = key_table(&new)?;
+                new_orders = Some(new);
+                table
             }
             None => {
                 let sql = live::new_orders_sql(&placed, &format!("{MODEL_SCHEMA}.{orders_history}"));
@@ -626,9 +636,37 @@ async fn register_one(
         }
     }
     let started = std::time::Instant::now();
-    let keys_sql = live::touched_keys_sql(star, &touched);
-    let (keys, key_bytes) =
-        hold_in_memory(ctx, &format!("SELECT DISTINCT k FROM ({keys_sql}) t WHERE k IS NOT NULL")).await?;
+    // From the keys read above and the held rows, when the rows extend a previous handle's;
+    // else by the statement.
+    let in_memory = match (previous, since_keys) {
+        (Some((_, (_, previous_rows))), Some(since)) => {
+            let unknown = lock(held).unknown.get(star.name).cloned();
+            // The items of new orders: only when those orders were told from stored ones above
+            // and the stored items can be looked up by order.
+            let items_of = match (star.name, &new_orders) {
+                (tables::FACT_ORDER_ITEMS, Some(new)) => {
+                    stored_lookup(inputs, held, star.name, "order_id").await?.map(|index| Some((new.as_slice(), index)))
+                }
+                (tables::FACT_ORDER_ITEMS, None) if tail_of(inputs.tails, "orders").is_some() => None,
+                _ => Some(None),
+            };
+            match items_of {
+                Some(items_of) => {
+                    let unknown = unknown.iter().chain([previous_rows]);
+                    touched_in_memory(star, since, unknown, previous_rows, items_of).await?
+                }
+                None => None,
+            }
+        }
+        _ => None,
+    };
+    let (keys, key_bytes) = match in_memory {
+        Some(keys) => key_table(&keys)?,
+        None => {
+            let keys_sql = live::touched_keys_sql(star, &touched);
+            hold_in_memory(ctx, &format!("SELECT DISTINCT k FROM ({keys_sql}) t WHERE k IS NOT NULL")).await?
+        }
+    };
     // (A held relation takes no memory only when it has no rows.)
     let (all_keys, rows) = if key_bytes == 0 {
         match previous {
@@ -966,6 +1004,124 @@ async fn int64_column(ctx: &SessionContext, sql: &str) -> Result<Vec<i64>> {
 }
 
 /// A one-column relation `k` of `keys`, held in memory, and the memory it takes.
+/// Per history source (`orders`, ...): the keys its raw changes after `since` touch, sorted
+/// (registered by [`register`] as `tail.raw_<source>_since`).
+async fn changed_keys(ctx: &SessionContext, tails: &[HistoryTail], since: i64) -> Result<HashMap<String, Vec<i64>>> {
+    use datafusion::prelude::{ident, lit};
+    let mut out = HashMap::new();
+    for tail in tails {
+        let relation = format!("{TAIL_SCHEMA}.raw_{}_since", tail.spec.table);
+        if !ctx.table_exist(relation.as_str())? {
+            continue;
+        }
+        let key = ident(&tail.spec.key);
+        let changes = ctx
+            .table(relation.as_str())
+            .await?
+            .filter(ident(acme_core::raw::LSN).gt(lit(since)).and(key.clone().is_not_null()))?
+            .select(vec![key])?;
+        let mut keys = Vec::new();
+        for batch in changes.collect().await? {
+            keys.extend(int64s(&batch, &tail.spec.key)?.iter().flatten());
+        }
+        keys.sort_unstable();
+        keys.dedup();
+        out.insert(tail.spec.table.clone(), keys);
+    }
+    Ok(out)
+}
+
+/// What `live::touched_keys_sql` selects for `star`, from the keys the changes since the
+/// previous handle touch (`since`, per source) and held rows, without a query: the source's
+/// changed keys; for a fact table, the rows with an Unknown member (in `unknown`: the stored
+/// ones and the previous handle's) whose member a change touches; for the items, those of the
+/// orders placed since with no stored version (`items_of`: their ids and the stored items'
+/// lookup by order; `previous_rows`: the previous handle's items). `None` when a relation is
+/// not held in memory or a column is not an integer: the statement finds them then.
+async fn touched_in_memory(
+    star: &LiveStar,
+    since: &HashMap<String, Vec<i64>>,
+    unknown: impl Iterator<Item = &Arc<dyn TableProvider>>,
+    previous_rows: &Arc<dyn TableProvider>,
+    items_of: Option<(&[i64], StoredLookup)>,
+) -> Result<Option<Vec<i64>>> {
+    let Some(own) = since.get(star.source) else { return Ok(None) };
+    let mut keys = own.clone();
+    let member = match star.name {
+        tables::FACT_ORDERS => Some(("customer_sk", "customer_id", "customers")),
+        tables::FACT_ORDER_ITEMS => Some(("product_sk", "product_id", "products")),
+        _ => None,
+    };
+    if let Some((sk, id, source)) = member {
+        let touched: std::collections::HashSet<i64> = since.get(source).into_iter().flatten().copied().collect();
+        if !touched.is_empty() {
+            for provider in unknown {
+                let Some((_, batches)) = crate::held_batches(provider).await else { return Ok(None) };
+                for batch in batches {
+                    let (sks, ids, own) = (int64s(&batch, sk)?, int64s(&batch, id)?, int64s(&batch, star.key)?);
+                    let unknown_member = |i: usize| sks.is_valid(i) && sks.value(i) == -1;
+                    keys.extend(
+                        (0..batch.num_rows())
+                            .filter(|&i| {
+                                unknown_member(i)
+                                    && ids.is_valid(i)
+                                    && touched.contains(&ids.value(i))
+                                    && own.is_valid(i)
+                            })
+                            .map(|i| own.value(i)),
+                    );
+                }
+            }
+        }
+    }
+    if let Some((orders, index)) = items_of.filter(|(orders, _)| !orders.is_empty()) {
+        let placed: std::collections::HashSet<i64> = orders.iter().copied().collect();
+        for batch in index.rows(orders, Some(&[star.key])).await? {
+            keys.extend(int64s(&batch, star.key)?.iter().flatten());
+        }
+        let Some((_, batches)) = crate::held_batches(previous_rows).await else { return Ok(None) };
+        for batch in batches {
+            let (order_ids, own) = (int64s(&batch, "order_id")?, int64s(&batch, star.key)?);
+            keys.extend(
+                (0..batch.num_rows())
+                    .filter(|&i| order_ids.is_valid(i) && placed.contains(&order_ids.value(i)) && own.is_valid(i))
+                    .map(|i| own.value(i)),
+            );
+        }
+    }
+    keys.sort_unstable();
+    keys.dedup();
+    Ok(Some(keys))
+}
+
+/// Column `name` of `batch` as 64-bit integers.
+fn int64s(batch: &arrow::array::RecordBatch, name: &str) -> Result<arrow::array::Int64Array> {
+    let column = batch.column_by_name(name).ok_or_else(|| {
+        datafusion::error::DataFusionError::Internal(format!("a held relation has no column `{name}`"))
+    })?;
+    Ok(arrow::compute::cast(column, &arrow::datatypes::DataType::Int64)?.as_primitive::<Int64Type>().clone())
+}
+
+/// The stored table's lookup by `key` (`<table>.<key>` in the held lookups), made once per
+/// stored model; `None` when the table is not stored.
+async fn stored_lookup(
+    inputs: &LiveInputs<'_>,
+    held: &std::sync::Mutex<HeldStar>,
+    table: &str,
+    key: &str,
+) -> Result<Option<StoredLookup>> {
+    let name = format!("{table}.{key}");
+    // (The lock is not held across the await.)
+    let found = lock(held).lookups.get(&name).cloned();
+    if let Some(index) = found {
+        return Ok(Some(index));
+    }
+    let Some(stored) = inputs.stored.get(table) else { return Ok(None) };
+    let index = Arc::new(stored.key_index(key).await?);
+    lock(held).lookups.insert(name, Arc::clone(&index));
+    Ok(Some(index))
+}
+
 fn key_table(keys: &[i64]) -> Result<(Arc<dyn TableProvider>, usize)> {
     let schema =
         Arc::new(Schema::new(vec![arrow::datatypes::Field::new("k", arrow::datatypes::DataType::Int64, true)]));

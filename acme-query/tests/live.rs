@@ -195,7 +195,10 @@ async fn reports_apply_the_raw_tail_exactly_between_model_builds() {
     acme_testkit::run_workload(&url, &workload(901, 100, 2)).await.expect("workload");
     client
         .batch_execute(&format!(
-            "INSERT INTO operations.customers (customer_id, customer_name, is_active, created_at) \
+            // (The price of the early items' product changes with their orders' arrival: their
+            // price is the one at the order's placing, so their rows change with it.)
+            "UPDATE operations.products SET unity_price = unity_price + 2 WHERE product_id = 1; \
+             INSERT INTO operations.customers (customer_id, customer_name, is_active, created_at) \
                VALUES ({late_customer}, 'Later customer', true, now()); \
              INSERT INTO operations.products (product_id, product_name, barcode, unity_price, is_active) \
                VALUES ({late_product}, 'Later product', '124', 3.25, true); \
