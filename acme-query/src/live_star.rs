@@ -12,14 +12,14 @@
 //! holds them recomputes only the keys the new changes touch; R3 and R4 on the current state
 //! are kept by difference the same way ([`PENDING_ITEMS`], [`CUSTOMER_ORDERS`]).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use acme_core::LayerTable;
 use acme_model::history::{HistorySpec, quote};
 use acme_model::live::{self, LIVE_STAR, LiveStar, Touched};
 use acme_model::{star, tables};
-use arrow::array::{Array, AsArray};
+use arrow::array::{Array, AsArray, BooleanArray, RecordBatch};
 use arrow::datatypes::{Int64Type, Schema};
 use datafusion::catalog::TableProvider;
 use datafusion::execution::runtime_env::RuntimeEnv;
@@ -232,7 +232,8 @@ pub(crate) const PENDING_ITEMS: &str = "pending_items_current";
 /// (`product_id`, `total_items`, `items`). From a handle at the same model position that
 /// maintained it, by difference: the items whose rows the changes since that handle touch, and
 /// the items of the orders they touch, are taken off as that handle saw them and added back as
-/// this one sees them; the stored rows involved are looked up by key, never scanned. Otherwise
+/// this one sees them; the stored rows involved are looked up by key, never scanned, and the
+/// difference is counted in memory (a few hundred rows: planning a query cost more). Otherwise
 /// (the first handle on a stored model) counted over the live facts once. Returns the counts,
 /// and whether they were kept by difference.
 async fn pending_items(
@@ -255,74 +256,148 @@ async fn pending_items(
         register_pending(ctx, &totals)?;
         return Ok((totals, false));
     };
-    let name = |part: &str| format!("{TAIL_SCHEMA}.pending_{part}");
     let (items, orders) = (touched_since(ctx, items_table).await?, touched_since(ctx, orders_table).await?);
     let mut totals = (**before).clone();
     if items.is_empty() && orders.is_empty() {
         register_pending(ctx, &totals)?;
         return Ok((totals, true));
     }
-    ctx.register_table(name("items").as_str(), key_table(&items)?.0)?;
-    ctx.register_table(name("orders").as_str(), key_table(&orders)?.0)?;
+    let (item_set, order_set): (HashSet<i64>, HashSet<i64>) =
+        (items.iter().copied().collect(), orders.iter().copied().collect());
     // The stored rows of the touched items and of the touched orders' items.
     let items_index = fact_lookup(inputs, held, items_table, "order_item_id").await?;
     let items_by_order = fact_lookup(inputs, held, items_table, "order_id").await?;
     let orders_index = fact_lookup(inputs, held, orders_table, "order_id").await?;
-    let by_item = looked_up(ctx, &items_index, &items, &name("stored_by_item"), items_table).await?;
-    let by_order = looked_up(ctx, &items_by_order, &orders, &name("stored_by_order"), items_table).await?;
-    let stored_items = format!(
-        "(SELECT * FROM {by_item} UNION ALL SELECT * FROM {by_order} b \
-         WHERE b.order_item_id NOT IN (SELECT k FROM {}))",
-        name("items")
-    );
-    let affected = format!(
-        "(order_item_id IN (SELECT k FROM {}) OR order_id IN (SELECT k FROM {}))",
-        name("items"),
-        name("orders")
-    );
-    // Each side: the previous handle's state and this one's, over the affected items.
-    let now = (held.tables.get(items_table).cloned(), held.tables.get(orders_table).cloned());
-    let before_state = (previous.tables.get(items_table).cloned(), previous.tables.get(orders_table).cloned());
-    let mut sides = Vec::new();
-    for (side, (items_held, orders_held)) in [("before", before_state), ("now", now)] {
-        let items_sql =
-            live_subset(ctx, &stored_items, "order_item_id", items_held, &affected, &name(&format!("{side}_items")))?;
-        ctx.register_table(name(&format!("{side}_affected")).as_str(), hold_in_memory(ctx, &items_sql).await?.0)?;
-        sides.push((side, orders_held));
+    let mut stored_items = looked_up_rows(&items_index, &items, items_table).await?;
+    for batch in looked_up_rows(&items_by_order, &orders, items_table).await? {
+        let ids = int64s(&batch, "order_item_id")?;
+        let mask: BooleanArray = ids.iter().map(|id| Some(!id.is_some_and(|id| item_set.contains(&id)))).collect();
+        stored_items.push(arrow::compute::filter_record_batch(&batch, &mask)?);
     }
-    // The orders of the affected items, on both sides.
-    let mut order_ids = orders.clone();
-    for (side, _) in &sides {
-        let sql =
-            format!("SELECT DISTINCT order_id FROM {} a WHERE order_id IS NOT NULL", name(&format!("{side}_affected")));
-        order_ids.extend(int64_column(ctx, &sql).await?);
+    let affected = |batch: &RecordBatch| -> Result<BooleanArray> {
+        let (ids, order_ids) = (int64s(batch, "order_item_id")?, int64s(batch, "order_id")?);
+        Ok(ids
+            .iter()
+            .zip(order_ids.iter())
+            .map(|(id, order)| {
+                Some(id.is_some_and(|id| item_set.contains(&id)) || order.is_some_and(|o| order_set.contains(&o)))
+            })
+            .collect())
+    };
+    // Each side: the affected items as the previous handle saw them, and as this one sees them.
+    let sides = [(previous, -1), (&*held, 1)];
+    let mut side_items = Vec::new();
+    for (side, _) in sides {
+        side_items.push(visible_rows(&stored_items, "order_item_id", side.tables.get(items_table), &affected).await?);
+    }
+    // Their orders, on both sides.
+    let mut order_ids = orders;
+    for batch in side_items.iter().flatten() {
+        order_ids.extend(int64s(batch, "order_id")?.iter().flatten());
     }
     order_ids.sort_unstable();
     order_ids.dedup();
-    ctx.register_table(name("order_ids").as_str(), key_table(&order_ids)?.0)?;
-    let stored_orders = looked_up(ctx, &orders_index, &order_ids, &name("stored_orders"), orders_table).await?;
-    let wanted_orders = format!("order_id IN (SELECT k FROM {})", name("order_ids"));
-    for (side, orders_held) in sides {
-        let orders_sql = live_subset(
-            ctx,
-            &stored_orders,
-            "order_id",
-            orders_held,
-            &wanted_orders,
-            &name(&format!("{side}_orders")),
-        )?;
-        let sql = counts(&name(&format!("{side}_affected")), &format!("({orders_sql})"));
-        let sign = if side == "before" { -1 } else { 1 };
-        for (product, values) in collect_counts(ctx, &sql).await? {
-            let entry = totals.entry(product).or_insert([0; 3]);
-            for (total, value) in entry.iter_mut().zip(values) {
-                *total += sign * value;
+    let wanted: HashSet<i64> = order_ids.iter().copied().collect();
+    let stored_orders = looked_up_rows(&orders_index, &order_ids, orders_table).await?;
+    let of_wanted = |batch: &RecordBatch| -> Result<BooleanArray> {
+        Ok(int64s(batch, "order_id")?.iter().map(|o| Some(o.is_some_and(|o| wanted.contains(&o)))).collect())
+    };
+    for ((side, sign), items) in sides.into_iter().zip(side_items) {
+        let orders = visible_rows(&stored_orders, "order_id", side.tables.get(orders_table), &of_wanted).await?;
+        // Per order, its current open rows (the join's matches).
+        let mut open: HashMap<i64, i64> = HashMap::new();
+        for batch in &orders {
+            let (ids, current, is_open) =
+                (int64s(batch, "order_id")?, bools(batch, "is_current")?, bools(batch, "is_open")?);
+            for i in 0..batch.num_rows() {
+                if ids.is_valid(i) && current.value(i) && current.is_valid(i) && is_open.is_valid(i) && is_open.value(i)
+                {
+                    *open.entry(ids.value(i)).or_insert(0) += 1;
+                }
+            }
+        }
+        for batch in &items {
+            let (order_ids, current) = (int64s(batch, "order_id")?, bools(batch, "is_current")?);
+            let (products, quantities) = (int64s(batch, "product_id")?, int64s(batch, "quantity")?);
+            for i in 0..batch.num_rows() {
+                if !(current.is_valid(i) && current.value(i) && order_ids.is_valid(i)) {
+                    continue;
+                }
+                let Some(matches) = open.get(&order_ids.value(i)) else { continue };
+                let product = products.is_valid(i).then(|| products.value(i));
+                let entry = totals.entry(product).or_insert([0; 3]);
+                if quantities.is_valid(i) {
+                    entry[0] += sign * matches * quantities.value(i);
+                    entry[1] += sign * matches;
+                }
+                entry[2] += sign * matches;
             }
         }
     }
     totals.retain(|_, [_, _, rows]| *rows != 0);
     register_pending(ctx, &totals)?;
     Ok((totals, true))
+}
+
+/// The stored rows of `keys`, looked up in `index` (logged at debug level).
+async fn looked_up_rows(index: &acme_core::KeyIndex, keys: &[i64], table: &str) -> Result<Vec<RecordBatch>> {
+    if keys.is_empty() {
+        return Ok(Vec::new());
+    }
+    let rows = index.rows(keys, None).await?;
+    if tracing::enabled!(tracing::Level::DEBUG) {
+        // (The selection is worked out again for the log only when it is written.)
+        tracing::debug!(
+            table,
+            keys = keys.len(),
+            rows_read = index.selected_rows(keys),
+            rows_stored = index.rows_indexed(),
+            "stored rows looked up"
+        );
+    }
+    Ok(rows)
+}
+
+/// A fact table's rows as one handle sees them, among `stored` (looked-up stored rows): those
+/// whose `key` the handle does not hold (`held`: its keys and rows), and its held rows that
+/// `wanted` selects.
+async fn visible_rows(
+    stored: &[RecordBatch],
+    key: &str,
+    held: Option<&KeysAndRows>,
+    wanted: &impl Fn(&RecordBatch) -> Result<BooleanArray>,
+) -> Result<Vec<RecordBatch>> {
+    let Some((keys, rows)) = held else { return Ok(stored.to_vec()) };
+    let mut held_keys = HashSet::new();
+    for batch in held_rows(keys).await? {
+        held_keys.extend(int64s(&batch, "k")?.iter().flatten());
+    }
+    let mut out = Vec::new();
+    for batch in stored {
+        let mask: BooleanArray =
+            int64s(batch, key)?.iter().map(|k| Some(!k.is_some_and(|k| held_keys.contains(&k)))).collect();
+        out.push(arrow::compute::filter_record_batch(batch, &mask)?);
+    }
+    for batch in held_rows(rows).await? {
+        out.push(arrow::compute::filter_record_batch(&batch, &wanted(&batch)?)?);
+    }
+    Ok(out)
+}
+
+/// The rows of a relation the handle holds in memory.
+async fn held_rows(provider: &Arc<dyn TableProvider>) -> Result<Vec<RecordBatch>> {
+    match crate::held_batches(provider).await {
+        Some((_, batches)) => Ok(batches),
+        None => Err(datafusion::error::DataFusionError::Internal("a held relation is not in memory".into()).into()),
+    }
+}
+
+/// Column `name` of `batch` as booleans.
+fn bools(batch: &RecordBatch, name: &str) -> Result<BooleanArray> {
+    let column = batch.column_by_name(name).ok_or_else(|| {
+        datafusion::error::DataFusionError::Internal(format!("a held relation has no column `{name}`"))
+    })?;
+    Ok(arrow::compute::cast(column, &arrow::datatypes::DataType::Boolean)?.as_boolean().clone())
 }
 
 /// Name of the relation of current orders per customer and status (`customer_id`, `status`,
@@ -332,10 +407,10 @@ pub(crate) const CUSTOMER_ORDERS: &str = "customer_orders_current";
 /// Current orders per customer and status at this handle's position, registered as
 /// [`CUSTOMER_ORDERS`]. From a handle at the same model position that kept them: the orders the
 /// changes since that handle touch are taken off as it saw them and added back as this one sees
-/// them (stored rows looked up by key). Otherwise counted once over the live `fact_orders`.
+/// them (stored rows looked up by key, counted in memory). Otherwise counted once over the live
+/// `fact_orders`.
 async fn customer_orders(ctx: &SessionContext, inputs: &LiveInputs<'_>, held: &mut HeldStar) -> Result<CustomerOrders> {
     let table = tables::FACT_ORDERS;
-    let name = |part: &str| format!("{TAIL_SCHEMA}.customer_orders_{part}");
     let count = |relation: &str| {
         format!(
             "SELECT customer_id, status, CAST(count(*) AS BIGINT) AS orders FROM {relation} o WHERE is_current \
@@ -350,25 +425,33 @@ async fn customer_orders(ctx: &SessionContext, inputs: &LiveInputs<'_>, held: &m
             let orders = touched_since(ctx, table).await?;
             if !orders.is_empty() {
                 let index = fact_lookup(inputs, held, table, "order_id").await?;
-                ctx.register_table(name("orders").as_str(), key_table(&orders)?.0)?;
-                let stored = looked_up(ctx, &index, &orders, &name("stored"), table).await?;
-                let wanted = format!("order_id IN (SELECT k FROM {})", name("orders"));
-                let sides =
-                    [("before", previous.tables.get(table).cloned(), -1), ("now", held.tables.get(table).cloned(), 1)];
-                for (side, kept_rows, sign) in sides {
-                    let rows = live_subset(ctx, &stored, "order_id", kept_rows, &wanted, &name(side))?;
-                    for batch in ctx.sql(&count(&format!("({rows})"))).await?.collect().await? {
-                        let customers = arrow::compute::cast(batch.column(0), &arrow::datatypes::DataType::Int64)?;
-                        let statuses = arrow::compute::cast(batch.column(1), &arrow::datatypes::DataType::Utf8)?;
-                        let (customers, statuses) =
-                            (customers.as_primitive::<Int64Type>(), statuses.as_string::<i32>());
-                        let counts = batch.column(2).as_primitive::<Int64Type>();
+                let stored = looked_up_rows(&index, &orders, table).await?;
+                let wanted: HashSet<i64> = orders.iter().copied().collect();
+                let of_wanted = |batch: &RecordBatch| -> Result<BooleanArray> {
+                    Ok(int64s(batch, "order_id")?
+                        .iter()
+                        .map(|o| Some(o.is_some_and(|o| wanted.contains(&o))))
+                        .collect())
+                };
+                for (side, sign) in [(previous.tables.get(table), -1), (held.tables.get(table), 1)] {
+                    for batch in visible_rows(&stored, "order_id", side, &of_wanted).await? {
+                        let (customers, current) = (int64s(&batch, "customer_id")?, bools(&batch, "is_current")?);
+                        let statuses = arrow::compute::cast(
+                            batch.column_by_name("status").ok_or_else(|| {
+                                datafusion::error::DataFusionError::Internal("fact_orders has no `status`".into())
+                            })?,
+                            &arrow::datatypes::DataType::Utf8,
+                        )?;
+                        let statuses = statuses.as_string::<i32>();
                         for i in 0..batch.num_rows() {
+                            if !(current.is_valid(i) && current.value(i)) {
+                                continue;
+                            }
                             let key = (
-                                (!customers.is_null(i)).then(|| customers.value(i)),
-                                (!statuses.is_null(i)).then(|| statuses.value(i).to_string()),
+                                customers.is_valid(i).then(|| customers.value(i)),
+                                statuses.is_valid(i).then(|| statuses.value(i).to_string()),
                             );
-                            *delta.entry(key).or_insert(0) += sign * counts.value(i);
+                            *delta.entry(key).or_insert(0) += sign;
                         }
                     }
                 }
@@ -417,10 +500,13 @@ async fn register_customer_orders(ctx: &SessionContext, counts: &CustomerOrders)
 /// `register_one` as `<table>_touched`; none when it registered none).
 async fn touched_since(ctx: &SessionContext, table: &str) -> Result<Vec<i64>> {
     let relation = format!("{TAIL_SCHEMA}.{table}_touched");
-    match ctx.table_exist(relation.as_str())? {
-        true => int64_column(ctx, &format!("SELECT k FROM {relation} t WHERE k IS NOT NULL")).await,
-        false => Ok(Vec::new()),
+    let mut keys = Vec::new();
+    if ctx.table_exist(relation.as_str())? {
+        for batch in held_rows(&ctx.table_provider(relation.as_str()).await?).await? {
+            keys.extend(int64s(&batch, "k")?.iter().flatten());
+        }
     }
+    Ok(keys)
 }
 
 /// The stored fact table's lookup by `key`, made once per stored model.
@@ -434,25 +520,6 @@ async fn fact_lookup(inputs: &LiveInputs<'_>, held: &mut HeldStar, table: &str, 
     held.lookups.get(&name).cloned().ok_or_else(|| {
         datafusion::error::DataFusionError::Internal(format!("`{table}` is not stored: no lookup by `{key}`")).into()
     })
-}
-
-/// SQL of the rows of `stored` (looked-up stored rows of a fact table) with those of the keys
-/// `held` holds replaced by its rows that `filter` selects: a fact table as one handle sees it,
-/// restricted to some rows. Registers the held relations under `prefix`.
-fn live_subset(
-    ctx: &SessionContext,
-    stored: &str,
-    key: &str,
-    held: Option<KeysAndRows>,
-    filter: &str,
-    prefix: &str,
-) -> Result<String> {
-    let Some((keys, rows)) = held else { return Ok(format!("SELECT * FROM {stored} s")) };
-    let (keys_name, rows_name) = (format!("{prefix}_keys"), format!("{prefix}_rows"));
-    let columns = column_list(&rows);
-    ctx.register_table(keys_name.as_str(), keys)?;
-    ctx.register_table(rows_name.as_str(), rows)?;
-    Ok(replaced_sql(stored, key, &keys_name, &format!("(SELECT * FROM {rows_name} r WHERE {filter}) w"), &columns))
 }
 
 /// Per product id: the three counts of [`PendingItems`] a query returns.
