@@ -268,8 +268,10 @@ async fn pending_items(
     let items_index = fact_lookup(inputs, held, items_table, "order_item_id").await?;
     let items_by_order = fact_lookup(inputs, held, items_table, "order_id").await?;
     let orders_index = fact_lookup(inputs, held, orders_table, "order_id").await?;
-    let mut stored_items = looked_up_rows(&items_index, &items, items_table).await?;
-    for batch in looked_up_rows(&items_by_order, &orders, items_table).await? {
+    // (Only the columns counted: a lookup decodes every page it reads of each column it reads.)
+    let item_columns = Some(&["order_item_id", "order_id", "product_id", "quantity", "is_current"][..]);
+    let mut stored_items = looked_up_rows(&items_index, &items, items_table, item_columns).await?;
+    for batch in looked_up_rows(&items_by_order, &orders, items_table, item_columns).await? {
         let ids = int64s(&batch, "order_item_id")?;
         let mask: BooleanArray = ids.iter().map(|id| Some(!id.is_some_and(|id| item_set.contains(&id)))).collect();
         stored_items.push(arrow::compute::filter_record_batch(&batch, &mask)?);
@@ -298,7 +300,8 @@ async fn pending_items(
     order_ids.sort_unstable();
     order_ids.dedup();
     let wanted: HashSet<i64> = order_ids.iter().copied().collect();
-    let stored_orders = looked_up_rows(&orders_index, &order_ids, orders_table).await?;
+    let order_columns = Some(&["order_id", "is_current", "is_open"][..]);
+    let stored_orders = looked_up_rows(&orders_index, &order_ids, orders_table, order_columns).await?;
     let of_wanted = |batch: &RecordBatch| -> Result<BooleanArray> {
         Ok(int64s(batch, "order_id")?.iter().map(|o| Some(o.is_some_and(|o| wanted.contains(&o)))).collect())
     };
@@ -339,12 +342,18 @@ async fn pending_items(
     Ok((totals, true))
 }
 
-/// The stored rows of `keys`, looked up in `index` (logged at debug level).
-async fn looked_up_rows(index: &acme_core::KeyIndex, keys: &[i64], table: &str) -> Result<Vec<RecordBatch>> {
+/// The stored rows of `keys`, looked up in `index` (only `columns`, when given; logged at debug
+/// level).
+async fn looked_up_rows(
+    index: &acme_core::KeyIndex,
+    keys: &[i64],
+    table: &str,
+    columns: Option<&[&str]>,
+) -> Result<Vec<RecordBatch>> {
     if keys.is_empty() {
         return Ok(Vec::new());
     }
-    let rows = index.rows(keys, None).await?;
+    let rows = index.rows(keys, columns).await?;
     if tracing::enabled!(tracing::Level::DEBUG) {
         // (The selection is worked out again for the log only when it is written.)
         tracing::debug!(
@@ -425,7 +434,8 @@ async fn customer_orders(ctx: &SessionContext, inputs: &LiveInputs<'_>, held: &m
             let orders = touched_since(ctx, table).await?;
             if !orders.is_empty() {
                 let index = fact_lookup(inputs, held, table, "order_id").await?;
-                let stored = looked_up_rows(&index, &orders, table).await?;
+                let columns = Some(&["order_id", "customer_id", "status", "is_current"][..]);
+                let stored = looked_up_rows(&index, &orders, table, columns).await?;
                 let wanted: HashSet<i64> = orders.iter().copied().collect();
                 let of_wanted = |batch: &RecordBatch| -> Result<BooleanArray> {
                     Ok(int64s(batch, "order_id")?
@@ -513,13 +523,21 @@ async fn touched_since(ctx: &SessionContext, table: &str) -> Result<Vec<i64>> {
 async fn fact_lookup(inputs: &LiveInputs<'_>, held: &mut HeldStar, table: &str, key: &str) -> Result<StoredLookup> {
     let name = format!("{table}.{key}");
     if !held.lookups.contains_key(&name)
-        && let Some(stored) = inputs.stored.get(table)
+        && let Some(index) = new_lookup(inputs, table, key).await?
     {
-        held.lookups.insert(name.clone(), Arc::new(stored.key_index(key).await?));
+        held.lookups.insert(name.clone(), index);
     }
     held.lookups.get(&name).cloned().ok_or_else(|| {
         datafusion::error::DataFusionError::Internal(format!("`{table}` is not stored: no lookup by `{key}`")).into()
     })
+}
+
+/// A new lookup of the stored `table` by `key`; `None` when the table is not stored.
+async fn new_lookup(inputs: &LiveInputs<'_>, table: &str, key: &str) -> Result<Option<StoredLookup>> {
+    match inputs.stored.get(table) {
+        Some(stored) => Ok(Some(Arc::new(stored.key_index(key).await?))),
+        None => Ok(None),
+    }
 }
 
 /// Per product id: the three counts of [`PendingItems`] a query returns.
@@ -760,24 +778,9 @@ async fn register_one(
         );
         match previous {
             None => (keys, fresh),
-            Some(_) => {
+            Some((_, (previous_keys, previous_rows))) => {
                 // The earlier rows of the keys not touched again, and the recomputed ones.
-                ctx.register_table(name("fresh_rows").as_str(), Arc::clone(&fresh))?;
-                let sql = replaced_sql(
-                    &name("previous_rows"),
-                    star.key,
-                    &name("touched"),
-                    &name("fresh_rows"),
-                    &column_list(&fresh),
-                );
-                let rows = hold_in_memory(ctx, &sql).await?.0;
-                let all_keys = hold_in_memory(
-                    ctx,
-                    &format!("SELECT k FROM {} UNION SELECT k FROM {}", name("previous_keys"), name("touched")),
-                )
-                .await?
-                .0;
-                (all_keys, rows)
+                extend_rows((previous_keys, previous_rows), star.key, &keys, &fresh).await?
             }
         }
     };
@@ -786,6 +789,44 @@ async fn register_one(
     let view = replaced_sql(&stored_name, star.key, &name("keys"), &name("rows"), &column_list(&rows));
     ctx.register_table(star.name, ctx.sql(&view).await?.into_view())?;
     Ok((memory(&all_keys) + memory(&rows), Some((all_keys, rows))))
+}
+
+/// A star table's held keys and rows extended with a refresh's recomputed rows: `previous`'s
+/// rows of the keys not in `touched`, then `fresh`; and the union of the keys.
+async fn extend_rows(
+    previous: (&Arc<dyn TableProvider>, &Arc<dyn TableProvider>),
+    key: &str,
+    touched: &Arc<dyn TableProvider>,
+    fresh: &Arc<dyn TableProvider>,
+) -> Result<KeysAndRows> {
+    let mut touched_keys = HashSet::new();
+    for batch in held_rows(touched).await? {
+        touched_keys.extend(int64s(&batch, "k")?.iter().flatten());
+    }
+    // One schema for both (the statement's batches may differ from each other in nullability).
+    let schema = Arc::new(Schema::new(
+        fresh.schema().fields().iter().map(|f| f.as_ref().clone().with_nullable(true)).collect::<Vec<_>>(),
+    ));
+    let mut rows = Vec::new();
+    for batch in held_rows(previous.1).await? {
+        let kept: BooleanArray =
+            int64s(&batch, key)?.iter().map(|k| Some(!k.is_some_and(|k| touched_keys.contains(&k)))).collect();
+        rows.push(arrow::compute::filter_record_batch(&batch, &kept)?);
+    }
+    rows.extend(held_rows(fresh).await?);
+    let rows = rows
+        .into_iter()
+        .map(|batch| RecordBatch::try_new(Arc::clone(&schema), batch.columns().to_vec()))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    let rows = arrow::compute::concat_batches(&schema, &rows)?;
+    let mut all_keys = touched_keys;
+    for batch in held_rows(previous.0).await? {
+        all_keys.extend(int64s(&batch, "k")?.iter().flatten());
+    }
+    let mut all_keys: Vec<i64> = all_keys.into_iter().collect();
+    all_keys.sort_unstable();
+    let rows: Arc<dyn TableProvider> = Arc::new(datafusion::datasource::MemTable::try_new(schema, vec![vec![rows]])?);
+    Ok((key_table(&all_keys)?.0, rows))
 }
 
 /// The rows of the keys in `keys` (a registered relation of `ctx`), computed by the table's
@@ -1006,17 +1047,7 @@ async fn looked_up(
     name: &str,
     table: &str,
 ) -> Result<String> {
-    let rows = index.rows(keys, None).await?;
-    if tracing::enabled!(tracing::Level::DEBUG) {
-        // (The selection is worked out again for the log only when it is written.)
-        tracing::debug!(
-            table,
-            keys = keys.len(),
-            rows_read = index.selected_rows(keys),
-            rows_stored = index.rows_indexed(),
-            "stored rows looked up"
-        );
-    }
+    let rows = looked_up_rows(index, keys, table, None).await?;
     if rows.is_empty() {
         return Ok(format!("(SELECT * FROM {MODEL_SCHEMA}.{table} WHERE false)"));
     }
@@ -1183,10 +1214,11 @@ async fn stored_lookup(
     if let Some(index) = found {
         return Ok(Some(index));
     }
-    let Some(stored) = inputs.stored.get(table) else { return Ok(None) };
-    let index = Arc::new(stored.key_index(key).await?);
-    lock(held).lookups.insert(name, Arc::clone(&index));
-    Ok(Some(index))
+    let index = new_lookup(inputs, table, key).await?;
+    if let Some(index) = &index {
+        lock(held).lookups.insert(name, Arc::clone(index));
+    }
+    Ok(index)
 }
 
 fn key_table(keys: &[i64]) -> Result<(Arc<dyn TableProvider>, usize)> {
