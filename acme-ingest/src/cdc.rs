@@ -301,25 +301,23 @@ impl ChangeStream {
                 }
             }
         }
-        if snapshot_complete
-            && !triggers
-            && let Some(stored) = storage.get_meta(SLOT_META).await?
-            && stored != config.slot.as_bytes()
-        {
-            return Err(IngestError::SlotNameChanged {
-                stored: String::from_utf8_lossy(&stored).into_owned(),
-                configured: config.slot.clone(),
-            });
-        }
-        if snapshot_complete
-            && !triggers
-            && let Some(stored) = storage.get_meta(PUBLICATION_META).await?
-            && stored != config.publication.as_bytes()
-        {
-            return Err(IngestError::PublicationNameChanged {
-                stored: String::from_utf8_lossy(&stored).into_owned(),
-                configured: config.publication.clone(),
-            });
+        // The slot and publication the warehouse was synced through, if it records them.
+        type Changed = fn(String, String) -> IngestError;
+        let names: [(&str, &String, Changed); 2] = [
+            (SLOT_META, &config.slot, |stored, configured| IngestError::SlotNameChanged { stored, configured }),
+            (PUBLICATION_META, &config.publication, |stored, configured| IngestError::PublicationNameChanged {
+                stored,
+                configured,
+            }),
+        ];
+        for (meta, configured, changed) in names {
+            if snapshot_complete
+                && !triggers
+                && let Some(stored) = storage.get_meta(meta).await?
+                && stored != configured.as_bytes()
+            {
+                return Err(changed(String::from_utf8_lossy(&stored).into_owned(), configured.clone()));
+            }
         }
         if !triggers {
             // (After the check above: a mistyped name must not create a publication.)
