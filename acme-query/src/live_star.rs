@@ -272,8 +272,7 @@ async fn pending_items(
     let item_columns = Some(&["order_item_id", "order_id", "product_id", "quantity", "is_current"][..]);
     let mut stored_items = looked_up_rows(&items_index, &items, items_table, item_columns).await?;
     for batch in looked_up_rows(&items_by_order, &orders, items_table, item_columns).await? {
-        let ids = int64s(&batch, "order_item_id")?;
-        let mask: BooleanArray = ids.iter().map(|id| Some(!id.is_some_and(|id| item_set.contains(&id)))).collect();
+        let mask = membership(&batch, "order_item_id", &item_set, false)?;
         stored_items.push(arrow::compute::filter_record_batch(&batch, &mask)?);
     }
     let affected = |batch: &RecordBatch| -> Result<BooleanArray> {
@@ -302,9 +301,7 @@ async fn pending_items(
     let wanted: HashSet<i64> = order_ids.iter().copied().collect();
     let order_columns = Some(&["order_id", "is_current", "is_open"][..]);
     let stored_orders = looked_up_rows(&orders_index, &order_ids, orders_table, order_columns).await?;
-    let of_wanted = |batch: &RecordBatch| -> Result<BooleanArray> {
-        Ok(int64s(batch, "order_id")?.iter().map(|o| Some(o.is_some_and(|o| wanted.contains(&o)))).collect())
-    };
+    let of_wanted = |batch: &RecordBatch| -> Result<BooleanArray> { membership(batch, "order_id", &wanted, true) };
     for ((side, sign), items) in sides.into_iter().zip(side_items) {
         let orders = visible_rows(&stored_orders, "order_id", side.tables.get(orders_table), &of_wanted).await?;
         // Per order, its current open rows (the join's matches).
@@ -383,9 +380,7 @@ async fn visible_rows(
     }
     let mut out = Vec::new();
     for batch in stored {
-        let mask: BooleanArray =
-            int64s(batch, key)?.iter().map(|k| Some(!k.is_some_and(|k| held_keys.contains(&k)))).collect();
-        out.push(arrow::compute::filter_record_batch(batch, &mask)?);
+        out.push(arrow::compute::filter_record_batch(batch, &membership(batch, key, &held_keys, false)?)?);
     }
     for batch in held_rows(rows).await? {
         out.push(arrow::compute::filter_record_batch(&batch, &wanted(&batch)?)?);
@@ -437,12 +432,7 @@ async fn customer_orders(ctx: &SessionContext, inputs: &LiveInputs<'_>, held: &m
                 let columns = Some(&["order_id", "customer_id", "status", "is_current"][..]);
                 let stored = looked_up_rows(&index, &orders, table, columns).await?;
                 let wanted: HashSet<i64> = orders.iter().copied().collect();
-                let of_wanted = |batch: &RecordBatch| -> Result<BooleanArray> {
-                    Ok(int64s(batch, "order_id")?
-                        .iter()
-                        .map(|o| Some(o.is_some_and(|o| wanted.contains(&o))))
-                        .collect())
-                };
+                let of_wanted = |batch: &RecordBatch| membership(batch, "order_id", &wanted, true);
                 for (side, sign) in [(previous.tables.get(table), -1), (held.tables.get(table), 1)] {
                     for batch in visible_rows(&stored, "order_id", side, &of_wanted).await? {
                         let (customers, current) = (int64s(&batch, "customer_id")?, bools(&batch, "is_current")?);
@@ -809,8 +799,7 @@ async fn extend_rows(
     ));
     let mut rows = Vec::new();
     for batch in held_rows(previous.1).await? {
-        let kept: BooleanArray =
-            int64s(&batch, key)?.iter().map(|k| Some(!k.is_some_and(|k| touched_keys.contains(&k)))).collect();
+        let kept = membership(&batch, key, &touched_keys, false)?;
         rows.push(arrow::compute::filter_record_batch(&batch, &kept)?);
     }
     rows.extend(held_rows(fresh).await?);
@@ -1190,6 +1179,12 @@ async fn touched_in_memory(
     keys.sort_unstable();
     keys.dedup();
     Ok(Some(keys))
+}
+
+/// Per row of `batch`: whether its `column` is (`members`) or is not (`!members`) one of `set`
+/// (a null is in no set).
+fn membership(batch: &RecordBatch, column: &str, set: &HashSet<i64>, members: bool) -> Result<BooleanArray> {
+    Ok(int64s(batch, column)?.iter().map(|v| Some(v.is_some_and(|v| set.contains(&v)) == members)).collect())
 }
 
 /// Column `name` of `batch` as 64-bit integers.
