@@ -381,3 +381,58 @@ async fn demo_leaves_nothing_in_a_source_and_teardown_removes_what_acme_created_
     assert!(out.contains("removed schema acme_cdc"), "{out}");
     assert_eq!(source_objects(&client).await, and(&["publication mine".to_string()]));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vacuum_frees_replaced_files_and_pinned_readers_inside_the_retention_keep_reading() {
+    let url = acme_testkit::acme_database("vacuum", Some((0.001, 29))).await.expect("source");
+    let client = acme_testkit::connect(&url).await.expect("connect");
+    let slot = acme_testkit::slot_for(&url);
+    let dir = tempfile::tempdir().expect("tmp");
+    let warehouse = dir.path().join("w").display().to_string();
+    let sync = || run("sync", &["--source", &url, "--warehouse", &warehouse, "--slot", &slot, "--once"]);
+    let (code, _, err) = sync();
+    assert_eq!(code, Some(0), "{err}");
+    // Changes, and a second build that replaces model files.
+    client
+        .batch_execute(
+            "UPDATE operations.orders SET status = 'COMPLETED' WHERE order_id % 7 = 0; \
+             UPDATE operations.customers SET customer_name = customer_name || ' (renamed)' WHERE customer_id % 5 = 0",
+        )
+        .await
+        .expect("changes");
+    let (code, _, err) = sync();
+    assert_eq!(code, Some(0), "{err}");
+    let pinned = acme::query::Warehouse::open(&warehouse).await.expect("open");
+    let oracle = acme_testkit::oracle::source_reports(&client, 3).await.expect("oracle");
+    assert_eq!(support::reports(&pinned, 3).await, oracle);
+
+    // Within an hour nothing the warehouse replaced is old enough: nothing goes.
+    let (code, out, err) = run("vacuum", &["--warehouse", &warehouse, "--retention-hours", "1"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("vacuum deleted 0 files, 0 bytes"), "{out}");
+    // Without retention: a dry run reports the replaced files and deletes none; then they go.
+    let (code, dry, err) = run("vacuum", &["--warehouse", &warehouse, "--retention-hours", "0", "--dry-run"]);
+    assert_eq!(code, Some(0), "{dry}{err}");
+    let total = |out: &str| -> u64 {
+        let line = out.lines().find(|l| l.starts_with("vacuum ")).expect("total line");
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let at = words.iter().position(|w| w.trim_end_matches(',') == "files").expect("a file count");
+        words[at - 1].parse().expect("a number of files")
+    };
+    assert!(total(&dry) > 0, "the second build replaced files:\n{dry}");
+    assert_eq!(support::reports(&pinned, 3).await, oracle, "a dry run deletes nothing");
+    let (code, out, err) = run("vacuum", &["--warehouse", &warehouse, "--retention-hours", "0"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert_eq!(total(&out), total(&dry), "{out}");
+    // The current state reads the same, and the warehouse goes on.
+    let w = acme::query::Warehouse::open(&warehouse).await.expect("open");
+    assert_eq!(support::reports(&w, 3).await, oracle);
+    client.batch_execute("UPDATE operations.orders SET status = 'PENDING' WHERE order_id = 1").await.expect("write");
+    let (code, _, err) = sync();
+    assert_eq!(code, Some(0), "{err}");
+    let w = acme::query::Warehouse::open(&warehouse).await.expect("open");
+    assert_eq!(support::reports(&w, 3).await, acme_testkit::oracle::source_reports(&client, 3).await.expect("oracle"));
+    // A warehouse path that does not parse: a usage error.
+    let (code, _, err) = run("vacuum", &["--warehouse", "ftp://nowhere/w"]);
+    assert_eq!(code, Some(2), "{err}");
+}

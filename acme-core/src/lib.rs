@@ -28,6 +28,7 @@ pub mod files;
 pub mod lookup;
 pub mod raw;
 pub mod storage;
+pub mod vacuum;
 
 pub use compact::{CompactOptions, CompactReport, MergedFiles};
 pub use config::{AcmeConfig, AcmeConfigBuilder, CdcMode};
@@ -35,6 +36,7 @@ pub use error::{Error, Result};
 pub use files::{DataFile, Replace};
 pub use lookup::KeyIndex;
 pub use storage::{CommitMode, CommitOutcome, Layer, LayerTable, LayerWriter, Position, Storage};
+pub use vacuum::VacuumedTable;
 
 pub use arrow;
 pub use deltalake;

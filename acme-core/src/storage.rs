@@ -196,11 +196,18 @@ impl Storage {
     }
 
     fn meta_location(&self, name: &str) -> Result<(Arc<dyn ObjectStore>, object_store::path::Path)> {
+        let (store, prefix) = self.root_store()?;
+        Ok((store, object_store::path::Path::from(format!("{prefix}_acme/{name}"))))
+    }
+
+    /// The object store holding the warehouse, and the path of the warehouse's root in it
+    /// (empty, or ending with `/`).
+    pub(crate) fn root_store(&self) -> Result<(Arc<dyn ObjectStore>, String)> {
         match &self.backend {
             Some(store) => {
                 let prefix = self.root.path().trim_matches('/');
-                let path = if prefix.is_empty() { format!("_acme/{name}") } else { format!("{prefix}/_acme/{name}") };
-                Ok((Arc::clone(store), object_store::path::Path::from(path)))
+                let prefix = if prefix.is_empty() { String::new() } else { format!("{prefix}/") };
+                Ok((Arc::clone(store), prefix))
             }
             None => {
                 let dir = self.root.to_file_path().map_err(|_| Error::StorageUrl {
@@ -209,7 +216,7 @@ impl Storage {
                 })?;
                 let store = object_store::local::LocalFileSystem::new_with_prefix(&dir)
                     .map_err(|source| Error::ObjectStore { url: self.root.to_string(), source })?;
-                Ok((Arc::new(store), object_store::path::Path::from(format!("_acme/{name}"))))
+                Ok((Arc::new(store), String::new()))
             }
         }
     }
