@@ -290,19 +290,21 @@ impl Snapshot {
             target_file_bytes: self.config.target_file_bytes,
             url: url.clone(),
         });
-        let mut workers = Vec::new();
+        // The workers are owned: an error (here, or in a worker) or a cancelled snapshot drops
+        // the set, which aborts every copy still running and closes its connection.
+        let mut workers = tokio::task::JoinSet::new();
         for worker in 0..self.config.snapshot_parallelism {
             let client = url.connect().await?;
             let import =
                 format!("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT '{snapshot_id}'");
             url.bounded_sql("importing the exported snapshot", client.batch_execute(&import)).await?;
             let shared = Arc::clone(&shared);
-            workers.push(tokio::spawn(async move { copy_worker(worker, client, shared).await }));
+            workers.spawn(async move { copy_worker(worker, client, shared).await });
         }
         let mut adds: HashMap<usize, Vec<Add>> = HashMap::new();
         let mut first_error = None;
-        for worker in workers {
-            match worker.await {
+        while let Some(worker) = workers.join_next().await {
+            match worker {
                 Ok(Ok(files)) => {
                     for (table, files) in files {
                         adds.entry(table).or_default().extend(files);
@@ -310,6 +312,10 @@ impl Snapshot {
                 }
                 Ok(Err(e)) => first_error = first_error.or(Some(e)),
                 Err(e) => first_error = first_error.or(Some(IngestError::Task(e.to_string()))),
+            }
+            if first_error.is_some() {
+                // The others' copies are wasted: stop them now.
+                workers.abort_all();
             }
         }
         // Ending the read-only transaction is only courtesy: the error that matters is the
@@ -391,7 +397,9 @@ async fn copy_worker(
 ) -> Result<Vec<(usize, Vec<Add>)>> {
     let (tx, mut rx) = mpsc::channel::<(usize, RecordBatch)>(CHANNEL_DEPTH);
     let writer_shared = Arc::clone(&shared);
-    let writer = tokio::spawn(async move {
+    // (Owned too: aborted with the worker.)
+    let mut writer = tokio::task::JoinSet::new();
+    writer.spawn(async move {
         let mut writers: HashMap<usize, acme_core::LayerWriter> = HashMap::new();
         while let Some((table, batch)) = rx.recv().await {
             let layer = &writer_shared.layer_tables[table];
@@ -411,7 +419,10 @@ async fn copy_worker(
     });
     let copied = copy_ranges(worker, &client, &shared, &tx).await;
     drop(tx);
-    let written = writer.await.map_err(|e| IngestError::Task(e.to_string()))?;
+    let written = match writer.join_next().await {
+        Some(written) => written.map_err(|e| IngestError::Task(e.to_string()))?,
+        None => Err(IngestError::Task("the snapshot writer task is missing".into())),
+    };
     copied?;
     written
 }

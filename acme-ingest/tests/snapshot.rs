@@ -281,3 +281,47 @@ async fn a_server_paused_mid_copy_fails_the_snapshot_within_the_timeout_and_a_re
     }
     drop(cluster);
 }
+
+/// A snapshot dropped mid-copy (a cancelled run) takes its copies with it: no worker goes on
+/// copying and every connection it opened closes. A rerun then completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_cancelled_mid_copy_stops_every_copy_and_a_rerun_completes() {
+    let url = acme_testkit::acme_database("snap_cancel", Some((0.05, 23))).await.expect("source");
+    let client = acme_testkit::connect(&url).await.expect("connect");
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut cfg = config(&url, dir.path());
+    cfg.batch_rows = 1024;
+    let progress = std::sync::Arc::new(acme_ingest::SnapshotProgress::default());
+    let snapshot = tokio::spawn(Snapshot::new(cfg.clone()).with_progress(std::sync::Arc::clone(&progress)).run());
+    let copied = || progress.tables().iter().map(|t| t.rows.load(std::sync::atomic::Ordering::Relaxed)).sum::<u64>();
+    while copied() == 0 && !snapshot.is_finished() {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    snapshot.abort();
+    assert!(snapshot.await.expect_err("cancelled").is_cancelled(), "the snapshot was still copying");
+    // (A batch being decoded when the abort came may still be counted.)
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let at_cancel = copied();
+    let sessions = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+                    AND backend_type = 'client backend' AND pid <> pg_backend_pid()";
+    let mut open: i64 = -1;
+    for _ in 0..50 {
+        open = client.query_one(sessions, &[]).await.expect("sessions").get(0);
+        if open == 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(open, 0, "every connection of the cancelled snapshot closed");
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert_eq!(copied(), at_cancel, "no copy went on after the cancel");
+
+    let report = Snapshot::new(cfg).await.expect("the snapshot run again");
+    let counts = acme_testkit::table_counts(&client).await.expect("counts");
+    for (table, count) in acme_testkit::TABLES.iter().zip(counts) {
+        let count = count as u64;
+        assert_eq!(rows(&read_raw(dir.path(), table).await) as u64, count, "{table}");
+        let reported = report.tables.iter().find(|t| t.table == format!("operations.{table}")).expect("reported");
+        assert_eq!(reported.rows, count, "{table}");
+    }
+}
