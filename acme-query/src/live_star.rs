@@ -851,11 +851,8 @@ async fn recompute(
     if star.name == tables::FACT_ORDER_ITEMS
         && let Some(orders) = tail_of(inputs.tails, "orders")
     {
-        let items = format!("{TAIL_SCHEMA}.{}_items", star.name);
-        ctx.register_table(items.as_str(), own_history)?;
         let order_keys = format!("{TAIL_SCHEMA}.{}_order_keys", star.name);
-        let sql = format!("SELECT DISTINCT order_id AS k FROM {items} WHERE order_id IS NOT NULL");
-        ctx.register_table(order_keys.as_str(), hold_in_memory(ctx, &sql).await?.0)?;
+        ctx.register_table(order_keys.as_str(), key_table(&held_values(&own_history, "order_id").await?)?.0)?;
         let name = format!("{}_orders", star.name);
         let (history, _) = scoped_history(ctx, orders, lookup(orders), &order_keys, &name).await?;
         scoped.register_table(orders.spec.history_table().as_str(), history)?;
@@ -872,17 +869,27 @@ async fn recompute(
     // The facts read the versions of their own customers or products only: those are looked
     // up in the stored dimension (with this handle's recomputed rows in place of the stored
     // ones of the same keys), not read from the whole dimension.
-    let fact_dimension = match star.name {
-        tables::FACT_ORDERS => Some((tables::DIM_CUSTOMER, "customer_id")),
-        tables::FACT_ORDER_ITEMS => Some((tables::DIM_PRODUCT, "product_id")),
+    // Only the dimension columns the fact statements read (`acme_model::star`): a lookup
+    // decodes each page it reads of each column it reads.
+    let fact_dimension: Option<(&str, &str, &[&str])> = match star.name {
+        tables::FACT_ORDERS => Some((
+            tables::DIM_CUSTOMER,
+            "customer_id",
+            &["customer_sk", "customer_id", "valid_from_lsn", "valid_to_lsn"],
+        )),
+        tables::FACT_ORDER_ITEMS => Some((
+            tables::DIM_PRODUCT,
+            "product_id",
+            &["product_sk", "product_id", "unity_price", "valid_from_lsn", "valid_to_lsn"],
+        )),
         _ => None,
     };
     for dimension in [tables::DIM_CUSTOMER, tables::DIM_PRODUCT] {
         let provider = match fact_dimension {
-            Some((wanted, _)) if wanted != dimension => continue,
-            Some((_, column)) => {
-                let of = format!("SELECT DISTINCT {column} FROM {own_rows} r WHERE {column} IS NOT NULL");
-                scoped_dimension(ctx, held, dimension, &of, star.name).await?
+            Some((wanted, ..)) if wanted != dimension => continue,
+            Some((_, column, columns)) => {
+                let ids = held_values(&own_history, column).await?;
+                scoped_dimension(held, dimension, &ids, columns).await?
             }
             None => None,
         };
@@ -1044,40 +1051,58 @@ async fn looked_up(
     Ok(name.to_string())
 }
 
-/// The live rows of `dimension` for the business keys `of` selects (a query of `ctx` whose
-/// first column holds them): the stored versions of those keys, looked up, with the rows this
-/// handle recomputed for its touched keys in place of the stored ones. `None` when the
-/// dimension is not stored (the live view is then read whole).
+/// The live rows of `dimension` for the business keys `ids`, with only `columns`: the stored
+/// versions of those keys, looked up, with the rows this handle recomputed for its touched keys
+/// in place of the stored ones. `None` when the dimension is not stored (the live view is then
+/// read whole).
 async fn scoped_dimension(
-    ctx: &SessionContext,
     held: &std::sync::Mutex<HeldStar>,
     dimension: &'static str,
-    of: &str,
-    prefix: &str,
+    ids: &[i64],
+    columns: &[&str],
 ) -> Result<Option<Arc<dyn TableProvider>>> {
     let Some(star) = LIVE_STAR.iter().find(|s| s.name == dimension) else { return Ok(None) };
     let Some(index) = lock(held).lookups.get(dimension).cloned() else { return Ok(None) };
-    let ids = int64_column(ctx, of).await?;
-    let name = |part: &str| format!("{TAIL_SCHEMA}.{prefix}_{dimension}_{part}");
-    let stored = looked_up(ctx, &index, &ids, &name("stored"), dimension).await?;
+    let stored = looked_up_rows(&index, ids, dimension, Some(columns)).await?;
     let recomputed = lock(held).tables.get(dimension).cloned();
-    let sql = match recomputed {
-        None => format!("SELECT * FROM {stored} s"),
-        Some((keys, rows)) => {
-            ctx.register_table(name("keys").as_str(), keys)?;
-            ctx.register_table(name("ids").as_str(), key_table(&ids)?.0)?;
-            let columns = column_list(&rows);
-            ctx.register_table(name("rows").as_str(), rows)?;
-            let wanted = format!(
-                "(SELECT * FROM {} r WHERE r.{key} IN (SELECT k FROM {})) w",
-                name("rows"),
-                name("ids"),
-                key = star.key
-            );
-            replaced_sql(&stored, star.key, &name("keys"), &wanted, &columns)
-        }
-    };
-    Ok(Some(ctx.sql(&sql).await?.into_view()))
+    let wanted: HashSet<i64> = ids.iter().copied().collect();
+    let of_wanted = |batch: &RecordBatch| membership(batch, star.key, &wanted, true);
+    let rows = visible_rows(&stored, star.key, recomputed.as_ref(), &of_wanted).await?;
+    // One schema (the stored table's columns, nullable) for the looked-up and the held rows.
+    let index_schema = index.schema();
+    let fields = columns
+        .iter()
+        .map(|c| Ok(index_schema.field_with_name(c)?.clone().with_nullable(true)))
+        .collect::<std::result::Result<Vec<_>, arrow::error::ArrowError>>()?;
+    let schema = Arc::new(Schema::new(fields));
+    let rows = rows
+        .iter()
+        .map(|batch| {
+            let projected = schema
+                .fields()
+                .iter()
+                .map(|f| {
+                    let column = batch.column_by_name(f.name()).ok_or_else(|| {
+                        datafusion::error::DataFusionError::Internal(format!("`{dimension}` has no `{}`", f.name()))
+                    })?;
+                    Ok(arrow::compute::cast(column, f.data_type())?)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Ok(RecordBatch::try_new(Arc::clone(&schema), projected)?)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Some(Arc::new(datafusion::datasource::MemTable::try_new(schema, vec![rows])?)))
+}
+
+/// The distinct non-null values of integer column `column` of a held relation, sorted.
+async fn held_values(provider: &Arc<dyn TableProvider>, column: &str) -> Result<Vec<i64>> {
+    let mut values = Vec::new();
+    for batch in held_rows(provider).await? {
+        values.extend(int64s(&batch, column)?.iter().flatten());
+    }
+    values.sort_unstable();
+    values.dedup();
+    Ok(values)
 }
 
 /// The first column of a query's rows, as Int64 values (nulls left out).
