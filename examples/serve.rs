@@ -13,6 +13,9 @@ use acme::http::{ServiceState, router};
 use acme::query::Warehouse;
 use clap::Parser;
 
+#[path = "support/cli.rs"]
+mod cli;
+
 /// jemalloc instead of glibc's malloc: with tokio's worker and blocking threads, glibc keeps the
 /// memory the pipeline frees in per-thread arenas, and a SF10 snapshot whose live heap stays
 /// under 300 MiB held 1.5 GiB of RSS (README, "Memory").
@@ -60,11 +63,7 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn run() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| acme::DEFAULT_LOG_FILTER.into()),
-        )
-        .init();
+    cli::init_logging();
     let args = Args::parse();
     let mut pipeline = None;
     let state = match &args.source {

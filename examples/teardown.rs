@@ -12,6 +12,9 @@
 use acme::core::AcmeConfig;
 use clap::Parser;
 
+#[path = "support/cli.rs"]
+mod cli;
+
 /// Command-line arguments.
 #[derive(Debug, Parser)]
 #[command(version, about = "Remove the replication slot, publication and triggers acme created in a source")]
@@ -34,11 +37,7 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn run() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| acme::DEFAULT_LOG_FILTER.into()),
-        )
-        .init();
+    cli::init_logging();
     let args = Args::parse();
     let config =
         AcmeConfig::builder().source_url(&args.source).slot(&args.slot).publication(&args.publication).build()?;

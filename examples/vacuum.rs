@@ -14,6 +14,9 @@ use std::time::Duration;
 use acme::core::Storage;
 use clap::Parser;
 
+#[path = "support/cli.rs"]
+mod cli;
+
 /// Command-line arguments.
 #[derive(Debug, Parser)]
 #[command(version, about = "Delete the warehouse files no version inside the retention needs")]
@@ -39,11 +42,7 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn run() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| acme::DEFAULT_LOG_FILTER.into()),
-        )
-        .init();
+    cli::init_logging();
     let args = Args::parse();
     let retention = Duration::try_from_secs_f64(args.retention_hours * 3600.0).map_err(|_| {
         acme::core::Error::Config { setting: "retention-hours", message: "must be a number of hours, 0 or more".into() }
