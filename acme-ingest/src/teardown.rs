@@ -13,6 +13,9 @@ use crate::error::{IngestError, Result};
 use crate::source::{SourceUrl, quote_ident};
 use crate::triggers::Changelog;
 
+/// How many times (every 100 ms) [`teardown`] looks again at a slot in use before saying so.
+const SLOT_RELEASE_POLLS: u32 = 50;
+
 /// What [`teardown`] did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Teardown {
@@ -57,12 +60,22 @@ pub async fn teardown(config: &AcmeConfig) -> Result<Teardown> {
     let sql = |doing: &'static str| move |source| IngestError::Source { context: doing.to_string(), source };
     let mut done = Teardown::default();
 
-    let slot = client
-        .query_opt("SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1", &[&config.slot])
-        .await
-        .map_err(sql("looking for the replication slot"))?;
-    if let Some(row) = slot {
-        if let Some(pid) = row.get::<_, Option<i32>>(0) {
+    // A process that just stopped streaming leaves its server process for a moment: wait a
+    // little for the slot to be released before calling it in use.
+    let mut slot = None;
+    for attempt in 0..=SLOT_RELEASE_POLLS {
+        slot = client
+            .query_opt("SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1", &[&config.slot])
+            .await
+            .map_err(sql("looking for the replication slot"))?
+            .map(|row| row.get::<_, Option<i32>>(0));
+        if !matches!(slot, Some(Some(_))) || attempt == SLOT_RELEASE_POLLS {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    if let Some(active) = slot {
+        if let Some(pid) = active {
             return Err(IngestError::SlotActive { slot: config.slot.clone(), pid });
         }
         client
