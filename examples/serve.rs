@@ -57,13 +57,11 @@ struct Args {
 /// Exit codes: 0 done; 2 a bad command line or setting; 75 transient (run again later); 78 an
 /// operator must act first (the message says what); 70 a bug in acme; 1 anything else
 /// (`acme::Severity`).
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
-    acme::exit_status(run().await)
+fn main() -> std::process::ExitCode {
+    cli::main(run)
 }
 
 async fn run() -> anyhow::Result<()> {
-    cli::init_logging();
     let args = Args::parse();
     let mut pipeline = None;
     let state = match &args.source {

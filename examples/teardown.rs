@@ -31,13 +31,11 @@ struct Args {
     publication: String,
 }
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
-    acme::exit_status(run().await)
+fn main() -> std::process::ExitCode {
+    cli::main(run)
 }
 
 async fn run() -> anyhow::Result<()> {
-    cli::init_logging();
     let args = Args::parse();
     let config =
         AcmeConfig::builder().source_url(&args.source).slot(&args.slot).publication(&args.publication).build()?;

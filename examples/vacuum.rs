@@ -36,13 +36,11 @@ struct Args {
     storage_option: Vec<(String, String)>,
 }
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
-    acme::exit_status(run().await)
+fn main() -> std::process::ExitCode {
+    cli::main(run)
 }
 
 async fn run() -> anyhow::Result<()> {
-    cli::init_logging();
     let args = Args::parse();
     let retention = Duration::try_from_secs_f64(args.retention_hours * 3600.0).map_err(|_| {
         acme::core::Error::Config { setting: "retention-hours", message: "must be a number of hours, 0 or more".into() }

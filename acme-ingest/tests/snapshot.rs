@@ -251,13 +251,9 @@ async fn a_server_paused_mid_copy_fails_the_snapshot_within_the_timeout_and_a_re
     let mut cfg = config(&url, dir.path());
     cfg.source_timeout = std::time::Duration::from_secs(1);
     cfg.batch_rows = 1024;
-    let progress = std::sync::Arc::new(acme_ingest::SnapshotProgress::default());
-    let snapshot = tokio::spawn(Snapshot::new(cfg.clone()).with_progress(std::sync::Arc::clone(&progress)).run());
     // Freeze the server as soon as the first rows have arrived.
-    let copied = || progress.tables().iter().map(|t| t.rows.load(std::sync::atomic::Ordering::Relaxed)).sum::<u64>();
-    while copied() == 0 && !snapshot.is_finished() {
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-    }
+    let (snapshot, progress) = snapshot_under_way(&cfg).await;
+    let copied = || copied_rows(&progress);
     cluster.pause().expect("pause");
     let outcome = tokio::time::timeout(std::time::Duration::from_secs(60), snapshot).await;
     cluster.resume().expect("resume");
@@ -291,12 +287,8 @@ async fn a_snapshot_cancelled_mid_copy_stops_every_copy_and_a_rerun_completes() 
     let dir = tempfile::tempdir().expect("tmp");
     let mut cfg = config(&url, dir.path());
     cfg.batch_rows = 1024;
-    let progress = std::sync::Arc::new(acme_ingest::SnapshotProgress::default());
-    let snapshot = tokio::spawn(Snapshot::new(cfg.clone()).with_progress(std::sync::Arc::clone(&progress)).run());
-    let copied = || progress.tables().iter().map(|t| t.rows.load(std::sync::atomic::Ordering::Relaxed)).sum::<u64>();
-    while copied() == 0 && !snapshot.is_finished() {
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-    }
+    let (snapshot, progress) = snapshot_under_way(&cfg).await;
+    let copied = || copied_rows(&progress);
     snapshot.abort();
     assert!(snapshot.await.expect_err("cancelled").is_cancelled(), "the snapshot was still copying");
     // (A batch being decoded when the abort came may still be counted.)
@@ -324,4 +316,24 @@ async fn a_snapshot_cancelled_mid_copy_stops_every_copy_and_a_rerun_completes() 
         let reported = report.tables.iter().find(|t| t.table == format!("operations.{table}")).expect("reported");
         assert_eq!(reported.rows, count, "{table}");
     }
+}
+
+type RunningSnapshot = tokio::task::JoinHandle<acme_ingest::Result<acme_ingest::SnapshotReport>>;
+
+/// A snapshot of `cfg` started on a task of its own, once its first rows have arrived (or it
+/// ended), and its progress.
+async fn snapshot_under_way(
+    cfg: &acme_core::AcmeConfig,
+) -> (RunningSnapshot, std::sync::Arc<acme_ingest::SnapshotProgress>) {
+    let progress = std::sync::Arc::new(acme_ingest::SnapshotProgress::default());
+    let snapshot = tokio::spawn(Snapshot::new(cfg.clone()).with_progress(std::sync::Arc::clone(&progress)).run());
+    while copied_rows(&progress) == 0 && !snapshot.is_finished() {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    (snapshot, progress)
+}
+
+/// Rows a snapshot has copied so far.
+fn copied_rows(progress: &acme_ingest::SnapshotProgress) -> u64 {
+    progress.tables().iter().map(|t| t.rows.load(std::sync::atomic::Ordering::Relaxed)).sum()
 }

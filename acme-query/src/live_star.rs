@@ -500,13 +500,10 @@ async fn register_customer_orders(ctx: &SessionContext, counts: &CustomerOrders)
 /// `register_one` as `<table>_touched`; none when it registered none).
 async fn touched_since(ctx: &SessionContext, table: &str) -> Result<Vec<i64>> {
     let relation = format!("{TAIL_SCHEMA}.{table}_touched");
-    let mut keys = Vec::new();
-    if ctx.table_exist(relation.as_str())? {
-        for batch in held_rows(&ctx.table_provider(relation.as_str()).await?).await? {
-            keys.extend(int64s(&batch, "k")?.iter().flatten());
-        }
+    match ctx.table_exist(relation.as_str())? {
+        true => held_values(&ctx.table_provider(relation.as_str()).await?, "k").await,
+        false => Ok(Vec::new()),
     }
-    Ok(keys)
 }
 
 /// The stored fact table's lookup by `key`, made once per stored model.
@@ -789,10 +786,7 @@ async fn extend_rows(
     touched: &Arc<dyn TableProvider>,
     fresh: &Arc<dyn TableProvider>,
 ) -> Result<KeysAndRows> {
-    let mut touched_keys = HashSet::new();
-    for batch in held_rows(touched).await? {
-        touched_keys.extend(int64s(&batch, "k")?.iter().flatten());
-    }
+    let touched_keys: HashSet<i64> = held_values(touched, "k").await?.into_iter().collect();
     // One schema for both (the statement's batches may differ from each other in nullability).
     let schema = Arc::new(Schema::new(
         fresh.schema().fields().iter().map(|f| f.as_ref().clone().with_nullable(true)).collect::<Vec<_>>(),
@@ -808,12 +802,10 @@ async fn extend_rows(
         .map(|batch| RecordBatch::try_new(Arc::clone(&schema), batch.columns().to_vec()))
         .collect::<std::result::Result<Vec<_>, _>>()?;
     let rows = arrow::compute::concat_batches(&schema, &rows)?;
-    let mut all_keys = touched_keys;
-    for batch in held_rows(previous.0).await? {
-        all_keys.extend(int64s(&batch, "k")?.iter().flatten());
-    }
-    let mut all_keys: Vec<i64> = all_keys.into_iter().collect();
+    let mut all_keys = held_values(previous.0, "k").await?;
+    all_keys.extend(touched_keys);
     all_keys.sort_unstable();
+    all_keys.dedup();
     let rows: Arc<dyn TableProvider> = Arc::new(datafusion::datasource::MemTable::try_new(schema, vec![vec![rows]])?);
     Ok((key_table(&all_keys)?.0, rows))
 }
