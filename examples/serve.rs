@@ -4,6 +4,9 @@
 //! ```text
 //! cargo run --release --example serve -- --warehouse ./warehouse [--source postgres://...] [--addr 127.0.0.1:8000]
 //! ```
+//!
+//! Besides the reports it answers `GET /health`, `GET /ready` and `GET /metrics` (Prometheus
+//! text; see `acme::http`).
 
 use std::time::Duration;
 
@@ -52,17 +55,20 @@ struct Args {
     #[arg(long = "storage-option", env = "ACME_STORAGE_OPTIONS", value_delimiter = ',',
           value_parser = acme::core::config::parse_storage_option)]
     storage_option: Vec<(String, String)>,
+    #[command(flatten)]
+    logging: cli::Logging,
 }
 
 /// Exit codes: 0 done; 2 a bad command line or setting; 75 transient (run again later); 78 an
 /// operator must act first (the message says what); 70 a bug in acme; 1 anything else
 /// (`acme::Severity`).
 fn main() -> std::process::ExitCode {
-    cli::main(run)
+    cli::main(|args: &Args| &args.logging, run)
 }
 
-async fn run() -> anyhow::Result<()> {
-    let args = Args::parse();
+async fn run(args: Args) -> anyhow::Result<()> {
+    // Before the pipeline starts, so that the snapshot is counted too.
+    let metrics = acme::http::prometheus()?;
     let mut pipeline = None;
     let state = match &args.source {
         Some(source) => {
@@ -82,6 +88,7 @@ async fn run() -> anyhow::Result<()> {
             Warehouse::open_with_options(&args.warehouse, args.storage_option.iter().cloned().collect()).await?,
         ),
     };
+    let state = state.metrics(metrics);
     let listener = tokio::net::TcpListener::bind(&args.addr).await?;
     println!("serving on http://{}", listener.local_addr()?);
     // Ctrl-C or SIGTERM (or the pipeline stopping by itself): stop accepting, let the requests

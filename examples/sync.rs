@@ -75,6 +75,8 @@ struct Args {
     #[arg(long = "storage-option", env = "ACME_STORAGE_OPTIONS", value_delimiter = ',',
           value_parser = acme::core::config::parse_storage_option)]
     storage_option: Vec<(String, String)>,
+    #[command(flatten)]
+    logging: cli::Logging,
 }
 
 fn parse_cdc_mode(value: &str) -> Result<CdcMode, String> {
@@ -90,11 +92,10 @@ fn parse_cdc_mode(value: &str) -> Result<CdcMode, String> {
 /// operator must act first (the message says what); 70 a bug in acme; 1 anything else
 /// (`acme::Severity`).
 fn main() -> std::process::ExitCode {
-    cli::main(run)
+    cli::main(|args: &Args| &args.logging, run)
 }
 
-async fn run() -> anyhow::Result<()> {
-    let args = Args::parse();
+async fn run(args: Args) -> anyhow::Result<()> {
     let config = AcmeConfig::builder()
         .source_url(&args.source)
         .storage_url(&args.warehouse)

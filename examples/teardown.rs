@@ -29,14 +29,15 @@ struct Args {
     /// Publication name (removed only if acme created it for this slot).
     #[arg(long, env = "ACME_PUBLICATION", default_value = acme::core::config::DEFAULT_PUBLICATION)]
     publication: String,
+    #[command(flatten)]
+    logging: cli::Logging,
 }
 
 fn main() -> std::process::ExitCode {
-    cli::main(run)
+    cli::main(|args: &Args| &args.logging, run)
 }
 
-async fn run() -> anyhow::Result<()> {
-    let args = Args::parse();
+async fn run(args: Args) -> anyhow::Result<()> {
     let config =
         AcmeConfig::builder().source_url(&args.source).slot(&args.slot).publication(&args.publication).build()?;
     let done = acme::ingest::teardown(&config).await.map_err(acme::PipelineError::from)?;

@@ -34,14 +34,15 @@ struct Args {
     #[arg(long = "storage-option", env = "ACME_STORAGE_OPTIONS", value_delimiter = ',',
           value_parser = acme::core::config::parse_storage_option)]
     storage_option: Vec<(String, String)>,
+    #[command(flatten)]
+    logging: cli::Logging,
 }
 
 fn main() -> std::process::ExitCode {
-    cli::main(run)
+    cli::main(|args: &Args| &args.logging, run)
 }
 
-async fn run() -> anyhow::Result<()> {
-    let args = Args::parse();
+async fn run(args: Args) -> anyhow::Result<()> {
     let retention = Duration::try_from_secs_f64(args.retention_hours * 3600.0).map_err(|_| {
         acme::core::Error::Config { setting: "retention-hours", message: "must be a number of hours, 0 or more".into() }
     })?;

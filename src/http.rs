@@ -3,6 +3,7 @@
 //! | endpoint | report |
 //! |---|---|
 //! | `GET /health` | liveness and what the warehouse covers |
+//! | `GET /metrics` | the metrics acme records ([`acme_core::telemetry`]), in Prometheus text, once [`prometheus`] installed the recorder (404 before) |
 //! | `GET /ready` | 200 when the reports can be served fresh, 503 (with the reason) while there is no model yet, the pipeline stopped, or its lag exceeds the bound ([`ServiceState::max_lag`]) |
 //! | `GET /analytics/orders?status=open&as_of=` | R1 orders by delivery date and status |
 //! | `GET /analytics/orders/top?limit=3&as_of=` | R2 top delivery dates by open orders |
@@ -21,6 +22,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::get;
 use chrono::{DateTime, Utc};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use serde_json::json;
 use tokio::sync::watch;
 
@@ -38,19 +40,39 @@ pub struct ServiceState {
     replace: Option<Arc<watch::Sender<Arc<Warehouse>>>>,
     status: Option<watch::Receiver<PipelineStatus>>,
     max_lag: Duration,
+    metrics: Option<PrometheusHandle>,
+}
+
+/// Install the process-wide Prometheus recorder that `GET /metrics` renders (once; later calls
+/// return the same handle), and describe acme's metrics in it. Fails when the process installed
+/// another [`metrics`] recorder first: render that one instead.
+pub fn prometheus() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildError> {
+    static HANDLE: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
+    static INSTALL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _once = INSTALL.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some(handle) = HANDLE.get() {
+        return Ok(handle.clone());
+    }
+    // Histograms as Prometheus histograms (buckets add up across instances; quantiles do not).
+    let buckets = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &buckets)?
+        .install_recorder()?;
+    acme_core::telemetry::describe();
+    Ok(HANDLE.get_or_init(|| handle).clone())
 }
 
 impl ServiceState {
     /// Serve `warehouse`.
     pub fn new(warehouse: Warehouse) -> Self {
         let (sender, warehouse) = watch::channel(Arc::new(warehouse));
-        Self { warehouse, replace: Some(Arc::new(sender)), status: None, max_lag: DEFAULT_MAX_READY_LAG }
+        Self { warehouse, replace: Some(Arc::new(sender)), status: None, max_lag: DEFAULT_MAX_READY_LAG, metrics: None }
     }
 
     /// Serve the newest handle of a running pipeline ([`crate::Pipeline::warehouses`]): each
     /// request answers from the newest consistent state.
     pub fn live(warehouses: watch::Receiver<Arc<Warehouse>>) -> Self {
-        Self { warehouse: warehouses, replace: None, status: None, max_lag: DEFAULT_MAX_READY_LAG }
+        Self { warehouse: warehouses, replace: None, status: None, max_lag: DEFAULT_MAX_READY_LAG, metrics: None }
     }
 
     /// Serve a running pipeline: its newest handles, and its status for `GET /ready`.
@@ -62,6 +84,12 @@ impl ServiceState {
     /// exceeds `lag` (default [`DEFAULT_MAX_READY_LAG`]).
     pub fn max_lag(mut self, lag: Duration) -> Self {
         self.max_lag = lag;
+        self
+    }
+
+    /// Serve the metrics `handle` renders at `GET /metrics` (see [`prometheus`]).
+    pub fn metrics(mut self, handle: PrometheusHandle) -> Self {
+        self.metrics = Some(handle);
         self
     }
 
@@ -83,6 +111,7 @@ pub fn router(state: ServiceState) -> Router {
     Router::new()
         .route("/health", get(health))
         .route("/ready", get(ready))
+        .route("/metrics", get(render_metrics))
         .route("/analytics/orders", get(open_orders))
         .route("/analytics/orders/top", get(top_dates))
         .route("/analytics/orders/product", get(items_by_product))
@@ -139,6 +168,20 @@ fn status(params: &HashMap<String, String>, default: StatusFilter) -> Result<Sta
     match params.get("status") {
         None => Ok(default),
         Some(v) => Ok(StatusFilter::parse(v)?),
+    }
+}
+
+async fn render_metrics(State(state): State<ServiceState>) -> Response {
+    match &state.metrics {
+        Some(handle) => {
+            handle.run_upkeep();
+            ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], handle.render()).into_response()
+        }
+        None => ApiError(
+            StatusCode::NOT_FOUND,
+            "no metrics recorder: serve one with ServiceState::metrics(acme::http::prometheus()?)".into(),
+        )
+        .into_response(),
     }
 }
 

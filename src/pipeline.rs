@@ -36,12 +36,13 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use acme_core::AcmeConfig;
+use acme_core::{AcmeConfig, telemetry};
 use acme_ingest::{CaptureEvent, ChangeStream, IngestError, Lsn, SnapshotProgress, SourceUrl};
 use acme_model::{ModelBuild, ModelError};
 use acme_query::{QueryError, Warehouse};
 use tokio::sync::{Notify, oneshot, watch};
 use tokio::task::JoinHandle;
+use tracing::Instrument;
 
 /// How often maintenance checks whether a model build is due, by default
 /// ([`PipelineBuilder::model_interval`]).
@@ -120,33 +121,62 @@ impl Severity {
     }
 }
 
+impl Severity {
+    /// The severity of a capture error.
+    fn of_ingest(error: &IngestError) -> Self {
+        if error.is_transient() {
+            return Severity::Transient;
+        }
+        match error {
+            IngestError::NoSource
+            | IngestError::BadUrl { .. }
+            | IngestError::SlotNameChanged { .. }
+            | IngestError::PublicationNameChanged { .. } => Severity::Usage,
+            IngestError::Storage(e) => Severity::of_storage(e),
+            IngestError::Task(_) | IngestError::Internal(_) | IngestError::Arrow { .. } => Severity::Bug,
+            _ => Severity::NeedsOperator,
+        }
+    }
+
+    /// The severity of a model build error.
+    fn of_model(error: &ModelError) -> Self {
+        match error {
+            ModelError::Core(e) => Severity::of_storage(e),
+            ModelError::Internal(_) | ModelError::DataFusion(_) => Severity::Bug,
+            _ => Severity::NeedsOperator,
+        }
+    }
+
+    /// The severity of a query (or warehouse refresh) error.
+    fn of_query(error: &QueryError) -> Self {
+        match error {
+            QueryError::Core(e) => Severity::of_storage(e),
+            QueryError::InvalidParameter { .. } | QueryError::BeforeHistory { .. } => Severity::Usage,
+            QueryError::MissingTable { .. } => Severity::NeedsOperator,
+            _ => Severity::Bug,
+        }
+    }
+
+    /// The label of the severity in metrics.
+    fn label(self) -> &'static str {
+        match self {
+            Severity::Transient => "transient",
+            Severity::NeedsOperator => "needs_operator",
+            Severity::Usage => "usage",
+            Severity::Bug => "bug",
+        }
+    }
+}
+
 impl PipelineError {
     /// Whether retrying later may succeed, an operator must act first, the settings are wrong,
     /// or acme has a bug.
     pub fn severity(&self) -> Severity {
         match self {
             PipelineError::Config(e) => Severity::of_storage(e),
-            PipelineError::Ingest(e) if e.is_transient() => Severity::Transient,
-            PipelineError::Ingest(e) => match e {
-                IngestError::NoSource
-                | IngestError::BadUrl { .. }
-                | IngestError::SlotNameChanged { .. }
-                | IngestError::PublicationNameChanged { .. } => Severity::Usage,
-                IngestError::Storage(e) => Severity::of_storage(e),
-                IngestError::Task(_) | IngestError::Internal(_) | IngestError::Arrow { .. } => Severity::Bug,
-                _ => Severity::NeedsOperator,
-            },
-            PipelineError::Model(e) => match e {
-                ModelError::Core(e) => Severity::of_storage(e),
-                ModelError::Internal(_) | ModelError::DataFusion(_) => Severity::Bug,
-                _ => Severity::NeedsOperator,
-            },
-            PipelineError::Query(e) => match e {
-                QueryError::Core(e) => Severity::of_storage(e),
-                QueryError::InvalidParameter { .. } | QueryError::BeforeHistory { .. } => Severity::Usage,
-                QueryError::MissingTable { .. } => Severity::NeedsOperator,
-                _ => Severity::Bug,
-            },
+            PipelineError::Ingest(e) => Severity::of_ingest(e),
+            PipelineError::Model(e) => Severity::of_model(e),
+            PipelineError::Query(e) => Severity::of_query(e),
             PipelineError::Task { .. } => Severity::Bug,
         }
     }
@@ -453,7 +483,19 @@ impl Pipeline {
     }
 }
 
-fn record_error(status: &watch::Sender<PipelineStatus>, error: &dyn std::fmt::Display, retried: bool) {
+/// Record an error of `task` (`capture`, `model`, `refresh`) in the status and the metrics.
+fn record_error<E: std::fmt::Display + std::fmt::Debug>(
+    status: &watch::Sender<PipelineStatus>,
+    task: &'static str,
+    error: &E,
+    severity: Severity,
+    retried: bool,
+) {
+    let kind = telemetry::error_kind(error);
+    metrics::counter!(telemetry::ERRORS, "task" => task, "kind" => kind, "severity" => severity.label()).increment(1);
+    if retried {
+        metrics::counter!(telemetry::RETRIES, "task" => task).increment(1);
+    }
     status.send_modify(|s| {
         s.last_error = Some(error.to_string());
         if retried {
@@ -497,13 +539,13 @@ async fn capture(
             }
             CaptureEvent::Retrying { error, attempt } => {
                 tracing::warn!(%error, attempt, "capture retrying");
-                record_error(&status, error, true);
+                record_error(&status, "capture", error, Severity::of_ingest(error), true);
             }
         })
         .await;
     if let Err(error) = &result {
         tracing::error!(%error, "capture stopped");
-        record_error(&status, error, false);
+        record_error(&status, "capture", error, Severity::of_ingest(error), false);
         let _ = stop_all.send(true);
     }
     // Stopped for good, or shut down: either way nothing is captured any more.
@@ -609,6 +651,9 @@ async fn maintain(
                         }
                     });
                     if !report.up_to_date {
+                        metrics::counter!(telemetry::MODEL_STEPS, "step" => "build").increment(1);
+                        metrics::histogram!(telemetry::MODEL_STEP_SECONDS, "step" => "build")
+                            .record(report.elapsed.as_secs_f64());
                         tracing::debug!(position = report.position, elapsed = ?report.elapsed, "model build");
                         committed.notify_one();
                     }
@@ -618,7 +663,7 @@ async fn maintain(
                     // Retried with backoff: a full disk, a broken file or a pool too small is
                     // reported in the status until it is mended.
                     tracing::warn!(%error, "model build failed; retrying");
-                    record_error(&status, &error, true);
+                    record_error(&status, "model", &error, Severity::of_model(&error), true);
                     failures += 1;
                     Duration::from_millis(500).saturating_mul(1 << failures.min(6)).min(Duration::from_secs(30))
                 }
@@ -638,6 +683,7 @@ async fn refresh(
     cancel: watch::Receiver<bool>,
     committed: Arc<Notify>,
 ) {
+    let mut last_files = None;
     loop {
         tokio::select! {
             _ = cancelled(cancel.clone()) => return,
@@ -646,8 +692,16 @@ async fn refresh(
         }
         let current = Arc::clone(&*warehouses.borrow());
         let started = Instant::now();
-        match current.refreshed().await {
+        let span = tracing::debug_span!("model_step", step = "refresh", from = current.raw_position());
+        match current.refreshed().instrument(span).await {
             Ok(Some(newer)) => {
+                metrics::counter!(telemetry::MODEL_STEPS, "step" => "refresh").increment(1);
+                metrics::histogram!(telemetry::MODEL_STEP_SECONDS, "step" => "refresh")
+                    .record(started.elapsed().as_secs_f64());
+                if last_files.is_none_or(|at: Instant| at.elapsed() >= FILE_GAUGES_EVERY) {
+                    record_layer_files(&newer);
+                    last_files = Some(Instant::now());
+                }
                 tracing::debug!(
                     raw_position = newer.raw_position(),
                     model_position = newer.model_position(),
@@ -663,11 +717,37 @@ async fn refresh(
             Ok(None) => {}
             Err(error) => {
                 tracing::warn!(%error, "refreshing the warehouse failed; retrying");
-                record_error(&status, &error, true);
+                record_error(&status, "refresh", &error, Severity::of_query(&error), true);
             }
         }
     }
 }
+
+/// How often the refresh loop counts the published warehouse's files per layer.
+const FILE_GAUGES_EVERY: Duration = Duration::from_secs(5);
+
+/// Set the [`telemetry::LAYER_FILES`] and [`telemetry::LAYER_BYTES`] gauges from the data files
+/// `warehouse` reads.
+fn record_layer_files(warehouse: &Warehouse) {
+    let mut per_layer: Vec<(&'static str, u64, u64)> = Vec::new();
+    for (layer, files, bytes) in warehouse.data_file_totals() {
+        match per_layer.iter_mut().find(|(l, ..)| *l == layer.dir()) {
+            Some(entry) => {
+                entry.1 += files;
+                entry.2 += bytes;
+            }
+            None => per_layer.push((layer.dir(), files, bytes)),
+        }
+    }
+    for (layer, files, bytes) in per_layer {
+        metrics::gauge!(telemetry::LAYER_FILES, "layer" => layer).set(files as f64);
+        metrics::gauge!(telemetry::LAYER_BYTES, "layer" => layer).set(bytes as f64);
+    }
+}
+
+/// The most WAL samples the lag probe keeps (about half an hour's). Older ones are dropped
+/// even when the model has not passed them: its lag then reads as of the last sample it passed.
+const MAX_LAG_SAMPLES: usize = 4096;
 
 /// Sample the source's WAL position twice a second; the lag is measured against the samples:
 /// `lag_seconds` is the age of the newest sample the confirmed position has passed.
@@ -677,7 +757,8 @@ async fn lag_probe(config: AcmeConfig, status: Arc<watch::Sender<PipelineStatus>
     let url = url.with_timeout(config.source_timeout);
     let mut client = None;
     let mut samples: VecDeque<(Instant, u64)> = VecDeque::new();
-    let mut passed: Option<Instant> = None;
+    // The newest sample the confirmed position and the model's position have passed.
+    let mut passed: [Option<Instant>; 2] = [None; 2];
     loop {
         tokio::select! {
             _ = cancelled(cancel.clone()) => return,
@@ -698,15 +779,37 @@ async fn lag_probe(config: AcmeConfig, status: Arc<watch::Sender<PipelineStatus>
         };
         let now = Instant::now();
         samples.push_back((now, wal));
-        let confirmed = status.borrow().confirmed_lsn.0;
-        // Every commit made before a sample the confirmed position has passed is captured.
-        while let Some((at, _)) = samples.front().filter(|(_, lsn)| *lsn <= confirmed) {
-            passed = Some(*at);
+        let (confirmed, model) = {
+            let s = status.borrow();
+            let confirmed = s.confirmed_lsn.0;
+            // With no raw change after it, the stored model holds all the raw layer does.
+            let model = s.model_position.map(|p| if s.tail_changes == 0 { confirmed } else { p.max(0) as u64 });
+            (confirmed, model)
+        };
+        // Every commit made before a sample a position has passed is held at that position.
+        for (passed, position) in passed.iter_mut().zip([Some(confirmed), model]) {
+            let Some(position) = position else { continue };
+            if let Some((at, _)) = samples.iter().take_while(|(_, lsn)| *lsn <= position).last() {
+                *passed = Some(*at);
+            }
+        }
+        let lowest = model.map_or(confirmed, |m| m.min(confirmed));
+        while samples.front().is_some_and(|(_, lsn)| *lsn <= lowest) || samples.len() > MAX_LAG_SAMPLES {
             samples.pop_front();
         }
+        let lag_bytes = |position: u64| i64::try_from(wal.saturating_sub(position)).unwrap_or(i64::MAX);
+        let lag_seconds = |passed: Option<Instant>| passed.map(|at| now.duration_since(at).as_secs_f64());
+        for (layer, position, passed) in [("raw", Some(confirmed), passed[0]), ("model", model, passed[1])] {
+            if let Some(position) = position {
+                metrics::gauge!(telemetry::LAG_BYTES, "layer" => layer).set(lag_bytes(position) as f64);
+            }
+            if let Some(seconds) = lag_seconds(passed) {
+                metrics::gauge!(telemetry::LAG_SECONDS, "layer" => layer).set(seconds);
+            }
+        }
         status.send_modify(|s| {
-            s.lag_bytes = Some(i64::try_from(wal.saturating_sub(confirmed)).unwrap_or(i64::MAX));
-            s.lag_seconds = passed.map(|at| now.duration_since(at).as_secs_f64());
+            s.lag_bytes = Some(lag_bytes(confirmed));
+            s.lag_seconds = lag_seconds(passed[0]);
         });
     }
 }

@@ -9,6 +9,7 @@
 
 use datafusion::prelude::SessionContext;
 use futures::StreamExt;
+use tracing::Instrument;
 
 use crate::error::{Error, Result};
 use crate::files::{DataFile, Replace};
@@ -118,6 +119,12 @@ impl LayerTable {
     /// newer version. Files of a merge that is never committed are invisible to readers, and
     /// vacuum removes them.
     pub async fn merge_small_files(&self, ctx: &SessionContext, options: &CompactOptions) -> Result<Vec<MergedFiles>> {
+        let span = tracing::info_span!("compaction", table = self.name(), version = self.version());
+        self.merge_groups(ctx, options).instrument(span).await
+    }
+
+    /// [`LayerTable::merge_small_files`]'s work.
+    async fn merge_groups(&self, ctx: &SessionContext, options: &CompactOptions) -> Result<Vec<MergedFiles>> {
         let files = self.data_files()?;
         let columns: Vec<String> = self.schema()?.fields().iter().map(|f| f.name().clone()).collect();
         let mut groups: [Vec<DataFile>; 3] = Default::default();
@@ -188,6 +195,8 @@ impl LayerTable {
         }
         if report.files_removed > 0 {
             tracing::debug!(table = self.name(), ?report, "compacted");
+            let layer = self.layer().map_or("unknown", |l| l.dir());
+            metrics::counter!(crate::telemetry::COMPACTIONS, "layer" => layer).increment(1);
         }
         Ok(report)
     }

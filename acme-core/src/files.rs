@@ -108,6 +108,16 @@ impl LayerTable {
             .collect())
     }
 
+    /// How many active data files the loaded version has, and their bytes (without reading
+    /// their statistics).
+    pub fn file_totals(&self) -> Result<(u64, u64)> {
+        let snapshot = self.delta().snapshot().map_err(Error::delta(self.name(), "list files"))?;
+        Ok(snapshot
+            .log_data()
+            .iter()
+            .fold((0, 0), |(files, bytes), file| (files + 1, bytes + u64::try_from(file.size()).unwrap_or(0))))
+    }
+
     /// A DataFusion table over the given files of the loaded version (all of them when
     /// `files` is `None`), read with DataFusion's Parquet scan: statistics pruning, string
     /// views, and NULL for columns that files written before a schema change lack.

@@ -28,6 +28,7 @@ pub mod files;
 pub mod lookup;
 pub mod raw;
 pub mod storage;
+pub mod telemetry;
 pub mod vacuum;
 
 pub use compact::{CompactOptions, CompactReport, MergedFiles};

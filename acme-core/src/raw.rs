@@ -41,6 +41,10 @@ pub enum Operation {
 }
 
 impl Operation {
+    /// Every operation, in declaration order (`op as usize` indexes it).
+    pub const ALL: [Operation; 5] =
+        [Operation::Snapshot, Operation::Insert, Operation::Update, Operation::Delete, Operation::Truncate];
+
     /// The value stored in [`OP`].
     pub fn as_str(&self) -> &'static str {
         match self {

@@ -47,6 +47,11 @@ impl Layer {
             Layer::Presentation => "presentation",
         }
     }
+
+    /// The layer whose directory is `dir` (the inverse of [`Layer::dir`]).
+    pub fn from_dir(dir: &str) -> Option<Layer> {
+        [Layer::Raw, Layer::Intermediate, Layer::Presentation].into_iter().find(|l| l.dir() == dir)
+    }
 }
 
 /// A position committed with a layer commit: a Delta application transaction.
@@ -443,6 +448,11 @@ impl LayerTable {
     /// The underlying Delta table.
     pub fn delta(&self) -> &DeltaTable {
         &self.delta
+    }
+
+    /// The layer the table belongs to (from its name, `layer/table`).
+    pub fn layer(&self) -> Option<Layer> {
+        self.name.split('/').next().and_then(Layer::from_dir)
     }
 
     /// The loaded version of the table.

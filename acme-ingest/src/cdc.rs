@@ -30,12 +30,14 @@ use std::time::{Duration, Instant};
 use acme_core::deltalake::kernel::Add;
 use acme_core::raw::{self, Operation};
 use acme_core::storage::{Manifest, manifests};
+use acme_core::telemetry;
 use acme_core::{
     AcmeConfig, CdcMode, CommitMode, CompactOptions, CompactReport, Layer, LayerTable, LayerWriter, MergedFiles,
     Position, Storage,
 };
 use futures::StreamExt;
 use tokio_postgres::Client;
+use tracing::Instrument;
 
 use crate::changes::{ChangeBuilder, ChangeMeta, ColumnMap, PG_EPOCH_MICROS};
 use crate::error::{IngestError, Result};
@@ -436,6 +438,21 @@ impl ChangeStream {
     /// A poll that failed or was cancelled half-way leaves decoded changes that were never
     /// committed; the next poll notices, drops them and resumes from the raw layer's position.
     pub async fn poll(&mut self) -> Result<PollReport> {
+        let span = tracing::debug_span!(
+            "poll",
+            mode = ?self.config.cdc_mode,
+            from = %self.confirmed,
+            confirmed = tracing::field::Empty,
+            changes = tracing::field::Empty,
+        );
+        let report = self.poll_once().instrument(span.clone()).await?;
+        span.record("confirmed", tracing::field::display(report.confirmed));
+        span.record("changes", report.changes);
+        Ok(report)
+    }
+
+    /// [`ChangeStream::poll`]'s work.
+    async fn poll_once(&mut self) -> Result<PollReport> {
         if self.dirty {
             self.reconnect().await?;
         }
@@ -828,12 +845,29 @@ impl ChangeStream {
     /// Commit every table that received changes (one Delta commit each, with its position),
     /// then record the round in the raw manifest.
     async fn commit_round(&mut self, report: &mut PollReport) -> Result<()> {
+        let lsn = self.tables.iter().filter_map(|t| t.pending_lsn).max();
+        let Some(lsn) = lsn else { return Ok(()) };
+        let span = tracing::debug_span!("commit_round", lsn = %Lsn(lsn), tables = tracing::field::Empty);
+        let started = std::time::Instant::now();
+        let committed = report.tables_committed;
+        self.commit_tables(report).instrument(span.clone()).await?;
+        span.record("tables", report.tables_committed - committed);
+        if report.tables_committed > committed {
+            metrics::counter!(telemetry::COMMIT_ROUNDS).increment(1);
+            metrics::histogram!(telemetry::COMMIT_ROUND_SECONDS).record(started.elapsed().as_secs_f64());
+        }
+        Ok(())
+    }
+
+    /// [`ChangeStream::commit_round`]'s work.
+    async fn commit_tables(&mut self, report: &mut PollReport) -> Result<()> {
         // The tables commit concurrently; each commit is atomic on its own and carries its own
         // position, so a failure part-way is replayed exactly like a crash.
         let target_file_bytes = self.config.target_file_bytes;
         let commits = self.tables.iter_mut().map(|state| async move {
             let Some(lsn) = state.pending_lsn.take() else { return Ok::<_, IngestError>(None) };
             state.spill(target_file_bytes).await?;
+            let counts = state.builder.take_counts();
             let mut files = std::mem::take(&mut state.carried);
             let mut rows = state.carried_rows;
             state.carried_rows = 0;
@@ -846,6 +880,7 @@ impl ChangeStream {
             }
             state.layer.commit(files, &Position::new(raw::CDC_APP, lsn as i64), CommitMode::Append).await?;
             state.stored = Some(lsn);
+            record_captured(&state.builder.table().qualified(), &counts);
             Ok(Some(rows))
         });
         for rows in futures::future::join_all(commits).await {
@@ -950,6 +985,7 @@ impl ChangeStream {
         self.relations.clear();
         for state in &mut self.tables {
             let _ = state.builder.finish();
+            let _ = state.builder.take_counts();
             // Files written but never committed are invisible to readers; vacuum removes them.
             state.writer = None;
             state.carried.clear();
@@ -990,7 +1026,10 @@ impl ChangeStream {
             tracing::warn!(%error, attempt = *attempt, backoff_ms = backoff.as_millis() as u64, "source unreachable; reconnecting");
             tokio::time::sleep(backoff).await;
             match self.reconnect().await {
-                Ok(()) => return Ok(()),
+                Ok(()) => {
+                    metrics::counter!(telemetry::RECONNECTS).increment(1);
+                    return Ok(());
+                }
                 Err(e) if e.is_transient() => continue,
                 Err(e) => return Err(e),
             }
@@ -1235,6 +1274,13 @@ impl ChangeStream {
         } else {
             IngestError::Source { context: format!("reading changes from slot {}", self.config.slot), source }
         }
+    }
+}
+
+/// Count committed change rows per operation in [`telemetry::CHANGES_CAPTURED`].
+pub(crate) fn record_captured(table: &str, counts: &[u64; Operation::ALL.len()]) {
+    for (op, n) in Operation::ALL.iter().zip(counts).filter(|(_, n)| **n > 0) {
+        metrics::counter!(telemetry::CHANGES_CAPTURED, "table" => table.to_string(), "op" => op.as_str()).increment(*n);
     }
 }
 

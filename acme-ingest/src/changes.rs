@@ -66,6 +66,8 @@ pub struct ChangeBuilder {
     values: Vec<ColumnBuilder>,
     old: Vec<ColumnBuilder>,
     rows: usize,
+    /// Rows appended per operation (indexed as [`Operation::ALL`]) since they were last taken.
+    counts: [u64; Operation::ALL.len()],
 }
 
 impl ChangeBuilder {
@@ -86,6 +88,7 @@ impl ChangeBuilder {
             values,
             old,
             rows: 0,
+            counts: [0; Operation::ALL.len()],
         }
     }
 
@@ -177,7 +180,14 @@ impl ChangeBuilder {
         self.rows += 1;
     }
 
+    /// Rows appended per operation since the last call, indexed as [`Operation::ALL`], and
+    /// reset. [`ChangeBuilder::finish`] leaves them, so they cover everything a commit holds.
+    pub fn take_counts(&mut self) -> [u64; Operation::ALL.len()] {
+        std::mem::take(&mut self.counts)
+    }
+
     fn append_meta(&mut self, meta: ChangeMeta) {
+        self.counts[meta.op as usize] += 1;
         self.op.append_value(meta.op.as_str());
         self.lsn.append_value(meta.lsn as i64);
         self.seq.append_value(meta.seq);

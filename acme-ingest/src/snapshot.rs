@@ -21,6 +21,7 @@ use arrow::array::{ArrayRef, Int64Array, RecordBatch, StringArray, TimestampMicr
 use bytes::{Buf, Bytes, BytesMut};
 use futures::StreamExt;
 use tokio::sync::{Mutex, mpsc};
+use tracing::Instrument;
 
 use crate::decode::{ColumnBuilder, ValueContext};
 use crate::error::{IngestError, Result};
@@ -187,6 +188,12 @@ impl Snapshot {
 
     /// Run the snapshot.
     pub async fn run(self) -> Result<SnapshotReport> {
+        let span = tracing::info_span!("snapshot", lsn = tracing::field::Empty, tables = self.config.tables.len());
+        self.copy_all().instrument(span).await
+    }
+
+    /// [`Snapshot::run`]'s work, in its span.
+    async fn copy_all(self) -> Result<SnapshotReport> {
         let started = Instant::now();
         self.config.validate()?;
         let url = SourceUrl::parse(self.config.source_url.as_deref().ok_or(IngestError::NoSource)?)?
@@ -246,6 +253,7 @@ impl Snapshot {
         let row = url.bounded_sql("reading the snapshot time", time).await?;
         let taken_at_micros: i64 = row.get(0);
         let block_size: i64 = row.get(1);
+        tracing::Span::current().record("lsn", tracing::field::display(lsn));
         tracing::info!(%lsn, snapshot = %snapshot_id, "snapshot taken");
 
         // Plan block ranges, biggest tables first.
@@ -299,7 +307,7 @@ impl Snapshot {
                 format!("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT '{snapshot_id}'");
             url.bounded_sql("importing the exported snapshot", client.batch_execute(&import)).await?;
             let shared = Arc::clone(&shared);
-            workers.spawn(async move { copy_worker(worker, client, shared).await });
+            workers.spawn(async move { copy_worker(worker, client, shared).await }.in_current_span());
         }
         let mut adds: HashMap<usize, Vec<Add>> = HashMap::new();
         let mut first_error = None;
@@ -338,9 +346,9 @@ impl Snapshot {
         for (i, layer) in layer_tables.iter_mut().enumerate() {
             let files = adds.remove(&i).unwrap_or_default();
             let outcome = layer.commit(files, &position, CommitMode::ReplaceAll).await?;
-            let files = match outcome {
-                CommitOutcome::Committed { files, .. } => files,
-                CommitOutcome::AlreadyCommitted => 0,
+            let (files, outcome_committed) = match outcome {
+                CommitOutcome::Committed { files, .. } => (files, true),
+                CommitOutcome::AlreadyCommitted => (0, false),
             };
             let p = &table_progress.iter().find(|p| p.table == tables[i].qualified());
             let (rows, bytes) =
@@ -349,6 +357,11 @@ impl Snapshot {
                 p.done.store(true, Ordering::Relaxed);
             }
             tracing::info!(table = %tables[i].qualified(), rows, bytes, files, "snapshot table committed");
+            if outcome_committed {
+                let mut counts = [0; raw::Operation::ALL.len()];
+                counts[raw::Operation::Snapshot as usize] = rows;
+                crate::cdc::record_captured(&tables[i].qualified(), &counts);
+            }
             report_tables.push(TableSnapshot { table: tables[i].qualified(), rows, bytes, files });
         }
         let mut manifest = Manifest::new(lsn.0 as i64);
@@ -438,41 +451,55 @@ async fn copy_ranges(
             return Ok(());
         };
         let table = &shared.tables[table_idx];
-        let filter = match end {
-            Some(end) => format!("ctid >= '({start},0)'::tid AND ctid < '({end},0)'::tid"),
-            None => format!("ctid >= '({start},0)'::tid"),
-        };
-        let sql = format!(
-            "COPY (SELECT {} FROM {} WHERE {filter}) TO STDOUT (FORMAT binary)",
-            table.column_list(),
-            table.quoted()
-        );
-        tracing::debug!(worker, table = %table.qualified(), start, ?end, "copying range");
-        // Every wait on the server is bounded: a stalled server fails the snapshot (to be run
-        // again) instead of hanging it.
-        let starting = format!("starting COPY of {}", table.qualified());
-        let stream = shared.url.bounded_sql(&starting, client.copy_out(&sql)).await?;
-        futures::pin_mut!(stream);
-        let mut decoder = CopyDecoder::new(table, shared.batch_rows);
-        let progress = shared.progress_of(table_idx);
-        let reading = format!("reading COPY data of {}", table.qualified());
-        while let Some(chunk) = shared.url.bounded(&reading, async { Ok(stream.next().await) }).await? {
-            let chunk = chunk.map_err(|source| IngestError::Source { context: reading.clone(), source })?;
-            if let Some(p) = progress {
-                p.bytes.fetch_add(chunk.len() as u64, Ordering::Relaxed);
-            }
-            decoder.feed(chunk)?;
-            while decoder.rows_buffered() >= shared.batch_rows {
-                let batch = decoder.finish_batch(shared)?;
-                send(tx, table_idx, batch, progress).await?;
-            }
+        let span = tracing::debug_span!("snapshot_copy", worker, table = %table.qualified(), start, end);
+        copy_range(client, shared, tx, table_idx, start, end).instrument(span).await?;
+    }
+}
+
+/// Copy the rows of one block range of a table into the writer channel.
+async fn copy_range(
+    client: &tokio_postgres::Client,
+    shared: &Shared,
+    tx: &mpsc::Sender<(usize, RecordBatch)>,
+    table_idx: usize,
+    start: i64,
+    end: Option<i64>,
+) -> Result<()> {
+    let table = &shared.tables[table_idx];
+    let filter = match end {
+        Some(end) => format!("ctid >= '({start},0)'::tid AND ctid < '({end},0)'::tid"),
+        None => format!("ctid >= '({start},0)'::tid"),
+    };
+    let sql = format!(
+        "COPY (SELECT {} FROM {} WHERE {filter}) TO STDOUT (FORMAT binary)",
+        table.column_list(),
+        table.quoted()
+    );
+    // Every wait on the server is bounded: a stalled server fails the snapshot (to be run
+    // again) instead of hanging it.
+    let starting = format!("starting COPY of {}", table.qualified());
+    let stream = shared.url.bounded_sql(&starting, client.copy_out(&sql)).await?;
+    futures::pin_mut!(stream);
+    let mut decoder = CopyDecoder::new(table, shared.batch_rows);
+    let progress = shared.progress_of(table_idx);
+    let reading = format!("reading COPY data of {}", table.qualified());
+    while let Some(chunk) = shared.url.bounded(&reading, async { Ok(stream.next().await) }).await? {
+        let chunk = chunk.map_err(|source| IngestError::Source { context: reading.clone(), source })?;
+        if let Some(p) = progress {
+            p.bytes.fetch_add(chunk.len() as u64, Ordering::Relaxed);
         }
-        decoder.check_finished()?;
-        if decoder.rows_buffered() > 0 {
+        decoder.feed(chunk)?;
+        while decoder.rows_buffered() >= shared.batch_rows {
             let batch = decoder.finish_batch(shared)?;
             send(tx, table_idx, batch, progress).await?;
         }
     }
+    decoder.check_finished()?;
+    if decoder.rows_buffered() > 0 {
+        let batch = decoder.finish_batch(shared)?;
+        send(tx, table_idx, batch, progress).await?;
+    }
+    Ok(())
 }
 
 async fn send(

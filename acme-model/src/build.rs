@@ -27,6 +27,7 @@ use acme_core::{AcmeConfig, CompactOptions, Layer, LayerTable, Position, Storage
 use arrow::array::Array;
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::prelude::{DataFrame, SessionConfig, SessionContext};
+use tracing::Instrument;
 
 use crate::error::{ModelError, Result};
 use crate::history::{self, HistorySpec, attribute_columns, history_sql, open_versions_as_changes, raw_changes};
@@ -146,7 +147,12 @@ impl ModelBuild {
         let config = self.config.clone();
         let model = self.model_tables();
         let specs = self.specs.clone();
-        match self.build().await {
+        let span = tracing::info_span!("model_step", position = tracing::field::Empty);
+        let built = self.build().instrument(span.clone()).await;
+        if let Ok(report) = &built {
+            span.record("position", report.position);
+        }
+        match built {
             Err(ModelError::DataFusion(error))
                 if matches!(error.find_root(), datafusion::error::DataFusionError::ResourcesExhausted(_)) =>
             {

@@ -46,6 +46,7 @@ use chrono::{DateTime, NaiveDate, Utc};
 use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
 use datafusion::prelude::{DataFrame, SessionConfig, SessionContext};
 use serde::Serialize;
+use tracing::Instrument;
 
 use acme_core::storage::Manifest;
 use acme_model::history::{HistorySpec, history_attributes, state_predicate};
@@ -165,6 +166,19 @@ pub enum Report {
         /// Which orders count.
         filter: StatusFilter,
     },
+}
+
+impl Report {
+    /// The report's short name: `open_orders`, `top_delivery_dates`, `pending_items_by_product`
+    /// or `top_customers` (as in logs and spans).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Report::OpenOrders(_) => "open_orders",
+            Report::TopDeliveryDates { .. } => "top_delivery_dates",
+            Report::PendingItemsByProduct => "pending_items_by_product",
+            Report::TopCustomers { .. } => "top_customers",
+        }
+    }
 }
 
 /// R1 row: open orders per delivery date and status.
@@ -563,6 +577,16 @@ impl Warehouse {
         Ok(())
     }
 
+    /// Per pinned table: its layer, and the data files this handle reads and their bytes
+    /// (the stored files; rows the handle holds in memory are not counted).
+    pub fn data_file_totals(&self) -> Vec<(Layer, u64, u64)> {
+        self.tables
+            .iter()
+            .filter_map(|t| Some((t.layer()?, t.file_totals().ok()?)))
+            .map(|(layer, (files, bytes))| (layer, files, bytes))
+            .collect()
+    }
+
     /// The DataFusion context, for custom use.
     pub fn context(&self) -> &SessionContext {
         &self.ctx
@@ -570,7 +594,8 @@ impl Warehouse {
 
     /// Run ad-hoc SQL over the registered tables.
     pub async fn sql(&self, sql: &str) -> Result<DataFrame> {
-        Ok(self.ctx.sql(sql).await?)
+        let span = tracing::debug_span!("query", report = "sql", position = self.raw_position());
+        Ok(self.ctx.sql(sql).instrument(span).await?)
     }
 
     /// The first instant the history covers.
@@ -614,8 +639,14 @@ impl Warehouse {
 
     /// One report as Arrow record batches, with the seed's column names (see [`Report`]).
     pub async fn report_batches(&self, report: &Report, as_of: Option<DateTime<Utc>>) -> Result<Vec<RecordBatch>> {
+        let span = tracing::debug_span!(
+            "query",
+            report = report.name(),
+            as_of = as_of.map(|t| tracing::field::display(t.to_rfc3339())),
+            position = self.raw_position(),
+        );
         let (sql, fields) = self.report_plan(report, as_of)?;
-        self.batches(&sql, fields).await
+        self.batches(&sql, fields).instrument(span).await
     }
 
     /// The SQL this handle runs for `report` (now, or as of an instant), for example to see

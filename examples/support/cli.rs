@@ -1,17 +1,44 @@
 //! Shared by the command-line programs (each includes it with `#[path]`).
 
-/// Run a program's body: logging to stderr at `RUST_LOG` (by default acme's own events,
-/// [`acme::DEFAULT_LOG_FILTER`]), a multi-threaded Tokio runtime, and the exit code
+/// How the programs write their logs to stderr.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line, with the current span and its parents (for log collectors).
+    Json,
+}
+
+/// The logging flags every program takes (`#[command(flatten)]`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct Logging {
+    /// Log format on stderr: `text`, or `json` (one object per line, with the spans).
+    /// The level comes from RUST_LOG (default: acme's own events at info).
+    #[arg(long, env = "ACME_LOG_FORMAT", value_enum, default_value_t)]
+    pub log_format: LogFormat,
+}
+
+/// Run a program: parse its arguments (a bad command line exits with 2), log to stderr at
+/// `RUST_LOG` (by default acme's own events, [`acme::DEFAULT_LOG_FILTER`]) in the format
+/// `logging` picks from them, run `run` on a multi-threaded Tokio runtime, and exit with the code
 /// [`acme::exit_status`] gives the outcome.
-pub fn main<F: std::future::Future<Output = anyhow::Result<()>>>(run: impl FnOnce() -> F) -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| acme::DEFAULT_LOG_FILTER.into()),
-        )
-        .init();
+pub fn main<A, F>(logging: impl FnOnce(&A) -> &Logging, run: impl FnOnce(A) -> F) -> std::process::ExitCode
+where
+    A: clap::Parser,
+    F: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let args = A::parse();
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| acme::DEFAULT_LOG_FILTER.into());
+    let subscriber = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match logging(&args).log_format {
+        LogFormat::Text => subscriber.init(),
+        LogFormat::Json => subscriber.json().with_current_span(true).with_span_list(true).init(),
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build();
     match runtime {
-        Ok(runtime) => acme::exit_status(runtime.block_on(run())),
+        Ok(runtime) => acme::exit_status(runtime.block_on(run(args))),
         Err(error) => acme::exit_status(Err(anyhow::Error::from(error).context("starting the async runtime"))),
     }
 }
