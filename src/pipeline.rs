@@ -133,7 +133,7 @@ impl Severity {
             | IngestError::SlotNameChanged { .. }
             | IngestError::PublicationNameChanged { .. } => Severity::Usage,
             IngestError::Storage(e) => Severity::of_storage(e),
-            IngestError::Task(_) | IngestError::Internal(_) | IngestError::Arrow { .. } => Severity::Bug,
+            IngestError::Task { .. } | IngestError::Internal(_) | IngestError::Arrow { .. } => Severity::Bug,
             _ => Severity::NeedsOperator,
         }
     }

@@ -37,6 +37,7 @@ use acme_core::{
 };
 use futures::StreamExt;
 use tokio_postgres::Client;
+use tokio_postgres::error::SqlState;
 use tracing::Instrument;
 
 use crate::changes::{ChangeBuilder, ChangeMeta, ColumnMap, PG_EPOCH_MICROS};
@@ -370,9 +371,9 @@ impl ChangeStream {
         let snapshot = match storage.get_meta(SNAPSHOT_META).await? {
             Some(bytes) => SnapshotPoint::from_json(&bytes)?,
             None => {
-                return Err(IngestError::Internal(format!(
-                    "the raw layer holds a snapshot but _acme/{SNAPSHOT_META} is missing; re-sync into an empty warehouse"
-                )));
+                return Err(IngestError::WarehouseDamaged {
+                    what: format!("raw layer holds a snapshot but _acme/{SNAPSHOT_META} is missing"),
+                });
             }
         };
         if let Some(changelog) = &changelog {
@@ -458,9 +459,13 @@ impl ChangeStream {
         }
         self.dirty = true;
         let report = match self.config.cdc_mode {
-            CdcMode::Stream => self.poll_stream().await?,
-            CdcMode::SqlPoll => self.poll_sql().await?,
-            CdcMode::Triggers => self.poll_triggers().await?,
+            CdcMode::Stream => self.poll_stream().await,
+            CdcMode::SqlPoll => self.poll_sql().await,
+            CdcMode::Triggers => self.poll_triggers().await,
+        };
+        let report = match report {
+            Ok(report) => report,
+            Err(error) => return Err(self.invalidated_slot(error).await),
         };
         self.dirty = false;
         Ok(report)
@@ -955,7 +960,7 @@ impl ChangeStream {
         };
         let merged = (&mut task.0).await;
         drop(task);
-        let merged = merged.map_err(|e| IngestError::Task(format!("compacting the raw tables: {e}")))??;
+        let merged = merged.map_err(|source| IngestError::Task { doing: "compacting the raw tables", source })??;
         for (state, merged) in self.tables.iter_mut().zip(merged) {
             total += state.layer.commit_merged(merged).await?;
         }
@@ -1251,28 +1256,35 @@ impl ChangeStream {
     }
 
     fn stream_error(&self, error: IngestError) -> IngestError {
-        match error {
-            IngestError::Replication { ref message, .. }
-                if message.contains("SQLSTATE 42704") || message.contains("invalidated") =>
-            {
-                IngestError::SlotLost { slot: self.config.slot.clone() }
+        let code = error.sqlstate().cloned();
+        match (code, error) {
+            (Some(SqlState::UNDEFINED_OBJECT), _) => IngestError::SlotLost { slot: self.config.slot.clone() },
+            // The slot is still held by a connection the server has not noticed is gone.
+            (Some(SqlState::OBJECT_IN_USE), IngestError::Replication { message, .. }) => {
+                IngestError::Disconnected { target: self.url.to_string(), message }
             }
-            IngestError::Replication { ref message, .. } if message.contains("SQLSTATE 55006") => {
-                // The slot is still held by a connection the server has not noticed is gone.
-                IngestError::Disconnected { target: self.url.to_string(), message: message.clone() }
-            }
-            other => other,
+            (_, other) => other,
         }
     }
 
     fn slot_error(&self, source: tokio_postgres::Error) -> IngestError {
-        let missing = source.as_db_error().is_some_and(|e| {
-            e.code() == &tokio_postgres::error::SqlState::UNDEFINED_OBJECT || e.message().contains("invalidated")
-        });
-        if missing {
+        if source.code() == Some(&SqlState::UNDEFINED_OBJECT) {
             IngestError::SlotLost { slot: self.config.slot.clone() }
         } else {
             IngestError::Source { context: format!("reading changes from slot {}", self.config.slot), source }
+        }
+    }
+
+    /// A slot the server invalidated (it held more WAL than `max_slot_wal_keep_size`) answers
+    /// reads with "object not in prerequisite state": tell that apart from the state's other
+    /// causes by asking the server for the slot's `wal_status`.
+    async fn invalidated_slot(&mut self, error: IngestError) -> IngestError {
+        if error.sqlstate() != Some(&SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE) {
+            return error;
+        }
+        match self.url.bounded("looking up the replication slot", slot_state(&self.client, &self.config.slot)).await {
+            Ok(SlotState::Lost | SlotState::Missing) => IngestError::SlotLost { slot: self.config.slot.clone() },
+            _ => error,
         }
     }
 }
@@ -1317,18 +1329,24 @@ async fn slot_state(client: &Client, slot: &str) -> Result<SlotState> {
     Ok(match row {
         None => SlotState::Missing,
         Some(r) if r.get::<_, String>(2) != r.get::<_, String>(3) => {
-            return Err(IngestError::Internal(format!(
-                "replication slot {slot} belongs to database `{}`, not `{}`: set another slot name (config `slot`)",
-                r.get::<_, String>(2),
-                r.get::<_, String>(3)
-            )));
+            return Err(IngestError::SlotUnusable {
+                slot: slot.to_string(),
+                reason: format!(
+                    "belongs to database `{}`, not `{}`: set another slot name (config `slot`, `--slot`)",
+                    r.get::<_, String>(2),
+                    r.get::<_, String>(3)
+                ),
+            });
         }
         Some(r) if r.get::<_, String>(0) == "lost" => SlotState::Lost,
         Some(r) if r.get::<_, String>(1) != "pgoutput" => {
-            return Err(IngestError::Internal(format!(
-                "replication slot {slot} uses plugin {} instead of pgoutput: drop it or choose another slot name",
-                r.get::<_, String>(1)
-            )));
+            return Err(IngestError::SlotUnusable {
+                slot: slot.to_string(),
+                reason: format!(
+                    "uses plugin {} instead of pgoutput: drop it or choose another slot name (config `slot`, `--slot`)",
+                    r.get::<_, String>(1)
+                ),
+            });
         }
         Some(_) => SlotState::Ready,
     })

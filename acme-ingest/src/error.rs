@@ -1,5 +1,7 @@
 //! The error type of acme-ingest.
 
+use tokio_postgres::error::SqlState;
+
 /// Result alias with [`IngestError`] as the default error type.
 pub type Result<T, E = IngestError> = std::result::Result<T, E>;
 
@@ -96,8 +98,10 @@ pub enum IngestError {
     Replication {
         /// host:port/database (never the password).
         target: String,
-        /// What went wrong.
+        /// What went wrong (the server's message and detail, when it sent an error).
         message: String,
+        /// The server's SQLSTATE, when it sent an error.
+        code: Option<SqlState>,
     },
     /// The connection to the source broke or the server is shutting down or restarting.
     #[error("lost the connection to {target} ({message}); acme reconnects by itself when streaming")]
@@ -145,6 +149,20 @@ pub enum IngestError {
     SlotLost {
         /// The slot name.
         slot: String,
+    },
+    /// The replication slot exists but cannot serve this warehouse.
+    #[error("replication slot {slot} {reason}")]
+    SlotUnusable {
+        /// The slot name.
+        slot: String,
+        /// Why, and what to do.
+        reason: String,
+    },
+    /// The warehouse's own records are missing or unreadable.
+    #[error("the warehouse's {what}: re-sync into an empty warehouse")]
+    WarehouseDamaged {
+        /// What is missing or unreadable.
+        what: String,
     },
     /// The warehouse was synced through another slot than the configured one.
     #[error(
@@ -278,32 +296,51 @@ pub enum IngestError {
         #[source]
         source: arrow::error::ArrowError,
     },
-    /// A background task failed.
-    #[error("a pipeline task stopped unexpectedly: {0}")]
-    Task(String),
+    /// A task acme runs (a snapshot worker, a background merge) panicked or was cancelled.
+    #[error("a pipeline task stopped unexpectedly while {doing}")]
+    Task {
+        /// What the task was doing.
+        doing: &'static str,
+        /// The task's failure.
+        #[source]
+        source: tokio::task::JoinError,
+    },
     /// A bug in acme.
     #[error("internal error (a bug in acme, please report it): {0}")]
     Internal(String),
 }
 
 impl IngestError {
+    /// The SQLSTATE the source server answered with, when this error is the server's.
+    pub fn sqlstate(&self) -> Option<&SqlState> {
+        match self {
+            IngestError::Connect { source, .. } | IngestError::Source { source, .. } => source.code(),
+            IngestError::Replication { code, .. } => code.as_ref(),
+            _ => None,
+        }
+    }
+
     /// True for failures that a reconnect can cure: a broken connection, a server that shut
     /// down, restarts or terminated the backend. Everything else (privileges, missing slot,
     /// bad data) needs the user and is reported as it is.
     pub fn is_transient(&self) -> bool {
         match self {
             IngestError::Disconnected { .. } => true,
-            IngestError::Connect { source, .. } | IngestError::Source { source, .. } => match source.as_db_error() {
+            IngestError::Connect { source, .. } | IngestError::Source { source, .. } => match source.code() {
                 None => {
                     source.is_closed()
                         || std::error::Error::source(source).is_some_and(|cause| cause.is::<std::io::Error>())
                 }
-                Some(db) => {
-                    let code = db.code().code();
-                    code.starts_with("57P") || code.starts_with("08")
-                }
+                Some(code) => reconnect_cures(code),
             },
             _ => false,
         }
     }
+}
+
+/// Whether a server error of this SQLSTATE is cured by reconnecting: class 08 (the connection
+/// failed) and class 57P (the server shut down, restarts, or terminated the backend).
+pub(crate) fn reconnect_cures(code: &SqlState) -> bool {
+    let code = code.code();
+    code.starts_with("08") || code.starts_with("57P")
 }

@@ -15,8 +15,9 @@ use postgres_protocol::message::{backend, frontend};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_postgres::config::{Host, SslMode};
+use tokio_postgres::error::SqlState;
 
-use crate::error::{IngestError, Result};
+use crate::error::{IngestError, Result, reconnect_cures};
 use crate::source::SourceUrl;
 
 /// Bytes of free buffer space offered to each socket read.
@@ -40,7 +41,7 @@ impl std::fmt::Debug for ReplicationConnection {
 }
 
 fn protocol(target: &str, message: impl std::fmt::Display) -> IngestError {
-    IngestError::Replication { target: target.to_string(), message: message.to_string() }
+    IngestError::Replication { target: target.to_string(), message: message.to_string(), code: None }
 }
 
 impl ReplicationConnection {
@@ -221,30 +222,33 @@ impl ReplicationConnection {
     fn server_error(&self, body: &backend::ErrorResponseBody) -> IngestError {
         let mut fields = body.fields();
         let mut message = String::new();
+        let mut detail = String::new();
         let mut code = String::new();
         while let Ok(Some(field)) = fields.next() {
             match field.type_() {
                 b'M' => message = String::from_utf8_lossy(field.value_bytes()).into_owned(),
+                b'D' => detail = format!(" ({})", String::from_utf8_lossy(field.value_bytes())),
                 b'C' => code = String::from_utf8_lossy(field.value_bytes()).into_owned(),
                 _ => {}
             }
         }
-        if code.starts_with("57P") || code.starts_with("08") {
+        let sqlstate = SqlState::from_code(&code);
+        if reconnect_cures(&sqlstate) {
             // Shut down, restarting, or the connection broke: worth reconnecting.
-            return disconnected(&self.target, format!("{message} (SQLSTATE {code})"));
+            return disconnected(&self.target, format!("{message}{detail} (SQLSTATE {code})"));
         }
-        if code == "42501"
-            || message.contains("permission denied")
-            || message.contains("must be superuser or replication")
+        let advice = if sqlstate == SqlState::INSUFFICIENT_PRIVILEGE
+            || sqlstate == SqlState::INVALID_AUTHORIZATION_SPECIFICATION
         {
-            return IngestError::Replication {
-                target: self.target.clone(),
-                message: format!(
-                    "{message}: the user needs the REPLICATION privilege and a pg_hba.conf replication entry"
-                ),
-            };
+            ": the user needs the REPLICATION privilege and a pg_hba.conf replication entry"
+        } else {
+            ""
+        };
+        IngestError::Replication {
+            target: self.target.clone(),
+            message: format!("{message}{detail} (SQLSTATE {code}){advice}"),
+            code: Some(sqlstate),
         }
-        IngestError::Replication { target: self.target.clone(), message: format!("{message} (SQLSTATE {code})") }
     }
 }
 

@@ -54,13 +54,14 @@ impl SnapshotPoint {
 
     /// Parse the stored JSON form.
     pub fn from_json(bytes: &[u8]) -> Result<Self> {
-        let value: serde_json::Value = serde_json::from_slice(bytes)
-            .map_err(|e| IngestError::Internal(format!("unreadable _acme/{SNAPSHOT_META}: {e}")))?;
+        let value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| IngestError::WarehouseDamaged {
+            what: format!("_acme/{SNAPSHOT_META} is unreadable ({e})"),
+        })?;
         let lsn = value["lsn"].as_u64();
         let visibility = value["visibility"].as_str();
         match (lsn, visibility) {
             (Some(lsn), Some(v)) => Ok(Self { lsn, visibility: v.to_string() }),
-            _ => Err(IngestError::Internal(format!("incomplete _acme/{SNAPSHOT_META}"))),
+            _ => Err(IngestError::WarehouseDamaged { what: format!("_acme/{SNAPSHOT_META} is incomplete") }),
         }
     }
 
@@ -319,7 +320,9 @@ impl Snapshot {
                     }
                 }
                 Ok(Err(e)) => first_error = first_error.or(Some(e)),
-                Err(e) => first_error = first_error.or(Some(IngestError::Task(e.to_string()))),
+                Err(source) => {
+                    first_error = first_error.or(Some(IngestError::Task { doing: "copying a snapshot", source }))
+                }
             }
             if first_error.is_some() {
                 // The others' copies are wasted: stop them now.
@@ -433,11 +436,14 @@ async fn copy_worker(
     let copied = copy_ranges(worker, &client, &shared, &tx).await;
     drop(tx);
     let written = match writer.join_next().await {
-        Some(written) => written.map_err(|e| IngestError::Task(e.to_string()))?,
-        None => Err(IngestError::Task("the snapshot writer task is missing".into())),
+        Some(written) => written.map_err(|source| IngestError::Task { doing: "writing snapshot files", source })?,
+        None => Err(IngestError::Internal("the snapshot writer task is missing".into())),
     };
-    copied?;
-    written
+    match (copied, written) {
+        // A writer that failed stops the copy too: its error is the cause.
+        (_, Err(error)) | (Err(error), Ok(_)) => Err(error),
+        (Ok(()), Ok(files)) => Ok(files),
+    }
 }
 
 async fn copy_ranges(
@@ -509,7 +515,8 @@ async fn send(
     progress: Option<&Arc<TableProgress>>,
 ) -> Result<()> {
     let rows = batch.num_rows() as u64;
-    tx.send((table, batch)).await.map_err(|_| IngestError::Task("the Parquet writer task stopped".into()))?;
+    // The writer stopped: its own error (or failure) is what the worker reports.
+    tx.send((table, batch)).await.map_err(|_| IngestError::Internal("the Parquet writer task stopped".into()))?;
     if let Some(p) = progress {
         let total = p.rows.fetch_add(rows, Ordering::Relaxed) + rows;
         tracing::debug!(table = %p.table, rows = total, bytes = p.bytes.load(Ordering::Relaxed), "snapshot progress");

@@ -311,10 +311,9 @@ impl Changelog {
     /// by a warehouse that was removed to re-sync are among them).
     pub async fn drop_snapshot_changes(&self, client: &Client, visibility: &str) -> Result<()> {
         if visibility.is_empty() {
-            return Err(IngestError::Internal(
-                "the snapshot of a trigger-captured warehouse has no visibility list; re-sync into an empty warehouse"
-                    .into(),
-            ));
+            return Err(IngestError::WarehouseDamaged {
+                what: "snapshot of a trigger-captured warehouse has no visibility list".into(),
+            });
         }
         client
             .execute(
@@ -446,7 +445,8 @@ async fn run_script(client: &Client, script: &str, doing: &str) -> Result<()> {
 
 fn ddl_error(source: tokio_postgres::Error, doing: &str) -> IngestError {
     let denied = source.as_db_error().is_some_and(|e| {
-        e.code() == &tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE || e.message().contains("owner")
+        // Also "must be owner of table": the same SQLSTATE.
+        e.code() == &tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE
     });
     if denied {
         return IngestError::CapturePrivilege {

@@ -657,3 +657,67 @@ async fn the_trigger_fallback_captures_a_source_without_logical_wal_and_follows_
     drop(stream);
     drop(cluster);
 }
+
+/// A slot the server invalidated for holding more WAL than `max_slot_wal_keep_size` stops
+/// capture with [`IngestError::SlotLost`] (which says how to re-sync), whether the stream was
+/// reading it by logical streaming or by SQL polling. The server answers such reads with a
+/// generic SQLSTATE (55000), so acme asks for the slot's `wal_status`. A cluster of its own:
+/// the setting is server-wide.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_the_server_invalidated_stops_capture_with_slot_lost() {
+    let cluster = PgCluster::start().expect("PostgreSQL");
+    let url = cluster.create_database("cdc_invalidated").await.expect("database");
+    let client = acme_testkit::connect(&url).await.expect("connect");
+    acme_testkit::create_source_schema(&client).await.expect("schema");
+    acme_testkit::bulk_load(&url, ScaleFactor::new(0.001).expect("sf"), 131).await.expect("load");
+    client.batch_execute("ALTER SYSTEM SET max_slot_wal_keep_size = '1MB'").await.expect("max_slot_wal_keep_size");
+    client.batch_execute("SELECT pg_reload_conf()").await.expect("reload");
+    let streamed = tempfile::tempdir().expect("tmp");
+    let polled = tempfile::tempdir().expect("tmp");
+    let mut stream_cfg = config(&url, streamed.path());
+    stream_cfg.slot = "acme_invalidated_stream".into();
+    let mut poll_cfg = config(&url, polled.path());
+    poll_cfg.slot = "acme_invalidated_poll".into();
+    poll_cfg.cdc_mode = CdcMode::SqlPoll;
+    let mut streaming = ChangeStream::open(stream_cfg.clone()).await.expect("open streaming");
+    let mut polling = ChangeStream::open(poll_cfg.clone()).await.expect("open polling");
+    client.batch_execute("UPDATE operations.orders SET status = 'SHIPPED' WHERE order_id = 1").await.expect("update");
+    streaming.catch_up().await.expect("streaming reads");
+    polling.catch_up().await.expect("polling reads");
+
+    // Several WAL segments the slots do not read, then checkpoints until both are lost.
+    client.batch_execute("CREATE TABLE filler (x text)").await.expect("filler");
+    let mut lost = 0;
+    for _ in 0..20 {
+        for statement in [
+            "INSERT INTO filler SELECT repeat('x', 1000) FROM generate_series(1, 3000)",
+            "SELECT pg_switch_wal()",
+            "CHECKPOINT",
+        ] {
+            client.batch_execute(statement).await.expect("write WAL");
+        }
+        let row = client
+            .query_one("SELECT count(*) FROM pg_replication_slots WHERE wal_status = 'lost'", &[])
+            .await
+            .expect("slot states");
+        lost = row.get::<_, i64>(0);
+        if lost == 2 {
+            break;
+        }
+    }
+    assert_eq!(lost, 2, "the server invalidated both slots");
+
+    let error = polling.poll().await.expect_err("the polled slot is lost");
+    assert!(matches!(error, IngestError::SlotLost { ref slot } if *slot == poll_cfg.slot), "{error:?}");
+    assert!(error.to_string().contains("re-sync"), "{error}");
+    // The server terminated the streaming connection to invalidate its slot: the stream sees a
+    // broken connection first (a retry would reconnect), then the lost slot.
+    let mut error = streaming.poll().await.expect_err("the streamed slot is lost");
+    for _ in 0..5 {
+        if !error.is_transient() {
+            break;
+        }
+        error = streaming.poll().await.expect_err("the streamed slot is lost");
+    }
+    assert!(matches!(error, IngestError::SlotLost { ref slot } if *slot == stream_cfg.slot), "{error:?}");
+}
