@@ -22,6 +22,7 @@ pub mod fs;
 pub mod generator;
 pub mod oracle;
 pub mod outside;
+pub mod replay;
 pub mod rng;
 pub mod source;
 pub mod workload;

@@ -38,6 +38,15 @@ pub fn example_binary(name: &str) -> PathBuf {
 /// acme's answers to the reports of `acme_testkit::oracle::REPORTS` (current state), rendered
 /// like the oracle's rows.
 pub async fn reports(w: &Warehouse, limit: usize) -> Vec<Vec<String>> {
+    reports_as_of(w, limit, None).await
+}
+
+/// [`reports`] as of an instant (`None`: now).
+pub async fn reports_as_of(
+    w: &Warehouse,
+    limit: usize,
+    as_of: Option<chrono::DateTime<chrono::Utc>>,
+) -> Vec<Vec<String>> {
     let reports = [
         Report::OpenOrders(StatusFilter::Open),
         Report::OpenOrders(StatusFilter::Pending),
@@ -47,7 +56,8 @@ pub async fn reports(w: &Warehouse, limit: usize) -> Vec<Vec<String>> {
     ];
     let mut out = Vec::new();
     for report in &reports {
-        let batches = w.report_batches(report, None).await.unwrap_or_else(|e| panic!("{report:?}: {e}"));
+        let batches =
+            w.report_batches(report, as_of).await.unwrap_or_else(|e| panic!("{report:?} as of {as_of:?}: {e}"));
         out.push(acme_testkit::oracle::render_batches(&batches).expect("render"));
     }
     out
