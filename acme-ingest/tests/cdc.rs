@@ -6,7 +6,7 @@ use acme_core::CdcMode;
 use acme_ingest::{ChangeStream, IngestError};
 use acme_testkit::{PgCluster, ScaleFactor, WorkloadConfig};
 
-use crate::support::{acme_source, config, replay_raw, source_state};
+use crate::support::{acme_source, config, read_raw, replay_raw, source_state};
 
 /// Tables, keys and the columns compared with the source (text forms that Arrow and
 /// PostgreSQL render alike).
@@ -720,4 +720,128 @@ async fn a_slot_the_server_invalidated_stops_capture_with_slot_lost() {
         error = streaming.poll().await.expect_err("the streamed slot is lost");
     }
     assert!(matches!(error, IngestError::SlotLost { ref slot } if *slot == stream_cfg.slot), "{error:?}");
+}
+
+/// The source records every change it makes in an audit table of its own (transaction id,
+/// table, key, operation), by triggers the test installs: an account of the changes written
+/// apart from logical decoding.
+const AUDIT: &str = "
+    CREATE TABLE public.test_audit (xid bigint, tbl text, key bigint, op text);
+    CREATE FUNCTION public.test_audit() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+      INSERT INTO public.test_audit VALUES (txid_current() % 4294967296, TG_TABLE_NAME,
+        (to_jsonb(CASE WHEN TG_OP = 'DELETE' THEN OLD ELSE NEW END) ->> TG_ARGV[0])::bigint, lower(TG_OP));
+      RETURN NULL;
+    END $$;
+    CREATE TRIGGER test_audit AFTER INSERT OR UPDATE OR DELETE ON operations.customers
+      FOR EACH ROW EXECUTE FUNCTION public.test_audit('customer_id');
+    CREATE TRIGGER test_audit AFTER INSERT OR UPDATE OR DELETE ON operations.products
+      FOR EACH ROW EXECUTE FUNCTION public.test_audit('product_id');
+    CREATE TRIGGER test_audit AFTER INSERT OR UPDATE OR DELETE ON operations.orders
+      FOR EACH ROW EXECUTE FUNCTION public.test_audit('order_id');
+    CREATE TRIGGER test_audit AFTER INSERT OR UPDATE OR DELETE ON operations.order_items
+      FOR EACH ROW EXECUTE FUNCTION public.test_audit('order_item_id');";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_change_is_stored_by_the_snapshot_or_by_the_stream_never_both_never_neither() {
+    for (prefix, mode) in [
+        ("cdc_exact_stream", CdcMode::Stream),
+        ("cdc_exact_sql", CdcMode::SqlPoll),
+        ("cdc_exact_triggers", CdcMode::Triggers),
+    ] {
+        handoff_exactly(prefix, mode).await;
+    }
+}
+
+/// Writes run while the slot is created and the snapshot copies; then, per source
+/// transaction, either the stream stored every change it made exactly once, or the snapshot
+/// holds its effects: an inserted key is in the snapshot exactly when its transaction is not
+/// in the stream (unless a transaction before the snapshot deleted it again).
+async fn handoff_exactly(prefix: &str, mode: CdcMode) {
+    use arrow::array::{Array, AsArray};
+    use arrow::datatypes::Int64Type;
+    use std::collections::{BTreeMap, HashMap, HashSet};
+
+    let url = acme_source(prefix).await;
+    acme_testkit::bulk_load(&url, ScaleFactor::new(0.003).expect("sf"), 57).await.expect("load");
+    let client = acme_testkit::connect(&url).await.expect("connect");
+    client.batch_execute(AUDIT).await.expect("audit triggers");
+    let dir = tempfile::tempdir().expect("tmp");
+    let writer = {
+        let url = url.clone();
+        tokio::spawn(async move {
+            let mut config = workload(58, 0);
+            config.transactions = None;
+            config.duration = Some(Duration::from_secs(3));
+            acme_testkit::run_workload(&url, &config).await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut cfg = config(&url, dir.path());
+    cfg.cdc_mode = mode;
+    let mut stream = ChangeStream::open(cfg).await.expect("open (slot and snapshot under writes)");
+    writer.await.expect("join").expect("workload");
+    stream.catch_up().await.expect("catch up");
+
+    // The source's account: changes per transaction, inserts and deletes per key.
+    let mut audited: HashMap<i64, usize> = HashMap::new();
+    let mut inserts: Vec<(i64, String, i64)> = Vec::new();
+    let mut deletes: HashMap<(String, i64), Vec<i64>> = HashMap::new();
+    for row in client.query("SELECT xid, tbl, key, op FROM public.test_audit", &[]).await.expect("audit") {
+        let (xid, table, key, op): (i64, String, i64, String) = (row.get(0), row.get(1), row.get(2), row.get(3));
+        *audited.entry(xid).or_default() += 1;
+        match op.as_str() {
+            "insert" => inserts.push((xid, table, key)),
+            "delete" => deletes.entry((table, key)).or_default().push(xid),
+            _ => {}
+        }
+    }
+    // acme's raw layer: stream rows per transaction, snapshot keys per table.
+    let mut streamed: BTreeMap<i64, usize> = BTreeMap::new();
+    let mut snapshot: HashMap<String, HashSet<i64>> = HashMap::new();
+    for (table, key) in [
+        ("customers", "customer_id"),
+        ("products", "product_id"),
+        ("orders", "order_id"),
+        ("order_items", "order_item_id"),
+    ] {
+        for batch in read_raw(dir.path(), table).await {
+            let ops = batch.column_by_name("_op").expect("_op").as_string::<i32>().clone();
+            let xids = batch.column_by_name("_xid").expect("_xid").as_primitive::<Int64Type>().clone();
+            let keys = batch.column_by_name(key).expect("key").as_primitive::<Int64Type>().clone();
+            for i in 0..batch.num_rows() {
+                if ops.value(i) == "snapshot" {
+                    snapshot.entry(table.to_string()).or_default().insert(keys.value(i));
+                } else {
+                    assert!(!xids.is_null(i), "{mode:?}: a streamed {table} row without a transaction id");
+                    *streamed.entry(xids.value(i)).or_default() += 1;
+                }
+            }
+        }
+    }
+    let before: HashSet<i64> = audited.keys().filter(|x| !streamed.contains_key(x)).copied().collect();
+    assert!(!before.is_empty(), "{mode:?}: some audited transactions committed before the snapshot");
+    assert!(!streamed.is_empty(), "{mode:?}: some transactions were streamed");
+    for (xid, n) in &streamed {
+        assert_eq!(audited.get(xid), Some(n), "{mode:?}: transaction {xid}: rows streamed vs changes it made");
+    }
+    let mut checked = 0;
+    for (xid, table, key) in &inserts {
+        let in_snapshot = snapshot.get(table).is_some_and(|keys| keys.contains(key));
+        if streamed.contains_key(xid) {
+            assert!(
+                !in_snapshot,
+                "{mode:?}: {table} {key}, inserted by streamed transaction {xid}, is in the snapshot too"
+            );
+        } else {
+            let deleted_before =
+                deletes.get(&(table.clone(), *key)).is_some_and(|by| by.iter().any(|x| before.contains(x)));
+            assert!(
+                in_snapshot || deleted_before,
+                "{mode:?}: {table} {key}, inserted by transaction {xid} before the snapshot, is in neither"
+            );
+        }
+        checked += 1;
+    }
+    assert!(checked > 100, "{mode:?}: {checked} inserts checked");
 }
