@@ -184,6 +184,7 @@ impl LayerTable {
                 continue;
             }
             let added = group.adds.len();
+            crate::failpoint::hit("compaction");
             if let CommitOutcome::Committed { .. } =
                 self.commit_replace(&group.removed, group.adds, None, Replace::Compaction).await?
             {

@@ -24,6 +24,7 @@
 pub mod compact;
 pub mod config;
 pub mod error;
+pub mod failpoint;
 pub mod files;
 pub mod lookup;
 pub mod raw;

@@ -8,14 +8,20 @@
 //! named (a crashed writer's) are deleted too once they are older than
 //! [`MIN_ORPHAN_RETENTION`] and the retention: a writer commits its files within minutes, so a
 //! file in flight is never taken for an orphan.
+//!
+//! Whatever the retention, the files of the table versions the warehouse's manifests name (the
+//! raw round and the model build that readers and the next build start from) are kept: a
+//! build killed between its table commits and its manifest leaves the manifest naming
+//! versions whose files its own commits removed, and the next run reads them.
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use deltalake::operations::vacuum::VacuumMode;
 use object_store::{ObjectStore, ObjectStoreExt};
 
 use crate::error::{Error, Result};
-use crate::storage::{Layer, Storage};
+use crate::storage::{Layer, Storage, manifests};
 
 /// The default retention, as Delta's `delta.deletedFileRetentionDuration`: 7 days.
 pub const DEFAULT_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -58,32 +64,50 @@ impl Storage {
             .map_err(|_| Error::Config { setting: "retention", message: format!("{retention:?} is too long") })?;
         let orphans = retention >= MIN_ORPHAN_RETENTION;
         let (store, prefix) = self.root_store()?;
+        let pinned = [self.get_manifest(manifests::RAW).await?, self.get_manifest(manifests::MODEL).await?];
         let mut out = Vec::new();
         for layer in [Layer::Raw, Layer::Intermediate, Layer::Presentation] {
             for name in self.tables(layer).await? {
                 let Some(table) = self.open(layer, &name).await? else { continue };
                 let label = table.name().to_string();
-                let vacuum = |dry_run: bool| {
-                    table
-                        .delta()
-                        .clone()
-                        .vacuum()
-                        .with_retention_period(period)
-                        .with_enforce_retention_duration(false)
-                        .with_mode(if orphans { VacuumMode::Full } else { VacuumMode::Lite })
-                        .with_dry_run(dry_run)
-                };
-                // The files first (a dry run), to tell their size; then the deletion.
-                let (_, listed) = vacuum(true).await.map_err(Error::delta(&label, "list the files to vacuum"))?;
+                // The files of the versions the manifests name, when later commits exist.
+                let mut keep = HashSet::new();
+                for version in pinned.iter().flatten().filter_map(|m| m.version_of(layer, &name)) {
+                    if table.version().is_some_and(|latest| version < latest)
+                        && let Some(old) = self.open_at(layer, &name, version).await?
+                    {
+                        keep.extend(old.data_files()?.into_iter().map(|f| f.path));
+                    }
+                }
+                // The candidates, as Delta's vacuum lists them (without deleting anything).
+                let listing = table
+                    .delta()
+                    .clone()
+                    .vacuum()
+                    .with_retention_period(period)
+                    .with_enforce_retention_duration(false)
+                    .with_mode(if orphans { VacuumMode::Full } else { VacuumMode::Lite })
+                    .with_dry_run(true);
+                let (_, listed) = listing.await.map_err(Error::delta(&label, "list the files to vacuum"))?;
+                let doomed: Vec<&String> = listed.files_deleted.iter().filter(|f| !keep.contains(*f)).collect();
+                let path =
+                    |file: &str| object_store::path::Path::from(format!("{prefix}{}/{name}/{file}", layer.dir()));
                 let mut bytes = 0;
-                for file in &listed.files_deleted {
-                    let path = object_store::path::Path::from(format!("{prefix}{}/{name}/{file}", layer.dir()));
-                    bytes += store.head(&path).await.map_or(0, |meta| meta.size);
+                for file in &doomed {
+                    bytes += store.head(&path(file)).await.map_or(0, |meta| meta.size);
                 }
-                if !dry_run && !listed.files_deleted.is_empty() {
-                    vacuum(false).await.map_err(Error::delta(&label, "vacuum"))?;
+                if !dry_run {
+                    for file in &doomed {
+                        match store.delete(&path(file)).await {
+                            Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                            Err(source) => return Err(Error::ObjectStore { url: format!("{label}/{file}"), source }),
+                        }
+                    }
+                    if !doomed.is_empty() {
+                        crate::failpoint::hit("vacuum");
+                    }
                 }
-                out.push(VacuumedTable { table: label, files: listed.files_deleted.len(), bytes });
+                out.push(VacuumedTable { table: label, files: doomed.len(), bytes });
             }
         }
         Ok(out)

@@ -115,3 +115,42 @@ async fn vacuum_deletes_only_what_no_version_inside_the_retention_needs() {
     let other = storage.open(Layer::Presentation, "things").await.expect("open").expect("exists");
     assert_eq!(count(&ctx, &other).await, 10, "a table with nothing to vacuum is untouched");
 }
+
+/// Whatever the retention, the files of the versions the manifests name stay: a model build
+/// killed between its table commits and its manifest leaves the manifest naming a version
+/// whose files its own commit removed, and the next run reads that version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vacuum_keeps_the_versions_the_manifests_name_whatever_the_retention() {
+    use acme_core::storage::{Manifest, manifests};
+    let dir = tempfile::tempdir().expect("tmp");
+    let storage = Storage::new(&dir.path().display().to_string(), Default::default()).expect("storage");
+    let table_dir = dir.path().join("intermediate").join("versions");
+    let mut table = storage.open_or_create(Layer::Intermediate, "versions", &schema()).await.expect("table");
+    for round in 0..4i64 {
+        append(&mut table, round * 10..(round + 1) * 10, round + 1).await;
+    }
+    let mut manifest = Manifest::new(4);
+    manifest.record(&table);
+    storage.put_manifest(manifests::MODEL, &manifest).await.expect("manifest");
+    let pinned = table.version().expect("version");
+    // A later commit (a build that died before its manifest) replaces every file.
+    let ctx = SessionContext::new();
+    let options = CompactOptions { min_files: 2, ..CompactOptions::sorted_by(&["id"]) };
+    let compacted = table.compact(&ctx, &options).await.expect("compact");
+    assert_eq!(compacted.files_removed, 4);
+    let vacuumed = storage.vacuum(Duration::ZERO, false).await.expect("vacuum");
+    assert_eq!(vacuumed.iter().map(|t| t.files).sum::<usize>(), 0, "the pinned version's files stay: {vacuumed:?}");
+    let old = storage.open_at(Layer::Intermediate, "versions", pinned).await.expect("open").expect("table");
+    assert_eq!(count(&ctx, &old).await, 40, "the version the manifest names reads whole");
+    // Once the manifest names the new version, the replaced files go.
+    let latest = storage.open(Layer::Intermediate, "versions").await.expect("open").expect("table");
+    assert!(latest.version() > Some(pinned));
+    let mut manifest = Manifest::new(5);
+    manifest.record(&latest);
+    storage.put_manifest(manifests::MODEL, &manifest).await.expect("manifest");
+    let vacuumed = storage.vacuum(Duration::ZERO, false).await.expect("vacuum");
+    assert_eq!(vacuumed.iter().map(|t| t.files).sum::<usize>(), 4, "{vacuumed:?}");
+    assert_eq!(parquet_files(&table_dir).len(), 1);
+    table.refresh().await.expect("refresh");
+    assert_eq!(count(&ctx, &table).await, 40);
+}

@@ -514,6 +514,9 @@ impl ChangeStream {
         }
         let mut report = cursor.report;
         self.commit_round(&mut report).await?;
+        if report.tables_committed > 0 {
+            acme_core::failpoint::hit("cdc.committed");
+        }
         // Advance the slot to the end of the last transaction read, never further: a commit
         // record that straddles the flushed WAL position has not been decoded yet.
         if let Some(confirm) = cursor.last_end {
@@ -609,6 +612,9 @@ impl ChangeStream {
         // Everything decoded is durable now: confirm the end of the last transaction, or the
         // server's sent position when it was reached between transactions.
         let confirm = cursor.last_end.unwrap_or(0).max(if cursor.tx.is_none() { idle_end.unwrap_or(0) } else { 0 });
+        if report.tables_committed > 0 {
+            acme_core::failpoint::hit("cdc.committed");
+        }
         if confirm > self.confirmed.0 {
             if let Some(stream) = self.stream.as_mut() {
                 stream.send_status(confirm, false).await?;
@@ -642,6 +648,9 @@ impl ChangeStream {
                 self.read_claimed(&changelog, i, &mut report).await?;
             }
             self.commit_round(&mut report).await?;
+            if report.tables_committed > 0 {
+                acme_core::failpoint::hit("cdc.committed");
+            }
             self.url.bounded("releasing committed changes", changelog.release(&self.client, batch)).await?;
         }
         self.confirmed = Lsn(self.tables.iter().filter_map(|t| t.stored).max().unwrap_or(base));
@@ -895,6 +904,7 @@ impl ChangeStream {
             }
         }
         if report.tables_committed > 0 {
+            acme_core::failpoint::hit("cdc.commit_round");
             let position = self.tables.iter().filter_map(|t| t.stored).max().unwrap_or_default();
             let mut manifest = Manifest::new(position as i64);
             for state in &self.tables {

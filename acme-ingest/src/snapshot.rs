@@ -517,6 +517,7 @@ async fn send(
     let rows = batch.num_rows() as u64;
     // The writer stopped: its own error (or failure) is what the worker reports.
     tx.send((table, batch)).await.map_err(|_| IngestError::Internal("the Parquet writer task stopped".into()))?;
+    acme_core::failpoint::hit("snapshot.copy");
     if let Some(p) = progress {
         let total = p.rows.fetch_add(rows, Ordering::Relaxed) + rows;
         tracing::debug!(table = %p.table, rows = total, bytes = p.bytes.load(Ordering::Relaxed), "snapshot progress");

@@ -248,6 +248,11 @@ pub(crate) async fn replace(
         "replaced rows"
     );
     let removed: Vec<DataFile> = touched.into_iter().map(|(f, _)| f).collect();
+    acme_core::failpoint::hit(if table.name().ends_with(crate::tables::AGG_ORDERS_BY_DELIVERY_DATE) {
+        "model.aggregate"
+    } else {
+        "model.step"
+    });
     match table.commit_replace(&removed, adds, Some(position), Replace::Rewrite).await? {
         CommitOutcome::Committed { .. } => Ok(replaced),
         CommitOutcome::AlreadyCommitted => Ok(Replaced::default()),

@@ -134,24 +134,25 @@ pub async fn run_workload(url: &str, config: &WorkloadConfig) -> Result<Workload
     drop(client);
     let budget = Arc::new(AtomicU64::new(config.transactions.unwrap_or(u64::MAX)));
     let deadline = config.duration.map(|d| start + d);
-    let mut workers = Vec::with_capacity(config.connections);
+    // Owned: dropping (or aborting) this future stops every worker and closes its connection.
+    let mut workers = tokio::task::JoinSet::new();
     for worker in 0..config.connections {
         let client = connect(url).await?;
         let ids = Arc::clone(&ids);
         let budget = Arc::clone(&budget);
         let config = config.clone();
-        workers.push(tokio::spawn(async move {
+        workers.spawn(async move {
             let rng = SplitMix64::for_entity(config.seed, 99, worker as u64);
             let per_worker_rate = config.rate_tps / config.connections as f64;
             Worker { client, rng, ids, deletes: config.deletes, inserts_only: config.inserts_only }
                 .run(per_worker_rate, budget, deadline)
                 .await
-        }));
+        });
     }
     let mut report = WorkloadReport::default();
     let mut first_error = None;
-    for worker in workers {
-        match worker.await {
+    while let Some(worker) = workers.join_next().await {
+        match worker {
             Ok(Ok(part)) => report.merge(&part),
             Ok(Err(error)) => first_error = first_error.or(Some(error)),
             Err(join) => {
