@@ -172,10 +172,15 @@ impl Replay {
 
     /// Each table's rows at `at` (microseconds since 1970-01-01 UTC; `None`: after every
     /// change): the changes committed at or before it, applied in commit order.
-    fn state(&self, table: &str, at: Option<i64>) -> State {
+    fn state(&self, table: &str, at: Cutoff) -> State {
         let mut state = State::new();
         for change in self.changes.get(table).into_iter().flatten() {
-            if at.is_some_and(|t| change.commit_ts > t) {
+            let after = match at {
+                Cutoff::Latest => false,
+                Cutoff::Time(t) => change.commit_ts > t,
+                Cutoff::Position(lsn) => change.lsn > lsn,
+            };
+            if after {
                 continue;
             }
             match (change.op.as_str(), change.key) {
@@ -195,6 +200,16 @@ impl Replay {
     /// The reports of [`crate::oracle::REPORTS`] at `at` (`None`: the latest state), rendered
     /// like the oracle's rows.
     pub fn reports(&self, at: Option<i64>, limit: usize) -> Vec<Vec<String>> {
+        self.reports_with(at.map_or(Cutoff::Latest, Cutoff::Time), limit)
+    }
+
+    /// The reports of [`crate::oracle::REPORTS`] at a raw-layer position: every change whose
+    /// commit LSN is at most `lsn`, as a warehouse handle at that position answers.
+    pub fn reports_at_position(&self, lsn: i64, limit: usize) -> Vec<Vec<String>> {
+        self.reports_with(Cutoff::Position(lsn), limit)
+    }
+
+    fn reports_with(&self, at: Cutoff, limit: usize) -> Vec<Vec<String>> {
         let customers = self.state("customers", at);
         let orders = self.state("orders", at);
         let items = self.state("order_items", at);
@@ -277,6 +292,17 @@ impl Replay {
         };
         vec![r1(&open), r1(&pending), r2, r3, r4]
     }
+}
+
+/// Which changes a state includes.
+#[derive(Debug, Clone, Copy)]
+enum Cutoff {
+    /// All of them.
+    Latest,
+    /// Those committed at or before this instant (microseconds since 1970-01-01 UTC).
+    Time(i64),
+    /// Those whose commit LSN is at most this.
+    Position(i64),
 }
 
 /// A text value that sorts as SQL's `ASC NULLS LAST` does (numbers by value, text by bytes,
