@@ -8,8 +8,8 @@
 //! The instants: exactly a commit's time, between two neighbouring commits (which one
 //! micro-batch often stored together), at random between the first and the last commit, just
 //! before a key's first change, and the same instants written with a non-UTC offset through the
-//! HTTP service. The answers are checked while the pipeline holds a raw tail, and again after a
-//! model build folded every change in.
+//! HTTP service (all four reports). The answers are checked while the pipeline holds a raw
+//! tail, and again after a model build folded every change in.
 //!
 //! `ACME_ASOF_SEEDS` (comma-separated) replaces the default seeds; every failure names its seed.
 
@@ -20,7 +20,6 @@ use acme::http::{ServiceState, router};
 use acme::model::ModelBuild;
 use acme::query::Warehouse;
 use acme_testkit::WorkloadConfig;
-use acme_testkit::replay::Replay;
 use acme_testkit::rng::SplitMix64;
 
 mod support;
@@ -134,12 +133,7 @@ async fn random_history(seed: u64) {
     let warehouse = pipeline.caught_up().await.expect("caught up");
 
     // The replay of every raw change.
-    let mut replay = Replay::default();
-    for table in Replay::tables() {
-        let sql = format!("SELECT * FROM raw_{table}");
-        let batches = warehouse.sql(&sql).await.expect("raw rows").collect().await.expect("collect");
-        replay.add(table, &batches).expect("replay");
-    }
+    let replay = support::replay(&warehouse).await;
     let now = acme_testkit::oracle::source_reports(&client, 3).await.expect("oracle");
     assert_eq!(replay.reports(None, 3), now, "seed {seed}: the replay of the raw layer vs PostgreSQL now");
     assert_eq!(support::reports(&warehouse, 3).await, now, "seed {seed}: acme vs PostgreSQL now");
@@ -182,12 +176,12 @@ async fn random_history(seed: u64) {
             utc(*t)
         );
     }
-    assert_histories(&warehouse, &replay, seed, "with the raw tail").await;
+    support::assert_histories(&warehouse, &replay, &format!("seed {seed}, with the raw tail")).await;
     let before = replay.reports(Some(late - 1), 3)[4].clone();
     let after = replay.reports(Some(late), 3)[4].clone();
     assert_ne!(before, after, "seed {seed}: the late customer's name arrives in R4");
 
-    // The same instants with non-UTC offsets, through the HTTP service (R1 open and R2).
+    // The same instants with non-UTC offsets, through the HTTP service (all four reports).
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let state = ServiceState::pipeline(&pipeline);
@@ -208,6 +202,16 @@ async fn random_history(seed: u64) {
             http_rows(addr, &format!("/analytics/orders/top?limit=3&as_of={query}"), &["delivery_date", "quantity"])
                 .await;
         assert_eq!(r2, expected[2], "seed {seed}: R2 as of {written} ({what})");
+        let r3 =
+            http_rows(addr, &format!("/analytics/orders/product?as_of={query}"), &["product_id", "total_items"]).await;
+        assert_eq!(r3, expected[3], "seed {seed}: R3 as of {written} ({what})");
+        let r4 = http_rows(
+            addr,
+            &format!("/analytics/orders/customers?status=pending&limit=3&as_of={query}"),
+            &["customer_id", "customer_name", "quantity", "ranking"],
+        )
+        .await;
+        assert_eq!(r4, expected[4], "seed {seed}: R4 as of {written} ({what})");
     }
     server.abort();
     pipeline.shutdown().await.expect("shutdown");
@@ -224,32 +228,7 @@ async fn random_history(seed: u64) {
             utc(*t)
         );
     }
-    assert_histories(&stored, &replay, seed, "from the stored model").await;
-}
-
-/// acme's SCD2 histories of the replayed tables equal the replay's versions.
-async fn assert_histories(w: &Warehouse, replay: &Replay, seed: u64, when: &str) {
-    for table in Replay::tables() {
-        let (key, columns) = Replay::columns(table).expect("replayed table");
-        let sql = format!(
-            "SELECT {key}, valid_from_lsn, CAST(valid_from AS BIGINT), CAST(valid_to AS BIGINT), is_deleted, {} \
-             FROM {table}_history",
-            columns.join(", ")
-        );
-        let batches = w.sql(&sql).await.expect("history").collect().await.expect("collect");
-        let mut rows = acme_testkit::oracle::render_batches(&batches).expect("render");
-        rows.sort();
-        let expected = replay.versions(table);
-        if rows != expected {
-            let missing: Vec<&String> = expected.iter().filter(|r| !rows.contains(r)).take(5).collect();
-            let extra: Vec<&String> = rows.iter().filter(|r| !expected.contains(r)).take(5).collect();
-            panic!(
-                "seed {seed}: {table}_history {when}: {} versions, the replay has {}; missing {missing:?}, extra {extra:?}",
-                rows.len(),
-                expected.len()
-            );
-        }
-    }
+    support::assert_histories(&stored, &replay, &format!("seed {seed}, from the stored model")).await;
 }
 
 /// A report from the HTTP service, rendered like the oracle's rows.
@@ -317,12 +296,7 @@ async fn readers_during_writers_each_see_the_state_at_a_committed_position() {
     }
     writer.await.expect("join").expect("workload");
     let warehouse = pipeline.caught_up().await.expect("caught up");
-    let mut replay = Replay::default();
-    for table in Replay::tables() {
-        let batches =
-            warehouse.sql(&format!("SELECT * FROM raw_{table}")).await.expect("raw").collect().await.expect("rows");
-        replay.add(table, &batches).expect("replay");
-    }
+    let replay = support::replay(&warehouse).await;
     let positions: std::collections::BTreeSet<i64> = reads.iter().map(|(p, ..)| *p).collect();
     assert!(
         positions.len() > 5,

@@ -22,7 +22,6 @@ use std::time::{Duration, Instant};
 use acme::model::ModelBuild;
 use acme::query::Warehouse;
 use acme_testkit::WorkloadConfig;
-use acme_testkit::replay::Replay;
 use acme_testkit::rng::SplitMix64;
 
 /// The failpoints of `sync`, how many kills each gets, and the highest `@n` hit used.
@@ -217,11 +216,7 @@ async fn kills_aimed_at_every_stage_lose_nothing_and_double_nothing() {
 
     // Reports now: PostgreSQL, the replay of the raw layer, acme.
     let now = acme_testkit::oracle::source_reports(&client, 3).await.expect("oracle");
-    let mut replay = Replay::default();
-    for table in Replay::tables() {
-        let batches = w.sql(&format!("SELECT * FROM raw_{table}")).await.expect("raw").collect().await.expect("rows");
-        replay.add(table, &batches).expect("replay");
-    }
+    let replay = support::replay(&w).await;
     let replayed = replay.reports(None, 3);
     for (i, name) in acme_testkit::oracle::REPORTS.iter().enumerate() {
         let missing: Vec<&String> = now[i].iter().filter(|r| !replayed[i].contains(r)).take(5).collect();
@@ -245,17 +240,7 @@ async fn kills_aimed_at_every_stage_lose_nothing_and_double_nothing() {
         );
     }
     // Every history against the replay's versions.
-    for table in Replay::tables() {
-        let (key, columns) = Replay::columns(table).expect("replayed table");
-        let sql = format!(
-            "SELECT {key}, valid_from_lsn, CAST(valid_from AS BIGINT), CAST(valid_to AS BIGINT), is_deleted, {} \
-             FROM {table}_history",
-            columns.join(", ")
-        );
-        let mut rows = render(&w, &sql).await;
-        rows.sort();
-        assert!(rows == replay.versions(table), "seed {seed}: {table}_history differs from the replay's versions");
-    }
+    support::assert_histories(&w, &replay, &format!("seed {seed}, after the kills")).await;
     // Every model table against a full rebuild of a copy of the raw layer.
     let full = tempfile::tempdir().expect("tmp");
     acme_testkit::copy_dir(&warehouse.join("raw"), &full.path().join("raw")).expect("copy raw");

@@ -62,3 +62,40 @@ pub async fn reports_as_of(
     }
     out
 }
+
+/// The row-by-row replay (`acme_testkit::replay`) of every raw change `w` reads.
+pub async fn replay(w: &Warehouse) -> acme_testkit::replay::Replay {
+    let mut replay = acme_testkit::replay::Replay::default();
+    for table in acme_testkit::replay::Replay::tables() {
+        let sql = format!("SELECT * FROM raw_{table}");
+        let batches = w.sql(&sql).await.expect("raw rows").collect().await.expect("collect");
+        replay.add(table, &batches).expect("replay");
+    }
+    replay
+}
+
+/// acme's SCD2 histories of the replayed tables equal the replay's versions; `context` (the
+/// seed, the state) names a failure.
+pub async fn assert_histories(w: &Warehouse, replay: &acme_testkit::replay::Replay, context: &str) {
+    for table in acme_testkit::replay::Replay::tables() {
+        let (key, columns) = acme_testkit::replay::Replay::columns(table).expect("replayed table");
+        let sql = format!(
+            "SELECT {key}, valid_from_lsn, CAST(valid_from AS BIGINT), CAST(valid_to AS BIGINT), is_deleted, {} \
+             FROM {table}_history",
+            columns.join(", ")
+        );
+        let batches = w.sql(&sql).await.expect("history").collect().await.expect("collect");
+        let mut rows = acme_testkit::oracle::render_batches(&batches).expect("render");
+        rows.sort();
+        let expected = replay.versions(table);
+        if rows != expected {
+            let missing: Vec<&String> = expected.iter().filter(|r| !rows.contains(r)).take(5).collect();
+            let extra: Vec<&String> = rows.iter().filter(|r| !expected.contains(r)).take(5).collect();
+            panic!(
+                "{context}: {table}_history has {} versions, the replay {}; missing {missing:?}, extra {extra:?}",
+                rows.len(),
+                expected.len()
+            );
+        }
+    }
+}
