@@ -48,15 +48,8 @@ async fn reports_as_of_random_instants_equal_a_row_by_row_replay_of_the_changes(
 
 /// One workload round of `transactions`, as fast as possible.
 fn round(seed: u64, transactions: u64) -> WorkloadConfig {
-    WorkloadConfig {
-        seed,
-        rate_tps: 0.0,
-        transactions: Some(transactions),
-        duration: None,
-        connections: 2,
-        deletes: true,
-        inserts_only: false,
-    }
+    // The default mix: two connections, deletes included.
+    WorkloadConfig { seed, rate_tps: 0.0, transactions: Some(transactions), ..WorkloadConfig::default() }
 }
 
 async fn random_history(seed: u64) {

@@ -126,9 +126,7 @@ async fn kills_aimed_at_every_stage_lose_nothing_and_double_nothing() {
                 rate_tps: 150.0,
                 transactions: None,
                 duration: Some(Duration::from_secs(3600)),
-                connections: 2,
-                deletes: true,
-                inserts_only: false,
+                ..WorkloadConfig::default()
             };
             acme_testkit::run_workload(&url, &workload).await
         })
