@@ -64,6 +64,7 @@ async fn incremental_builds_equal_a_full_rebuild_and_correct_late_keys() {
     let late_product: i64 =
         client.query_one("SELECT max(product_id) + 100 FROM operations.products", &[]).await.expect("max").get(0);
     let mut late_order = 0i64;
+    let mut deleted_customer = 0i64;
     let mut partial_rewrites = 0;
     for round in 0..5u64 {
         acme_testkit::run_workload(&url, &workload(500 + round, 150, 2)).await.expect("workload");
@@ -109,6 +110,26 @@ async fn incremental_builds_equal_a_full_rebuild_and_correct_late_keys() {
             }
             // Test environments truncate.
             3 => client.batch_execute("TRUNCATE operations.order_items").await.expect("truncate"),
+            // A customer is deleted, then orders name it: they take its first version.
+            4 => {
+                deleted_customer = client
+                    .query_one(
+                        "DELETE FROM operations.customers WHERE customer_id = \
+                         (SELECT min(customer_id) FROM operations.customers) RETURNING customer_id",
+                        &[],
+                    )
+                    .await
+                    .expect("delete a customer")
+                    .get(0);
+                client
+                    .execute(
+                        "INSERT INTO operations.orders (order_date, delivery_date, customer_id, status, created_at) \
+                         SELECT current_date, current_date + 10, $1, 'PENDING', now() FROM generate_series(1, 3)",
+                        &[&deleted_customer],
+                    )
+                    .await
+                    .expect("orders of a deleted customer");
+            }
             _ => {}
         }
         stream.catch_up().await.expect("catch up");
@@ -171,6 +192,19 @@ async fn incremental_builds_equal_a_full_rebuild_and_correct_late_keys() {
     assert_eq!(incremental.model_position(), rebuilt.model_position());
     for table in MODEL_TABLES {
         assert!(!rows(&incremental, table).await.is_empty() || table == "fact_order_items", "{table} has rows");
+    }
+    // Orders placed after their customer was deleted name its first version in both builds.
+    // (At this size the join-order fault of `acme_model::star::fact_orders_sql` does not show:
+    // the test passes with the joins the old way round too; `tests/kills.rs` caught it.)
+    let sql = format!(
+        "SELECT count(*) FROM fact_orders f JOIN dim_customer d ON d.customer_sk = f.customer_sk \
+         WHERE f.customer_id = {deleted_customer} AND d.customer_id = {deleted_customer} AND f.is_current"
+    );
+    let orders = format!("SELECT count(*) FROM fact_orders WHERE customer_id = {deleted_customer} AND is_current");
+    for w in [&incremental, &rebuilt] {
+        let n = scalar(w, &orders).await;
+        assert!(n >= 3, "the orders of the deleted customer are there ({n})");
+        assert_eq!(scalar(w, &sql).await, n, "every order of the deleted customer names one of its versions");
     }
     assert_same_model(&incremental, &rebuilt).await;
 }
