@@ -151,6 +151,10 @@ async fn a_running_pipeline_reports_its_metrics_and_spans() {
 
     // A dropped replication connection: capture retries and reconnects, then goes on.
     let mut status = pipeline.status();
+    let streaming = "SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1 AND active_pid IS NOT NULL";
+    while client.query_one(streaming, &[&config.slot]).await.expect("slot").get::<_, i64>(0) == 0 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let terminated = client
         .query_one(
             "SELECT count(pg_terminate_backend(active_pid)) FROM pg_replication_slots WHERE slot_name = $1",

@@ -776,11 +776,17 @@ async fn handoff_exactly(prefix: &str, mode: CdcMode) {
             acme_testkit::run_workload(&url, &config).await
         })
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The slot and the snapshot start once the writes have begun.
+    let audited = "SELECT count(*) FROM public.test_audit";
+    while client.query_one(audited, &[]).await.expect("audit rows").get::<_, i64>(0) == 0 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let mut cfg = config(&url, dir.path());
     cfg.cdc_mode = mode;
     let mut stream = ChangeStream::open(cfg).await.expect("open (slot and snapshot under writes)");
     writer.await.expect("join").expect("workload");
+    // Some transactions surely after the snapshot, however long it took.
+    acme_testkit::run_workload(&url, &workload(59, 30)).await.expect("workload after the snapshot");
     stream.catch_up().await.expect("catch up");
 
     // The source's account: changes per transaction, inserts and deletes per key.
