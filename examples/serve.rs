@@ -49,12 +49,8 @@ struct Args {
     /// seconds.
     #[arg(long, env = "ACME_MAX_READY_LAG_S", default_value_t = acme::http::DEFAULT_MAX_READY_LAG.as_secs_f64())]
     max_ready_lag_s: f64,
-    /// An object-store option as key=value (for S3: aws_endpoint, aws_region, aws_access_key_id,
-    /// aws_secret_access_key, aws_allow_http, ...); repeat it for several, or give them
-    /// comma-separated in ACME_STORAGE_OPTIONS.
-    #[arg(long = "storage-option", env = "ACME_STORAGE_OPTIONS", value_delimiter = ',',
-          value_parser = acme::core::config::parse_storage_option)]
-    storage_option: Vec<(String, String)>,
+    #[command(flatten)]
+    storage: cli::StorageOptions,
     #[command(flatten)]
     logging: cli::Logging,
 }
@@ -75,7 +71,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             let config = AcmeConfig::builder()
                 .source_url(source)
                 .storage_url(&args.warehouse)
-                .storage_options(args.storage_option.iter().cloned())
+                .storage_options(args.storage.map())
                 .slot(&args.slot)
                 .publication(&args.publication)
                 .build()?;
@@ -84,9 +80,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             pipeline = Some(started);
             state
         }
-        None => ServiceState::new(
-            Warehouse::open_with_options(&args.warehouse, args.storage_option.iter().cloned().collect()).await?,
-        ),
+        None => ServiceState::new(Warehouse::open_with_options(&args.warehouse, args.storage.map()).await?),
     };
     let state = state.metrics(metrics);
     let listener = tokio::net::TcpListener::bind(&args.addr).await?;

@@ -69,12 +69,8 @@ struct Args {
     /// to the temporary directory beyond it).
     #[arg(long, env = "ACME_MEMORY_LIMIT_MIB", default_value_t = acme::core::config::DEFAULT_MEMORY_LIMIT_BYTES / (1024 * 1024))]
     memory_limit_mib: u64,
-    /// An object-store option as key=value (for S3: aws_endpoint, aws_region, aws_access_key_id,
-    /// aws_secret_access_key, aws_allow_http, ...); repeat it for several, or give them
-    /// comma-separated in ACME_STORAGE_OPTIONS.
-    #[arg(long = "storage-option", env = "ACME_STORAGE_OPTIONS", value_delimiter = ',',
-          value_parser = acme::core::config::parse_storage_option)]
-    storage_option: Vec<(String, String)>,
+    #[command(flatten)]
+    storage: cli::StorageOptions,
     #[command(flatten)]
     logging: cli::Logging,
 }
@@ -99,7 +95,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let config = AcmeConfig::builder()
         .source_url(&args.source)
         .storage_url(&args.warehouse)
-        .storage_options(args.storage_option.iter().cloned())
+        .storage_options(args.storage.map())
         .slot(&args.slot)
         .publication(&args.publication)
         .cdc_mode(args.cdc_mode)

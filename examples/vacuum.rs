@@ -30,10 +30,8 @@ struct Args {
     /// Only report what would be deleted.
     #[arg(long)]
     dry_run: bool,
-    /// An object-store option as key=value (see `sync --help`).
-    #[arg(long = "storage-option", env = "ACME_STORAGE_OPTIONS", value_delimiter = ',',
-          value_parser = acme::core::config::parse_storage_option)]
-    storage_option: Vec<(String, String)>,
+    #[command(flatten)]
+    storage: cli::StorageOptions,
     #[command(flatten)]
     logging: cli::Logging,
 }
@@ -46,7 +44,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let retention = Duration::try_from_secs_f64(args.retention_hours * 3600.0).map_err(|_| {
         acme::core::Error::Config { setting: "retention-hours", message: "must be a number of hours, 0 or more".into() }
     })?;
-    let storage = Storage::new(&args.warehouse, args.storage_option.into_iter().collect())?;
+    let storage = Storage::new(&args.warehouse, args.storage.map())?;
     let tables = storage.vacuum(retention, args.dry_run).await?;
     let verb = if args.dry_run { "would delete" } else { "deleted" };
     for table in &tables {

@@ -161,15 +161,7 @@ async fn random_history(seed: u64) {
     instants.push((late - 1, "just before the late customer arrived"));
     instants.push((late, "when the late customer arrived"));
 
-    for (t, what) in &instants {
-        assert_eq!(
-            support::reports_as_of(&warehouse, 3, Some(utc(*t))).await,
-            replay.reports(Some(*t), 3),
-            "seed {seed}: as of {} ({what}), with the raw tail",
-            utc(*t)
-        );
-    }
-    support::assert_histories(&warehouse, &replay, &format!("seed {seed}, with the raw tail")).await;
+    assert_as_of(&warehouse, &replay, &instants, &format!("seed {seed}, with the raw tail")).await;
     let before = replay.reports(Some(late - 1), 3)[4].clone();
     let after = replay.reports(Some(late), 3)[4].clone();
     assert_ne!(before, after, "seed {seed}: the late customer's name arrives in R4");
@@ -213,15 +205,20 @@ async fn random_history(seed: u64) {
     ModelBuild::new(config.clone()).await.expect("model build");
     let stored = Warehouse::open(&config.storage_url).await.expect("open");
     assert_eq!(stored.tail().map(|t| t.changes), Some(0), "seed {seed}: no raw tail after the build");
-    for (t, what) in &instants {
+    assert_as_of(&stored, &replay, &instants, &format!("seed {seed}, from the stored model")).await;
+}
+
+/// The reports of `w` as of each instant, and its histories, equal the replay's.
+async fn assert_as_of(w: &Warehouse, replay: &acme_testkit::replay::Replay, instants: &[(i64, &str)], context: &str) {
+    for (t, what) in instants {
         assert_eq!(
-            support::reports_as_of(&stored, 3, Some(utc(*t))).await,
+            support::reports_as_of(w, 3, Some(utc(*t))).await,
             replay.reports(Some(*t), 3),
-            "seed {seed}: as of {} ({what}), from the stored model",
+            "{context}: as of {} ({what})",
             utc(*t)
         );
     }
-    support::assert_histories(&stored, &replay, &format!("seed {seed}, from the stored model")).await;
+    support::assert_histories(w, replay, context).await;
 }
 
 /// A report from the HTTP service, rendered like the oracle's rows.

@@ -57,6 +57,9 @@ pub mod tables {
     pub const FACT_ORDER_ITEMS: &str = "fact_order_items";
     /// Aggregate: current orders per (delivery_date, status), for R1 and R2.
     pub const AGG_ORDERS_BY_DELIVERY_DATE: &str = "agg_orders_by_delivery_date";
+    /// Every presentation table.
+    pub const PRESENTATION: [&str; 6] =
+        [DIM_CUSTOMER, DIM_PRODUCT, FACT_ORDER_STATUS, FACT_ORDER_ITEMS, FACT_ORDERS, AGG_ORDERS_BY_DELIVERY_DATE];
 }
 
 /// What a build did.
@@ -125,17 +128,7 @@ impl ModelBuild {
     pub fn model_tables(&self) -> Vec<(Layer, String)> {
         let mut out: Vec<(Layer, String)> =
             self.specs.iter().map(|spec| (Layer::Intermediate, spec.history_table())).collect();
-        out.extend(
-            [
-                tables::DIM_CUSTOMER,
-                tables::DIM_PRODUCT,
-                tables::FACT_ORDER_STATUS,
-                tables::FACT_ORDER_ITEMS,
-                tables::FACT_ORDERS,
-                tables::AGG_ORDERS_BY_DELIVERY_DATE,
-            ]
-            .map(|name| (Layer::Presentation, name.to_string())),
-        );
+        out.extend(tables::PRESENTATION.map(|name| (Layer::Presentation, name.to_string())));
         out
     }
 

@@ -388,14 +388,7 @@ impl Warehouse {
             wanted.push((Layer::Raw, spec.table.clone(), format!("raw_{}", spec.table), raw_manifest.as_ref()));
             wanted.push((Layer::Intermediate, spec.history_table(), spec.history_table(), model_manifest.as_ref()));
         }
-        for name in [
-            tables::DIM_CUSTOMER,
-            tables::DIM_PRODUCT,
-            tables::FACT_ORDER_STATUS,
-            tables::FACT_ORDERS,
-            tables::FACT_ORDER_ITEMS,
-            tables::AGG_ORDERS_BY_DELIVERY_DATE,
-        ] {
+        for name in tables::PRESENTATION {
             wanted.push((Layer::Presentation, name.to_string(), name.to_string(), model_manifest.as_ref()));
         }
         let loaded = futures::future::try_join_all(wanted.iter().map(|(layer, name, registered, manifest)| {

@@ -19,6 +19,26 @@ pub struct Logging {
     pub log_format: LogFormat,
 }
 
+/// The object-store options every program that opens a warehouse takes (`#[command(flatten)]`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct StorageOptions {
+    /// An object-store option as key=value (for S3: aws_endpoint, aws_region, aws_access_key_id,
+    /// aws_secret_access_key, aws_allow_http, ...); repeat it for several, or give them
+    /// comma-separated in ACME_STORAGE_OPTIONS.
+    #[arg(long = "storage-option", env = "ACME_STORAGE_OPTIONS", value_delimiter = ',',
+          value_parser = acme::core::config::parse_storage_option)]
+    pub storage_option: Vec<(String, String)>,
+}
+
+// `teardown` includes this file and opens no warehouse.
+#[allow(dead_code)]
+impl StorageOptions {
+    /// The options as a map, as `Storage` and `Warehouse` take them.
+    pub fn map(&self) -> std::collections::HashMap<String, String> {
+        self.storage_option.iter().cloned().collect()
+    }
+}
+
 /// Run a program: parse its arguments (a bad command line exits with 2), log to stderr at
 /// `RUST_LOG` (by default acme's own events, [`acme::DEFAULT_LOG_FILTER`]) in the format
 /// `logging` picks from them, run `run` on a multi-threaded Tokio runtime, and exit with the code
