@@ -49,6 +49,10 @@ struct Args {
     /// seconds.
     #[arg(long, env = "ACME_MAX_READY_LAG_S", default_value_t = acme::http::DEFAULT_MAX_READY_LAG.as_secs_f64())]
     max_ready_lag_s: f64,
+    /// Without `--source`: how often to pick up what the warehouse's writer (`sync`) committed,
+    /// in milliseconds (the handle is refreshed, not reopened).
+    #[arg(long, env = "ACME_REFRESH_MS", default_value_t = 1000)]
+    refresh_ms: u64,
     #[command(flatten)]
     storage: cli::StorageOptions,
     #[command(flatten)]
@@ -80,7 +84,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
             pipeline = Some(started);
             state
         }
-        None => ServiceState::new(Warehouse::open_with_options(&args.warehouse, args.storage.map()).await?),
+        None => ServiceState::following(
+            Warehouse::open_with_options(&args.warehouse, args.storage.map()).await?,
+            Duration::from_millis(args.refresh_ms.max(1)),
+        ),
     };
     let state = state.metrics(metrics);
     let listener = tokio::net::TcpListener::bind(&args.addr).await?;

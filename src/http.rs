@@ -69,6 +69,36 @@ impl ServiceState {
         Self { warehouse, replace: Some(Arc::new(sender)), status: None, max_lag: DEFAULT_MAX_READY_LAG, metrics: None }
     }
 
+    /// Serve `warehouse` while another process writes it (for example `sync`): every `every`,
+    /// the served handle is refreshed ([`Warehouse::refreshed`], which reads only the new
+    /// commits and keeps what the caller registered), and requests move to the new handle;
+    /// a failed refresh is logged and retried at the next tick, the old handle still served.
+    /// The refreshing task ends when the last clone of the state is dropped. Needs a tokio
+    /// runtime.
+    pub fn following(warehouse: Warehouse, every: Duration) -> Self {
+        let state = Self::new(warehouse);
+        let (mut current, sender) = (state.warehouse.clone(), state.replace.clone());
+        let Some(sender) = sender.map(|s| Arc::downgrade(&s)) else { return state };
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                // Only while a state still serves from this handle chain.
+                let Some(sender) = sender.upgrade() else { break };
+                let handle = Arc::clone(&*current.borrow_and_update());
+                match handle.refreshed().await {
+                    Ok(Some(newer)) => {
+                        sender.send_replace(Arc::new(newer));
+                    }
+                    Ok(None) => {}
+                    Err(error) => tracing::warn!(%error, "refreshing the served warehouse failed; retrying"),
+                }
+            }
+        });
+        state
+    }
+
     /// Serve the newest handle of a running pipeline ([`crate::Pipeline::warehouses`]): each
     /// request answers from the newest consistent state.
     pub fn live(warehouses: watch::Receiver<Arc<Warehouse>>) -> Self {
@@ -99,6 +129,11 @@ impl ServiceState {
         if let Some(sender) = &self.replace {
             sender.send_replace(Arc::new(warehouse));
         }
+    }
+
+    /// The handle requests answer from now.
+    pub async fn warehouse(&self) -> Arc<Warehouse> {
+        self.current().await
     }
 
     async fn current(&self) -> Arc<Warehouse> {

@@ -19,6 +19,7 @@
 #[cfg(feature = "http")]
 pub mod http;
 pub mod pipeline;
+pub mod verify;
 
 pub use acme_core as core;
 pub use acme_ingest as ingest;

@@ -72,6 +72,23 @@ pub enum PipelineError {
     /// The warehouse could not be opened or refreshed.
     #[error(transparent)]
     Query(#[from] QueryError),
+    /// `verify` could not compare: the warehouse has not reached the source's position.
+    #[error(
+        "the warehouse is at position {position}, behind the source at {lsn} ({pending} changes to the tables in \
+         between, 0 when a running writer did not catch up in time): run `sync` (or let the running one catch up) \
+         and verify again"
+    )]
+    Behind {
+        /// The warehouse's raw position (commit LSN).
+        position: i64,
+        /// The source position verify read at.
+        lsn: String,
+        /// Changes between the two that the warehouse's slot still holds.
+        pending: u64,
+    },
+    /// `verify` cannot compare as things are (the message says why and what to do).
+    #[error("verify: {0}")]
+    Verify(String),
     /// A pipeline task panicked or could not start (a bug in acme).
     #[error("pipeline task `{task}` failed: {message} (a bug in acme, please report it)")]
     Task {
@@ -178,6 +195,8 @@ impl PipelineError {
             PipelineError::Model(e) => Severity::of_model(e),
             PipelineError::Query(e) => Severity::of_query(e),
             PipelineError::Task { .. } => Severity::Bug,
+            PipelineError::Behind { .. } => Severity::Transient,
+            PipelineError::Verify(_) => Severity::NeedsOperator,
         }
     }
 }

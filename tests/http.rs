@@ -64,6 +64,49 @@ async fn service_answers_the_seed_endpoints_and_rejects_bad_parameters() {
     checks.expect("HTTP checks");
 }
 
+/// `serve` without `--source` (`ServiceState::following`): another writer commits, and the
+/// served handle is refreshed (not reopened) to its newest state, keeping a table the caller
+/// registered on the handle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_served_warehouse_follows_its_writer_by_refreshing() {
+    let url = acme_testkit::acme_database("http_follow", Some((0.002, 13))).await.expect("source");
+    let dir = tempfile::tempdir().expect("tmp");
+    let config = support::config(&url, dir.path());
+    let mut stream = ChangeStream::open(config.clone()).await.expect("stream");
+    ModelBuild::new(config.clone()).await.expect("model");
+    let warehouse = Warehouse::open(&config.storage_url).await.expect("warehouse");
+    warehouse.sql("CREATE TABLE callers_notes AS VALUES (1, 'kept')").await.expect("a table of the caller's");
+    let state = ServiceState::following(warehouse, std::time::Duration::from_millis(100));
+    let probe = state.clone();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let server = tokio::spawn(async move { axum::serve(listener, router(state)).await });
+    let health = |addr| async move { tokio::task::spawn_blocking(move || get(addr, "/health")).await.expect("GET") };
+    let before = health(addr).await.1["raw_position"].as_i64().expect("raw position");
+
+    // Another writer (here the stream of this test) commits; the service moves to it.
+    acme_testkit::run_workload(&url, &acme_testkit::WorkloadConfig { transactions: Some(200), ..Default::default() })
+        .await
+        .expect("workload");
+    stream.catch_up().await.expect("catch up");
+    let fresh = Warehouse::open(&config.storage_url).await.expect("open afresh");
+    let target = fresh.raw_position().expect("raw position");
+    assert!(target > before, "the writer committed");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while health(addr).await.1["raw_position"].as_i64() != Some(target) {
+        assert!(std::time::Instant::now() < deadline, "the served handle did not reach {target}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let (status, body) =
+        tokio::task::spawn_blocking(move || get(addr, "/analytics/orders/product")).await.expect("GET");
+    let expected = fresh.pending_items_by_product(None).await.expect("R3");
+    assert_eq!((status, body), (200, serde_json::to_value(&expected).expect("json")), "R3 of the refreshed handle");
+    let served = probe.warehouse().await;
+    let notes = served.sql("SELECT column2 FROM callers_notes").await.expect("still registered");
+    assert_eq!(notes.collect().await.expect("rows")[0].num_rows(), 1);
+    server.abort();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ready_answers_503_without_a_model_and_once_the_pipeline_stopped() {
     let serve = |state: ServiceState| async move {

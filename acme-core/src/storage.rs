@@ -125,6 +125,28 @@ impl Storage {
         Ok(Self { root, options, backend })
     }
 
+    /// Storage at `url` reached through the caller's `store` instead of one acme builds: for a
+    /// store acme has no options for (another cloud, a proxy, an instrumented or cached
+    /// store), or to share one client between acme and the rest of a service.
+    ///
+    /// `store` must address the bucket (or volume) `url` names: the URL's path is the
+    /// warehouse's prefix inside it, as for `s3://bucket/prefix`. Any scheme is accepted; it
+    /// only keys the store (for example `mem://warehouse/` over an in-memory store).
+    pub fn with_object_store(url: &str, store: Arc<dyn ObjectStore>) -> Result<Self> {
+        let bad = |message: String| Error::StorageUrl { url: url.to_string(), message };
+        let mut root = Url::parse(url.trim())
+            .map_err(|e| bad(format!("{e} (a store given by the caller needs a URL such as s3://bucket/prefix)")))?;
+        if root.host_str().is_none_or(str::is_empty) {
+            return Err(bad("the URL names no bucket (scheme://bucket/prefix)".into()));
+        }
+        if !root.path().ends_with('/') {
+            let path = format!("{}/", root.path());
+            root.set_path(&path);
+        }
+        register_s3_log_store(root.scheme());
+        Ok(Self { root, options: HashMap::new(), backend: Some(store) })
+    }
+
     /// The object store of the bucket, for remote storage (`None` for local files, which any
     /// engine reads through its local file system store).
     pub fn object_store(&self) -> Option<Arc<dyn ObjectStore>> {

@@ -1362,15 +1362,24 @@ async fn slot_state(client: &Client, slot: &str) -> Result<SlotState> {
     })
 }
 
+/// The oldest source server the logical stream works with: pgoutput's `binary` and `messages`
+/// options need PostgreSQL 14 (`server_version_num` 140000).
+pub const MIN_SERVER_VERSION: i32 = 140000;
+
 async fn check_source(client: &Client) -> Result<()> {
     let row = client
         .query_one(
             "SELECT current_setting('wal_level'), current_user::text, \
-             (SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user)",
+             (SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user), \
+             current_setting('server_version_num')::int, current_setting('server_version')",
             &[],
         )
         .await
         .map_err(sql("checking the source settings"))?;
+    let (version, version_text): (i32, String) = (row.get(3), row.get(4));
+    if version < MIN_SERVER_VERSION {
+        return Err(IngestError::ServerTooOld { version: version_text });
+    }
     let wal_level: String = row.get(0);
     if wal_level != "logical" {
         return Err(IngestError::WalLevel { actual: wal_level });

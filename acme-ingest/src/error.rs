@@ -29,6 +29,17 @@ pub enum IngestError {
         #[source]
         source: tokio_postgres::Error,
     },
+    /// The server's TLS certificate was refused (`sslmode=verify-ca` or `verify-full`). Not
+    /// cured by retrying: the URL's host, `sslrootcert` or the server's certificate must change.
+    #[error("refused the TLS certificate of PostgreSQL at {target} (sslmode={mode}): {problem}")]
+    Certificate {
+        /// host:port/database (never the password).
+        target: String,
+        /// The mode that checked the certificate.
+        mode: crate::tls::SslMode,
+        /// What is wrong with it, and what to check.
+        problem: String,
+    },
     /// A source statement failed.
     #[error("PostgreSQL error while {context}")]
     Source {
@@ -134,6 +145,15 @@ pub enum IngestError {
     NoReplicationPrivilege {
         /// The user name.
         user: String,
+    },
+    /// The source server is older than acme's logical stream supports.
+    #[error(
+        "the source runs PostgreSQL {version}; acme's logical stream needs 14 or later (pgoutput's binary and \
+         messages options): upgrade the server, or capture with the trigger fallback (`--cdc-mode triggers`)"
+    )]
+    ServerTooOld {
+        /// The server's version.
+        version: String,
     },
     /// The server is not configured for logical decoding.
     #[error("the source runs with wal_level={actual}; set wal_level=logical in postgresql.conf and restart it")]

@@ -46,6 +46,7 @@ pub mod replication;
 pub mod snapshot;
 pub mod source;
 pub mod teardown;
+pub mod tls;
 pub mod triggers;
 pub mod types;
 

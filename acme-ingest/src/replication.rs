@@ -14,7 +14,7 @@ use postgres_protocol::authentication::sasl::{ChannelBinding, SCRAM_SHA_256, Scr
 use postgres_protocol::message::{backend, frontend};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio_postgres::config::{Host, SslMode};
+use tokio_postgres::config::Host;
 use tokio_postgres::error::SqlState;
 
 use crate::error::{IngestError, Result, reconnect_cures};
@@ -46,7 +46,7 @@ fn protocol(target: &str, message: impl std::fmt::Display) -> IngestError {
 
 impl ReplicationConnection {
     /// Connect to the source of `url` in `replication=database` mode (TCP hosts), encrypted
-    /// as its `sslmode` says (see [`crate::source::tls_config`]). A server that does not finish
+    /// as its `sslmode` says (see [`crate::tls`]). A server that does not finish
     /// the handshake within [`SourceUrl::timeout`] is an [`IngestError::Disconnected`].
     pub async fn connect(url: &SourceUrl) -> Result<Self> {
         url.bounded("opening a replication connection", Self::connect_unbounded(url)).await
@@ -67,9 +67,9 @@ impl ReplicationConnection {
             .await
             .map_err(|e| disconnected(&target, format!("cannot connect: {e}")))?;
         let _ = stream.set_nodelay(true);
-        let stream = match config.get_ssl_mode() {
-            SslMode::Disable => Box::new(stream) as Box<dyn Io>,
-            mode => tls(stream, &host, matches!(mode, SslMode::Require), &target).await?,
+        let stream = match url.tls_client() {
+            None => Box::new(stream) as Box<dyn Io>,
+            Some(client) => tls(stream, &host, client, url).await?,
         };
         let mut conn = Self { stream, read: BytesMut::with_capacity(8192), target };
         let user = config.get_user().unwrap_or("postgres").to_string();
@@ -263,9 +263,23 @@ pub struct CreatedSlot {
 
 /// Create a logical slot with `pgoutput` and export its snapshot.
 pub async fn create_slot_exporting_snapshot(conn: &mut ReplicationConnection, slot: &str) -> Result<CreatedSlot> {
+    create_slot(conn, slot, "").await
+}
+
+/// Create a temporary logical slot (dropped when `conn` closes) and export its snapshot: a
+/// snapshot of the source that holds exactly the transactions committed before its consistent
+/// point, for reading the source at one LSN.
+pub async fn create_temporary_slot_exporting_snapshot(
+    conn: &mut ReplicationConnection,
+    slot: &str,
+) -> Result<CreatedSlot> {
+    create_slot(conn, slot, "TEMPORARY ").await
+}
+
+async fn create_slot(conn: &mut ReplicationConnection, slot: &str, kind: &str) -> Result<CreatedSlot> {
     let rows = conn
         .simple_query(&format!(
-            "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput EXPORT_SNAPSHOT",
+            "CREATE_REPLICATION_SLOT {} {kind}LOGICAL pgoutput EXPORT_SNAPSHOT",
             crate::source::quote_ident(slot)
         ))
         .await?;
@@ -438,8 +452,16 @@ impl LogicalStream {
 }
 
 /// Ask the server for TLS (`SSLRequest`) and wrap the connection when it accepts; a server
-/// that refuses is an error when `required`, and the plain connection is kept otherwise.
-async fn tls(mut stream: TcpStream, host: &str, required: bool, target: &str) -> Result<Box<dyn Io>> {
+/// that refuses is an error when the URL's `sslmode` requires TLS, and the plain connection
+/// is kept otherwise. A refused server certificate is an [`IngestError::Certificate`].
+async fn tls(
+    mut stream: TcpStream,
+    host: &str,
+    client: std::sync::Arc<rustls::ClientConfig>,
+    url: &SourceUrl,
+) -> Result<Box<dyn Io>> {
+    let target = &url.to_string();
+    let mode = url.ssl_mode();
     let mut buf = BytesMut::new();
     frontend::ssl_request(&mut buf);
     stream.write_all(&buf).await.map_err(|e| disconnected(target, format!("write failed: {e}")))?;
@@ -448,17 +470,20 @@ async fn tls(mut stream: TcpStream, host: &str, required: bool, target: &str) ->
         b'S' => {
             let name = rustls::pki_types::ServerName::try_from(host.to_string())
                 .map_err(|e| protocol(target, format!("`{host}` is not a valid TLS server name: {e}")))?;
-            let connector = tokio_rustls::TlsConnector::from(crate::source::tls_config()?);
-            let stream = connector
-                .connect(name, stream)
-                .await
-                .map_err(|e| protocol(target, format!("TLS handshake failed: {e}")))?;
+            let connector = tokio_rustls::TlsConnector::from(client);
+            let stream =
+                connector.connect(name, stream).await.map_err(|e| match crate::tls::certificate_problem(&e) {
+                    Some(problem) => IngestError::Certificate { target: target.clone(), mode, problem },
+                    None => protocol(target, format!("TLS handshake failed: {e}")),
+                })?;
             Ok(Box::new(stream))
         }
-        b'N' if required => Err(protocol(
+        b'N' if mode.requires_tls() => Err(protocol(
             target,
-            "the server does not accept TLS connections, but the URL asks for sslmode=require \
-             (enable ssl on the server, or use sslmode=prefer or disable)",
+            format!(
+                "the server does not accept TLS connections, but the URL asks for sslmode={mode} \
+                 (enable ssl on the server, or use sslmode=prefer or disable)"
+            ),
         )),
         b'N' => Ok(Box::new(stream)),
         other => Err(protocol(target, format!("unexpected answer {other:#04x} to the TLS request"))),

@@ -525,6 +525,44 @@ async fn send(
     Ok(())
 }
 
+/// The Arrow schema of a table's own columns, as [`copy_columns`] returns them (every field
+/// nullable, typed as in the raw layer).
+pub fn columns_schema(table: &SourceTable) -> Arc<arrow::datatypes::Schema> {
+    let fields: Vec<arrow::datatypes::Field> =
+        table.arrow_columns().into_iter().map(|(name, ty)| arrow::datatypes::Field::new(name, ty, true)).collect();
+    Arc::new(arrow::datatypes::Schema::new(fields))
+}
+
+/// Read `table`'s rows as its client sees them (for example inside a transaction that imported
+/// a snapshot) with one binary `COPY`, decoded as the snapshot decodes them: `each` gets
+/// batches of up to `batch_rows` rows in [`columns_schema`]. Memory stays at one batch.
+pub async fn copy_columns(
+    url: &SourceUrl,
+    client: &tokio_postgres::Client,
+    table: &SourceTable,
+    batch_rows: usize,
+    mut each: impl FnMut(RecordBatch) -> Result<()>,
+) -> Result<()> {
+    let sql = format!("COPY (SELECT {} FROM {}) TO STDOUT (FORMAT binary)", table.column_list(), table.quoted());
+    let starting = format!("starting COPY of {}", table.qualified());
+    let stream = url.bounded_sql(&starting, client.copy_out(&sql)).await?;
+    futures::pin_mut!(stream);
+    let batch_rows = batch_rows.max(1);
+    let mut decoder = CopyDecoder::new(table, batch_rows);
+    let reading = format!("reading COPY data of {}", table.qualified());
+    while let Some(chunk) = url.bounded(&reading, async { Ok(stream.next().await) }).await? {
+        decoder.feed(chunk.map_err(|source| IngestError::Source { context: reading.clone(), source })?)?;
+        while decoder.rows_buffered() >= batch_rows {
+            each(decoder.finish_columns()?)?;
+        }
+    }
+    decoder.check_finished()?;
+    if decoder.rows_buffered() > 0 {
+        each(decoder.finish_columns()?)?;
+    }
+    Ok(())
+}
+
 /// Incremental decoder of one binary COPY stream into Arrow builders.
 struct CopyDecoder<'a> {
     table: &'a SourceTable,
@@ -655,6 +693,14 @@ impl<'a> CopyDecoder<'a> {
             return Err(self.bad("stream ended before the COPY trailer"));
         }
         Ok(())
+    }
+
+    /// The buffered rows as the table's own columns (no meta columns).
+    fn finish_columns(&mut self) -> Result<RecordBatch> {
+        self.rows = 0;
+        let columns: Vec<ArrayRef> = self.builders.iter_mut().map(ColumnBuilder::finish).collect();
+        RecordBatch::try_new(columns_schema(self.table), columns)
+            .map_err(|source| IngestError::Arrow { table: self.qualified.clone(), source })
     }
 
     fn finish_batch(&mut self, shared: &Shared) -> Result<RecordBatch> {

@@ -4,13 +4,12 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use arrow::datatypes::{DataType, Schema};
-use std::sync::OnceLock;
 use std::time::Duration;
 
-use tokio_postgres::config::SslMode;
 use tokio_postgres::{Client, Config, NoTls};
 
 use crate::error::{IngestError, Result};
+use crate::tls::{SslMode, Tls};
 use crate::types::PgType;
 
 /// A parsed source URL; its `Display` never shows the password.
@@ -18,6 +17,7 @@ use crate::types::PgType;
 pub struct SourceUrl {
     config: Config,
     timeout: Duration,
+    tls: Tls,
 }
 
 impl std::fmt::Debug for SourceUrl {
@@ -41,16 +41,49 @@ impl std::fmt::Display for SourceUrl {
 }
 
 impl SourceUrl {
-    /// Parse a `postgres://` URL or a `key=value` connection string.
+    /// Parse a `postgres://` URL or a `key=value` connection string. TLS follows libpq's
+    /// `sslmode` and `sslrootcert` (see [`crate::tls`]); the password comes from the URL, else
+    /// `PGPASSWORD`, else the password file (`PGPASSFILE` or `~/.pgpass`).
     pub fn parse(url: &str) -> Result<Self> {
-        let config = Config::from_str(url).map_err(|e| IngestError::BadUrl { message: redact(&e.to_string(), url) })?;
+        let split = crate::tls::split_options(url).map_err(|e| match e {
+            IngestError::BadUrl { message } => IngestError::BadUrl { message: redact(&message, url) },
+            other => other,
+        })?;
+        let mut config =
+            Config::from_str(&split.rest).map_err(|e| IngestError::BadUrl { message: redact(&e.to_string(), url) })?;
+        let tls = Tls::new(split.sslmode, split.sslrootcert)?;
+        config.ssl_mode(match tls.mode {
+            SslMode::Disable => tokio_postgres::config::SslMode::Disable,
+            SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
+            _ => tokio_postgres::config::SslMode::Require,
+        });
         if config.get_user().is_none() {
             return Err(IngestError::BadUrl { message: "no user name given".into() });
         }
         let timeout = config.get_connect_timeout().copied().unwrap_or(acme_core::config::DEFAULT_SOURCE_TIMEOUT);
         let pgpassword = std::env::var("PGPASSWORD").ok();
         let config = with_password(config, pgpassword, pgpass_file().as_deref());
-        Ok(Self { config, timeout })
+        Ok(Self { config, timeout, tls })
+    }
+
+    /// How connections to this source use TLS (`sslmode`, after `PGSSLMODE` and an explicit
+    /// `sslrootcert` are taken into account).
+    pub fn ssl_mode(&self) -> SslMode {
+        self.tls.mode
+    }
+
+    /// The rustls settings of this source's connections (`None` for `sslmode=disable`).
+    pub(crate) fn tls_client(&self) -> Option<Arc<rustls::ClientConfig>> {
+        self.tls.client.clone()
+    }
+
+    /// The error of a connection attempt: a refused server certificate becomes
+    /// [`IngestError::Certificate`], anything else [`IngestError::Connect`].
+    pub(crate) fn connect_error(&self, source: tokio_postgres::Error) -> IngestError {
+        match crate::tls::certificate_problem(&source) {
+            Some(problem) => IngestError::Certificate { target: self.to_string(), mode: self.tls.mode, problem },
+            None => IngestError::Connect { target: self.to_string(), source },
+        }
     }
 
     /// The same URL with another answer timeout (see [`SourceUrl::timeout`]).
@@ -104,22 +137,25 @@ impl SourceUrl {
     }
 
     /// Open a connection; the connection is driven on a background task. It is encrypted as
-    /// the URL's `sslmode` says (see [`tls_config`]).
+    /// the URL's `sslmode` says (see [`crate::tls`]).
     pub async fn connect(&self) -> Result<Client> {
         self.bounded("connecting", self.connect_unbounded()).await
     }
 
     async fn connect_unbounded(&self) -> Result<Client> {
-        let failed = |source| IngestError::Connect { target: self.to_string(), source };
-        let client = if matches!(self.config.get_ssl_mode(), SslMode::Disable) {
-            let (client, connection) = self.config.connect(NoTls).await.map_err(failed)?;
-            tokio::spawn(drive(connection));
-            client
-        } else {
-            let tls = tokio_postgres_rustls::MakeRustlsConnect::new((*tls_config()?).clone());
-            let (client, connection) = self.config.connect(tls).await.map_err(failed)?;
-            tokio::spawn(drive(connection));
-            client
+        let failed = |source| self.connect_error(source);
+        let client = match self.tls_client() {
+            None => {
+                let (client, connection) = self.config.connect(NoTls).await.map_err(failed)?;
+                tokio::spawn(drive(connection));
+                client
+            }
+            Some(tls) => {
+                let tls = tokio_postgres_rustls::MakeRustlsConnect::new((*tls).clone());
+                let (client, connection) = self.config.connect(tls).await.map_err(failed)?;
+                tokio::spawn(drive(connection));
+                client
+            }
         };
         Ok(client)
     }
@@ -128,68 +164,6 @@ impl SourceUrl {
 async fn drive<F: std::future::Future<Output = std::result::Result<(), tokio_postgres::Error>>>(connection: F) {
     if let Err(error) = connection.await {
         tracing::debug!(%error, "source connection closed");
-    }
-}
-
-/// The TLS client settings of every source connection (rustls).
-///
-/// Like libpq without a root certificate, `sslmode=prefer` (the default) and `sslmode=require`
-/// encrypt the connection without verifying the server's certificate: they protect against
-/// eavesdropping, not against an active impostor. `sslmode=disable` does not encrypt.
-pub fn tls_config() -> Result<Arc<rustls::ClientConfig>> {
-    static CONFIG: OnceLock<std::result::Result<Arc<rustls::ClientConfig>, String>> = OnceLock::new();
-    CONFIG
-        .get_or_init(|| {
-            let provider = Arc::new(rustls::crypto::ring::default_provider());
-            let config = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
-                .with_safe_default_protocol_versions()
-                .map_err(|e| e.to_string())?
-                .dangerous()
-                .with_custom_certificate_verifier(Arc::new(UnverifiedServer(provider)))
-                .with_no_client_auth();
-            Ok(Arc::new(config))
-        })
-        .clone()
-        .map_err(|message| IngestError::Internal(format!("cannot set up TLS: {message}")))
-}
-
-/// Accepts the server's certificate without checking it (`sslmode=require` semantics), while
-/// still checking that the handshake is signed by the key of the certificate presented.
-#[derive(Debug)]
-struct UnverifiedServer(Arc<rustls::crypto::CryptoProvider>);
-
-impl rustls::client::danger::ServerCertVerifier for UnverifiedServer {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &rustls::pki_types::CertificateDer<'_>,
-        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
-        _server_name: &rustls::pki_types::ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: rustls::pki_types::UnixTime,
-    ) -> std::result::Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> std::result::Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> std::result::Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
     }
 }
 

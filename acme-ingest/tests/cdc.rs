@@ -337,27 +337,79 @@ async fn a_column_added_mid_stream_evolves_the_raw_schema_without_stopping() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_source_that_requires_tls_is_snapshotted_and_streamed_over_tls() {
-    // A cluster of its own, whose user `acme_tls` may connect over TLS only (self-signed
-    // certificate).
+async fn a_source_that_requires_tls_is_snapshotted_and_streamed_over_a_verified_connection() {
+    // A cluster of its own, whose user `acme_tls` may connect over TLS only, with a certificate
+    // for `localhost` issued by a test CA.
     let cluster = PgCluster::start().expect("PostgreSQL");
-    cluster.enable_tls("acme_tls").await.expect("TLS on the server");
+    let ca = cluster.enable_tls("acme_tls").await.expect("TLS on the server");
     let admin = cluster.create_database("tls").await.expect("database");
     let client = acme_testkit::connect(&admin).await.expect("connect");
     acme_testkit::create_source_schema(&client).await.expect("schema");
     acme_testkit::bulk_load(&admin, ScaleFactor::new(0.001).expect("sf"), 8).await.expect("load");
     let database = admin.rsplit('/').next().expect("database name");
-    let url = |mode: &str| format!("postgres://acme_tls@127.0.0.1:{}/{database}?sslmode={mode}", cluster.port());
+    let port = cluster.port();
+    let url = |host: &str, options: &str| format!("postgres://acme_tls@{host}:{port}/{database}?{options}");
+    let root = format!("sslrootcert={}", ca.cert.display());
     let dir = tempfile::tempdir().expect("tmp");
     let mut cfg = config(&admin, dir.path());
 
     // Without TLS the server turns acme away, and the error says where it tried.
-    cfg.source_url = Some(url("disable"));
+    cfg.source_url = Some(url("127.0.0.1", "sslmode=disable"));
     let error = ChangeStream::open(cfg.clone()).await.expect_err("a plain connection is refused");
     assert!(matches!(error, IngestError::Connect { .. }), "{error}");
 
-    // With sslmode=require: the snapshot, the replication connection and the stream.
-    cfg.source_url = Some(url("require"));
+    // Each mode against each connection kind (ordinary and replication): the right CA and
+    // host are accepted; a host the certificate does not name only by verify-ca; another CA
+    // by no verifying mode. The root file is also accepted in key=value form.
+    let other_dir = tempfile::tempdir().expect("tmp");
+    let other_ca = acme_testkit::tls::TestCa::new(other_dir.path(), "another-ca").expect("another CA");
+    let other_root = format!("sslrootcert={}", other_ca.cert.display());
+    let cases = [
+        (url("127.0.0.1", "sslmode=require"), true),
+        (url("localhost", &format!("sslmode=verify-full&{root}")), true),
+        (url("127.0.0.1", &format!("sslmode=verify-full&{root}")), false),
+        (url("127.0.0.1", &format!("sslmode=verify-ca&{root}")), true),
+        (url("localhost", &format!("sslmode=verify-ca&{other_root}")), false),
+        (url("localhost", &format!("sslmode=verify-full&{other_root}")), false),
+        // `require` with a root file checks the issuer, as libpq does.
+        (url("localhost", &format!("sslmode=require&{other_root}")), false),
+        (
+            format!(
+                "host=localhost port={port} user=acme_tls dbname={database} sslmode=verify-full sslrootcert='{}'",
+                ca.cert.display()
+            ),
+            true,
+        ),
+    ];
+    for (url, accepted) in &cases {
+        let source = acme_ingest::SourceUrl::parse(url).expect("the URL parses");
+        let ordinary = source.connect().await.map(drop);
+        let replication = acme_ingest::replication::ReplicationConnection::connect(&source).await.map(drop);
+        for (kind, result) in [("ordinary", ordinary), ("replication", replication)] {
+            match (accepted, result) {
+                (true, Ok(())) => {}
+                (true, Err(error)) => panic!("{url}: the {kind} connection is refused: {error}"),
+                (false, Ok(())) => panic!("{url}: the {kind} connection is accepted"),
+                (false, Err(error)) => {
+                    assert!(matches!(error, IngestError::Certificate { .. }), "{url} ({kind}): {error}");
+                    assert!(!error.is_transient(), "a refused certificate is not retried: {error}");
+                    let text = error.to_string();
+                    let advice = if url.contains("127.0.0.1") { "host name" } else { "sslrootcert" };
+                    assert!(text.contains(advice), "{url} ({kind}): the error says what to check: {text}");
+                }
+            }
+        }
+    }
+    // A verifying mode without any root certificate (and no libpq default file) says how to
+    // give one.
+    let default_root = std::path::Path::new(&std::env::var("HOME").unwrap_or_default()).join(".postgresql/root.crt");
+    if !default_root.exists() {
+        let error = acme_ingest::SourceUrl::parse(&url("localhost", "sslmode=verify-full")).expect_err("no roots");
+        assert!(error.to_string().contains("sslrootcert=system"), "{error}");
+    }
+
+    // verify-full: the snapshot, the replication connection and the stream.
+    cfg.source_url = Some(url("localhost", &format!("sslmode=verify-full&{root}")));
     let mut stream = ChangeStream::open(cfg.clone()).await.expect("snapshot over TLS");
     acme_testkit::run_workload(&admin, &workload(90, 100)).await.expect("workload");
     stream.catch_up().await.expect("stream over TLS");

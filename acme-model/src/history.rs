@@ -180,6 +180,12 @@ pub fn state_predicate(as_of_micros: Option<i64>) -> String {
     }
 }
 
+/// Predicate selecting the versions in force just before the source position `lsn`: the
+/// state after every transaction committed before it; deleted keys are excluded.
+pub fn state_at_lsn_predicate(lsn: i64) -> String {
+    format!("{VALID_FROM_LSN} < {lsn} AND ({VALID_TO_LSN} IS NULL OR {VALID_TO_LSN} >= {lsn}) AND NOT {IS_DELETED}")
+}
+
 /// SQL literal of a UTC timestamp given in microseconds since the epoch.
 pub fn utc_micros(micros: i64) -> String {
     format!("arrow_cast({micros}, 'Timestamp(Microsecond, Some(\"UTC\"))')")

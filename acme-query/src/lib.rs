@@ -43,7 +43,7 @@ use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::compute::cast;
 use arrow::datatypes::{DataType, Date32Type, Field, Int64Type, Schema};
 use chrono::{DateTime, NaiveDate, Utc};
-use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
+use datafusion::execution::runtime_env::RuntimeEnv;
 use datafusion::prelude::{DataFrame, SessionConfig, SessionContext};
 use serde::Serialize;
 use tracing::Instrument;
@@ -53,7 +53,10 @@ use acme_model::history::{HistorySpec, history_attributes, state_predicate};
 use acme_model::live;
 use acme_model::tables;
 
+mod builder;
 mod live_star;
+
+pub use builder::{Setup, WarehouseBuilder};
 
 /// Result alias with [`QueryError`] as the default error type.
 pub type Result<T, E = QueryError> = std::result::Result<T, E>;
@@ -250,6 +253,8 @@ pub struct Warehouse {
     star: Option<Arc<live_star::HeldStar>>,
     /// The tail's size (`None` without a model).
     tail: Option<Tail>,
+    /// What acme registered in `ctx` (the rest is the caller's, carried over on refresh).
+    registered: Arc<builder::Registered>,
 }
 
 /// What a handle being loaded takes over from the handle it refreshes.
@@ -263,6 +268,8 @@ struct Previous<'a> {
     tail: Option<Arc<HeldTail>>,
     /// Its star rows recomputed for the tail.
     star: Option<Arc<live_star::HeldStar>>,
+    /// Its context and what acme registered in it: the caller's tables and functions carry over.
+    context: Option<(&'a SessionContext, &'a builder::Registered)>,
 }
 
 /// A tail held in memory: the raw changes after `model_position` up to `raw_position`.
@@ -296,6 +303,10 @@ struct Shared {
     runtime: Arc<RuntimeEnv>,
     /// The largest tail held in memory (see [`MAX_MATERIALIZED_TAIL`]).
     max_tail_in_memory: u64,
+    /// The session settings of every handle.
+    session: SessionConfig,
+    /// The caller's setup, run on every handle's context.
+    setup: Vec<Setup>,
 }
 
 impl std::fmt::Debug for Warehouse {
@@ -307,23 +318,56 @@ impl std::fmt::Debug for Warehouse {
 impl Warehouse {
     /// Open the warehouse at `url` (a path, `file://` or `s3://`).
     pub async fn open(url: &str) -> Result<Self> {
-        Self::open_with_options(url, HashMap::new()).await
+        Self::builder(url).open().await
     }
 
     /// Open with object-store options (S3 endpoint, region, ...).
     pub async fn open_with_options(url: &str, options: HashMap<String, String>) -> Result<Self> {
-        Self::open_with_tail_limit(url, options, MAX_MATERIALIZED_TAIL).await
+        Self::builder(url).storage_options(options).open().await
     }
 
     /// Open with object-store options, holding the tail (the raw changes after the stored
     /// model's position) in memory only up to `max_changes` changes instead of
-    /// [`MAX_MATERIALIZED_TAIL`]: a larger tail is applied by each query from the raw tables
-    /// (with `0`, every non-empty tail is). Handles refreshed from this one keep the limit.
+    /// [`MAX_MATERIALIZED_TAIL`] (see [`WarehouseBuilder::tail_limit`]).
     pub async fn open_with_tail_limit(url: &str, options: HashMap<String, String>, max_changes: u64) -> Result<Self> {
-        let storage = Storage::new(url, options)?;
+        Self::builder(url).storage_options(options).tail_limit(max_changes).open().await
+    }
+
+    /// Open the warehouse at `url` with the caller's settings: object-store options or an
+    /// object store, the DataFusion session and runtime (a memory limit for queries), the
+    /// tail held in memory, and setup run on every handle (UDFs, tables).
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), acme_query::QueryError> {
+    /// use acme_query::Warehouse;
+    /// use acme_query::datafusion::prelude::SessionConfig;
+    /// let warehouse = Warehouse::builder("/tmp/acme-warehouse")
+    ///     .session_config(Warehouse::default_session_config().with_target_partitions(4))
+    ///     .memory_limit(512 << 20)
+    ///     .open()
+    ///     .await?;
+    /// # let _ = SessionConfig::new();
+    /// # Ok(()) }
+    /// ```
+    pub fn builder(url: &str) -> WarehouseBuilder {
+        WarehouseBuilder::new(url)
+    }
+
+    /// acme's session settings: the information schema, and joins whose smaller side (for
+    /// example the open orders, joined to their items in R3) fits in
+    /// [`BROADCAST_JOIN_BYTES`] and [`BROADCAST_JOIN_ROWS`] build one shared hash table instead
+    /// of repartitioning both sides by key (about 1.4x faster for R3 at SF1 on 2 cores).
+    pub fn default_session_config() -> SessionConfig {
+        let mut config = SessionConfig::new().with_information_schema(true);
+        let optimizer = &mut config.options_mut().optimizer;
+        optimizer.hash_join_single_partition_threshold = BROADCAST_JOIN_BYTES;
+        optimizer.hash_join_single_partition_threshold_rows = BROADCAST_JOIN_ROWS;
+        config
+    }
+
+    pub(crate) async fn open_storage(storage: Storage, url: &str, shared: Shared) -> Result<Self> {
         let raw_manifest = storage.get_manifest(manifests::RAW).await?;
         let model_manifest = storage.get_manifest(manifests::MODEL).await?;
-        let shared = Shared { runtime: RuntimeEnvBuilder::new().build_arc()?, max_tail_in_memory: max_changes };
         Self::load(storage, url, (raw_manifest, model_manifest), Previous::default(), shared).await
     }
 
@@ -356,7 +400,13 @@ impl Warehouse {
         }
         // The first instant of the history only moves with the stored model.
         let known_start = self.history_start.filter(|_| model_manifest.is_some() && model_manifest == self.manifests.1);
-        let previous = Previous { tables: &self.tables, known_start, tail: self.held.clone(), star: self.star.clone() };
+        let previous = Previous {
+            tables: &self.tables,
+            known_start,
+            tail: self.held.clone(),
+            star: self.star.clone(),
+            context: Some((&self.ctx, &self.registered)),
+        };
         let loaded =
             Self::load(self.storage.clone(), &self.url, (raw_manifest, model_manifest), previous, self.shared.clone());
         Ok(Some(loaded.await?))
@@ -371,14 +421,7 @@ impl Warehouse {
         shared: Shared,
     ) -> Result<Self> {
         let started = std::time::Instant::now();
-        let mut config = SessionConfig::new().with_information_schema(true);
-        // Joins whose smaller side (e.g. the open orders, joined to their items in R3) fits in
-        // these bounds build one shared hash table instead of repartitioning both sides by key:
-        // about 1.4x faster for R3 at SF1 on 2 cores.
-        let optimizer = &mut config.options_mut().optimizer;
-        optimizer.hash_join_single_partition_threshold = BROADCAST_JOIN_BYTES;
-        optimizer.hash_join_single_partition_threshold_rows = BROADCAST_JOIN_ROWS;
-        let ctx = SessionContext::new_with_config_rt(config, Arc::clone(&shared.runtime));
+        let ctx = SessionContext::new_with_config_rt(shared.session.clone(), Arc::clone(&shared.runtime));
         storage.register_object_store(&ctx);
         // Pin every table to the versions of the last complete commit round of its writer, so
         // a query never mixes tables from before and after a concurrent commit.
@@ -519,8 +562,17 @@ impl Warehouse {
                 }
             }
         };
+        // Then the caller's: its setup, and what it registered on the previous handle.
+        let registered = Arc::new(builder::Registered::of(&ctx));
+        for setup in &shared.setup {
+            setup(&ctx)?;
+        }
+        if let Some((previous_ctx, previous_registered)) = previous.context {
+            previous_registered.carry_over(previous_ctx, &ctx).await?;
+        }
         Ok(Self {
             ctx,
+            registered,
             url: url.to_string(),
             history_start: start,
             has_aggregate: found.contains_key(tables::AGG_ORDERS_BY_DELIVERY_DATE),

@@ -9,6 +9,7 @@ use acme_query::{QueryError, Report, StatusFilter, Warehouse};
 use acme_testkit::WorkloadConfig;
 use chrono::{DateTime, Utc};
 
+mod builder;
 mod faults;
 mod incremental;
 mod live;

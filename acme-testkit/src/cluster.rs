@@ -137,18 +137,18 @@ impl PgCluster {
         self.add_user_rules("adding a user with a password", &rules, &[role]).await
     }
 
-    /// Turn TLS on with a fresh self-signed certificate (made with the `openssl` tool), and
-    /// create the superuser `user` (with REPLICATION) that may connect over TLS only: its plain
-    /// connections, ordinary and replication, are rejected. Other users are unaffected.
-    pub async fn enable_tls(&self, user: &str) -> Result<()> {
+    /// Turn TLS on with a certificate for the host name `localhost` issued by a fresh test CA,
+    /// and create the superuser `user` (with REPLICATION) that may connect over TLS only: its
+    /// plain connections, ordinary and replication, are rejected. Other users are unaffected.
+    /// Returns the CA, whose certificate is what a client's `sslrootcert` names.
+    pub async fn enable_tls(&self, user: &str) -> Result<crate::tls::TestCa> {
         let data = self.data_dir();
-        let mut openssl = Command::new("openssl");
-        openssl
-            .args(["req", "-new", "-x509", "-days", "2", "-nodes", "-subj", "/CN=localhost", "-keyout"])
-            .arg(data.join("server.key"))
-            .arg("-out")
-            .arg(data.join("server.crt"));
-        run(&mut openssl)?;
+        let ca = crate::tls::TestCa::new(&self.root, "acme-test-ca")?;
+        let issued = ca.issue(&self.root, "server", "localhost")?;
+        for (from, to) in [(&issued.cert, "server.crt"), (&issued.key, "server.key")] {
+            std::fs::copy(from, data.join(to))
+                .map_err(|source| HarnessError::Io { what: format!("copying {}", from.display()), source })?;
+        }
         run(Command::new("chmod").arg("600").arg(data.join("server.key")))?;
         if self.as_postgres_user {
             run(Command::new("chown")
@@ -162,7 +162,8 @@ impl PgCluster {
         );
         let statements =
             [format!("CREATE ROLE \"{user}\" LOGIN SUPERUSER REPLICATION"), "ALTER SYSTEM SET ssl = on".into()];
-        self.add_user_rules("enabling TLS", &rules, &statements).await
+        self.add_user_rules("enabling TLS", &rules, &statements).await?;
+        Ok(ca)
     }
 
     /// Put `rules` first in `pg_hba.conf`, run `statements` as the superuser, and reload the

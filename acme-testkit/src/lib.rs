@@ -25,6 +25,7 @@ pub mod outside;
 pub mod replay;
 pub mod rng;
 pub mod source;
+pub mod tls;
 pub mod workload;
 
 pub use cluster::PgCluster;

@@ -1,5 +1,6 @@
 //! Outside parts for tests: an S3 API server (moto) on loopback and a Python interpreter
-//! with DuckDB and pyarrow, both installed by `.ci/run` into a virtual environment.
+//! with DuckDB, pyarrow and deltalake, from a virtual environment the harness creates when it
+//! is missing.
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -10,25 +11,78 @@ use std::time::{Duration, Instant};
 
 use crate::error::{HarnessError, Result};
 
-/// Where `.ci/run` puts the Python virtual environment (override with `ACME_VENV`).
+/// Where the Python virtual environment lives (override with `ACME_VENV`).
 pub const DEFAULT_VENV: &str = "/var/tmp/acme-venv";
+
+/// The packages of the virtual environment (pip requirements).
+pub const REQUIREMENTS: &str = include_str!("../python-requirements.txt");
 
 fn venv() -> PathBuf {
     std::env::var_os("ACME_VENV").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(DEFAULT_VENV))
 }
 
-/// The Python interpreter of the virtual environment (with duckdb and pyarrow).
+/// The Python interpreter of the virtual environment (with moto, DuckDB, pyarrow and
+/// deltalake), which is created first when it is missing or incomplete, as the harness starts
+/// PostgreSQL: `python3 -m venv`, then `pip install` of [`REQUIREMENTS`] (this needs `python3`
+/// with its `venv` module and network access to PyPI, once per machine). Creation is serialised
+/// across threads and processes with a lock file beside the environment.
 pub fn python() -> Result<PathBuf> {
-    let path = venv().join("bin/python");
-    if path.is_file() {
-        Ok(path)
-    } else {
-        Err(HarnessError::InvalidParameter(format!(
-            "no Python virtual environment at {}: run `bash .ci/run` once, or create it with \
-             `python3 -m venv {0} && {0}/bin/pip install 'moto[server]' duckdb pyarrow`, or set ACME_VENV",
-            venv().display()
-        )))
+    static READY: std::sync::Mutex<bool> = std::sync::Mutex::new(false);
+    let mut ready = READY.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let dir = venv();
+    let path = dir.join("bin/python");
+    if *ready || complete(&dir) {
+        *ready = true;
+        return Ok(path);
     }
+    let lock_path = dir.with_extension("lock");
+    let lock = std::fs::File::create(&lock_path)
+        .map_err(|source| HarnessError::Io { what: format!("creating {}", lock_path.display()), source })?;
+    lock.lock().map_err(|source| HarnessError::Io { what: format!("locking {}", lock_path.display()), source })?;
+    if !complete(&dir) {
+        create_venv(&dir)?;
+    }
+    *ready = true;
+    Ok(path)
+}
+
+/// Whether the environment at `dir` has every tool the tests use.
+fn complete(dir: &std::path::Path) -> bool {
+    dir.join("bin/moto_server").is_file()
+        && Command::new(dir.join("bin/python"))
+            .args(["-c", "import duckdb, pyarrow, moto, deltalake"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+}
+
+fn create_venv(dir: &std::path::Path) -> Result<()> {
+    eprintln!("acme-testkit: creating the Python environment {} (once per machine)", dir.display());
+    let requirements = dir.with_extension("requirements.txt");
+    std::fs::write(&requirements, REQUIREMENTS)
+        .map_err(|source| HarnessError::Io { what: format!("writing {}", requirements.display()), source })?;
+    let advice = |step: &str, e: HarnessError| {
+        HarnessError::InvalidParameter(format!(
+            "cannot create the Python environment at {} ({step}: {e}); the tests need python3 with its venv \
+             module (apt-get install python3-venv) and access to PyPI, or set ACME_VENV to an environment \
+             with the packages of acme-testkit/python-requirements.txt",
+            dir.display()
+        ))
+    };
+    crate::cluster::run(Command::new("python3").arg("-m").arg("venv").arg(dir))
+        .map_err(|e| advice("python3 -m venv", e))?;
+    crate::cluster::run(
+        Command::new(dir.join("bin/pip"))
+            .args(["install", "-q", "--disable-pip-version-check", "-r"])
+            .arg(&requirements),
+    )
+    .map_err(|e| advice("pip install", e))?;
+    if !complete(dir) {
+        return Err(advice("checking", HarnessError::InvalidParameter("a package does not import".into())));
+    }
+    Ok(())
 }
 
 /// A moto S3 API server on a free loopback port, stopped when dropped or when this process ends.
@@ -41,14 +95,8 @@ pub struct MotoServer {
 impl MotoServer {
     /// Start `moto_server` from the virtual environment.
     pub fn start() -> Result<Self> {
+        python()?;
         let exe = venv().join("bin/moto_server");
-        if !exe.is_file() {
-            python()?;
-            return Err(HarnessError::InvalidParameter(format!(
-                "{} is missing: pip install 'moto[server]'",
-                exe.display()
-            )));
-        }
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .map_err(|source| HarnessError::Io { what: "finding a free port".into(), source })?
