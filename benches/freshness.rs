@@ -24,9 +24,8 @@ use std::time::{Duration, Instant};
 use acme::Pipeline;
 use acme::core::AcmeConfig;
 use acme::http::{ServiceState, router};
-use acme::query::{
-    StatusFilter, Warehouse, open_orders_sql, pending_items_sql, top_customers_sql, top_delivery_dates_sql,
-};
+use acme::query::sql::{open_orders_sql, pending_items_sql, top_customers_sql, top_delivery_dates_sql};
+use acme::query::{StatusFilter, Warehouse};
 use acme_testkit::{PgCluster, ScaleFactor, WorkloadConfig};
 
 mod common;

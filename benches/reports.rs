@@ -17,9 +17,8 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use acme::query::{
-    StatusFilter, Warehouse, open_orders_sql, pending_items_sql, top_customers_sql, top_delivery_dates_sql,
-};
+use acme::query::sql::{open_orders_sql, pending_items_sql, top_customers_sql, top_delivery_dates_sql};
+use acme::query::{StatusFilter, Warehouse};
 use chrono::{DateTime, Utc};
 use criterion::{Criterion, criterion_group, criterion_main};
 
