@@ -302,6 +302,7 @@ async fn covering_warehouse(
 ) -> Result<Warehouse, PipelineError> {
     let client = url.connect().await?;
     let started = Instant::now();
+    let mut held: Option<Warehouse> = None;
     loop {
         let slot = client
             .query_opt(
@@ -315,9 +316,12 @@ async fn covering_warehouse(
         };
         let (confirmed, active): (Option<String>, bool) = (slot.get(0), slot.get(1));
         let confirmed = confirmed.as_deref().map(Lsn::parse).transpose()?;
-        // Opened after the slot was read: a confirmed position is already in this handle.
-        let warehouse =
-            Warehouse::builder(&config.storage_url).storage_options(config.storage_options.clone()).open().await?;
+        // Opened (or refreshed) after the slot was read: a confirmed position is already in
+        // this handle.
+        let warehouse = match held.take() {
+            None => Warehouse::open_with_options(&config.storage_url, config.storage_options.clone()).await?,
+            Some(previous) => previous.refreshed().await?.unwrap_or(previous),
+        };
         let position = warehouse.raw_position().unwrap_or(0);
         if position >= lsn.0 as i64 || confirmed.is_some_and(|c| c >= lsn) {
             return Ok(warehouse);
@@ -333,6 +337,7 @@ async fn covering_warehouse(
         if started.elapsed() >= wait {
             return Err(PipelineError::Behind { position, lsn: lsn.to_string(), pending: 0 });
         }
+        held = Some(warehouse);
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
