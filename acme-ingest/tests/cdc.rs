@@ -165,7 +165,7 @@ async fn the_running_stream_compacts_the_raw_tables_beside_the_stream() {
         }
         found
     };
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let deadline = std::time::Instant::now() + Duration::from_secs(300);
     let mut burst = 0;
     while compactions() == 0 && std::time::Instant::now() < deadline {
         let steady = WorkloadConfig {

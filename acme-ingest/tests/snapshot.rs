@@ -56,27 +56,39 @@ async fn concurrent_writes_during_the_snapshot_do_not_leak_into_it() {
     let url = acme_source("snap_concurrent").await;
     acme_testkit::bulk_load(&url, ScaleFactor::new(0.01).expect("sf"), 4).await.expect("load");
     let dir = tempfile::tempdir().expect("tmp");
+    // Bursts of inserts from before the snapshot until one burst has started after it ended
+    // (however long the snapshot takes on a loaded machine).
+    let snapshot_ended = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let workload = {
-        let url = url.clone();
+        let (url, snapshot_ended) = (url.clone(), std::sync::Arc::clone(&snapshot_ended));
         tokio::spawn(async move {
-            let config = WorkloadConfig {
-                seed: 9,
-                rate_tps: 0.0,
-                transactions: None,
-                duration: Some(std::time::Duration::from_secs(4)),
-                connections: 2,
-                deletes: false,
-                inserts_only: true,
-            };
-            acme_testkit::run_workload(&url, &config).await
+            let mut transactions = 0;
+            for seed in 9.. {
+                let last = snapshot_ended.load(std::sync::atomic::Ordering::SeqCst);
+                let config = WorkloadConfig {
+                    seed,
+                    rate_tps: 0.0,
+                    transactions: None,
+                    duration: Some(std::time::Duration::from_secs(1)),
+                    connections: 2,
+                    deletes: false,
+                    inserts_only: true,
+                };
+                transactions += acme_testkit::run_workload(&url, &config).await?.transactions;
+                if last {
+                    break;
+                }
+            }
+            Ok::<_, acme_testkit::HarnessError>(transactions)
         })
     };
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     let mut cfg = config(&url, dir.path());
     cfg.snapshot_parallelism = 3;
     let report = Snapshot::new(cfg).await.expect("snapshot");
-    let done = workload.await.expect("join").expect("workload");
-    assert!(done.transactions > 0);
+    snapshot_ended.store(true, std::sync::atomic::Ordering::SeqCst);
+    let transactions = workload.await.expect("join").expect("workload");
+    assert!(transactions > 0);
     let client = acme_testkit::connect(&url).await.expect("connect");
     for table in ["orders", "order_items"] {
         // Only inserts ran: a row is in the snapshot exactly when its inserting transaction is
