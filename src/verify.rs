@@ -111,7 +111,6 @@ impl std::fmt::Display for TableCheck {
 }
 
 /// Row count, checksum and per-bucket checksums of one side of one table.
-#[derive(Default)]
 struct Sums {
     rows: u64,
     checksum: u64,
@@ -206,9 +205,10 @@ impl RowHasher {
                 .collect::<Vec<_>>()
                 .join(", ");
             // Two rows of one key on one side (a duplicate) count as a difference too.
+            let row = hash(value.as_ref());
             into.entry(key.as_ref().to_vec())
-                .and_modify(|e| e.0 = e.0.wrapping_add(hash(value.as_ref())).wrapping_add(1))
-                .or_insert((hash(value.as_ref()), rendered));
+                .and_modify(|e| e.0 = e.0.wrapping_add(row).wrapping_add(1))
+                .or_insert((row, rendered));
         }
         Ok(())
     }
@@ -433,11 +433,10 @@ async fn check_table(
 
 /// The warehouse's rows of `table` in force just before `lsn`: its history's versions.
 fn warehouse_sql(table: &SourceTable, lsn: Lsn) -> String {
-    let columns: Vec<String> = table.columns.iter().map(|c| format!("\"{}\"", c.name.replace('"', "\"\""))).collect();
     format!(
-        "SELECT {} FROM \"{}_history\" WHERE {}",
-        columns.join(", "),
-        table.name,
+        "SELECT {} FROM {} WHERE {}",
+        table.column_list(),
+        acme_ingest::source::quote_ident(&format!("{}_history", table.name)),
         acme_model::history::state_at_lsn_predicate(lsn.0 as i64)
     )
 }
