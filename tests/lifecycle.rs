@@ -8,8 +8,20 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
+/// A started example, killed when dropped, so a failing test leaves no process behind.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// Start example `name` with `args`; its stdout lines arrive on the returned channel.
-fn start(name: &str, args: &[&str]) -> (Child, mpsc::Receiver<String>) {
+fn start(name: &str, args: &[&str]) -> (Running, mpsc::Receiver<String>) {
     let mut child = Command::new(support::example_binary(name))
         .args(args)
         .env("RUST_LOG", "warn")
@@ -26,7 +38,7 @@ fn start(name: &str, args: &[&str]) -> (Child, mpsc::Receiver<String>) {
             }
         }
     });
-    (child, received)
+    (Running(child), received)
 }
 
 /// Wait for a line containing `marker`; returns every line seen up to it.
@@ -47,7 +59,8 @@ fn wait_for(lines: &mpsc::Receiver<String>, marker: &str, within: Duration) -> V
 }
 
 /// Send SIGTERM to `child` and wait (at most 60 s) for it to exit; returns its exit code.
-fn terminate(child: &mut Child) -> Option<i32> {
+fn terminate(child: &mut Running) -> Option<i32> {
+    let child = &mut child.0;
     let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill");
     assert!(status.success(), "kill -TERM");
     for _ in 0..600 {
@@ -351,6 +364,20 @@ async fn demo_leaves_nothing_in_a_source_and_teardown_removes_what_acme_created_
     let (mut sync, lines) =
         start("sync", &["--source", &url, "--warehouse", &warehouse("m"), "--slot", &slot, "--publication", "mine"]);
     wait_for(&lines, "ready after", Duration::from_secs(120));
+    // "ready" comes once the model is built; the stream connects just after. Wait for it.
+    let mut streaming = false;
+    for _ in 0..600 {
+        let row = client
+            .query_one("SELECT active_pid IS NOT NULL FROM pg_replication_slots WHERE slot_name = $1", &[&slot])
+            .await
+            .expect("the slot");
+        streaming = row.get(0);
+        if streaming {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(streaming, "sync did not start streaming from slot {slot} within 60 s");
     let (code, out, err) = run("teardown", &["--source", &url, "--slot", &slot, "--publication", "mine"]);
     assert_eq!(code, Some(78), "{out}{err}");
     assert!(err.contains("in use by server process") && err.contains("stop that process"), "{err}");

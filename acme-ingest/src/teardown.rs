@@ -78,10 +78,21 @@ pub async fn teardown(config: &AcmeConfig) -> Result<Teardown> {
         if let Some(pid) = active {
             return Err(IngestError::SlotActive { slot: config.slot.clone(), pid });
         }
-        client
-            .execute("SELECT pg_drop_replication_slot($1)", &[&config.slot])
-            .await
-            .map_err(sql("removing the replication slot"))?;
+        // A process may take the slot between the look and the drop: the server then refuses
+        // the drop as "object in use", which is the same answer as a slot found active.
+        if let Err(error) = client.execute("SELECT pg_drop_replication_slot($1)", &[&config.slot]).await {
+            if error.code() == Some(&tokio_postgres::error::SqlState::OBJECT_IN_USE) {
+                let pid = client
+                    .query_opt("SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1", &[&config.slot])
+                    .await
+                    .map_err(sql("looking for the replication slot"))?
+                    .and_then(|row| row.get::<_, Option<i32>>(0));
+                if let Some(pid) = pid {
+                    return Err(IngestError::SlotActive { slot: config.slot.clone(), pid });
+                }
+            }
+            return Err(sql("removing the replication slot")(error));
+        }
         done.removed.push(format!("replication slot {}", config.slot));
     }
 
