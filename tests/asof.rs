@@ -253,15 +253,23 @@ async fn http_rows(addr: std::net::SocketAddr, path: &str, fields: &[&str]) -> V
 
 /// Readers during writers: while the workload writes and the pipeline captures, builds the
 /// model and compacts, readers take the pipeline's newest handle or open the warehouse afresh,
-/// again and again. None errors, and each read equals the row-by-row replay at the raw
-/// position the handle answers at: never a mixed state.
+/// again and again, and the outside reader (delta-rs and DuckDB over the presentation tables,
+/// pinned to `_acme/model.json`) runs beside them. None errors, and each read equals the
+/// row-by-row replay at the position it answers at (the raw position for acme's handles, the
+/// model position for the outside reader): never a mixed state.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readers_during_writers_each_see_the_state_at_a_committed_position() {
     let seed = 5201;
     let url = acme_testkit::acme_database("readers", Some((0.002, seed))).await.expect("source");
     let dir = tempfile::tempdir().expect("tmp");
     let config = support::config(&url, dir.path());
-    let pipeline = Pipeline::builder(config.clone()).fold_ratio(0.01).start().await.expect("start");
+    // Builds often (a small fold ratio, checked every 300 ms), so that readers meet them.
+    let pipeline = Pipeline::builder(config.clone())
+        .fold_ratio(0.01)
+        .model_interval(std::time::Duration::from_millis(300))
+        .start()
+        .await
+        .expect("start");
     let writer = {
         let url = url.clone();
         tokio::spawn(async move {
@@ -270,6 +278,20 @@ async fn readers_during_writers_each_see_the_state_at_a_committed_position() {
             workload.rate_tps = 200.0;
             workload.duration = Some(std::time::Duration::from_secs(8));
             acme_testkit::run_workload(&url, &workload).await
+        })
+    };
+    // The outside reader (delta-rs and DuckDB, pinned to `_acme/model.json`), again and again
+    // in a thread of its own while the writers run.
+    let writing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let outside = {
+        let writing = std::sync::Arc::clone(&writing);
+        let dir = dir.path().to_path_buf();
+        std::thread::spawn(move || {
+            let mut reads = Vec::new();
+            while writing.load(std::sync::atomic::Ordering::SeqCst) {
+                reads.push(outside_reports(&dir));
+            }
+            reads
         })
     };
     let mut reads: Vec<(i64, Vec<Vec<String>>, &str)> = Vec::new();
@@ -285,8 +307,19 @@ async fn readers_during_writers_each_see_the_state_at_a_committed_position() {
         i += 1;
     }
     writer.await.expect("join").expect("workload");
+    writing.store(false, std::sync::atomic::Ordering::SeqCst);
+    let outside = outside.join().expect("the outside reader's thread");
     let warehouse = pipeline.caught_up().await.expect("caught up");
     let replay = support::replay(&warehouse).await;
+    assert!(outside.len() >= 2, "the outside reader read during the writes ({} reads)", outside.len());
+    let model_positions: std::collections::BTreeSet<i64> = outside.iter().map(|(p, _)| *p).collect();
+    assert!(model_positions.len() >= 2, "the outside reader saw model builds commit: positions {model_positions:?}");
+    eprintln!("outside reader: {} reads at {} model positions", outside.len(), model_positions.len());
+    for (position, answers) in &outside {
+        let expected = replay.reports_at_position(*position, 3);
+        let expected = vec![expected[0].clone(), expected[3].clone(), expected[4].clone()];
+        assert_eq!(answers, &expected, "the outside reader at model position {position} (R1, R3, R4)");
+    }
     let positions: std::collections::BTreeSet<i64> = reads.iter().map(|(p, ..)| *p).collect();
     assert!(
         positions.len() > 5,
@@ -298,4 +331,36 @@ async fn readers_during_writers_each_see_the_state_at_a_committed_position() {
         assert_eq!(answers, &replay.reports_at_position(*position, 3), "a read of {kind} at raw position {position}");
     }
     pipeline.shutdown().await.expect("shutdown");
+}
+
+/// Run the outside reader (`acme-query/tests/readers/presentation_reports.py`) on the
+/// warehouse at `dir`: the model position it read at, and R1 (open), R3 and R4 (pending, top 3)
+/// rendered as the replay renders them.
+fn outside_reports(dir: &std::path::Path) -> (i64, Vec<Vec<String>>) {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/acme-query/tests/readers/presentation_reports.py");
+    let python = acme_testkit::outside::python().expect("the Python environment");
+    let output = std::process::Command::new(python).arg(script).arg(dir).output().expect("run the outside reader");
+    assert!(
+        output.status.success(),
+        "the outside reader failed ({}): {}{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON from the outside reader");
+    let position = json["position"].as_i64().expect("the reader read a model manifest");
+    let cell = |v: &serde_json::Value| match v {
+        serde_json::Value::Null => acme_testkit::oracle::NULL.to_string(),
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    let rows = |name: &str| -> Vec<String> {
+        json[name]
+            .as_array()
+            .expect("rows")
+            .iter()
+            .map(|row| row.as_array().expect("a row").iter().map(cell).collect::<Vec<_>>().join("|"))
+            .collect()
+    };
+    (position, vec![rows("r1"), rows("r3"), rows("r4")])
 }

@@ -1,7 +1,8 @@
 //! An outside reader gets the reports' answers from the presentation layer: delta-rs's Python
-//! binding opens the latest Delta versions of the star-schema tables and DuckDB runs R1, R3
-//! and R4 as dimensional queries over them (`readers/presentation_reports.py`). Once the model
-//! build has folded the changes in, its answers equal acme's and PostgreSQL's.
+//! binding opens the Delta versions of the star-schema tables and DuckDB runs R1, R3
+//! and R4 as dimensional queries over them (`readers/presentation_reports.py`), pinned to the
+//! versions of `_acme/model.json`. Once the model build has folded the changes in, its answers
+//! equal acme's and PostgreSQL's. (`tests/asof.rs` runs it beside a live pipeline.)
 
 use acme_model::ModelBuild;
 use acme_query::{StatusFilter, Warehouse};
@@ -54,5 +55,19 @@ async fn an_outside_reader_gets_the_reports_from_the_presentation_tables() {
     assert!(output.status.success(), "outside reader failed: {}", String::from_utf8_lossy(&output.stderr));
     let outside: Value = serde_json::from_slice(&output.stdout).expect("JSON from the reader");
     assert!(outside["r1"].as_array().is_some_and(|rows| !rows.is_empty()), "R1 has rows: {outside}");
-    assert_eq!(outside, acme_json(&w).await, "DuckDB over the presentation tables vs acme");
+    let mut expected = acme_json(&w).await;
+    expected["position"] = json!(w.model_position());
+    assert_eq!(outside, expected, "DuckDB over the presentation tables (pinned to _acme/model.json) vs acme");
+    // Between builds, the latest version of each table is the manifest's.
+    let latest = std::process::Command::new(acme_testkit::outside::python().expect("python"))
+        .arg(script)
+        .arg(dir.path())
+        .arg("--latest")
+        .output()
+        .expect("run the reader");
+    assert!(latest.status.success(), "outside reader failed: {}", String::from_utf8_lossy(&latest.stderr));
+    let mut latest: Value = serde_json::from_slice(&latest.stdout).expect("JSON from the reader");
+    assert_eq!(latest["position"], Value::Null, "--latest reads no manifest");
+    latest["position"] = expected["position"].clone();
+    assert_eq!(latest, expected, "DuckDB over the latest versions vs acme, between builds");
 }

@@ -1,23 +1,36 @@
 """An outside reader of acme's presentation layer: delta-rs (the `deltalake` Python binding)
-opens the latest Delta version of each star-schema table, and DuckDB answers R1, R3 and R4 as
-dimensional queries over them: the fact rows in force (`is_current`; as of an instant, the rows
-whose `valid_from`-`valid_to` holds it), filtered by the status flags, and the customer
-dimension's version in force. Prints the three reports as JSON.
+opens the star-schema tables and DuckDB answers R1, R3 and R4 as dimensional queries over
+them: the fact rows in force (`is_current`), filtered by the status flags, and the customer
+dimension's version in force. Prints the model position and the three reports as JSON.
 
-Usage: python presentation_reports.py <warehouse directory>
+A model build commits its tables one after the other and then writes `_acme/model.json`, the
+Delta version of each table it committed, with the source position they hold. A reader that
+joins tables opens each at the version that manifest names, so it sees every table at one
+position even while a build is half-way through its commits (the latest version of each table
+would mix two builds). With no manifest (a warehouse with no model build yet, or `--latest`),
+the latest versions are read.
+
+Usage: python presentation_reports.py <warehouse directory> [--latest]
 """
 
 import json
+import os
 import sys
 
 import duckdb
 from deltalake import DeltaTable
 
 warehouse = sys.argv[1]
+manifest_path = os.path.join(warehouse, "_acme", "model.json")
+manifest = None
+if "--latest" not in sys.argv[2:] and os.path.exists(manifest_path):
+    with open(manifest_path) as f:
+        manifest = json.load(f)
 con = duckdb.connect()
 for table in ["fact_orders", "fact_order_items", "dim_customer"]:
-    dataset = DeltaTable(f"{warehouse}/presentation/{table}").to_pyarrow_dataset()
-    con.register(table, dataset)
+    version = manifest["tables"].get(f"presentation/{table}") if manifest else None
+    delta = DeltaTable(f"{warehouse}/presentation/{table}", version=version)
+    con.register(table, delta.to_pyarrow_dataset())
 
 r1 = con.execute(
     """SELECT CAST(f.delivery_date AS VARCHAR), f.status, count(*)
@@ -28,7 +41,7 @@ r3 = con.execute(
     """SELECT i.product_id, CAST(sum(i.quantity) AS BIGINT)
        FROM fact_order_items i JOIN fact_orders o ON o.order_id = i.order_id
        WHERE i.is_current AND o.is_current AND o.is_open
-       GROUP BY i.product_id ORDER BY 2 DESC, i.product_id NULLS LAST"""
+       GROUP BY i.product_id ORDER BY 2 DESC NULLS FIRST, i.product_id NULLS LAST"""
 ).fetchall()
 r4 = con.execute(
     """WITH counts AS (SELECT f.customer_id, count(*) AS quantity FROM fact_orders f
@@ -38,4 +51,9 @@ r4 = con.execute(
        LEFT JOIN dim_customer c ON c.customer_id = r.customer_id AND c.is_current AND c.customer_sk >= 0
        WHERE r.ranking <= 3 ORDER BY r.ranking, r.customer_id NULLS LAST"""
 ).fetchall()
-print(json.dumps({"r1": r1, "r3": r3, "r4": r4}, default=str))
+print(json.dumps({"position": manifest["position"] if manifest else None, "r1": r1, "r3": r3, "r4": r4}, default=str))
+sys.stdout.flush()
+# The answer is out. Leave without running the native libraries' destructors: pyarrow's and
+# delta-rs's worker threads can abort the interpreter's shutdown now and then ("terminate
+# called without an active exception", a known shutdown-order problem of these bindings).
+os._exit(0)
