@@ -64,6 +64,90 @@ async fn service_answers_the_seed_endpoints_and_rejects_bad_parameters() {
     checks.expect("HTTP checks");
 }
 
+/// A JSON array of report rows rendered as the oracle renders rows: the `fields` of each row
+/// joined by `|`, NULL as `∅`, in the order the body lists them.
+fn render(body: &serde_json::Value, fields: &[&str]) -> Vec<String> {
+    let rows = body.as_array().unwrap_or_else(|| panic!("an array of rows: {body}"));
+    rows.iter()
+        .map(|row| {
+            let cells: Vec<String> = fields
+                .iter()
+                .map(|f| match &row[*f] {
+                    serde_json::Value::Null => acme_testkit::oracle::NULL.to_string(),
+                    serde_json::Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                })
+                .collect();
+            cells.join("|")
+        })
+        .collect()
+}
+
+/// Every endpoint's body, now and as of past instants, equals the references written apart
+/// from acme, row order included: PostgreSQL's answer now (`acme_testkit::oracle`) and the
+/// row-by-row replay of the raw changes (`acme_testkit::replay`) as of each instant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_endpoint_answers_as_the_references_now_and_as_of_row_order_included() {
+    let url = acme_testkit::acme_database("http_oracle", Some((0.002, 21))).await.expect("source");
+    let dir = tempfile::tempdir().expect("tmp");
+    let config = support::config(&url, dir.path());
+    let mut stream = ChangeStream::open(config.clone()).await.expect("snapshot");
+    for seed in [2101, 2102] {
+        let workload = acme_testkit::WorkloadConfig { seed, transactions: Some(400), ..Default::default() };
+        acme_testkit::run_workload(&url, &workload).await.expect("workload");
+        stream.catch_up().await.expect("catch up");
+    }
+    ModelBuild::new(config.clone()).await.expect("model");
+    let warehouse = Warehouse::open(&config.storage_url).await.expect("warehouse");
+    let replay = support::replay(&warehouse).await;
+    let client = acme_testkit::connect(&url).await.expect("connect");
+    let limit = 3;
+    let now = acme_testkit::oracle::source_reports(&client, limit).await.expect("the oracle");
+    let times = replay.commit_times();
+    assert!(times.len() > 10, "the workload committed changes after the snapshot");
+    let instants: Vec<i64> =
+        [replay.snapshot_time().expect("a snapshot"), times[times.len() / 3], times[2 * times.len() / 3]].into();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let server = tokio::spawn(async move { axum::serve(listener, router(ServiceState::new(warehouse))).await });
+
+    // The endpoints in the order of `acme_testkit::oracle::REPORTS`, with the fields of a row.
+    let endpoints: [(String, &[&str]); 5] = [
+        ("/analytics/orders?status=open".into(), &["delivery_date", "status", "quantity"]),
+        ("/analytics/orders?status=pending".into(), &["delivery_date", "status", "quantity"]),
+        (format!("/analytics/orders/top?limit={limit}"), &["delivery_date", "quantity"]),
+        ("/analytics/orders/product?".into(), &["product_id", "total_items"]),
+        (
+            format!("/analytics/orders/customers?status=pending&limit={limit}"),
+            &["customer_id", "customer_name", "quantity", "ranking"],
+        ),
+    ];
+    let checks = tokio::task::spawn_blocking(move || {
+        let mut compared = 0;
+        for (i, (path, fields)) in endpoints.iter().enumerate() {
+            let name = acme_testkit::oracle::REPORTS[i];
+            let (status, body) = get(addr, path);
+            assert_eq!(status, 200, "{path}: {body}");
+            assert_eq!(render(&body, fields), now[i], "{name} ({path}) now vs PostgreSQL");
+            compared += now[i].len();
+            for at in &instants {
+                let instant = chrono::DateTime::from_timestamp_micros(*at).expect("instant");
+                let stamp = instant.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+                let sep = if path.ends_with('?') { "" } else { "&" };
+                let (status, body) = get(addr, &format!("{path}{sep}as_of={stamp}"));
+                assert_eq!(status, 200, "{path} as of {stamp}: {body}");
+                let expected = &replay.reports(Some(*at), limit)[i];
+                assert_eq!(&render(&body, fields), expected, "{name} ({path}) as of {stamp} vs the replay");
+                compared += expected.len();
+            }
+        }
+        compared
+    })
+    .await;
+    server.abort();
+    assert!(checks.expect("HTTP checks") > 100, "the bodies compared held rows");
+}
+
 /// `serve` without `--source` (`ServiceState::following`): another writer commits, and the
 /// served handle is refreshed (not reopened) to its newest state, keeping a table the caller
 /// registered on the handle.
