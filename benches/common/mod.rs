@@ -4,8 +4,9 @@
 //!
 //! A dataset is: the ACME source generated at the scale factor, snapshotted into a warehouse,
 //! then a live workload streamed in (so the history holds real versions), the model built, and
-//! the current state of orders, order items and customers exported as plain Parquet for outside
-//! engines. `instant.txt` records an instant half-way through the workload for as-of queries.
+//! the current state of orders, order items and customers, and every version of them, exported as
+//! plain Parquet for outside engines (`current/`, `history/`). `instant.txt` records an instant
+//! half-way through the workload for as-of queries.
 
 #![allow(dead_code)]
 

@@ -1,0 +1,227 @@
+//! Step cost against table size (issue 16): what one step of the live path costs when it
+//! brings the reports N changes further, at several scale factors, beside what the model
+//! build (the fold, which rewrites the files holding the changed keys) costs for the same
+//! changes, in the same run.
+//!
+//! For each scale factor of `ACME_BENCH_STEP_SFS` (default `0.1,1`; the issue's figures add 10):
+//! a source is generated and loaded, snapshotted, and fully built once. Then, for steps of
+//! about 1,000 and about 10,000 raw changes, `ACME_BENCH_STEP_REPEATS` times (default 5):
+//! 1. the live workload's mix commits the step's changes (unthrottled) and the change stream
+//!    commits them to the raw layer (not timed);
+//! 2. **live step** (timed): `Warehouse::refreshed` from the previous handle, which brings
+//!    every report, the histories and the star schema to the new position;
+//! 3. **fold** (timed): the model build that folds the same changes into the stored model;
+//! 4. a refresh onto the new stored model (not timed), so the next live step extends a handle
+//!    that holds a fresh tail, as in the pipeline.
+//!
+//! Before any figure is written, the handle after the first and after the last step of each
+//! size answers R1-R4 (as `acme_testkit::oracle` renders them) equal to PostgreSQL's answers,
+//! written apart from acme, at that moment.
+//!
+//! Writes `bench-data/steps.md` (a table: scale factor, step size, changes, median and p90 of
+//! the live step and of the fold, changes per second) and `bench-data/steps.csv`; plot them with
+//! `benches/plot-steps.py` (into `bench-steps.png`).
+//!
+//! Run: `ACME_BENCH_STEP_SFS=0.1,1,10 cargo bench --bench steps`.
+
+use std::fmt::Write as _;
+use std::time::{Duration, Instant};
+
+use acme::core::AcmeConfig;
+use acme::ingest::ChangeStream;
+use acme::model::ModelBuild;
+use acme::query::{Report, StatusFilter, Warehouse};
+use acme_testkit::{PgCluster, ScaleFactor, WorkloadConfig};
+
+mod common;
+
+/// The generator's seed.
+const SEED: u64 = 42;
+
+/// R2's and R4's limit in the equality check.
+const LIMIT: usize = 3;
+
+fn env<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// The reports in the order of `acme_testkit::oracle::REPORTS`, rendered as it renders them.
+async fn rendered(w: &Warehouse) -> Vec<Vec<String>> {
+    let reports = [
+        Report::OpenOrders(StatusFilter::Open),
+        Report::OpenOrders(StatusFilter::Pending),
+        Report::TopDeliveryDates { limit: LIMIT },
+        Report::PendingItemsByProduct,
+        Report::TopCustomers { limit: LIMIT, filter: StatusFilter::Pending },
+    ];
+    let mut out = Vec::new();
+    for report in &reports {
+        let batches = w.report_batches(report, None).await.expect("report");
+        out.push(acme_testkit::oracle::render_batches(&batches).expect("render"));
+    }
+    out
+}
+
+/// Stop unless `w` answers as the source does now.
+async fn check(w: &Warehouse, client: &tokio_postgres::Client, what: &str) {
+    let source = acme_testkit::oracle::source_reports(client, LIMIT).await.expect("the oracle");
+    let ours = rendered(w).await;
+    for (i, name) in acme_testkit::oracle::REPORTS.iter().enumerate() {
+        assert_eq!(ours[i], source[i], "{name} after {what}: acme and PostgreSQL differ; no figure is written");
+    }
+}
+
+/// One timed step.
+struct Step {
+    changes: u64,
+    tail: u64,
+    live: Duration,
+    fold: Duration,
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+/// Commit about `changes` raw changes (the workload's mix) and stream them to the raw layer;
+/// returns the raw changes committed.
+async fn commit_changes(url: &str, stream: &mut ChangeStream, seed: u64, transactions: u64) -> u64 {
+    let workload = WorkloadConfig {
+        seed,
+        rate_tps: 0.0,
+        transactions: Some(transactions),
+        duration: None,
+        connections: 2,
+        deletes: true,
+        inserts_only: false,
+    };
+    acme_testkit::run_workload(url, &workload).await.expect("workload");
+    stream.catch_up().await.expect("catch up").changes
+}
+
+async fn scale(sf: f64, repeats: usize, rows: &mut Vec<(f64, u64, Step)>) {
+    let started = Instant::now();
+    let cluster = PgCluster::start().expect("PostgreSQL");
+    let url = cluster.create_database("steps").await.expect("database");
+    let client = acme_testkit::connect(&url).await.expect("connect");
+    acme_testkit::create_source_schema(&client).await.expect("schema");
+    acme_testkit::bulk_load(&url, ScaleFactor::new(sf).expect("sf"), SEED).await.expect("load");
+    let loaded = started.elapsed();
+    std::fs::create_dir_all(common::root()).expect("bench data directory");
+    let dir = tempfile::tempdir_in(common::root()).expect("warehouse directory");
+    let storage = dir.path().display().to_string();
+    let config = AcmeConfig::builder().source_url(&url).storage_url(&storage).build().expect("config");
+    let mut stream = ChangeStream::open(config.clone()).await.expect("snapshot");
+    let full = Instant::now();
+    ModelBuild::new(config.clone()).run().await.expect("full build");
+    let full = full.elapsed();
+    eprintln!("SF{sf}: loaded in {loaded:.1?}, full model build {full:.1?}");
+
+    // Calibrate: raw changes per workload transaction (the mix's own ratio).
+    let calibration = 200;
+    let changes = commit_changes(&url, &mut stream, SEED, calibration).await;
+    let per_transaction = (changes as f64 / calibration as f64).max(0.1);
+    ModelBuild::new(config.clone()).run().await.expect("fold the calibration");
+    let mut w = Warehouse::open(&storage).await.expect("open");
+    let mut seed = SEED + 1;
+    for target in [1_000u64, 10_000] {
+        let transactions = ((target as f64 / per_transaction).round() as u64).max(1);
+        // A first step, not timed, so the handle holds the live state a pipeline's would.
+        commit_changes(&url, &mut stream, seed, transactions).await;
+        seed += 1;
+        w = w.refreshed().await.expect("refresh").unwrap_or(w);
+        for repeat in 0..repeats {
+            let changes = commit_changes(&url, &mut stream, seed, transactions).await;
+            seed += 1;
+            let timed = Instant::now();
+            let stepped = w.refreshed().await.expect("live step").expect("a newer position");
+            let live = timed.elapsed();
+            let tail = stepped.tail().map_or(0, |t| t.changes);
+            if repeat == 0 || repeat + 1 == repeats {
+                check(&stepped, &client, &format!("a live step of {changes} changes at SF{sf}")).await;
+            }
+            let timed = Instant::now();
+            let folded = ModelBuild::new(config.clone()).run().await.expect("fold");
+            let fold = timed.elapsed();
+            assert_eq!(
+                folded.position,
+                stepped.raw_position().expect("raw position"),
+                "the fold took the same changes"
+            );
+            w = stepped.refreshed().await.expect("refresh onto the new model").unwrap_or(stepped);
+            eprintln!(
+                "SF{sf} step of {changes} changes (tail {tail}): live {:.1} ms, fold {:.1} ms",
+                live.as_secs_f64() * 1e3,
+                fold.as_secs_f64() * 1e3
+            );
+            rows.push((sf, target, Step { changes, tail, live, fold }));
+        }
+    }
+    check(&w, &client, &format!("the last fold at SF{sf}")).await;
+    drop(w);
+    drop(dir);
+}
+
+#[tokio::main]
+async fn main() {
+    let sfs: Vec<f64> = env("ACME_BENCH_STEP_SFS", "0.1,1".to_string())
+        .split(',')
+        .map(|s| s.trim().parse().expect("ACME_BENCH_STEP_SFS: comma-separated scale factors"))
+        .collect();
+    let repeats = env("ACME_BENCH_STEP_REPEATS", 5usize).max(1);
+    let mut rows = Vec::new();
+    for sf in &sfs {
+        scale(*sf, repeats, &mut rows).await;
+    }
+    let mut table = format!(
+        "Step cost against table size: {repeats} steps per row, each a live step (`Warehouse::refreshed`: every \
+         report, history and star table at the new position) and then the fold of the same changes into the stored \
+         model (the model build); answers checked equal to PostgreSQL's first.\n\n\
+         | scale | step | changes (median) | live step p50 / p90 (ms) | live changes/s | fold p50 / p90 (ms) | \
+         fold / live |\n|---|---|---|---|---|---|---|\n"
+    );
+    let mut csv = String::from("sf,target,changes,tail,live_ms,fold_ms\n");
+    for sf in &sfs {
+        for target in [1_000u64, 10_000] {
+            let steps: Vec<&Step> =
+                rows.iter().filter(|(s, t, _)| s == sf && *t == target).map(|(_, _, s)| s).collect();
+            if steps.is_empty() {
+                continue;
+            }
+            for s in &steps {
+                let _ = writeln!(
+                    csv,
+                    "{sf},{target},{},{},{:.3},{:.3}",
+                    s.changes,
+                    s.tail,
+                    s.live.as_secs_f64() * 1e3,
+                    s.fold.as_secs_f64() * 1e3
+                );
+            }
+            let mut live: Vec<Duration> = steps.iter().map(|s| s.live).collect();
+            let mut fold: Vec<Duration> = steps.iter().map(|s| s.fold).collect();
+            let mut changes: Vec<u64> = steps.iter().map(|s| s.changes).collect();
+            live.sort();
+            fold.sort();
+            changes.sort();
+            let median_changes = changes[changes.len() / 2];
+            let (live50, fold50) = (percentile(&live, 0.5), percentile(&fold, 0.5));
+            let _ = writeln!(
+                table,
+                "| SF{sf} | {}k | {median_changes} | {:.0} / {:.0} | {:.0} | {:.0} / {:.0} | {:.1}x |",
+                target / 1000,
+                live50.as_secs_f64() * 1e3,
+                percentile(&live, 0.9).as_secs_f64() * 1e3,
+                median_changes as f64 / live50.as_secs_f64(),
+                fold50.as_secs_f64() * 1e3,
+                percentile(&fold, 0.9).as_secs_f64() * 1e3,
+                fold50.as_secs_f64() / live50.as_secs_f64(),
+            );
+        }
+    }
+    println!("{table}");
+    let root = common::root();
+    std::fs::write(root.join("steps.md"), &table).expect("write steps.md");
+    std::fs::write(root.join("steps.csv"), &csv).expect("write steps.csv");
+    println!("written to {} and steps.csv", root.join("steps.md").display());
+}
