@@ -258,6 +258,10 @@ pub struct Warehouse {
     star: Option<Arc<live_star::HeldStar>>,
     /// The tail's size (`None` without a model).
     tail: Option<Tail>,
+    /// Set once R3 on the current state is kept in `model.`[`live_star::PENDING_ITEMS`]: a
+    /// handle with no tail counts it on its first R3 query and answers later ones from the
+    /// counts (a handle with a tail keeps it in its star rows instead).
+    kept_pending: Arc<tokio::sync::OnceCell<()>>,
     /// What acme registered in `ctx` (the rest is the caller's, carried over on refresh).
     registered: Arc<builder::Registered>,
 }
@@ -566,6 +570,7 @@ impl Warehouse {
             held: held.map(Arc::new),
             star: held_star,
             tail,
+            kept_pending: Default::default(),
         })
     }
 
@@ -672,6 +677,18 @@ impl Warehouse {
             as_of = as_of.map(|t| tracing::field::display(t.to_rfc3339())),
             position = self.raw_position(),
         );
+        if matches!(report, Report::PendingItemsByProduct)
+            && as_of.is_none()
+            && self.missing.is_none()
+            && self.star.as_ref().is_none_or(|s| s.pending.is_none())
+            && self.tail.is_some_and(|t| t.changes == 0)
+        {
+            // No tail: the stored facts are the current state; count R3 once for this handle.
+            self.kept_pending
+                .get_or_try_init(|| live_star::keep_stored_pending_items(&self.ctx))
+                .instrument(span.clone())
+                .await?;
+        }
         let (sql, fields) = self.report_plan(report, as_of)?;
         self.batches(&sql, fields).instrument(span).await
     }
@@ -714,6 +731,15 @@ impl Warehouse {
                         self.valid("i", None)?;
                         format!(
                             "SELECT product_id, total_items FROM {} ORDER BY total_items DESC, product_id ASC NULLS LAST",
+                            live_star::PENDING_ITEMS
+                        )
+                    }
+                    // Counted once for a handle with no tail (see `report_batches`).
+                    (None, false) if self.kept_pending.initialized() => {
+                        self.valid("i", None)?;
+                        format!(
+                            "SELECT product_id, total_items FROM {MODEL_SCHEMA}.{} \
+                             ORDER BY total_items DESC, product_id ASC NULLS LAST",
                             live_star::PENDING_ITEMS
                         )
                     }

@@ -243,16 +243,9 @@ async fn pending_items(
 ) -> Result<(PendingItems, bool)> {
     let items_table = tables::FACT_ORDER_ITEMS;
     let orders_table = tables::FACT_ORDERS;
-    let contributing = "i.is_current AND o.is_current AND o.is_open";
-    let counts = |items: &str, orders: &str| {
-        format!(
-            "SELECT i.product_id, CAST(sum(i.quantity) AS BIGINT), count(i.quantity), count(*) FROM {items} i \
-             JOIN {orders} o ON o.order_id = i.order_id WHERE {contributing} GROUP BY i.product_id"
-        )
-    };
     let previous = inputs.previous.and_then(|p| Some((p, p.pending.as_ref()?)));
     let Some((previous, before)) = previous else {
-        let totals = collect_counts(ctx, &counts(items_table, orders_table)).await?;
+        let totals = collect_counts(ctx, &pending_counts_sql()).await?;
         register_pending(ctx, &totals)?;
         return Ok((totals, false));
     };
@@ -337,6 +330,27 @@ async fn pending_items(
     totals.retain(|_, [_, _, rows]| *rows != 0);
     register_pending(ctx, &totals)?;
     Ok((totals, true))
+}
+
+/// R3's counts over the fact tables registered in a context (`fact_order_items`, `fact_orders`):
+/// per product id, the sum of the quantities of the current items of current open orders, how
+/// many of those quantities are not null, and how many items count ([`PendingItems`]).
+fn pending_counts_sql() -> String {
+    format!(
+        "SELECT i.product_id, CAST(sum(i.quantity) AS BIGINT), count(i.quantity), count(*) FROM {} i \
+         JOIN {} o ON o.order_id = i.order_id WHERE i.is_current AND o.is_current AND o.is_open \
+         GROUP BY i.product_id",
+        tables::FACT_ORDER_ITEMS,
+        tables::FACT_ORDERS
+    )
+}
+
+/// R3 on the current state of a handle with no tail (its fact tables are the stored ones),
+/// counted once and registered as `model.`[`PENDING_ITEMS`]. (Not in the default schema: what
+/// a caller registers there is carried over to refreshed handles, and these counts must not be.)
+pub(crate) async fn keep_stored_pending_items(ctx: &SessionContext) -> Result<()> {
+    let totals = collect_counts(ctx, &pending_counts_sql()).await?;
+    register_pending_as(ctx, &format!("{MODEL_SCHEMA}.{PENDING_ITEMS}"), &totals)
 }
 
 /// The stored rows of `keys`, looked up in `index` (only `columns`, when given; logged at debug
@@ -557,6 +571,11 @@ async fn collect_counts(ctx: &SessionContext, sql: &str) -> Result<PendingItems>
 /// Register [`PENDING_ITEMS`]: the report's rows (a product's total is null when none of its
 /// quantities is known, as SQL's `sum` gives it).
 fn register_pending(ctx: &SessionContext, totals: &PendingItems) -> Result<()> {
+    register_pending_as(ctx, PENDING_ITEMS, totals)
+}
+
+/// [`register_pending`] under `name`.
+fn register_pending_as(ctx: &SessionContext, name: &str, totals: &PendingItems) -> Result<()> {
     use arrow::array::{ArrayRef, Int64Array};
     use arrow::datatypes::{DataType, Field};
     let schema = Arc::new(Schema::new(vec![
@@ -569,7 +588,7 @@ fn register_pending(ctx: &SessionContext, totals: &PendingItems) -> Result<()> {
     let rows: Int64Array = totals.values().map(|[_, _, rows]| Some(*rows)).collect();
     let columns: Vec<ArrayRef> = vec![Arc::new(products), Arc::new(sums), Arc::new(rows)];
     let batch = arrow::array::RecordBatch::try_new(Arc::clone(&schema), columns)?;
-    ctx.register_table(PENDING_ITEMS, Arc::new(datafusion::datasource::MemTable::try_new(schema, vec![vec![batch]])?))?;
+    ctx.register_table(name, Arc::new(datafusion::datasource::MemTable::try_new(schema, vec![vec![batch]])?))?;
     Ok(())
 }
 
