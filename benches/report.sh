@@ -27,7 +27,7 @@ if [ -z "${ACME_REPORT_ONLY:-}" ]; then
     : > "$log"
     for bench in snapshot reports model cdc freshness; do
         echo "== cargo bench --bench $bench (ACME_BENCH_SF=$ACME_BENCH_SF)" | tee -a "$log"
-        cargo bench --bench "$bench" >> "$log" 2>&1
+        cargo bench --features http --bench "$bench" >> "$log" 2>&1
     done
 fi
 python3 benches/latency_png.py bench-data/cdc-latencies.txt bench-latency.png

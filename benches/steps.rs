@@ -22,7 +22,9 @@
 //! the live step and of the fold, changes per second) and `bench-data/steps.csv`; plot them with
 //! `benches/plot-steps.py` (into `bench-steps.png`).
 //!
-//! Run: `ACME_BENCH_STEP_SFS=0.1,1,10 cargo bench --bench steps`.
+//! Run: `ACME_BENCH_STEP_SFS=0.1,1,10 cargo bench --bench steps`. `ACME_BENCH_STEP_PERF=<dir>`
+//! records a `perf` profile of the steady-state live steps of each size into `<dir>`, and
+//! `RUST_LOG=acme_query=debug` logs where each step's time goes.
 
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
@@ -87,6 +89,23 @@ struct Step {
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+/// With `ACME_BENCH_STEP_PERF=<dir>`, a `perf record` of this process (call graphs) that the
+/// caller stops with SIGINT: it covers the steady-state live steps of one size only, written to
+/// `<dir>/perf-sf<SF>-<size>.data`.
+fn perf(sf: f64, target: u64) -> Option<std::process::Child> {
+    let dir = std::env::var_os("ACME_BENCH_STEP_PERF")?;
+    let out = std::path::Path::new(&dir).join(format!("perf-sf{sf}-{target}.data"));
+    let child = std::process::Command::new("perf")
+        .args(["record", "-F", "499", "-g", "-p", &std::process::id().to_string(), "-o"])
+        .arg(out)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("perf (ACME_BENCH_STEP_PERF)");
+    std::thread::sleep(Duration::from_millis(500));
+    Some(child)
 }
 
 /// Commit about `changes` raw changes (the workload's mix) and stream them to the raw layer;
@@ -160,6 +179,7 @@ async fn scale(sf: f64, repeats: usize, rows: &mut Vec<(f64, u64, Step)>) {
         commit_changes(&url, &mut stream, seed, transactions).await;
         seed += 1;
         w = w.refreshed().await.expect("refresh").unwrap_or(w);
+        let mut profiler = perf(sf, target);
         for (repeat, step) in steps.iter_mut().enumerate() {
             let changes = commit_changes(&url, &mut stream, seed, transactions).await;
             seed += 1;
@@ -179,6 +199,10 @@ async fn scale(sf: f64, repeats: usize, rows: &mut Vec<(f64, u64, Step)>) {
                 step.fold.as_secs_f64() * 1e3
             );
         }
+        if let Some(mut child) = profiler.take() {
+            let _ = std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status();
+            let _ = child.wait();
+        }
         // Fold the steady state's tail (not timed) before the next size.
         ModelBuild::new(config.clone()).run().await.expect("fold");
         w = w.refreshed().await.expect("refresh onto the new model").unwrap_or(w);
@@ -191,6 +215,11 @@ async fn scale(sf: f64, repeats: usize, rows: &mut Vec<(f64, u64, Step)>) {
 
 #[tokio::main]
 async fn main() {
+    // `RUST_LOG=acme_query=debug` shows where each step's time goes.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .try_init();
     let sfs: Vec<f64> = env("ACME_BENCH_STEP_SFS", "0.1,1".to_string())
         .split(',')
         .map(|s| s.trim().parse().expect("ACME_BENCH_STEP_SFS: comma-separated scale factors"))
