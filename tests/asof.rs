@@ -236,19 +236,7 @@ async fn http_rows(addr: std::net::SocketAddr, path: &str, fields: &[&str]) -> V
     .await
     .expect("request");
     let rows: Vec<serde_json::Value> = serde_json::from_str(&body).expect("a JSON array");
-    rows.iter()
-        .map(|row| {
-            let cells: Vec<String> = fields
-                .iter()
-                .map(|f| match &row[*f] {
-                    serde_json::Value::Null => acme_testkit::oracle::NULL.to_string(),
-                    serde_json::Value::String(s) => s.clone(),
-                    other => other.to_string(),
-                })
-                .collect();
-            cells.join("|")
-        })
-        .collect()
+    support::json_rows(&rows, fields)
 }
 
 /// Readers during writers: while the workload writes and the pipeline captures, builds the
@@ -349,17 +337,12 @@ fn outside_reports(dir: &std::path::Path) -> (i64, Vec<Vec<String>>) {
     );
     let json: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON from the outside reader");
     let position = json["position"].as_i64().expect("the reader read a model manifest");
-    let cell = |v: &serde_json::Value| match v {
-        serde_json::Value::Null => acme_testkit::oracle::NULL.to_string(),
-        serde_json::Value::String(s) => s.clone(),
-        other => other.to_string(),
-    };
     let rows = |name: &str| -> Vec<String> {
         json[name]
             .as_array()
             .expect("rows")
             .iter()
-            .map(|row| row.as_array().expect("a row").iter().map(cell).collect::<Vec<_>>().join("|"))
+            .map(|row| row.as_array().expect("a row").iter().map(support::json_cell).collect::<Vec<_>>().join("|"))
             .collect()
     };
     (position, vec![rows("r1"), rows("r3"), rows("r4")])

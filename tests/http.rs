@@ -64,23 +64,9 @@ async fn service_answers_the_seed_endpoints_and_rejects_bad_parameters() {
     checks.expect("HTTP checks");
 }
 
-/// A JSON array of report rows rendered as the oracle renders rows: the `fields` of each row
-/// joined by `|`, NULL as `∅`, in the order the body lists them.
+/// A JSON array of report rows rendered as the references render rows (`fields` of each row).
 fn render(body: &serde_json::Value, fields: &[&str]) -> Vec<String> {
-    let rows = body.as_array().unwrap_or_else(|| panic!("an array of rows: {body}"));
-    rows.iter()
-        .map(|row| {
-            let cells: Vec<String> = fields
-                .iter()
-                .map(|f| match &row[*f] {
-                    serde_json::Value::Null => acme_testkit::oracle::NULL.to_string(),
-                    serde_json::Value::String(s) => s.clone(),
-                    other => other.to_string(),
-                })
-                .collect();
-            cells.join("|")
-        })
-        .collect()
+    support::json_rows(body.as_array().unwrap_or_else(|| panic!("an array of rows: {body}")), fields)
 }
 
 /// Every endpoint's body, now and as of past instants, equals the references written apart

@@ -684,10 +684,16 @@ impl Warehouse {
             && self.tail.is_some_and(|t| t.changes == 0)
         {
             // No tail: the stored facts are the current state; count R3 once for this handle.
-            self.kept_pending
+            let kept = self
+                .kept_pending
                 .get_or_try_init(|| live_star::keep_stored_pending_items(&self.ctx))
                 .instrument(span.clone())
-                .await?;
+                .await;
+            if let Err(error) = kept {
+                // Name the broken file, if that is what failed (a later query counts again).
+                self.check_files().await?;
+                return Err(error);
+            }
         }
         let (sql, fields) = self.report_plan(report, as_of)?;
         self.batches(&sql, fields).instrument(span).await

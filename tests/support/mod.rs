@@ -99,3 +99,19 @@ pub async fn assert_histories(w: &Warehouse, replay: &acme_testkit::replay::Repl
         }
     }
 }
+
+/// A JSON value as a cell of the references' rows (`acme_testkit::oracle`): NULL as `∅`,
+/// strings bare, anything else as JSON writes it.
+pub fn json_cell(value: &serde_json::Value) -> String {
+    match value {
+        serde_json::Value::Null => acme_testkit::oracle::NULL.to_string(),
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// Report rows given as JSON objects (the HTTP service's bodies) rendered as the references
+/// render rows: the `fields` of each row joined by `|`, in the order the rows come.
+pub fn json_rows(rows: &[serde_json::Value], fields: &[&str]) -> Vec<String> {
+    rows.iter().map(|row| fields.iter().map(|f| json_cell(&row[*f])).collect::<Vec<_>>().join("|")).collect()
+}
