@@ -111,15 +111,7 @@ fn perf(sf: f64, target: u64) -> Option<std::process::Child> {
 /// Commit about `changes` raw changes (the workload's mix) and stream them to the raw layer;
 /// returns the raw changes committed.
 async fn commit_changes(url: &str, stream: &mut ChangeStream, seed: u64, transactions: u64) -> u64 {
-    let workload = WorkloadConfig {
-        seed,
-        rate_tps: 0.0,
-        transactions: Some(transactions),
-        duration: None,
-        connections: 2,
-        deletes: true,
-        inserts_only: false,
-    };
+    let workload = WorkloadConfig { seed, rate_tps: 0.0, transactions: Some(transactions), ..Default::default() };
     acme_testkit::run_workload(url, &workload).await.expect("workload");
     stream.catch_up().await.expect("catch up").changes
 }
