@@ -29,9 +29,7 @@ async fn service_answers_the_seed_endpoints_and_rejects_bad_parameters() {
     ModelBuild::new(config.clone()).await.expect("model");
     let warehouse = Warehouse::open(&config.storage_url).await.expect("warehouse");
     let expected_top = warehouse.top_delivery_dates(2, None).await.expect("R2");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let server = tokio::spawn(async move { axum::serve(listener, router(ServiceState::new(warehouse))).await });
+    let (addr, server) = serve(ServiceState::new(warehouse)).await;
 
     let checks = tokio::task::spawn_blocking(move || {
         let (status, body) = get(addr, "/health");
@@ -64,6 +62,13 @@ async fn service_answers_the_seed_endpoints_and_rejects_bad_parameters() {
     checks.expect("HTTP checks");
 }
 
+/// Serve `state` on a free loopback port: the address, and the server's task (abort it to stop).
+async fn serve(state: ServiceState) -> (std::net::SocketAddr, tokio::task::JoinHandle<std::io::Result<()>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    (addr, tokio::spawn(async move { axum::serve(listener, router(state)).await }))
+}
+
 /// A JSON array of report rows rendered as the references render rows (`fields` of each row).
 fn render(body: &serde_json::Value, fields: &[&str]) -> Vec<String> {
     support::json_rows(body.as_array().unwrap_or_else(|| panic!("an array of rows: {body}")), fields)
@@ -93,9 +98,7 @@ async fn every_endpoint_answers_as_the_references_now_and_as_of_row_order_includ
     assert!(times.len() > 10, "the workload committed changes after the snapshot");
     let instants: Vec<i64> =
         [replay.snapshot_time().expect("a snapshot"), times[times.len() / 3], times[2 * times.len() / 3]].into();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let server = tokio::spawn(async move { axum::serve(listener, router(ServiceState::new(warehouse))).await });
+    let (addr, server) = serve(ServiceState::new(warehouse)).await;
 
     // The endpoints in the order of `acme_testkit::oracle::REPORTS`, with the fields of a row.
     let endpoints: [(String, &[&str]); 5] = [
@@ -148,9 +151,7 @@ async fn a_served_warehouse_follows_its_writer_by_refreshing() {
     warehouse.sql("CREATE TABLE callers_notes AS VALUES (1, 'kept')").await.expect("a table of the caller's");
     let state = ServiceState::following(warehouse, std::time::Duration::from_millis(100));
     let probe = state.clone();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let server = tokio::spawn(async move { axum::serve(listener, router(state)).await });
+    let (addr, server) = serve(state).await;
     let health = |addr| async move { tokio::task::spawn_blocking(move || get(addr, "/health")).await.expect("GET") };
     let before = health(addr).await.1["raw_position"].as_i64().expect("raw position");
 
@@ -179,12 +180,6 @@ async fn a_served_warehouse_follows_its_writer_by_refreshing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ready_answers_503_without_a_model_and_once_the_pipeline_stopped() {
-    let serve = |state: ServiceState| async move {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let server = tokio::spawn(async move { axum::serve(listener, router(state)).await });
-        (addr, server)
-    };
     let ready = |addr| tokio::task::spawn_blocking(move || get(addr, "/ready"));
     let url = acme_testkit::acme_database("http_ready", Some((0.001, 9))).await.expect("source");
     let dir = tempfile::tempdir().expect("tmp");
