@@ -11,15 +11,18 @@
 
 use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, AsArray, BooleanArray, RecordBatch, new_null_array};
+use arrow::array::{Array, ArrayRef, AsArray, RecordBatch, new_null_array};
 use arrow::datatypes::{Int64Type, Schema, SchemaRef};
+use arrow::error::ArrowError;
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt, TryStreamExt};
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt};
 use parquet::arrow::ProjectionMask;
-use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ArrowReaderOptions, RowSelection, RowSelector};
+use parquet::arrow::arrow_reader::{
+    ArrowPredicateFn, ArrowReaderMetadata, ArrowReaderOptions, RowFilter, RowSelection, RowSelector,
+};
 use parquet::arrow::async_reader::{AsyncFileReader, ParquetRecordBatchStreamBuilder};
 use parquet::errors::ParquetError;
 use parquet::file::metadata::{PageIndexPolicy, ParquetMetaData, ParquetMetaDataBuilder, ParquetMetaDataReader};
@@ -138,11 +141,10 @@ async fn index_file(
         }
         row_groups.push(RowGroupKeys { rows, pages, range });
     }
-    // The page index is only needed here: the reader gets the footer alone.
-    let footer = ParquetMetaDataBuilder::new_from_metadata(parquet.as_ref().clone())
-        .set_column_index(None)
-        .set_offset_index(None)
-        .build();
+    // The reader keeps the offset index (where each page of each column is), so that a lookup
+    // fetches only the pages it selects, not whole column chunks; the column index (the
+    // pages' statistics) is only needed above.
+    let footer = ParquetMetaDataBuilder::new_from_metadata(parquet.as_ref().clone()).set_column_index(None).build();
     let metadata =
         ArrowReaderMetadata::try_new(Arc::new(footer), ArrowReaderOptions::new()).map_err(|e| bad(e.to_string()))?;
     Ok(IndexedFile { location, path, size, metadata, key_leaf, row_groups })
@@ -281,8 +283,19 @@ impl KeyIndex {
                 i == file.key_leaf || schema.field_with_name(&name).is_ok()
             })
             .collect();
+        // The key column of the selected pages is read first; the other columns are then read
+        // only for the pages that hold a looked-up key's rows, and decoded only for those rows.
+        let key_name = self.key.clone();
+        let wanted_keys = Arc::clone(&keys);
+        let predicate = ArrowPredicateFn::new(ProjectionMask::leaves(parquet_schema, [file.key_leaf]), move |batch| {
+            let Some(values) = batch.column(0).as_primitive_opt::<Int64Type>() else {
+                return Err(ArrowError::SchemaError(format!("key column `{key_name}` is not a BIGINT")));
+            };
+            Ok(values.iter().map(|k| Some(k.is_some_and(|k| wanted_keys.binary_search(&k).is_ok()))).collect())
+        });
         let mut stream = ParquetRecordBatchStreamBuilder::new_with_metadata(reader, file.metadata.clone())
             .with_projection(ProjectionMask::leaves(parquet_schema, wanted))
+            .with_row_filter(RowFilter::new(vec![Box::new(predicate)]))
             .with_row_groups(groups)
             .with_row_selection(selection)
             .with_batch_size(8192)
@@ -291,17 +304,8 @@ impl KeyIndex {
         let mut out = Vec::new();
         while let Some(batch) = stream.next().await {
             let batch = batch.map_err(|e| bad(e.to_string()))?;
-            let Some(column) = batch.column_by_name(&self.key) else {
-                return Err(bad(format!("no key column `{}`", self.key)));
-            };
-            let Some(values) = column.as_primitive_opt::<Int64Type>() else {
-                return Err(bad(format!("key column `{}` is not a BIGINT", self.key)));
-            };
-            let mask: BooleanArray =
-                values.iter().map(|k| Some(k.is_some_and(|k| keys.binary_search(&k).is_ok()))).collect();
-            let kept = arrow::compute::filter_record_batch(&batch, &mask).map_err(|e| bad(e.to_string()))?;
-            if kept.num_rows() > 0 {
-                out.push(conform(&kept, &schema).map_err(|e| bad(e.to_string()))?);
+            if batch.num_rows() > 0 {
+                out.push(conform(&batch, &schema).map_err(|e| bad(e.to_string()))?);
             }
         }
         Ok(out)
