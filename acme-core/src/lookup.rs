@@ -11,7 +11,8 @@
 
 use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, AsArray, RecordBatch, new_null_array};
+use arrow::array::{Array, ArrayRef, AsArray, BooleanArray, RecordBatch, new_null_array};
+use arrow::buffer::BooleanBuffer;
 use arrow::datatypes::{Int64Type, Schema, SchemaRef};
 use arrow::error::ArrowError;
 use bytes::Bytes;
@@ -251,12 +252,12 @@ impl KeyIndex {
         if keys.is_empty() {
             return Ok(Vec::new());
         }
-        let keys = Arc::new(keys);
+        let keys = Arc::new(KeySet::new(keys));
         let reads: Vec<_> = self
             .files
             .iter()
             .filter_map(|file| {
-                let (groups, selected) = selection(&file.row_groups, &keys)?;
+                let (groups, selected) = selection(&file.row_groups, &keys.sorted)?;
                 Some(self.read(file, groups, selected, Arc::clone(&keys), Arc::clone(&schema)).boxed())
             })
             .collect();
@@ -270,7 +271,7 @@ impl KeyIndex {
         file: &IndexedFile,
         groups: Vec<usize>,
         selection: RowSelection,
-        keys: Arc<Vec<i64>>,
+        keys: Arc<KeySet>,
         schema: SchemaRef,
     ) -> Result<Vec<RecordBatch>> {
         let bad = |message: String| Error::DataFile { table: self.table.clone(), file: file.path.clone(), message };
@@ -291,7 +292,7 @@ impl KeyIndex {
             let Some(values) = batch.column(0).as_primitive_opt::<Int64Type>() else {
                 return Err(ArrowError::SchemaError(format!("key column `{key_name}` is not a BIGINT")));
             };
-            Ok(values.iter().map(|k| Some(k.is_some_and(|k| wanted_keys.binary_search(&k).is_ok()))).collect())
+            Ok(wanted_keys.mask(values))
         });
         let mut stream = ParquetRecordBatchStreamBuilder::new_with_metadata(reader, file.metadata.clone())
             .with_projection(ProjectionMask::leaves(parquet_schema, wanted))
@@ -309,6 +310,53 @@ impl KeyIndex {
             }
         }
         Ok(out)
+    }
+}
+
+/// Looked-up keys, for telling the rows that hold one: sorted (to select pages), and as a
+/// bitmap over their range when that range is small enough, so each row read costs one bit
+/// test rather than a binary search.
+struct KeySet {
+    sorted: Vec<i64>,
+    /// `(lowest key, one bit per key from it)`.
+    bits: Option<(i64, Vec<u64>)>,
+}
+
+/// The widest key range a [`KeySet`] holds as a bitmap (8 MiB).
+const MAX_BITMAP_KEYS: i64 = 64 << 20;
+
+impl KeySet {
+    /// From sorted, deduplicated keys.
+    fn new(sorted: Vec<i64>) -> KeySet {
+        let bits = match (sorted.first(), sorted.last()) {
+            (Some(&lo), Some(&hi)) if hi.checked_sub(lo).is_some_and(|span| span < MAX_BITMAP_KEYS) => {
+                let mut bits = vec![0u64; ((hi - lo) as usize >> 6) + 1];
+                for k in &sorted {
+                    let at = (k - lo) as usize;
+                    bits[at >> 6] |= 1 << (at & 63);
+                }
+                Some((lo, bits))
+            }
+            _ => None,
+        };
+        KeySet { sorted, bits }
+    }
+
+    /// Whether each value is a looked-up key (a null is not).
+    fn mask(&self, values: &arrow::array::Int64Array) -> BooleanArray {
+        let raw = values.values();
+        let found = match &self.bits {
+            Some((lo, bits)) => BooleanBuffer::collect_bool(raw.len(), |i| {
+                let at = raw[i].wrapping_sub(*lo) as u64;
+                bits.get((at >> 6) as usize).is_some_and(|word| word & (1 << (at & 63)) != 0)
+            }),
+            None => BooleanBuffer::collect_bool(raw.len(), |i| self.sorted.binary_search(&raw[i]).is_ok()),
+        };
+        let found = match values.nulls() {
+            Some(nulls) => &found & nulls.inner(),
+            None => found,
+        };
+        BooleanArray::new(found, None)
     }
 }
 
@@ -368,6 +416,19 @@ fn conform(batch: &RecordBatch, schema: &SchemaRef) -> std::result::Result<Recor
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_key_set_tells_its_keys_with_and_without_a_bitmap() {
+        let values =
+            arrow::array::Int64Array::from(vec![Some(-5), None, Some(0), Some(7), Some(64), Some(65), Some(i64::MAX)]);
+        let expected = vec![true, false, false, true, true, false, false];
+        for keys in [vec![-5, 7, 64, 100], vec![-5, 7, 64, i64::MAX - 1]] {
+            let set = KeySet::new(keys.clone());
+            assert_eq!(set.bits.is_some(), keys[3] == 100);
+            let mask: Vec<bool> = set.mask(&values).iter().map(|v| v.expect("no nulls in a mask")).collect();
+            assert_eq!(mask, expected, "keys {keys:?}");
+        }
+    }
 
     #[test]
     fn keys_in_a_range() {
