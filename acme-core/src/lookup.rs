@@ -213,8 +213,9 @@ impl KeyIndex {
         max
     }
 
-    /// How many rows a lookup of `keys` reads (decodes) from the files: the rows of the pages
-    /// whose key range holds one of them.
+    /// How many rows of the key column a lookup of `keys` reads: the rows of the pages whose key
+    /// range holds one of them (the other columns are then read only for the pages, and decoded
+    /// only for the rows, that hold a looked-up key).
     pub fn selected_rows(&self, keys: &[i64]) -> usize {
         let mut keys = keys.to_vec();
         keys.sort_unstable();
