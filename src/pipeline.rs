@@ -789,7 +789,7 @@ async fn lag_probe(config: AcmeConfig, status: Arc<watch::Sender<PipelineStatus>
         let Some(c) = &client else { continue };
         let read =
             url.bounded_sql("reading the source's WAL position", c.query_one("SELECT pg_current_wal_lsn()::text", &[]));
-        let wal = match read.await.and_then(|row| Lsn::parse(row.get::<_, &str>(0))) {
+        let wal = match read.await.and_then(|row| Ok(Lsn::parse(row.get::<_, &str>(0))?)) {
             Ok(lsn) => lsn.0,
             Err(_) => {
                 client = None;

@@ -23,8 +23,8 @@ use std::time::{Duration, Instant};
 
 use acme_core::AcmeConfig;
 use acme_core::config::CdcMode;
+use acme_ingest::copy::{columns_schema, copy_columns};
 use acme_ingest::replication::{ReplicationConnection, create_temporary_slot_exporting_snapshot};
-use acme_ingest::snapshot::{columns_schema, copy_columns};
 use acme_ingest::{IngestError, Lsn, SourceTable, SourceUrl};
 use acme_query::datafusion::arrow::array::{ArrayRef, RecordBatch};
 use acme_query::datafusion::arrow::compute::cast;

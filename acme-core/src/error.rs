@@ -95,6 +95,12 @@ pub enum Error {
         #[source]
         source: Box<datafusion::error::DataFusionError>,
     },
+    /// A WAL position (LSN) in text that is not in PostgreSQL's `X/Y` hexadecimal form.
+    #[error("`{text}` is not a PostgreSQL WAL position (LSN): expected two hexadecimal numbers as in `16/B374D848`")]
+    BadLsn {
+        /// The text as given.
+        text: String,
+    },
     /// A bug in acme: an invariant did not hold. Please report it.
     #[error("internal error (a bug in acme, please report it): {0}")]
     Internal(String),

@@ -27,6 +27,7 @@ pub mod error;
 pub mod failpoint;
 pub mod files;
 pub mod lookup;
+pub mod lsn;
 pub mod raw;
 pub mod storage;
 pub mod telemetry;
@@ -37,6 +38,7 @@ pub use config::{AcmeConfig, AcmeConfigBuilder, CdcMode};
 pub use error::{Error, Result};
 pub use files::{DataFile, Replace};
 pub use lookup::KeyIndex;
+pub use lsn::Lsn;
 pub use storage::{CommitMode, CommitOutcome, Layer, LayerTable, LayerWriter, Position, Storage};
 pub use vacuum::VacuumedTable;
 

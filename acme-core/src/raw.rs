@@ -6,7 +6,9 @@
 
 use std::sync::Arc;
 
-use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
+use arrow::array::{ArrayRef, Int64Array, RecordBatch, StringArray, TimestampMicrosecondArray, new_null_array};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use arrow::error::ArrowError;
 
 /// Column: the operation ([`Operation::as_str`]).
 pub const OP: &str = "_op";
@@ -86,4 +88,79 @@ pub fn raw_schema(columns: &[(String, DataType)]) -> Arc<Schema> {
     fields.extend(columns.iter().map(|(name, ty)| Field::new(name, ty.clone(), true)));
     fields.extend(columns.iter().map(|(name, ty)| Field::new(format!("{OLD_PREFIX}{name}"), ty.clone(), true)));
     Arc::new(Schema::new(fields))
+}
+
+/// The metadata columns of a batch of raw rows, one array per [`meta_fields`] field.
+///
+/// Every writer of raw rows (the snapshot and the change stream) assembles its batches through
+/// [`MetaColumns::batch`], so the column order of [`raw_schema`] is written down once, here.
+#[derive(Debug, Clone)]
+pub struct MetaColumns {
+    /// [`OP`] values.
+    pub op: ArrayRef,
+    /// [`LSN`] values.
+    pub lsn: ArrayRef,
+    /// [`SEQ`] values.
+    pub seq: ArrayRef,
+    /// [`XID`] values.
+    pub xid: ArrayRef,
+    /// [`COMMIT_TS`] values (microseconds, UTC).
+    pub commit_ts: ArrayRef,
+}
+
+impl MetaColumns {
+    /// The metadata of `rows` snapshot rows copied at `lsn`, taken at `taken_at_micros`
+    /// (no transaction: null [`SEQ`] and [`XID`]).
+    pub fn snapshot(lsn: i64, taken_at_micros: i64, rows: usize) -> Self {
+        Self {
+            op: Arc::new(StringArray::from_iter_values(std::iter::repeat_n(Operation::Snapshot.as_str(), rows))),
+            lsn: Arc::new(Int64Array::from_value(lsn, rows)),
+            seq: Arc::new(Int64Array::new_null(rows)),
+            xid: Arc::new(Int64Array::new_null(rows)),
+            commit_ts: Arc::new(TimestampMicrosecondArray::from_value(taken_at_micros, rows).with_timezone("UTC")),
+        }
+    }
+
+    /// A batch of `schema` (a [`raw_schema`]): these columns, then the source columns' values
+    /// after the change, then their values before it. `old: None` stores null old values
+    /// (snapshot rows).
+    pub fn batch(
+        self,
+        schema: SchemaRef,
+        values: impl IntoIterator<Item = ArrayRef>,
+        old: Option<Vec<ArrayRef>>,
+    ) -> Result<RecordBatch, ArrowError> {
+        let rows = self.op.len();
+        let mut columns = Vec::with_capacity(schema.fields().len());
+        columns.extend([self.op, self.lsn, self.seq, self.xid, self.commit_ts]);
+        columns.extend(values);
+        let width = columns.len() - meta_fields().len();
+        match old {
+            Some(old) => columns.extend(old),
+            None => {
+                let types: Vec<DataType> =
+                    schema.fields().iter().skip(columns.len()).take(width).map(|f| f.data_type().clone()).collect();
+                columns.extend(types.iter().map(|ty| new_null_array(ty, rows)));
+            }
+        }
+        RecordBatch::try_new(schema, columns)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshot_rows_carry_their_metadata_and_null_old_values() {
+        let schema = raw_schema(&[("id".to_string(), DataType::Int64)]);
+        let values: ArrayRef = Arc::new(Int64Array::from(vec![7, 8]));
+        let batch = MetaColumns::snapshot(42, 1_000, 2).batch(schema.clone(), [values], None).expect("batch");
+        assert_eq!(batch.schema(), schema);
+        assert_eq!(batch.num_rows(), 2);
+        let lsn = batch.column_by_name(LSN).expect("lsn");
+        assert_eq!(lsn.as_any().downcast_ref::<Int64Array>().expect("int64").values(), &[42, 42]);
+        assert_eq!(batch.column_by_name("_old_id").expect("old").null_count(), 2);
+        assert_eq!(batch.column_by_name(XID).expect("xid").null_count(), 2);
+    }
 }

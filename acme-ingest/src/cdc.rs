@@ -42,13 +42,13 @@ use tracing::Instrument;
 
 use crate::changes::{ChangeBuilder, ChangeMeta, ColumnMap, PG_EPOCH_MICROS};
 use crate::error::{IngestError, Result};
-use crate::lsn::Lsn;
 use crate::pgoutput::{self, Message};
 use crate::replication::{LogicalStream, ReplicationConnection, StreamEvent, create_slot_exporting_snapshot};
 use crate::snapshot::{SNAPSHOT_META, Snapshot, SnapshotPoint, SnapshotProgress};
 use crate::source::{SourceColumn, SourceTable, SourceUrl};
 use crate::triggers::{Changelog, RawValue, batch_of, synthetic_lsn};
 use crate::types::PgType;
+use acme_core::Lsn;
 
 /// Metadata document naming the replication slot this warehouse created.
 pub const SLOT_META: &str = "slot";
@@ -77,7 +77,7 @@ pub async fn write_heartbeat(url: &SourceUrl, client: &tokio_postgres::Client) -
         client.batch_execute("COMMIT").await.map_err(sql("committing the heartbeat"))?;
         Ok(lsn)
     };
-    Lsn::parse(&url.bounded("writing a heartbeat", write).await?)
+    Ok(Lsn::parse(&url.bounded("writing a heartbeat", write).await?)?)
 }
 
 /// An idle stream writes a heartbeat this often so that its slot keeps advancing.
@@ -481,7 +481,7 @@ impl ChangeStream {
                 .map_err(sql("reading the current WAL position"))
         };
         let upto: String = self.url.bounded("reading the current WAL position", query).await?.get(0);
-        Lsn::parse(&upto)
+        Ok(Lsn::parse(&upto)?)
     }
 
     async fn poll_sql(&mut self) -> Result<PollReport> {

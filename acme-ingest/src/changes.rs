@@ -2,8 +2,8 @@
 
 use std::sync::Arc;
 
-use acme_core::raw::Operation;
-use arrow::array::{ArrayRef, Int64Builder, RecordBatch, StringBuilder, TimestampMicrosecondBuilder};
+use acme_core::raw::{MetaColumns, Operation};
+use arrow::array::{Int64Builder, RecordBatch, StringBuilder, TimestampMicrosecondBuilder};
 use arrow::datatypes::Schema;
 
 use crate::decode::{ColumnBuilder, ValueContext};
@@ -201,15 +201,16 @@ impl ChangeBuilder {
             return Ok(None);
         }
         self.rows = 0;
-        let mut columns: Vec<ArrayRef> = Vec::with_capacity(self.schema.fields().len());
-        columns.push(Arc::new(self.op.finish()));
-        columns.push(Arc::new(self.lsn.finish()));
-        columns.push(Arc::new(self.seq.finish()));
-        columns.push(Arc::new(self.xid.finish()));
-        columns.push(Arc::new(self.commit_ts.finish()));
-        columns.extend(self.values.iter_mut().map(|b| b.finish()));
-        columns.extend(self.old.iter_mut().map(|b| b.finish()));
-        RecordBatch::try_new(Arc::clone(&self.schema), columns)
+        let meta = MetaColumns {
+            op: Arc::new(self.op.finish()),
+            lsn: Arc::new(self.lsn.finish()),
+            seq: Arc::new(self.seq.finish()),
+            xid: Arc::new(self.xid.finish()),
+            commit_ts: Arc::new(self.commit_ts.finish()),
+        };
+        let values = self.values.iter_mut().map(|b| b.finish());
+        let old = self.old.iter_mut().map(|b| b.finish()).collect();
+        meta.batch(Arc::clone(&self.schema), values, Some(old))
             .map(Some)
             .map_err(|source| IngestError::Arrow { table: self.qualified.clone(), source })
     }

@@ -38,9 +38,9 @@
 
 pub mod cdc;
 pub mod changes;
+pub mod copy;
 pub mod decode;
 pub mod error;
-pub mod lsn;
 pub mod pgoutput;
 pub mod replication;
 pub mod snapshot;
@@ -50,9 +50,9 @@ pub mod tls;
 pub mod triggers;
 pub mod types;
 
+pub use acme_core::Lsn;
 pub use cdc::{CaptureEvent, ChangeStream, PollReport};
 pub use error::{IngestError, Result};
-pub use lsn::Lsn;
 pub use snapshot::{Snapshot, SnapshotPoint, SnapshotProgress, SnapshotReport, TableSnapshot};
 pub use source::{SourceTable, SourceUrl};
 pub use teardown::{Teardown, teardown};

@@ -338,7 +338,7 @@ impl ReplicationConnection {
             "START_REPLICATION SLOT {} LOGICAL {} (proto_version '1', publication_names '{}', binary 'true', \
              messages 'true')",
             crate::source::quote_ident(slot),
-            crate::lsn::Lsn(start),
+            acme_core::Lsn(start),
             crate::source::quote_ident(publication).replace('\'', "''"),
         );
         let mut buf = BytesMut::new();

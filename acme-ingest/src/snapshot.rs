@@ -14,21 +14,19 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use acme_core::deltalake::kernel::Add;
-use acme_core::raw::{self, Operation};
+use acme_core::raw;
 use acme_core::storage::{Manifest, manifests};
 use acme_core::{AcmeConfig, CommitMode, CommitOutcome, Layer, LayerTable, Position, Storage};
-use arrow::array::{ArrayRef, Int64Array, RecordBatch, StringArray, TimestampMicrosecondArray, new_null_array};
-use bytes::{Buf, Bytes, BytesMut};
+use arrow::array::RecordBatch;
 use futures::StreamExt;
 use tokio::sync::{Mutex, mpsc};
 use tracing::Instrument;
 
-use crate::decode::{ColumnBuilder, ValueContext};
+use crate::copy::CopyDecoder;
 use crate::error::{IngestError, Result};
-use crate::lsn::Lsn;
 use crate::source::{SourceTable, SourceUrl};
+use acme_core::Lsn;
 
-const COPY_SIGNATURE: &[u8; 11] = b"PGCOPY\n\xff\r\n\0";
 /// Batches in flight between one copy worker and its writer task.
 const CHANNEL_DEPTH: usize = 2;
 /// Smallest range of blocks one copy covers (8 MiB of heap).
@@ -494,15 +492,15 @@ async fn copy_range(
         if let Some(p) = progress {
             p.bytes.fetch_add(chunk.len() as u64, Ordering::Relaxed);
         }
-        decoder.feed(chunk)?;
+        decoder.feed(&chunk)?;
         while decoder.rows_buffered() >= shared.batch_rows {
-            let batch = decoder.finish_batch(shared)?;
+            let batch = decoder.finish_snapshot_rows(shared.lsn.0 as i64, shared.taken_at_micros)?;
             send(tx, table_idx, batch, progress).await?;
         }
     }
     decoder.check_finished()?;
     if decoder.rows_buffered() > 0 {
-        let batch = decoder.finish_batch(shared)?;
+        let batch = decoder.finish_snapshot_rows(shared.lsn.0 as i64, shared.taken_at_micros)?;
         send(tx, table_idx, batch, progress).await?;
     }
     Ok(())
@@ -523,203 +521,4 @@ async fn send(
         tracing::debug!(table = %p.table, rows = total, bytes = p.bytes.load(Ordering::Relaxed), "snapshot progress");
     }
     Ok(())
-}
-
-/// The Arrow schema of a table's own columns, as [`copy_columns`] returns them (every field
-/// nullable, typed as in the raw layer).
-pub fn columns_schema(table: &SourceTable) -> Arc<arrow::datatypes::Schema> {
-    let fields: Vec<arrow::datatypes::Field> =
-        table.arrow_columns().into_iter().map(|(name, ty)| arrow::datatypes::Field::new(name, ty, true)).collect();
-    Arc::new(arrow::datatypes::Schema::new(fields))
-}
-
-/// Read `table`'s rows as its client sees them (for example inside a transaction that imported
-/// a snapshot) with one binary `COPY`, decoded as the snapshot decodes them: `each` gets
-/// batches of up to `batch_rows` rows in [`columns_schema`]. Memory stays at one batch.
-pub async fn copy_columns(
-    url: &SourceUrl,
-    client: &tokio_postgres::Client,
-    table: &SourceTable,
-    batch_rows: usize,
-    mut each: impl FnMut(RecordBatch) -> Result<()>,
-) -> Result<()> {
-    let sql = format!("COPY (SELECT {} FROM {}) TO STDOUT (FORMAT binary)", table.column_list(), table.quoted());
-    let starting = format!("starting COPY of {}", table.qualified());
-    let stream = url.bounded_sql(&starting, client.copy_out(&sql)).await?;
-    futures::pin_mut!(stream);
-    let batch_rows = batch_rows.max(1);
-    let mut decoder = CopyDecoder::new(table, batch_rows);
-    let reading = format!("reading COPY data of {}", table.qualified());
-    while let Some(chunk) = url.bounded(&reading, async { Ok(stream.next().await) }).await? {
-        decoder.feed(chunk.map_err(|source| IngestError::Source { context: reading.clone(), source })?)?;
-        while decoder.rows_buffered() >= batch_rows {
-            each(decoder.finish_columns()?)?;
-        }
-    }
-    decoder.check_finished()?;
-    if decoder.rows_buffered() > 0 {
-        each(decoder.finish_columns()?)?;
-    }
-    Ok(())
-}
-
-/// Incremental decoder of one binary COPY stream into Arrow builders.
-struct CopyDecoder<'a> {
-    table: &'a SourceTable,
-    qualified: String,
-    builders: Vec<ColumnBuilder>,
-    carry: BytesMut,
-    header_done: bool,
-    trailer_seen: bool,
-    rows: usize,
-}
-
-impl<'a> CopyDecoder<'a> {
-    fn new(table: &'a SourceTable, capacity: usize) -> Self {
-        Self {
-            table,
-            qualified: table.qualified(),
-            builders: table.columns.iter().map(|c| ColumnBuilder::new(c.ty, capacity)).collect(),
-            carry: BytesMut::new(),
-            header_done: false,
-            trailer_seen: false,
-            rows: 0,
-        }
-    }
-
-    fn bad(&self, message: &str) -> IngestError {
-        IngestError::BadCopy { table: self.qualified.clone(), message: message.to_string() }
-    }
-
-    fn rows_buffered(&self) -> usize {
-        self.rows
-    }
-
-    fn feed(&mut self, chunk: Bytes) -> Result<()> {
-        if self.carry.is_empty() {
-            let consumed = self.parse(&chunk)?;
-            if consumed < chunk.len() {
-                self.carry.extend_from_slice(&chunk[consumed..]);
-            }
-        } else {
-            self.carry.extend_from_slice(&chunk);
-            let data = std::mem::take(&mut self.carry);
-            let consumed = self.parse(&data)?;
-            let mut rest = data;
-            rest.advance(consumed);
-            self.carry = rest;
-        }
-        Ok(())
-    }
-
-    /// Decode every complete row of `data`; returns the bytes consumed.
-    fn parse(&mut self, data: &[u8]) -> Result<usize> {
-        let mut pos = 0;
-        if !self.header_done {
-            if data.len() < 19 {
-                return Ok(0);
-            }
-            if &data[..11] != COPY_SIGNATURE {
-                return Err(self.bad("missing PGCOPY signature"));
-            }
-            let ext = i32::from_be_bytes([data[15], data[16], data[17], data[18]]);
-            if ext < 0 {
-                return Err(self.bad("negative header extension length"));
-            }
-            let header = 19 + ext as usize;
-            if data.len() < header {
-                return Ok(0);
-            }
-            pos = header;
-            self.header_done = true;
-        }
-        let ncols = self.builders.len();
-        loop {
-            if self.trailer_seen {
-                return Ok(data.len());
-            }
-            if data.len() - pos < 2 {
-                return Ok(pos);
-            }
-            let count = i16::from_be_bytes([data[pos], data[pos + 1]]);
-            if count == -1 {
-                self.trailer_seen = true;
-                return Ok(data.len());
-            }
-            if count as usize != ncols {
-                return Err(self.bad(&format!("row has {count} fields, expected {ncols}")));
-            }
-            // Check that the whole row is here before touching any builder.
-            let mut cursor = pos + 2;
-            for _ in 0..ncols {
-                if data.len() - cursor < 4 {
-                    return Ok(pos);
-                }
-                let len = i32::from_be_bytes([data[cursor], data[cursor + 1], data[cursor + 2], data[cursor + 3]]);
-                cursor += 4;
-                if len > 0 {
-                    if data.len() - cursor < len as usize {
-                        return Ok(pos);
-                    }
-                    cursor += len as usize;
-                } else if len < -1 {
-                    return Err(self.bad("negative field length"));
-                }
-            }
-            let mut cursor = pos + 2;
-            for (i, builder) in self.builders.iter_mut().enumerate() {
-                let len = i32::from_be_bytes([data[cursor], data[cursor + 1], data[cursor + 2], data[cursor + 3]]);
-                cursor += 4;
-                if len < 0 {
-                    builder.append_null();
-                } else {
-                    let value = &data[cursor..cursor + len as usize];
-                    cursor += len as usize;
-                    let column = &self.table.columns[i];
-                    builder.append_binary(
-                        column.ty,
-                        value,
-                        ValueContext { table: &self.qualified, column: &column.name },
-                    )?;
-                }
-            }
-            pos = cursor;
-            self.rows += 1;
-        }
-    }
-
-    fn check_finished(&self) -> Result<()> {
-        if !self.trailer_seen || !self.carry.is_empty() {
-            return Err(self.bad("stream ended before the COPY trailer"));
-        }
-        Ok(())
-    }
-
-    /// The buffered rows as the table's own columns (no meta columns).
-    fn finish_columns(&mut self) -> Result<RecordBatch> {
-        self.rows = 0;
-        let columns: Vec<ArrayRef> = self.builders.iter_mut().map(ColumnBuilder::finish).collect();
-        RecordBatch::try_new(columns_schema(self.table), columns)
-            .map_err(|source| IngestError::Arrow { table: self.qualified.clone(), source })
-    }
-
-    fn finish_batch(&mut self, shared: &Shared) -> Result<RecordBatch> {
-        let n = self.rows;
-        self.rows = 0;
-        let schema = self.table.raw_schema();
-        let mut columns: Vec<ArrayRef> = Vec::with_capacity(schema.fields().len());
-        columns.push(Arc::new(StringArray::from_iter_values(std::iter::repeat_n(Operation::Snapshot.as_str(), n))));
-        columns.push(Arc::new(Int64Array::from_value(shared.lsn.0 as i64, n)));
-        columns.push(Arc::new(Int64Array::new_null(n)));
-        columns.push(Arc::new(Int64Array::new_null(n)));
-        columns.push(Arc::new(TimestampMicrosecondArray::from_value(shared.taken_at_micros, n).with_timezone("UTC")));
-        for builder in &mut self.builders {
-            columns.push(builder.finish());
-        }
-        for column in &self.table.columns {
-            columns.push(new_null_array(&column.ty.arrow_type(), n));
-        }
-        RecordBatch::try_new(schema, columns)
-            .map_err(|source| IngestError::Arrow { table: self.qualified.clone(), source })
-    }
 }

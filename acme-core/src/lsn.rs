@@ -1,6 +1,6 @@
-//! PostgreSQL WAL positions.
+//! PostgreSQL WAL positions: the source position every layer records.
 
-use crate::error::{IngestError, Result};
+use crate::error::{Error, Result};
 
 /// A WAL position (log sequence number), printed as PostgreSQL does: `16/B374D848`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -9,7 +9,7 @@ pub struct Lsn(pub u64);
 impl Lsn {
     /// Parse PostgreSQL's `X/Y` text form.
     pub fn parse(text: &str) -> Result<Self> {
-        let bad = || IngestError::Internal(format!("PostgreSQL returned an unparsable LSN `{text}`"));
+        let bad = || Error::BadLsn { text: text.to_string() };
         let (hi, lo) = text.split_once('/').ok_or_else(bad)?;
         let hi = u64::from_str_radix(hi, 16).map_err(|_| bad())?;
         let lo = u64::from_str_radix(lo, 16).map_err(|_| bad())?;
@@ -17,6 +17,12 @@ impl Lsn {
             return Err(bad());
         }
         Ok(Lsn((hi << 32) | lo))
+    }
+}
+
+impl From<u64> for Lsn {
+    fn from(value: u64) -> Self {
+        Lsn(value)
     }
 }
 
