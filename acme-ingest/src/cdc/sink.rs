@@ -1,0 +1,363 @@
+//! The raw sink: where every capture method's change rows go.
+//!
+//! [`RawSink`] owns the raw tables' state while the stream runs: the Arrow builders and open
+//! Parquet writers of each table, the position each table has stored, schema evolution, the
+//! commit round (one Delta commit per table, then the raw manifest) and the scheduling of the
+//! background merge of small files. A [`super::source::ChangeSource`] only appends rows to it;
+//! the driver ([`super::ChangeStream`]) decides when a round is committed.
+
+use acme_core::deltalake::kernel::Add;
+use acme_core::raw::{self, Operation};
+use acme_core::storage::{Manifest, manifests};
+use acme_core::telemetry;
+use acme_core::{
+    CommitMode, CompactOptions, CompactReport, LayerTable, LayerWriter, Lsn, MergedFiles, Position, Storage,
+};
+use tracing::Instrument;
+
+use super::PollReport;
+use crate::changes::{ChangeBuilder, ChangeMeta, ColumnMap};
+use crate::error::{IngestError, Result};
+use crate::pgoutput::TupleData;
+use crate::source::SourceTable;
+
+/// One raw table while the stream runs.
+struct TableState {
+    builder: ChangeBuilder,
+    layer: LayerTable,
+    writer: Option<LayerWriter>,
+    /// Files finished before a schema change, committed with the table's next commit.
+    carried: Vec<Add>,
+    /// Rows in `carried`.
+    carried_rows: u64,
+    /// Highest commit LSN stored in this raw table by the change stream.
+    stored: Option<u64>,
+    /// Highest commit LSN buffered since the last commit.
+    pending_lsn: Option<u64>,
+}
+
+impl TableState {
+    /// Move the builder's rows into the table's open Parquet writer (opened on first use).
+    async fn spill(&mut self, target_file_bytes: u64) -> Result<()> {
+        if let Some(batch) = self.builder.finish()? {
+            let writer = match self.writer.as_mut() {
+                Some(w) => w,
+                None => self.writer.insert(self.layer.writer(target_file_bytes)?),
+            };
+            writer.write(self.layer.name(), batch).await?;
+        }
+        Ok(())
+    }
+}
+
+/// The task of a background merge: the merged files of each raw table, in table order. It is
+/// aborted when dropped, so a dropped stream leaves no task writing files.
+struct BackgroundMerge(tokio::task::JoinHandle<acme_core::Result<Vec<Vec<MergedFiles>>>>);
+
+impl Drop for BackgroundMerge {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The raw tables of one change stream (see the module documentation).
+pub(crate) struct RawSink {
+    storage: Storage,
+    tables: Vec<TableState>,
+    batch_rows: usize,
+    target_file_bytes: u64,
+    /// Commit rounds since the raw tables were last compacted.
+    uncompacted_rounds: u32,
+    /// A merge of the raw tables' small files running beside the stream.
+    background: Option<BackgroundMerge>,
+}
+
+impl RawSink {
+    /// A sink over the raw `layers` of `sources` (same order), each at its stored position.
+    pub(crate) async fn new(
+        storage: Storage,
+        sources: Vec<SourceTable>,
+        layers: Vec<LayerTable>,
+        batch_rows: usize,
+        target_file_bytes: u64,
+    ) -> Result<Self> {
+        let mut tables = Vec::with_capacity(sources.len());
+        for (table, layer) in sources.into_iter().zip(layers) {
+            let stored = layer.position(raw::CDC_APP).await?.map(|v| v as u64);
+            tables.push(TableState {
+                builder: ChangeBuilder::new(table, batch_rows),
+                layer,
+                writer: None,
+                carried: Vec::new(),
+                carried_rows: 0,
+                stored,
+                pending_lsn: None,
+            });
+        }
+        Ok(Self { storage, tables, batch_rows, target_file_bytes, uncompacted_rounds: 0, background: None })
+    }
+
+    /// The number of tables.
+    pub(crate) fn len(&self) -> usize {
+        self.tables.len()
+    }
+
+    /// The source definition table `i` is written with.
+    pub(crate) fn table(&self, i: usize) -> &SourceTable {
+        self.tables[i].builder.table()
+    }
+
+    /// Owned copies of every table's source definition (for checks that await).
+    pub(crate) fn source_tables(&self) -> Vec<SourceTable> {
+        self.tables.iter().map(|t| t.builder.table().clone()).collect()
+    }
+
+    /// The index of source table `schema.name`, if it is captured.
+    pub(crate) fn index_of(&self, schema: &str, name: &str) -> Option<usize> {
+        self.tables.iter().position(|t| t.builder.table().schema == schema && t.builder.table().name == name)
+    }
+
+    /// Whether table `i` already stores the transaction that committed at `lsn` (a replay
+    /// after a crash skips it).
+    pub(crate) fn covers(&self, i: usize, lsn: u64) -> bool {
+        self.tables[i].stored.is_some_and(|s| lsn <= s)
+    }
+
+    /// The highest commit LSN any table stores (the raw layer's position).
+    pub(crate) fn stored_position(&self) -> Option<u64> {
+        self.tables.iter().filter_map(|t| t.stored).max()
+    }
+
+    /// Append a decoded pgoutput change to table `i`. Returns whether its builder is full
+    /// (the caller then calls [`RawSink::spill_full`]).
+    pub(crate) fn append(
+        &mut self,
+        i: usize,
+        meta: ChangeMeta,
+        map: &ColumnMap,
+        new: Option<TupleData<'_>>,
+        old: Option<TupleData<'_>>,
+    ) -> Result<bool> {
+        let state = &mut self.tables[i];
+        state.builder.append(meta, map, new, old)?;
+        state.pending_lsn = Some(meta.lsn);
+        Ok(state.builder.rows() >= self.batch_rows)
+    }
+
+    /// Append a change given as binary values in table `i`'s column order (`None`: NULL).
+    pub(crate) async fn append_values<'v>(
+        &mut self,
+        i: usize,
+        meta: ChangeMeta,
+        new: Vec<Option<&'v [u8]>>,
+        old: Option<Vec<Option<&'v [u8]>>>,
+    ) -> Result<()> {
+        let state = &mut self.tables[i];
+        match meta.op {
+            Operation::Truncate => state.builder.append_truncate(meta),
+            _ => state.builder.append_values(meta, new, old)?,
+        }
+        state.pending_lsn = Some(meta.lsn);
+        if state.builder.rows() >= self.batch_rows {
+            state.spill(self.target_file_bytes).await?;
+        }
+        Ok(())
+    }
+
+    /// Append a truncation of table `i`.
+    pub(crate) fn append_truncate(&mut self, i: usize, meta: ChangeMeta) {
+        let state = &mut self.tables[i];
+        state.builder.append_truncate(meta);
+        state.pending_lsn = Some(meta.lsn);
+    }
+
+    /// Move full builders into their Parquet writers so memory stays bounded by the batch size.
+    pub(crate) async fn spill_full(&mut self) -> Result<()> {
+        for state in &mut self.tables {
+            if state.builder.rows() >= self.batch_rows {
+                state.spill(self.target_file_bytes).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Give table `i` the (wider) definition `table`: the rows buffered so far go to files with
+    /// the old columns, carried to the table's next commit, and the raw table gains the new
+    /// columns (nullable; older files read them as NULL). Nothing is committed early.
+    pub(crate) async fn evolve_to(&mut self, i: usize, table: SourceTable) -> Result<()> {
+        let state = &mut self.tables[i];
+        state.spill(self.target_file_bytes).await?;
+        if let Some(writer) = state.writer.take() {
+            state.carried_rows += writer.rows();
+            state.carried.extend(writer.finish(state.layer.name()).await?);
+        }
+        let schema = table.raw_schema();
+        let fields: Vec<_> = schema.fields().iter().map(|f| f.as_ref().clone()).collect();
+        state.layer.add_columns(&fields).await?;
+        tracing::info!(table = %table.qualified(), columns = table.columns.len(), "source table gained columns; raw schema evolved");
+        state.builder = ChangeBuilder::new(table, self.batch_rows);
+        Ok(())
+    }
+
+    /// Commit every table that received changes (one Delta commit each, with its position),
+    /// then record the round in the raw manifest. Adds what it committed to `report`.
+    pub(crate) async fn commit_round(&mut self, report: &mut PollReport) -> Result<()> {
+        let lsn = self.tables.iter().filter_map(|t| t.pending_lsn).max();
+        let Some(lsn) = lsn else { return Ok(()) };
+        let span = tracing::debug_span!("commit_round", lsn = %Lsn(lsn), tables = tracing::field::Empty);
+        let started = std::time::Instant::now();
+        let committed = report.tables_committed;
+        self.commit_tables(report).instrument(span.clone()).await?;
+        span.record("tables", report.tables_committed - committed);
+        if report.tables_committed > committed {
+            metrics::counter!(telemetry::COMMIT_ROUNDS).increment(1);
+            metrics::histogram!(telemetry::COMMIT_ROUND_SECONDS).record(started.elapsed().as_secs_f64());
+        }
+        Ok(())
+    }
+
+    /// [`RawSink::commit_round`]'s work.
+    async fn commit_tables(&mut self, report: &mut PollReport) -> Result<()> {
+        // The tables commit concurrently; each commit is atomic on its own and carries its own
+        // position, so a failure part-way is replayed exactly like a crash.
+        let target_file_bytes = self.target_file_bytes;
+        let commits = self.tables.iter_mut().map(|state| async move {
+            let Some(lsn) = state.pending_lsn.take() else { return Ok::<_, IngestError>(None) };
+            state.spill(target_file_bytes).await?;
+            let counts = state.builder.take_counts();
+            let mut files = std::mem::take(&mut state.carried);
+            let mut rows = state.carried_rows;
+            state.carried_rows = 0;
+            if let Some(writer) = state.writer.take() {
+                rows += writer.rows();
+                files.extend(writer.finish(state.layer.name()).await?);
+            }
+            if files.is_empty() {
+                return Ok(None);
+            }
+            state.layer.commit(files, &Position::new(raw::CDC_APP, lsn as i64), CommitMode::Append).await?;
+            state.stored = Some(lsn);
+            record_captured(&state.builder.table().qualified(), &counts);
+            Ok(Some(rows))
+        });
+        for rows in futures::future::join_all(commits).await {
+            if let Some(rows) = rows? {
+                report.changes += rows;
+                report.tables_committed += 1;
+            }
+        }
+        if report.tables_committed > 0 {
+            acme_core::failpoint::hit("cdc.commit_round");
+            self.record_manifest(self.stored_position().unwrap_or_default() as i64).await?;
+            self.uncompacted_rounds += 1;
+        }
+        Ok(())
+    }
+
+    /// Write the raw manifest: `position`, and every table's current version.
+    async fn record_manifest(&mut self, position: i64) -> Result<()> {
+        let mut manifest = Manifest::new(position);
+        for state in &self.tables {
+            manifest.record(&state.layer);
+        }
+        self.storage.put_manifest(manifests::RAW, &manifest).await?;
+        Ok(())
+    }
+
+    /// Drop everything appended but not committed (after a failed or cancelled poll), then
+    /// reload each table's version and stored position.
+    pub(crate) async fn reset(&mut self) -> Result<()> {
+        for state in &mut self.tables {
+            let _ = state.builder.finish();
+            let _ = state.builder.take_counts();
+            // Files written but never committed are invisible to readers; vacuum removes them.
+            state.writer = None;
+            state.carried.clear();
+            state.carried_rows = 0;
+            state.pending_lsn = None;
+        }
+        for state in &mut self.tables {
+            state.layer.refresh().await?;
+            state.stored = state.layer.position(raw::CDC_APP).await?.map(|v| v as u64);
+        }
+        Ok(())
+    }
+
+    /// Whether enough commit rounds left small files for a background merge to be due.
+    pub(crate) fn merge_due(&self, every_rounds: u32) -> bool {
+        self.uncompacted_rounds >= every_rounds
+    }
+
+    fn compact_options(&self) -> CompactOptions {
+        CompactOptions { target_file_bytes: self.target_file_bytes, ..CompactOptions::sorted_by(&[raw::LSN, raw::SEQ]) }
+    }
+
+    /// Merge the raw tables' small files now (see [`super::ChangeStream::compact`]).
+    pub(crate) async fn compact(&mut self) -> Result<CompactReport> {
+        // A merge already running beside the stream goes first, so no file is merged twice.
+        let mut total = self.finish_background_merge(true).await?;
+        self.uncompacted_rounds = 0;
+        let ctx = self.storage.background_session_context(acme_core::compact::COMPACTION_MEMORY_BYTES)?;
+        let options = self.compact_options();
+        for state in &mut self.tables {
+            total += state.layer.compact(&ctx, &options).await?;
+        }
+        self.record_compaction(&total).await?;
+        Ok(total)
+    }
+
+    /// Start merging the raw tables' small files in a task of its own, on copies of the
+    /// tables at their current versions, unless a merge is running already.
+    pub(crate) fn start_background_merge(&mut self) {
+        if self.background.is_some() {
+            return;
+        }
+        self.uncompacted_rounds = 0;
+        let storage = self.storage.clone();
+        let options = self.compact_options();
+        let tables: Vec<LayerTable> = self.tables.iter().map(|t| t.layer.clone()).collect();
+        self.background = Some(BackgroundMerge(tokio::spawn(async move {
+            let ctx = storage.background_session_context(acme_core::compact::COMPACTION_MEMORY_BYTES)?;
+            let mut merged = Vec::with_capacity(tables.len());
+            for table in &tables {
+                merged.push(table.merge_small_files(&ctx, &options).await?);
+            }
+            Ok(merged)
+        })));
+    }
+
+    /// Commit the background merge once it is done (or, with `wait`, when it is done): the
+    /// merged files replace the small ones on the stream's current versions, which still
+    /// hold them, since the stream only appends.
+    pub(crate) async fn finish_background_merge(&mut self, wait: bool) -> Result<CompactReport> {
+        let mut total = CompactReport::default();
+        let Some(mut task) = self.background.take_if(|task| wait || task.0.is_finished()) else {
+            return Ok(total);
+        };
+        let merged = (&mut task.0).await;
+        drop(task);
+        let merged = merged.map_err(|source| IngestError::Task { doing: "compacting the raw tables", source })??;
+        for (state, merged) in self.tables.iter_mut().zip(merged) {
+            total += state.layer.commit_merged(merged).await?;
+        }
+        self.record_compaction(&total).await?;
+        Ok(total)
+    }
+
+    /// After a compaction: the raw manifest names the compacted versions (same position).
+    async fn record_compaction(&mut self, total: &CompactReport) -> Result<()> {
+        if total.files_removed > 0
+            && let Some(previous) = self.storage.get_manifest(manifests::RAW).await?
+        {
+            self.record_manifest(previous.position).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Count committed change rows per operation in [`telemetry::CHANGES_CAPTURED`].
+pub(crate) fn record_captured(table: &str, counts: &[u64; Operation::ALL.len()]) {
+    for (op, n) in Operation::ALL.iter().zip(counts).filter(|(_, n)| **n > 0) {
+        metrics::counter!(telemetry::CHANGES_CAPTURED, "table" => table.to_string(), "op" => op.as_str()).increment(*n);
+    }
+}
