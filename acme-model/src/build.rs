@@ -23,12 +23,13 @@ use std::time::{Duration, Instant};
 
 use acme_core::raw;
 use acme_core::storage::{Manifest, manifests};
-use acme_core::{AcmeConfig, CompactOptions, Layer, LayerTable, Position, Storage};
+use acme_core::{AcmeConfig, Layer, LayerTable, Position, Storage};
 use arrow::array::Array;
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::prelude::{DataFrame, SessionConfig, SessionContext};
 use tracing::Instrument;
 
+use crate::catalog::{Catalog, ModelTable, Plan};
 use crate::error::{ModelError, Result};
 use crate::history::{self, HistorySpec, attribute_columns, history_sql, open_versions_as_changes, raw_changes};
 use crate::rewrite::{Keys, Target, collect_keys, register_keys, replace};
@@ -40,27 +41,6 @@ pub const MODEL_APP: &str = "acme-model";
 /// Above this many changed keys, a table is recomputed whole instead of incrementally (it is
 /// then the cheaper way, and it bounds the memory the key set takes).
 pub const MAX_INCREMENTAL_KEYS: usize = 1_000_000;
-
-/// Names of the presentation tables.
-pub mod tables {
-    /// Customer dimension with history and surrogate keys (`customer_sk`; -1 = unknown member).
-    pub const DIM_CUSTOMER: &str = "dim_customer";
-    /// Product dimension with history and surrogate keys (`product_sk`; -1 = unknown member).
-    pub const DIM_PRODUCT: &str = "dim_product";
-    /// One row per order status transition: when the order entered and left each status.
-    pub const FACT_ORDER_STATUS: &str = "fact_order_status";
-    /// One row per order version, valid from-to: status (degenerate dimension with the
-    /// `is_open` and `is_pending` flags), delivery date, customer.
-    pub const FACT_ORDERS: &str = "fact_orders";
-    /// One row per order item version, valid from-to, with the product version, unit price and
-    /// amount in force when the order was placed.
-    pub const FACT_ORDER_ITEMS: &str = "fact_order_items";
-    /// Aggregate: current orders per (delivery_date, status), for R1 and R2.
-    pub const AGG_ORDERS_BY_DELIVERY_DATE: &str = "agg_orders_by_delivery_date";
-    /// Every presentation table.
-    pub const PRESENTATION: [&str; 6] =
-        [DIM_CUSTOMER, DIM_PRODUCT, FACT_ORDER_STATUS, FACT_ORDER_ITEMS, FACT_ORDERS, AGG_ORDERS_BY_DELIVERY_DATE];
-}
 
 /// What a build did.
 #[derive(Debug, Clone, Default)]
@@ -100,15 +80,17 @@ pub struct TableBuild {
 #[derive(Debug, Clone)]
 pub struct ModelBuild {
     config: AcmeConfig,
-    specs: Vec<HistorySpec>,
+    catalog: Catalog,
     up_to: Option<i64>,
     full: bool,
 }
 
 impl ModelBuild {
-    /// A build of the ACME model from the raw layer at `config.storage_url`.
+    /// A build of the model of `config.tables` (see [`Catalog::for_sources`]) from the raw
+    /// layer at `config.storage_url`.
     pub fn new(config: AcmeConfig) -> Self {
-        Self { config, specs: HistorySpec::acme(), up_to: None, full: false }
+        let catalog = Catalog::for_sources(&config.tables);
+        Self { config, catalog, up_to: None, full: false }
     }
 
     /// Apply raw changes only up to commit LSN `lsn` (a reproducible build of a past state;
@@ -126,10 +108,7 @@ impl ModelBuild {
 
     /// Every table the build writes, as (layer, name).
     pub fn model_tables(&self) -> Vec<(Layer, String)> {
-        let mut out: Vec<(Layer, String)> =
-            self.specs.iter().map(|spec| (Layer::Intermediate, spec.history_table())).collect();
-        out.extend(tables::PRESENTATION.map(|name| (Layer::Presentation, name.to_string())));
-        out
+        self.catalog.tables().iter().map(|t| (t.layer, t.name.to_string())).collect()
     }
 
     /// Run the build.
@@ -137,9 +116,10 @@ impl ModelBuild {
     /// When a step fails on a file it cannot read, the error names the file
     /// ([`acme_core::Error::DataFile`]).
     pub async fn run(self) -> Result<ModelReport> {
+        self.catalog.check()?;
         let config = self.config.clone();
         let model = self.model_tables();
-        let specs = self.specs.clone();
+        let specs = self.catalog.history_specs();
         let span = tracing::info_span!("model_step", position = tracing::field::Empty);
         let built = self.build().instrument(span.clone()).await;
         if let Ok(report) = &built {
@@ -187,7 +167,8 @@ impl ModelBuild {
         let raw_manifest = storage.get_manifest(manifests::RAW).await?;
         let mut raws = Vec::new();
         let mut position = 0i64;
-        for spec in &self.specs {
+        let specs = self.catalog.history_specs();
+        for spec in &specs {
             let table = storage
                 .open_pinned(Layer::Raw, &spec.table, raw_manifest.as_ref())
                 .await?
@@ -230,48 +211,19 @@ impl ModelBuild {
             }
         }
 
-        for (spec, raw) in self.specs.iter().zip(&raws) {
+        for (spec, raw) in specs.iter().zip(&raws) {
             build.history(spec, raw).await?;
         }
-        build
-            .dimension(tables::DIM_CUSTOMER, "customer_sk", "customer_id", "customers_history", star::dim_customer_sql)
-            .await?;
-        build
-            .dimension(tables::DIM_PRODUCT, "product_sk", "product_id", "products_history", star::dim_product_sql)
-            .await?;
-        build.order_status().await?;
-        build
-            .star(
-                tables::FACT_ORDERS,
-                "order_id",
-                &[
-                    "SELECT order_id FROM orders_history WHERE {changed}",
-                    // Orders waiting for a late customer that just arrived.
-                    "SELECT order_id FROM fact_orders WHERE customer_sk = -1 AND customer_id IN \
-                     (SELECT customer_id FROM customers_history WHERE {changed})",
-                ],
-                star::fact_orders_sql,
-            )
-            .await?;
-        build
-            .star(
-                tables::FACT_ORDER_ITEMS,
-                "order_item_id",
-                &[
-                    "SELECT order_item_id FROM order_items_history WHERE {changed}",
-                    // Items that arrived before their order, whose order just arrived.
-                    "SELECT order_item_id FROM fact_order_items WHERE order_id IN (SELECT order_id FROM orders_history \
-                     WHERE order_id IN (SELECT order_id FROM orders_history WHERE {changed}) \
-                     GROUP BY order_id HAVING min(valid_from_lsn) > {position})",
-                    // Items waiting for a late product that just arrived.
-                    "SELECT order_item_id FROM fact_order_items WHERE product_sk = -1 AND product_id IN \
-                     (SELECT product_id FROM products_history WHERE {changed})",
-                ],
-                star::fact_order_items_sql,
-            )
-            .await?;
-        build.orders_aggregate().await?;
-        build.compact(&self.model_tables(), &self.specs).await?;
+        for table in self.catalog.star() {
+            match table.plan {
+                Plan::Dimension { surrogate_key, sql } => build.dimension(table, surrogate_key, sql).await?,
+                Plan::StatusTransitions => build.order_status(table).await?,
+                Plan::Fact { sql, .. } => build.star(table, sql).await?,
+                Plan::Aggregate => build.orders_aggregate(table).await?,
+                Plan::History => {}
+            }
+        }
+        build.compact(&self.catalog).await?;
         // Readers pin the versions named here: they never see a half-built model.
         build.write_manifest(&self.model_tables()).await?;
         let mut report = build.report;
@@ -499,12 +451,11 @@ impl Build<'_> {
     /// A dimension with history: recompute the versions of the keys whose history changed.
     async fn dimension(
         &mut self,
-        name: &str,
+        table: &ModelTable,
         sk: &str,
-        key: &str,
-        history: &str,
         sql: fn(Option<&str>, i64, Option<&str>) -> String,
     ) -> Result<()> {
+        let name = table.name;
         let (existing, from) = self.built(Layer::Presentation, name).await?;
         let base = match &existing {
             Some(table) if from > 0 => {
@@ -522,10 +473,8 @@ impl Build<'_> {
             }
             _ => 0,
         };
-        let changed = [format!("SELECT {key} FROM {history} WHERE {{changed}}")];
-        let changed: Vec<&str> = changed.iter().map(String::as_str).collect();
         let previous = (existing.is_some() && from > 0).then(|| name.to_string());
-        self.star_with(name, key, &changed, existing, from, move |scope| {
+        self.star_with(table, existing, from, move |scope| {
             sql(if scope.is_some() { previous.as_deref() } else { None }, if scope.is_some() { base } else { 0 }, scope)
         })
         .await
@@ -535,9 +484,8 @@ impl Build<'_> {
     /// than one status into a key table, so that only those go through the window functions
     /// and the engine joins on the small, counted key table (a join on an uncounted subquery
     /// built its hash table from the whole history and ran out of memory at SF10).
-    async fn order_status(&mut self) -> Result<()> {
-        let name = tables::FACT_ORDER_STATUS;
-        let (existing, from) = self.built(Layer::Presentation, name).await?;
+    async fn order_status(&mut self, table: &ModelTable) -> Result<()> {
+        let (existing, from) = self.built(Layer::Presentation, table.name).await?;
         let mut split = false;
         if (existing.is_none() || from == 0) && from < self.target {
             let multi = self.ctx.sql(&star::order_status_multi_sql()).await?;
@@ -546,30 +494,29 @@ impl Build<'_> {
                 split = true;
             }
         }
-        let changed = ["SELECT order_id FROM orders_history WHERE {changed}"];
-        self.star_with(name, "order_id", &changed, existing, from, move |scope| {
+        self.star_with(table, existing, from, move |scope| {
             star::fact_order_status_sql(scope, (split && scope.is_none()).then_some("status_multi_keys"))
         })
         .await
     }
 
-    /// A star table keyed by `key`: recompute the rows of the keys the `changed` queries return
-    /// (`{changed}` stands for "the version opened or closed after this table's position",
-    /// `{position}` for that position).
-    async fn star(&mut self, name: &str, key: &str, changed: &[&str], sql: fn(Option<&str>) -> String) -> Result<()> {
-        let (existing, from) = self.built(Layer::Presentation, name).await?;
-        self.star_with(name, key, changed, existing, from, sql).await
+    /// A fact table: recompute the rows of the keys its `changed` queries return.
+    async fn star(&mut self, table: &ModelTable, sql: fn(Option<&str>) -> String) -> Result<()> {
+        let (existing, from) = self.built(Layer::Presentation, table.name).await?;
+        self.star_with(table, existing, from, sql).await
     }
 
+    /// A star table keyed by its key: recompute the rows of the keys the table's `changed`
+    /// queries return (`{changed}` stands for "the version opened or closed after this
+    /// table's position", `{position}` for that position).
     async fn star_with(
         &mut self,
-        name: &str,
-        key: &str,
-        changed: &[&str],
+        model: &ModelTable,
         existing: Option<LayerTable>,
         from: i64,
         sql: impl Fn(Option<&str>) -> String,
     ) -> Result<()> {
+        let (name, key, changed) = (model.name, model.key, model.changed);
         let started = Instant::now();
         if let Some(table) = &existing {
             self.register(name, table)?;
@@ -596,7 +543,7 @@ impl Build<'_> {
             register_keys(self.ctx, "scope_keys", keys)?;
         }
         // Written in the table's sort order (a whole table's joins leave it in their own order).
-        let order = sort_order(name)?.join(", ");
+        let order = model.sort.join(", ");
         let sql = |scope: Option<&str>| format!("SELECT * FROM ({}) s ORDER BY {order}", sql(scope));
         let mut df = plan_star(self.ctx, &sql(keys.as_ref().map(|_| "scope_keys")), keys.is_some()).await?;
         // A table written by an older acme without some column is recomputed whole.
@@ -620,9 +567,9 @@ impl Build<'_> {
     /// Current orders per (delivery_date, status), maintained by difference: the counts of
     /// the orders whose history changed since the aggregate's position are taken off as they
     /// stood at that position (read from the history) and added back as they stand now.
-    async fn orders_aggregate(&mut self) -> Result<()> {
+    async fn orders_aggregate(&mut self, table: &ModelTable) -> Result<()> {
         let started = Instant::now();
-        let name = tables::AGG_ORDERS_BY_DELIVERY_DATE;
+        let name = table.name;
         let (existing, from) = self.built(Layer::Presentation, name).await?;
         if from >= self.target {
             return Ok(());
@@ -670,21 +617,11 @@ impl Build<'_> {
         self.apply(table, name, &target, df, None, step).await
     }
 
-    /// Merge the small files incremental builds leave, sorted by each table's key.
-    async fn compact(&mut self, model: &[(Layer, String)], specs: &[HistorySpec]) -> Result<()> {
-        for (layer, name) in model {
-            let Some(mut table) = self.storage.open(*layer, name).await? else { continue };
-            let options = match specs.iter().find(|s| &s.history_table() == name) {
-                Some(spec) => {
-                    CompactOptions::sorted_by(&[&spec.key, history::VALID_FROM_LSN]).split_by(history::IS_CURRENT)
-                }
-                None => CompactOptions::sorted_by(sort_order(name)?),
-            };
-            let options = CompactOptions {
-                target_file_bytes: self.config.target_file_bytes,
-                file_rows: Some(self.config.model_file_rows),
-                ..options
-            };
+    /// Merge the small files incremental builds leave, in each table's declared order.
+    async fn compact(&mut self, catalog: &Catalog) -> Result<()> {
+        for model in catalog.tables() {
+            let Some(mut table) = self.storage.open(model.layer, model.name).await? else { continue };
+            let options = model.compact_options(self.config.target_file_bytes, self.config.model_file_rows);
             self.report.files_compacted += table.compact(self.ctx, &options).await?.files_removed;
         }
         Ok(())
@@ -720,21 +657,6 @@ fn storage_schema(df: &DataFrame) -> SchemaRef {
             })
             .collect::<Vec<Field>>(),
     ))
-}
-
-/// The order a presentation table's rows are stored in: by its key, so that files and their
-/// pages cover narrow key ranges (compaction merges in this order, builds write in it, and key
-/// lookups read only the pages of their keys).
-fn sort_order(name: &str) -> Result<&'static [&'static str]> {
-    Ok(match name {
-        tables::DIM_CUSTOMER => &["customer_sk"],
-        tables::DIM_PRODUCT => &["product_sk"],
-        tables::FACT_ORDER_ITEMS => &["order_item_id", "valid_from_lsn"],
-        tables::FACT_ORDERS => &["order_id", "valid_from_lsn"],
-        tables::FACT_ORDER_STATUS => &["order_id", "entered_lsn"],
-        tables::AGG_ORDERS_BY_DELIVERY_DATE => &["delivery_date"],
-        other => return Err(ModelError::Internal(format!("no sort order declared for model table `{other}`"))),
-    })
 }
 
 /// Plan a star table's query. A whole table recomputed (`scoped` false) joins inputs that grow

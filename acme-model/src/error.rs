@@ -51,6 +51,15 @@ pub enum ModelError {
         #[source]
         source: Box<datafusion::error::DataFusionError>,
     },
+    /// A configured source table has no history declared in the model catalog.
+    #[error(
+        "source table `{table}` has no history in the model catalog (acme_model::catalog::MODEL): \
+         declare one there, or leave the table out of the `tables` setting"
+    )]
+    NoModelKey {
+        /// The source table.
+        table: String,
+    },
     /// A bug in acme.
     #[error("internal error (a bug in acme, please report it): {0}")]
     Internal(String),

@@ -40,16 +40,6 @@ impl HistorySpec {
     pub fn history_table(&self) -> String {
         format!("{}_history", self.table)
     }
-
-    /// The ACME tables and their keys.
-    pub fn acme() -> Vec<HistorySpec> {
-        vec![
-            HistorySpec::new("customers", "customer_id"),
-            HistorySpec::new("products", "product_id"),
-            HistorySpec::new("orders", "order_id"),
-            HistorySpec::new("order_items", "order_item_id"),
-        ]
-    }
 }
 
 /// The business attribute columns of a raw schema (no metadata, no `_old_` columns).

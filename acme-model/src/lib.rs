@@ -10,12 +10,14 @@
 //! ```
 
 pub mod build;
+pub mod catalog;
 pub mod error;
 pub mod history;
 pub mod live;
 mod rewrite;
 pub mod star;
 
-pub use build::{MAX_INCREMENTAL_KEYS, MODEL_APP, ModelBuild, ModelReport, TableBuild, tables};
+pub use build::{MAX_INCREMENTAL_KEYS, MODEL_APP, ModelBuild, ModelReport, TableBuild};
+pub use catalog::{Catalog, ModelTable, Plan, tables};
 pub use error::{ModelError, Result};
 pub use history::{HistorySpec, state_predicate};

@@ -12,6 +12,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use acme_core::raw;
+
+use crate::catalog::ModelTable;
 use arrow::array::{Array, ArrayRef, AsArray, BooleanArray, RecordBatch, UInt32Array};
 use arrow::compute::kernels::boolean::{and, not};
 use arrow::compute::kernels::zip::zip;
@@ -166,30 +168,6 @@ pub async fn truncations(ctx: &SessionContext, relation: &str) -> datafusion::er
     Ok(out)
 }
 
-/// A star-schema table kept at the raw layer's position on read: the stored rows of the keys
-/// the tail does not touch, plus the rows of the touched keys recomputed by the table's own
-/// scoped statement ([`crate::star`]) over the live histories, exactly as the next model build
-/// will write them. The work follows the tail: the touched keys and their rows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct LiveStar {
-    /// The presentation table.
-    pub name: &'static str,
-    /// Its key (also the key of `history`).
-    pub key: &'static str,
-    /// The source table whose history the rows are computed from.
-    pub source: &'static str,
-}
-
-/// The star tables maintained on read, in dependency order (dimensions before the facts that
-/// look them up).
-pub const LIVE_STAR: [LiveStar; 5] = [
-    LiveStar { name: crate::tables::DIM_CUSTOMER, key: "customer_id", source: "customers" },
-    LiveStar { name: crate::tables::DIM_PRODUCT, key: "product_id", source: "products" },
-    LiveStar { name: crate::tables::FACT_ORDER_STATUS, key: "order_id", source: "orders" },
-    LiveStar { name: crate::tables::FACT_ORDERS, key: "order_id", source: "orders" },
-    LiveStar { name: crate::tables::FACT_ORDER_ITEMS, key: "order_item_id", source: "order_items" },
-];
-
 /// Where [`touched_keys_sql`] finds the keys a tail touches. Each relation has a column `k`.
 #[derive(Debug, Clone, Default)]
 pub struct Touched {
@@ -215,7 +193,7 @@ pub struct Touched {
 /// `changed` queries find them: its own source's changed keys, and the late-arriving keys the
 /// tail resolves (rows stored with the Unknown customer or product whose customer or product
 /// is in the tail, and items whose order was placed in the tail).
-pub fn touched_keys_sql(star: &LiveStar, touched: &Touched) -> String {
+pub fn touched_keys_sql(star: &ModelTable, touched: &Touched) -> String {
     let own = format!("SELECT k FROM {}", touched.own);
     let over = |relations: &[String], select: &str, predicate: &str| {
         relations

@@ -49,7 +49,8 @@ use serde::Serialize;
 use tracing::Instrument;
 
 use acme_core::storage::Manifest;
-use acme_model::history::{HistorySpec, history_attributes, state_predicate};
+use acme_model::Catalog;
+use acme_model::history::{history_attributes, state_predicate};
 use acme_model::live;
 use acme_model::tables;
 
@@ -413,12 +414,11 @@ impl Warehouse {
         // a query never mixes tables from before and after a concurrent commit.
         // Every table is loaded concurrently: opening is a log replay per table.
         let mut wanted: Vec<(Layer, String, String, Option<&acme_core::storage::Manifest>)> = Vec::new();
-        for spec in HistorySpec::acme() {
+        for spec in Catalog::acme().history_specs() {
             wanted.push((Layer::Raw, spec.table.clone(), format!("raw_{}", spec.table), raw_manifest.as_ref()));
-            wanted.push((Layer::Intermediate, spec.history_table(), spec.history_table(), model_manifest.as_ref()));
         }
-        for name in tables::PRESENTATION {
-            wanted.push((Layer::Presentation, name.to_string(), name.to_string(), model_manifest.as_ref()));
+        for table in Catalog::acme().tables() {
+            wanted.push((table.layer, table.name.to_string(), table.name.to_string(), model_manifest.as_ref()));
         }
         let loaded = futures::future::try_join_all(wanted.iter().map(|(layer, name, registered, manifest)| {
             let (storage, runtime) = (&storage, &shared.runtime);
@@ -449,11 +449,9 @@ impl Warehouse {
                 ctx.register_table(registered.as_str(), provider)?;
             } else {
                 ctx.register_table(format!("{MODEL_SCHEMA}.{registered}").as_str(), Arc::clone(&provider))?;
-                let live = tail_after.is_some()
-                    && (registered.ends_with("_history")
-                        || registered == tables::AGG_ORDERS_BY_DELIVERY_DATE
-                        || live::LIVE_STAR.iter().any(|s| s.name == registered));
-                if !live {
+                // Every model table is kept live by the tail: histories and the aggregate in
+                // `tail`, the tables recomputed per key in `live_star`.
+                if tail_after.is_none() {
                     ctx.register_table(registered.as_str(), provider)?;
                 }
             }
@@ -515,7 +513,7 @@ impl Warehouse {
         // Without a model (only the raw layer so far) the handle still answers SQL over the raw
         // tables; the reports say which table is missing.
         let mut missing = None;
-        for spec in HistorySpec::acme() {
+        for spec in Catalog::acme().history_specs() {
             let history = spec.history_table();
             if !found.contains_key(&history) {
                 missing.get_or_insert_with(|| format!("intermediate/{history}"));

@@ -16,9 +16,10 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use acme_core::LayerTable;
+use acme_model::catalog::{MODEL, ModelTable};
 use acme_model::history::{HistorySpec, quote};
-use acme_model::live::{self, LIVE_STAR, LiveStar, Touched};
-use acme_model::{star, tables};
+use acme_model::live::{self, Touched};
+use acme_model::tables;
 use arrow::array::{Array, AsArray, BooleanArray, RecordBatch};
 use arrow::datatypes::{Int64Type, Schema};
 use datafusion::catalog::TableProvider;
@@ -101,7 +102,7 @@ pub(crate) struct LiveInputs<'a> {
     pub previous: Option<&'a HeldStar>,
 }
 
-/// Register every star table of [`LIVE_STAR`] that is stored as its live state in `ctx`.
+/// Register every star table recomputed per key ([`ModelTable::recomputed_per_key`]) that is stored as its live state in `ctx`.
 /// Returns the memory the recomputed rows hold, and the rows to pass on (none when the tail
 /// has a truncation).
 pub(crate) async fn register(ctx: &SessionContext, inputs: &LiveInputs<'_>) -> Result<(u64, Option<HeldStar>)> {
@@ -127,7 +128,7 @@ pub(crate) async fn register(ctx: &SessionContext, inputs: &LiveInputs<'_>) -> R
     }
     // And the stored dimensions', by business key (the facts look up the versions of their
     // customers and products).
-    for dimension in LIVE_STAR.iter().filter(|s| surrogate_key(s).is_some()) {
+    for dimension in MODEL.iter().filter(|s| s.surrogate_key().is_some()) {
         let name = dimension.name.to_string();
         if let (false, Some(table)) = (held.lookups.contains_key(&name), inputs.stored.get(&name)) {
             held.lookups.insert(name, Arc::new(table.key_index(dimension.key).await?));
@@ -157,23 +158,18 @@ pub(crate) async fn register(ctx: &SessionContext, inputs: &LiveInputs<'_>) -> R
     let held = std::sync::Mutex::new(held);
     let mut bytes = 0u64;
     for dimensions in [true, false] {
-        let group = LIVE_STAR.iter().filter(|s| surrogate_key(s).is_some() == dimensions);
+        let group = MODEL.iter().filter(|s| s.recomputed_per_key() && s.surrogate_key().is_some() == dimensions);
         let steps = group.filter(|s| inputs.found.contains_key(s.name)).map(|star| {
             let held = &held;
             async move {
-                let needs: &[&str] = match star.name {
-                    tables::FACT_ORDERS => &["orders", "customers"],
-                    tables::FACT_ORDER_ITEMS => &["order_items", "products", "orders"],
-                    _ => &[star.source],
-                };
-                if needs.iter().any(|s| tail_of(inputs.tails, s).is_none()) {
+                if star.sources.iter().any(|s| tail_of(inputs.tails, s).is_none()) {
                     // A history without its raw table: the stored rows as they are.
                     let provider = ctx.table_provider(format!("{MODEL_SCHEMA}.{}", star.name).as_str()).await?;
                     ctx.register_table(star.name, provider)?;
                     return Ok(0);
                 }
                 if truncated {
-                    ctx.register_table(star.name, ctx.sql(&statement(star, None, 0)).await?.into_view())?;
+                    ctx.register_table(star.name, ctx.sql(&statement(star, None, 0)?).await?.into_view())?;
                     return Ok(0);
                 }
                 if star.name == tables::FACT_ORDER_STATUS {
@@ -602,42 +598,20 @@ fn tail_of<'a>(tails: &'a [HistoryTail], source: &str) -> Option<&'a HistoryTail
     tails.iter().find(|t| t.spec.table == source)
 }
 
-/// The surrogate key of a dimension.
-fn surrogate_key(star: &LiveStar) -> Option<&'static str> {
-    match star.name {
-        tables::DIM_CUSTOMER => Some("customer_sk"),
-        tables::DIM_PRODUCT => Some("product_sk"),
-        _ => None,
-    }
-}
-
-/// The predicate selecting a fact table's rows with an Unknown member.
-fn unknown_member(star: &LiveStar) -> Option<&'static str> {
-    match star.name {
-        tables::FACT_ORDERS => Some("customer_sk = -1"),
-        tables::FACT_ORDER_ITEMS => Some("product_sk = -1"),
-        _ => None,
-    }
-}
-
 /// The table's statement, scoped to the key table `scope` (the dimensions number new versions
 /// after `base`, keeping the stored ones' keys from `model_previous`), or whole.
-fn statement(star: &LiveStar, scope: Option<&str>, base: i64) -> String {
-    let previous = scope.map(|_| "model_previous");
-    match star.name {
-        tables::DIM_CUSTOMER => star::dim_customer_sql(previous, base, scope),
-        tables::DIM_PRODUCT => star::dim_product_sql(previous, base, scope),
-        tables::FACT_ORDER_STATUS => star::fact_order_status_sql(scope, None),
-        tables::FACT_ORDERS => star::fact_orders_sql(scope),
-        _ => star::fact_order_items_sql(scope),
-    }
+fn statement(star: &ModelTable, scope: Option<&str>, base: i64) -> Result<String> {
+    star.statement(scope.map(|_| "model_previous"), base, scope).ok_or_else(|| {
+        datafusion::error::DataFusionError::Internal(format!("model table `{}` is not recomputed by key", star.name))
+            .into()
+    })
 }
 
 /// Register one star table; returns the memory its held keys and rows take, and them.
 async fn register_one(
     ctx: &SessionContext,
     inputs: &LiveInputs<'_>,
-    star: &LiveStar,
+    star: &ModelTable,
     held: &std::sync::Mutex<HeldStar>,
     since_keys: Option<&HashMap<String, Vec<i64>>>,
 ) -> Result<(u64, Option<KeysAndRows>)> {
@@ -660,14 +634,14 @@ async fn register_one(
     };
     let mut new_orders = None;
     let mut touched = Touched {
-        own: changed(star.source),
+        own: changed(star.source()),
         customers: changed("customers"),
         products: changed("products"),
         unknown_rows: Vec::new(),
         rows: vec![stored_name.clone()],
         new_orders: None,
     };
-    if let Some(predicate) = unknown_member(star) {
+    if let Some(predicate) = star.unknown_member() {
         // The stored rows with an Unknown member do not change with the tail: found once per
         // stored model, instead of a scan of the stored table per handle.
         let unknown = match inputs.previous.and_then(|p| p.unknown.get(star.name)) {
@@ -836,19 +810,19 @@ async fn extend_rows(
 async fn recompute(
     ctx: &SessionContext,
     inputs: &LiveInputs<'_>,
-    star: &LiveStar,
+    star: &ModelTable,
     keys: &str,
     previous_rows: Option<(&str, &str)>,
     held: &std::sync::Mutex<HeldStar>,
 ) -> Result<Arc<dyn TableProvider>> {
     let scoped = SessionContext::new_with_config_rt(SessionConfig::new(), Arc::clone(inputs.runtime));
     scoped.register_table("scope_keys", ctx.table_provider(keys).await?)?;
-    let own = tail_of(inputs.tails, star.source).ok_or_else(|| missing_tail(star.source))?;
+    let own = tail_of(inputs.tails, star.source()).ok_or_else(|| missing_tail(star.source()))?;
     let lookup = |tail: &HistoryTail| lock(held).lookups.get(&tail.spec.history_table()).cloned();
     let (mut own_history, touched_keys) =
         scoped_history(ctx, own, lookup(own), keys, &format!("{}_own", star.name)).await?;
     let own_rows = format!("{TAIL_SCHEMA}.{}_own_rows", star.name);
-    if surrogate_key(star).is_none() {
+    if star.surrogate_key().is_none() {
         // Held: the statement reads it, and the dimension lookup below reads its members.
         let view = format!("{own_rows}_view");
         ctx.register_table(view.as_str(), own_history)?;
@@ -871,7 +845,7 @@ async fn recompute(
     }
     for source in ["customers", "products", "orders", "order_items"] {
         let Some(tail) = tail_of(inputs.tails, source) else { continue };
-        if source == star.source || Some(source) == placed {
+        if source == star.source() || Some(source) == placed {
             continue;
         }
         let history = tail.spec.history_table();
@@ -914,7 +888,7 @@ async fn recompute(
         scoped.register_table(dimension, provider)?;
     }
     let mut base = 0;
-    if let Some(sk) = surrogate_key(star) {
+    if let Some(sk) = star.surrogate_key() {
         // The versions numbered so far (stored, and recomputed for an earlier part of the tail)
         // keep their keys; new ones are numbered after the highest.
         // The stored versions of the touched keys only (`model_previous` is joined with them).
@@ -954,7 +928,7 @@ async fn recompute(
             None => stored_max,
         };
     }
-    Ok(hold_in_memory(&scoped, &statement(star, Some("scope_keys"), base)).await?.0)
+    Ok(hold_in_memory(&scoped, &statement(star, Some("scope_keys"), base)?).await?.0)
 }
 
 /// Register `star` (keyed by its source's key, with no late-arriving keys) as a view that
@@ -962,10 +936,10 @@ async fn recompute(
 async fn register_lazy(
     ctx: &SessionContext,
     inputs: &LiveInputs<'_>,
-    star: &LiveStar,
+    star: &ModelTable,
     held: &std::sync::Mutex<HeldStar>,
 ) -> Result<()> {
-    let tail = tail_of(inputs.tails, star.source).ok_or_else(|| missing_tail(star.source))?;
+    let tail = tail_of(inputs.tails, star.source()).ok_or_else(|| missing_tail(star.source()))?;
     let keys = format!("{TAIL_SCHEMA}.{}_keys", star.name);
     let keys_view = ctx.sql(&format!("SELECT DISTINCT k FROM {} f WHERE k IS NOT NULL", tail.first)).await?;
     ctx.register_table(keys.as_str(), keys_view.into_view())?;
@@ -975,7 +949,7 @@ async fn register_lazy(
     let (history, _) = scoped_history(ctx, tail, lookup, &keys, star.name).await?;
     scoped.register_table(tail.spec.history_table().as_str(), history)?;
     let rows = format!("{TAIL_SCHEMA}.{}_rows", star.name);
-    ctx.register_table(rows.as_str(), scoped.sql(&statement(star, Some("scope_keys"), 0)).await?.into_view())?;
+    ctx.register_table(rows.as_str(), scoped.sql(&statement(star, Some("scope_keys"), 0)?).await?.into_view())?;
     let columns = column_list(&ctx.table_provider(rows.as_str()).await?);
     let view = replaced_sql(&format!("{MODEL_SCHEMA}.{}", star.name), star.key, &keys, &rows, &columns);
     ctx.register_table(star.name, ctx.sql(&view).await?.into_view())?;
@@ -1072,7 +1046,7 @@ async fn scoped_dimension(
     ids: &[i64],
     columns: &[&str],
 ) -> Result<Option<Arc<dyn TableProvider>>> {
-    let Some(star) = LIVE_STAR.iter().find(|s| s.name == dimension) else { return Ok(None) };
+    let Some(star) = MODEL.iter().find(|s| s.name == dimension) else { return Ok(None) };
     let Some(index) = lock(held).lookups.get(dimension).cloned() else { return Ok(None) };
     let stored = looked_up_rows(&index, ids, dimension, Some(columns)).await?;
     let recomputed = lock(held).tables.get(dimension).cloned();
@@ -1162,13 +1136,13 @@ async fn changed_keys(ctx: &SessionContext, tails: &[HistoryTail], since: i64) -
 /// lookup by order; `previous_rows`: the previous handle's items). `None` when a relation is
 /// not held in memory or a column is not an integer: the statement finds them then.
 async fn touched_in_memory(
-    star: &LiveStar,
+    star: &ModelTable,
     since: &HashMap<String, Vec<i64>>,
     unknown: impl Iterator<Item = &Arc<dyn TableProvider>>,
     previous_rows: &Arc<dyn TableProvider>,
     items_of: Option<(&[i64], StoredLookup)>,
 ) -> Result<Option<Vec<i64>>> {
-    let Some(own) = since.get(star.source) else { return Ok(None) };
+    let Some(own) = since.get(star.source()) else { return Ok(None) };
     let mut keys = own.clone();
     let member = match star.name {
         tables::FACT_ORDERS => Some(("customer_sk", "customer_id", "customers")),

@@ -2,6 +2,7 @@
 //! queries (`tail.raw_<table>`) and, when small enough, held in memory between refreshes.
 
 use super::*;
+use acme_model::history::HistorySpec;
 
 /// A tail held in memory: the raw changes after `model_position` up to `raw_position`.
 pub(crate) struct HeldTail {
@@ -148,7 +149,8 @@ pub(crate) async fn register_live_views(
     materialize: bool,
     previous: Option<&HeldTail>,
 ) -> Result<(Option<HeldTail>, Vec<live_star::HistoryTail>)> {
-    let specs: Vec<HistorySpec> = HistorySpec::acme()
+    let specs: Vec<HistorySpec> = Catalog::acme()
+        .history_specs()
         .into_iter()
         .filter(|spec| found.contains_key(&spec.history_table()) && found.contains_key(&format!("raw_{}", spec.table)))
         .collect();

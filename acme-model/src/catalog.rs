@@ -1,0 +1,340 @@
+//! The model catalog: every model table declared once.
+//!
+//! For each table the catalog gives its layer, name, key, the order its rows are stored in,
+//! whether open and closed rows live in separate files, the source tables whose changes
+//! change it, how a build finds its changed keys, and its plan. The model build
+//! ([`crate::ModelBuild`]), compaction, the live maintenance of the reports and the
+//! `Warehouse`'s registration all iterate [`Catalog::tables`]: adding a model table is one
+//! entry in [`MODEL`] (and its SQL in [`crate::star`]).
+//!
+//! ```
+//! use acme_model::catalog::{Catalog, Plan};
+//! let catalog = Catalog::acme();
+//! let orders = catalog.get("fact_orders").expect("declared");
+//! assert_eq!(orders.key, "order_id");
+//! assert_eq!(orders.sources, ["orders", "customers"]);
+//! // A warehouse replicating only some tables gets their histories and the star tables
+//! // computed from them alone.
+//! let some = Catalog::for_sources(&["customers".to_string(), "orders".to_string()]);
+//! let names: Vec<&str> = some.tables().iter().map(|t| t.name).collect();
+//! assert_eq!(names, ["customers_history", "orders_history", "dim_customer", "fact_order_status", "fact_orders", "agg_orders_by_delivery_date"]);
+//! assert!(matches!(orders.plan, Plan::Fact { .. }));
+//! // Histories come first: every star table reads them.
+//! assert_eq!(catalog.tables()[0].name, "customers_history");
+//! ```
+
+use acme_core::{CompactOptions, Layer};
+
+use crate::error::{ModelError, Result};
+use crate::history::{self, HistorySpec};
+use crate::star;
+
+/// Names of the presentation tables.
+pub mod tables {
+    /// Customer dimension with history and surrogate keys (`customer_sk`; -1 = unknown member).
+    pub const DIM_CUSTOMER: &str = "dim_customer";
+    /// Product dimension with history and surrogate keys (`product_sk`; -1 = unknown member).
+    pub const DIM_PRODUCT: &str = "dim_product";
+    /// One row per order status transition: when the order entered and left each status.
+    pub const FACT_ORDER_STATUS: &str = "fact_order_status";
+    /// One row per order version, valid from-to: status (degenerate dimension with the
+    /// `is_open` and `is_pending` flags), delivery date, customer.
+    pub const FACT_ORDERS: &str = "fact_orders";
+    /// One row per order item version, valid from-to, with the product version, unit price and
+    /// amount in force when the order was placed.
+    pub const FACT_ORDER_ITEMS: &str = "fact_order_items";
+    /// Aggregate: current orders per (delivery_date, status), for R1 and R2.
+    pub const AGG_ORDERS_BY_DELIVERY_DATE: &str = "agg_orders_by_delivery_date";
+}
+
+/// How a model table is computed.
+#[derive(Debug, Clone, Copy)]
+pub enum Plan {
+    /// The SCD type-2 history of a source table, from its raw changes.
+    History,
+    /// A dimension with history and surrogate keys numbered in commit order: `sql(previous,
+    /// base, scope)` ([`star::dim_customer_sql`]).
+    Dimension {
+        /// The surrogate key column (-1 is the Unknown member).
+        surrogate_key: &'static str,
+        /// The statement.
+        sql: fn(Option<&str>, i64, Option<&str>) -> String,
+    },
+    /// A fact table keyed by [`ModelTable::key`]: `sql(scope)` computes the rows of the keys in
+    /// `scope`, or every row.
+    Fact {
+        /// The statement.
+        sql: fn(Option<&str>) -> String,
+        /// The predicate selecting rows that point at an Unknown dimension member (rows a
+        /// late-arriving dimension row resolves).
+        unknown_member: Option<&'static str>,
+    },
+    /// `fact_order_status`: a fact whose full build first collects the orders that entered
+    /// more than one status ([`star::fact_order_status_sql`]).
+    StatusTransitions,
+    /// An aggregate maintained by difference (the orders per delivery date and status).
+    Aggregate,
+}
+
+/// One model table (see the module documentation).
+#[derive(Debug, Clone, Copy)]
+pub struct ModelTable {
+    /// Layer: intermediate for histories, presentation for the star schema.
+    pub layer: Layer,
+    /// Table name.
+    pub name: &'static str,
+    /// The key its rows are recomputed and replaced by.
+    pub key: &'static str,
+    /// The order its rows are stored in (builds write in it, compaction merges in it, key
+    /// lookups read only the pages of their keys).
+    pub sort: &'static [&'static str],
+    /// A boolean column splitting open rows from closed ones into separate files, so that
+    /// closed rows are written once.
+    pub split: Option<&'static str>,
+    /// The source tables whose changes change it, its own first.
+    pub sources: &'static [&'static str],
+    /// Queries returning the keys to recompute (`{changed}`: "a version opened or closed after
+    /// this table's position", `{position}`: that position). Histories find theirs in the raw
+    /// changes.
+    pub changed: &'static [&'static str],
+    /// How it is computed.
+    pub plan: Plan,
+}
+
+impl ModelTable {
+    /// The table's own source table (a history's, or the one whose key a star table shares).
+    pub fn source(&self) -> &'static str {
+        self.sources[0]
+    }
+
+    /// Whether the table's rows are recomputed per key by its own statement (the dimensions
+    /// and facts), which is how the reports keep it live between builds.
+    pub fn recomputed_per_key(&self) -> bool {
+        matches!(self.plan, Plan::Dimension { .. } | Plan::Fact { .. } | Plan::StatusTransitions)
+    }
+
+    /// The surrogate key, for a dimension.
+    pub fn surrogate_key(&self) -> Option<&'static str> {
+        match self.plan {
+            Plan::Dimension { surrogate_key, .. } => Some(surrogate_key),
+            _ => None,
+        }
+    }
+
+    /// The predicate selecting rows with an Unknown dimension member, for a fact.
+    pub fn unknown_member(&self) -> Option<&'static str> {
+        match self.plan {
+            Plan::Fact { unknown_member, .. } => unknown_member,
+            _ => None,
+        }
+    }
+
+    /// The table's statement scoped to the key relation `scope` (a dimension numbers new
+    /// versions after `base`, keeping the keys `previous` gave), or whole (`scope` None).
+    /// Histories and aggregates have no such statement.
+    pub fn statement(&self, previous: Option<&str>, base: i64, scope: Option<&str>) -> Option<String> {
+        match self.plan {
+            Plan::Dimension { sql, .. } => Some(sql(previous, base, scope)),
+            Plan::Fact { sql, .. } => Some(sql(scope)),
+            Plan::StatusTransitions => Some(star::fact_order_status_sql(scope, None)),
+            Plan::History | Plan::Aggregate => None,
+        }
+    }
+
+    /// What to build the history from, for a history.
+    pub fn history_spec(&self) -> Option<HistorySpec> {
+        matches!(self.plan, Plan::History).then(|| HistorySpec::new(self.source(), self.key))
+    }
+
+    /// How compaction merges this table's files.
+    pub fn compact_options(&self, target_file_bytes: u64, file_rows: u64) -> CompactOptions {
+        let mut options = CompactOptions::sorted_by(self.sort);
+        if let Some(split) = self.split {
+            options = options.split_by(split);
+        }
+        CompactOptions { target_file_bytes, file_rows: Some(file_rows), ..options }
+    }
+}
+
+/// A history (intermediate layer) of `source`, keyed by `key`, stored by key and version.
+const fn history(name: &'static str, source: &'static [&'static str], sort: &'static [&'static str]) -> ModelTable {
+    ModelTable {
+        layer: Layer::Intermediate,
+        name,
+        key: sort[0],
+        sort,
+        split: Some(history::IS_CURRENT),
+        sources: source,
+        changed: &[],
+        plan: Plan::History,
+    }
+}
+
+/// Every model table, in build order: the histories, then the star schema with dimensions
+/// before the facts that look them up, the aggregate last.
+pub const MODEL: [ModelTable; 10] = [
+    history("customers_history", &["customers"], &["customer_id", history::VALID_FROM_LSN]),
+    history("products_history", &["products"], &["product_id", history::VALID_FROM_LSN]),
+    history("orders_history", &["orders"], &["order_id", history::VALID_FROM_LSN]),
+    history("order_items_history", &["order_items"], &["order_item_id", history::VALID_FROM_LSN]),
+    ModelTable {
+        layer: Layer::Presentation,
+        name: tables::DIM_CUSTOMER,
+        key: "customer_id",
+        sort: &["customer_sk"],
+        split: None,
+        sources: &["customers"],
+        changed: &["SELECT customer_id FROM customers_history WHERE {changed}"],
+        plan: Plan::Dimension { surrogate_key: "customer_sk", sql: star::dim_customer_sql },
+    },
+    ModelTable {
+        layer: Layer::Presentation,
+        name: tables::DIM_PRODUCT,
+        key: "product_id",
+        sort: &["product_sk"],
+        split: None,
+        sources: &["products"],
+        changed: &["SELECT product_id FROM products_history WHERE {changed}"],
+        plan: Plan::Dimension { surrogate_key: "product_sk", sql: star::dim_product_sql },
+    },
+    ModelTable {
+        layer: Layer::Presentation,
+        name: tables::FACT_ORDER_STATUS,
+        key: "order_id",
+        sort: &["order_id", "entered_lsn"],
+        split: None,
+        sources: &["orders"],
+        changed: &["SELECT order_id FROM orders_history WHERE {changed}"],
+        plan: Plan::StatusTransitions,
+    },
+    ModelTable {
+        layer: Layer::Presentation,
+        name: tables::FACT_ORDERS,
+        key: "order_id",
+        sort: &["order_id", "valid_from_lsn"],
+        split: None,
+        sources: &["orders", "customers"],
+        changed: &[
+            "SELECT order_id FROM orders_history WHERE {changed}",
+            // Orders waiting for a late customer that just arrived.
+            "SELECT order_id FROM fact_orders WHERE customer_sk = -1 AND customer_id IN \
+             (SELECT customer_id FROM customers_history WHERE {changed})",
+        ],
+        plan: Plan::Fact { sql: star::fact_orders_sql, unknown_member: Some("customer_sk = -1") },
+    },
+    ModelTable {
+        layer: Layer::Presentation,
+        name: tables::FACT_ORDER_ITEMS,
+        key: "order_item_id",
+        sort: &["order_item_id", "valid_from_lsn"],
+        split: None,
+        sources: &["order_items", "products", "orders"],
+        changed: &[
+            "SELECT order_item_id FROM order_items_history WHERE {changed}",
+            // Items that arrived before their order, whose order just arrived.
+            "SELECT order_item_id FROM fact_order_items WHERE order_id IN (SELECT order_id FROM orders_history \
+             WHERE order_id IN (SELECT order_id FROM orders_history WHERE {changed}) \
+             GROUP BY order_id HAVING min(valid_from_lsn) > {position})",
+            // Items waiting for a late product that just arrived.
+            "SELECT order_item_id FROM fact_order_items WHERE product_sk = -1 AND product_id IN \
+             (SELECT product_id FROM products_history WHERE {changed})",
+        ],
+        plan: Plan::Fact { sql: star::fact_order_items_sql, unknown_member: Some("product_sk = -1") },
+    },
+    ModelTable {
+        layer: Layer::Presentation,
+        name: tables::AGG_ORDERS_BY_DELIVERY_DATE,
+        key: "orders",
+        sort: &["delivery_date"],
+        split: None,
+        sources: &["orders"],
+        changed: &["SELECT order_id FROM orders_history WHERE {changed}"],
+        plan: Plan::Aggregate,
+    },
+];
+
+/// The model tables of one warehouse, in build order.
+#[derive(Debug, Clone)]
+pub struct Catalog {
+    tables: Vec<ModelTable>,
+    /// Configured source tables the model has no history for.
+    unknown: Vec<String>,
+}
+
+impl Catalog {
+    /// The model of the source tables `sources` (the `tables` setting): the history of each,
+    /// and the star tables all of whose sources are among them.
+    pub fn for_sources(sources: &[String]) -> Self {
+        let known = |s: &str| sources.iter().any(|c| c == s);
+        let tables = MODEL.into_iter().filter(|t| t.sources.iter().all(|s| known(s))).collect();
+        let histories: Vec<&str> =
+            MODEL.iter().filter(|t| matches!(t.plan, Plan::History)).map(|t| t.source()).collect();
+        let unknown = sources.iter().filter(|s| !histories.contains(&s.as_str())).cloned().collect();
+        Self { tables, unknown }
+    }
+
+    /// The whole ACME model.
+    pub fn acme() -> Self {
+        Self { tables: MODEL.to_vec(), unknown: Vec::new() }
+    }
+
+    /// Fails when a configured source table has no history in the catalog.
+    pub fn check(&self) -> Result<()> {
+        match self.unknown.first() {
+            Some(table) => Err(ModelError::NoModelKey { table: table.clone() }),
+            None => Ok(()),
+        }
+    }
+
+    /// Every model table, histories first, then the star schema in dependency order.
+    pub fn tables(&self) -> &[ModelTable] {
+        &self.tables
+    }
+
+    /// The table called `name`.
+    pub fn get(&self, name: &str) -> Option<&ModelTable> {
+        self.tables.iter().find(|t| t.name == name)
+    }
+
+    /// The histories, as what to build them from.
+    pub fn history_specs(&self) -> Vec<HistorySpec> {
+        self.tables.iter().filter_map(ModelTable::history_spec).collect()
+    }
+
+    /// The star tables.
+    pub fn star(&self) -> impl Iterator<Item = &ModelTable> {
+        self.tables.iter().filter(|t| !matches!(t.plan, Plan::History))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_history_is_named_after_its_source_and_every_source_has_a_history() {
+        let catalog = Catalog::acme();
+        for table in catalog.tables() {
+            if let Some(spec) = table.history_spec() {
+                assert_eq!(table.name, spec.history_table());
+                assert_eq!(table.sort[0], table.key);
+            }
+            for source in table.sources {
+                assert!(catalog.history_specs().iter().any(|s| s.table == *source), "{source} has no history");
+            }
+        }
+        // Dependency order: a star table comes after every dimension it looks up.
+        let position = |name: &str| catalog.tables().iter().position(|t| t.name == name).expect("declared");
+        assert!(position(tables::DIM_PRODUCT) < position(tables::FACT_ORDER_ITEMS));
+        assert!(position(tables::DIM_CUSTOMER) < position(tables::FACT_ORDERS));
+    }
+
+    #[test]
+    fn a_configured_table_without_a_history_is_named_in_the_error() {
+        let catalog = Catalog::for_sources(&["customers".to_string(), "invoices".to_string()]);
+        let error = catalog.check().expect_err("invoices has no history");
+        assert!(error.to_string().contains("`invoices`"), "{error}");
+        let names: Vec<&str> = catalog.tables().iter().map(|t| t.name).collect();
+        assert_eq!(names, ["customers_history", "dim_customer"]);
+    }
+}
