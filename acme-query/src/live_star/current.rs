@@ -1,0 +1,315 @@
+//! R3 and R4 on the current state, kept by difference from one handle to the next: the
+//! pending items per product and the current orders per customer and status.
+
+use super::*;
+
+/// Name of the relation holding R3 on the current state, when a handle maintains it.
+pub(crate) const PENDING_ITEMS: &str = "pending_items_current";
+
+/// R3 on the current state at this handle's position, registered as [`PENDING_ITEMS`]
+/// (`product_id`, `total_items`, `items`). From a handle at the same model position that
+/// maintained it, by difference: the items whose rows the changes since that handle touch, and
+/// the items of the orders they touch, are taken off as that handle saw them and added back as
+/// this one sees them; the stored rows involved are looked up by key, never scanned, and the
+/// difference is counted in memory (a few hundred rows: planning a query cost more). Otherwise
+/// (the first handle on a stored model) counted over the live facts once. Returns the counts,
+/// and whether they were kept by difference.
+pub(super) async fn pending_items(
+    ctx: &SessionContext,
+    inputs: &LiveInputs<'_>,
+    held: &mut HeldStar,
+) -> Result<(PendingItems, bool)> {
+    let items_table = tables::FACT_ORDER_ITEMS;
+    let orders_table = tables::FACT_ORDERS;
+    let previous = inputs.previous.and_then(|p| Some((p, p.pending.as_ref()?)));
+    let Some((previous, before)) = previous else {
+        let totals = collect_counts(ctx, &pending_counts_sql()).await?;
+        register_pending(ctx, &totals)?;
+        return Ok((totals, false));
+    };
+    let (items, orders) = (touched_since(ctx, items_table).await?, touched_since(ctx, orders_table).await?);
+    let mut totals = (**before).clone();
+    if items.is_empty() && orders.is_empty() {
+        register_pending(ctx, &totals)?;
+        return Ok((totals, true));
+    }
+    let (item_set, order_set): (HashSet<i64>, HashSet<i64>) =
+        (items.iter().copied().collect(), orders.iter().copied().collect());
+    // The stored rows of the touched items and of the touched orders' items.
+    let items_index = fact_lookup(inputs, held, items_table, "order_item_id").await?;
+    let items_by_order = fact_lookup(inputs, held, items_table, "order_id").await?;
+    let orders_index = fact_lookup(inputs, held, orders_table, "order_id").await?;
+    // (Only the columns counted: a lookup decodes every page it reads of each column it reads.)
+    let item_columns = Some(&["order_item_id", "order_id", "product_id", "quantity", "is_current"][..]);
+    let mut stored_items = looked_up_rows(&items_index, &items, items_table, item_columns).await?;
+    for batch in looked_up_rows(&items_by_order, &orders, items_table, item_columns).await? {
+        let mask = membership(&batch, "order_item_id", &item_set, false)?;
+        stored_items.push(arrow::compute::filter_record_batch(&batch, &mask)?);
+    }
+    let affected = |batch: &RecordBatch| -> Result<BooleanArray> {
+        let (ids, order_ids) = (int64s(batch, "order_item_id")?, int64s(batch, "order_id")?);
+        Ok(ids
+            .iter()
+            .zip(order_ids.iter())
+            .map(|(id, order)| {
+                Some(id.is_some_and(|id| item_set.contains(&id)) || order.is_some_and(|o| order_set.contains(&o)))
+            })
+            .collect())
+    };
+    // Each side: the affected items as the previous handle saw them, and as this one sees them.
+    let sides = [(previous, -1), (&*held, 1)];
+    let mut side_items = Vec::new();
+    for (side, _) in sides {
+        side_items.push(visible_rows(&stored_items, "order_item_id", side.tables.get(items_table), &affected).await?);
+    }
+    // Their orders, on both sides.
+    let mut order_ids = orders;
+    for batch in side_items.iter().flatten() {
+        order_ids.extend(int64s(batch, "order_id")?.iter().flatten());
+    }
+    order_ids.sort_unstable();
+    order_ids.dedup();
+    let wanted: HashSet<i64> = order_ids.iter().copied().collect();
+    let order_columns = Some(&["order_id", "is_current", "is_open"][..]);
+    let stored_orders = looked_up_rows(&orders_index, &order_ids, orders_table, order_columns).await?;
+    let of_wanted = |batch: &RecordBatch| -> Result<BooleanArray> { membership(batch, "order_id", &wanted, true) };
+    for ((side, sign), items) in sides.into_iter().zip(side_items) {
+        let orders = visible_rows(&stored_orders, "order_id", side.tables.get(orders_table), &of_wanted).await?;
+        // Per order, its current open rows (the join's matches).
+        let mut open: HashMap<i64, i64> = HashMap::new();
+        for batch in &orders {
+            let (ids, current, is_open) =
+                (int64s(batch, "order_id")?, bools(batch, "is_current")?, bools(batch, "is_open")?);
+            for i in 0..batch.num_rows() {
+                if ids.is_valid(i) && current.value(i) && current.is_valid(i) && is_open.is_valid(i) && is_open.value(i)
+                {
+                    *open.entry(ids.value(i)).or_insert(0) += 1;
+                }
+            }
+        }
+        for batch in &items {
+            let (order_ids, current) = (int64s(batch, "order_id")?, bools(batch, "is_current")?);
+            let (products, quantities) = (int64s(batch, "product_id")?, int64s(batch, "quantity")?);
+            for i in 0..batch.num_rows() {
+                if !(current.is_valid(i) && current.value(i) && order_ids.is_valid(i)) {
+                    continue;
+                }
+                let Some(matches) = open.get(&order_ids.value(i)) else { continue };
+                let product = products.is_valid(i).then(|| products.value(i));
+                let entry = totals.entry(product).or_insert([0; 3]);
+                if quantities.is_valid(i) {
+                    entry[0] += sign * matches * quantities.value(i);
+                    entry[1] += sign * matches;
+                }
+                entry[2] += sign * matches;
+            }
+        }
+    }
+    totals.retain(|_, [_, _, rows]| *rows != 0);
+    register_pending(ctx, &totals)?;
+    Ok((totals, true))
+}
+
+/// R3's counts over the fact tables registered in a context (`fact_order_items`, `fact_orders`):
+/// per product id, the sum of the quantities of the current items of current open orders, how
+/// many of those quantities are not null, and how many items count ([`PendingItems`]).
+pub(super) fn pending_counts_sql() -> String {
+    format!(
+        "SELECT i.product_id, CAST(sum(i.quantity) AS BIGINT), count(i.quantity), count(*) FROM {} i \
+         JOIN {} o ON o.order_id = i.order_id WHERE i.is_current AND o.is_current AND o.is_open \
+         GROUP BY i.product_id",
+        tables::FACT_ORDER_ITEMS,
+        tables::FACT_ORDERS
+    )
+}
+
+/// R3 on the current state of a handle with no tail (its fact tables are the stored ones),
+/// counted once and registered as `model.`[`PENDING_ITEMS`]. (Not in the default schema: what
+/// a caller registers there is carried over to refreshed handles, and these counts must not be.)
+pub(crate) async fn keep_stored_pending_items(ctx: &SessionContext) -> Result<()> {
+    let totals = collect_counts(ctx, &pending_counts_sql()).await?;
+    register_pending_as(ctx, &format!("{MODEL_SCHEMA}.{PENDING_ITEMS}"), &totals)
+}
+
+/// Name of the relation of current orders per customer and status (`customer_id`, `status`,
+/// `is_open`, `is_pending`, `orders`), when a handle maintains it.
+pub(crate) const CUSTOMER_ORDERS: &str = "customer_orders_current";
+
+/// Current orders per customer and status at this handle's position, registered as
+/// [`CUSTOMER_ORDERS`]. From a handle at the same model position that kept them: the orders the
+/// changes since that handle touch are taken off as it saw them and added back as this one sees
+/// them (stored rows looked up by key, counted in memory). Otherwise counted once over the live
+/// `fact_orders`.
+pub(super) async fn customer_orders(
+    ctx: &SessionContext,
+    inputs: &LiveInputs<'_>,
+    held: &mut HeldStar,
+) -> Result<CustomerOrders> {
+    let table = tables::FACT_ORDERS;
+    let count = |relation: &str| {
+        format!(
+            "SELECT customer_id, status, CAST(count(*) AS BIGINT) AS orders FROM {relation} o WHERE is_current \
+             GROUP BY customer_id, status"
+        )
+    };
+    let previous = inputs.previous.and_then(|p| Some((p, p.customer_orders.as_ref()?)));
+    let counts = match previous {
+        None => CustomerOrders { base: hold_in_memory(ctx, &count(table)).await?.0, delta: HashMap::new() },
+        Some((previous, kept)) => {
+            let mut delta = kept.delta.clone();
+            let orders = touched_since(ctx, table).await?;
+            if !orders.is_empty() {
+                let index = fact_lookup(inputs, held, table, "order_id").await?;
+                let columns = Some(&["order_id", "customer_id", "status", "is_current"][..]);
+                let stored = looked_up_rows(&index, &orders, table, columns).await?;
+                let wanted: HashSet<i64> = orders.iter().copied().collect();
+                let of_wanted = |batch: &RecordBatch| membership(batch, "order_id", &wanted, true);
+                for (side, sign) in [(previous.tables.get(table), -1), (held.tables.get(table), 1)] {
+                    for batch in visible_rows(&stored, "order_id", side, &of_wanted).await? {
+                        let (customers, current) = (int64s(&batch, "customer_id")?, bools(&batch, "is_current")?);
+                        let statuses = arrow::compute::cast(
+                            batch.column_by_name("status").ok_or_else(|| {
+                                datafusion::error::DataFusionError::Internal("fact_orders has no `status`".into())
+                            })?,
+                            &arrow::datatypes::DataType::Utf8,
+                        )?;
+                        let statuses = statuses.as_string::<i32>();
+                        for i in 0..batch.num_rows() {
+                            if !(current.is_valid(i) && current.value(i)) {
+                                continue;
+                            }
+                            let key = (
+                                customers.is_valid(i).then(|| customers.value(i)),
+                                statuses.is_valid(i).then(|| statuses.value(i).to_string()),
+                            );
+                            *delta.entry(key).or_insert(0) += sign;
+                        }
+                    }
+                }
+                delta.retain(|_, n| *n != 0);
+            }
+            CustomerOrders { base: Arc::clone(&kept.base), delta }
+        }
+    };
+    register_customer_orders(ctx, &counts).await?;
+    Ok(counts)
+}
+
+/// Register [`CUSTOMER_ORDERS`]: the base counts and the differences since, with the status
+/// flags `fact_orders` derives from the status.
+pub(super) async fn register_customer_orders(ctx: &SessionContext, counts: &CustomerOrders) -> Result<()> {
+    use arrow::array::{ArrayRef, Int64Array, StringArray};
+    let base = format!("{TAIL_SCHEMA}.customer_orders_base");
+    let delta = format!("{TAIL_SCHEMA}.customer_orders_delta");
+    ctx.register_table(base.as_str(), Arc::clone(&counts.base))?;
+    let schema = counts.base.schema();
+    let customers: Int64Array = counts.delta.keys().map(|(c, _)| *c).collect();
+    let statuses: StringArray = counts.delta.keys().map(|(_, s)| s.clone()).collect();
+    let orders: Int64Array = counts.delta.values().map(|n| Some(*n)).collect();
+    let columns: Vec<ArrayRef> = vec![Arc::new(customers), Arc::new(statuses), Arc::new(orders)];
+    let columns = columns
+        .iter()
+        .zip(schema.fields())
+        .map(|(c, f)| arrow::compute::cast(c, f.data_type()))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    let batch = arrow::array::RecordBatch::try_new(Arc::clone(&schema), columns)?;
+    ctx.register_table(
+        delta.as_str(),
+        Arc::new(datafusion::datasource::MemTable::try_new(schema, vec![vec![batch]])?),
+    )?;
+    let view = ctx
+        .sql(&format!(
+            "SELECT customer_id, status, status <> 'COMPLETED' AS is_open, status = 'PENDING' AS is_pending, orders \
+             FROM (SELECT * FROM {base} UNION ALL SELECT * FROM {delta}) c"
+        ))
+        .await?;
+    ctx.register_table(CUSTOMER_ORDERS, view.into_view())?;
+    Ok(())
+}
+
+/// The keys of a star table that the changes since the previous handle touch (registered by
+/// `register_one` as `<table>_touched`; none when it registered none).
+pub(super) async fn touched_since(ctx: &SessionContext, table: &str) -> Result<Vec<i64>> {
+    let relation = format!("{TAIL_SCHEMA}.{table}_touched");
+    match ctx.table_exist(relation.as_str())? {
+        true => held_values(&ctx.table_provider(relation.as_str()).await?, "k").await,
+        false => Ok(Vec::new()),
+    }
+}
+
+/// The stored fact table's lookup by `key`, made once per stored model.
+pub(super) async fn fact_lookup(
+    inputs: &LiveInputs<'_>,
+    held: &mut HeldStar,
+    table: &str,
+    key: &str,
+) -> Result<StoredLookup> {
+    let name = format!("{table}.{key}");
+    if !held.lookups.contains_key(&name)
+        && let Some(index) = new_lookup(inputs, table, key).await?
+    {
+        held.lookups.insert(name.clone(), index);
+    }
+    held.lookups.get(&name).cloned().ok_or_else(|| {
+        datafusion::error::DataFusionError::Internal(format!("`{table}` is not stored: no lookup by `{key}`")).into()
+    })
+}
+
+/// A new lookup of the stored `table` by `key`; `None` when the table is not stored.
+pub(super) async fn new_lookup(inputs: &LiveInputs<'_>, table: &str, key: &str) -> Result<Option<StoredLookup>> {
+    match inputs.stored.get(table) {
+        Some(stored) => Ok(Some(Arc::new(stored.key_index(key).await?))),
+        None => Ok(None),
+    }
+}
+
+/// Per product id: the three counts of [`PendingItems`] a query returns.
+pub(super) async fn collect_counts(ctx: &SessionContext, sql: &str) -> Result<PendingItems> {
+    let mut out = PendingItems::new();
+    for batch in ctx.sql(sql).await?.collect().await? {
+        let columns = batch
+            .columns()
+            .iter()
+            .map(|c| arrow::compute::cast(c, &arrow::datatypes::DataType::Int64))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let [product, sum, nonnull, rows] = &columns[..] else { continue };
+        let (product, sum, nonnull, rows) = (
+            product.as_primitive::<Int64Type>(),
+            sum.as_primitive::<Int64Type>(),
+            nonnull.as_primitive::<Int64Type>(),
+            rows.as_primitive::<Int64Type>(),
+        );
+        for i in 0..batch.num_rows() {
+            let key = (!product.is_null(i)).then(|| product.value(i));
+            let entry = out.entry(key).or_insert([0; 3]);
+            entry[0] += if sum.is_null(i) { 0 } else { sum.value(i) };
+            entry[1] += nonnull.value(i);
+            entry[2] += rows.value(i);
+        }
+    }
+    Ok(out)
+}
+
+/// Register [`PENDING_ITEMS`]: the report's rows (a product's total is null when none of its
+/// quantities is known, as SQL's `sum` gives it).
+pub(super) fn register_pending(ctx: &SessionContext, totals: &PendingItems) -> Result<()> {
+    register_pending_as(ctx, PENDING_ITEMS, totals)
+}
+
+/// [`register_pending`] under `name`.
+pub(super) fn register_pending_as(ctx: &SessionContext, name: &str, totals: &PendingItems) -> Result<()> {
+    use arrow::array::{ArrayRef, Int64Array};
+    use arrow::datatypes::{DataType, Field};
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("product_id", DataType::Int64, true),
+        Field::new("total_items", DataType::Int64, true),
+        Field::new("items", DataType::Int64, false),
+    ]));
+    let products: Int64Array = totals.keys().copied().collect();
+    let sums: Int64Array = totals.values().map(|[sum, nonnull, _]| (*nonnull > 0).then_some(*sum)).collect();
+    let rows: Int64Array = totals.values().map(|[_, _, rows]| Some(*rows)).collect();
+    let columns: Vec<ArrayRef> = vec![Arc::new(products), Arc::new(sums), Arc::new(rows)];
+    let batch = arrow::array::RecordBatch::try_new(Arc::clone(&schema), columns)?;
+    ctx.register_table(name, Arc::new(datafusion::datasource::MemTable::try_new(schema, vec![vec![batch]])?))?;
+    Ok(())
+}

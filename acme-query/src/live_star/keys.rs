@@ -1,0 +1,248 @@
+//! Finding keys and reading rows by key: the keys changed since a handle, the stored rows
+//! of a few keys (through `acme_core::KeyIndex`), and small Arrow helpers.
+
+use super::*;
+
+/// The stored rows of `keys`, looked up in `index` (only `columns`, when given; logged at debug
+/// level).
+pub(super) async fn looked_up_rows(
+    index: &acme_core::KeyIndex,
+    keys: &[i64],
+    table: &str,
+    columns: Option<&[&str]>,
+) -> Result<Vec<RecordBatch>> {
+    if keys.is_empty() {
+        return Ok(Vec::new());
+    }
+    let rows = index.rows(keys, columns).await?;
+    if tracing::enabled!(tracing::Level::DEBUG) {
+        // (The selection is worked out again for the log only when it is written.)
+        tracing::debug!(
+            table,
+            keys = keys.len(),
+            rows_read = index.selected_rows(keys),
+            rows_stored = index.rows_indexed(),
+            "stored rows looked up"
+        );
+    }
+    Ok(rows)
+}
+
+/// A fact table's rows as one handle sees them, among `stored` (looked-up stored rows): those
+/// whose `key` the handle does not hold (`held`: its keys and rows), and its held rows that
+/// `wanted` selects.
+pub(super) async fn visible_rows(
+    stored: &[RecordBatch],
+    key: &str,
+    held: Option<&KeysAndRows>,
+    wanted: &impl Fn(&RecordBatch) -> Result<BooleanArray>,
+) -> Result<Vec<RecordBatch>> {
+    let Some((keys, rows)) = held else { return Ok(stored.to_vec()) };
+    let mut held_keys = HashSet::new();
+    for batch in held_rows(keys).await? {
+        held_keys.extend(int64s(&batch, "k")?.iter().flatten());
+    }
+    let mut out = Vec::new();
+    for batch in stored {
+        out.push(arrow::compute::filter_record_batch(batch, &membership(batch, key, &held_keys, false)?)?);
+    }
+    for batch in held_rows(rows).await? {
+        out.push(arrow::compute::filter_record_batch(&batch, &wanted(&batch)?)?);
+    }
+    Ok(out)
+}
+
+/// The rows of a relation the handle holds in memory.
+pub(super) async fn held_rows(provider: &Arc<dyn TableProvider>) -> Result<Vec<RecordBatch>> {
+    match crate::held_batches(provider).await {
+        Some((_, batches)) => Ok(batches),
+        None => Err(datafusion::error::DataFusionError::Internal("a held relation is not in memory".into()).into()),
+    }
+}
+
+/// Column `name` of `batch` as booleans.
+pub(super) fn bools(batch: &RecordBatch, name: &str) -> Result<BooleanArray> {
+    let column = batch.column_by_name(name).ok_or_else(|| {
+        datafusion::error::DataFusionError::Internal(format!("a held relation has no column `{name}`"))
+    })?;
+    Ok(arrow::compute::cast(column, &arrow::datatypes::DataType::Boolean)?.as_boolean().clone())
+}
+
+/// The distinct non-null values of integer column `column` of a held relation, sorted.
+pub(super) async fn held_values(provider: &Arc<dyn TableProvider>, column: &str) -> Result<Vec<i64>> {
+    let mut values = Vec::new();
+    for batch in held_rows(provider).await? {
+        values.extend(int64s(&batch, column)?.iter().flatten());
+    }
+    values.sort_unstable();
+    values.dedup();
+    Ok(values)
+}
+
+/// The first column of a query's rows, as Int64 values (nulls left out).
+pub(super) async fn int64_column(ctx: &SessionContext, sql: &str) -> Result<Vec<i64>> {
+    let mut out = Vec::new();
+    for batch in ctx.sql(sql).await?.collect().await? {
+        let column = arrow::compute::cast(batch.column(0), &arrow::datatypes::DataType::Int64)?;
+        out.extend(column.as_primitive::<Int64Type>().iter().flatten());
+    }
+    Ok(out)
+}
+
+/// A one-column relation `k` of `keys`, held in memory, and the memory it takes.
+/// Per history source (`orders`, ...): the keys its raw changes after `since` touch, sorted
+/// (registered by [`register`] as `tail.raw_<source>_since`).
+pub(super) async fn changed_keys(
+    ctx: &SessionContext,
+    tails: &[HistoryTail],
+    since: i64,
+) -> Result<HashMap<String, Vec<i64>>> {
+    use datafusion::prelude::{ident, lit};
+    let mut out = HashMap::new();
+    for tail in tails {
+        let relation = format!("{TAIL_SCHEMA}.raw_{}_since", tail.spec.table);
+        if !ctx.table_exist(relation.as_str())? {
+            continue;
+        }
+        let key = ident(&tail.spec.key);
+        let changes = ctx
+            .table(relation.as_str())
+            .await?
+            .filter(ident(acme_core::raw::LSN).gt(lit(since)).and(key.clone().is_not_null()))?
+            .select(vec![key])?;
+        let mut keys = Vec::new();
+        for batch in changes.collect().await? {
+            keys.extend(int64s(&batch, &tail.spec.key)?.iter().flatten());
+        }
+        keys.sort_unstable();
+        keys.dedup();
+        out.insert(tail.spec.table.clone(), keys);
+    }
+    Ok(out)
+}
+
+/// What `live::touched_keys_sql` selects for `star`, from the keys the changes since the
+/// previous handle touch (`since`, per source) and held rows, without a query: the source's
+/// changed keys; for a fact table, the rows with an Unknown member (in `unknown`: the stored
+/// ones and the previous handle's) whose member a change touches; for the items, those of the
+/// orders placed since with no stored version (`items_of`: their ids and the stored items'
+/// lookup by order; `previous_rows`: the previous handle's items). `None` when a relation is
+/// not held in memory or a column is not an integer: the statement finds them then.
+pub(super) async fn touched_in_memory(
+    star: &ModelTable,
+    since: &HashMap<String, Vec<i64>>,
+    unknown: impl Iterator<Item = &Arc<dyn TableProvider>>,
+    previous_rows: &Arc<dyn TableProvider>,
+    items_of: Option<(&[i64], StoredLookup)>,
+) -> Result<Option<Vec<i64>>> {
+    let Some(own) = since.get(star.source()) else { return Ok(None) };
+    let mut keys = own.clone();
+    let member = match star.name {
+        tables::FACT_ORDERS => Some(("customer_sk", "customer_id", "customers")),
+        tables::FACT_ORDER_ITEMS => Some(("product_sk", "product_id", "products")),
+        _ => None,
+    };
+    if let Some((sk, id, source)) = member {
+        let touched: std::collections::HashSet<i64> = since.get(source).into_iter().flatten().copied().collect();
+        if !touched.is_empty() {
+            for provider in unknown {
+                let Some((_, batches)) = crate::held_batches(provider).await else { return Ok(None) };
+                for batch in batches {
+                    let (sks, ids, own) = (int64s(&batch, sk)?, int64s(&batch, id)?, int64s(&batch, star.key)?);
+                    let unknown_member = |i: usize| sks.is_valid(i) && sks.value(i) == -1;
+                    keys.extend(
+                        (0..batch.num_rows())
+                            .filter(|&i| {
+                                unknown_member(i)
+                                    && ids.is_valid(i)
+                                    && touched.contains(&ids.value(i))
+                                    && own.is_valid(i)
+                            })
+                            .map(|i| own.value(i)),
+                    );
+                }
+            }
+        }
+    }
+    if let Some((orders, index)) = items_of.filter(|(orders, _)| !orders.is_empty()) {
+        let placed: std::collections::HashSet<i64> = orders.iter().copied().collect();
+        for batch in index.rows(orders, Some(&[star.key])).await? {
+            keys.extend(int64s(&batch, star.key)?.iter().flatten());
+        }
+        let Some((_, batches)) = crate::held_batches(previous_rows).await else { return Ok(None) };
+        for batch in batches {
+            let (order_ids, own) = (int64s(&batch, "order_id")?, int64s(&batch, star.key)?);
+            keys.extend(
+                (0..batch.num_rows())
+                    .filter(|&i| order_ids.is_valid(i) && placed.contains(&order_ids.value(i)) && own.is_valid(i))
+                    .map(|i| own.value(i)),
+            );
+        }
+    }
+    keys.sort_unstable();
+    keys.dedup();
+    Ok(Some(keys))
+}
+
+/// Per row of `batch`: whether its `column` is (`members`) or is not (`!members`) one of `set`
+/// (a null is in no set).
+pub(super) fn membership(batch: &RecordBatch, column: &str, set: &HashSet<i64>, members: bool) -> Result<BooleanArray> {
+    Ok(int64s(batch, column)?.iter().map(|v| Some(v.is_some_and(|v| set.contains(&v)) == members)).collect())
+}
+
+/// Column `name` of `batch` as 64-bit integers.
+pub(super) fn int64s(batch: &arrow::array::RecordBatch, name: &str) -> Result<arrow::array::Int64Array> {
+    let column = batch.column_by_name(name).ok_or_else(|| {
+        datafusion::error::DataFusionError::Internal(format!("a held relation has no column `{name}`"))
+    })?;
+    Ok(arrow::compute::cast(column, &arrow::datatypes::DataType::Int64)?.as_primitive::<Int64Type>().clone())
+}
+
+/// The stored table's lookup by `key` (`<table>.<key>` in the held lookups), made once per
+/// stored model; `None` when the table is not stored.
+pub(super) async fn stored_lookup(
+    inputs: &LiveInputs<'_>,
+    held: &std::sync::Mutex<HeldStar>,
+    table: &str,
+    key: &str,
+) -> Result<Option<StoredLookup>> {
+    let name = format!("{table}.{key}");
+    // (The lock is not held across the await.)
+    let found = lock(held).lookups.get(&name).cloned();
+    if let Some(index) = found {
+        return Ok(Some(index));
+    }
+    let index = new_lookup(inputs, table, key).await?;
+    if let Some(index) = &index {
+        lock(held).lookups.insert(name, Arc::clone(index));
+    }
+    Ok(index)
+}
+
+pub(super) fn key_table(keys: &[i64]) -> Result<(Arc<dyn TableProvider>, usize)> {
+    let schema =
+        Arc::new(Schema::new(vec![arrow::datatypes::Field::new("k", arrow::datatypes::DataType::Int64, true)]));
+    let batches = if keys.is_empty() {
+        Vec::new()
+    } else {
+        let column = Arc::new(arrow::array::Int64Array::from(keys.to_vec())) as arrow::array::ArrayRef;
+        vec![arrow::array::RecordBatch::try_new(Arc::clone(&schema), vec![column])?]
+    };
+    let bytes = batches.iter().map(arrow::array::RecordBatch::get_array_memory_size).sum();
+    Ok((Arc::new(datafusion::datasource::MemTable::try_new(schema, vec![batches])?), bytes))
+}
+
+/// The first row of a query, as Int64 values.
+pub(super) async fn int64_row(ctx: &SessionContext, sql: &str) -> Result<Vec<Option<i64>>> {
+    let batches = ctx.sql(sql).await?.collect().await?;
+    let Some(batch) = batches.iter().find(|b| b.num_rows() > 0) else { return Ok(Vec::new()) };
+    Ok(batch
+        .columns()
+        .iter()
+        .map(|c| {
+            let c = arrow::compute::cast(c, &arrow::datatypes::DataType::Int64).ok()?;
+            let c = c.as_primitive::<Int64Type>();
+            (!c.is_null(0)).then(|| c.value(0))
+        })
+        .collect())
+}
