@@ -65,8 +65,8 @@ pub use builder::{Setup, WarehouseBuilder};
 use sql::*;
 use tail::*;
 pub use tail::{MAX_MATERIALIZED_TAIL, MODEL_SCHEMA, TAIL_SCHEMA, Tail};
-pub use warehouse::{BROADCAST_JOIN_BYTES, BROADCAST_JOIN_ROWS, Warehouse};
 use warehouse::Shared;
+pub use warehouse::{BROADCAST_JOIN_BYTES, BROADCAST_JOIN_ROWS, Warehouse};
 
 /// Result alias with [`QueryError`] as the default error type.
 pub type Result<T, E = QueryError> = std::result::Result<T, E>;
