@@ -30,6 +30,7 @@ pub mod lookup;
 pub mod lsn;
 pub mod raw;
 pub mod storage;
+mod table;
 pub mod telemetry;
 pub mod vacuum;
 

@@ -1,0 +1,318 @@
+//! One layer table: its Delta log, its writers, and the one commit path that records the
+//! source position each commit covers.
+
+use std::sync::Arc;
+
+use arrow::array::RecordBatch;
+use arrow::datatypes::Schema;
+use deltalake::DeltaTable;
+use deltalake::kernel::engine::arrow_conversion::TryIntoKernel;
+use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
+use deltalake::kernel::{Action, Add, StructType, Transaction};
+use deltalake::protocol::{DeltaOperation, SaveMode};
+use deltalake::writer::{DeltaWriter, RecordBatchWriter};
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::properties::WriterProperties;
+
+use crate::error::{Error, Result};
+use crate::storage::*;
+
+/// One Delta table of a layer.
+#[derive(Debug, Clone)]
+pub struct LayerTable {
+    pub(crate) name: String,
+    pub(crate) delta: DeltaTable,
+}
+
+impl LayerTable {
+    /// `layer/table`.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The underlying Delta table.
+    pub fn delta(&self) -> &DeltaTable {
+        &self.delta
+    }
+
+    /// The layer the table belongs to (from its name, `layer/table`).
+    pub fn layer(&self) -> Option<Layer> {
+        self.name.split('/').next().and_then(Layer::from_dir)
+    }
+
+    /// The loaded version of the table.
+    pub fn version(&self) -> Option<u64> {
+        self.delta.version()
+    }
+
+    /// Reload the table's latest state.
+    pub async fn refresh(&mut self) -> Result<()> {
+        self.delta.update_state().await.map_err(Error::delta(&self.name, "refresh"))
+    }
+
+    /// The Arrow schema of the table.
+    pub fn schema(&self) -> Result<Arc<Schema>> {
+        let snapshot = self.delta.snapshot().map_err(Error::delta(&self.name, "read schema"))?;
+        Ok(snapshot.snapshot().arrow_schema())
+    }
+
+    /// The last position committed by `app_id`, if any.
+    pub async fn position(&self, app_id: &str) -> Result<Option<i64>> {
+        let snapshot = self.delta.snapshot().map_err(Error::delta(&self.name, "read position"))?;
+        snapshot
+            .transaction_version(self.delta.log_store().as_ref(), app_id)
+            .await
+            .map_err(Error::delta(&self.name, "read position"))
+    }
+
+    /// Add nullable columns to the table's schema (one metadata-only commit). Files written
+    /// before read the new columns as NULL. Columns the table already has are skipped.
+    pub async fn add_columns(&mut self, fields: &[arrow::datatypes::Field]) -> Result<()> {
+        let existing = self.schema()?;
+        let new: Vec<arrow::datatypes::Field> = fields
+            .iter()
+            .filter(|f| existing.field_with_name(f.name()).is_err())
+            .map(|f| f.clone().with_nullable(true))
+            .collect();
+        if new.is_empty() {
+            return Ok(());
+        }
+        let kernel: StructType = (&Schema::new(new)).try_into_kernel().map_err(|e| Error::SchemaMismatch {
+            table: self.name.clone(),
+            message: format!("the new columns have no Delta equivalent: {e}"),
+        })?;
+        let updated = self
+            .delta
+            .clone()
+            .add_columns()
+            .with_fields(kernel.fields().cloned().collect::<Vec<_>>())
+            .await
+            .map_err(Error::delta(&self.name, "add columns"))?;
+        self.delta = updated;
+        Ok(())
+    }
+
+    /// A writer that streams batches into new Parquet files of this table.
+    pub fn writer(&self, target_file_bytes: u64) -> Result<LayerWriter> {
+        let schema = self.schema()?;
+        let inner = RecordBatchWriter::for_table(&self.delta)
+            .map_err(Error::delta(&self.name, "create writer"))?
+            .with_target_file_size(target_file_bytes)
+            .with_writer_properties(writer_properties(self.layer().unwrap_or(Layer::Raw), &schema));
+        Ok(LayerWriter { inner, rows: 0, schema, file_rows: None, in_file: 0, done: Vec::new() })
+    }
+
+    /// A writer whose files hold at most `file_rows` rows each (and at most about
+    /// `target_file_bytes`). Tables whose rows are replaced in place (the model's) keep their
+    /// files this small so a targeted rewrite touches few rows.
+    pub fn writer_with_file_rows(&self, target_file_bytes: u64, file_rows: u64) -> Result<LayerWriter> {
+        let mut writer = self.writer(target_file_bytes)?;
+        writer.file_rows = Some(file_rows.max(1));
+        Ok(writer)
+    }
+}
+
+/// Commits between two Delta checkpoints of a layer table.
+pub const CHECKPOINT_INTERVAL: u64 = 10;
+
+/// Rows per Parquet row group: small enough that a query engine spreads one file over every
+/// core (row groups are the unit of parallel scanning), large enough to compress well.
+pub const ROW_GROUP_ROWS: usize = 128 * 1024;
+
+/// Rows per Parquet data page (at most). Model tables are stored in key order, and a key
+/// lookup ([`crate::KeyIndex`]) reads only the pages whose key range holds a looked-up key:
+/// the page is the unit a lookup decodes, so a lookup of `n` keys decodes about `n` times this
+/// many rows per column, whatever the table's size (the Parquet default, 20,000, made each
+/// lookup of a few hundred keys decode most of a large table).
+pub const PAGE_ROWS: usize = 2048;
+
+/// Parquet settings of the files of a table of `layer` with `schema`: page statistics,
+/// [`PAGE_ROWS`] rows per page, [`ROW_GROUP_ROWS`] rows per row group, and integer and
+/// timestamp columns delta-encoded instead of dictionary-encoded. Keys, LSNs and timestamps
+/// are mostly increasing with many distinct values: delta encoding makes those files about a
+/// third smaller and decodes about 20% faster (R3's item scan at SF1: 114 -> 93 ms). Dates,
+/// with few distinct values, keep their dictionary.
+///
+/// The codec follows how a layer is read:
+/// - raw files, written once and scanned whole, use zstd level 1 (compact);
+/// - model files (intermediate and presentation) use LZ4 (`LZ4_RAW`). The live path reads
+///   them by key, a few pages per key from many files, on every step: zstd costs a
+///   compression and a decompression context per column chunk read and decompresses about
+///   three times slower. At SF1, looking up 287 random fact keys took 134 ms with zstd and
+///   40 ms with LZ4, for files 15-25% larger. Every Parquet reader (delta-rs, Spark, DuckDB,
+///   Trino) reads `LZ4_RAW`.
+pub fn writer_properties(layer: Layer, schema: &Schema) -> WriterProperties {
+    let compression = match layer {
+        Layer::Raw => Compression::ZSTD(ZstdLevel::try_new(1).unwrap_or_default()),
+        Layer::Intermediate | Layer::Presentation => Compression::LZ4_RAW,
+    };
+    let mut builder = WriterProperties::builder()
+        .set_compression(compression)
+        .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
+        .set_data_page_row_count_limit(PAGE_ROWS);
+    for field in schema.fields() {
+        use arrow::datatypes::DataType as T;
+        if matches!(field.data_type(), T::Int32 | T::Int64 | T::UInt32 | T::UInt64 | T::Timestamp(_, _)) {
+            let column = parquet::schema::types::ColumnPath::from(field.name().as_str());
+            builder = builder
+                .set_column_dictionary_enabled(column.clone(), false)
+                .set_column_encoding(column, parquet::basic::Encoding::DELTA_BINARY_PACKED);
+        }
+    }
+    builder.build()
+}
+
+/// What a commit did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommitOutcome {
+    /// A new table version holding the data and the position.
+    Committed {
+        /// The new Delta version.
+        version: u64,
+        /// Files added.
+        files: usize,
+    },
+    /// The position was already stored: nothing was written (exactly-once on replay).
+    AlreadyCommitted,
+}
+
+/// Whether a commit appends files or replaces every file of the table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommitMode {
+    /// Add the new files to the table.
+    Append,
+    /// Remove every active file and add the new ones (a full rewrite, e.g. a re-run snapshot).
+    ReplaceAll,
+}
+
+impl LayerTable {
+    /// Commit `adds` and `position` atomically as one new table version: the one commit path
+    /// of every layer. When `position` is already stored, nothing is committed.
+    pub async fn commit(&mut self, adds: Vec<Add>, position: &Position, mode: CommitMode) -> Result<CommitOutcome> {
+        self.refresh().await?;
+        let files = adds.len();
+        let mut actions: Vec<Action> = Vec::with_capacity(files);
+        if mode == CommitMode::ReplaceAll {
+            let snapshot = self.delta.snapshot().map_err(Error::delta(&self.name, "commit"))?;
+            actions.extend(snapshot.log_data().iter().map(|file| Action::Remove(file.remove_action(true))));
+        }
+        actions.extend(adds.into_iter().map(Action::Add));
+        let operation = DeltaOperation::Write {
+            mode: match mode {
+                CommitMode::Append => SaveMode::Append,
+                CommitMode::ReplaceAll => SaveMode::Overwrite,
+            },
+            partition_by: None,
+            predicate: None,
+        };
+        self.commit_actions(actions, files, operation, Some(position)).await
+    }
+
+    /// Commit `actions` on the loaded version as one new table version, with `position` (when
+    /// given) as the application transaction; nothing when that position is already stored.
+    /// `files` is the number of files the actions add.
+    pub(crate) async fn commit_actions(
+        &mut self,
+        actions: Vec<Action>,
+        files: usize,
+        operation: DeltaOperation,
+        position: Option<&Position>,
+    ) -> Result<CommitOutcome> {
+        let mut properties = CommitProperties::default();
+        if let Some(position) = position {
+            if let Some(stored) = self.position(&position.app_id).await?
+                && stored >= position.version
+            {
+                return Ok(CommitOutcome::AlreadyCommitted);
+            }
+            properties = properties.with_application_transaction(Transaction::new(&position.app_id, position.version));
+        }
+        let snapshot = self.delta.snapshot().map_err(Error::delta(&self.name, "commit"))?;
+        let finalized = CommitBuilder::from(properties)
+            .with_actions(actions)
+            .build(Some(snapshot), self.delta.log_store(), operation)
+            .await
+            .map_err(Error::delta(&self.name, "commit"))?;
+        let version = finalized.version();
+        self.delta.state = Some(finalized.snapshot());
+        Ok(CommitOutcome::Committed { version, files })
+    }
+}
+
+/// Streams record batches into Parquet files of one layer table; nothing is visible to
+/// readers until the files are committed with [`LayerTable::commit`].
+pub struct LayerWriter {
+    inner: RecordBatchWriter,
+    rows: u64,
+    schema: Arc<Schema>,
+    /// Cut files at this many rows.
+    file_rows: Option<u64>,
+    /// Rows in the open file.
+    in_file: u64,
+    /// Files already finished.
+    done: Vec<Add>,
+}
+
+impl std::fmt::Debug for LayerWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LayerWriter").field("rows", &self.rows).finish()
+    }
+}
+
+impl LayerWriter {
+    /// Stream one batch into the open file (a new file starts at the target size).
+    ///
+    /// Columns are matched to the table by name, so a batch may list them in another order;
+    /// columns the batch lacks are written as NULL, and columns of another type (a string
+    /// view for a string, say) are cast to the table's type.
+    pub async fn write(&mut self, table_name: &str, batch: RecordBatch) -> Result<()> {
+        let batch =
+            if batch.schema().fields() == self.schema.fields() { batch } else { self.align(table_name, batch)? };
+        self.rows += batch.num_rows() as u64;
+        let Some(limit) = self.file_rows else {
+            return self.inner.write(batch).await.map_err(Error::delta(table_name, "write"));
+        };
+        let mut offset = 0usize;
+        while offset < batch.num_rows() {
+            let room = usize::try_from(limit - self.in_file).unwrap_or(usize::MAX);
+            let take = room.min(batch.num_rows() - offset);
+            self.inner.write(batch.slice(offset, take)).await.map_err(Error::delta(table_name, "write"))?;
+            offset += take;
+            self.in_file += take as u64;
+            if self.in_file >= limit {
+                let files = self.inner.flush().await.map_err(Error::delta(table_name, "finish a file"))?;
+                self.done.extend(files);
+                self.in_file = 0;
+            }
+        }
+        Ok(())
+    }
+
+    fn align(&self, table_name: &str, batch: RecordBatch) -> Result<RecordBatch> {
+        let columns = self
+            .schema
+            .fields()
+            .iter()
+            .map(|field| match batch.schema().index_of(field.name()) {
+                Ok(i) if batch.column(i).data_type() == field.data_type() => Ok(Arc::clone(batch.column(i))),
+                Ok(i) => arrow::compute::cast(batch.column(i), field.data_type()),
+                Err(_) => Ok(arrow::array::new_null_array(field.data_type(), batch.num_rows())),
+            })
+            .collect::<std::result::Result<Vec<_>, _>>();
+        let error =
+            |source| Error::Arrow { context: format!("matching a batch to the columns of {table_name}"), source };
+        RecordBatch::try_new(Arc::clone(&self.schema), columns.map_err(error)?).map_err(error)
+    }
+
+    /// Rows written so far.
+    pub fn rows(&self) -> u64 {
+        self.rows
+    }
+
+    /// Finish the open files and return their Add actions, ready for [`LayerTable::commit`].
+    pub async fn finish(mut self, table_name: &str) -> Result<Vec<Add>> {
+        let mut files = std::mem::take(&mut self.done);
+        files.extend(self.inner.flush().await.map_err(Error::delta(table_name, "finish files"))?);
+        Ok(files)
+    }
+}
