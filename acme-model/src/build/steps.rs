@@ -1,269 +1,31 @@
-//! The model build: raw changes -> SCD2 histories (intermediate) -> star schema (presentation).
-//!
-//! Builds are incremental. Every model table records, with each commit, the raw position
-//! (commit LSN) it covers; a build reads only the raw changes after that position, up to the
-//! position of the raw layer's last complete commit round (`_acme/raw.json`), and:
-//! - appends the new versions to each history and closes the open versions they supersede,
-//!   rewriting only the files that hold those open versions (open and closed versions live in
-//!   separate files, so closed history is written once);
-//! - recomputes the star-schema rows of the keys whose history changed since the table's own
-//!   position (plus late-arriving keys that just arrived), and replaces them the same way;
-//! - compacts the small files this leaves, and records the versions of every table in the
-//!   model manifest (`_acme/model.json`) that readers pin.
-//!
-//! Every step is a DataFusion plan (window functions, hash joins, aggregates; no row loops)
-//! streamed into Delta commits. A table with no position yet, or with more changed keys than
-//! [`MAX_INCREMENTAL_KEYS`], is recomputed whole. Surrogate keys are numbered in commit order,
-//! so an incremental build writes exactly what a full rebuild would. A build that dies half-way
-//! leaves the last manifest's versions readable; the next build resumes each table from its own
-//! position. Re-running over the same range changes nothing.
+//! One build's steps, table by table: a history from its raw changes, a star table from the
+//! keys whose history changed, the aggregate by difference, then compaction and the manifest.
 
-use std::sync::Arc;
-use std::time::{Duration, Instant};
-
-use acme_core::raw;
-use acme_core::storage::{Manifest, manifests};
-use acme_core::{AcmeConfig, Layer, LayerTable, Position, Storage};
-use arrow::array::Array;
-use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
-use datafusion::prelude::{DataFrame, SessionConfig, SessionContext};
-use tracing::Instrument;
-
-use crate::catalog::{Catalog, ModelTable, Plan};
-use crate::error::{ModelError, Result};
-use crate::history::{self, HistorySpec, attribute_columns, history_sql, open_versions_as_changes, raw_changes};
-use crate::rewrite::{Keys, Target, collect_keys, register_keys, replace};
-use crate::star;
-
-/// Application id of model commits.
-pub const MODEL_APP: &str = "acme-model";
-
-/// Above this many changed keys, a table is recomputed whole instead of incrementally (it is
-/// then the cheaper way, and it bounds the memory the key set takes).
-pub const MAX_INCREMENTAL_KEYS: usize = 1_000_000;
-
-/// What a build did.
-#[derive(Debug, Clone, Default)]
-pub struct ModelReport {
-    /// The raw position (highest commit LSN) the model now covers.
-    pub position: i64,
-    /// True when the model already covered the raw layer and nothing was rebuilt.
-    pub up_to_date: bool,
-    /// Per table (`layer/table`) that changed: how it was built and what it wrote.
-    pub tables: Vec<TableBuild>,
-    /// Raw changes (rows of the raw layer) this build applied.
-    pub changes: u64,
-    /// Files merged away by compaction.
-    pub files_compacted: usize,
-    /// Wall time.
-    pub elapsed: Duration,
-}
-
-/// How one table was built.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TableBuild {
-    /// `layer/table`.
-    pub table: String,
-    /// True when only changed keys were recomputed; false for a whole recomputation.
-    pub incremental: bool,
-    /// Keys recomputed (incremental builds only).
-    pub keys: usize,
-    /// Rows written for those keys.
-    pub rows: u64,
-    /// Existing files rewritten because they held replaced rows.
-    pub files_rewritten: usize,
-    /// Wall time of the table's step.
-    pub elapsed: Duration,
-}
-
-/// Builder of a model build; `.await` (or [`ModelBuild::run`]) runs it.
-#[derive(Debug, Clone)]
-pub struct ModelBuild {
-    config: AcmeConfig,
-    catalog: Catalog,
-    up_to: Option<i64>,
-    full: bool,
-}
-
-impl ModelBuild {
-    /// A build of the model of `config.tables` (see [`Catalog::for_sources`]) from the raw
-    /// layer at `config.storage_url`.
-    pub fn new(config: AcmeConfig) -> Self {
-        let catalog = Catalog::for_sources(&config.tables);
-        Self { config, catalog, up_to: None, full: false }
-    }
-
-    /// Apply raw changes only up to commit LSN `lsn` (a reproducible build of a past state;
-    /// the model never moves backwards).
-    pub fn up_to(mut self, lsn: i64) -> Self {
-        self.up_to = Some(lsn);
-        self
-    }
-
-    /// Recompute every table from the whole raw layer instead of incrementally.
-    pub fn full_rebuild(mut self) -> Self {
-        self.full = true;
-        self
-    }
-
-    /// Every table the build writes, as (layer, name).
-    pub fn model_tables(&self) -> Vec<(Layer, String)> {
-        self.catalog.tables().iter().map(|t| (t.layer, t.name.to_string())).collect()
-    }
-
-    /// Run the build.
-    ///
-    /// When a step fails on a file it cannot read, the error names the file
-    /// ([`acme_core::Error::DataFile`]).
-    pub async fn run(self) -> Result<ModelReport> {
-        self.catalog.check()?;
-        let config = self.config.clone();
-        let model = self.model_tables();
-        let specs = self.catalog.history_specs();
-        let span = tracing::info_span!("model_step", position = tracing::field::Empty);
-        let built = self.build().instrument(span.clone()).await;
-        if let Ok(report) = &built {
-            span.record("position", report.position);
-        }
-        match built {
-            Err(ModelError::DataFusion(error))
-                if matches!(error.find_root(), datafusion::error::DataFusionError::ResourcesExhausted(_)) =>
-            {
-                Err(ModelError::OutOfMemory { limit_mib: config.memory_limit_bytes / (1024 * 1024), source: error })
-            }
-            Err(ModelError::DataFusion(error)) => {
-                let storage = Storage::new(&config.storage_url, config.storage_options.clone())?;
-                let ctx = storage.session_context();
-                let raw = specs.iter().map(|s| (Layer::Raw, s.table.clone()));
-                for (layer, name) in raw.chain(model) {
-                    if let Some(table) = storage.open(layer, &name).await? {
-                        table.check_files(&ctx).await?;
-                    }
-                }
-                Err(ModelError::DataFusion(error))
-            }
-            other => other,
-        }
-    }
-
-    async fn build(self) -> Result<ModelReport> {
-        let started = Instant::now();
-        let storage = Storage::new(&self.config.storage_url, self.config.storage_options.clone())?;
-        // Sorts and aggregations beyond the memory limit spill to the temporary directory. When
-        // the pool runs out, the error names the operators holding the most of it.
-        let pool = datafusion::execution::memory_pool::TrackConsumersPool::new(
-            datafusion::execution::memory_pool::FairSpillPool::new(
-                usize::try_from(self.config.memory_limit_bytes).unwrap_or(usize::MAX),
-            ),
-            std::num::NonZeroUsize::MIN.saturating_add(4),
-        );
-        let runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::new()
-            .with_memory_pool(Arc::new(pool))
-            .build_arc()?;
-        let ctx = SessionContext::new_with_config_rt(SessionConfig::new().with_information_schema(false), runtime);
-        storage.register_object_store(&ctx);
-
-        // The raw layer as of its last complete commit round.
-        let raw_manifest = storage.get_manifest(manifests::RAW).await?;
-        let mut raws = Vec::new();
-        let mut position = 0i64;
-        let specs = self.catalog.history_specs();
-        for spec in &specs {
-            let table = storage
-                .open_pinned(Layer::Raw, &spec.table, raw_manifest.as_ref())
-                .await?
-                .ok_or_else(|| ModelError::NoRawTable { table: spec.table.clone() })?;
-            for app in [raw::SNAPSHOT_APP, raw::CDC_APP] {
-                position = position.max(table.position(app).await?.unwrap_or(0));
-            }
-            raws.push(table);
-        }
-        if let Some(manifest) = &raw_manifest {
-            position = manifest.position;
-        }
-        if let Some(limit) = self.up_to {
-            position = position.min(limit);
-        }
-        let previous = storage.get_manifest(manifests::MODEL).await?;
-        let mut build = Build {
-            storage: &storage,
-            ctx: &ctx,
-            config: &self.config,
-            previous: previous.as_ref(),
-            full: self.full,
-            target: position,
-            commit: Position::new(MODEL_APP, position),
-            report: ModelReport { position, ..ModelReport::default() },
-        };
-        // Up to date: every table covers the position (a build that died after its last
-        // commit but before its manifest only needs the manifest).
-        if !self.full {
-            let mut covered = true;
-            for (layer, name) in self.model_tables() {
-                covered &= build.built(layer, &name).await?.1 >= position;
-            }
-            if covered {
-                if previous.as_ref().is_none_or(|m| m.position < position) {
-                    build.write_manifest(&self.model_tables()).await?;
-                }
-                let position = previous.as_ref().map_or(position, |m| m.position.max(position));
-                return Ok(ModelReport { position, up_to_date: true, elapsed: started.elapsed(), ..build.report });
-            }
-        }
-
-        for (spec, raw) in specs.iter().zip(&raws) {
-            build.history(spec, raw).await?;
-        }
-        for table in self.catalog.star() {
-            match table.plan {
-                Plan::Dimension { surrogate_key, sql } => build.dimension(table, surrogate_key, sql).await?,
-                Plan::StatusTransitions => build.order_status(table).await?,
-                Plan::Fact { sql, .. } => build.star(table, sql).await?,
-                Plan::Aggregate => build.orders_aggregate(table).await?,
-                Plan::History => {}
-            }
-        }
-        build.compact(&self.catalog).await?;
-        // Readers pin the versions named here: they never see a half-built model.
-        build.write_manifest(&self.model_tables()).await?;
-        let mut report = build.report;
-        report.elapsed = started.elapsed();
-        Ok(report)
-    }
-}
-
-impl std::future::IntoFuture for ModelBuild {
-    type Output = Result<ModelReport>;
-    type IntoFuture = futures::future::BoxFuture<'static, Self::Output>;
-
-    fn into_future(self) -> Self::IntoFuture {
-        Box::pin(self.run())
-    }
-}
+use super::*;
 
 /// How a table step went, for its [`TableBuild`] entry.
-struct Step {
+pub(super) struct Step {
     incremental: bool,
     keys: usize,
     started: Instant,
 }
 
 /// One run's state.
-struct Build<'a> {
-    storage: &'a Storage,
-    ctx: &'a SessionContext,
-    config: &'a AcmeConfig,
-    previous: Option<&'a Manifest>,
-    full: bool,
-    target: i64,
-    commit: Position,
-    report: ModelReport,
+pub(super) struct Build<'a> {
+    pub(super) storage: &'a Storage,
+    pub(super) ctx: &'a SessionContext,
+    pub(super) config: &'a AcmeConfig,
+    pub(super) previous: Option<&'a Manifest>,
+    pub(super) full: bool,
+    pub(super) target: i64,
+    pub(super) commit: Position,
+    pub(super) report: ModelReport,
 }
 
 impl Build<'_> {
     /// The table (if it exists) and the raw position it covers: its own commits record it,
     /// and a table the last manifest pins at its latest version covers the manifest's position.
-    async fn built(&self, layer: Layer, name: &str) -> Result<(Option<LayerTable>, i64)> {
+    pub(super) async fn built(&self, layer: Layer, name: &str) -> Result<(Option<LayerTable>, i64)> {
         let Some(table) = self.storage.open(layer, name).await? else {
             return Ok((None, 0));
         };
@@ -280,7 +42,7 @@ impl Build<'_> {
 
     /// Replace the rows `target` names in `table` by `df`, record the step in the report, and
     /// register the new version as `name` for the steps after it.
-    async fn apply(
+    pub(super) async fn apply(
         &mut self,
         mut table: LayerTable,
         name: &str,
@@ -302,18 +64,18 @@ impl Build<'_> {
     }
 
     /// Target bytes and rows of the files the build writes.
-    fn files(&self) -> (u64, u64) {
+    pub(super) fn files(&self) -> (u64, u64) {
         (self.config.target_file_bytes, self.config.model_file_rows)
     }
 
-    fn register(&self, name: &str, table: &LayerTable) -> Result<()> {
+    pub(super) fn register(&self, name: &str, table: &LayerTable) -> Result<()> {
         let _ = self.ctx.deregister_table(name)?;
         self.ctx.register_table(name, table.provider(None)?)?;
         Ok(())
     }
 
     /// Apply the raw changes of one source table to its history.
-    async fn history(&mut self, spec: &HistorySpec, raw: &LayerTable) -> Result<()> {
+    pub(super) async fn history(&mut self, spec: &HistorySpec, raw: &LayerTable) -> Result<()> {
         let started = Instant::now();
         let name = spec.history_table();
         let (mut existing, mut from) = self.built(Layer::Intermediate, &name).await?;
@@ -412,7 +174,7 @@ impl Build<'_> {
 
     /// Register `raw_changes`: the raw rows of `raw` after `from` up to the target, read only
     /// from the files whose statistics allow such rows. Returns the truncations among them.
-    async fn register_raw_changes(&self, raw: &LayerTable, from: i64) -> Result<Vec<(i64, i64)>> {
+    pub(super) async fn register_raw_changes(&self, raw: &LayerTable, from: i64) -> Result<Vec<(i64, i64)>> {
         let files: Vec<_> = raw.data_files()?.into_iter().filter(|f| !f.all_at_most(raw::LSN, from)).collect();
         let _ = self.ctx.deregister_table("raw_input")?;
         self.ctx.register_table("raw_input", raw.provider(Some(&files))?)?;
@@ -431,7 +193,7 @@ impl Build<'_> {
 
     /// Open `layer/name`, or create it with the columns of `df`; add columns `df` has that
     /// the table lacks (a column added at the source).
-    async fn table(
+    pub(super) async fn table(
         &self,
         existing: Option<LayerTable>,
         layer: Layer,
@@ -449,7 +211,7 @@ impl Build<'_> {
     }
 
     /// A dimension with history: recompute the versions of the keys whose history changed.
-    async fn dimension(
+    pub(super) async fn dimension(
         &mut self,
         table: &ModelTable,
         sk: &str,
@@ -484,7 +246,7 @@ impl Build<'_> {
     /// than one status into a key table, so that only those go through the window functions
     /// and the engine joins on the small, counted key table (a join on an uncounted subquery
     /// built its hash table from the whole history and ran out of memory at SF10).
-    async fn order_status(&mut self, table: &ModelTable) -> Result<()> {
+    pub(super) async fn order_status(&mut self, table: &ModelTable) -> Result<()> {
         let (existing, from) = self.built(Layer::Presentation, table.name).await?;
         let mut split = false;
         if (existing.is_none() || from == 0) && from < self.target {
@@ -501,7 +263,7 @@ impl Build<'_> {
     }
 
     /// A fact table: recompute the rows of the keys its `changed` queries return.
-    async fn star(&mut self, table: &ModelTable, sql: fn(Option<&str>) -> String) -> Result<()> {
+    pub(super) async fn star(&mut self, table: &ModelTable, sql: fn(Option<&str>) -> String) -> Result<()> {
         let (existing, from) = self.built(Layer::Presentation, table.name).await?;
         self.star_with(table, existing, from, sql).await
     }
@@ -509,7 +271,7 @@ impl Build<'_> {
     /// A star table keyed by its key: recompute the rows of the keys the table's `changed`
     /// queries return (`{changed}` stands for "the version opened or closed after this
     /// table's position", `{position}` for that position).
-    async fn star_with(
+    pub(super) async fn star_with(
         &mut self,
         model: &ModelTable,
         existing: Option<LayerTable>,
@@ -567,7 +329,7 @@ impl Build<'_> {
     /// Current orders per (delivery_date, status), maintained by difference: the counts of
     /// the orders whose history changed since the aggregate's position are taken off as they
     /// stood at that position (read from the history) and added back as they stand now.
-    async fn orders_aggregate(&mut self, table: &ModelTable) -> Result<()> {
+    pub(super) async fn orders_aggregate(&mut self, table: &ModelTable) -> Result<()> {
         let started = Instant::now();
         let name = table.name;
         let (existing, from) = self.built(Layer::Presentation, name).await?;
@@ -618,7 +380,7 @@ impl Build<'_> {
     }
 
     /// Merge the small files incremental builds leave, in each table's declared order.
-    async fn compact(&mut self, catalog: &Catalog) -> Result<()> {
+    pub(super) async fn compact(&mut self, catalog: &Catalog) -> Result<()> {
         for model in catalog.tables() {
             let Some(mut table) = self.storage.open(model.layer, model.name).await? else { continue };
             let options = model.compact_options(self.config.target_file_bytes, self.config.model_file_rows);
@@ -627,7 +389,7 @@ impl Build<'_> {
         Ok(())
     }
 
-    async fn write_manifest(&self, model: &[(Layer, String)]) -> Result<()> {
+    pub(super) async fn write_manifest(&self, model: &[(Layer, String)]) -> Result<()> {
         let mut manifest = Manifest::new(self.target);
         for (layer, name) in model {
             if let Some(table) = self.storage.open(*layer, name).await? {
@@ -641,7 +403,7 @@ impl Build<'_> {
 
 /// The stored schema of a model table computed by `df`: plain strings and binaries (the
 /// engine may hand out views), every column nullable.
-fn storage_schema(df: &DataFrame) -> SchemaRef {
+pub(super) fn storage_schema(df: &DataFrame) -> SchemaRef {
     Arc::new(Schema::new(
         df.schema()
             .as_arrow()
@@ -664,7 +426,7 @@ fn storage_schema(df: &DataFrame) -> SchemaRef {
 /// orders): those joins sort and merge, since a hash join holds its build side whole and
 /// cannot spill, while sorts spill beyond the memory pool. A scoped recompute joins a small
 /// key set, where hashing is cheaper. (A DataFrame keeps the settings it was planned with.)
-async fn plan_star(ctx: &SessionContext, sql: &str, scoped: bool) -> Result<DataFrame> {
+pub(super) async fn plan_star(ctx: &SessionContext, sql: &str, scoped: bool) -> Result<DataFrame> {
     let hash_joins = |on: bool| ctx.state_ref().write().config_mut().options_mut().optimizer.prefer_hash_join = on;
     hash_joins(scoped);
     let planned = ctx.sql(sql).await;
