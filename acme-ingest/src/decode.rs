@@ -195,11 +195,6 @@ impl ColumnBuilder {
             ColumnBuilder::Binary(b) => b.len(),
         }
     }
-
-    /// True when no rows were appended since the last finish.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 fn fixed<const N: usize>(raw: &[u8]) -> Option<[u8; N]> {

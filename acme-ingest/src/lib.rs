@@ -37,18 +37,18 @@
 //! ```
 
 pub mod cdc;
-pub mod changes;
+mod changes;
 pub mod copy;
-pub mod decode;
+mod decode;
 pub mod error;
-pub mod pgoutput;
+mod pgoutput;
 pub mod replication;
 pub mod snapshot;
 pub mod source;
 pub mod teardown;
-pub mod tls;
+mod tls;
 pub mod triggers;
-pub mod types;
+mod types;
 
 pub use acme_core::Lsn;
 pub use cdc::{CaptureEvent, ChangeStream, PollReport};

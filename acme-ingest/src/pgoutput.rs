@@ -55,16 +55,6 @@ pub struct TupleData<'a> {
 }
 
 impl<'a> TupleData<'a> {
-    /// Number of fields.
-    pub fn len(&self) -> usize {
-        self.count as usize
-    }
-
-    /// True when the tuple has no fields.
-    pub fn is_empty(&self) -> bool {
-        self.count == 0
-    }
-
     /// Iterate the fields.
     pub fn fields(&self) -> FieldIter<'a> {
         FieldIter { left: self.count, cursor: Cursor { data: self.body, pos: 0 } }
@@ -120,12 +110,9 @@ pub enum Message<'a> {
     },
     /// End of a transaction.
     Commit {
-        /// LSN of the commit record.
-        commit_lsn: u64,
-        /// LSN just past the commit record.
+        /// LSN just past the commit record. (The message also carries the commit record's own
+        /// LSN and the commit time, which `Begin` already gave.)
         end_lsn: u64,
-        /// Commit time, microseconds since 2000-01-01.
-        commit_ts: i64,
     },
     /// A relation description.
     Relation(Relation),
@@ -168,7 +155,11 @@ pub fn decode(data: &[u8]) -> Result<Message<'_>> {
         b'B' => Message::Begin { final_lsn: c.u64()?, commit_ts: c.i64()?, xid: c.u32()? },
         b'C' => {
             let _flags = c.u8()?;
-            Message::Commit { commit_lsn: c.u64()?, end_lsn: c.u64()?, commit_ts: c.i64()? }
+            // Flags (one byte, read above), the commit record's LSN, the end LSN, the commit time.
+            let _commit_lsn = c.u64()?;
+            let end_lsn = c.u64()?;
+            let _commit_ts = c.i64()?;
+            Message::Commit { end_lsn }
         }
         b'R' => {
             let oid = c.u32()?;
