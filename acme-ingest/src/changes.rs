@@ -29,7 +29,12 @@ impl ColumnMap {
             match table.columns.iter().position(|c| c.name == column.name) {
                 Some(i) => targets.push(Some(i)),
                 None => {
-                    return Err(IngestError::SchemaChanged { table: table.qualified(), column: column.name.clone() });
+                    // The stream widens the table before mapping a relation with new columns.
+                    return Err(IngestError::Internal(format!(
+                        "relation column {} is not in the definition of {}",
+                        column.name,
+                        table.qualified()
+                    )));
                 }
             }
         }

@@ -293,17 +293,6 @@ pub enum IngestError {
         /// The configured method.
         configured: String,
     },
-    /// A source table gained a column the raw layer does not have.
-    #[error(
-        "source table {table} has a new column {column} that its raw table lacks; acme does not yet evolve raw \
-         schemas mid-stream: re-sync into an empty warehouse"
-    )]
-    SchemaChanged {
-        /// Qualified table name.
-        table: String,
-        /// The new column.
-        column: String,
-    },
     /// A storage operation failed.
     #[error(transparent)]
     Storage(#[from] acme_core::Error),

@@ -51,6 +51,15 @@ pub enum ModelError {
         #[source]
         source: Box<datafusion::error::DataFusionError>,
     },
+    /// Arrow failed to assemble or convert a batch of a model table.
+    #[error("Arrow error while writing `{table}`")]
+    Arrow {
+        /// The model table (or the key set) being written.
+        table: String,
+        /// The cause.
+        #[source]
+        source: arrow::error::ArrowError,
+    },
     /// A configured source table has no history declared in the model catalog.
     #[error(
         "source table `{table}` has no history in the model catalog (acme_model::catalog::MODEL): \

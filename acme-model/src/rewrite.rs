@@ -157,7 +157,7 @@ impl SplitWriter {
 }
 
 fn arrow_error(table: &str) -> impl Fn(arrow::error::ArrowError) -> ModelError + '_ {
-    move |e| ModelError::Internal(format!("{table}: {e}"))
+    move |source| ModelError::Arrow { table: table.to_string(), source }
 }
 
 /// What one replacement did.
@@ -268,7 +268,7 @@ pub(crate) async fn collect_keys(df: DataFrame, limit: usize) -> Result<Option<H
         let batch = batch?;
         let column = batch.column(0);
         let values = arrow::compute::cast(column, &arrow::datatypes::DataType::Int64)
-            .map_err(|e| ModelError::Internal(format!("collecting keys: {e}")))?;
+            .map_err(|source| ModelError::Arrow { table: "the changed keys".into(), source })?;
         let values = values.as_primitive::<Int64Type>();
         keys.extend(values.iter().flatten());
         if keys.len() > limit {
@@ -287,7 +287,7 @@ pub(crate) fn register_keys(ctx: &SessionContext, name: &str, keys: &HashSet<i64
     )]));
     let values: Vec<i64> = keys.iter().copied().collect();
     let batch = RecordBatch::try_new(Arc::clone(&schema), vec![Arc::new(arrow::array::Int64Array::from(values))])
-        .map_err(|e| ModelError::Internal(format!("{name}: {e}")))?;
+        .map_err(|source| ModelError::Arrow { table: name.to_string(), source })?;
     let _ = ctx.deregister_table(name)?;
     ctx.register_batch(name, batch)?;
     Ok(())
