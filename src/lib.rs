@@ -7,14 +7,18 @@
 //!
 //! This crate is the facade: it re-exports the layer crates.
 //!
-//! ```no_run
-//! # fn demo() -> acme::core::Result<()> {
+//! ```
+//! # fn main() -> acme::core::Result<()> {
 //! let config = acme::core::AcmeConfig::builder()
-//!     .source_url("postgres://postgres@127.0.0.1:5432/finance_db")
+//!     .source_url("postgres://postgres:secret@127.0.0.1:5432/finance_db")
 //!     .storage_url("/var/lib/acme/warehouse")
 //!     .build()?;
-//! # let _ = config; Ok(()) }
+//! // Configurations are safe to log: the password never shows.
+//! assert!(!format!("{config:?}").contains("secret"));
+//! # Ok(()) }
 //! ```
+//!
+//! [`Pipeline`] runs capture, model maintenance and the refresh of the reports side by side.
 
 #[cfg(feature = "http")]
 pub mod http;

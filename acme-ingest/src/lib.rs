@@ -16,6 +16,15 @@
 //! # Ok(()) }
 //! ```
 //!
+//! Connection strings are parsed as libpq parses them, and never printed with their password:
+//!
+//! ```
+//! let url = acme_ingest::SourceUrl::parse("postgres://app:secret@db.internal:5433/finance_db")?;
+//! assert_eq!(url.to_string(), "app@db.internal:5433/finance_db");
+//! assert!(!format!("{url:?}").contains("secret"));
+//! # Ok::<(), acme_ingest::IngestError>(())
+//! ```
+//!
 //! After the snapshot, [`ChangeStream`] follows the source: by logical decoding (`pgoutput`
 //! over the replication protocol, the default, or polled by SQL) or, where logical
 //! replication is not allowed, by audit triggers writing a changelog table

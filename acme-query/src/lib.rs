@@ -19,6 +19,19 @@
 //! statements), so a change shows in every report as soon as the change stream has committed
 //! it, exactly as a model build would have folded it in.
 //!
+//! A warehouse without a model yet still opens; the reports say what is missing:
+//!
+//! ```
+//! # #[tokio::main] async fn main() -> Result<(), acme_query::QueryError> {
+//! use acme_query::{QueryError, StatusFilter, Warehouse};
+//! let dir = tempfile::tempdir().expect("a temporary directory");
+//! let warehouse = Warehouse::open(dir.path().to_str().expect("a UTF-8 path")).await?;
+//! assert_eq!(warehouse.model_position(), None);
+//! let missing = warehouse.open_orders(StatusFilter::Open, None).await.expect_err("no model yet");
+//! assert!(matches!(missing, QueryError::MissingTable { .. }), "{missing}");
+//! # Ok(()) }
+//! ```
+//!
 //! ```no_run
 //! # async fn demo() -> Result<(), acme_query::QueryError> {
 //! use acme_query::{StatusFilter, Warehouse};

@@ -145,6 +145,8 @@ pub struct ChangeStream {
     sink: RawSink,
     source: Box<dyn ChangeSource>,
     snapshot: SnapshotPoint,
+    /// The position the source confirmed last (its polls start after it).
+    confirmed: Lsn,
     /// A poll did not finish: uncommitted decoded state must be dropped before the next one.
     dirty: bool,
 }
@@ -206,7 +208,7 @@ impl ChangeStream {
             }),
         };
         let link = Link { url: opened.url, client: opened.client };
-        Ok(Self { config, link, sink, source, snapshot, dirty: false })
+        Ok(Self { config, link, sink, source, snapshot, confirmed: Lsn::default(), dirty: false })
     }
 
     /// The snapshot point the stream started from.
@@ -230,6 +232,7 @@ impl ChangeStream {
         let span = tracing::debug_span!(
             "poll",
             mode = ?self.config.cdc_mode,
+            from = %self.confirmed,
             confirmed = tracing::field::Empty,
             changes = tracing::field::Empty,
         );
@@ -266,6 +269,7 @@ impl ChangeStream {
             Ok(confirmed) => confirmed,
             Err(error) => return Err(self.source.explain(&self.link, error).await),
         };
+        self.confirmed = report.confirmed;
         self.dirty = false;
         Ok(report)
     }
