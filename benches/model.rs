@@ -185,7 +185,10 @@ async fn live_tail(data: &common::Dataset, sf: f64) -> String {
     for wanted in [1_000i64, 10_000, 100_000] {
         let (cut, changes) = tail_cut(data, wanted).await;
         let dir = raw_copy(data);
-        ModelBuild::new(config(dir.path())).up_to(cut).await.expect("model up to the cut");
+        ModelBuild::new(config(dir.path()))
+            .up_to(acme::core::Lsn::from_stored(cut))
+            .await
+            .expect("model up to the cut");
         let url = dir.path().display().to_string();
         for (how, limit) in [("held in memory", acme::query::MAX_MATERIALIZED_TAIL), ("applied per query", 0)] {
             let started = Instant::now();
@@ -271,10 +274,16 @@ fn model(c: &mut Criterion) {
     // Incremental: up to the snapshot, then step by step.
     let stepped = raw_copy(&data);
     let (base, steps) = runtime.block_on(async {
-        let base = ModelBuild::new(config(stepped.path())).up_to(snapshot).await.expect("snapshot build");
+        let base = ModelBuild::new(config(stepped.path()))
+            .up_to(acme::core::Lsn::from_stored(snapshot))
+            .await
+            .expect("snapshot build");
         let mut steps = Vec::new();
         for cut in &cuts {
-            let report = ModelBuild::new(config(stepped.path())).up_to(*cut).await.expect("incremental build");
+            let report = ModelBuild::new(config(stepped.path()))
+                .up_to(acme::core::Lsn::from_stored(*cut))
+                .await
+                .expect("incremental build");
             assert!(report.tables.iter().any(|t| t.incremental), "step at {cut} ran incrementally");
             steps.push(report);
         }
@@ -283,10 +292,18 @@ fn model(c: &mut Criterion) {
     // The finer series: ten steps of about 1,000 changes from the snapshot state.
     let fine = raw_copy(&data);
     let small_steps = runtime.block_on(async {
-        ModelBuild::new(config(fine.path())).up_to(snapshot).await.expect("snapshot build");
+        ModelBuild::new(config(fine.path()))
+            .up_to(acme::core::Lsn::from_stored(snapshot))
+            .await
+            .expect("snapshot build");
         let mut steps = Vec::new();
         for cut in small_cuts.iter().take(10) {
-            steps.push(ModelBuild::new(config(fine.path())).up_to(*cut).await.expect("incremental build"));
+            steps.push(
+                ModelBuild::new(config(fine.path()))
+                    .up_to(acme::core::Lsn::from_stored(*cut))
+                    .await
+                    .expect("incremental build"),
+            );
         }
         steps
     });
@@ -366,7 +383,10 @@ fn model(c: &mut Criterion) {
     let first_cut = cuts[0];
     let snapshot_state = raw_copy(&data);
     runtime.block_on(async {
-        ModelBuild::new(config(snapshot_state.path())).up_to(snapshot).await.expect("snapshot build");
+        ModelBuild::new(config(snapshot_state.path()))
+            .up_to(acme::core::Lsn::from_stored(snapshot))
+            .await
+            .expect("snapshot build");
     });
     group.bench_function("incremental_step_10k_changes", |b| {
         b.to_async(&runtime).iter_batched(
@@ -377,7 +397,10 @@ fn model(c: &mut Criterion) {
             },
             |dir| async move {
                 let started = Instant::now();
-                let report = ModelBuild::new(config(dir.path())).up_to(first_cut).await.expect("step");
+                let report = ModelBuild::new(config(dir.path()))
+                    .up_to(acme::core::Lsn::from_stored(first_cut))
+                    .await
+                    .expect("step");
                 let elapsed = started.elapsed();
                 drop(dir);
                 (report.changes, elapsed)

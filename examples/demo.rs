@@ -142,7 +142,7 @@ async fn run(args: &Args, source: &str, config: AcmeConfig, generated: bool) -> 
     println!(
         "snapshot and first model done in {:.1?} (model at LSN {}), streaming changes...",
         started.elapsed(),
-        acme::ingest::Lsn(pipeline.warehouse().model_position().unwrap_or_default() as u64)
+        pipeline.warehouse().model_position().unwrap_or_default()
     );
 
     let mut as_of = None;
@@ -196,8 +196,8 @@ async fn run(args: &Args, source: &str, config: AcmeConfig, generated: bool) -> 
          the reports at LSN {}",
         s.model_builds,
         s.last_model_build.unwrap_or_default(),
-        acme::ingest::Lsn(warehouse.model_position().unwrap_or_default() as u64),
-        acme::ingest::Lsn(warehouse.raw_position().unwrap_or_default() as u64)
+        warehouse.model_position().unwrap_or_default(),
+        warehouse.raw_position().unwrap_or_default()
     );
     print_reports(&warehouse, args.limit, None).await?;
     if let Some(instant) = as_of {

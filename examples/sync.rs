@@ -158,7 +158,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     "slot at {}, {} changes, model at {:?} ({} builds), lag {:?} bytes / {:.1} s{}",
                     s.confirmed_lsn,
                     s.changes,
-                    s.model_position.map(|p| acme::ingest::Lsn(p as u64)),
+                    s.model_position,
                     s.model_builds,
                     s.lag_bytes,
                     s.lag_seconds.unwrap_or_default(),

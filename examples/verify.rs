@@ -61,7 +61,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let wait = Duration::try_from_secs_f64(args.wait_s)
         .map_err(|_| acme::core::Error::Config { setting: "wait-s", message: "must be a number of seconds".into() })?;
     let report = verify(&config, &VerifyOptions { wait, sample: args.sample }).await?;
-    let position = report.warehouse_position.map_or("none".to_string(), |p| acme::ingest::Lsn(p as u64).to_string());
+    let position = report.warehouse_position.map_or("none".to_string(), |p| p.to_string());
     println!("source read at {}; warehouse raw layer at {position}", report.lsn);
     for table in &report.tables {
         println!("{table}");

@@ -225,8 +225,8 @@ async fn health(State(state): State<ServiceState>) -> Json<serde_json::Value> {
     Json(json!({
         "status": "ok",
         "history_start": w.history_start(),
-        "raw_position": w.raw_position(),
-        "model_position": w.model_position(),
+        "raw_position": w.raw_position().map(|p| p.0),
+        "model_position": w.model_position().map(|p| p.0),
     }))
 }
 
@@ -251,8 +251,8 @@ async fn ready(State(state): State<ServiceState>) -> Response {
     let body = json!({
         "ready": reason.is_none(),
         "reason": reason,
-        "raw_position": w.raw_position(),
-        "model_position": w.model_position(),
+        "raw_position": w.raw_position().map(|p| p.0),
+        "model_position": w.model_position().map(|p| p.0),
         "lag_seconds": status.as_ref().and_then(|s| s.lag_seconds),
         "lag_bytes": status.as_ref().and_then(|s| s.lag_bytes),
         "max_lag_seconds": state.max_lag.as_secs_f64(),

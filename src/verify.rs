@@ -58,7 +58,7 @@ pub struct VerifyReport {
     /// The source position both sides were read at.
     pub lsn: Lsn,
     /// The warehouse's raw position when it was read.
-    pub warehouse_position: Option<i64>,
+    pub warehouse_position: Option<Lsn>,
     /// Per table, in the configuration's order.
     pub tables: Vec<TableCheck>,
 }
@@ -322,8 +322,8 @@ async fn covering_warehouse(
             None => Warehouse::open_with_options(&config.storage_url, config.storage_options.clone()).await?,
             Some(previous) => previous.refreshed().await?.unwrap_or(previous),
         };
-        let position = warehouse.raw_position().unwrap_or(0);
-        if position >= lsn.0 as i64 || confirmed.is_some_and(|c| c >= lsn) {
+        let position = warehouse.raw_position().unwrap_or_default();
+        if position >= lsn || confirmed.is_some_and(|c| c >= lsn) {
             return Ok(warehouse);
         }
         if !active {
@@ -347,7 +347,7 @@ async fn covering_warehouse(
 async fn pending_changes(
     client: &tokio_postgres::Client,
     config: &AcmeConfig,
-    position: i64,
+    position: Lsn,
     lsn: Lsn,
 ) -> Result<u64, PipelineError> {
     // pgoutput messages in decoding order: a Begin ('B') carries its transaction's commit LSN
@@ -363,7 +363,7 @@ async fn pending_changes(
                t AS (SELECT kind, max(commit_lsn) OVER (ORDER BY n) AS tx_lsn FROM m) \
                SELECT count(*) FROM t WHERE kind IN (73, 85, 68, 84) AND tx_lsn > $4 AND tx_lsn < $5";
     let row = client
-        .query_one(sql, &[&config.slot, &lsn.to_string(), &config.publication, &position, &(lsn.0 as i64)])
+        .query_one(sql, &[&config.slot, &lsn.to_string(), &config.publication, &position.as_stored(), &lsn.as_stored()])
         .await
         .map_err(sql_error("reading the changes the warehouse's slot holds"))?;
     Ok(row.get::<_, i64>(0) as u64)

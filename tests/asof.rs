@@ -290,7 +290,7 @@ async fn readers_during_writers_each_see_the_state_at_a_committed_position() {
         } else {
             (pipeline.warehouse(), "the pipeline's handle")
         };
-        let position = w.raw_position().expect("a raw position");
+        let position = w.raw_position().expect("a raw position").as_stored();
         reads.push((position, support::reports(&w, 3).await, kind));
         i += 1;
     }

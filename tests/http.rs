@@ -161,7 +161,7 @@ async fn a_served_warehouse_follows_its_writer_by_refreshing() {
         .expect("workload");
     stream.catch_up().await.expect("catch up");
     let fresh = Warehouse::open(&config.storage_url).await.expect("open afresh");
-    let target = fresh.raw_position().expect("raw position");
+    let target = fresh.raw_position().expect("raw position").as_stored();
     assert!(target > before, "the writer committed");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     while health(addr).await.1["raw_position"].as_i64() != Some(target) {

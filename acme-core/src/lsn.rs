@@ -20,6 +20,19 @@ impl Lsn {
     }
 }
 
+impl Lsn {
+    /// The position as the layers store it: Delta `txn` versions and the `_acme/` manifests
+    /// hold a signed 64-bit integer (WAL positions stay far below 2^63).
+    pub fn as_stored(self) -> i64 {
+        self.0 as i64
+    }
+
+    /// A position as the layers store it (see [`Lsn::as_stored`]).
+    pub fn from_stored(stored: i64) -> Self {
+        Lsn(stored.max(0) as u64)
+    }
+}
+
 impl From<u64> for Lsn {
     fn from(value: u64) -> Self {
         Lsn(value)

@@ -1,6 +1,7 @@
 //! The four reports as typed queries over the star schema, current and as of an instant.
 
 use super::*;
+use acme_core::Lsn;
 
 impl Warehouse {
     /// The aggregate of current orders per (delivery_date, status), for the current state when
@@ -43,7 +44,7 @@ impl Warehouse {
             "query",
             report = report.name(),
             as_of = as_of.map(|t| tracing::field::display(t.to_rfc3339())),
-            position = self.raw_position(),
+            position = self.raw_position().map(Lsn::as_stored),
         );
         if matches!(report, Report::PendingItemsByProduct)
             && as_of.is_none()

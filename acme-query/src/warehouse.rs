@@ -2,6 +2,7 @@
 //! round, registering the live model, and refreshing.
 
 use super::*;
+use acme_core::Lsn;
 
 /// Largest build side, in bytes, of a join that is broadcast rather than repartitioned.
 pub const BROADCAST_JOIN_BYTES: usize = 128 * 1024 * 1024;
@@ -346,16 +347,16 @@ impl Warehouse {
     /// The source position (commit LSN) the handle answers at: the raw layer's last complete
     /// commit round. The histories, the `_current` views and the reports include every change up
     /// to it (the raw changes the stored model does not cover yet are applied on read).
-    pub fn raw_position(&self) -> Option<i64> {
-        self.manifests.0.as_ref().map(|m| m.position)
+    pub fn raw_position(&self) -> Option<Lsn> {
+        self.manifests.0.as_ref().map(|m| Lsn::from_stored(m.position))
     }
 
     /// The source position (commit LSN) the stored model covers, when the model build recorded
     /// one: every table of the `model` schema (`model.<table>`) is at exactly this position;
     /// the histories, the aggregate and the star tables under their plain names are at
     /// [`Warehouse::raw_position`].
-    pub fn model_position(&self) -> Option<i64> {
-        self.manifests.1.as_ref().map(|m| m.position)
+    pub fn model_position(&self) -> Option<Lsn> {
+        self.manifests.1.as_ref().map(|m| Lsn::from_stored(m.position))
     }
 
     /// How far the stored model trails this handle (counted when the handle was loaded): the
@@ -395,7 +396,7 @@ impl Warehouse {
 
     /// Run ad-hoc SQL over the registered tables.
     pub async fn sql(&self, sql: &str) -> Result<DataFrame> {
-        let span = tracing::debug_span!("query", report = "sql", position = self.raw_position());
+        let span = tracing::debug_span!("query", report = "sql", position = self.raw_position().map(Lsn::as_stored));
         Ok(self.ctx.sql(sql).instrument(span).await?)
     }
 

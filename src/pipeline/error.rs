@@ -26,7 +26,7 @@ pub enum PipelineError {
     )]
     Behind {
         /// The warehouse's raw position (commit LSN).
-        position: i64,
+        position: Lsn,
         /// The source position verify read at.
         lsn: String,
         /// Changes between the two that the warehouse's slot still holds.

@@ -69,9 +69,9 @@ pub struct PipelineStatus {
     pub confirmed_lsn: Lsn,
     /// The raw layer's position that [`Pipeline::warehouse`] answers at (every report
     /// includes every change up to it).
-    pub raw_position: Option<i64>,
+    pub raw_position: Option<Lsn>,
     /// The position the stored model covers (model builds fold the raw changes up to it in).
-    pub model_position: Option<i64>,
+    pub model_position: Option<Lsn>,
     /// Bytes of WAL written at the source but not yet confirmed (logical decoding only).
     pub lag_bytes: Option<i64>,
     /// How old the warehouse's data may be: every source commit made more than this many

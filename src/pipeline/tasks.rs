@@ -174,7 +174,7 @@ pub(super) async fn maintain(
                         metrics::counter!(telemetry::MODEL_STEPS, "step" => "build").increment(1);
                         metrics::histogram!(telemetry::MODEL_STEP_SECONDS, "step" => "build")
                             .record(report.elapsed.as_secs_f64());
-                        tracing::debug!(position = report.position, elapsed = ?report.elapsed, "model build");
+                        tracing::debug!(position = %report.position, elapsed = ?report.elapsed, "model build");
                         committed.notify_one();
                     }
                     maintenance.interval.saturating_sub(started.elapsed())
@@ -212,7 +212,8 @@ pub(super) async fn refresh(
         }
         let current = Arc::clone(&*warehouses.borrow());
         let started = Instant::now();
-        let span = tracing::debug_span!("model_step", step = "refresh", from = current.raw_position());
+        let span =
+            tracing::debug_span!("model_step", step = "refresh", from = %current.raw_position().unwrap_or_default());
         match current.refreshed().instrument(span).await {
             Ok(Some(newer)) => {
                 metrics::counter!(telemetry::MODEL_STEPS, "step" => "refresh").increment(1);
@@ -223,8 +224,8 @@ pub(super) async fn refresh(
                     last_files = Some(Instant::now());
                 }
                 tracing::debug!(
-                    raw_position = newer.raw_position(),
-                    model_position = newer.model_position(),
+                    raw_position = %newer.raw_position().unwrap_or_default(),
+                    model_position = %newer.model_position().unwrap_or_default(),
                     elapsed_ms = started.elapsed().as_millis() as u64,
                     "warehouse refreshed"
                 );
@@ -307,7 +308,7 @@ pub(super) async fn lag_probe(
             let s = status.borrow();
             let confirmed = s.confirmed_lsn.0;
             // With no raw change after it, the stored model holds all the raw layer does.
-            let model = s.model_position.map(|p| if s.tail_changes == 0 { confirmed } else { p.max(0) as u64 });
+            let model = s.model_position.map(|p| if s.tail_changes == 0 { confirmed } else { p.0 });
             (confirmed, model)
         };
         // Every commit made before a sample a position has passed is held at that position.

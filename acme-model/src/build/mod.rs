@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use acme_core::raw;
 use acme_core::storage::{Manifest, manifests};
-use acme_core::{AcmeConfig, Layer, LayerTable, Position, Storage};
+use acme_core::{AcmeConfig, Layer, LayerTable, Lsn, Position, Storage};
 use arrow::array::Array;
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::prelude::{DataFrame, SessionConfig, SessionContext};
@@ -50,7 +50,7 @@ pub const MAX_INCREMENTAL_KEYS: usize = 1_000_000;
 #[derive(Debug, Clone, Default)]
 pub struct ModelReport {
     /// The raw position (highest commit LSN) the model now covers.
-    pub position: i64,
+    pub position: Lsn,
     /// True when the model already covered the raw layer and nothing was rebuilt.
     pub up_to_date: bool,
     /// Per table (`layer/table`) that changed: how it was built and what it wrote.
@@ -99,8 +99,8 @@ impl ModelBuild {
 
     /// Apply raw changes only up to commit LSN `lsn` (a reproducible build of a past state;
     /// the model never moves backwards).
-    pub fn up_to(mut self, lsn: i64) -> Self {
-        self.up_to = Some(lsn);
+    pub fn up_to(mut self, lsn: Lsn) -> Self {
+        self.up_to = Some(lsn.as_stored());
         self
     }
 
@@ -127,7 +127,7 @@ impl ModelBuild {
         let span = tracing::info_span!("model_step", position = tracing::field::Empty);
         let built = self.build().instrument(span.clone()).await;
         if let Ok(report) = &built {
-            span.record("position", report.position);
+            span.record("position", report.position.as_stored());
         }
         match built {
             Err(ModelError::DataFusion(error))
@@ -197,7 +197,7 @@ impl ModelBuild {
             full: self.full,
             target: position,
             commit: Position::new(MODEL_APP, position),
-            report: ModelReport { position, ..ModelReport::default() },
+            report: ModelReport { position: Lsn::from_stored(position), ..ModelReport::default() },
         };
         // Up to date: every table covers the position (a build that died after its last
         // commit but before its manifest only needs the manifest).
@@ -211,7 +211,12 @@ impl ModelBuild {
                     build.write_manifest(&self.model_tables()).await?;
                 }
                 let position = previous.as_ref().map_or(position, |m| m.position.max(position));
-                return Ok(ModelReport { position, up_to_date: true, elapsed: started.elapsed(), ..build.report });
+                return Ok(ModelReport {
+                    position: Lsn::from_stored(position),
+                    up_to_date: true,
+                    elapsed: started.elapsed(),
+                    ..build.report
+                });
             }
         }
 
