@@ -1,7 +1,8 @@
 //! Logical decoding: the slot's `pgoutput` messages, streamed over the replication protocol
 //! ([`Streamed`], the default) or read by SQL with `pg_logical_slot_peek_binary_changes`
-//! ([`Polled`], [`CdcMode::SqlPoll`](acme_core::CdcMode::SqlPoll)). Both decode with one
-//! [`Decoder`] and confirm through one [`Slot`].
+//! ([`Polled`], [`CdcMode::SqlPoll`](acme_core::CdcMode::SqlPoll)): two [`Transport`]s of one
+//! [`ChangeSource`], [`Logical`], which decodes with one [`Decoder`] and confirms through one
+//! [`Slot`].
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -241,10 +242,84 @@ impl Decoder {
     }
 }
 
-/// The logical stream over the replication protocol ([`acme_core::CdcMode::Stream`]).
-pub(crate) struct Streamed {
+/// How a logical source reaches its slot: streamed over the replication protocol
+/// ([`Streamed`]) or read by SQL ([`Polled`]). [`Logical`] is the [`ChangeSource`] over either.
+pub(crate) trait Transport: Send {
+    /// Read a micro-batch through `decoder` into `sink` (see [`ChangeSource::read`]).
+    fn read<'a>(
+        &'a mut self,
+        slot: &'a Slot,
+        decoder: &'a mut Decoder,
+        link: &'a Link,
+        sink: &'a mut RawSink,
+    ) -> BoxFuture<'a, Result<PollReport>>;
+
+    /// Confirm to the slot what the last read delivered, once committed.
+    fn confirm<'a>(&'a mut self, slot: &'a mut Slot, link: &'a Link) -> BoxFuture<'a, Result<()>>;
+
+    /// Drop what was read and not committed (the connection is new).
+    fn reset(&mut self);
+
+    /// See [`ChangeSource::waits_for_data`].
+    fn waits_for_data(&self) -> bool;
+}
+
+/// Logical decoding through a replication slot, by either [`Transport`].
+pub(crate) struct Logical<T> {
     pub(crate) slot: Slot,
     pub(crate) decoder: Decoder,
+    pub(crate) transport: T,
+}
+
+impl<T: Transport> ChangeSource for Logical<T> {
+    fn read<'a>(&'a mut self, link: &'a Link, sink: &'a mut RawSink) -> BoxFuture<'a, Result<PollReport>> {
+        self.transport.read(&self.slot, &mut self.decoder, link, sink)
+    }
+
+    fn confirm<'a>(&'a mut self, link: &'a Link, _stored: Option<u64>) -> BoxFuture<'a, Result<Lsn>> {
+        Box::pin(async move {
+            self.transport.confirm(&mut self.slot, link).await?;
+            Ok(self.slot.confirmed)
+        })
+    }
+
+    fn reset<'a>(&'a mut self, link: &'a Link, _stored: Option<u64>) -> BoxFuture<'a, Result<()>> {
+        self.transport.reset();
+        self.decoder.relations.clear();
+        Box::pin(self.slot.reset(link))
+    }
+
+    fn check<'a>(&'a self, link: &'a Link, tables: &'a [SourceTable]) -> BoxFuture<'a, Result<()>> {
+        Box::pin(self.slot.check(link, tables))
+    }
+
+    fn lag_bytes<'a>(&'a self, link: &'a Link) -> BoxFuture<'a, Result<i64>> {
+        Box::pin(self.slot.lag_bytes(link))
+    }
+
+    fn mark<'a>(&'a mut self, link: &'a Link) -> BoxFuture<'a, Result<u64>> {
+        Box::pin(async move { Ok(super::write_heartbeat(&link.url, &link.client).await?.0) })
+    }
+
+    fn caught_up<'a>(&'a self, _link: &'a Link, mark: u64, report: &'a PollReport) -> BoxFuture<'a, Result<bool>> {
+        Box::pin(async move { Ok(report.confirmed.0 > mark) })
+    }
+
+    fn waits_for_data(&self) -> bool {
+        self.transport.waits_for_data()
+    }
+
+    fn needs_heartbeat(&self) -> bool {
+        true
+    }
+
+    fn explain<'a>(&'a mut self, link: &'a Link, error: IngestError) -> BoxFuture<'a, IngestError> {
+        Box::pin(self.slot.explain(link, error))
+    }
+}
+
+/// The logical stream over the replication protocol ([`acme_core::CdcMode::Stream`]).
+pub(crate) struct Streamed {
     pub(crate) stream: Option<LogicalStream>,
     pub(crate) max_batch_changes: usize,
     pub(crate) flush_interval: Duration,
@@ -253,10 +328,10 @@ pub(crate) struct Streamed {
 }
 
 impl Streamed {
-    fn stream_error(&self, link: &Link, error: IngestError) -> IngestError {
+    fn stream_error(slot: &Slot, link: &Link, error: IngestError) -> IngestError {
         let code = error.sqlstate().cloned();
         match (code, error) {
-            (Some(SqlState::UNDEFINED_OBJECT), _) => self.slot.lost(),
+            (Some(SqlState::UNDEFINED_OBJECT), _) => slot.lost(),
             // The slot is still held by a connection the server has not noticed is gone.
             (Some(SqlState::OBJECT_IN_USE), IngestError::Replication { message, .. }) => {
                 IngestError::Disconnected { target: link.url.to_string(), message }
@@ -265,13 +340,19 @@ impl Streamed {
         }
     }
 
-    async fn read_stream(&mut self, link: &Link, sink: &mut RawSink) -> Result<PollReport> {
+    async fn read_stream(
+        &mut self,
+        slot: &Slot,
+        decoder: &mut Decoder,
+        link: &Link,
+        sink: &mut RawSink,
+    ) -> Result<PollReport> {
         let upto = link.flush_lsn().await?.0;
         if self.stream.is_none() {
             let replication = ReplicationConnection::connect(&link.url).await?;
-            let start = replication.start_logical(&self.slot.name, self.slot.confirmed.0, &self.slot.publication);
+            let start = replication.start_logical(&slot.name, slot.confirmed.0, &slot.publication);
             let stream =
-                link.url.bounded("starting replication", start).await.map_err(|e| self.stream_error(link, e))?;
+                link.url.bounded("starting replication", start).await.map_err(|e| Self::stream_error(slot, link, e))?;
             self.stream = Some(stream);
         }
         let started = Instant::now();
@@ -294,7 +375,7 @@ impl Streamed {
                     if !asked {
                         // Ask the server how far it has decoded (it answers with a keepalive,
                         // even while it decodes a large transaction).
-                        stream.send_status(self.slot.confirmed.0, true).await?;
+                        stream.send_status(slot.confirmed.0, true).await?;
                         asked = true;
                     } else if stream.silent_for() >= link.url.timeout() {
                         return Err(link.url.stalled("waiting for the replication stream"));
@@ -311,7 +392,7 @@ impl Streamed {
                     });
                 }
                 Some(StreamEvent::XLogData { data, .. }) => {
-                    self.decoder.feed(&data, &mut cursor, sink).await?;
+                    decoder.feed(&data, &mut cursor, sink).await?;
                     if cursor.tx.is_none() && cursor.last_end.is_some_and(|end| end >= upto) {
                         break;
                     }
@@ -326,7 +407,7 @@ impl Streamed {
                         }
                     }
                     if reply_requested && let Some(stream) = self.stream.as_mut() {
-                        stream.send_status(self.slot.confirmed.0, false).await?;
+                        stream.send_status(slot.confirmed.0, false).await?;
                     }
                 }
             }
@@ -338,71 +419,55 @@ impl Streamed {
     }
 }
 
-impl ChangeSource for Streamed {
-    fn read<'a>(&'a mut self, link: &'a Link, sink: &'a mut RawSink) -> BoxFuture<'a, Result<PollReport>> {
-        Box::pin(self.read_stream(link, sink))
+impl Transport for Streamed {
+    fn read<'a>(
+        &'a mut self,
+        slot: &'a Slot,
+        decoder: &'a mut Decoder,
+        link: &'a Link,
+        sink: &'a mut RawSink,
+    ) -> BoxFuture<'a, Result<PollReport>> {
+        Box::pin(self.read_stream(slot, decoder, link, sink))
     }
 
-    fn confirm<'a>(&'a mut self, _link: &'a Link, _stored: Option<u64>) -> BoxFuture<'a, Result<Lsn>> {
+    fn confirm<'a>(&'a mut self, slot: &'a mut Slot, _link: &'a Link) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
             let confirm = std::mem::take(&mut self.to_confirm);
-            if confirm > self.slot.confirmed.0 {
+            if confirm > slot.confirmed.0 {
                 if let Some(stream) = self.stream.as_mut() {
                     stream.send_status(confirm, false).await?;
                 }
-                self.slot.confirmed = Lsn(confirm);
+                slot.confirmed = Lsn(confirm);
             }
-            Ok(self.slot.confirmed)
+            Ok(())
         })
     }
 
-    fn reset<'a>(&'a mut self, link: &'a Link, _stored: Option<u64>) -> BoxFuture<'a, Result<()>> {
+    fn reset(&mut self) {
         self.stream = None;
         self.to_confirm = 0;
-        self.decoder.relations.clear();
-        Box::pin(self.slot.reset(link))
-    }
-
-    fn check<'a>(&'a self, link: &'a Link, tables: &'a [SourceTable]) -> BoxFuture<'a, Result<()>> {
-        Box::pin(self.slot.check(link, tables))
-    }
-
-    fn lag_bytes<'a>(&'a self, link: &'a Link) -> BoxFuture<'a, Result<i64>> {
-        Box::pin(self.slot.lag_bytes(link))
-    }
-
-    fn mark<'a>(&'a mut self, link: &'a Link) -> BoxFuture<'a, Result<u64>> {
-        Box::pin(async move { Ok(super::write_heartbeat(&link.url, &link.client).await?.0) })
-    }
-
-    fn caught_up<'a>(&'a self, _link: &'a Link, mark: u64, report: &'a PollReport) -> BoxFuture<'a, Result<bool>> {
-        Box::pin(async move { Ok(report.confirmed.0 > mark) })
     }
 
     fn waits_for_data(&self) -> bool {
         true
     }
-
-    fn needs_heartbeat(&self) -> bool {
-        true
-    }
-
-    fn explain<'a>(&'a mut self, link: &'a Link, error: IngestError) -> BoxFuture<'a, IngestError> {
-        Box::pin(self.slot.explain(link, error))
-    }
 }
 
 /// The slot read by SQL ([`acme_core::CdcMode::SqlPoll`]).
 pub(crate) struct Polled {
-    pub(crate) slot: Slot,
-    pub(crate) decoder: Decoder,
     pub(crate) max_batch_changes: usize,
     /// What the last read may confirm once committed.
     pub(crate) to_confirm: Option<u64>,
 }
 
 impl Polled {
-    async fn read_sql(&mut self, link: &Link, sink: &mut RawSink) -> Result<PollReport> {
+    async fn read_sql(
+        &mut self,
+        slot: &Slot,
+        decoder: &mut Decoder,
+        link: &Link,
+        sink: &mut RawSink,
+    ) -> Result<PollReport> {
         // Decoding reads WAL only up to the flushed position: reading up to the flush LSN (not
         // the insert LSN) guarantees that every transaction committed before it is returned, so
         // the slot can be advanced there without losing one.
@@ -413,16 +478,16 @@ impl Polled {
             .query_raw(
                 "SELECT data FROM pg_logical_slot_peek_binary_changes($1, $2::text::pg_lsn, $3::int4, \
                  'proto_version', '1', 'publication_names', $4, 'binary', 'true', 'messages', 'true')",
-                [&self.slot.name as &(dyn tokio_postgres::types::ToSql + Sync), &upto, &max, &self.slot.publication],
+                [&slot.name as &(dyn tokio_postgres::types::ToSql + Sync), &upto, &max, &slot.publication],
             )
             .await
-            .map_err(|source| self.slot.slot_error(source))?;
+            .map_err(|source| slot.slot_error(source))?;
         futures::pin_mut!(rows);
         let mut cursor = Cursor::default();
         while let Some(row) = rows.next().await {
-            let row = row.map_err(|source| self.slot.slot_error(source))?;
+            let row = row.map_err(|source| slot.slot_error(source))?;
             let data: &[u8] = row.get(0);
-            self.decoder.feed(data, &mut cursor, sink).await?;
+            decoder.feed(data, &mut cursor, sink).await?;
         }
         // Advance the slot to the end of the last transaction read, never further: a commit
         // record that straddles the flushed WAL position has not been decoded yet.
@@ -431,58 +496,38 @@ impl Polled {
     }
 }
 
-impl ChangeSource for Polled {
-    fn read<'a>(&'a mut self, link: &'a Link, sink: &'a mut RawSink) -> BoxFuture<'a, Result<PollReport>> {
-        Box::pin(self.read_sql(link, sink))
+impl Transport for Polled {
+    fn read<'a>(
+        &'a mut self,
+        slot: &'a Slot,
+        decoder: &'a mut Decoder,
+        link: &'a Link,
+        sink: &'a mut RawSink,
+    ) -> BoxFuture<'a, Result<PollReport>> {
+        Box::pin(self.read_sql(slot, decoder, link, sink))
     }
 
-    fn confirm<'a>(&'a mut self, link: &'a Link, _stored: Option<u64>) -> BoxFuture<'a, Result<Lsn>> {
+    fn confirm<'a>(&'a mut self, slot: &'a mut Slot, link: &'a Link) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
             if let Some(confirm) = self.to_confirm.take() {
                 link.client
                     .query_one(
                         "SELECT pg_replication_slot_advance($1, $2::text::pg_lsn)",
-                        &[&self.slot.name, &Lsn(confirm).to_string()],
+                        &[&slot.name, &Lsn(confirm).to_string()],
                     )
                     .await
-                    .map_err(|source| self.slot.slot_error(source))?;
-                self.slot.confirmed = Lsn(confirm);
+                    .map_err(|source| slot.slot_error(source))?;
+                slot.confirmed = Lsn(confirm);
             }
-            Ok(self.slot.confirmed)
+            Ok(())
         })
     }
 
-    fn reset<'a>(&'a mut self, link: &'a Link, _stored: Option<u64>) -> BoxFuture<'a, Result<()>> {
+    fn reset(&mut self) {
         self.to_confirm = None;
-        self.decoder.relations.clear();
-        Box::pin(self.slot.reset(link))
-    }
-
-    fn check<'a>(&'a self, link: &'a Link, tables: &'a [SourceTable]) -> BoxFuture<'a, Result<()>> {
-        Box::pin(self.slot.check(link, tables))
-    }
-
-    fn lag_bytes<'a>(&'a self, link: &'a Link) -> BoxFuture<'a, Result<i64>> {
-        Box::pin(self.slot.lag_bytes(link))
-    }
-
-    fn mark<'a>(&'a mut self, link: &'a Link) -> BoxFuture<'a, Result<u64>> {
-        Box::pin(async move { Ok(super::write_heartbeat(&link.url, &link.client).await?.0) })
-    }
-
-    fn caught_up<'a>(&'a self, _link: &'a Link, mark: u64, report: &'a PollReport) -> BoxFuture<'a, Result<bool>> {
-        Box::pin(async move { Ok(report.confirmed.0 > mark) })
     }
 
     fn waits_for_data(&self) -> bool {
         false
-    }
-
-    fn needs_heartbeat(&self) -> bool {
-        true
-    }
-
-    fn explain<'a>(&'a mut self, link: &'a Link, error: IngestError) -> BoxFuture<'a, IngestError> {
-        Box::pin(self.slot.explain(link, error))
     }
 }

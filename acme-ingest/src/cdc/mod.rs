@@ -192,19 +192,20 @@ impl ChangeStream {
             (CdcMode::Triggers, None) => {
                 return Err(IngestError::Internal("trigger capture opened without a changelog".into()));
             }
-            (CdcMode::SqlPoll, _) => Box::new(logical::Polled {
+            (CdcMode::SqlPoll, _) => Box::new(logical::Logical {
                 slot: slot(),
                 decoder: logical::Decoder::new(snapshot.clone()),
-                max_batch_changes: config.max_batch_changes,
-                to_confirm: None,
+                transport: logical::Polled { max_batch_changes: config.max_batch_changes, to_confirm: None },
             }),
-            (CdcMode::Stream, _) => Box::new(logical::Streamed {
+            (CdcMode::Stream, _) => Box::new(logical::Logical {
                 slot: slot(),
                 decoder: logical::Decoder::new(snapshot.clone()),
-                stream: None,
-                max_batch_changes: config.max_batch_changes,
-                flush_interval: config.flush_interval,
-                to_confirm: 0,
+                transport: logical::Streamed {
+                    stream: None,
+                    max_batch_changes: config.max_batch_changes,
+                    flush_interval: config.flush_interval,
+                    to_confirm: 0,
+                },
             }),
         };
         let link = Link { url: opened.url, client: opened.client };

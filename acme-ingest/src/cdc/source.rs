@@ -1,10 +1,10 @@
 //! The capture methods behind one trait.
 //!
 //! A [`ChangeSource`] reads committed source transactions into a [`RawSink`]; the driver
-//! ([`super::ChangeStream`]) commits the sink and then lets the source confirm. Three
-//! implementations exist: logical decoding streamed over the replication protocol
-//! ([`super::logical::Streamed`]), the same slot read by SQL ([`super::logical::Polled`]),
-//! and the trigger changelog ([`super::changelog::TriggerCapture`]).
+//! ([`super::ChangeStream`]) commits the sink and then lets the source confirm. Two
+//! implementations exist: logical decoding ([`super::logical::Logical`]), whose slot is either
+//! streamed over the replication protocol or read by SQL, and the trigger changelog
+//! ([`super::changelog::TriggerCapture`]).
 //!
 //! # Contract
 //!
