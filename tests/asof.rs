@@ -258,45 +258,59 @@ async fn readers_during_writers_each_see_the_state_at_a_committed_position() {
         .start()
         .await
         .expect("start");
-    let writer = {
-        let url = url.clone();
-        tokio::spawn(async move {
-            let mut workload = round(seed, 0);
-            workload.transactions = None;
-            workload.rate_tps = 200.0;
-            workload.duration = Some(std::time::Duration::from_secs(8));
-            acme_testkit::run_workload(&url, &workload).await
-        })
-    };
     // The outside reader (delta-rs and DuckDB, pinned to `_acme/model.json`), again and again
     // in a thread of its own while the writers run.
     let writing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let outside_reads: std::sync::Arc<std::sync::Mutex<Vec<(i64, Vec<Vec<String>>)>>> = Default::default();
     let outside = {
-        let writing = std::sync::Arc::clone(&writing);
+        let (writing, outside_reads) = (std::sync::Arc::clone(&writing), std::sync::Arc::clone(&outside_reads));
         let dir = dir.path().to_path_buf();
         std::thread::spawn(move || {
-            let mut reads = Vec::new();
             while writing.load(std::sync::atomic::Ordering::SeqCst) {
-                reads.push(outside_reports(&dir));
+                let read = outside_reports(&dir);
+                outside_reads.lock().expect("outside reads").push(read);
             }
-            reads
         })
     };
     let mut reads: Vec<(i64, Vec<Vec<String>>, &str)> = Vec::new();
     let mut i = 0;
-    while !writer.is_finished() {
-        let (w, kind) = if i % 3 == 2 {
-            (std::sync::Arc::new(Warehouse::open(&config.storage_url).await.expect("open afresh")), "a fresh handle")
-        } else {
-            (pipeline.warehouse(), "the pipeline's handle")
+    // Bursts of writes, 8 s and then 4 s more (three times at most), until the outside reader
+    // has read at two model positions: each of its reads starts a Python process, so on a busy
+    // machine one burst may hold too few of them to meet a build.
+    for burst in 0..4u64 {
+        let writer = {
+            let url = url.clone();
+            tokio::spawn(async move {
+                let mut workload = round(seed + burst, 0);
+                workload.transactions = None;
+                workload.rate_tps = 200.0;
+                workload.duration = Some(std::time::Duration::from_secs(if burst == 0 { 8 } else { 4 }));
+                acme_testkit::run_workload(&url, &workload).await
+            })
         };
-        let position = w.raw_position().expect("a raw position").as_stored();
-        reads.push((position, support::reports(&w, 3).await, kind));
-        i += 1;
+        while !writer.is_finished() {
+            let (w, kind) = if i % 3 == 2 {
+                (
+                    std::sync::Arc::new(Warehouse::open(&config.storage_url).await.expect("open afresh")),
+                    "a fresh handle",
+                )
+            } else {
+                (pipeline.warehouse(), "the pipeline's handle")
+            };
+            let position = w.raw_position().expect("a raw position").as_stored();
+            reads.push((position, support::reports(&w, 3).await, kind));
+            i += 1;
+        }
+        writer.await.expect("join").expect("workload");
+        let seen: std::collections::BTreeSet<i64> =
+            outside_reads.lock().expect("outside reads").iter().map(|(p, _)| *p).collect();
+        if seen.len() >= 2 {
+            break;
+        }
     }
-    writer.await.expect("join").expect("workload");
     writing.store(false, std::sync::atomic::Ordering::SeqCst);
-    let outside = outside.join().expect("the outside reader's thread");
+    outside.join().expect("the outside reader's thread");
+    let outside = std::mem::take(&mut *outside_reads.lock().expect("outside reads"));
     let warehouse = pipeline.caught_up().await.expect("caught up");
     let replay = support::replay(&warehouse).await;
     assert!(outside.len() >= 2, "the outside reader read during the writes ({} reads)", outside.len());
