@@ -261,7 +261,7 @@ async fn readers_during_writers_each_see_the_state_at_a_committed_position() {
     // The outside reader (delta-rs and DuckDB, pinned to `_acme/model.json`), again and again
     // in a thread of its own while the writers run.
     let writing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
-    let outside_reads: std::sync::Arc<std::sync::Mutex<Vec<(i64, Vec<Vec<String>>)>>> = Default::default();
+    let outside_reads: std::sync::Arc<std::sync::Mutex<Vec<OutsideRead>>> = Default::default();
     let outside = {
         let (writing, outside_reads) = (std::sync::Arc::clone(&writing), std::sync::Arc::clone(&outside_reads));
         let dir = dir.path().to_path_buf();
@@ -338,7 +338,10 @@ async fn readers_during_writers_each_see_the_state_at_a_committed_position() {
 /// Run the outside reader (`acme-query/tests/readers/presentation_reports.py`) on the
 /// warehouse at `dir`: the model position it read at, and R1 (open), R3 and R4 (pending, top 3)
 /// rendered as the replay renders them.
-fn outside_reports(dir: &std::path::Path) -> (i64, Vec<Vec<String>>) {
+/// What one outside read answered: the model position, and R1, R3 and R4.
+type OutsideRead = (i64, Vec<Vec<String>>);
+
+fn outside_reports(dir: &std::path::Path) -> OutsideRead {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/acme-query/tests/readers/presentation_reports.py");
     let python = acme_testkit::outside::python().expect("the Python environment");
     let output = std::process::Command::new(python).arg(script).arg(dir).output().expect("run the outside reader");
