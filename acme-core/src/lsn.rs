@@ -33,12 +33,6 @@ impl Lsn {
     }
 }
 
-impl From<u64> for Lsn {
-    fn from(value: u64) -> Self {
-        Lsn(value)
-    }
-}
-
 impl std::fmt::Display for Lsn {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{:X}/{:X}", self.0 >> 32, self.0 & 0xffff_ffff)

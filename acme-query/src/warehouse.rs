@@ -186,10 +186,11 @@ impl Warehouse {
         // a query never mixes tables from before and after a concurrent commit.
         // Every table is loaded concurrently: opening is a log replay per table.
         let mut wanted: Vec<(Layer, String, String, Option<&acme_core::storage::Manifest>)> = Vec::new();
-        for spec in Catalog::acme().history_specs() {
+        let model_catalog = Catalog::acme();
+        for spec in model_catalog.history_specs() {
             wanted.push((Layer::Raw, spec.table.clone(), format!("raw_{}", spec.table), raw_manifest.as_ref()));
         }
-        for table in Catalog::acme().tables() {
+        for table in model_catalog.tables() {
             wanted.push((table.layer, table.name.to_string(), table.name.to_string(), model_manifest.as_ref()));
         }
         let loaded = futures::future::try_join_all(wanted.iter().map(|(layer, name, registered, manifest)| {
@@ -285,7 +286,7 @@ impl Warehouse {
         // Without a model (only the raw layer so far) the handle still answers SQL over the raw
         // tables; the reports say which table is missing.
         let mut missing = None;
-        for spec in Catalog::acme().history_specs() {
+        for spec in model_catalog.history_specs() {
             let history = spec.history_table();
             if !found.contains_key(&history) {
                 missing.get_or_insert_with(|| format!("intermediate/{history}"));
