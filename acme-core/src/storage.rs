@@ -342,6 +342,8 @@ impl Storage {
         };
         let name = reused.name.clone();
         match pinned {
+            // Already at the pinned version (a model table between builds): nothing to read.
+            Some(version) if reused.version() == Some(version) => {}
             Some(version) => {
                 reused.delta.load_version(version).await.map_err(Error::delta(&name, "load a pinned version"))?
             }
