@@ -256,7 +256,7 @@ async fn main() {
                 // Only the files after the stored model's position (pruned by their LSN range).
                 let sql = format!(
                     "SELECT count(*) FROM raw_orders WHERE _lsn > {} AND delivery_date = CAST('{}' AS DATE)",
-                    w.model_position().unwrap_or_default(),
+                    w.model_position().map(|p| p.as_stored()).unwrap_or_default(),
                     stamp.2
                 );
                 let batches = w.sql(&sql).await.expect("raw").collect().await.expect("raw rows");
