@@ -6,9 +6,17 @@
 //!     [--limit 3] [--status open] [--format table|json]
 //! cargo run --release --example reports -- --warehouse ./warehouse \
 //!     --sql "SELECT status, count(*) FROM orders_current GROUP BY status" [--format table|json|csv]
+//! cargo run --release --features ballista --example reports -- --warehouse s3://bucket/warehouse \
+//!     --scheduler df://scheduler:50050 [--storage-option aws_region=...]
 //! ```
+//!
+//! With `--scheduler`, the reports and the SQL run on that Apache Ballista cluster, over the
+//! model of the last complete build (`acme::query::distributed`); without it, in this process,
+//! fresh to the raw layer.
 
-use acme::query::{StatusFilter, Warehouse};
+use acme::query::datafusion::arrow::record_batch::RecordBatch;
+use acme::query::{CustomerRank, DeliveryDateLoad, OpenOrders, ProductItems, StatusFilter, Warehouse};
+use chrono::{DateTime, Utc};
 use clap::{Parser, ValueEnum};
 
 /// jemalloc instead of glibc's malloc: with tokio's worker and blocking threads, glibc keeps the
@@ -57,14 +65,93 @@ struct Args {
     /// `<table>_history`, the current rows `<table>_current`, the star schema, `raw_<table>`).
     #[arg(long, env = "ACME_SQL")]
     sql: Option<String>,
+    /// Run on the Apache Ballista cluster whose scheduler is at this URL (`df://host:port`),
+    /// over the model of the last complete build (needs the `ballista` feature).
+    #[arg(long, env = "ACME_SCHEDULER")]
+    scheduler: Option<String>,
+}
+
+/// Where the queries run.
+enum Engine {
+    /// In this process, fresh to the raw layer.
+    Embedded(Box<Warehouse>),
+    /// On a Ballista cluster, at the model's position.
+    #[cfg(feature = "ballista")]
+    Cluster(acme::query::distributed::DistributedWarehouse),
+}
+
+impl Engine {
+    async fn open(args: &Args) -> anyhow::Result<Engine> {
+        let options = args.storage_option.iter().cloned().collect();
+        match &args.scheduler {
+            None => Ok(Engine::Embedded(Box::new(Warehouse::open_with_options(&args.warehouse, options).await?))),
+            #[cfg(feature = "ballista")]
+            Some(scheduler) => Ok(Engine::Cluster(
+                acme::query::distributed::DistributedWarehouse::connect(scheduler, &args.warehouse, options).await?,
+            )),
+            #[cfg(not(feature = "ballista"))]
+            Some(_) => anyhow::bail!(
+                "--scheduler needs the `ballista` feature: cargo run --release --features ballista --example reports"
+            ),
+        }
+    }
+
+    async fn sql(&self, sql: &str) -> anyhow::Result<Vec<RecordBatch>> {
+        Ok(match self {
+            Engine::Embedded(w) => w.sql(sql).await?.collect().await?,
+            #[cfg(feature = "ballista")]
+            Engine::Cluster(c) => c.sql(sql).await?.collect().await?,
+        })
+    }
+
+    async fn open_orders(&self, filter: StatusFilter, as_of: Option<DateTime<Utc>>) -> anyhow::Result<Vec<OpenOrders>> {
+        Ok(match self {
+            Engine::Embedded(w) => w.open_orders(filter, as_of).await?,
+            #[cfg(feature = "ballista")]
+            Engine::Cluster(c) => c.open_orders(filter, as_of).await?,
+        })
+    }
+
+    async fn top_delivery_dates(
+        &self,
+        limit: usize,
+        as_of: Option<DateTime<Utc>>,
+    ) -> anyhow::Result<Vec<DeliveryDateLoad>> {
+        Ok(match self {
+            Engine::Embedded(w) => w.top_delivery_dates(limit, as_of).await?,
+            #[cfg(feature = "ballista")]
+            Engine::Cluster(c) => c.top_delivery_dates(limit, as_of).await?,
+        })
+    }
+
+    async fn pending_items_by_product(&self, as_of: Option<DateTime<Utc>>) -> anyhow::Result<Vec<ProductItems>> {
+        Ok(match self {
+            Engine::Embedded(w) => w.pending_items_by_product(as_of).await?,
+            #[cfg(feature = "ballista")]
+            Engine::Cluster(c) => c.pending_items_by_product(as_of).await?,
+        })
+    }
+
+    async fn top_customers(
+        &self,
+        limit: usize,
+        filter: StatusFilter,
+        as_of: Option<DateTime<Utc>>,
+    ) -> anyhow::Result<Vec<CustomerRank>> {
+        Ok(match self {
+            Engine::Embedded(w) => w.top_customers(limit, filter, as_of).await?,
+            #[cfg(feature = "ballista")]
+            Engine::Cluster(c) => c.top_customers(limit, filter, as_of).await?,
+        })
+    }
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let w = Warehouse::open_with_options(&args.warehouse, args.storage_option.iter().cloned().collect()).await?;
+    let w = Engine::open(&args).await?;
     if let Some(sql) = &args.sql {
-        let batches = w.sql(sql).await?.collect().await?;
+        let batches = w.sql(sql).await?;
         return print_rows(&batches, args.format);
     }
     if matches!(args.format, Format::Csv) {

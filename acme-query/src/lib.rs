@@ -68,6 +68,8 @@ use acme_model::live;
 use acme_model::tables;
 
 mod builder;
+#[cfg(feature = "ballista")]
+pub mod distributed;
 mod live_star;
 mod reports;
 pub mod sql;

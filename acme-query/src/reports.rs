@@ -20,22 +20,7 @@ impl Warehouse {
         if let Some(missing) = &self.missing {
             return Err(QueryError::MissingTable { url: self.url.clone(), table: missing.clone() });
         }
-        Ok(match as_of {
-            None => format!("{alias}.is_current"),
-            Some(t) => {
-                let micros = t.timestamp_micros();
-                if let Some(start) = self.history_start
-                    && micros < start
-                {
-                    return Err(QueryError::BeforeHistory {
-                        as_of: t,
-                        start: DateTime::from_timestamp_micros(start).unwrap_or_default(),
-                    });
-                }
-                let t = acme_model::history::utc_micros(micros);
-                format!("{alias}.valid_from <= {t} AND ({alias}.valid_to IS NULL OR {alias}.valid_to > {t})")
-            }
-        })
+        validity(alias, as_of, self.history_start)
     }
 
     /// One report as Arrow record batches, with the seed's column names (see [`Report`]).
@@ -80,14 +65,14 @@ impl Warehouse {
         report: &Report,
         as_of: Option<DateTime<Utc>>,
     ) -> Result<(String, &'static [(&'static str, DataType)])> {
-        use DataType::{Date32, Int64, Utf8};
+        let fields = report_fields(report);
         Ok(match report {
             Report::OpenOrders(filter) => (
                 match self.aggregate(as_of)? {
                     Some(agg) => open_orders_from_aggregate_sql(agg, filter),
                     None => star_open_orders_sql(&self.valid("o", as_of)?, filter),
                 },
-                &[("delivery_date", Date32), ("status", Utf8), ("quantity", Int64)],
+                fields,
             ),
             Report::TopDeliveryDates { limit } => {
                 check_limit(*limit)?;
@@ -96,7 +81,7 @@ impl Warehouse {
                         Some(agg) => top_delivery_dates_from_aggregate_sql(agg, *limit),
                         None => star_top_delivery_dates_sql(&self.valid("o", as_of)?, *limit),
                     },
-                    &[("delivery_date", Date32), ("quantity", Int64)],
+                    fields,
                 )
             }
             Report::PendingItemsByProduct => (
@@ -120,7 +105,7 @@ impl Warehouse {
                     }
                     _ => star_pending_items_sql(&self.valid("i", as_of)?, &self.valid("o", as_of)?),
                 },
-                &[("product_id", Int64), ("total_items", Int64)],
+                fields,
             ),
             Report::TopCustomers { limit, filter } => {
                 check_limit(*limit)?;
@@ -138,7 +123,7 @@ impl Warehouse {
                         }
                         _ => star_top_customers_sql(&self.valid("o", as_of)?, &self.valid("c", as_of)?, filter, *limit),
                     },
-                    &[("customer_id", Int64), ("customer_name", Utf8), ("quantity", Int64), ("ranking", Int64)],
+                    fields,
                 )
             }
         })
@@ -146,46 +131,19 @@ impl Warehouse {
 
     /// Run `sql` and cast its columns to `fields` (the engine may return view types).
     async fn batches(&self, sql: &str, fields: &[(&str, DataType)]) -> Result<Vec<RecordBatch>> {
-        let schema = Arc::new(Schema::new(
-            fields.iter().map(|(name, t)| Field::new(*name, t.clone(), true)).collect::<Vec<Field>>(),
-        ));
-        let batches = match self.ctx.sql(sql).await?.collect().await {
-            Ok(batches) => batches,
+        match self.ctx.sql(sql).await?.collect().await {
+            Ok(batches) => conform(batches, fields),
             Err(error) => {
                 // Name the broken file, if that is what failed.
                 self.check_files().await?;
-                return Err(error.into());
+                Err(error.into())
             }
-        };
-        let mut out = Vec::with_capacity(batches.len());
-        for b in batches {
-            let columns = b
-                .columns()
-                .iter()
-                .zip(fields)
-                .map(|(c, (_, t))| if c.data_type() == t { Ok(c.clone()) } else { cast(c, t) })
-                .collect::<std::result::Result<Vec<_>, _>>()?;
-            out.push(RecordBatch::try_new(Arc::clone(&schema), columns)?);
         }
-        Ok(out)
     }
 
     /// R1: orders matching `filter` per delivery date and status.
     pub async fn open_orders(&self, filter: StatusFilter, as_of: Option<DateTime<Utc>>) -> Result<Vec<OpenOrders>> {
-        let mut out = Vec::new();
-        for b in self.report_batches(&Report::OpenOrders(filter), as_of).await? {
-            let dates = b.column(0).as_primitive::<Date32Type>();
-            let statuses = b.column(1).as_string::<i32>();
-            let counts = b.column(2).as_primitive::<Int64Type>();
-            for i in 0..b.num_rows() {
-                out.push(OpenOrders {
-                    delivery_date: date(dates, i),
-                    status: (!statuses.is_null(i)).then(|| statuses.value(i).to_string()),
-                    quantity: counts.value(i),
-                });
-            }
-        }
-        Ok(out)
+        Ok(open_orders_rows(&self.report_batches(&Report::OpenOrders(filter), as_of).await?))
     }
 
     /// R2: the `limit` delivery dates with the most open orders (ties broken by date).
@@ -194,31 +152,12 @@ impl Warehouse {
         limit: usize,
         as_of: Option<DateTime<Utc>>,
     ) -> Result<Vec<DeliveryDateLoad>> {
-        let mut out = Vec::new();
-        for b in self.report_batches(&Report::TopDeliveryDates { limit }, as_of).await? {
-            let dates = b.column(0).as_primitive::<Date32Type>();
-            let counts = b.column(1).as_primitive::<Int64Type>();
-            for i in 0..b.num_rows() {
-                out.push(DeliveryDateLoad { delivery_date: date(dates, i), quantity: counts.value(i) });
-            }
-        }
-        Ok(out)
+        Ok(delivery_date_rows(&self.report_batches(&Report::TopDeliveryDates { limit }, as_of).await?))
     }
 
     /// R3: sum of item quantities of open orders, per product, largest first (then by product id).
     pub async fn pending_items_by_product(&self, as_of: Option<DateTime<Utc>>) -> Result<Vec<ProductItems>> {
-        let mut out = Vec::new();
-        for b in self.report_batches(&Report::PendingItemsByProduct, as_of).await? {
-            let products = b.column(0).as_primitive::<Int64Type>();
-            let totals = b.column(1).as_primitive::<Int64Type>();
-            for i in 0..b.num_rows() {
-                out.push(ProductItems {
-                    product_id: (!products.is_null(i)).then(|| products.value(i)),
-                    total_items: totals.value(i),
-                });
-            }
-        }
-        Ok(out)
+        Ok(product_items_rows(&self.report_batches(&Report::PendingItemsByProduct, as_of).await?))
     }
 
     /// R4: customers by number of orders matching `filter` (default use: pending), dense-ranked,
@@ -229,26 +168,131 @@ impl Warehouse {
         filter: StatusFilter,
         as_of: Option<DateTime<Utc>>,
     ) -> Result<Vec<CustomerRank>> {
-        let mut out = Vec::new();
-        for b in self.report_batches(&Report::TopCustomers { limit, filter }, as_of).await? {
-            let ids = b.column(0).as_primitive::<Int64Type>();
-            let names = b.column(1).as_string::<i32>();
-            let counts = b.column(2).as_primitive::<Int64Type>();
-            let ranks = b.column(3).as_primitive::<Int64Type>();
-            for i in 0..b.num_rows() {
-                out.push(CustomerRank {
-                    customer_id: (!ids.is_null(i)).then(|| ids.value(i)),
-                    customer_name: (!names.is_null(i)).then(|| names.value(i).to_string()),
-                    quantity: counts.value(i),
-                    ranking: ranks.value(i),
-                });
-            }
-        }
-        Ok(out)
+        Ok(customer_rank_rows(&self.report_batches(&Report::TopCustomers { limit, filter }, as_of).await?))
     }
 }
 
-fn check_limit(limit: usize) -> Result<()> {
+/// The predicate selecting the rows of a versioned star table (alias `alias`) in force now
+/// (`is_current`) or at an instant, which must not precede the history's first instant
+/// (`history_start`, microseconds).
+pub(crate) fn validity(alias: &str, as_of: Option<DateTime<Utc>>, history_start: Option<i64>) -> Result<String> {
+    Ok(match as_of {
+        None => format!("{alias}.is_current"),
+        Some(t) => {
+            let micros = t.timestamp_micros();
+            if let Some(start) = history_start
+                && micros < start
+            {
+                return Err(QueryError::BeforeHistory {
+                    as_of: t,
+                    start: DateTime::from_timestamp_micros(start).unwrap_or_default(),
+                });
+            }
+            let t = acme_model::history::utc_micros(micros);
+            format!("{alias}.valid_from <= {t} AND ({alias}.valid_to IS NULL OR {alias}.valid_to > {t})")
+        }
+    })
+}
+
+/// The columns a report returns, with their types.
+pub(crate) fn report_fields(report: &Report) -> &'static [(&'static str, DataType)] {
+    use DataType::{Date32, Int64, Utf8};
+    match report {
+        Report::OpenOrders(_) => &[("delivery_date", Date32), ("status", Utf8), ("quantity", Int64)],
+        Report::TopDeliveryDates { .. } => &[("delivery_date", Date32), ("quantity", Int64)],
+        Report::PendingItemsByProduct => &[("product_id", Int64), ("total_items", Int64)],
+        Report::TopCustomers { .. } => {
+            &[("customer_id", Int64), ("customer_name", Utf8), ("quantity", Int64), ("ranking", Int64)]
+        }
+    }
+}
+
+/// `batches` with their columns named and cast to `fields` (engines may return view types).
+pub(crate) fn conform(batches: Vec<RecordBatch>, fields: &[(&str, DataType)]) -> Result<Vec<RecordBatch>> {
+    let schema = Arc::new(Schema::new(
+        fields.iter().map(|(name, t)| Field::new(*name, t.clone(), true)).collect::<Vec<Field>>(),
+    ));
+    let mut out = Vec::with_capacity(batches.len());
+    for b in batches {
+        let columns = b
+            .columns()
+            .iter()
+            .zip(fields)
+            .map(|(c, (_, t))| if c.data_type() == t { Ok(c.clone()) } else { cast(c, t) })
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        out.push(RecordBatch::try_new(Arc::clone(&schema), columns)?);
+    }
+    Ok(out)
+}
+
+/// R1's rows from its batches (as [`report_fields`] types them).
+pub(crate) fn open_orders_rows(batches: &[RecordBatch]) -> Vec<OpenOrders> {
+    let mut out = Vec::new();
+    for b in batches {
+        let dates = b.column(0).as_primitive::<Date32Type>();
+        let statuses = b.column(1).as_string::<i32>();
+        let counts = b.column(2).as_primitive::<Int64Type>();
+        for i in 0..b.num_rows() {
+            out.push(OpenOrders {
+                delivery_date: date(dates, i),
+                status: (!statuses.is_null(i)).then(|| statuses.value(i).to_string()),
+                quantity: counts.value(i),
+            });
+        }
+    }
+    out
+}
+
+/// R2's rows from its batches.
+pub(crate) fn delivery_date_rows(batches: &[RecordBatch]) -> Vec<DeliveryDateLoad> {
+    let mut out = Vec::new();
+    for b in batches {
+        let dates = b.column(0).as_primitive::<Date32Type>();
+        let counts = b.column(1).as_primitive::<Int64Type>();
+        for i in 0..b.num_rows() {
+            out.push(DeliveryDateLoad { delivery_date: date(dates, i), quantity: counts.value(i) });
+        }
+    }
+    out
+}
+
+/// R3's rows from its batches.
+pub(crate) fn product_items_rows(batches: &[RecordBatch]) -> Vec<ProductItems> {
+    let mut out = Vec::new();
+    for b in batches {
+        let products = b.column(0).as_primitive::<Int64Type>();
+        let totals = b.column(1).as_primitive::<Int64Type>();
+        for i in 0..b.num_rows() {
+            out.push(ProductItems {
+                product_id: (!products.is_null(i)).then(|| products.value(i)),
+                total_items: totals.value(i),
+            });
+        }
+    }
+    out
+}
+
+/// R4's rows from its batches.
+pub(crate) fn customer_rank_rows(batches: &[RecordBatch]) -> Vec<CustomerRank> {
+    let mut out = Vec::new();
+    for b in batches {
+        let ids = b.column(0).as_primitive::<Int64Type>();
+        let names = b.column(1).as_string::<i32>();
+        let counts = b.column(2).as_primitive::<Int64Type>();
+        let ranks = b.column(3).as_primitive::<Int64Type>();
+        for i in 0..b.num_rows() {
+            out.push(CustomerRank {
+                customer_id: (!ids.is_null(i)).then(|| ids.value(i)),
+                customer_name: (!names.is_null(i)).then(|| names.value(i).to_string()),
+                quantity: counts.value(i),
+                ranking: ranks.value(i),
+            });
+        }
+    }
+    out
+}
+
+pub(crate) fn check_limit(limit: usize) -> Result<()> {
     if limit == 0 || limit > 10_000 {
         return Err(QueryError::InvalidParameter { name: "limit", message: format!("must be 1..=10000, got {limit}") });
     }

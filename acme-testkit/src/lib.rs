@@ -16,6 +16,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod ballista;
 pub mod cluster;
 pub mod error;
 pub mod fs;
@@ -28,6 +29,7 @@ pub mod source;
 pub mod tls;
 pub mod workload;
 
+pub use ballista::BallistaCluster;
 pub use cluster::PgCluster;
 pub use error::{HarnessError, Result};
 pub use fs::SmallFs;

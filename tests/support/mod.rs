@@ -115,3 +115,12 @@ pub fn json_cell(value: &serde_json::Value) -> String {
 pub fn json_rows(rows: &[serde_json::Value], fields: &[&str]) -> Vec<String> {
     rows.iter().map(|row| fields.iter().map(|f| json_cell(&row[*f])).collect::<Vec<_>>().join("|")).collect()
 }
+
+/// A Ballista scheduler and `executors` executors (2 task slots each) on loopback, started
+/// from the `ballista_scheduler` and `ballista_executor` examples.
+#[cfg(feature = "ballista-cluster")]
+pub fn ballista_cluster(executors: usize) -> acme_testkit::BallistaCluster {
+    let (scheduler, executor) = (example_binary("ballista_scheduler"), example_binary("ballista_executor"));
+    acme_testkit::BallistaCluster::start(&scheduler, &executor, executors, 2)
+        .unwrap_or_else(|e| panic!("a Ballista cluster: {e}"))
+}
