@@ -134,7 +134,12 @@ impl DistributedWarehouse {
                 ctx.register_table(format!("{}_current", spec.table).as_str(), view.into_view())?;
             }
         }
-        let history_start = first_instant(&ctx).await?;
+        // The first query: it reaches the scheduler, and the executors read the warehouse.
+        let history_start = first_instant(&ctx).await.map_err(|e| QueryError::Cluster {
+            scheduler: scheduler_url.to_string(),
+            warehouse: warehouse_url.to_string(),
+            message: e.to_string(),
+        })?;
         tracing::debug!(
             scheduler = scheduler_url,
             warehouse = warehouse_url,
@@ -210,7 +215,13 @@ impl DistributedWarehouse {
             position = self.manifest.position,
         );
         let sql = self.report_sql(report, as_of)?;
-        let batches = async { self.ctx.sql(&sql).await?.collect().await }.instrument(span).await?;
+        let batches = async { self.ctx.sql(&sql).await?.collect().await }.instrument(span).await.map_err(|e| {
+            QueryError::Cluster {
+                scheduler: self.scheduler.clone(),
+                warehouse: self.url.clone(),
+                message: e.to_string(),
+            }
+        })?;
         conform(batches, report_fields(report))
     }
 
@@ -245,7 +256,7 @@ impl DistributedWarehouse {
 }
 
 /// The first instant the orders' history covers (microseconds), asked of the cluster.
-async fn first_instant(ctx: &SessionContext) -> Result<Option<i64>> {
+async fn first_instant(ctx: &SessionContext) -> datafusion::error::Result<Option<i64>> {
     use arrow::array::{Array, AsArray};
     use arrow::datatypes::Int64Type;
     let batches = ctx.sql("SELECT CAST(min(valid_from) AS BIGINT) FROM orders_history").await?.collect().await?;

@@ -114,6 +114,20 @@ pub enum QueryError {
         /// The missing table.
         table: String,
     },
+    /// A distributed query failed on the Ballista cluster: the scheduler is not reachable, or
+    /// its executors could not run the query (for example, could not read the warehouse).
+    #[error(
+        "the query on the Ballista cluster at {scheduler} failed: {message}. Check that the scheduler runs at that \
+         address and has executors, and that they can read {warehouse} (the S3 settings go with each query)"
+    )]
+    Cluster {
+        /// The scheduler's URL.
+        scheduler: String,
+        /// The warehouse queried.
+        warehouse: String,
+        /// What the cluster or the client library said.
+        message: String,
+    },
     /// Storage failed.
     #[error(transparent)]
     Core(#[from] acme_core::Error),

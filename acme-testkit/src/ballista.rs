@@ -107,6 +107,15 @@ impl BallistaCluster {
         std::fs::read_to_string(self.log_path(&format!("executor-{i}.log"))).unwrap_or_default()
     }
 
+    /// Peak resident memory of executor `i` so far, in MiB (`VmHWM` of `/proc/<pid>/status`;
+    /// `None` where that is not readable).
+    pub fn executor_peak_rss_mib(&self, i: usize) -> Option<f64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.executors.get(i)?.id())).ok()?;
+        let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+        let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kib / 1024.0)
+    }
+
     /// The last lines of every process's log, for failure messages.
     pub fn all_logs(&self) -> String {
         let mut out = String::new();
