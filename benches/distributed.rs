@@ -92,8 +92,24 @@ fn distributed(c: &mut Criterion) {
         let cluster =
             acme_testkit::BallistaCluster::start(&scheduler, &executor, executors, 2).unwrap_or_else(|e| panic!("{e}"));
         let started = Instant::now();
+        // Ballista's default is 16 tasks per stage; ACME_BENCH_PARTITIONS=slots gives each
+        // stage as many tasks as the cluster has slots (2 per executor).
+        let mut config = DistributedWarehouse::default_session_config();
+        match std::env::var("ACME_BENCH_PARTITIONS").as_deref() {
+            Ok("slots") => config = config.with_target_partitions(2 * executors),
+            Ok(n) => {
+                config = config.with_target_partitions(n.parse().expect("ACME_BENCH_PARTITIONS: a number or `slots`"))
+            }
+            Err(_) => {}
+        }
+        let partitions = config.target_partitions();
         let remote = runtime
-            .block_on(DistributedWarehouse::connect(&cluster.url(), &data.warehouse, HashMap::new()))
+            .block_on(DistributedWarehouse::connect_with_config(
+                &cluster.url(),
+                &data.warehouse,
+                HashMap::new(),
+                config,
+            ))
             .unwrap_or_else(|e| panic!("connect: {e:?}\n{}", cluster.all_logs()));
         let connect_ms = started.elapsed().as_secs_f64() * 1000.0;
         let engine = Engine::Cluster(&remote);
@@ -118,7 +134,7 @@ fn distributed(c: &mut Criterion) {
             group.finish();
         }
         figures.push((
-            format!("{executors} executor{}", if executors == 1 { "" } else { "s" }),
+            format!("{executors} executor{}, {partitions} partitions", if executors == 1 { "" } else { "s" }),
             [None, as_of]
                 .iter()
                 .flat_map(|t| (1..=4).map(move |n| (n, *t)))

@@ -19,6 +19,10 @@
 //! ```
 //!
 //! [`Pipeline`] runs capture, model maintenance and the refresh of the reports side by side.
+//!
+//! Opt-in features: `http` (the HTTP service, `acme::http`), `ballista` (the reports and SQL on an
+//! Apache Ballista cluster, `acme::query::distributed`) and `ballista-cluster` (also the
+//! cluster's programs, `examples/ballista_scheduler.rs` and `examples/ballista_executor.rs`).
 
 #[cfg(feature = "http")]
 pub mod http;

@@ -41,10 +41,10 @@ use acme_core::{Layer, Lsn, Storage};
 use acme_model::{Catalog, tables};
 use arrow::array::RecordBatch;
 use ballista::prelude::SessionContextExt;
-use ballista_core::object_store::session_config_with_s3_support;
+use ballista_core::object_store::{S3Options, session_config_with_s3_support};
 use chrono::{DateTime, Utc};
 use datafusion::execution::SessionStateBuilder;
-use datafusion::prelude::{DataFrame, SessionContext};
+use datafusion::prelude::{DataFrame, SessionConfig, SessionContext};
 use std::collections::HashMap;
 use tracing::Instrument;
 
@@ -89,22 +89,45 @@ impl DistributedWarehouse {
     /// Connect to the Ballista scheduler at `scheduler_url` (`df://host:port`) and pin the
     /// model of the warehouse at `warehouse_url` (`s3://...`, or a path every executor can
     /// read) to its last complete build. `options` are the warehouse's object-store options,
-    /// as for [`crate::Warehouse::open_with_options`].
+    /// as for [`crate::Warehouse::open_with_options`]. The session has
+    /// [`DistributedWarehouse::default_session_config`]'s settings.
     ///
-    /// Fails with [`QueryError::MissingTable`] when the warehouse has no model yet.
+    /// Fails with [`QueryError::MissingTable`] when the warehouse has no model yet, and with
+    /// [`QueryError::Cluster`] when the cluster cannot answer.
     pub async fn connect(scheduler_url: &str, warehouse_url: &str, options: HashMap<String, String>) -> Result<Self> {
+        Self::connect_with_config(scheduler_url, warehouse_url, options, Self::default_session_config()).await
+    }
+
+    /// Ballista's session settings (16 partitions per stage, among others), its S3 settings
+    /// (`s3.*`), and acme's join settings (see [`crate::Warehouse::default_session_config`]).
+    /// Every setting goes to the scheduler with each query.
+    pub fn default_session_config() -> SessionConfig {
+        let mut config = session_config_with_s3_support();
+        let optimizer = &mut config.options_mut().optimizer;
+        optimizer.hash_join_single_partition_threshold = crate::BROADCAST_JOIN_BYTES;
+        optimizer.hash_join_single_partition_threshold_rows = crate::BROADCAST_JOIN_ROWS;
+        config
+    }
+
+    /// [`DistributedWarehouse::connect`] with the caller's session settings, for example
+    /// `default_session_config().with_target_partitions(n)` to split each stage into as many
+    /// tasks as the cluster has task slots. The S3 settings from `options` are added to it.
+    pub async fn connect_with_config(
+        scheduler_url: &str,
+        warehouse_url: &str,
+        options: HashMap<String, String>,
+        config: SessionConfig,
+    ) -> Result<Self> {
         let storage = Storage::new(warehouse_url, options.clone())?;
         let missing =
             |table: &str| QueryError::MissingTable { url: warehouse_url.to_string(), table: table.to_string() };
         let Some(manifest) = storage.get_manifest(manifests::MODEL).await? else {
             return Err(missing("_acme/model.json"));
         };
-        let mut config = session_config_with_s3_support();
-        // acme's join settings (see `Warehouse::default_session_config`) go to the scheduler
-        // with every query, like the rest of the session's settings.
-        let optimizer = &mut config.options_mut().optimizer;
-        optimizer.hash_join_single_partition_threshold = crate::BROADCAST_JOIN_BYTES;
-        optimizer.hash_join_single_partition_threshold_rows = crate::BROADCAST_JOIN_ROWS;
+        let mut config = config;
+        if config.options().extensions.get::<S3Options>().is_none() {
+            config = config.with_option_extension(S3Options::default());
+        }
         for (option, setting) in S3_SETTINGS {
             if let Some(value) = options.get(option).or_else(|| options.get(&option.to_ascii_uppercase())) {
                 config.options_mut().set(&format!("s3.{setting}"), value)?;

@@ -19,6 +19,10 @@
 //! statements), so a change shows in every report as soon as the change stream has committed
 //! it, exactly as a model build would have folded it in.
 //!
+//! With the `ballista` feature, `distributed::DistributedWarehouse` runs the same reports and
+//! ad-hoc SQL on an Apache Ballista cluster, over the model's files in object storage, pinned
+//! to the last complete model build.
+//!
 //! A warehouse without a model yet still opens; the reports say what is missing:
 //!
 //! ```
