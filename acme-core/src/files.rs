@@ -122,7 +122,15 @@ impl LayerTable {
     /// `files` is `None`), read with DataFusion's Parquet scan: statistics pruning, string
     /// views, and NULL for columns that files written before a schema change lack.
     pub fn provider(&self, files: Option<&[DataFile]>) -> Result<Arc<dyn TableProvider>> {
-        self.scan(files, None)
+        self.scan(files, None, self.read_schema()?)
+    }
+
+    /// [`LayerTable::provider`] over all files, with strings and binaries as plain arrays
+    /// instead of views: for engines that ship batches between processes (a distributed
+    /// query's shuffles and results), where a view array sliced out of a large batch would
+    /// carry the whole batch's string buffers with it.
+    pub fn plain_provider(&self) -> Result<Arc<dyn TableProvider>> {
+        self.scan(None, None, self.schema()?)
     }
 
     /// [`LayerTable::provider`] over all files, keeping the per-file statistics it collects
@@ -133,7 +141,7 @@ impl LayerTable {
         &self,
         runtime: &datafusion::execution::runtime_env::RuntimeEnv,
     ) -> Result<Arc<dyn TableProvider>> {
-        self.scan(None, runtime.cache_manager.get_file_statistic_cache())
+        self.scan(None, runtime.cache_manager.get_file_statistic_cache(), self.read_schema()?)
     }
 
     /// The table's schema as scans read it: strings and binaries as views (Parquet decodes into
@@ -157,8 +165,8 @@ impl LayerTable {
         &self,
         files: Option<&[DataFile]>,
         cache: Option<Arc<datafusion::execution::cache::cache_manager::FileStatisticsCache>>,
+        schema: Arc<Schema>,
     ) -> Result<Arc<dyn TableProvider>> {
-        let schema = self.read_schema()?;
         let all;
         let files = match files {
             Some(files) => files,
