@@ -20,22 +20,10 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use acme::query::Warehouse;
 use acme::query::distributed::DistributedWarehouse;
-use acme::query::{Report, StatusFilter, Warehouse};
 use chrono::{DateTime, SecondsFormat, Utc};
 use criterion::{Criterion, criterion_group, criterion_main};
-
-/// R2's and R4's limit.
-const LIMIT: usize = 10;
-
-fn acme_report(n: usize) -> Report {
-    match n {
-        1 => Report::OpenOrders(StatusFilter::Open),
-        2 => Report::TopDeliveryDates { limit: LIMIT },
-        3 => Report::PendingItemsByProduct,
-        _ => Report::TopCustomers { limit: LIMIT, filter: StatusFilter::Pending },
-    }
-}
 
 /// Where the reports run.
 enum Engine<'a> {
@@ -46,8 +34,8 @@ enum Engine<'a> {
 impl Engine<'_> {
     async fn rows(&self, n: usize, as_of: Option<DateTime<Utc>>) -> Vec<String> {
         let batches = match self {
-            Engine::Embedded(w) => w.report_batches(&acme_report(n), as_of).await,
-            Engine::Cluster(c) => c.report_batches(&acme_report(n), as_of).await,
+            Engine::Embedded(w) => w.report_batches(&common::acme_report(n), as_of).await,
+            Engine::Cluster(c) => c.report_batches(&common::acme_report(n), as_of).await,
         };
         acme_testkit::oracle::render_batches(&batches.expect("report")).expect("render")
     }

@@ -25,6 +25,8 @@
 
 mod common;
 
+use common::LIMIT;
+
 use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -33,22 +35,9 @@ use acme::query::sql::{
     open_orders_from_aggregate_sql, open_orders_sql, pending_items_sql, top_customers_sql,
     top_delivery_dates_from_aggregate_sql, top_delivery_dates_sql,
 };
-use acme::query::{Report, StatusFilter, Warehouse};
+use acme::query::{StatusFilter, Warehouse};
 use chrono::{DateTime, SecondsFormat, Utc};
 use criterion::{Criterion, criterion_group, criterion_main};
-
-/// R2's and R4's limit.
-const LIMIT: usize = 10;
-
-/// Report `n` (1-4) as acme's API names it: R1 over open orders, R2, R3, R4 over pending orders.
-fn acme_report(n: usize) -> Report {
-    match n {
-        1 => Report::OpenOrders(StatusFilter::Open),
-        2 => Report::TopDeliveryDates { limit: LIMIT },
-        3 => Report::PendingItemsByProduct,
-        _ => Report::TopCustomers { limit: LIMIT, filter: StatusFilter::Pending },
-    }
-}
 
 /// Run report `n` (1-4) in acme through its typed API (what is timed).
 async fn report(w: &Warehouse, n: usize, as_of: Option<DateTime<Utc>>) -> usize {
@@ -62,7 +51,7 @@ async fn report(w: &Warehouse, n: usize, as_of: Option<DateTime<Utc>>) -> usize 
 
 /// Report `n`'s rows in acme, rendered for the equality check.
 async fn acme_rows(w: &Warehouse, n: usize, as_of: Option<DateTime<Utc>>) -> Vec<String> {
-    let batches = w.report_batches(&acme_report(n), as_of).await.expect("report");
+    let batches = w.report_batches(&common::acme_report(n), as_of).await.expect("report");
     acme_testkit::oracle::render_batches(&batches).expect("render")
 }
 

@@ -160,11 +160,12 @@ impl DistributedWarehouse {
             }
         }
         // The first query: it reaches the scheduler, and the executors read the warehouse.
-        let history_start = first_instant(&ctx).await.map_err(|e| QueryError::Cluster {
-            scheduler: scheduler_url.to_string(),
-            warehouse: warehouse_url.to_string(),
-            message: e.to_string(),
-        })?;
+        let history_start =
+            crate::tail::first_valid_from(&ctx, "orders_history").await.map_err(|e| QueryError::Cluster {
+                scheduler: scheduler_url.to_string(),
+                warehouse: warehouse_url.to_string(),
+                message: e.to_string(),
+            })?;
         tracing::debug!(
             scheduler = scheduler_url,
             warehouse = warehouse_url,
@@ -278,16 +279,4 @@ impl DistributedWarehouse {
     ) -> Result<Vec<CustomerRank>> {
         Ok(customer_rank_rows(&self.report_batches(&Report::TopCustomers { limit, filter }, as_of).await?))
     }
-}
-
-/// The first instant the orders' history covers (microseconds), asked of the cluster.
-async fn first_instant(ctx: &SessionContext) -> datafusion::error::Result<Option<i64>> {
-    use arrow::array::{Array, AsArray};
-    use arrow::datatypes::Int64Type;
-    let batches = ctx.sql("SELECT CAST(min(valid_from) AS BIGINT) FROM orders_history").await?.collect().await?;
-    Ok(batches
-        .first()
-        .map(|b| b.column(0).as_primitive::<Int64Type>().clone())
-        .filter(|a| a.len() == 1 && !a.is_null(0))
-        .map(|a| a.value(0)))
 }

@@ -411,15 +411,19 @@ pub(crate) fn compact_views(batch: RecordBatch) -> Result<RecordBatch> {
 /// tail's only when nothing is stored).
 pub(crate) async fn first_instant(ctx: &SessionContext) -> datafusion::error::Result<Option<i64>> {
     for table in [format!("{MODEL_SCHEMA}.orders_history"), "orders_history".to_string()] {
-        let batches = ctx.sql(&format!("SELECT CAST(min(valid_from) AS BIGINT) FROM {table}")).await?.collect().await?;
-        let first = batches
-            .first()
-            .map(|b| b.column(0).as_primitive::<Int64Type>().clone())
-            .filter(|a| a.len() == 1 && !a.is_null(0))
-            .map(|a| a.value(0));
-        if first.is_some() {
-            return Ok(first);
+        if let Some(first) = first_valid_from(ctx, &table).await? {
+            return Ok(Some(first));
         }
     }
     Ok(None)
+}
+
+/// The earliest `valid_from` of the history `table` (microseconds), `None` when it is empty.
+pub(crate) async fn first_valid_from(ctx: &SessionContext, table: &str) -> datafusion::error::Result<Option<i64>> {
+    let batches = ctx.sql(&format!("SELECT CAST(min(valid_from) AS BIGINT) FROM {table}")).await?.collect().await?;
+    Ok(batches
+        .first()
+        .map(|b| b.column(0).as_primitive::<Int64Type>().clone())
+        .filter(|a| a.len() == 1 && !a.is_null(0))
+        .map(|a| a.value(0)))
 }

@@ -33,6 +33,20 @@ pub fn scale() -> f64 {
     std::env::var("ACME_BENCH_SF").ok().and_then(|v| v.parse().ok()).unwrap_or(0.1)
 }
 
+/// R2's and R4's limit in the report benchmarks.
+pub const LIMIT: usize = 10;
+
+/// Report `n` (1-4) as acme's API names it: R1 over open orders, R2, R3, R4 over pending orders.
+pub fn acme_report(n: usize) -> acme::query::Report {
+    use acme::query::{Report, StatusFilter};
+    match n {
+        1 => Report::OpenOrders(StatusFilter::Open),
+        2 => Report::TopDeliveryDates { limit: LIMIT },
+        3 => Report::PendingItemsByProduct,
+        _ => Report::TopCustomers { limit: LIMIT, filter: StatusFilter::Pending },
+    }
+}
+
 /// The seed of the generated data.
 pub const SEED: u64 = 42;
 
