@@ -68,12 +68,13 @@ fn distributed(c: &mut Criterion) {
         runtime.block_on(common::median(runs, || engine.rows(n, t))).as_secs_f64() * 1000.0
     };
     // [now, as of] x R1-R4, per engine; then connect time and the executors' peak RSS.
-    let mut figures: Vec<(String, Vec<f64>, f64, String)> = Vec::new();
+    let mut figures: Vec<(String, Vec<f64>, f64, String, String)> = Vec::new();
     figures.push((
         "embedded".into(),
         [None, as_of].iter().flat_map(|t| (1..=4).map(move |n| (n, *t))).map(|(n, t)| time(&embedded, n, t)).collect(),
         0.0,
         format!("{:.0} (this process)", common::peak_rss_mib()),
+        String::new(),
     ));
     let (scheduler, executor) = (program("ballista_scheduler"), program("ballista_executor"));
     for executors in [1, 2] {
@@ -133,15 +134,20 @@ fn distributed(c: &mut Criterion) {
                 .map(|i| cluster.executor_peak_rss_mib(i).map_or("?".to_string(), |m| format!("{m:.0}")))
                 .collect::<Vec<_>>()
                 .join(" / "),
+            // Tasks each executor ran over the whole run: how evenly the work was shared.
+            (0..executors)
+                .map(|i| cluster.executor_log(i).matches("Execute task").count().to_string())
+                .collect::<Vec<_>>()
+                .join(" / "),
         ));
     }
     let base = figures[0].1.clone();
     let mut table = format!(
         "\nR1-R4 at SF{sf} on a Ballista cluster and embedded, median of {runs} runs (ms); answers checked equal first\n\
-         | engine | R1 now | R2 now | R3 now | R4 now | R1 as of | R2 as of | R3 as of | R4 as of | connect | peak RSS (MiB) |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|\n"
+         | engine | R1 now | R2 now | R3 now | R4 now | R1 as of | R2 as of | R3 as of | R4 as of | connect | peak RSS (MiB) | tasks |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|\n"
     );
-    for (name, ms, connect, rss) in &figures {
+    for (name, ms, connect, rss, tasks) in &figures {
         table.push_str(&format!("| {name} |"));
         for (i, v) in ms.iter().enumerate() {
             if name == "embedded" {
@@ -151,9 +157,9 @@ fn distributed(c: &mut Criterion) {
             }
         }
         table.push_str(&if name == "embedded" {
-            format!(" | {rss} |\n")
+            format!(" | {rss} | |\n")
         } else {
-            format!(" {connect:.0} | {rss} |\n")
+            format!(" {connect:.0} | {rss} | {tasks} |\n")
         });
     }
     table.push_str(&format!(
@@ -161,7 +167,8 @@ fn distributed(c: &mut Criterion) {
          slots, on the same 2 cores; the cluster reads the same Delta tables (the model's data files, pinned to the \
          model's version) from the local disk. As of {}. `connect` (ms) pins the model and asks the cluster for the \
          history's first instant. Peak RSS: of each executor process, and of this benchmark's process (which \
-         holds the embedded warehouse and the dataset's setup) for the embedded row.\n",
+         holds the embedded warehouse and the dataset's setup) for the embedded row. Tasks: how many each executor \
+         ran over the whole run (checks, timings and the criterion group).\n",
         data.instant.to_rfc3339_opts(SecondsFormat::Millis, true)
     ));
     println!("{table}");
