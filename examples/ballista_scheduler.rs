@@ -18,8 +18,9 @@ use anyhow::Context;
 use ballista_core::object_store::{session_config_with_s3_support, session_state_with_s3_support};
 use ballista_scheduler::cluster::BallistaCluster;
 use ballista_scheduler::config::{SchedulerConfig, TaskDistributionPolicy};
-use ballista_scheduler::scheduler_process::start_server;
+use ballista_scheduler::scheduler_process::{create_scheduler, start_grpc_service_with_listener};
 use clap::Parser;
+use datafusion_proto::protobuf::{LogicalPlanNode, PhysicalPlanNode};
 
 /// Command-line arguments.
 #[derive(Debug, Parser)]
@@ -78,7 +79,22 @@ fn main() -> anyhow::Result<()> {
             .with_override_config_producer(Arc::new(session_config_with_s3_support))
             .with_override_session_builder(Arc::new(session_state_with_s3_support));
         config.bind_host = args.bind;
+        config.validate().context("the scheduler's configuration")?;
         let cluster = BallistaCluster::new_from_config(&config).await.context("creating the cluster state")?;
-        start_server(cluster, address, Arc::new(config)).await.context("running the scheduler")
+        // Ballista's own start-up serves on a listener without TCP_NODELAY. The status a client
+        // waits on then follows another small write on the same connection, and the client's
+        // delayed acknowledgement holds it for about 40 ms: every query paid that. Accepted
+        // connections inherit the option from the listening socket.
+        let socket = if address.is_ipv4() { tokio::net::TcpSocket::new_v4() } else { tokio::net::TcpSocket::new_v6() }
+            .context("creating the scheduler's socket")?;
+        socket.set_reuseaddr(true).context("SO_REUSEADDR on the scheduler's socket")?;
+        socket.set_nodelay(true).context("TCP_NODELAY on the scheduler's socket")?;
+        socket.bind(address).with_context(|| format!("binding the scheduler to {address}"))?;
+        let listener = socket.listen(1024).with_context(|| format!("listening on {address}"))?;
+        tracing::info!("acme's Ballista scheduler listening on {address}");
+        let scheduler = create_scheduler::<LogicalPlanNode, PhysicalPlanNode>(cluster, Arc::new(config))
+            .await
+            .context("creating the scheduler")?;
+        start_grpc_service_with_listener(listener, scheduler).await.context("running the scheduler")
     })
 }
