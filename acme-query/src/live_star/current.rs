@@ -9,8 +9,8 @@ pub(crate) const PENDING_ITEMS: &str = "pending_items_current";
 /// R3 on the current state at this handle's position, registered as [`PENDING_ITEMS`]
 /// (`product_id`, `total_items`, `items`). From a handle at the same model position that
 /// maintained it, by difference: the items whose rows the changes since that handle touch, and
-/// the items of the orders they touch, are taken off as that handle saw them and added back as
-/// this one sees them; the stored rows involved are looked up by key, never scanned, and the
+/// the items of the touched orders whose current open rows changed, are taken off as that
+/// handle saw them and added back as this one sees them; the stored rows involved are looked up by key, never scanned, and the
 /// difference is counted in memory (a few hundred rows: planning a query cost more). Otherwise
 /// (the first handle on a stored model) counted over the live facts once. Returns the counts,
 /// and whether they were kept by difference.
@@ -33,26 +33,46 @@ pub(super) async fn pending_items(
         register_pending(ctx, &totals)?;
         return Ok((totals, true));
     }
-    let (item_set, order_set): (HashSet<i64>, HashSet<i64>) =
-        (items.iter().copied().collect(), orders.iter().copied().collect());
-    // The stored rows of the touched items and of the touched orders' items.
     let items_index = fact_lookup(inputs, held, items_table, "order_item_id").await?;
-    let items_by_order = fact_lookup(inputs, held, items_table, "order_id").await?;
     let orders_index = fact_lookup(inputs, held, orders_table, "order_id").await?;
     // (Only the columns counted: a lookup decodes every page it reads of each column it reads.)
+    let order_columns = Some(&["order_id", "is_current", "is_open"][..]);
     let item_columns = Some(&["order_item_id", "order_id", "product_id", "quantity", "is_current"][..]);
+    // The touched orders' current open rows, as the previous handle saw them and as this one
+    // sees them. An order whose count did not move (a status change between open statuses, a
+    // new delivery date) counts its untouched items alike on both sides: only the orders whose
+    // count moved (placed, deleted, completed or reopened) need their items looked up, which is
+    // the dearest lookup of the step (the items are stored in item order, not order order).
+    let touched_orders: HashSet<i64> = orders.iter().copied().collect();
+    let of_touched =
+        |batch: &RecordBatch| -> Result<BooleanArray> { membership(batch, "order_id", &touched_orders, true) };
+    let mut stored_orders = looked_up_rows(&orders_index, &orders, orders_table, order_columns).await?;
+    let open_before =
+        open_rows(&visible_rows(&stored_orders, "order_id", previous.tables.get(orders_table), &of_touched).await?)?;
+    let open_after =
+        open_rows(&visible_rows(&stored_orders, "order_id", held.tables.get(orders_table), &of_touched).await?)?;
+    let moved: Vec<i64> = orders.iter().copied().filter(|o| open_before.get(o) != open_after.get(o)).collect();
+    let items_by_order = match moved.is_empty() {
+        true => None,
+        false => Some(fact_lookup(inputs, held, items_table, "order_id").await?),
+    };
+    // The stored rows of the touched items and of the moved orders' items.
+    let item_set: HashSet<i64> = items.iter().copied().collect();
     let mut stored_items = looked_up_rows(&items_index, &items, items_table, item_columns).await?;
-    for batch in looked_up_rows(&items_by_order, &orders, items_table, item_columns).await? {
-        let mask = membership(&batch, "order_item_id", &item_set, false)?;
-        stored_items.push(arrow::compute::filter_record_batch(&batch, &mask)?);
+    if let Some(items_by_order) = &items_by_order {
+        for batch in looked_up_rows(items_by_order, &moved, items_table, item_columns).await? {
+            let mask = membership(&batch, "order_item_id", &item_set, false)?;
+            stored_items.push(arrow::compute::filter_record_batch(&batch, &mask)?);
+        }
     }
+    let moved: HashSet<i64> = moved.into_iter().collect();
     let affected = |batch: &RecordBatch| -> Result<BooleanArray> {
         let (ids, order_ids) = (int64s(batch, "order_item_id")?, int64s(batch, "order_id")?);
         Ok(ids
             .iter()
             .zip(order_ids.iter())
             .map(|(id, order)| {
-                Some(id.is_some_and(|id| item_set.contains(&id)) || order.is_some_and(|o| order_set.contains(&o)))
+                Some(id.is_some_and(|id| item_set.contains(&id)) || order.is_some_and(|o| moved.contains(&o)))
             })
             .collect())
     };
@@ -62,31 +82,19 @@ pub(super) async fn pending_items(
     for (side, _) in sides {
         side_items.push(visible_rows(&stored_items, "order_item_id", side.tables.get(items_table), &affected).await?);
     }
-    // Their orders, on both sides.
-    let mut order_ids = orders;
+    // Their orders, on both sides: the touched ones were read above.
+    let mut others = Vec::new();
     for batch in side_items.iter().flatten() {
-        order_ids.extend(int64s(batch, "order_id")?.iter().flatten());
+        others.extend(int64s(batch, "order_id")?.iter().flatten().filter(|o| !touched_orders.contains(o)));
     }
-    order_ids.sort_unstable();
-    order_ids.dedup();
-    let wanted: HashSet<i64> = order_ids.iter().copied().collect();
-    let order_columns = Some(&["order_id", "is_current", "is_open"][..]);
-    let stored_orders = looked_up_rows(&orders_index, &order_ids, orders_table, order_columns).await?;
+    others.sort_unstable();
+    others.dedup();
+    stored_orders.extend(looked_up_rows(&orders_index, &others, orders_table, order_columns).await?);
+    let wanted: HashSet<i64> = touched_orders.iter().chain(&others).copied().collect();
     let of_wanted = |batch: &RecordBatch| -> Result<BooleanArray> { membership(batch, "order_id", &wanted, true) };
     for ((side, sign), items) in sides.into_iter().zip(side_items) {
-        let orders = visible_rows(&stored_orders, "order_id", side.tables.get(orders_table), &of_wanted).await?;
-        // Per order, its current open rows (the join's matches).
-        let mut open: HashMap<i64, i64> = HashMap::new();
-        for batch in &orders {
-            let (ids, current, is_open) =
-                (int64s(batch, "order_id")?, bools(batch, "is_current")?, bools(batch, "is_open")?);
-            for i in 0..batch.num_rows() {
-                if ids.is_valid(i) && current.value(i) && current.is_valid(i) && is_open.is_valid(i) && is_open.value(i)
-                {
-                    *open.entry(ids.value(i)).or_insert(0) += 1;
-                }
-            }
-        }
+        let open =
+            open_rows(&visible_rows(&stored_orders, "order_id", side.tables.get(orders_table), &of_wanted).await?)?;
         for batch in &items {
             let (order_ids, current) = (int64s(batch, "order_id")?, bools(batch, "is_current")?);
             let (products, quantities) = (int64s(batch, "product_id")?, int64s(batch, "quantity")?);
@@ -108,6 +116,21 @@ pub(super) async fn pending_items(
     totals.retain(|_, [_, _, rows]| *rows != 0);
     register_pending(ctx, &totals)?;
     Ok((totals, true))
+}
+
+/// Per order id: how many of `orders`' rows are current and open (the rows R3's join matches).
+fn open_rows(orders: &[RecordBatch]) -> Result<HashMap<i64, i64>> {
+    let mut open = HashMap::new();
+    for batch in orders {
+        let (ids, current, is_open) =
+            (int64s(batch, "order_id")?, bools(batch, "is_current")?, bools(batch, "is_open")?);
+        for i in 0..batch.num_rows() {
+            if ids.is_valid(i) && current.is_valid(i) && current.value(i) && is_open.is_valid(i) && is_open.value(i) {
+                *open.entry(ids.value(i)).or_insert(0) += 1;
+            }
+        }
+    }
+    Ok(open)
 }
 
 /// R3's counts over the fact tables registered in a context (`fact_order_items`, `fact_orders`):
