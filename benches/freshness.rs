@@ -16,6 +16,10 @@
 //! Before any figure is written, the reports of the caught-up warehouse are checked equal to
 //! the source's answers (R1, R2, R3, R4).
 //!
+//! The bench process's peak RSS is given twice: up to the first caught-up handle (the source's
+//! load, the snapshot, the first model build), and under the live workload after it.
+//! `ACME_BENCH_MEMORY_LIMIT_MB` sets the model build's memory pool (`memory_limit_bytes`).
+//!
 //! Run: `cargo bench --bench freshness`. Writes `bench-data/freshness-sf<SF>.md`.
 
 use std::io::{Read, Write};
@@ -208,8 +212,13 @@ async fn main() {
     let alone_tps = alone.transactions as f64 / alone.elapsed.as_secs_f64();
 
     let dir = tempfile::tempdir_in(common::root()).or_else(|_| tempfile::tempdir()).expect("tmp");
-    let config =
+    let mut config =
         AcmeConfig::builder().source_url(&url).storage_url(dir.path().display().to_string()).build().expect("config");
+    // The model build's memory pool (`memory_limit_bytes`, acme's default unless set).
+    if let Some(mib) = std::env::var("ACME_BENCH_MEMORY_LIMIT_MB").ok().and_then(|v| v.parse::<u64>().ok()) {
+        config.memory_limit_bytes = mib << 20;
+    }
+    let memory_limit_mib = config.memory_limit_bytes >> 20;
     let started = Instant::now();
     let interval =
         Duration::from_millis(env("ACME_BENCH_MODEL_INTERVAL_MS", acme::DEFAULT_MODEL_INTERVAL.as_millis() as u64));
@@ -222,6 +231,11 @@ async fn main() {
     let w = pipeline.caught_up().await.expect("caught up");
     assert_eq!(reports(&client, Some(&w)).await, reports(&client, None).await, "acme's reports equal the source's");
     drop(w);
+    // The peak so far (the source's load, the snapshot and the first model build), then the
+    // peak of the live part alone: the workload, capture, maintenance and the readers.
+    let startup_peak = common::peak_rss_mib();
+    let live_peak_measured = common::reset_peak_rss();
+    let sampler = common::RssSampler::start(Duration::from_millis(250));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let state = ServiceState::live(pipeline.warehouses());
@@ -300,6 +314,7 @@ async fn main() {
     let w = pipeline.caught_up().await.expect("caught up");
     assert_eq!(reports(&client, Some(&w)).await, reports(&client, None).await, "acme's reports equal the source's");
     drop(w);
+    let (rss_at_start, rss_max, rss_at_end) = sampler.stop();
     pipeline.shutdown().await.expect("shutdown");
     server.abort();
 
@@ -317,7 +332,10 @@ async fn main() {
          reaches {fold_ratio} of the model's rows): {} builds, the last {:.1?}; tail at the end {} changes; \
          {} raw compactions; \
          lag at the end {:?} bytes / {:.2?} s; {} retries.\n\
-         Peak RSS of the bench process (pipeline, HTTP service, workload driver and probe): {:.0} MiB.\n\
+         Peak RSS of the bench process (pipeline, HTTP service, workload driver and probe): {:.0} MiB up to the \
+         first caught-up handle (the source's load, the snapshot and the first model build); {} under the live \
+         workload after it (RSS sampled every 250 ms: {rss_at_start:.0} MiB as the workload started, {rss_max:.0} MiB at \
+         most, {rss_at_end:.0} MiB at the end). Model build memory pool: {memory_limit_mib} MiB.\n\
          Answers checked: R1, R2, R3 and R4 of the caught-up warehouse equal PostgreSQL's, before the \
          workload and after it.\n",
         load.customers + load.products + load.orders + load.order_items,
@@ -334,7 +352,11 @@ async fn main() {
         status.lag_bytes,
         status.lag_seconds.unwrap_or_default(),
         status.retries,
-        common::peak_rss_mib(),
+        startup_peak,
+        match live_peak_measured {
+            true => format!("{:.0} MiB", common::peak_rss_mib()),
+            false => "not measured (the kernel did not reset the peak)".to_string(),
+        },
     );
     println!("{summary}");
     std::fs::create_dir_all(common::root()).expect("bench-data");

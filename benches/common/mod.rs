@@ -221,6 +221,54 @@ pub fn peak_rss_mib() -> f64 {
         .map_or(f64::NAN, |kb| kb / 1024.0)
 }
 
+/// Resident set size of this process now, in MiB.
+pub fn rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).map(str::to_string))
+        .and_then(|l| l.split_whitespace().nth(1).and_then(|kb| kb.parse::<f64>().ok()))
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+/// Samples this process's RSS every `every` on a thread of its own until stopped; `stop`
+/// returns the first, largest and last samples, in MiB.
+pub struct RssSampler {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<(f64, f64, f64)>,
+}
+
+impl RssSampler {
+    /// Start sampling.
+    pub fn start(every: std::time::Duration) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = std::sync::Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
+            let first = rss_mib();
+            let (mut max, mut last) = (first, first);
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                std::thread::sleep(every);
+                last = rss_mib();
+                max = max.max(last);
+            }
+            (first, max, last)
+        });
+        Self { stop, thread }
+    }
+
+    /// Stop, and return the first, largest and last samples (MiB).
+    pub fn stop(self) -> (f64, f64, f64) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().unwrap_or((f64::NAN, f64::NAN, f64::NAN))
+    }
+}
+
+/// Reset this process's peak RSS to its current RSS (Linux: `5` written to
+/// `/proc/self/clear_refs`), so a later [`peak_rss_mib`] gives the peak of what ran since.
+/// Returns whether the kernel took it.
+pub fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
 /// Run this benchmark binary again as a child process with `var` set to `value` (the child
 /// does one step and prints `peak_rss_mib=<n>`), and return the child's peak RSS in MiB: a
 /// process of its own, so the figure is the step's alone.
