@@ -18,16 +18,17 @@ pub(super) async fn pending_items(
     ctx: &SessionContext,
     inputs: &LiveInputs<'_>,
     held: &mut HeldStar,
+    touched: Option<&TouchedOrders>,
 ) -> Result<(PendingItems, bool)> {
     let items_table = tables::FACT_ORDER_ITEMS;
     let orders_table = tables::FACT_ORDERS;
     let previous = inputs.previous.and_then(|p| Some((p, p.pending.as_ref()?)));
-    let Some((previous, before)) = previous else {
+    let Some(((previous, before), touched)) = previous.zip(touched) else {
         let totals = collect_counts(ctx, &pending_counts_sql()).await?;
         register_pending(ctx, &totals)?;
         return Ok((totals, false));
     };
-    let (items, orders) = (touched_since(ctx, items_table).await?, touched_since(ctx, orders_table).await?);
+    let (items, orders) = (touched_since(ctx, items_table).await?, &touched.keys);
     let mut totals = (**before).clone();
     if items.is_empty() && orders.is_empty() {
         register_pending(ctx, &totals)?;
@@ -46,7 +47,7 @@ pub(super) async fn pending_items(
     let touched_orders: HashSet<i64> = orders.iter().copied().collect();
     let of_touched =
         |batch: &RecordBatch| -> Result<BooleanArray> { membership(batch, "order_id", &touched_orders, true) };
-    let mut stored_orders = looked_up_rows(&orders_index, &orders, orders_table, order_columns).await?;
+    let mut stored_orders = touched.stored.clone();
     let open_before =
         open_rows(&visible_rows(&stored_orders, "order_id", previous.tables.get(orders_table), &of_touched).await?)?;
     let open_after =
@@ -166,7 +167,8 @@ pub(crate) const CUSTOMER_ORDERS: &str = "customer_orders_current";
 pub(super) async fn customer_orders(
     ctx: &SessionContext,
     inputs: &LiveInputs<'_>,
-    held: &mut HeldStar,
+    held: &HeldStar,
+    touched: Option<&TouchedOrders>,
 ) -> Result<CustomerOrders> {
     let table = tables::FACT_ORDERS;
     let count = |relation: &str| {
@@ -176,19 +178,15 @@ pub(super) async fn customer_orders(
         )
     };
     let previous = inputs.previous.and_then(|p| Some((p, p.customer_orders.as_ref()?)));
-    let counts = match previous {
+    let counts = match previous.zip(touched) {
         None => CustomerOrders { base: hold_in_memory(ctx, &count(table)).await?.0, delta: HashMap::new() },
-        Some((previous, kept)) => {
+        Some(((previous, kept), TouchedOrders { keys: orders, stored })) => {
             let mut delta = kept.delta.clone();
-            let orders = touched_since(ctx, table).await?;
             if !orders.is_empty() {
-                let index = fact_lookup(inputs, held, table, "order_id").await?;
-                let columns = Some(&["order_id", "customer_id", "status", "is_current"][..]);
-                let stored = looked_up_rows(&index, &orders, table, columns).await?;
                 let wanted: HashSet<i64> = orders.iter().copied().collect();
                 let of_wanted = |batch: &RecordBatch| membership(batch, "order_id", &wanted, true);
                 for (side, sign) in [(previous.tables.get(table), -1), (held.tables.get(table), 1)] {
-                    for batch in visible_rows(&stored, "order_id", side, &of_wanted).await? {
+                    for batch in visible_rows(stored, "order_id", side, &of_wanted).await? {
                         let (customers, current) = (int64s(&batch, "customer_id")?, bools(&batch, "is_current")?);
                         let statuses = arrow::compute::cast(
                             batch.column_by_name("status").ok_or_else(|| {
@@ -248,6 +246,39 @@ pub(super) async fn register_customer_orders(ctx: &SessionContext, counts: &Cust
         .await?;
     ctx.register_table(CUSTOMER_ORDERS, view.into_view())?;
     Ok(())
+}
+
+/// The `fact_orders` keys the changes since the previous handle touch, and their stored rows
+/// (the columns R3's and R4's differences count), looked up once for both: the lookup reads a
+/// page of each column per key, and random keys touch most of the table's pages.
+pub(super) struct TouchedOrders {
+    keys: Vec<i64>,
+    stored: Vec<RecordBatch>,
+}
+
+/// The columns of the stored `fact_orders` rows in [`TouchedOrders`].
+const TOUCHED_ORDER_COLUMNS: [&str; 5] = ["order_id", "customer_id", "status", "is_current", "is_open"];
+
+/// [`TouchedOrders`], when a handle extends the R3 or R4 counts of a previous one (otherwise
+/// they are counted whole and need none).
+pub(super) async fn touched_orders(
+    ctx: &SessionContext,
+    inputs: &LiveInputs<'_>,
+    held: &mut HeldStar,
+) -> Result<Option<TouchedOrders>> {
+    if inputs.previous.is_none_or(|p| p.pending.is_none() && p.customer_orders.is_none()) {
+        return Ok(None);
+    }
+    let table = tables::FACT_ORDERS;
+    let keys = touched_since(ctx, table).await?;
+    let stored = match keys.is_empty() {
+        true => Vec::new(),
+        false => {
+            let index = fact_lookup(inputs, held, table, "order_id").await?;
+            looked_up_rows(&index, &keys, table, Some(&TOUCHED_ORDER_COLUMNS)).await?
+        }
+    };
+    Ok(Some(TouchedOrders { keys, stored }))
 }
 
 /// The keys of a star table that the changes since the previous handle touch (registered by

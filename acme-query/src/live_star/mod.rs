@@ -210,7 +210,8 @@ pub(crate) async fn register(ctx: &SessionContext, inputs: &LiveInputs<'_>) -> R
         && ["orders", "order_items"].iter().all(|t| tail_of(inputs.tails, t).is_some())
     {
         let started = std::time::Instant::now();
-        let (pending, incremental) = pending_items(ctx, inputs, &mut held).await?;
+        let touched = touched_orders(ctx, inputs, &mut held).await?;
+        let (pending, incremental) = pending_items(ctx, inputs, &mut held, touched.as_ref()).await?;
         tracing::debug!(
             incremental,
             products = pending.len(),
@@ -219,7 +220,7 @@ pub(crate) async fn register(ctx: &SessionContext, inputs: &LiveInputs<'_>) -> R
         );
         held.pending = Some(Arc::new(pending));
         let started = std::time::Instant::now();
-        let counts = customer_orders(ctx, inputs, &mut held).await?;
+        let counts = customer_orders(ctx, inputs, &held, touched.as_ref()).await?;
         tracing::debug!(
             changed = counts.delta.len(),
             ms = started.elapsed().as_millis() as u64,
