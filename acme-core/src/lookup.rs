@@ -33,7 +33,7 @@ use crate::error::{Error, Result};
 use crate::storage::LayerTable;
 
 /// Files whose metadata is read at once while an index is built, and files read at once by a
-/// lookup.
+/// lookup (each in a task of its own, so that a lookup decodes on every worker thread).
 const CONCURRENT_FILES: usize = 8;
 
 /// The key pages of one row group: `(first row, min key, max key)` per page, in row order.
@@ -64,11 +64,11 @@ struct IndexedFile {
 /// an index stays valid for that version.
 #[derive(Debug, Clone)]
 pub struct KeyIndex {
-    table: String,
-    key: String,
+    table: Arc<str>,
+    key: Arc<str>,
     store: Arc<dyn ObjectStore>,
     schema: SchemaRef,
-    files: Vec<IndexedFile>,
+    files: Vec<Arc<IndexedFile>>,
 }
 
 impl LayerTable {
@@ -87,12 +87,14 @@ impl LayerTable {
         let reads: Vec<_> = files
             .into_iter()
             .map(|file| {
-                index_file(Arc::clone(&store), table.clone(), key.to_string(), file.location, file.path, file.size)
-                    .boxed()
+                let read =
+                    index_file(Arc::clone(&store), table.clone(), key.to_string(), file.location, file.path, file.size);
+                async move { Spawned::new(read).join().await }
             })
             .collect();
         let indexed = futures::stream::iter(reads).buffered(CONCURRENT_FILES).try_collect::<Vec<_>>().await?;
-        Ok(KeyIndex { table, key: key.to_string(), store, schema, files: indexed })
+        let files = indexed.into_iter().map(Arc::new).collect();
+        Ok(KeyIndex { table: table.into(), key: key.into(), store, schema, files })
     }
 }
 
@@ -259,7 +261,10 @@ impl KeyIndex {
             .iter()
             .filter_map(|file| {
                 let (groups, selected) = selection(&file.row_groups, &keys.sorted)?;
-                Some(self.read(file, groups, selected, Arc::clone(&keys), Arc::clone(&schema)).boxed())
+                let read =
+                    self.file_read().read(Arc::clone(file), groups, selected, Arc::clone(&keys), Arc::clone(&schema));
+                // Spawned when the stream below first polls it; aborted if the lookup is dropped.
+                Some(async move { Spawned::new(read).join().await })
             })
             .collect();
         let batches: Vec<Vec<RecordBatch>> =
@@ -267,15 +272,53 @@ impl KeyIndex {
         Ok(batches.into_iter().flatten().collect())
     }
 
+    /// What reading a file needs of the index (not its files).
+    fn file_read(&self) -> FileRead {
+        FileRead { table: Arc::clone(&self.table), key: Arc::clone(&self.key), store: Arc::clone(&self.store) }
+    }
+}
+
+/// What a lookup's read of one file needs, owned (the read runs in a task of its own).
+struct FileRead {
+    table: Arc<str>,
+    key: Arc<str>,
+    store: Arc<dyn ObjectStore>,
+}
+
+/// A file's read in a task of its own, aborted when dropped before it finished (a lookup
+/// whose caller gave up).
+struct Spawned<T>(tokio::task::JoinHandle<Result<T>>);
+
+impl<T: Send + 'static> Spawned<T> {
+    fn new(read: impl std::future::Future<Output = Result<T>> + Send + 'static) -> Self {
+        Spawned(tokio::spawn(read))
+    }
+
+    async fn join(mut self) -> Result<T> {
+        match (&mut self.0).await {
+            Ok(rows) => rows,
+            Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+            Err(error) => Err(Error::Internal(format!("a key index's read was cancelled: {error}"))),
+        }
+    }
+}
+
+impl<T> Drop for Spawned<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl FileRead {
     async fn read(
-        &self,
-        file: &IndexedFile,
+        self,
+        file: Arc<IndexedFile>,
         groups: Vec<usize>,
         selection: RowSelection,
         keys: Arc<KeySet>,
         schema: SchemaRef,
     ) -> Result<Vec<RecordBatch>> {
-        let bad = |message: String| Error::DataFile { table: self.table.clone(), file: file.path.clone(), message };
+        let bad = |message: String| Error::DataFile { table: self.table.to_string(), file: file.path.clone(), message };
         let reader = FileReader { store: Arc::clone(&self.store), location: file.location.clone(), size: file.size };
         let parquet_schema = file.metadata.parquet_schema();
         // The wanted columns the file has, and always the key (to filter on).
@@ -287,7 +330,7 @@ impl KeyIndex {
             .collect();
         // The key column of the selected pages is read first; the other columns are then read
         // only for the pages that hold a looked-up key's rows, and decoded only for those rows.
-        let key_name = self.key.clone();
+        let key_name = Arc::clone(&self.key);
         let wanted_keys = Arc::clone(&keys);
         let predicate = ArrowPredicateFn::new(ProjectionMask::leaves(parquet_schema, [file.key_leaf]), move |batch| {
             let Some(values) = batch.column(0).as_primitive_opt::<Int64Type>() else {
