@@ -38,6 +38,7 @@ pub mod lsn;
 pub mod raw;
 pub mod storage;
 mod table;
+pub mod task;
 pub mod telemetry;
 pub mod vacuum;
 

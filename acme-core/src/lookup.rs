@@ -31,6 +31,7 @@ use parquet::file::page_index::column_index::ColumnIndexMetaData;
 
 use crate::error::{Error, Result};
 use crate::storage::LayerTable;
+use crate::task::OwnedTask;
 
 /// Files whose metadata is read at once while an index is built, and files read at once by a
 /// lookup (each in a task of its own, so that a lookup decodes on every worker thread).
@@ -89,7 +90,7 @@ impl LayerTable {
             .map(|file| {
                 let read =
                     index_file(Arc::clone(&store), table.clone(), key.to_string(), file.location, file.path, file.size);
-                async move { Spawned::new(read).join().await }
+                spawned(read)
             })
             .collect();
         let indexed = futures::stream::iter(reads).buffered(CONCURRENT_FILES).try_collect::<Vec<_>>().await?;
@@ -264,7 +265,7 @@ impl KeyIndex {
                 let read =
                     self.file_read().read(Arc::clone(file), groups, selected, Arc::clone(&keys), Arc::clone(&schema));
                 // Spawned when the stream below first polls it; aborted if the lookup is dropped.
-                Some(async move { Spawned::new(read).join().await })
+                Some(spawned(read))
             })
             .collect();
         let batches: Vec<Vec<RecordBatch>> =
@@ -285,28 +286,11 @@ struct FileRead {
     store: Arc<dyn ObjectStore>,
 }
 
-/// A file's read in a task of its own, aborted when dropped before it finished (a lookup
-/// whose caller gave up).
-struct Spawned<T>(tokio::task::JoinHandle<Result<T>>);
-
-impl<T: Send + 'static> Spawned<T> {
-    fn new(read: impl std::future::Future<Output = Result<T>> + Send + 'static) -> Self {
-        Spawned(tokio::spawn(read))
-    }
-
-    async fn join(mut self) -> Result<T> {
-        match (&mut self.0).await {
-            Ok(rows) => rows,
-            Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
-            Err(error) => Err(Error::Internal(format!("a key index's read was cancelled: {error}"))),
-        }
-    }
-}
-
-impl<T> Drop for Spawned<T> {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
+/// `read` in a task of its own ([`OwnedTask`]): a lookup's files decode on every worker thread.
+async fn spawned<T: Send + 'static>(read: impl std::future::Future<Output = Result<T>> + Send + 'static) -> Result<T> {
+    OwnedTask::spawn(read).join().await.unwrap_or_else(|| {
+        Err(Error::Internal("a key index's read was cancelled: the runtime is shutting down".into()))
+    })
 }
 
 impl FileRead {

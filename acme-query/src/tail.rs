@@ -381,7 +381,14 @@ pub(crate) async fn hold_in_memory(
         // DataFusion runs in the task that polls it, and a refresh computes several of them
         // concurrently (the star tables of a group), which then share one worker thread.
         let stream = df.execute_stream().await?;
-        AbortOnDrop(tokio::spawn(futures::TryStreamExt::try_collect::<Vec<_>>(stream))).join().await?
+        acme_core::task::OwnedTask::spawn(futures::TryStreamExt::try_collect::<Vec<_>>(stream))
+            .join()
+            .await
+            .ok_or_else(|| {
+                datafusion::error::DataFusionError::Execution(
+                    "a held relation's query was cancelled: the runtime is shutting down".into(),
+                )
+            })??
     };
     // The batches' own schema: the plan's may differ from it in nullability.
     let schema = batches.first().map_or(planned, |b| b.schema());
@@ -395,28 +402,6 @@ pub(crate) async fn hold_in_memory(
     };
     let bytes = batches.iter().map(RecordBatch::get_array_memory_size).sum();
     Ok((Arc::new(datafusion::datasource::MemTable::try_new(schema, vec![batches])?), bytes))
-}
-
-/// A query's execution spawned by [`hold_in_memory`], aborted when the caller gives up.
-struct AbortOnDrop(tokio::task::JoinHandle<datafusion::error::Result<Vec<RecordBatch>>>);
-
-impl AbortOnDrop {
-    async fn join(mut self) -> Result<Vec<RecordBatch>> {
-        match (&mut self.0).await {
-            Ok(batches) => Ok(batches?),
-            Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
-            Err(error) => Err(datafusion::error::DataFusionError::Execution(format!(
-                "a held relation's query was cancelled: {error}"
-            ))
-            .into()),
-        }
-    }
-}
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 /// `batch` with its string and binary view columns copied into buffers of their own.
