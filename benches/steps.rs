@@ -23,7 +23,8 @@
 //! `benches/plot-steps.py` (into `bench-steps.png`).
 //!
 //! Run: `ACME_BENCH_STEP_SFS=0.1,1,10 cargo bench --bench steps`. `ACME_BENCH_STEP_PERF=<dir>`
-//! records a `perf` profile of the steady-state live steps of each size into `<dir>`, and
+//! records a `perf` profile of the steady-state live steps of each size into `<dir>` (see
+//! [`Profiler`]), and
 //! `RUST_LOG=acme_query=debug` logs where each step's time goes.
 
 use std::fmt::Write as _;
@@ -91,21 +92,73 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
-/// With `ACME_BENCH_STEP_PERF=<dir>`, a `perf record` of this process (call graphs) that the
-/// caller stops with SIGINT: it covers the steady-state live steps of one size only, written to
-/// `<dir>/perf-sf<SF>-<size>.data`.
-fn perf(sf: f64, target: u64) -> Option<std::process::Child> {
-    let dir = std::env::var_os("ACME_BENCH_STEP_PERF")?;
-    let out = std::path::Path::new(&dir).join(format!("perf-sf{sf}-{target}.data"));
-    let child = std::process::Command::new("perf")
-        .args(["record", "-F", "499", "-g", "-p", &std::process::id().to_string(), "-o"])
-        .arg(out)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("perf (ACME_BENCH_STEP_PERF)");
-    std::thread::sleep(Duration::from_millis(500));
-    Some(child)
+/// With `ACME_BENCH_STEP_PERF=<dir>`, a `perf record` of this process (call graphs, unwound with
+/// DWARF unless `ACME_BENCH_STEP_PERF_CALLS` says otherwise, e.g. `fp`) that counts
+/// only while a steady-state live step runs ([`Profiler::during`]: perf's control FIFO enables
+/// and disables its events), written to `<dir>/perf-sf<SF>-<size>.data`. Each profiled step is
+/// also run again from the same handle `ACME_BENCH_STEP_PERF_AGAIN` times (default 4, results
+/// dropped, not timed), for more samples of exactly that work.
+struct Profiler {
+    child: std::process::Child,
+    control: std::fs::File,
+    ack: std::io::BufReader<std::fs::File>,
+    again: usize,
+}
+
+impl Profiler {
+    fn start(sf: f64, target: u64) -> Option<Profiler> {
+        let dir = std::path::PathBuf::from(std::env::var_os("ACME_BENCH_STEP_PERF")?);
+        let out = dir.join(format!("perf-sf{sf}-{target}.data"));
+        let (control, ack) =
+            (dir.join(format!("perf-sf{sf}-{target}.ctl")), dir.join(format!("perf-sf{sf}-{target}.ack")));
+        for fifo in [&control, &ack] {
+            let _ = std::fs::remove_file(fifo);
+            let made = std::process::Command::new("mkfifo").arg(fifo).status().expect("mkfifo");
+            assert!(made.success(), "mkfifo {}", fifo.display());
+        }
+        let child = std::process::Command::new("perf")
+            .args([
+                "record",
+                "-F",
+                "499",
+                "--call-graph",
+                &env("ACME_BENCH_STEP_PERF_CALLS", "dwarf,32768".to_string()),
+            ])
+            .args(["-D", "-1", "-p", &std::process::id().to_string()])
+            .arg(format!("--control=fifo:{},{}", control.display(), ack.display()))
+            .arg("-o")
+            .arg(out)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("perf (ACME_BENCH_STEP_PERF)");
+        // Opening a FIFO's writing end waits for perf to open its reading end.
+        let control = std::fs::OpenOptions::new().write(true).open(&control).expect("perf's control FIFO");
+        let ack = std::io::BufReader::new(std::fs::File::open(&ack).expect("perf's ack FIFO"));
+        Some(Profiler { child, control, ack, again: env("ACME_BENCH_STEP_PERF_AGAIN", 4usize) })
+    }
+
+    /// Send perf `command` and wait for its acknowledgement.
+    fn command(&mut self, command: &str) {
+        use std::io::{BufRead, Write};
+        writeln!(self.control, "{command}").expect("perf control");
+        let mut line = String::new();
+        self.ack.read_line(&mut line).expect("perf ack");
+    }
+
+    /// Profile `again` more runs of the step that made `stepped` from `w`.
+    async fn during(&mut self, w: &Warehouse) {
+        self.command("enable");
+        for _ in 0..self.again {
+            drop(w.refreshed().await.expect("profiled step"));
+        }
+        self.command("disable");
+    }
+
+    fn stop(mut self) {
+        let _ = std::process::Command::new("kill").args(["-INT", &self.child.id().to_string()]).status();
+        let _ = self.child.wait();
+    }
 }
 
 /// Commit about `changes` raw changes (the workload's mix) and stream them to the raw layer;
@@ -171,13 +224,16 @@ async fn scale(sf: f64, repeats: usize, rows: &mut Vec<(f64, u64, Step)>) {
         commit_changes(&url, &mut stream, seed, transactions).await;
         seed += 1;
         w = w.refreshed().await.expect("refresh").unwrap_or(w);
-        let mut profiler = perf(sf, target);
+        let mut profiler = Profiler::start(sf, target);
         for (repeat, step) in steps.iter_mut().enumerate() {
             let changes = commit_changes(&url, &mut stream, seed, transactions).await;
             seed += 1;
             let timed = Instant::now();
             let stepped = w.refreshed().await.expect("live step").expect("a newer position");
             step.live = timed.elapsed();
+            if let Some(profiler) = profiler.as_mut() {
+                profiler.during(&w).await;
+            }
             step.tail = stepped.tail().map_or(0, |t| t.changes);
             if repeat == 0 || repeat + 1 == repeats {
                 check(&stepped, &client, &format!("a live step of {changes} changes at SF{sf}")).await;
@@ -191,9 +247,8 @@ async fn scale(sf: f64, repeats: usize, rows: &mut Vec<(f64, u64, Step)>) {
                 step.fold.as_secs_f64() * 1e3
             );
         }
-        if let Some(mut child) = profiler.take() {
-            let _ = std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status();
-            let _ = child.wait();
+        if let Some(profiler) = profiler.take() {
+            profiler.stop();
         }
         // Fold the steady state's tail (not timed) before the next size.
         ModelBuild::new(config.clone()).run().await.expect("fold");
