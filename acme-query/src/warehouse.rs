@@ -37,6 +37,9 @@ pub struct Warehouse {
     pub(crate) kept_pending: Arc<tokio::sync::OnceCell<()>>,
     /// What acme registered in `ctx` (the rest is the caller's, carried over on refresh).
     pub(crate) registered: Arc<builder::Registered>,
+    /// Each pinned table's scan (by `layer/table`, see [`acme_core::LayerTable::name`]), which a
+    /// refreshed handle reuses for the tables whose version did not move.
+    pub(crate) providers: Arc<HashMap<String, Arc<dyn datafusion::catalog::TableProvider>>>,
 }
 
 /// What a handle being loaded takes over from the handle it refreshes.
@@ -52,6 +55,11 @@ pub(crate) struct Previous<'a> {
     pub(crate) star: Option<Arc<live_star::HeldStar>>,
     /// Its context and what acme registered in it: the caller's tables and functions carry over.
     pub(crate) context: Option<(&'a SessionContext, &'a builder::Registered)>,
+    /// Its tables' scans: a table at the same version keeps its scan (listing a version's
+    /// files and parsing their statistics is most of what opening an unchanged table costs).
+    pub(crate) providers: Option<&'a HashMap<String, Arc<dyn datafusion::catalog::TableProvider>>>,
+    /// The rows its stored histories hold, when the stored model did not move.
+    pub(crate) model_rows: Option<u64>,
 }
 
 /// What a handle passes on to the handles [`Warehouse::refreshed`] makes.
@@ -157,14 +165,18 @@ impl Warehouse {
         if pinned && (&raw_manifest, &model_manifest) == (&self.manifests.0, &self.manifests.1) {
             return Ok(None);
         }
-        // The first instant of the history only moves with the stored model.
-        let known_start = self.history_start.filter(|_| model_manifest.is_some() && model_manifest == self.manifests.1);
+        // The first instant of the history, and the rows it holds, only move with the stored
+        // model.
+        let same_model = model_manifest.is_some() && model_manifest == self.manifests.1;
+        let known_start = self.history_start.filter(|_| same_model);
         let previous = Previous {
             tables: &self.tables,
             known_start,
             tail: self.held.clone(),
             star: self.star.clone(),
             context: Some((&self.ctx, &self.registered)),
+            providers: Some(&self.providers),
+            model_rows: self.tail.map(|t| t.model_rows).filter(|_| same_model),
         };
         let loaded =
             Self::load(self.storage.clone(), &self.url, (raw_manifest, model_manifest), previous, self.shared.clone());
@@ -196,10 +208,16 @@ impl Warehouse {
         let loaded = futures::future::try_join_all(wanted.iter().map(|(layer, name, registered, manifest)| {
             let (storage, runtime) = (&storage, &shared.runtime);
             async move {
-                let previous = previous.tables.iter().find(|t| t.name() == format!("{}/{name}", layer.dir()));
-                match storage.reopen_pinned(*layer, name, *manifest, previous).await? {
+                let previous_table = previous.tables.iter().find(|t| t.name() == format!("{}/{name}", layer.dir()));
+                match storage.reopen_pinned(*layer, name, *manifest, previous_table).await? {
                     Some(table) => {
-                        let provider = table.cached_provider(runtime)?;
+                        let unchanged =
+                            previous_table.is_some_and(|p| p.version().is_some() && p.version() == table.version());
+                        let kept = previous.providers.filter(|_| unchanged).and_then(|p| p.get(table.name()));
+                        let provider = match kept {
+                            Some(provider) => Arc::clone(provider),
+                            None => table.cached_provider(runtime)?,
+                        };
                         Ok::<_, QueryError>(Some((*layer, registered.clone(), provider, table)))
                     }
                     None => Ok(None),
@@ -217,7 +235,9 @@ impl Warehouse {
         let tail_after = live_tail_position(raw_manifest.as_ref(), model_manifest.as_ref());
         let mut found = HashMap::new();
         let mut tables = Vec::new();
+        let mut providers = HashMap::new();
         for (layer, registered, provider, table) in loaded.into_iter().flatten() {
+            providers.insert(table.name().to_string(), Arc::clone(&provider));
             if layer == Layer::Raw {
                 ctx.register_table(registered.as_str(), provider)?;
             } else {
@@ -234,8 +254,8 @@ impl Warehouse {
         let opened = started.elapsed();
         let mut held = None;
         let mut held_star = None;
-        let mut tail =
-            model_manifest.as_ref().map(|_| Tail { changes: 0, model_rows: model_rows(&tables), held_bytes: 0 });
+        let stored_rows = previous.model_rows.unwrap_or_else(|| model_rows(&tables));
+        let mut tail = model_manifest.as_ref().map(|_| Tail { changes: 0, model_rows: stored_rows, held_bytes: 0 });
         if let (Some(position), Some(tail)) = (tail_after, tail.as_mut()) {
             let files = raw_tail_files(&tables, position)?;
             tail.changes = count_tail(&ctx, &files, position).await?;
@@ -342,6 +362,7 @@ impl Warehouse {
             star: held_star,
             tail,
             kept_pending: Default::default(),
+            providers: Arc::new(providers),
         })
     }
 
