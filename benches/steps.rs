@@ -93,11 +93,11 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 }
 
 /// With `ACME_BENCH_STEP_PERF=<dir>`, a `perf record` of this process (call graphs, unwound with
-/// DWARF unless `ACME_BENCH_STEP_PERF_CALLS` says otherwise, e.g. `fp`) that counts
-/// only while a steady-state live step runs ([`Profiler::during`]: perf's control FIFO enables
-/// and disables its events), written to `<dir>/perf-sf<SF>-<size>.data`. Each profiled step is
-/// also run again from the same handle `ACME_BENCH_STEP_PERF_AGAIN` times (default 4, results
-/// dropped, not timed), for more samples of exactly that work.
+/// DWARF unless `ACME_BENCH_STEP_PERF_CALLS` says otherwise, e.g. `fp`), written to
+/// `<dir>/perf-sf<SF>-<size>.data`, that counts only while steady-state live steps run: after
+/// each timed step, the same step is run again from the same handle `ACME_BENCH_STEP_PERF_AGAIN`
+/// times (default 4; results dropped) with perf's events enabled through its control FIFO
+/// ([`Profiler::during`]). The timed step itself runs unprofiled, so perf does not slow it.
 struct Profiler {
     child: std::process::Child,
     control: std::fs::File,
@@ -146,7 +146,7 @@ impl Profiler {
         self.ack.read_line(&mut line).expect("perf ack");
     }
 
-    /// Profile `again` more runs of the step that made `stepped` from `w`.
+    /// Profile `again` more runs of the step from `w` (the handle the timed step started from).
     async fn during(&mut self, w: &Warehouse) {
         self.command("enable");
         for _ in 0..self.again {
