@@ -209,6 +209,21 @@ impl LayerTable {
         Ok(stream.map(move |batch| batch.map_err(|e| bad(e.to_string()))).boxed())
     }
 
+    /// [`LayerTable::read_file`] in the file's own row order: the file is scanned as one
+    /// partition (a query engine otherwise splits a large file's scan by byte ranges and
+    /// interleaves the parts), for rewrites that keep rows sorted.
+    pub async fn read_file_in_order(
+        &self,
+        ctx: &datafusion::prelude::SessionContext,
+        file: &DataFile,
+        columns: Option<&[&str]>,
+    ) -> Result<BoxStream<'static, Result<arrow::array::RecordBatch>>> {
+        let mut state = ctx.state();
+        state.config_mut().options_mut().execution.target_partitions = 1;
+        let ordered = datafusion::prelude::SessionContext::new_with_state(state);
+        self.read_file(&ordered, file, columns).await
+    }
+
     /// Read every data file of the loaded version in full and return the first that cannot
     /// be read, with why (a diagnosis for when a query over the table fails: query engines
     /// report a corrupt file without naming it). Reads the whole table: use it on error paths.

@@ -21,7 +21,7 @@ use url::Url;
 
 use crate::error::{Error, Result};
 pub use crate::table::{
-    CHECKPOINT_INTERVAL, CommitMode, CommitOutcome, LayerTable, LayerWriter, PAGE_ROWS, ROW_GROUP_ROWS,
+    CHECKPOINT_INTERVAL, CommitMode, CommitOutcome, LayerTable, LayerWriter, PAGE_ROWS, ROW_GROUP_ROWS, align_batch,
     writer_properties,
 };
 /// The three layers of the warehouse.

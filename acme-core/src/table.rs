@@ -266,8 +266,11 @@ impl LayerWriter {
     /// columns the batch lacks are written as NULL, and columns of another type (a string
     /// view for a string, say) are cast to the table's type.
     pub async fn write(&mut self, table_name: &str, batch: RecordBatch) -> Result<()> {
-        let batch =
-            if batch.schema().fields() == self.schema.fields() { batch } else { self.align(table_name, batch)? };
+        let batch = if batch.schema().fields() == self.schema.fields() {
+            batch
+        } else {
+            align_batch(&self.schema, table_name, batch)?
+        };
         self.rows += batch.num_rows() as u64;
         let Some(limit) = self.file_rows else {
             return self.inner.write(batch).await.map_err(Error::delta(table_name, "write"));
@@ -288,20 +291,14 @@ impl LayerWriter {
         Ok(())
     }
 
-    fn align(&self, table_name: &str, batch: RecordBatch) -> Result<RecordBatch> {
-        let columns = self
-            .schema
-            .fields()
-            .iter()
-            .map(|field| match batch.schema().index_of(field.name()) {
-                Ok(i) if batch.column(i).data_type() == field.data_type() => Ok(Arc::clone(batch.column(i))),
-                Ok(i) => arrow::compute::cast(batch.column(i), field.data_type()),
-                Err(_) => Ok(arrow::array::new_null_array(field.data_type(), batch.num_rows())),
-            })
-            .collect::<std::result::Result<Vec<_>, _>>();
-        let error =
-            |source| Error::Arrow { context: format!("matching a batch to the columns of {table_name}"), source };
-        RecordBatch::try_new(Arc::clone(&self.schema), columns.map_err(error)?).map_err(error)
+    /// The columns of the files this writer writes (the table's, in its order).
+    pub fn schema(&self) -> &Arc<Schema> {
+        &self.schema
+    }
+
+    /// `batch` with the writer's columns (see [`align_batch`]).
+    pub fn align(&self, table_name: &str, batch: RecordBatch) -> Result<RecordBatch> {
+        align_batch(&self.schema, table_name, batch)
     }
 
     /// Rows written so far.
@@ -315,4 +312,23 @@ impl LayerWriter {
         files.extend(self.inner.flush().await.map_err(Error::delta(table_name, "finish files"))?);
         Ok(files)
     }
+}
+
+/// `batch` with the columns of `schema` (a table's): matched by name, cast to the table's
+/// types, NULL where the batch lacks a column. [`LayerWriter::write`] does this to every batch.
+pub fn align_batch(schema: &Arc<Schema>, table_name: &str, batch: RecordBatch) -> Result<RecordBatch> {
+    if batch.schema().fields() == schema.fields() {
+        return Ok(batch);
+    }
+    let columns = schema
+        .fields()
+        .iter()
+        .map(|field| match batch.schema().index_of(field.name()) {
+            Ok(i) if batch.column(i).data_type() == field.data_type() => Ok(Arc::clone(batch.column(i))),
+            Ok(i) => arrow::compute::cast(batch.column(i), field.data_type()),
+            Err(_) => Ok(arrow::array::new_null_array(field.data_type(), batch.num_rows())),
+        })
+        .collect::<std::result::Result<Vec<_>, _>>();
+    let error = |source| Error::Arrow { context: format!("matching a batch to the columns of {table_name}"), source };
+    RecordBatch::try_new(Arc::clone(schema), columns.map_err(error)?).map_err(error)
 }

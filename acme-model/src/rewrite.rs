@@ -10,10 +10,21 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use acme_core::storage::align_batch;
 use acme_core::{CommitOutcome, DataFile, LayerTable, LayerWriter, Position, Replace};
 use arrow::array::{Array, AsArray, BooleanArray, RecordBatch};
-use arrow::compute::{filter_record_batch, not};
-use arrow::datatypes::Int64Type;
+use arrow::compute::{SortOptions, filter_record_batch, not};
+use arrow::datatypes::{Int64Type, SchemaRef};
+use datafusion::error::DataFusionError;
+use datafusion::execution::SendableRecordBatchStream;
+use datafusion::execution::memory_pool::MemoryConsumer;
+use datafusion::physical_expr::expressions::Column;
+use datafusion::physical_expr::{LexOrdering, PhysicalSortExpr};
+use datafusion::physical_plan::metrics::{BaselineMetrics, ExecutionPlanMetricsSet};
+use datafusion::physical_plan::sorts::streaming_merge::StreamingMergeBuilder;
+use datafusion::physical_plan::stream::{RecordBatchReceiverStream, RecordBatchStreamAdapter};
 use datafusion::prelude::{DataFrame, SessionContext};
 use futures::StreamExt;
 
@@ -33,6 +44,9 @@ pub(crate) enum Keys {
 #[derive(Debug, Clone)]
 pub(crate) struct Target<'a> {
     pub key: &'a str,
+    /// The column the table is stored in order of (its sort's first column): a rewrite
+    /// writes kept and new rows merged in this order.
+    pub order: &'a str,
     pub keys: Keys,
     pub open: Option<&'a str>,
 }
@@ -40,30 +54,7 @@ pub(crate) struct Target<'a> {
 impl Target<'_> {
     /// Rows of `batch` that the step replaces.
     fn replaced(&self, table: &str, batch: &RecordBatch) -> Result<BooleanArray> {
-        let open = match self.open {
-            Some(column) => Some(
-                batch
-                    .column_by_name(column)
-                    .and_then(|c| c.as_boolean_opt())
-                    .ok_or_else(|| ModelError::Internal(format!("{table}: no boolean column {column}")))?
-                    .clone(),
-            ),
-            None => None,
-        };
-        let keys = batch
-            .column_by_name(self.key)
-            .and_then(|c| c.as_primitive_opt::<Int64Type>())
-            .ok_or_else(|| ModelError::UnsupportedKey { table: table.to_string(), column: self.key.to_string() })?;
-        let mut out = Vec::with_capacity(batch.num_rows());
-        for i in 0..batch.num_rows() {
-            let open_row = open.as_ref().is_none_or(|o| o.is_valid(i) && o.value(i));
-            let matched = match &self.keys {
-                Keys::All => true,
-                Keys::Set(set) => keys.is_valid(i) && set.contains(&keys.value(i)),
-            };
-            out.push(open_row && matched);
-        }
-        Ok(BooleanArray::from(out))
+        replaced_rows(table, self.key, &self.keys, self.open, batch)
     }
 
     /// Files of the loaded version that may hold replaced rows, by their statistics alone: a
@@ -90,6 +81,34 @@ impl Target<'_> {
             })
             .collect()
     }
+}
+
+/// Rows of `batch` whose `key` is in `keys` and (with an `open` column) that are open.
+fn replaced_rows(table: &str, key: &str, keys: &Keys, open: Option<&str>, batch: &RecordBatch) -> Result<BooleanArray> {
+    let open = match open {
+        Some(column) => Some(
+            batch
+                .column_by_name(column)
+                .and_then(|c| c.as_boolean_opt())
+                .ok_or_else(|| ModelError::Internal(format!("{table}: no boolean column {column}")))?
+                .clone(),
+        ),
+        None => None,
+    };
+    let values = batch
+        .column_by_name(key)
+        .and_then(|c| c.as_primitive_opt::<Int64Type>())
+        .ok_or_else(|| ModelError::UnsupportedKey { table: table.to_string(), column: key.to_string() })?;
+    let mut out = Vec::with_capacity(batch.num_rows());
+    for i in 0..batch.num_rows() {
+        let open_row = open.as_ref().is_none_or(|o| o.is_valid(i) && o.value(i));
+        let matched = match keys {
+            Keys::All => true,
+            Keys::Set(set) => values.is_valid(i) && set.contains(&values.value(i)),
+        };
+        out.push(open_row && matched);
+    }
+    Ok(BooleanArray::from(out))
 }
 
 /// Writes rows into one or two sets of files: with a `split` column, rows where it is true
@@ -141,6 +160,11 @@ impl SplitWriter {
             self.yes.write(&self.table, yes).await?;
         }
         Ok(())
+    }
+
+    /// The table's columns, which the written batches are given.
+    pub fn schema(&self) -> SchemaRef {
+        Arc::clone(self.yes.schema())
     }
 
     pub fn rows(&self) -> u64 {
@@ -212,27 +236,44 @@ pub(crate) async fn replace(
     }
     let scanned = started.elapsed();
     let mut writer = SplitWriter::new(table, split, target_file_bytes, file_rows)?;
-    let mut replaced = Replaced::default();
-    for (file, keeps_rows) in &touched {
-        if !keeps_rows {
-            continue;
-        }
-        let mut stream = table.read_file(ctx, file, None).await?;
+    let mut replaced = Replaced { files_rewritten: touched.len(), ..Replaced::default() };
+    let kept = Arc::new(AtomicU64::new(0));
+    if matches!((&target.keys, target.open), (Keys::All, None)) {
+        // The whole table recomputed: written in the order its statement gives (the star
+        // tables' statements sort by key).
+        let mut stream = new_rows.execute_stream().await?;
         while let Some(batch) = stream.next().await {
-            let batch = batch?;
-            let mask = target.replaced(&name, &batch)?;
-            let kept =
-                filter_record_batch(&batch, &not(&mask).map_err(arrow_error(&name))?).map_err(arrow_error(&name))?;
-            replaced.rows_kept += kept.num_rows() as u64;
-            writer.write(kept).await?;
+            writer.write(batch?).await?;
+        }
+    } else {
+        // The kept rows of the rewritten files and the new rows, merged in key order, so that
+        // the files written hold narrow key ranges and so do their pages (which key lookups
+        // read).
+        let schema = writer.schema();
+        let source = Arc::new(KeptRows {
+            table: table.clone(),
+            ctx: ctx.clone(),
+            key: target.key.to_string(),
+            keys: target.keys.clone(),
+            open: target.open.map(str::to_string),
+            schema: Arc::clone(&schema),
+            kept: Arc::clone(&kept),
+        });
+        let files: Vec<DataFile> = touched.iter().filter(|(_, keeps)| *keeps).map(|(f, _)| f.clone()).collect();
+        let mut inputs: Vec<SendableRecordBatchStream> =
+            chains(files, target.order).into_iter().map(|chain| source.stream(chain)).collect();
+        let new_rows = new_rows.sort(vec![datafusion::prelude::ident(target.order).sort(true, true)])?;
+        let stream = new_rows.execute_stream().await?;
+        let (aligned, table_name) = (Arc::clone(&schema), name.clone());
+        let stream =
+            stream.map(move |batch| batch.and_then(|b| align_batch(&aligned, &table_name, b).map_err(external)));
+        inputs.push(Box::pin(RecordBatchStreamAdapter::new(Arc::clone(&schema), stream)));
+        let mut merged = merge(ctx, inputs, &schema, target.order)?;
+        while let Some(batch) = merged.next().await {
+            writer.write(batch?).await?;
         }
     }
-    replaced.files_rewritten = touched.len();
-    let rewritten = started.elapsed();
-    let mut stream = new_rows.execute_stream().await?;
-    while let Some(batch) = stream.next().await {
-        writer.write(batch?).await?;
-    }
+    replaced.rows_kept = kept.load(Ordering::Relaxed);
     replaced.rows = writer.rows() - replaced.rows_kept;
     let adds = writer.finish().await?;
     tracing::debug!(
@@ -242,8 +283,7 @@ pub(crate) async fn replace(
         rows_kept = replaced.rows_kept,
         rows_new = replaced.rows,
         find_ms = scanned.as_millis() as u64,
-        rewrite_ms = (rewritten - scanned).as_millis() as u64,
-        new_rows_ms = (started.elapsed() - rewritten).as_millis() as u64,
+        write_ms = (started.elapsed() - scanned).as_millis() as u64,
         peak_rss_mib = peak_rss_mib(),
         "replaced rows"
     );
@@ -257,6 +297,120 @@ pub(crate) async fn replace(
         CommitOutcome::Committed { .. } => Ok(replaced),
         CommitOutcome::AlreadyCommitted => Ok(Replaced::default()),
     }
+}
+
+/// Most sorted inputs a rewrite merges at once (each holds a file open and a few batches).
+const MERGE_INPUTS: usize = 16;
+
+/// The files a rewrite keeps rows of, in chains whose files follow each other in key order
+/// (each file's range after the previous one's), fewest chains first found greedily by each
+/// file's smallest key. Files written by earlier rewrites are sorted and cover disjoint
+/// ranges, so a rewrite merges few chains. Beyond [`MERGE_INPUTS`] chains, a file joins the
+/// chain that ends lowest: the rows are all written either way, only less sorted.
+fn chains(mut files: Vec<DataFile>, key: &str) -> Vec<Vec<DataFile>> {
+    files.sort_by_key(|f| f.min_i64(key).unwrap_or(i64::MIN));
+    // Each chain's files and its largest key so far (`None`: unknown, nothing may follow).
+    let mut chains: Vec<(Option<i64>, Vec<DataFile>)> = Vec::new();
+    for file in files {
+        let (min, max) = (file.min_i64(key), file.max_i64(key));
+        let free = min.and_then(|min| chains.iter().position(|(end, _)| end.is_some_and(|end| end < min)));
+        let slot = match free {
+            Some(i) => i,
+            None if chains.len() < MERGE_INPUTS => {
+                chains.push((max, Vec::new()));
+                chains.len() - 1
+            }
+            None => {
+                let lowest = (0..chains.len()).min_by_key(|i| chains[*i].0.unwrap_or(i64::MAX)).unwrap_or(0);
+                chains[lowest].0 = chains[lowest].0.zip(max).map(|(a, b)| a.max(b));
+                lowest
+            }
+        };
+        if free.is_some() {
+            chains[slot].0 = max;
+        }
+        chains[slot].1.push(file);
+    }
+    chains.into_iter().map(|(_, files)| files).collect()
+}
+
+/// What a task streaming the kept rows of a chain of files needs.
+struct KeptRows {
+    table: LayerTable,
+    ctx: SessionContext,
+    key: String,
+    keys: Keys,
+    open: Option<String>,
+    /// The table's columns, which every merged input has.
+    schema: SchemaRef,
+    /// Rows kept so far, over every chain.
+    kept: Arc<AtomicU64>,
+}
+
+impl KeptRows {
+    /// The rows `files` keep, file after file in their order, read and filtered in a task of
+    /// their own (so that chains decode on every core while the merge runs).
+    fn stream(self: &Arc<Self>, files: Vec<DataFile>) -> SendableRecordBatchStream {
+        let mut builder = RecordBatchReceiverStream::builder(Arc::clone(&self.schema), 2);
+        let tx = builder.tx();
+        let source = Arc::clone(self);
+        builder.spawn(async move {
+            for file in files {
+                let mut stream = source.table.read_file_in_order(&source.ctx, &file, None).await.map_err(external)?;
+                while let Some(batch) = stream.next().await {
+                    let kept = source.keep(batch.map_err(external)?).map_err(external)?;
+                    if kept.num_rows() == 0 {
+                        continue;
+                    }
+                    if tx.send(Ok(kept)).await.is_err() {
+                        // The merge stopped (an error elsewhere, or the step was dropped).
+                        return Ok(());
+                    }
+                }
+            }
+            Ok(())
+        });
+        builder.build()
+    }
+
+    /// The rows of `batch` the step does not replace, with the table's columns.
+    fn keep(&self, batch: RecordBatch) -> Result<RecordBatch> {
+        let name = self.table.name();
+        let mask = replaced_rows(name, &self.key, &self.keys, self.open.as_deref(), &batch)?;
+        let kept = filter_record_batch(&batch, &not(&mask).map_err(arrow_error(name))?).map_err(arrow_error(name))?;
+        self.kept.fetch_add(kept.num_rows() as u64, Ordering::Relaxed);
+        Ok(align_batch(&self.schema, name, kept)?)
+    }
+}
+
+/// Merge streams each sorted by the integer column `key` into one stream sorted by it.
+fn merge(
+    ctx: &SessionContext,
+    mut inputs: Vec<SendableRecordBatchStream>,
+    schema: &SchemaRef,
+    key: &str,
+) -> Result<SendableRecordBatchStream> {
+    if inputs.len() == 1 {
+        return Ok(inputs.remove(0));
+    }
+    let column =
+        Column::new(key, schema.index_of(key).map_err(|source| ModelError::Arrow { table: key.into(), source })?);
+    let order = PhysicalSortExpr::new(Arc::new(column), SortOptions { descending: false, nulls_first: true });
+    let ordering = LexOrdering::new([order]).ok_or_else(|| ModelError::Internal("an empty merge order".into()))?;
+    let reservation = MemoryConsumer::new("model rewrite merge").register(&ctx.runtime_env().memory_pool);
+    Ok(StreamingMergeBuilder::new()
+        .with_streams(inputs)
+        .with_schema(Arc::clone(schema))
+        .with_expressions(&ordering)
+        .with_metrics(BaselineMetrics::new(&ExecutionPlanMetricsSet::new(), 0))
+        .with_batch_size(ctx.state().config().batch_size())
+        .with_reservation(reservation)
+        .build()?)
+}
+
+/// An error of a rewrite's input, as the query engine carries it through the merge.
+fn external(error: impl Into<ModelError>) -> DataFusionError {
+    DataFusionError::External(Box::new(error.into()))
 }
 
 /// Collect the distinct `BIGINT` keys a query returns, or `None` when there are more than

@@ -63,6 +63,9 @@ async fn incremental_builds_equal_a_full_rebuild_and_correct_late_keys() {
         client.query_one("SELECT max(customer_id) + 100 FROM operations.customers", &[]).await.expect("max").get(0);
     let late_product: i64 =
         client.query_one("SELECT max(product_id) + 100 FROM operations.products", &[]).await.expect("max").get(0);
+    // The first build writes the histories in its statement's order; every later rewrite and
+    // compaction writes in key order.
+    let first_files = model_files(&config).await;
     let mut late_order = 0i64;
     let mut deleted_customer = 0i64;
     let mut partial_rewrites = 0;
@@ -181,6 +184,18 @@ async fn incremental_builds_equal_a_full_rebuild_and_correct_late_keys() {
         }
     }
     assert!(partial_rewrites > 0, "some build replaced rows inside existing files");
+    let (mut checked, mut unsorted) = (0, Vec::new());
+    for (table, key, file) in model_files(&config).await {
+        if first_files.iter().any(|(t, _, f)| t.name == table.name && f.path == file.path) {
+            continue;
+        }
+        checked += 1;
+        if !keys_in_order(&config, &table, key, &file).await {
+            unsorted.push(format!("{}/{}", table.name, file.path));
+        }
+    }
+    assert!(checked > 0, "the builds wrote files");
+    assert!(unsorted.is_empty(), "files written out of key order: {unsorted:?}");
     // Nothing new: the build changes nothing.
     assert!(ModelBuild::new(config.clone()).await.expect("again").up_to_date);
 
@@ -207,6 +222,48 @@ async fn incremental_builds_equal_a_full_rebuild_and_correct_late_keys() {
         assert_eq!(scalar(w, &sql).await, n, "every order of the deleted customer names one of its versions");
     }
     assert_same_model(&incremental, &rebuilt).await;
+}
+
+/// Every data file of every model table, with the table and the first column of its order.
+async fn model_files(
+    config: &acme_core::AcmeConfig,
+) -> Vec<(acme_model::ModelTable, &'static str, acme_core::DataFile)> {
+    let storage = acme_core::Storage::new(&config.storage_url, Default::default()).expect("storage");
+    let mut out = Vec::new();
+    for table in acme_model::Catalog::acme().tables() {
+        let opened = storage.open(table.layer, table.name).await.expect("open").expect("built");
+        for file in opened.data_files().expect("files") {
+            out.push((*table, table.sort[0], file));
+        }
+    }
+    out
+}
+
+/// Whether the integer or date column `key` of `file` never decreases, read in the file's row order.
+async fn keys_in_order(
+    config: &acme_core::AcmeConfig,
+    table: &acme_model::ModelTable,
+    key: &str,
+    file: &acme_core::DataFile,
+) -> bool {
+    use arrow::array::AsArray;
+    use futures::StreamExt;
+    let storage = acme_core::Storage::new(&config.storage_url, Default::default()).expect("storage");
+    let opened = storage.open(table.layer, table.name).await.expect("open").expect("built");
+    let ctx = storage.session_context();
+    let mut stream = opened.read_file_in_order(&ctx, file, Some(&[key])).await.expect("read a file");
+    let mut last = i64::MIN;
+    while let Some(batch) = stream.next().await {
+        let batch = batch.expect("a batch");
+        let keys = arrow::compute::cast(batch.column(0), &arrow::datatypes::DataType::Int64).expect("integer keys");
+        for k in keys.as_primitive::<arrow::datatypes::Int64Type>().iter().flatten() {
+            if k < last {
+                return false;
+            }
+            last = k;
+        }
+    }
+    true
 }
 
 /// Compare every model table of two warehouses.

@@ -157,6 +157,7 @@ impl Build<'_> {
         let df = self.ctx.sql(&history_sql(spec, &changes, &attributes, &truncates, windowed)).await?;
         let target = Target {
             key: &spec.key,
+            order: &spec.key,
             keys: match keys {
                 Some(keys) if incremental && truncates.is_empty() => Keys::Set(keys),
                 _ => Keys::All,
@@ -321,7 +322,7 @@ impl Build<'_> {
         let table = self.table(existing, Layer::Presentation, name, &df).await?;
         let key_count = keys.as_ref().map_or(0, |k| k.len());
         let incremental = keys.is_some();
-        let target = Target { key, keys: keys.map_or(Keys::All, Keys::Set), open: None };
+        let target = Target { key, order: model.sort[0], keys: keys.map_or(Keys::All, Keys::Set), open: None };
         let step = Step { incremental, keys: key_count, started };
         self.apply(table, name, &target, df, None, step).await
     }
@@ -372,9 +373,11 @@ impl Build<'_> {
                 )
             }
         };
-        let df = self.ctx.sql(&sql).await?;
+        // Written in the table's declared order, like every model table (it is small).
+        let order = table.sort[0];
+        let df = self.ctx.sql(&format!("{sql} ORDER BY {}", table.sort.join(", "))).await?;
         let table = self.table(existing, Layer::Presentation, name, &df).await?;
-        let target = Target { key: "orders", keys: Keys::All, open: None };
+        let target = Target { key: "orders", order, keys: Keys::All, open: None };
         let step = Step { incremental: keys.is_some(), keys: keys.as_ref().map_or(0, |k| k.len()), started };
         self.apply(table, name, &target, df, None, step).await
     }
