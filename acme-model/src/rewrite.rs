@@ -238,9 +238,14 @@ pub(crate) async fn replace(
     let mut writer = SplitWriter::new(table, split, target_file_bytes, file_rows)?;
     let mut replaced = Replaced { files_rewritten: touched.len(), ..Replaced::default() };
     let kept = Arc::new(AtomicU64::new(0));
+    // Written sorted by the table's order column, so that each file and each page covers a
+    // narrow key range, which is what key lookups read (a statement's own order, after joins
+    // and repartitions, interleaves the whole key range in every page). The engine drops the
+    // sort where the statement already sorts so (the star tables'), and spills to disk beyond
+    // its memory pool.
+    let new_rows = new_rows.sort(vec![datafusion::prelude::ident(target.order).sort(true, true)])?;
     if matches!((&target.keys, target.open), (Keys::All, None)) {
-        // The whole table recomputed: written in the order its statement gives (the star
-        // tables' statements sort by key).
+        // The whole table recomputed.
         let mut stream = new_rows.execute_stream().await?;
         while let Some(batch) = stream.next().await {
             writer.write(batch?).await?;
@@ -262,7 +267,6 @@ pub(crate) async fn replace(
         let files: Vec<DataFile> = touched.iter().filter(|(_, keeps)| *keeps).map(|(f, _)| f.clone()).collect();
         let mut inputs: Vec<SendableRecordBatchStream> =
             chains(files, target.order).into_iter().map(|chain| source.stream(chain)).collect();
-        let new_rows = new_rows.sort(vec![datafusion::prelude::ident(target.order).sort(true, true)])?;
         let stream = new_rows.execute_stream().await?;
         let (aligned, table_name) = (Arc::clone(&schema), name.clone());
         let stream =
