@@ -266,11 +266,7 @@ impl LayerWriter {
     /// columns the batch lacks are written as NULL, and columns of another type (a string
     /// view for a string, say) are cast to the table's type.
     pub async fn write(&mut self, table_name: &str, batch: RecordBatch) -> Result<()> {
-        let batch = if batch.schema().fields() == self.schema.fields() {
-            batch
-        } else {
-            align_batch(&self.schema, table_name, batch)?
-        };
+        let batch = align_batch(&self.schema, table_name, batch)?;
         self.rows += batch.num_rows() as u64;
         let Some(limit) = self.file_rows else {
             return self.inner.write(batch).await.map_err(Error::delta(table_name, "write"));
@@ -294,11 +290,6 @@ impl LayerWriter {
     /// The columns of the files this writer writes (the table's, in its order).
     pub fn schema(&self) -> &Arc<Schema> {
         &self.schema
-    }
-
-    /// `batch` with the writer's columns (see [`align_batch`]).
-    pub fn align(&self, table_name: &str, batch: RecordBatch) -> Result<RecordBatch> {
-        align_batch(&self.schema, table_name, batch)
     }
 
     /// Rows written so far.

@@ -266,13 +266,16 @@ pub(crate) async fn replace(
         });
         let files: Vec<DataFile> = touched.iter().filter(|(_, keeps)| *keeps).map(|(f, _)| f.clone()).collect();
         let mut inputs: Vec<SendableRecordBatchStream> =
-            chains(files, target.order).into_iter().map(|chain| source.stream(chain)).collect();
+            chains(files, |f| (f.min_i64(target.order), f.max_i64(target.order)))
+                .into_iter()
+                .map(|chain| source.stream(chain))
+                .collect();
         let stream = new_rows.execute_stream().await?;
         let (aligned, table_name) = (Arc::clone(&schema), name.clone());
         let stream =
             stream.map(move |batch| batch.and_then(|b| align_batch(&aligned, &table_name, b).map_err(external)));
         inputs.push(Box::pin(RecordBatchStreamAdapter::new(Arc::clone(&schema), stream)));
-        let mut merged = merge(ctx, inputs, &schema, target.order)?;
+        let mut merged = merge(ctx, inputs, &schema, &name, target.order)?;
         while let Some(batch) = merged.next().await {
             writer.write(batch?).await?;
         }
@@ -308,18 +311,22 @@ const MERGE_INPUTS: usize = 16;
 
 /// The files a rewrite keeps rows of, in chains whose files follow each other in key order
 /// (each file's range after the previous one's), fewest chains first found greedily by each
-/// file's smallest key. Files written by earlier rewrites are sorted and cover disjoint
-/// ranges, so a rewrite merges few chains. Beyond [`MERGE_INPUTS`] chains, a file joins the
-/// chain that ends lowest: the rows are all written either way, only less sorted.
-fn chains(mut files: Vec<DataFile>, key: &str) -> Vec<Vec<DataFile>> {
-    files.sort_by_key(|f| f.min_i64(key).unwrap_or(i64::MIN));
+/// file's smallest key; `range` gives a file's smallest and largest key, when recorded. Files
+/// written by earlier rewrites are sorted and cover disjoint ranges, so a rewrite merges few
+/// chains. Beyond [`MERGE_INPUTS`] chains, a file joins the chain that ends lowest: the rows are
+/// all written either way, only less sorted.
+fn chains<F>(mut files: Vec<F>, range: impl Fn(&F) -> (Option<i64>, Option<i64>)) -> Vec<Vec<F>> {
+    files.sort_by_key(|f| range(f).0.unwrap_or(i64::MIN));
     // Each chain's files and its largest key so far (`None`: unknown, nothing may follow).
-    let mut chains: Vec<(Option<i64>, Vec<DataFile>)> = Vec::new();
+    let mut chains: Vec<(Option<i64>, Vec<F>)> = Vec::new();
     for file in files {
-        let (min, max) = (file.min_i64(key), file.max_i64(key));
+        let (min, max) = range(&file);
         let free = min.and_then(|min| chains.iter().position(|(end, _)| end.is_some_and(|end| end < min)));
         let slot = match free {
-            Some(i) => i,
+            Some(i) => {
+                chains[i].0 = max;
+                i
+            }
             None if chains.len() < MERGE_INPUTS => {
                 chains.push((max, Vec::new()));
                 chains.len() - 1
@@ -330,9 +337,6 @@ fn chains(mut files: Vec<DataFile>, key: &str) -> Vec<Vec<DataFile>> {
                 lowest
             }
         };
-        if free.is_some() {
-            chains[slot].0 = max;
-        }
         chains[slot].1.push(file);
     }
     chains.into_iter().map(|(_, files)| files).collect()
@@ -387,18 +391,20 @@ impl KeptRows {
     }
 }
 
-/// Merge streams each sorted by the integer column `key` into one stream sorted by it.
+/// Merge streams of rows of `table`, each sorted by the integer column `key`, into one stream
+/// sorted by it.
 fn merge(
     ctx: &SessionContext,
     mut inputs: Vec<SendableRecordBatchStream>,
     schema: &SchemaRef,
+    table: &str,
     key: &str,
 ) -> Result<SendableRecordBatchStream> {
     if inputs.len() == 1 {
         return Ok(inputs.remove(0));
     }
     let column =
-        Column::new(key, schema.index_of(key).map_err(|source| ModelError::Arrow { table: key.into(), source })?);
+        Column::new(key, schema.index_of(key).map_err(|source| ModelError::Arrow { table: table.into(), source })?);
     let order = PhysicalSortExpr::new(Arc::new(column), SortOptions { descending: false, nulls_first: true });
     let ordering = LexOrdering::new([order]).ok_or_else(|| ModelError::Internal("an empty merge order".into()))?;
     let reservation = MemoryConsumer::new("model rewrite merge").register(&ctx.runtime_env().memory_pool);
@@ -458,4 +464,45 @@ fn peak_rss_mib() -> u64 {
         .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).map(str::to_string))
         .and_then(|l| l.split_whitespace().nth(1).and_then(|kb| kb.parse::<u64>().ok()))
         .map_or(0, |kb| kb / 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chained(ranges: &[(Option<i64>, Option<i64>)]) -> Vec<Vec<usize>> {
+        chains((0..ranges.len()).collect(), |i| ranges[*i])
+    }
+
+    #[test]
+    fn files_in_disjoint_ranges_make_one_chain_in_key_order() {
+        let ranges = [(Some(20), Some(29)), (Some(0), Some(9)), (Some(10), Some(19))];
+        assert_eq!(chained(&ranges), vec![vec![1, 2, 0]]);
+    }
+
+    #[test]
+    fn overlapping_files_go_to_separate_chains_each_in_key_order() {
+        // Two generations of files over the same keys, and one file without statistics.
+        let ranges =
+            [(Some(0), Some(9)), (Some(10), Some(19)), (Some(5), Some(14)), (Some(15), Some(30)), (None, None)];
+        let chains = chained(&ranges);
+        assert_eq!(chains.len(), 3, "{chains:?}");
+        for chain in &chains {
+            for pair in chain.windows(2) {
+                let (before, after) = (ranges[pair[0]], ranges[pair[1]]);
+                assert!(before.1 < after.0, "{chains:?}");
+            }
+        }
+        let mut all: Vec<usize> = chains.concat();
+        all.sort_unstable();
+        assert_eq!(all, [0, 1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn beyond_the_merge_limit_every_file_is_still_in_a_chain() {
+        let ranges = vec![(Some(0), Some(1_000)); MERGE_INPUTS + 5];
+        let chains = chained(&ranges);
+        assert_eq!(chains.len(), MERGE_INPUTS);
+        assert_eq!(chains.iter().map(Vec::len).sum::<usize>(), MERGE_INPUTS + 5);
+    }
 }
