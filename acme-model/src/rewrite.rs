@@ -9,7 +9,6 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
-
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use acme_core::storage::align_batch;

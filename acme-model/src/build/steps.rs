@@ -373,9 +373,9 @@ impl Build<'_> {
                 )
             }
         };
-        // Written in the table's declared order, like every model table (it is small).
+        // Written in the table's declared order (the rewrite sorts by it), like every model table.
         let order = table.sort[0];
-        let df = self.ctx.sql(&format!("{sql} ORDER BY {}", table.sort.join(", "))).await?;
+        let df = self.ctx.sql(&sql).await?;
         let table = self.table(existing, Layer::Presentation, name, &df).await?;
         let target = Target { key: "orders", order, keys: Keys::All, open: None };
         let step = Step { incremental: keys.is_some(), keys: keys.as_ref().map_or(0, |k| k.len()), started };
