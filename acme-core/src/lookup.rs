@@ -93,7 +93,9 @@ impl LayerTable {
                 spawned(read)
             })
             .collect();
+        let started = std::time::Instant::now();
         let indexed = futures::stream::iter(reads).buffered(CONCURRENT_FILES).try_collect::<Vec<_>>().await?;
+        tracing::debug!(table, key, files = indexed.len(), ms = started.elapsed().as_millis() as u64, "key index made");
         let files = indexed.into_iter().map(Arc::new).collect();
         Ok(KeyIndex { table: table.into(), key: key.into(), store, schema, files })
     }
