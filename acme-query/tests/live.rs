@@ -5,7 +5,7 @@
 //! truncation, all in the tail.
 
 use acme_model::ModelBuild;
-use acme_query::Warehouse;
+use acme_query::{Report, StatusFilter, Warehouse};
 use chrono::{DateTime, Utc};
 
 use crate::incremental::{full_rebuild_of_a_copy, rows};
@@ -24,6 +24,21 @@ const LIVE_TABLES: [&str; 10] = [
     "fact_orders",
     "fact_order_items",
 ];
+
+/// R4 as the source answers it, with the orders `predicate` selects (the oracle's R4 counts the
+/// pending ones), rendered as the oracle renders its rows.
+async fn top_customers_at_source(client: &tokio_postgres::Client, predicate: &str, limit: usize) -> Vec<String> {
+    let sql = acme_testkit::oracle::report_sql(limit)[4].replace("status = 'PENDING'", predicate);
+    assert!(sql.contains(predicate), "the oracle's R4 filters on the status: {sql}");
+    let mut rows = Vec::new();
+    for message in client.simple_query(&sql).await.expect("R4 at the source") {
+        if let tokio_postgres::SimpleQueryMessage::Row(row) = message {
+            let cells: Vec<&str> = (0..row.len()).map(|i| row.get(i).unwrap_or(acme_testkit::oracle::NULL)).collect();
+            rows.push(cells.join("|"));
+        }
+    }
+    rows
+}
 
 /// An order of `customer` with an item of `product`, neither of which exists yet, and an item
 /// of order `early_order`, which does not exist yet either.
@@ -129,6 +144,28 @@ async fn reports_apply_the_raw_tail_exactly_between_model_builds() {
             assert_eq!(acme(handle, 3, None).await, oracle(&client, 3).await, "round {round}, {how}");
             for (instant, expected) in &recorded {
                 assert_eq!(&acme(handle, 3, Some(*instant)).await, expected, "round {round}, as of {instant}, {how}");
+            }
+        }
+        // R4 under every status filter, ranked in memory from the counts the refreshed handle
+        // keeps by difference, against the source and against the report's SQL on the handle.
+        for (filter, predicate) in [
+            (StatusFilter::Open, "status <> 'COMPLETED'"),
+            (StatusFilter::Status("PROCESSING".into()), "status = 'PROCESSING'"),
+            (StatusFilter::Status("COMPLETED".into()), "status = 'COMPLETED'"),
+        ] {
+            for limit in [1, 3, 10_000] {
+                let report = Report::TopCustomers { limit, filter: filter.clone() };
+                let ranked = refreshed.report_batches(&report, None).await.expect("R4");
+                let ranked = acme_testkit::oracle::render_batches(&ranked).expect("render");
+                let sql = refreshed.report_sql(&report, None).expect("R4's SQL");
+                let joined = refreshed.sql(&sql).await.expect("R4 by SQL").collect().await.expect("R4 rows");
+                let joined = acme_testkit::oracle::render_batches(&joined).expect("render");
+                assert_eq!(ranked, joined, "round {round}, {filter:?}, limit {limit}: in memory against SQL");
+                assert_eq!(
+                    ranked,
+                    top_customers_at_source(&client, predicate, limit).await,
+                    "round {round}, {filter:?}"
+                );
             }
         }
         for table in ["customers", "products", "orders", "order_items"] {

@@ -2,6 +2,7 @@
 //! pending items per product and the current orders per customer and status.
 
 use super::*;
+use arrow::datatypes::DataType;
 
 /// Name of the relation holding R3 on the current state, when a handle maintains it.
 pub(crate) const PENDING_ITEMS: &str = "pending_items_current";
@@ -179,7 +180,11 @@ pub(super) async fn customer_orders(
     };
     let previous = inputs.previous.and_then(|p| Some((p, p.customer_orders.as_ref()?)));
     let counts = match previous.zip(touched) {
-        None => CustomerOrders { base: hold_in_memory(ctx, &count(table)).await?.0, delta: HashMap::new() },
+        None => CustomerOrders {
+            base: hold_in_memory(ctx, &count(table)).await?.0,
+            delta: HashMap::new(),
+            ranked: Arc::default(),
+        },
         Some(((previous, kept), TouchedOrders { keys: orders, stored })) => {
             let mut delta = kept.delta.clone();
             if !orders.is_empty() {
@@ -209,7 +214,7 @@ pub(super) async fn customer_orders(
                 }
                 delta.retain(|_, n| *n != 0);
             }
-            CustomerOrders { base: Arc::clone(&kept.base), delta }
+            CustomerOrders { base: Arc::clone(&kept.base), delta, ranked: Arc::clone(&kept.ranked) }
         }
     };
     register_customer_orders(ctx, &counts).await?;
@@ -257,7 +262,8 @@ pub(super) struct TouchedOrders {
 }
 
 /// The columns of the stored `fact_orders` rows in [`TouchedOrders`].
-const TOUCHED_ORDER_COLUMNS: [&str; 5] = ["order_id", "customer_id", "status", "is_current", "is_open"];
+const TOUCHED_ORDER_COLUMNS: [&str; 6] =
+    ["order_id", "customer_id", "delivery_date", "status", "is_current", "is_open"];
 
 /// [`TouchedOrders`], when a handle extends the R3 or R4 counts of a previous one (otherwise
 /// they are counted whole and need none).
@@ -283,6 +289,133 @@ pub(super) async fn touched_orders(
 
 /// The keys of a star table that the changes since the previous handle touch (registered by
 /// `register_one` as `<table>_touched`; none when it registered none).
+/// Current orders per delivery date and status at this handle's position, registered as the
+/// live `agg_orders_by_delivery_date` in place of the view the tail registered (which joins the
+/// tail's orders with the whole stored history in every query that reads it). An order's
+/// current `fact_orders` row is its current, undeleted version, which is what the aggregate
+/// counts, so the counts move by `fact_orders` rows:
+/// - from a handle at the same model position that kept them, the orders the changes since that
+///   handle touch are taken off as it saw them and added back as this one sees them (the rows
+///   R4's counts looked up);
+/// - otherwise (the first handle on a stored model), the stored aggregate, with the orders this
+///   handle recomputed taken off as stored (their stored rows looked up by key) and added back
+///   as recomputed.
+pub(super) async fn delivery_counts(
+    ctx: &SessionContext,
+    inputs: &LiveInputs<'_>,
+    held: &mut HeldStar,
+    touched: Option<&TouchedOrders>,
+) -> Result<DeliveryCounts> {
+    let (aggregate, table) = (tables::AGG_ORDERS_BY_DELIVERY_DATE, tables::FACT_ORDERS);
+    let previous = inputs.previous.and_then(|p| Some((p, p.delivery_counts.as_ref()?)));
+    let counts = match previous.zip(touched) {
+        None => {
+            let stored = format!("SELECT delivery_date, status, orders FROM {MODEL_SCHEMA}.{aggregate}");
+            let base = hold_in_memory(ctx, &stored).await?.0;
+            let mut delta = HashMap::new();
+            if let Some((keys, rows)) = held.tables.get(table).cloned() {
+                let keys = held_values(&keys, "k").await?;
+                let index = fact_lookup(inputs, held, table, "order_id").await?;
+                let columns = ["order_id", "delivery_date", "status", "is_current"];
+                count_current_orders(&mut delta, &looked_up_rows(&index, &keys, table, Some(&columns)).await?, -1)?;
+                count_current_orders(&mut delta, &held_rows(&rows).await?, 1)?;
+            }
+            delta.retain(|_, n| *n != 0);
+            DeliveryCounts { base, delta }
+        }
+        Some(((previous, kept), TouchedOrders { keys: orders, stored })) => {
+            let mut delta = kept.delta.clone();
+            if !orders.is_empty() {
+                let wanted: HashSet<i64> = orders.iter().copied().collect();
+                let of_wanted = |batch: &RecordBatch| membership(batch, "order_id", &wanted, true);
+                for (side, sign) in [(previous.tables.get(table), -1), (held.tables.get(table), 1)] {
+                    count_current_orders(&mut delta, &visible_rows(stored, "order_id", side, &of_wanted).await?, sign)?;
+                }
+                delta.retain(|_, n| *n != 0);
+            }
+            DeliveryCounts { base: Arc::clone(&kept.base), delta }
+        }
+    };
+    register_delivery_counts(ctx, &counts).await?;
+    Ok(counts)
+}
+
+/// Add `sign` to `counts` for each current row of `fact_orders` rows `batches`, per (delivery
+/// date, status).
+fn count_current_orders(
+    counts: &mut HashMap<(Option<i32>, Option<String>), i64>,
+    batches: &[RecordBatch],
+    sign: i64,
+) -> Result<()> {
+    for batch in batches {
+        let current = bools(batch, "is_current")?;
+        let dates = arrow::compute::cast(column(batch, "delivery_date")?, &DataType::Date32)?;
+        let dates = dates.as_primitive::<arrow::datatypes::Date32Type>();
+        let statuses = arrow::compute::cast(column(batch, "status")?, &DataType::Utf8)?;
+        let statuses = statuses.as_string::<i32>();
+        for i in 0..batch.num_rows() {
+            if !(current.is_valid(i) && current.value(i)) {
+                continue;
+            }
+            let key = (
+                dates.is_valid(i).then(|| dates.value(i)),
+                statuses.is_valid(i).then(|| statuses.value(i).to_string()),
+            );
+            *counts.entry(key).or_insert(0) += sign;
+        }
+    }
+    Ok(())
+}
+
+/// Register the live `agg_orders_by_delivery_date` as `counts`' base with its differences
+/// added (the base alone when there are none), in the base's schema.
+async fn register_delivery_counts(ctx: &SessionContext, counts: &DeliveryCounts) -> Result<()> {
+    use arrow::array::{ArrayRef, Date32Array, Int64Array, StringArray};
+    let aggregate = tables::AGG_ORDERS_BY_DELIVERY_DATE;
+    ctx.deregister_table(aggregate)?;
+    if counts.delta.is_empty() {
+        ctx.register_table(aggregate, Arc::clone(&counts.base))?;
+        return Ok(());
+    }
+    let base = format!("{TAIL_SCHEMA}.delivery_counts_base");
+    let delta = format!("{TAIL_SCHEMA}.delivery_counts_delta");
+    ctx.register_table(base.as_str(), Arc::clone(&counts.base))?;
+    // (Nullable: a difference may be of orders with no delivery date or status.)
+    let schema = Arc::new(Schema::new(
+        counts.base.schema().fields().iter().map(|f| f.as_ref().clone().with_nullable(true)).collect::<Vec<_>>(),
+    ));
+    let dates: Date32Array = counts.delta.keys().map(|(d, _)| *d).collect();
+    let statuses: StringArray = counts.delta.keys().map(|(_, s)| s.clone()).collect();
+    let orders: Int64Array = counts.delta.values().map(|n| Some(*n)).collect();
+    let columns: Vec<ArrayRef> = vec![Arc::new(dates), Arc::new(statuses), Arc::new(orders)];
+    let columns = columns
+        .iter()
+        .zip(schema.fields())
+        .map(|(c, f)| arrow::compute::cast(c, f.data_type()))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    let batch = RecordBatch::try_new(Arc::clone(&schema), columns)?;
+    ctx.register_table(
+        delta.as_str(),
+        Arc::new(datafusion::datasource::MemTable::try_new(schema, vec![vec![batch]])?),
+    )?;
+    let view = ctx
+        .sql(&format!(
+            "SELECT delivery_date, status, CAST(sum(orders) AS BIGINT) AS orders \
+             FROM (SELECT * FROM {base} UNION ALL SELECT * FROM {delta}) c \
+             GROUP BY delivery_date, status HAVING sum(orders) <> 0"
+        ))
+        .await?;
+    ctx.register_table(aggregate, view.into_view())?;
+    Ok(())
+}
+
+/// Column `name` of a held batch.
+fn column<'a>(batch: &'a RecordBatch, name: &str) -> Result<&'a arrow::array::ArrayRef> {
+    batch.column_by_name(name).ok_or_else(|| {
+        datafusion::error::DataFusionError::Internal(format!("a held relation has no column `{name}`")).into()
+    })
+}
+
 pub(super) async fn touched_since(ctx: &SessionContext, table: &str) -> Result<Vec<i64>> {
     let relation = format!("{TAIL_SCHEMA}.{table}_touched");
     match ctx.table_exist(relation.as_str())? {

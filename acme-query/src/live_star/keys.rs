@@ -246,3 +246,111 @@ pub(super) async fn int64_row(ctx: &SessionContext, sql: &str) -> Result<Vec<Opt
         })
         .collect())
 }
+
+/// The raw operations that open a key's first version: a key whose first tail change is one
+/// of these may have no stored version; one whose first tail change is an update or a delete
+/// has one.
+pub(super) const OPENING_OPS: [acme_core::raw::Operation; 2] =
+    [acme_core::raw::Operation::Insert, acme_core::raw::Operation::Snapshot];
+
+/// The batches of relation `name` of `ctx` when it is held in memory (not a view, a stored
+/// table or a subquery): read directly, instead of planning a query over them.
+pub(super) async fn held_relation(ctx: &SessionContext, name: &str) -> Option<Vec<RecordBatch>> {
+    if name.starts_with('(') {
+        return None;
+    }
+    let provider = ctx.table_provider(name).await.ok()?;
+    crate::held_batches(&provider).await.map(|(_, batches)| batches)
+}
+
+/// The keys (column `k`, nulls left out) of relation `keys` of `ctx`: from memory when it is
+/// held, else by a query.
+pub(super) async fn relation_keys(ctx: &SessionContext, keys: &str) -> Result<Vec<i64>> {
+    match held_relation(ctx, keys).await {
+        Some(batches) => {
+            let mut out = Vec::new();
+            for batch in &batches {
+                out.extend(int64s(batch, "k")?.iter().flatten());
+            }
+            Ok(out)
+        }
+        None => int64_column(ctx, &format!("SELECT k FROM {keys} s WHERE k IS NOT NULL")).await,
+    }
+}
+
+/// The keys of a held first-change relation (columns `k`, `lsn`, `op`) whose first change
+/// opens a version ([`OPENING_OPS`]), after `since` when given.
+pub(super) fn opening_keys(first: &[RecordBatch], since: Option<i64>) -> Result<Vec<i64>> {
+    let mut out = Vec::new();
+    for batch in first {
+        let (keys, lsns) = (int64s(batch, "k")?, int64s(batch, "lsn")?);
+        let ops = batch.column_by_name("op").ok_or_else(|| {
+            datafusion::error::DataFusionError::Internal("a held first-change relation has no column `op`".into())
+        })?;
+        let ops = arrow::compute::cast(ops, &arrow::datatypes::DataType::Utf8)?;
+        let ops = ops.as_string::<i32>();
+        for i in 0..batch.num_rows() {
+            let opens = ops.is_valid(i) && OPENING_OPS.iter().any(|op| op.as_str() == ops.value(i));
+            let after = since.is_none_or(|since| lsns.is_valid(i) && lsns.value(i) > since);
+            if opens && after && keys.is_valid(i) {
+                out.push(keys.value(i));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The largest value of integer column `column` over held batches, 0 when there is none (what
+/// `coalesce(max(column), 0)` gives).
+pub(super) fn held_max(batches: &[RecordBatch], column: &str) -> Result<i64> {
+    let mut max = None;
+    for batch in batches {
+        max = max.max(arrow::compute::max(&int64s(batch, column)?));
+    }
+    Ok(max.unwrap_or(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{Int64Array, StringArray};
+    use arrow::datatypes::{DataType, Field};
+
+    fn first(rows: &[(Option<i64>, i64, &str)]) -> RecordBatch {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("k", DataType::Int64, true),
+            Field::new("lsn", DataType::Int64, false),
+            Field::new("op", DataType::Utf8, false),
+        ]));
+        let keys = Int64Array::from(rows.iter().map(|r| r.0).collect::<Vec<_>>());
+        let lsns = Int64Array::from(rows.iter().map(|r| r.1).collect::<Vec<_>>());
+        let ops = StringArray::from(rows.iter().map(|r| r.2).collect::<Vec<_>>());
+        RecordBatch::try_new(schema, vec![Arc::new(keys), Arc::new(lsns), Arc::new(ops)]).expect("batch")
+    }
+
+    #[test]
+    fn only_inserts_and_snapshot_rows_after_the_position_open_a_first_version() {
+        let batch = first(&[
+            (Some(1), 10, "insert"),
+            (Some(2), 20, "update"),
+            (Some(3), 30, "delete"),
+            (Some(4), 40, "snapshot"),
+            (Some(5), 5, "insert"),
+            (None, 50, "insert"),
+        ]);
+        assert_eq!(opening_keys(std::slice::from_ref(&batch), None).expect("keys"), vec![1, 4, 5]);
+        assert_eq!(opening_keys(&[batch], Some(9)).expect("keys"), vec![1, 4]);
+    }
+
+    #[test]
+    fn the_held_maximum_is_that_of_every_batch_and_zero_without_rows() {
+        let batch = |values: Vec<Option<i64>>| {
+            let schema = Arc::new(Schema::new(vec![Field::new("sk", DataType::Int64, true)]));
+            RecordBatch::try_new(schema, vec![Arc::new(Int64Array::from(values))]).expect("batch")
+        };
+        let batches = [batch(vec![Some(3), None]), batch(vec![Some(9), Some(-1)]), batch(vec![None])];
+        assert_eq!(held_max(&batches, "sk").expect("max"), 9);
+        assert_eq!(held_max(&[], "sk").expect("max"), 0);
+        assert_eq!(held_max(&[batch(vec![None])], "sk").expect("max"), 0);
+    }
+}

@@ -30,11 +30,13 @@ use crate::{MODEL_SCHEMA, Result, TAIL_SCHEMA, hold_in_memory};
 
 mod current;
 mod keys;
+mod ranking;
 mod recompute;
 
 use current::*;
 pub(crate) use current::{CUSTOMER_ORDERS, PENDING_ITEMS, keep_stored_pending_items};
 use keys::*;
+pub(crate) use ranking::top_customers;
 use recompute::*;
 
 /// One history's tail, as [`crate::register_live_views`] registered it.
@@ -72,6 +74,9 @@ pub(crate) struct HeldStar {
     /// Current orders per customer and status, maintained by difference (see
     /// [`customer_orders`]).
     pub customer_orders: Option<Arc<CustomerOrders>>,
+    /// Current orders per delivery date and status (R1's and R2's aggregate), maintained by
+    /// difference (see [`delivery_counts`]).
+    pub delivery_counts: Option<Arc<DeliveryCounts>>,
 }
 
 /// Current orders per (customer id, status) at a handle's raw position, for R4: the counts at
@@ -80,6 +85,19 @@ pub(crate) struct HeldStar {
 pub(crate) struct CustomerOrders {
     base: Arc<dyn TableProvider>,
     delta: HashMap<(Option<i64>, Option<String>), i64>,
+    /// Per status filter, the base's customers ranked (see [`ranking`]), made on first use and
+    /// shared with every handle on the same base.
+    ranked: Arc<std::sync::Mutex<HashMap<String, Arc<ranking::Ranked>>>>,
+}
+
+/// Current orders per (delivery date, status) at a handle's raw position, the live state of
+/// `agg_orders_by_delivery_date` that R1 and R2 read: the stored aggregate (`base`, held once
+/// per stored model and shared by every later handle) plus the differences the tail makes
+/// (`delta`, which follows the changes, not the table). A date is kept as its days since the
+/// epoch.
+pub(crate) struct DeliveryCounts {
+    base: Arc<dyn TableProvider>,
+    delta: HashMap<(Option<i32>, Option<String>), i64>,
 }
 
 /// R3 on the current state (open pending items per product) at a handle's raw position, kept
@@ -127,6 +145,7 @@ pub(crate) async fn register(ctx: &SessionContext, inputs: &LiveInputs<'_>) -> R
         lookups: inputs.previous.map(|p| p.lookups.clone()).unwrap_or_default(),
         pending: None,
         customer_orders: None,
+        delivery_counts: None,
     };
     // The stored histories' lookups, made once per stored model.
     for tail in inputs.tails {
@@ -227,6 +246,19 @@ pub(crate) async fn register(ctx: &SessionContext, inputs: &LiveInputs<'_>) -> R
             "orders per customer on the current state maintained"
         );
         held.customer_orders = Some(Arc::new(counts));
+        // R1's and R2's aggregate, where the tail registered its live view.
+        if inputs.found.contains_key(tables::AGG_ORDERS_BY_DELIVERY_DATE)
+            && ctx.table_exist(tables::AGG_ORDERS_BY_DELIVERY_DATE)?
+        {
+            let started = std::time::Instant::now();
+            let counts = delivery_counts(ctx, inputs, &mut held, touched.as_ref()).await?;
+            tracing::debug!(
+                changed = counts.delta.len(),
+                ms = started.elapsed().as_millis() as u64,
+                "orders per delivery date on the current state maintained"
+            );
+            held.delivery_counts = Some(Arc::new(counts));
+        }
     }
     Ok((bytes, (!truncated).then_some(held)))
 }

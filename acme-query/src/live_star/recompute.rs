@@ -59,17 +59,27 @@ pub(super) async fn register_one(
     if star.name == tables::FACT_ORDER_ITEMS
         && let Some(orders) = tail_of(inputs.tails, "orders")
     {
-        let placed = match previous {
-            None => orders.first.clone(),
-            Some((since, _)) => format!("(SELECT k FROM {} WHERE lsn > {since})", orders.first),
-        };
+        // An order with no stored version opens its first version with an insert (or a
+        // snapshot row, when its table is snapshotted again): the orders whose first tail
+        // change is an update or a delete have stored versions, and are not looked up. (A
+        // serial key's inserts lie above every stored key: their lookup reads nothing.)
+        let since = previous.map(|(since, _)| since);
+        let placed = format!(
+            "(SELECT k FROM {} f WHERE f.op IN ({}){})",
+            orders.first,
+            OPENING_OPS.iter().map(|op| format!("'{}'", op.as_str())).collect::<Vec<_>>().join(", "),
+            since.map(|since| format!(" AND f.lsn > {since}")).unwrap_or_default()
+        );
         let orders_history = orders.spec.history_table();
         // (The lock is released before the awaits below: the other tables take it meanwhile.)
         let index = lock(held).lookups.get(&orders_history).cloned();
         let (provider, new_bytes) = match index {
             // The placed orders with no stored version, by a lookup of their keys.
             Some(index) => {
-                let placed = int64_column(ctx, &format!("SELECT k FROM {placed} p WHERE k IS NOT NULL")).await?;
+                let placed = match held_relation(ctx, &orders.first).await {
+                    Some(first) => opening_keys(&first, since)?,
+                    None => int64_column(ctx, &format!("SELECT k FROM {placed} p WHERE k IS NOT NULL")).await?,
+                };
                 let stored = index.rows(&placed, Some(&[orders.spec.key.as_str()])).await?;
                 let stored: std::collections::HashSet<i64> = stored
                     .iter()
@@ -87,7 +97,10 @@ pub(super) async fn register_one(
         };
         if new_bytes > 0 {
             ctx.register_table(name("new_orders").as_str(), provider)?;
-            let bounds = int64_row(ctx, &format!("SELECT min(k), max(k) FROM {}", name("new_orders"))).await?;
+            let bounds = match &new_orders {
+                Some(new) => vec![new.iter().min().copied(), new.iter().max().copied()],
+                None => int64_row(ctx, &format!("SELECT min(k), max(k) FROM {}", name("new_orders"))).await?,
+            };
             if let [Some(lo), Some(hi)] = bounds[..] {
                 touched.new_orders = Some(format!(
                     "order_id BETWEEN {lo} AND {hi} AND order_id IN (SELECT k FROM {})",
@@ -312,7 +325,7 @@ pub(super) async fn recompute(
                 // (Read once: the history's lookup above read the same keys.)
                 let touched = match &touched_keys {
                     Some(touched) => touched.clone(),
-                    None => int64_column(ctx, &format!("SELECT k FROM {keys} s WHERE k IS NOT NULL")).await?,
+                    None => relation_keys(ctx, keys).await?,
                 };
                 let name = format!("{TAIL_SCHEMA}.{}_stored_touched", star.name);
                 looked_up(ctx, &index, &touched, &name, star.name).await?
@@ -338,7 +351,13 @@ pub(super) async fn recompute(
         };
         lock(held).stored_max_sk.insert(star.name, stored_max);
         base = match previous_rows {
-            Some((rows, _)) => stored_max.max(max(format!("SELECT coalesce(max({sk}), 0) FROM {rows}")).await?),
+            Some((rows, _)) => {
+                let rows_max = match held_relation(ctx, rows).await {
+                    Some(batches) => held_max(&batches, sk)?,
+                    None => max(format!("SELECT coalesce(max({sk}), 0) FROM {rows}")).await?,
+                };
+                stored_max.max(rows_max)
+            }
             None => stored_max,
         };
     }
@@ -387,7 +406,7 @@ pub(super) async fn scoped_history(
         Some(index) => {
             // The stored versions of the keys, read from the pages that hold them (keys above
             // every stored key, a serial key's inserts, are not read at all).
-            let keys = int64_column(ctx, &format!("SELECT k FROM {keys} s WHERE k IS NOT NULL")).await?;
+            let keys = relation_keys(ctx, keys).await?;
             let name = format!("{TAIL_SCHEMA}.{lookup_name}_lookup");
             let relation = looked_up(ctx, &index, &keys, &name, &history).await?;
             read = Some(keys);
