@@ -23,7 +23,9 @@ fn spawn_sync(url: &str, warehouse: &Path, slot: &str, mode: &str, log: &Path, o
         .arg(warehouse)
         // `--fold-ratio 0`: a model build whenever there is a tail, so kills land in builds too.
         .args(["--slot", slot, "--status-interval", "1", "--cdc-mode", mode, "--fold-ratio", "0"])
-        .env("RUST_LOG", "warn")
+        // `ACME_CRASH_CHILD_LOG` (default `warn`): the children's log filter, to replay a failing
+        // sequence with more detail.
+        .env("RUST_LOG", std::env::var("ACME_CRASH_CHILD_LOG").unwrap_or_else(|_| "warn".into()))
         .stdout(Stdio::from(log.try_clone().expect("log")))
         .stderr(Stdio::from(log));
     if once {
@@ -145,7 +147,12 @@ async fn crash_suite(prefix: &str, mode: &str, kills: usize, duration: Duration)
     let slot = acme_testkit::slot_for(&url);
     let dir = tempfile::tempdir().expect("tmp");
     let warehouse = dir.path().join("warehouse");
-    let log = dir.path().join("sync.log");
+    // `ACME_CRASH_LOG_DIR`: where the children's log is kept after the test (else it goes with
+    // the warehouse's temporary directory).
+    let log = match std::env::var_os("ACME_CRASH_LOG_DIR") {
+        Some(kept) => std::path::PathBuf::from(kept).join(format!("{prefix}-sync.log")),
+        None => dir.path().join("sync.log"),
+    };
     let workload = {
         let url = url.clone();
         tokio::spawn(async move {

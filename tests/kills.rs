@@ -1,8 +1,9 @@
 //! Kills aimed at every stage. The `sync` and `vacuum` programs run as child processes with a
 //! failpoint armed (`ACME_FAILPOINT`, see `acme_core::failpoint`): each stops exactly where its
-//! failpoint names and gets a real SIGKILL there. The stages: mid-COPY, mid-commit-round,
-//! between a commit and the slot's confirmation, mid-compaction, mid-model-step, mid-aggregate
-//! update and mid-vacuum, each hit on purpose and counted, while the live workload writes.
+//! failpoint names and gets a real SIGKILL there. The stages: mid-COPY, between the raw tables'
+//! commits of a round, mid-commit-round, between a commit and the slot's confirmation,
+//! mid-compaction, mid-model-step, mid-aggregate update and mid-vacuum, each hit on purpose and
+//! counted, while the live workload writes.
 //!
 //! After the kills, one more run completes. Then the reports (now and as of instants), every
 //! history and every star table are checked: the reports against PostgreSQL and against a
@@ -25,7 +26,8 @@ use acme_testkit::WorkloadConfig;
 use acme_testkit::rng::SplitMix64;
 
 /// The failpoints of `sync`, how many kills each gets, and the highest `@n` hit used.
-const SYNC_STAGES: [(&str, usize, u64); 5] = [
+const SYNC_STAGES: [(&str, usize, u64); 6] = [
+    ("cdc.table_committed", 6, 6),
     ("cdc.commit_round", 10, 4),
     ("cdc.committed", 10, 4),
     ("model.step", 12, 6),

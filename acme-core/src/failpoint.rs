@@ -12,6 +12,7 @@
 //! | name | where |
 //! |---|---|
 //! | `snapshot.copy` | a snapshot worker sent a batch of a block range to its writer |
+//! | `cdc.table_committed` | one raw table of a commit round committed, the others' commits possibly not |
 //! | `cdc.commit_round` | a commit round committed its raw tables, before the raw manifest names them |
 //! | `cdc.committed` | a poll's commits are durable, before the slot (or changelog) is told |
 //! | `compaction` | merged files are written, before the commit that swaps them in |

@@ -266,7 +266,7 @@ impl ChangeStream {
             changes = report.changes,
             "micro-batch committed"
         );
-        report.confirmed = match self.source.confirm(&self.link, self.sink.stored_position()).await {
+        report.confirmed = match self.source.confirm(&self.link, self.sink.complete_position()).await {
             Ok(confirmed) => confirmed,
             Err(error) => return Err(self.source.explain(&self.link, error).await),
         };
@@ -289,7 +289,7 @@ impl ChangeStream {
     pub async fn reconnect(&mut self) -> Result<()> {
         self.link.client = self.link.url.connect().await?;
         self.sink.reset().await?;
-        self.source.reset(&self.link, self.sink.stored_position()).await?;
+        self.source.reset(&self.link, self.sink.complete_position()).await?;
         self.dirty = false;
         tracing::info!(source = %self.link.url, "reconnected to the source");
         Ok(())

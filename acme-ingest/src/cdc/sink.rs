@@ -66,6 +66,13 @@ pub(crate) struct RawSink {
     tables: Vec<TableState>,
     batch_rows: usize,
     target_file_bytes: u64,
+    /// The position through which every table stores every change (the raw layer's position
+    /// in its manifest): the manifest's position when the sink opened, then the highest change
+    /// of each commit round. A table's own position may be higher (a run killed between the
+    /// tables' commits of a round leaves some tables ahead of the others); readers and model
+    /// builds take changes up to this position only, and the source is confirmed and resumed
+    /// from it, so the tables behind it get the rest of those transactions again.
+    complete: Option<u64>,
     /// Commit rounds since the raw tables were last compacted.
     uncompacted_rounds: u32,
     /// A merge of the raw tables' small files running beside the stream.
@@ -94,7 +101,12 @@ impl RawSink {
                 pending_lsn: None,
             });
         }
-        Ok(Self { storage, tables, batch_rows, target_file_bytes, uncompacted_rounds: 0, background: None })
+        // (Without a manifest yet, the lowest table position is the one every table reached.)
+        let complete = match storage.get_manifest(manifests::RAW).await? {
+            Some(manifest) => u64::try_from(manifest.position).ok(),
+            None => tables.iter().map(|t| t.stored).min().flatten(),
+        };
+        Ok(Self { storage, tables, batch_rows, target_file_bytes, complete, uncompacted_rounds: 0, background: None })
     }
 
     /// The number of tables.
@@ -123,9 +135,16 @@ impl RawSink {
         self.tables[i].stored.is_some_and(|s| lsn <= s)
     }
 
-    /// The highest commit LSN any table stores (the raw layer's position).
+    /// The highest commit LSN any table stores (some tables may hold less: see
+    /// [`RawSink::complete_position`]).
     pub(crate) fn stored_position(&self) -> Option<u64> {
         self.tables.iter().filter_map(|t| t.stored).max()
+    }
+
+    /// The position through which every table stores every change: the raw layer's position,
+    /// which the source is confirmed and resumed from.
+    pub(crate) fn complete_position(&self) -> Option<u64> {
+        self.complete
     }
 
     /// Append a decoded pgoutput change to table `i`. Returns whether its builder is full
@@ -238,17 +257,26 @@ impl RawSink {
             state.layer.commit(files, &Position::new(raw::CDC_APP, lsn as i64), CommitMode::Append).await?;
             state.stored = Some(lsn);
             record_captured(&state.builder.table().qualified(), &counts);
-            Ok(Some(rows))
+            // (Stops the round's task: the tables whose commits have not finished stay behind.)
+            acme_core::failpoint::hit("cdc.table_committed");
+            Ok(Some((rows, lsn)))
         });
-        for rows in futures::future::join_all(commits).await {
-            if let Some(rows) = rows? {
+        let mut round = None;
+        for committed in futures::future::join_all(commits).await {
+            if let Some((rows, lsn)) = committed? {
                 report.changes += rows;
                 report.tables_committed += 1;
+                round = round.max(Some(lsn));
             }
         }
         if report.tables_committed > 0 {
             acme_core::failpoint::hit("cdc.commit_round");
-            self.record_manifest(self.stored_position().unwrap_or_default() as i64).await?;
+            // Every table now holds every change the stream read up to the round's last one
+            // (a table ahead of that, from a killed run, stays ahead until the stream passes
+            // it). Not the highest table position: a table behind it would get the rest of
+            // those transactions after readers and model builds took the position as complete.
+            self.complete = self.complete.max(round);
+            self.record_manifest(self.complete.unwrap_or_default() as i64).await?;
             self.uncompacted_rounds += 1;
         }
         Ok(())
@@ -359,5 +387,80 @@ impl RawSink {
 pub(crate) fn record_captured(table: &str, counts: &[u64; Operation::ALL.len()]) {
     for (op, n) in Operation::ALL.iter().zip(counts).filter(|(_, n)| **n > 0) {
         metrics::counter!(telemetry::CHANGES_CAPTURED, "table" => table.to_string(), "op" => op.as_str()).increment(*n);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+    use crate::source::SourceColumn;
+    use crate::types::PgType;
+    use acme_core::Layer;
+
+    fn table(name: &str, oid: u32) -> SourceTable {
+        SourceTable {
+            schema: "operations".into(),
+            name: name.into(),
+            oid,
+            columns: vec![SourceColumn { name: "id".into(), ty: PgType::Int8, not_null: true }],
+            primary_key: vec!["id".into()],
+            replica_identity: 'f',
+        }
+    }
+
+    async fn open_sink(storage: &Storage, sources: &[SourceTable]) -> RawSink {
+        let mut layers = Vec::new();
+        for source in sources {
+            layers
+                .push(storage.open_or_create(Layer::Raw, &source.name, &source.raw_schema()).await.expect("raw table"));
+        }
+        RawSink::new(storage.clone(), sources.to_vec(), layers, 1024, 1 << 20).await.expect("sink")
+    }
+
+    /// Append an insert of `id` committed at `lsn` to table `i`.
+    async fn insert(sink: &mut RawSink, i: usize, lsn: u64, id: i64) {
+        let meta = ChangeMeta { op: Operation::Insert, lsn, seq: i as i64, xid: 1, commit_ts_micros: 0 };
+        let value = id.to_be_bytes();
+        sink.append_values(i, meta, vec![Some(&value[..])], None).await.expect("append");
+    }
+
+    async fn round(sink: &mut RawSink, storage: &Storage) -> i64 {
+        sink.commit_round(&mut PollReport::default()).await.expect("commit round");
+        storage.get_manifest(manifests::RAW).await.expect("manifest").expect("a manifest").position
+    }
+
+    /// A run killed between the tables' commits of a round leaves one table ahead of the raw
+    /// manifest. The next run's rounds replay the rest: the raw layer's position must not jump
+    /// to the table that is ahead while another table still lacks changes up to it (a model
+    /// build would take that position as complete and never fold those changes).
+    #[tokio::test]
+    async fn the_raw_position_is_where_every_table_is_complete_not_the_highest_table_position() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let storage = Storage::new(&dir.path().display().to_string(), HashMap::new()).expect("storage");
+        let sources = [table("customers", 1), table("orders", 2)];
+        let mut killed = open_sink(&storage, &sources).await;
+        insert(&mut killed, 0, 100, 1).await;
+        insert(&mut killed, 1, 100, 1).await;
+        assert_eq!(round(&mut killed, &storage).await, 100);
+        // Transactions at 200 (orders) and 300 (customers and orders): only the customers'
+        // commit of that round finished before the kill, the manifest still says 100.
+        insert(&mut killed, 0, 300, 2).await;
+        round(&mut killed, &storage).await;
+        storage.put_manifest(manifests::RAW, &Manifest::new(100)).await.expect("the manifest before the kill");
+        drop(killed);
+
+        let mut next = open_sink(&storage, &sources).await;
+        assert_eq!(next.complete_position(), Some(100));
+        assert_eq!(next.stored_position(), Some(300), "customers is ahead");
+        // The replay's first round reads through 200: orders gets its change of 200 only.
+        insert(&mut next, 1, 200, 2).await;
+        assert_eq!(round(&mut next, &storage).await, 200, "orders lacks its change of 300: not complete at 300");
+        // The next round reads 300: the customers' change is stored already, the orders' is not.
+        assert!(next.covers(0, 300) && !next.covers(1, 300));
+        insert(&mut next, 1, 300, 3).await;
+        assert_eq!(round(&mut next, &storage).await, 300);
+        assert_eq!(next.complete_position(), Some(300));
     }
 }
