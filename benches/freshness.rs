@@ -6,7 +6,7 @@
 //! `ACME_BENCH_SECONDS` (default 30), checking every `ACME_BENCH_MODEL_INTERVAL_MS` whether a model
 //! build is due, folding the tail in at `ACME_BENCH_FOLD_RATIO` of the model (defaults acme's). Meanwhile a probe commits stamped transactions that touch
 //! all four tables (a new customer, a new product, pending orders of that customer with a
-//! delivery date no other order has, more of them than any customer had when the run started,
+//! delivery date no other order has, more of them than any customer has, see `stamp_orders`,
 //! and an item of that product in each) and measures, from each commit, until R1, R3 and R4
 //! (its top 3, where the stamp's customer ranks first) all show it:
 //! - through `Pipeline::warehouse()` (odd stamps), and
@@ -51,10 +51,11 @@ fn workload(seed: u64, tps: f64, seconds: u64) -> WorkloadConfig {
     }
 }
 
-/// How many pending orders a stamp's customer places: more than any customer has when the
-/// run starts (with a margin for the workload's own orders), so that the stamp's customer ranks
-/// first in R4 and shows in its top 3, as a user asks for it, rather than in a list of every
-/// customer with a pending order.
+/// How many pending orders the first stamp's customer places: more than any customer has when
+/// the run starts, with a margin; each later stamp places 10 more than the one before (the
+/// workload places orders for recent customers too, the stamps' among them), so that each
+/// stamp's customer ranks first in R4 and shows in its top 3, as a user asks for it, rather than
+/// in a list of every customer with a pending order.
 async fn stamp_orders(client: &tokio_postgres::Client) -> i64 {
     let row = client
         .query_one(
@@ -116,7 +117,20 @@ async fn diagnose(w: &Warehouse, (customer, product, date): &(i64, i64, String))
         r3.iter().any(|r| r.product_id == Some(*product)),
         r4.iter().any(|r| r.customer_id == Some(*customer)),
     );
+    // R4 as the handle ranks it, by its SQL, and the top of the counts it ranks.
+    let ranked: Vec<String> = r4.iter().map(|r| format!("{:?} {} {}", r.customer_id, r.quantity, r.ranking)).collect();
+    out.push_str(&format!("\nR4 (top 3, pending): {ranked:?}"));
+    let report = acme::query::Report::TopCustomers { limit: 3, filter: StatusFilter::Pending };
+    if let Ok(sql) = w.report_sql(&report, None) {
+        let batches = w.sql(&sql).await.expect("R4 by SQL").collect().await.expect("R4 rows");
+        let text = acme::core::arrow::util::pretty::pretty_format_batches(&batches).expect("format");
+        out.push_str(&format!("\nR4 by its SQL:\n{text}"));
+    }
     for sql in [
+        "SELECT customer_id, sum(orders) AS n FROM customer_orders_current WHERE status = 'PENDING' \
+         GROUP BY customer_id ORDER BY n DESC, customer_id LIMIT 8"
+            .to_string(),
+        format!("SELECT * FROM customer_orders_current WHERE customer_id = {customer}"),
         format!("SELECT * FROM raw_orders WHERE customer_id = {customer}"),
         format!("SELECT * FROM orders_history WHERE customer_id = {customer}"),
         format!("SELECT * FROM fact_orders WHERE customer_id = {customer}"),
@@ -270,7 +284,7 @@ async fn main() {
     let deadline = Duration::from_secs(120);
     while !writer.is_finished() {
         n += 1;
-        let (stamp, committed) = stamp(&client, n, orders_per_stamp).await;
+        let (stamp, committed) = stamp(&client, n, orders_per_stamp + 10 * n as i64).await;
         let mut raw_seen = None;
         let mut looked_at = None;
         loop {
