@@ -228,21 +228,11 @@ pub(super) async fn register_customer_orders(ctx: &SessionContext, counts: &Cust
     let base = format!("{TAIL_SCHEMA}.customer_orders_base");
     let delta = format!("{TAIL_SCHEMA}.customer_orders_delta");
     ctx.register_table(base.as_str(), Arc::clone(&counts.base))?;
-    let schema = counts.base.schema();
     let customers: Int64Array = counts.delta.keys().map(|(c, _)| *c).collect();
     let statuses: StringArray = counts.delta.keys().map(|(_, s)| s.clone()).collect();
     let orders: Int64Array = counts.delta.values().map(|n| Some(*n)).collect();
     let columns: Vec<ArrayRef> = vec![Arc::new(customers), Arc::new(statuses), Arc::new(orders)];
-    let columns = columns
-        .iter()
-        .zip(schema.fields())
-        .map(|(c, f)| arrow::compute::cast(c, f.data_type()))
-        .collect::<std::result::Result<Vec<_>, _>>()?;
-    let batch = arrow::array::RecordBatch::try_new(Arc::clone(&schema), columns)?;
-    ctx.register_table(
-        delta.as_str(),
-        Arc::new(datafusion::datasource::MemTable::try_new(schema, vec![vec![batch]])?),
-    )?;
+    register_differences(ctx, &delta, &counts.base, columns)?;
     let view = ctx
         .sql(&format!(
             "SELECT customer_id, status, status <> 'COMPLETED' AS is_open, status = 'PENDING' AS is_pending, orders \
@@ -380,24 +370,11 @@ async fn register_delivery_counts(ctx: &SessionContext, counts: &DeliveryCounts)
     let base = format!("{TAIL_SCHEMA}.delivery_counts_base");
     let delta = format!("{TAIL_SCHEMA}.delivery_counts_delta");
     ctx.register_table(base.as_str(), Arc::clone(&counts.base))?;
-    // (Nullable: a difference may be of orders with no delivery date or status.)
-    let schema = Arc::new(Schema::new(
-        counts.base.schema().fields().iter().map(|f| f.as_ref().clone().with_nullable(true)).collect::<Vec<_>>(),
-    ));
     let dates: Date32Array = counts.delta.keys().map(|(d, _)| *d).collect();
     let statuses: StringArray = counts.delta.keys().map(|(_, s)| s.clone()).collect();
     let orders: Int64Array = counts.delta.values().map(|n| Some(*n)).collect();
     let columns: Vec<ArrayRef> = vec![Arc::new(dates), Arc::new(statuses), Arc::new(orders)];
-    let columns = columns
-        .iter()
-        .zip(schema.fields())
-        .map(|(c, f)| arrow::compute::cast(c, f.data_type()))
-        .collect::<std::result::Result<Vec<_>, _>>()?;
-    let batch = RecordBatch::try_new(Arc::clone(&schema), columns)?;
-    ctx.register_table(
-        delta.as_str(),
-        Arc::new(datafusion::datasource::MemTable::try_new(schema, vec![vec![batch]])?),
-    )?;
+    register_differences(ctx, &delta, &counts.base, columns)?;
     let view = ctx
         .sql(&format!(
             "SELECT delivery_date, status, CAST(sum(orders) AS BIGINT) AS orders \
@@ -406,6 +383,28 @@ async fn register_delivery_counts(ctx: &SessionContext, counts: &DeliveryCounts)
         ))
         .await?;
     ctx.register_table(aggregate, view.into_view())?;
+    Ok(())
+}
+
+/// Register `columns` (differences of counts held in `base`, column for column) as the
+/// relation `name`, in `base`'s schema made nullable (a difference may be of rows with no key
+/// value), so that a query can add them to `base`.
+fn register_differences(
+    ctx: &SessionContext,
+    name: &str,
+    base: &Arc<dyn TableProvider>,
+    columns: Vec<arrow::array::ArrayRef>,
+) -> Result<()> {
+    let schema = Arc::new(Schema::new(
+        base.schema().fields().iter().map(|f| f.as_ref().clone().with_nullable(true)).collect::<Vec<_>>(),
+    ));
+    let columns = columns
+        .iter()
+        .zip(schema.fields())
+        .map(|(c, f)| arrow::compute::cast(c, f.data_type()))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    let batch = RecordBatch::try_new(Arc::clone(&schema), columns)?;
+    ctx.register_table(name, Arc::new(datafusion::datasource::MemTable::try_new(schema, vec![vec![batch]])?))?;
     Ok(())
 }
 
