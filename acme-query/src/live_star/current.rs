@@ -191,26 +191,8 @@ pub(super) async fn customer_orders(
                 let wanted: HashSet<i64> = orders.iter().copied().collect();
                 let of_wanted = |batch: &RecordBatch| membership(batch, "order_id", &wanted, true);
                 for (side, sign) in [(previous.tables.get(table), -1), (held.tables.get(table), 1)] {
-                    for batch in visible_rows(stored, "order_id", side, &of_wanted).await? {
-                        let (customers, current) = (int64s(&batch, "customer_id")?, bools(&batch, "is_current")?);
-                        let statuses = arrow::compute::cast(
-                            batch.column_by_name("status").ok_or_else(|| {
-                                datafusion::error::DataFusionError::Internal("fact_orders has no `status`".into())
-                            })?,
-                            &arrow::datatypes::DataType::Utf8,
-                        )?;
-                        let statuses = statuses.as_string::<i32>();
-                        for i in 0..batch.num_rows() {
-                            if !(current.is_valid(i) && current.value(i)) {
-                                continue;
-                            }
-                            let key = (
-                                customers.is_valid(i).then(|| customers.value(i)),
-                                statuses.is_valid(i).then(|| statuses.value(i).to_string()),
-                            );
-                            *delta.entry(key).or_insert(0) += sign;
-                        }
-                    }
+                    let rows = visible_rows(stored, "order_id", side, &of_wanted).await?;
+                    count_current_orders(&mut delta, &rows, sign, customer_ids)?;
                 }
                 delta.retain(|_, n| *n != 0);
             }
@@ -307,8 +289,13 @@ pub(super) async fn delivery_counts(
                 let keys = held_values(&keys, "k").await?;
                 let index = fact_lookup(inputs, held, table, "order_id").await?;
                 let columns = ["order_id", "delivery_date", "status", "is_current"];
-                count_current_orders(&mut delta, &looked_up_rows(&index, &keys, table, Some(&columns)).await?, -1)?;
-                count_current_orders(&mut delta, &held_rows(&rows).await?, 1)?;
+                count_current_orders(
+                    &mut delta,
+                    &looked_up_rows(&index, &keys, table, Some(&columns)).await?,
+                    -1,
+                    delivery_dates,
+                )?;
+                count_current_orders(&mut delta, &held_rows(&rows).await?, 1, delivery_dates)?;
             }
             delta.retain(|_, n| *n != 0);
             DeliveryCounts { base, delta }
@@ -319,7 +306,8 @@ pub(super) async fn delivery_counts(
                 let wanted: HashSet<i64> = orders.iter().copied().collect();
                 let of_wanted = |batch: &RecordBatch| membership(batch, "order_id", &wanted, true);
                 for (side, sign) in [(previous.tables.get(table), -1), (held.tables.get(table), 1)] {
-                    count_current_orders(&mut delta, &visible_rows(stored, "order_id", side, &of_wanted).await?, sign)?;
+                    let rows = visible_rows(stored, "order_id", side, &of_wanted).await?;
+                    count_current_orders(&mut delta, &rows, sign, delivery_dates)?;
                 }
                 delta.retain(|_, n| *n != 0);
             }
@@ -330,31 +318,35 @@ pub(super) async fn delivery_counts(
     Ok(counts)
 }
 
-/// Add `sign` to `counts` for each current row of `fact_orders` rows `batches`, per (delivery
-/// date, status).
-fn count_current_orders(
-    counts: &mut HashMap<(Option<i32>, Option<String>), i64>,
+/// Add `sign` to `counts` for each current row of `fact_orders` rows `batches`, per (key,
+/// status), the key being what `keys` reads off each batch.
+fn count_current_orders<K: Eq + std::hash::Hash>(
+    counts: &mut HashMap<(Option<K>, Option<String>), i64>,
     batches: &[RecordBatch],
     sign: i64,
+    keys: impl Fn(&RecordBatch) -> Result<Vec<Option<K>>>,
 ) -> Result<()> {
     for batch in batches {
-        let current = bools(batch, "is_current")?;
-        let dates = arrow::compute::cast(column(batch, "delivery_date")?, &DataType::Date32)?;
-        let dates = dates.as_primitive::<arrow::datatypes::Date32Type>();
-        let statuses = arrow::compute::cast(column(batch, "status")?, &DataType::Utf8)?;
-        let statuses = statuses.as_string::<i32>();
-        for i in 0..batch.num_rows() {
-            if !(current.is_valid(i) && current.value(i)) {
-                continue;
+        let (current, statuses, keys) = (bools(batch, "is_current")?, strings(batch, "status")?, keys(batch)?);
+        for (i, key) in keys.into_iter().enumerate() {
+            if current.is_valid(i) && current.value(i) {
+                let status = statuses.is_valid(i).then(|| statuses.value(i).to_string());
+                *counts.entry((key, status)).or_insert(0) += sign;
             }
-            let key = (
-                dates.is_valid(i).then(|| dates.value(i)),
-                statuses.is_valid(i).then(|| statuses.value(i).to_string()),
-            );
-            *counts.entry(key).or_insert(0) += sign;
         }
     }
     Ok(())
+}
+
+/// R4's key of `fact_orders` rows: the customer id.
+fn customer_ids(batch: &RecordBatch) -> Result<Vec<Option<i64>>> {
+    Ok(int64s(batch, "customer_id")?.iter().collect())
+}
+
+/// R1's key of `fact_orders` rows: the delivery date, as days since the epoch.
+fn delivery_dates(batch: &RecordBatch) -> Result<Vec<Option<i32>>> {
+    let dates = arrow::compute::cast(column(batch, "delivery_date")?, &DataType::Date32)?;
+    Ok(dates.as_primitive::<arrow::datatypes::Date32Type>().iter().collect())
 }
 
 /// Register the live `agg_orders_by_delivery_date` as `counts`' base with its differences
@@ -406,13 +398,6 @@ fn register_differences(
     let batch = RecordBatch::try_new(Arc::clone(&schema), columns)?;
     ctx.register_table(name, Arc::new(datafusion::datasource::MemTable::try_new(schema, vec![vec![batch]])?))?;
     Ok(())
-}
-
-/// Column `name` of a held batch.
-fn column<'a>(batch: &'a RecordBatch, name: &str) -> Result<&'a arrow::array::ArrayRef> {
-    batch.column_by_name(name).ok_or_else(|| {
-        datafusion::error::DataFusionError::Internal(format!("a held relation has no column `{name}`")).into()
-    })
 }
 
 pub(super) async fn touched_since(ctx: &SessionContext, table: &str) -> Result<Vec<i64>> {

@@ -62,10 +62,19 @@ pub(super) async fn held_rows(provider: &Arc<dyn TableProvider>) -> Result<Vec<R
 
 /// Column `name` of `batch` as booleans.
 pub(super) fn bools(batch: &RecordBatch, name: &str) -> Result<BooleanArray> {
-    let column = batch.column_by_name(name).ok_or_else(|| {
-        datafusion::error::DataFusionError::Internal(format!("a held relation has no column `{name}`"))
-    })?;
-    Ok(arrow::compute::cast(column, &arrow::datatypes::DataType::Boolean)?.as_boolean().clone())
+    Ok(arrow::compute::cast(column(batch, name)?, &arrow::datatypes::DataType::Boolean)?.as_boolean().clone())
+}
+
+/// Column `name` of `batch` as strings.
+pub(super) fn strings(batch: &RecordBatch, name: &str) -> Result<arrow::array::StringArray> {
+    Ok(arrow::compute::cast(column(batch, name)?, &arrow::datatypes::DataType::Utf8)?.as_string::<i32>().clone())
+}
+
+/// Column `name` of `batch`, or an error naming it.
+pub(super) fn column<'a>(batch: &'a RecordBatch, name: &str) -> Result<&'a arrow::array::ArrayRef> {
+    batch.column_by_name(name).ok_or_else(|| {
+        datafusion::error::DataFusionError::Internal(format!("a held relation has no column `{name}`")).into()
+    })
 }
 
 /// The distinct non-null values of integer column `column` of a held relation, sorted.
@@ -191,10 +200,9 @@ pub(super) fn membership(batch: &RecordBatch, column: &str, set: &HashSet<i64>, 
 
 /// Column `name` of `batch` as 64-bit integers.
 pub(super) fn int64s(batch: &arrow::array::RecordBatch, name: &str) -> Result<arrow::array::Int64Array> {
-    let column = batch.column_by_name(name).ok_or_else(|| {
-        datafusion::error::DataFusionError::Internal(format!("a held relation has no column `{name}`"))
-    })?;
-    Ok(arrow::compute::cast(column, &arrow::datatypes::DataType::Int64)?.as_primitive::<Int64Type>().clone())
+    Ok(arrow::compute::cast(column(batch, name)?, &arrow::datatypes::DataType::Int64)?
+        .as_primitive::<Int64Type>()
+        .clone())
 }
 
 /// The stored table's lookup by `key` (`<table>.<key>` in the held lookups), made once per
@@ -284,11 +292,7 @@ pub(super) fn opening_keys(first: &[RecordBatch], since: Option<i64>) -> Result<
     let mut out = Vec::new();
     for batch in first {
         let (keys, lsns) = (int64s(batch, "k")?, int64s(batch, "lsn")?);
-        let ops = batch.column_by_name("op").ok_or_else(|| {
-            datafusion::error::DataFusionError::Internal("a held first-change relation has no column `op`".into())
-        })?;
-        let ops = arrow::compute::cast(ops, &arrow::datatypes::DataType::Utf8)?;
-        let ops = ops.as_string::<i32>();
+        let ops = strings(batch, "op")?;
         for i in 0..batch.num_rows() {
             let opens = ops.is_valid(i) && OPENING_OPS.iter().any(|op| op.as_str() == ops.value(i));
             let after = since.is_none_or(|since| lsns.is_valid(i) && lsns.value(i) > since);

@@ -2,18 +2,49 @@
 //! ([`CustomerOrders`]): the base's customers are ranked once per status filter (and shared by
 //! every handle on the same base); a query merges that order with the few customers the
 //! differences since changed, and stops at the last rank asked for. The ranking follows the
-//! changes and the ranks asked for, not the number of customers (a query with no differences
-//! reads only the top of the order; with some, one pass over it finds their base counts).
+//! changes and the ranks asked for, not the number of customers (a changed customer's base
+//! count is found by a binary search).
 
 use std::cmp::Ordering;
 
 use super::*;
 use crate::StatusFilter;
 
-/// The base's customers with a positive count under one status filter, most orders first, then
-/// by customer id (no customer last).
+/// The base's customers with a positive count under one status filter: their counts by
+/// customer id (so a changed customer's base count is found by a binary search, not by a pass
+/// over every customer), and the report's order over them (most orders first, then by customer
+/// id, no customer last) as positions into those counts, 4 bytes per customer.
 pub(crate) struct Ranked {
-    rows: Vec<(Option<i64>, i64)>,
+    by_customer: Vec<(Option<i64>, i64)>,
+    order: Vec<u32>,
+}
+
+impl Ranked {
+    /// Rank the customers of `totals` (one count per customer) with a positive count.
+    fn new(mut totals: Vec<(Option<i64>, i64)>) -> Result<Self> {
+        totals.retain(|(_, n)| *n > 0);
+        totals.sort_unstable_by_key(|(customer, _)| *customer);
+        let customers = u32::try_from(totals.len()).map_err(|_| {
+            datafusion::error::DataFusionError::ResourcesExhausted(format!(
+                "R4 ranks at most {} customers in memory, and {} have orders",
+                u32::MAX,
+                totals.len()
+            ))
+        })?;
+        let mut order: Vec<u32> = (0..customers).collect();
+        order.sort_unstable_by(|a, b| report_order(&totals[*a as usize], &totals[*b as usize]));
+        Ok(Ranked { by_customer: totals, order })
+    }
+
+    /// The base count of `customer` (0 when it has none).
+    fn count(&self, customer: Option<i64>) -> i64 {
+        self.by_customer.binary_search_by_key(&customer, |(c, _)| *c).map_or(0, |i| self.by_customer[i].1)
+    }
+
+    /// The customers and their counts in the report's order.
+    fn in_order(&self) -> impl Iterator<Item = &(Option<i64>, i64)> {
+        self.order.iter().map(|i| &self.by_customer[*i as usize])
+    }
 }
 
 /// Whether an order of `status` counts under `filter` (as `StatusFilter::star_predicate`
@@ -47,20 +78,14 @@ async fn ranked_base(counts: &CustomerOrders, filter: &StatusFilter) -> Result<A
     let mut totals: HashMap<Option<i64>, i64> = HashMap::new();
     for batch in held_rows(&counts.base).await? {
         let (customers, orders) = (int64s(&batch, "customer_id")?, int64s(&batch, "orders")?);
-        let statuses = batch.column_by_name("status").ok_or_else(|| {
-            datafusion::error::DataFusionError::Internal("the orders per customer have no `status`".into())
-        })?;
-        let statuses = arrow::compute::cast(statuses, &arrow::datatypes::DataType::Utf8)?;
-        let statuses = statuses.as_string::<i32>();
+        let statuses = strings(&batch, "status")?;
         for i in 0..batch.num_rows() {
             if matches(filter, statuses.is_valid(i).then(|| statuses.value(i))) && orders.is_valid(i) {
                 *totals.entry(customers.is_valid(i).then(|| customers.value(i))).or_insert(0) += orders.value(i);
             }
         }
     }
-    let mut rows: Vec<(Option<i64>, i64)> = totals.into_iter().filter(|(_, n)| *n > 0).collect();
-    rows.sort_unstable_by(report_order);
-    let ranked = Arc::new(Ranked { rows });
+    let ranked = Arc::new(Ranked::new(totals.into_iter().collect())?);
     counts.ranked.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(key, Arc::clone(&ranked));
     Ok(ranked)
 }
@@ -81,31 +106,18 @@ pub(crate) async fn top_customers(
         }
     }
     changed.retain(|_, n| *n != 0);
-    Ok(dense_ranked(&base.rows, &changed, limit))
+    Ok(dense_ranked(&base, &changed, limit))
 }
 
-/// The rows of `base` (in [`report_order`]) with the counts of the customers in `changed`
-/// moved by their differences, dense-ranked, up to rank `limit`.
-fn dense_ranked(
-    base: &[(Option<i64>, i64)],
-    changed: &HashMap<Option<i64>, i64>,
-    limit: usize,
-) -> Vec<(Option<i64>, i64, i64)> {
-    // The changed customers' new counts (their base counts found in one pass over the base).
-    let mut moved: Vec<(Option<i64>, i64)> = Vec::with_capacity(changed.len());
-    if !changed.is_empty() {
-        let mut seen = HashSet::with_capacity(changed.len());
-        for (customer, n) in base {
-            if let Some(difference) = changed.get(customer) {
-                moved.push((*customer, n + difference));
-                seen.insert(*customer);
-            }
-        }
-        moved.extend(changed.iter().filter(|(c, _)| !seen.contains(*c)).map(|(c, difference)| (*c, *difference)));
-        moved.retain(|(_, n)| *n > 0);
-        moved.sort_unstable_by(report_order);
-    }
-    let mut kept = base.iter().filter(|(customer, _)| !changed.contains_key(customer)).peekable();
+/// The customers of `base` with the counts of the customers in `changed` moved by their
+/// differences, dense-ranked in [`report_order`], up to rank `limit`.
+fn dense_ranked(base: &Ranked, changed: &HashMap<Option<i64>, i64>, limit: usize) -> Vec<(Option<i64>, i64, i64)> {
+    // The changed customers' new counts.
+    let mut moved: Vec<(Option<i64>, i64)> =
+        changed.iter().map(|(customer, difference)| (*customer, base.count(*customer) + difference)).collect();
+    moved.retain(|(_, n)| *n > 0);
+    moved.sort_unstable_by(report_order);
+    let mut kept = base.in_order().filter(|(customer, _)| !changed.contains_key(customer)).peekable();
     let mut moved = moved.iter().peekable();
     let (mut out, mut rank, mut last) = (Vec::new(), 0i64, None);
     loop {
@@ -180,8 +192,7 @@ mod tests {
             for (c, d) in &changed {
                 *after.entry(*c).or_insert(0) += d;
             }
-            let mut ranked: Vec<(Option<i64>, i64)> = base.iter().map(|(c, n)| (*c, *n)).collect();
-            ranked.sort_by(report_order);
+            let ranked = Ranked::new(base.iter().map(|(c, n)| (*c, *n)).collect()).expect("a few customers");
             for limit in [1, 2, 3, 10, 100] {
                 assert_eq!(
                     dense_ranked(&ranked, &changed, limit),

@@ -64,12 +64,16 @@ pub(super) async fn register_one(
         // change is an update or a delete have stored versions, and are not looked up. (A
         // serial key's inserts lie above every stored key: their lookup reads nothing.)
         let since = previous.map(|(since, _)| since);
-        let placed = format!(
-            "(SELECT k FROM {} f WHERE f.op IN ({}){})",
-            orders.first,
-            OPENING_OPS.iter().map(|op| format!("'{}'", op.as_str())).collect::<Vec<_>>().join(", "),
-            since.map(|since| format!(" AND f.lsn > {since}")).unwrap_or_default()
-        );
+        // (As SQL for the paths that plan a query: the first changes are not held in memory,
+        // or the stored history has no lookup.)
+        let placed_sql = || {
+            format!(
+                "(SELECT k FROM {} f WHERE f.op IN ({}){})",
+                orders.first,
+                OPENING_OPS.iter().map(|op| format!("'{}'", op.as_str())).collect::<Vec<_>>().join(", "),
+                since.map(|since| format!(" AND f.lsn > {since}")).unwrap_or_default()
+            )
+        };
         let orders_history = orders.spec.history_table();
         // (The lock is released before the awaits below: the other tables take it meanwhile.)
         let index = lock(held).lookups.get(&orders_history).cloned();
@@ -78,7 +82,7 @@ pub(super) async fn register_one(
             Some(index) => {
                 let placed = match held_relation(ctx, &orders.first).await {
                     Some(first) => opening_keys(&first, since)?,
-                    None => int64_column(ctx, &format!("SELECT k FROM {placed} p WHERE k IS NOT NULL")).await?,
+                    None => int64_column(ctx, &format!("SELECT k FROM {} p WHERE k IS NOT NULL", placed_sql())).await?,
                 };
                 let stored = index.rows(&placed, Some(&[orders.spec.key.as_str()])).await?;
                 let stored: std::collections::HashSet<i64> = stored
@@ -91,7 +95,7 @@ pub(super) async fn register_one(
                 table
             }
             None => {
-                let sql = live::new_orders_sql(&placed, &format!("{MODEL_SCHEMA}.{orders_history}"));
+                let sql = live::new_orders_sql(&placed_sql(), &format!("{MODEL_SCHEMA}.{orders_history}"));
                 hold_in_memory(ctx, &sql).await?
             }
         };
