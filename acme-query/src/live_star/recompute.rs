@@ -240,7 +240,7 @@ pub(super) async fn recompute(
     let own = tail_of(inputs.tails, star.source()).ok_or_else(|| missing_tail(star.source()))?;
     let lookup = |tail: &HistoryTail| lock(held).lookups.get(&tail.spec.history_table()).cloned();
     let (mut own_history, touched_keys) =
-        scoped_history(ctx, own, lookup(own), keys, &format!("{}_own", star.name)).await?;
+        scoped_history(ctx, own, lookup(own), keys, &format!("{}_own", star.name), true).await?;
     let own_rows = format!("{TAIL_SCHEMA}.{}_own_rows", star.name);
     if star.surrogate_key().is_none() {
         // Held: the statement reads it, and the dimension lookup below reads its members.
@@ -259,7 +259,7 @@ pub(super) async fn recompute(
         let order_keys = format!("{TAIL_SCHEMA}.{}_order_keys", star.name);
         ctx.register_table(order_keys.as_str(), key_table(&held_values(&own_history, "order_id").await?)?.0)?;
         let name = format!("{}_orders", star.name);
-        let (history, _) = scoped_history(ctx, orders, lookup(orders), &order_keys, &name).await?;
+        let (history, _) = scoped_history(ctx, orders, lookup(orders), &order_keys, &name, true).await?;
         Ok::<_, crate::QueryError>(Some((orders.spec.history_table(), history)))
     };
     // The facts read the versions of their own customers or products only: those are looked
@@ -383,7 +383,8 @@ pub(super) async fn register_lazy(
     let scoped = SessionContext::new_with_config_rt(SessionConfig::new(), Arc::clone(inputs.runtime));
     scoped.register_table("scope_keys", ctx.table_provider(keys.as_str()).await?)?;
     let lookup = lock(held).lookups.get(&tail.spec.history_table()).cloned();
-    let (history, _) = scoped_history(ctx, tail, lookup, &keys, star.name).await?;
+    // (Its keys are every key of the tail: the tail's pieces are read whole.)
+    let (history, _) = scoped_history(ctx, tail, lookup, &keys, star.name, false).await?;
     scoped.register_table(tail.spec.history_table().as_str(), history)?;
     let rows = format!("{TAIL_SCHEMA}.{}_rows", star.name);
     ctx.register_table(rows.as_str(), scoped.sql(&statement(star, Some("scope_keys"), 0)?).await?.into_view())?;
@@ -394,33 +395,70 @@ pub(super) async fn register_lazy(
 }
 
 /// The live history of `tail`'s source restricted to the keys in `keys` (a relation of `ctx`
-/// with a column `k`): their stored versions, looked up by key, with the tail applied. Also
-/// returns the keys, when they were read to look them up.
+/// with a column `k`): their stored versions, looked up by key, with the tail applied (with
+/// `scope_tail`, the held tail's pieces of those keys only). Also returns the keys, when they
+/// were read.
 pub(super) async fn scoped_history(
     ctx: &SessionContext,
     tail: &HistoryTail,
     lookup: Option<StoredLookup>,
     keys: &str,
     lookup_name: &str,
+    scope_tail: bool,
 ) -> Result<(Arc<dyn TableProvider>, Option<Vec<i64>>)> {
     let history = tail.spec.history_table();
     let key = quote(&tail.spec.key);
-    let mut read = None;
-    let stored = match lookup {
-        Some(index) => {
+    let held_tail = scope_tail
+        && held_relation(ctx, &tail.first).await.is_some()
+        && held_relation(ctx, &tail.versions).await.is_some();
+    let values = match (&lookup, held_tail) {
+        (None, false) => None,
+        _ => Some(relation_keys(ctx, keys).await?),
+    };
+    let stored = match (lookup, &values) {
+        (Some(index), Some(values)) => {
             // The stored versions of the keys, read from the pages that hold them (keys above
             // every stored key, a serial key's inserts, are not read at all).
-            let keys = relation_keys(ctx, keys).await?;
             let name = format!("{TAIL_SCHEMA}.{lookup_name}_lookup");
-            let relation = looked_up(ctx, &index, &keys, &name, &history).await?;
-            read = Some(keys);
+            let relation = looked_up(ctx, &index, values, &name, &history).await?;
             format!("(SELECT h.* FROM {relation} h)")
         }
-        None => format!("(SELECT h.* FROM {MODEL_SCHEMA}.{history} h JOIN {keys} s ON s.k = h.{key})"),
+        _ => format!("(SELECT h.* FROM {MODEL_SCHEMA}.{history} h JOIN {keys} s ON s.k = h.{key})"),
     };
-    let sql =
-        live::live_history_sql(&tail.spec, &stored, &tail.first, &tail.versions, &tail.attributes, &tail.truncates);
-    Ok((ctx.sql(&sql).await?.into_view(), read))
+    // The tail's pieces of the keys only, when held: the whole tail's would make every step
+    // carry (and look up the members of) every key changed since the stored model.
+    let (first, versions) = match (&values, held_tail) {
+        (Some(values), true) => scoped_tail(ctx, tail, values, lookup_name).await?,
+        _ => (tail.first.clone(), tail.versions.clone()),
+    };
+    let sql = live::live_history_sql(&tail.spec, &stored, &first, &versions, &tail.attributes, &tail.truncates);
+    Ok((ctx.sql(&sql).await?.into_view(), values))
+}
+
+/// The rows of `tail`'s held pieces (its first changes and the versions it opens) whose key is
+/// among `keys`, registered in `ctx` as `<name>_first` and `<name>_versions`; their names.
+async fn scoped_tail(ctx: &SessionContext, tail: &HistoryTail, keys: &[i64], name: &str) -> Result<(String, String)> {
+    let wanted: HashSet<i64> = keys.iter().copied().collect();
+    let mut names = Vec::with_capacity(2);
+    for (relation, column, part) in [(&tail.first, "k", "first"), (&tail.versions, tail.spec.key.as_str(), "versions")]
+    {
+        let provider = ctx.table_provider(relation.as_str()).await?;
+        let Some((schema, batches)) = crate::held_batches(&provider).await else {
+            return Ok((tail.first.clone(), tail.versions.clone()));
+        };
+        let mut rows = Vec::new();
+        for batch in &batches {
+            let kept = arrow::compute::filter_record_batch(batch, &membership(batch, column, &wanted, true)?)?;
+            if kept.num_rows() > 0 {
+                rows.push(kept);
+            }
+        }
+        let scoped = format!("{TAIL_SCHEMA}.{name}_tail_{part}");
+        ctx.register_table(scoped.as_str(), Arc::new(datafusion::datasource::MemTable::try_new(schema, vec![rows])?))?;
+        names.push(scoped);
+    }
+    let versions = names.pop().unwrap_or_default();
+    Ok((names.pop().unwrap_or_default(), versions))
 }
 
 /// The quoted column names of a relation, comma-separated.
