@@ -203,7 +203,7 @@ pub(crate) async fn register(ctx: &SessionContext, inputs: &LiveInputs<'_>) -> R
                 if star.name == tables::FACT_ORDER_STATUS {
                     // No report reads it: its touched rows are computed by the queries that read
                     // it, not by every refresh.
-                    register_lazy(ctx, inputs, star, held).await?;
+                    register_lazy(ctx, inputs, star).await?;
                     return Ok(0);
                 }
                 let started = std::time::Instant::now();

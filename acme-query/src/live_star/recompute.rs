@@ -370,21 +370,18 @@ pub(super) async fn recompute(
 
 /// Register `star` (keyed by its source's key, with no late-arriving keys) as a view that
 /// recomputes the rows of the keys the tail touches in each query that reads it.
-pub(super) async fn register_lazy(
-    ctx: &SessionContext,
-    inputs: &LiveInputs<'_>,
-    star: &ModelTable,
-    held: &std::sync::Mutex<HeldStar>,
-) -> Result<()> {
+pub(super) async fn register_lazy(ctx: &SessionContext, inputs: &LiveInputs<'_>, star: &ModelTable) -> Result<()> {
     let tail = tail_of(inputs.tails, star.source()).ok_or_else(|| missing_tail(star.source()))?;
     let keys = format!("{TAIL_SCHEMA}.{}_keys", star.name);
     let keys_view = ctx.sql(&format!("SELECT DISTINCT k FROM {} f WHERE k IS NOT NULL", tail.first)).await?;
     ctx.register_table(keys.as_str(), keys_view.into_view())?;
     let scoped = SessionContext::new_with_config_rt(SessionConfig::new(), Arc::clone(inputs.runtime));
     scoped.register_table("scope_keys", ctx.table_provider(keys.as_str()).await?)?;
-    let lookup = lock(held).lookups.get(&tail.spec.history_table()).cloned();
-    // (Its keys are every key of the tail: the tail's pieces are read whole.)
-    let (history, _) = scoped_history(ctx, tail, lookup, &keys, star.name, false).await?;
+    // Its keys are every key of the tail: the tail's pieces are read whole, and the stored
+    // versions are joined with the keys by the queries that read the table, not looked up
+    // here (a lookup would read the stored versions of every key of the tail at every
+    // refresh, for a table no report reads).
+    let (history, _) = scoped_history(ctx, tail, None, &keys, star.name, false).await?;
     scoped.register_table(tail.spec.history_table().as_str(), history)?;
     let rows = format!("{TAIL_SCHEMA}.{}_rows", star.name);
     ctx.register_table(rows.as_str(), scoped.sql(&statement(star, Some("scope_keys"), 0)?).await?.into_view())?;
