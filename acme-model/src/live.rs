@@ -318,21 +318,25 @@ pub fn extend_tail_pieces(
     let position: HashMap<&[u8], u32> = (0..new_rows.num_rows()).map(|i| (new_rows.row(i).data(), i as u32)).collect();
 
     // Held first changes, then the new keys' first changes.
+    // (The held keys are many, the new ones few: each held key is looked up among the new
+    // ones, and no set of the held keys is built.)
     let (first_schema, held_first) = first;
-    let mut held_keys = std::collections::HashSet::new();
-    let mut first_batches = held_first.to_vec();
+    let mut seen = vec![false; new_rows.num_rows()];
     for batch in held_first {
         let rows = converter.convert_columns(&[cast(batch.column(0), &key_type)?])?;
-        held_keys.extend((0..rows.num_rows()).map(|i| rows.row(i).owned()));
+        for i in 0..rows.num_rows() {
+            if let Some(at) = position.get(rows.row(i).data()) {
+                seen[*at as usize] = true;
+            }
+        }
     }
-    let unseen = UInt32Array::from_iter_values(
-        (0..new_rows.num_rows()).filter(|i| !held_keys.contains(&new_rows.row(*i).owned())).map(|i| i as u32),
-    );
+    let unseen = UInt32Array::from_iter_values((0..new_rows.num_rows()).filter(|i| !seen[*i]).map(|i| i as u32));
     let added = [Ok(new_keys), new_lsn, new_ts, new_op]
         .into_iter()
         .zip(first_schema.fields())
         .map(|(array, field)| cast(&take(array?.as_ref(), &unseen, None)?, field.data_type()))
         .collect::<Result<Vec<_>, ArrowError>>()?;
+    let mut first_batches = held_first.to_vec();
     first_batches.push(RecordBatch::try_new(Arc::clone(first_schema), added)?);
     let first = concat_batches(first_schema, &first_batches)?;
 

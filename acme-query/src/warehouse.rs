@@ -259,6 +259,7 @@ impl Warehouse {
         if let (Some(position), Some(tail)) = (tail_after, tail.as_mut()) {
             let files = raw_tail_files(&tables, position)?;
             tail.changes = count_tail(&ctx, &files, position).await?;
+            let counted = started.elapsed();
             let materialize = tail.changes <= shared.max_tail_in_memory;
             register_tail_files(&ctx, &files)?;
             let raw_position = raw_manifest.as_ref().map(|m| m.position);
@@ -272,6 +273,7 @@ impl Warehouse {
             let tails;
             (held, tails) =
                 register_live_views(&ctx, &found, &files, position, raw_position, materialize, reusable).await?;
+            let viewed = started.elapsed();
             let stored: HashMap<String, &acme_core::LayerTable> = tables
                 .iter()
                 .filter(|t| !t.name().starts_with(Layer::Raw.dir()))
@@ -300,6 +302,9 @@ impl Warehouse {
                 incremental = reusable.is_some(),
                 open_ms = opened.as_millis() as u64,
                 tail_ms = (started.elapsed() - opened).as_millis() as u64,
+                count_ms = (counted - opened).as_millis() as u64,
+                views_ms = (viewed - counted).as_millis() as u64,
+                star_ms = (started.elapsed() - viewed).as_millis() as u64,
                 "warehouse handle loaded with a raw tail"
             );
         }

@@ -38,13 +38,21 @@ pub(super) async fn visible_rows(
     wanted: &impl Fn(&RecordBatch) -> Result<BooleanArray>,
 ) -> Result<Vec<RecordBatch>> {
     let Some((keys, rows)) = held else { return Ok(stored.to_vec()) };
-    let mut held_keys = HashSet::new();
+    // The held keys sorted (as a handle holds them): a stored row's key is searched among them,
+    // instead of a set of every key the tail touched being built at each call.
+    let mut held_keys = Vec::new();
     for batch in held_rows(keys).await? {
         held_keys.extend(int64s(&batch, "k")?.iter().flatten());
     }
+    if !held_keys.is_sorted() {
+        held_keys.sort_unstable();
+    }
     let mut out = Vec::new();
     for batch in stored {
-        out.push(arrow::compute::filter_record_batch(batch, &membership(batch, key, &held_keys, false)?)?);
+        let ids = int64s(batch, key)?;
+        let kept: BooleanArray =
+            ids.iter().map(|id| Some(id.is_none_or(|id| held_keys.binary_search(&id).is_err()))).collect();
+        out.push(arrow::compute::filter_record_batch(batch, &kept)?);
     }
     for batch in held_rows(rows).await? {
         out.push(arrow::compute::filter_record_batch(&batch, &wanted(&batch)?)?);
