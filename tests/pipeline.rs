@@ -352,6 +352,15 @@ async fn every_handle_read_during_maintenance_and_compaction_equals_the_source_a
         assert!(raw >= model, "read {turn}: the reports are never behind the stored model");
         positions.insert((*raw, *model));
     }
+    // The published handle never moves back, also when the first handle on a newly stored
+    // model replaces the ones kept fresh on the model before it.
+    let published: Vec<_> = seen.iter().filter(|s| s.0 == "published").map(|s| (s.3, s.4)).collect();
+    for pair in published.windows(2) {
+        assert!(pair[1].0 >= pair[0].0, "the published raw position moved back: {:?} then {:?}", pair[0], pair[1]);
+        assert!(pair[1].1 >= pair[0].1, "the published model position moved back: {:?} then {:?}", pair[0], pair[1]);
+    }
+    let published_models = published.iter().map(|(_, m)| m).collect::<std::collections::BTreeSet<_>>().len();
+    assert!(published_models > 2, "the published handle moved to the newly stored models: {published_models} seen");
     let models = positions.iter().map(|(_, m)| m).collect::<std::collections::BTreeSet<_>>().len();
     let transactions = seen.iter().map(|s| s.2).collect::<std::collections::BTreeSet<_>>().len();
     println!(

@@ -22,6 +22,11 @@ impl<T: Send + 'static> OwnedTask<T> {
         OwnedTask(tokio::spawn(work))
     }
 
+    /// Whether the task has finished (its output, or its panic, is ready for [`OwnedTask::join`]).
+    pub fn is_finished(&self) -> bool {
+        self.0.is_finished()
+    }
+
     /// The task's output. A panic in the task resumes in the caller; `None` when the runtime
     /// cancelled the task (it is shutting down).
     pub async fn join(mut self) -> Option<T> {

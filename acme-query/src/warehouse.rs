@@ -158,8 +158,31 @@ impl Warehouse {
     /// handle's versions. This handle is left as it is, so readers holding it (for example
     /// behind an `Arc`) are not disturbed.
     pub async fn refreshed(&self) -> Result<Option<Warehouse>> {
+        self.refreshed_with(false).await
+    }
+
+    /// Like [`Warehouse::refreshed`], but the stored model stays the one this handle reads:
+    /// only the raw layer moves (its newer changes are applied on read, as the tail). For a
+    /// service that keeps its reports fresh on the stored model it has while the first handle
+    /// on a newly stored one is made beside it (that handle's first step reads the new model's
+    /// aggregates whole). The model's files must still exist, as they do until a vacuum
+    /// removes them.
+    pub async fn refreshed_on_its_model(&self) -> Result<Option<Warehouse>> {
+        self.refreshed_with(true).await
+    }
+
+    /// Whether a model build stored a newer model than the one this handle reads.
+    pub async fn stored_model_moved(&self) -> Result<bool> {
+        Ok(self.storage.get_manifest(manifests::MODEL).await? != self.manifests.1)
+    }
+
+    /// [`Warehouse::refreshed`], keeping this handle's model with `keep_model`.
+    async fn refreshed_with(&self, keep_model: bool) -> Result<Option<Warehouse>> {
         let raw_manifest = self.storage.get_manifest(manifests::RAW).await?;
-        let model_manifest = self.storage.get_manifest(manifests::MODEL).await?;
+        let model_manifest = match (keep_model, &self.manifests.1) {
+            (true, Some(kept)) => Some(kept.clone()),
+            _ => self.storage.get_manifest(manifests::MODEL).await?,
+        };
         // Without manifests, tables are read at their latest versions: always reload.
         let pinned = raw_manifest.is_some() || model_manifest.is_some();
         if pinned && (&raw_manifest, &model_manifest) == (&self.manifests.0, &self.manifests.1) {

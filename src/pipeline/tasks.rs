@@ -131,6 +131,11 @@ impl Maintenance {
     /// tail's size in the status.
     fn due(&self, last_build: Option<Instant>, status: &watch::Sender<PipelineStatus>) -> bool {
         let warehouse = Arc::clone(&*self.warehouses.borrow());
+        // A newer model is stored than the published handle reads (the first handle on it is
+        // being made): that handle's tail is not the stored model's.
+        if warehouse.model_position() < status.borrow().model_position {
+            return false;
+        }
         let Some(tail) = warehouse.tail() else { return true };
         status.send_modify(|s| s.tail_changes = tail.changes);
         if tail.changes == 0 {
@@ -197,6 +202,12 @@ pub(super) async fn maintain(
 }
 
 /// Publish a new warehouse handle after each commit round (and at least once a second).
+///
+/// When a model build stores a newer model, the first handle on it is made beside the loop (its
+/// first step reads the new model's aggregates whole, seconds at SF10), while the loop goes on
+/// publishing handles on the model it has, with the raw layer's newer changes applied on read.
+/// That handle is published once it is made and caught up with the newest published raw
+/// position, so the reports never wait for it and never move back.
 pub(super) async fn refresh(
     warehouses: watch::Sender<Arc<Warehouse>>,
     status: Arc<watch::Sender<PipelineStatus>>,
@@ -204,6 +215,7 @@ pub(super) async fn refresh(
     committed: Arc<Notify>,
 ) {
     let mut last_files = None;
+    let mut on_new_model: Option<acme_core::task::OwnedTask<acme_query::Result<Option<Warehouse>>>> = None;
     loop {
         tokio::select! {
             _ = cancelled(cancel.clone()) => return,
@@ -214,7 +226,41 @@ pub(super) async fn refresh(
         let started = Instant::now();
         let span =
             tracing::debug_span!("model_step", step = "refresh", from = %current.raw_position().unwrap_or_default());
-        match current.refreshed().instrument(span).await {
+        let step = async {
+            // The first handle on a newer stored model, once made: caught up with the raw
+            // changes published since it started, then published in place of the current one.
+            if on_new_model.as_ref().is_some_and(|task| task.is_finished())
+                && let Some(task) = on_new_model.take()
+            {
+                match task.join().await {
+                    Some(Ok(Some(made))) => {
+                        let caught_up = match made.raw_position() < current.raw_position() {
+                            true => made.refreshed().await?.unwrap_or(made),
+                            false => made,
+                        };
+                        if caught_up.raw_position() >= current.raw_position() {
+                            tracing::debug!(
+                                model_position = %caught_up.model_position().unwrap_or_default(),
+                                "first handle on the newly stored model published"
+                            );
+                            return Ok(Some(caught_up));
+                        }
+                    }
+                    Some(Ok(None)) | None => {}
+                    Some(Err(error)) => return Err(error),
+                }
+            }
+            // (A handle with no model yet, at the start, moves to the first one directly.)
+            if on_new_model.is_none() && current.model_position().is_some() && current.stored_model_moved().await? {
+                let base = Arc::clone(&current);
+                on_new_model = Some(acme_core::task::OwnedTask::spawn(async move { base.refreshed().await }));
+            }
+            match on_new_model.is_some() {
+                true => current.refreshed_on_its_model().await,
+                false => current.refreshed().await,
+            }
+        };
+        match step.instrument(span).await {
             Ok(Some(newer)) => {
                 metrics::counter!(telemetry::MODEL_STEPS, "step" => "refresh").increment(1);
                 metrics::histogram!(telemetry::MODEL_STEP_SECONDS, "step" => "refresh")
