@@ -97,11 +97,13 @@ pub const MODEL_SCHEMA: &str = "model";
 
 /// The model position after which raw changes are applied on read, or `None` when the stored
 /// model covers the raw layer (or there is no model yet). Without a raw manifest (a raw layer
-/// written by an older acme) the raw tables' latest versions may hold more: apply them.
-pub(crate) fn live_tail_position(raw: Option<&Manifest>, model: Option<&Manifest>) -> Option<i64> {
+/// written by an older acme) the raw tables' latest versions may hold more: apply them. With
+/// `empty`, a model at the raw position gets an empty tail (whose live state later handles
+/// extend) instead of none.
+pub(crate) fn live_tail_position(raw: Option<&Manifest>, model: Option<&Manifest>, empty: bool) -> Option<i64> {
     let model = model?;
     match raw {
-        Some(raw) if raw.position <= model.position => None,
+        Some(raw) if raw.position < model.position || (raw.position == model.position && !empty) => None,
         _ => Some(model.position),
     }
 }

@@ -60,6 +60,9 @@ pub(crate) struct Previous<'a> {
     pub(crate) providers: Option<&'a HashMap<String, Arc<dyn datafusion::catalog::TableProvider>>>,
     /// The rows its stored histories hold, when the stored model did not move.
     pub(crate) model_rows: Option<u64>,
+    /// Whether a stored model with no raw change after it yet gets the live state the next
+    /// handles extend (an empty tail) instead of none.
+    pub(crate) live_state: bool,
 }
 
 /// What a handle passes on to the handles [`Warehouse::refreshed`] makes.
@@ -158,7 +161,17 @@ impl Warehouse {
     /// handle's versions. This handle is left as it is, so readers holding it (for example
     /// behind an `Arc`) are not disturbed.
     pub async fn refreshed(&self) -> Result<Option<Warehouse>> {
-        self.refreshed_with(false).await
+        self.refreshed_with(false, false).await
+    }
+
+    /// Like [`Warehouse::refreshed`], and when the stored model has no raw change after it yet,
+    /// the new handle also makes the live state that later handles extend (R1's, R3's and R4's
+    /// counts on the current state, the stored rows with an Unknown member). Otherwise the
+    /// first handle with a raw change after the model makes it, and the reports wait for it
+    /// (seconds at SF10). For a service that makes the first handle on a newly stored model
+    /// beside the handles it publishes, as `acme::Pipeline` does.
+    pub async fn refreshed_with_live_state(&self) -> Result<Option<Warehouse>> {
+        self.refreshed_with(false, true).await
     }
 
     /// Like [`Warehouse::refreshed`], but the stored model stays the one this handle reads:
@@ -168,7 +181,7 @@ impl Warehouse {
     /// aggregates whole). The model's files must still exist, as they do until a vacuum
     /// removes them.
     pub async fn refreshed_on_its_model(&self) -> Result<Option<Warehouse>> {
-        self.refreshed_with(true).await
+        self.refreshed_with(true, false).await
     }
 
     /// Whether a model build stored a newer model than the one this handle reads.
@@ -176,8 +189,9 @@ impl Warehouse {
         Ok(self.storage.get_manifest(manifests::MODEL).await? != self.manifests.1)
     }
 
-    /// [`Warehouse::refreshed`], keeping this handle's model with `keep_model`.
-    async fn refreshed_with(&self, keep_model: bool) -> Result<Option<Warehouse>> {
+    /// [`Warehouse::refreshed`], keeping this handle's model with `keep_model`, and making the
+    /// live state of an empty tail with `live_state`.
+    async fn refreshed_with(&self, keep_model: bool, live_state: bool) -> Result<Option<Warehouse>> {
         let raw_manifest = self.storage.get_manifest(manifests::RAW).await?;
         let model_manifest = match (keep_model, &self.manifests.1) {
             (true, Some(kept)) => Some(kept.clone()),
@@ -200,6 +214,7 @@ impl Warehouse {
             context: Some((&self.ctx, &self.registered)),
             providers: Some(&self.providers),
             model_rows: self.tail.map(|t| t.model_rows).filter(|_| same_model),
+            live_state,
         };
         let loaded =
             Self::load(self.storage.clone(), &self.url, (raw_manifest, model_manifest), previous, self.shared.clone());
@@ -255,7 +270,7 @@ impl Warehouse {
         if let Some(catalog) = catalog {
             catalog.register_schema(MODEL_SCHEMA, Arc::new(datafusion::catalog::MemorySchemaProvider::new()))?;
         }
-        let tail_after = live_tail_position(raw_manifest.as_ref(), model_manifest.as_ref());
+        let tail_after = live_tail_position(raw_manifest.as_ref(), model_manifest.as_ref(), previous.live_state);
         let mut found = HashMap::new();
         let mut tables = Vec::new();
         let mut providers = HashMap::new();

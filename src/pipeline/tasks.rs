@@ -250,10 +250,15 @@ pub(super) async fn refresh(
                     Some(Err(error)) => return Err(error),
                 }
             }
-            // (A handle with no model yet, at the start, moves to the first one directly.)
-            if on_new_model.is_none() && current.model_position().is_some() && current.stored_model_moved().await? {
+            // (A handle with no model yet, at the start, moves to the first one directly, and
+            // with its live state: the workload may not have started yet.)
+            if current.model_position().is_none() {
+                return current.refreshed_with_live_state().await;
+            }
+            if on_new_model.is_none() && current.stored_model_moved().await? {
                 let base = Arc::clone(&current);
-                on_new_model = Some(acme_core::task::OwnedTask::spawn(async move { base.refreshed().await }));
+                on_new_model =
+                    Some(acme_core::task::OwnedTask::spawn(async move { base.refreshed_with_live_state().await }));
             }
             match on_new_model.is_some() {
                 true => current.refreshed_on_its_model().await,
