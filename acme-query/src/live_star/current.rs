@@ -185,19 +185,11 @@ pub(super) async fn customer_orders(
             delta: HashMap::new(),
             ranked: Arc::default(),
         },
-        Some(((previous, kept), TouchedOrders { keys: orders, stored })) => {
-            let mut delta = kept.delta.clone();
-            if !orders.is_empty() {
-                let wanted: HashSet<i64> = orders.iter().copied().collect();
-                let of_wanted = |batch: &RecordBatch| membership(batch, "order_id", &wanted, true);
-                for (side, sign) in [(previous.tables.get(table), -1), (held.tables.get(table), 1)] {
-                    let rows = visible_rows(stored, "order_id", side, &of_wanted).await?;
-                    count_current_orders(&mut delta, &rows, sign, customer_ids)?;
-                }
-                delta.retain(|_, n| *n != 0);
-            }
-            CustomerOrders { base: Arc::clone(&kept.base), delta, ranked: Arc::clone(&kept.ranked) }
-        }
+        Some(((previous, kept), touched)) => CustomerOrders {
+            base: Arc::clone(&kept.base),
+            delta: touched.moved(&kept.delta, (previous, held), customer_ids).await?,
+            ranked: Arc::clone(&kept.ranked),
+        },
     };
     register_customer_orders(ctx, &counts).await?;
     Ok(counts)
@@ -231,6 +223,44 @@ pub(super) async fn register_customer_orders(ctx: &SessionContext, counts: &Cust
 pub(super) struct TouchedOrders {
     keys: Vec<i64>,
     stored: Vec<RecordBatch>,
+    /// Their rows as the previous handle saw them and as this one sees them, read once for
+    /// R4's and R1's counts.
+    sides: tokio::sync::OnceCell<[Vec<RecordBatch>; 2]>,
+}
+
+impl TouchedOrders {
+    /// The touched orders' `fact_orders` rows as `previous` saw them and as `held` sees them.
+    async fn sides(&self, previous: &HeldStar, held: &HeldStar) -> Result<&[Vec<RecordBatch>; 2]> {
+        self.sides
+            .get_or_try_init(|| async {
+                let wanted: HashSet<i64> = self.keys.iter().copied().collect();
+                let of_wanted = |batch: &RecordBatch| membership(batch, "order_id", &wanted, true);
+                let table = tables::FACT_ORDERS;
+                Ok::<_, crate::QueryError>([
+                    visible_rows(&self.stored, "order_id", previous.tables.get(table), &of_wanted).await?,
+                    visible_rows(&self.stored, "order_id", held.tables.get(table), &of_wanted).await?,
+                ])
+            })
+            .await
+    }
+
+    /// `kept` (current orders per key and status) moved by the touched orders: their rows as
+    /// `previous` saw them taken off, as `held` sees them added, per the key `keys` reads.
+    async fn moved<K: Eq + std::hash::Hash + Clone>(
+        &self,
+        kept: &HashMap<(Option<K>, Option<String>), i64>,
+        (previous, held): (&HeldStar, &HeldStar),
+        keys: impl Fn(&RecordBatch) -> Result<Vec<Option<K>>>,
+    ) -> Result<HashMap<(Option<K>, Option<String>), i64>> {
+        let mut delta = kept.clone();
+        if !self.keys.is_empty() {
+            let [before, after] = self.sides(previous, held).await?;
+            count_current_orders(&mut delta, before, -1, &keys)?;
+            count_current_orders(&mut delta, after, 1, &keys)?;
+            delta.retain(|_, n| *n != 0);
+        }
+        Ok(delta)
+    }
 }
 
 /// The columns of the stored `fact_orders` rows in [`TouchedOrders`].
@@ -256,7 +286,7 @@ pub(super) async fn touched_orders(
             looked_up_rows(&index, &keys, table, Some(&TOUCHED_ORDER_COLUMNS)).await?
         }
     };
-    Ok(Some(TouchedOrders { keys, stored }))
+    Ok(Some(TouchedOrders { keys, stored, sides: tokio::sync::OnceCell::new() }))
 }
 
 /// The keys of a star table that the changes since the previous handle touch (registered by
@@ -300,19 +330,10 @@ pub(super) async fn delivery_counts(
             delta.retain(|_, n| *n != 0);
             DeliveryCounts { base, delta }
         }
-        Some(((previous, kept), TouchedOrders { keys: orders, stored })) => {
-            let mut delta = kept.delta.clone();
-            if !orders.is_empty() {
-                let wanted: HashSet<i64> = orders.iter().copied().collect();
-                let of_wanted = |batch: &RecordBatch| membership(batch, "order_id", &wanted, true);
-                for (side, sign) in [(previous.tables.get(table), -1), (held.tables.get(table), 1)] {
-                    let rows = visible_rows(stored, "order_id", side, &of_wanted).await?;
-                    count_current_orders(&mut delta, &rows, sign, delivery_dates)?;
-                }
-                delta.retain(|_, n| *n != 0);
-            }
-            DeliveryCounts { base: Arc::clone(&kept.base), delta }
-        }
+        Some(((previous, kept), touched)) => DeliveryCounts {
+            base: Arc::clone(&kept.base),
+            delta: touched.moved(&kept.delta, (previous, held), delivery_dates).await?,
+        },
     };
     register_delivery_counts(ctx, &counts).await?;
     Ok(counts)
