@@ -405,10 +405,7 @@ pub(super) async fn scoped_history(
 ) -> Result<(Arc<dyn TableProvider>, Option<Vec<i64>>)> {
     let history = tail.spec.history_table();
     let key = quote(&tail.spec.key);
-    let held_tail = scope_tail
-        && held_relation(ctx, &tail.first).await.is_some()
-        && held_relation(ctx, &tail.versions).await.is_some();
-    let values = match (&lookup, held_tail) {
+    let values = match (&lookup, scope_tail) {
         (None, false) => None,
         _ => Some(relation_keys(ctx, keys).await?),
     };
@@ -424,25 +421,31 @@ pub(super) async fn scoped_history(
     };
     // The tail's pieces of the keys only, when held: the whole tail's would make every step
     // carry (and look up the members of) every key changed since the stored model.
-    let (first, versions) = match (&values, held_tail) {
+    let scoped = match (&values, scope_tail) {
         (Some(values), true) => scoped_tail(ctx, tail, values, lookup_name).await?,
-        _ => (tail.first.clone(), tail.versions.clone()),
+        _ => None,
     };
+    let [first, versions] = scoped.unwrap_or_else(|| [tail.first.clone(), tail.versions.clone()]);
     let sql = live::live_history_sql(&tail.spec, &stored, &first, &versions, &tail.attributes, &tail.truncates);
     Ok((ctx.sql(&sql).await?.into_view(), values))
 }
 
 /// The rows of `tail`'s held pieces (its first changes and the versions it opens) whose key is
-/// among `keys`, registered in `ctx` as `<name>_first` and `<name>_versions`; their names.
-async fn scoped_tail(ctx: &SessionContext, tail: &HistoryTail, keys: &[i64], name: &str) -> Result<(String, String)> {
+/// among `keys`, registered in `ctx` as `tail.<name>_tail_first` and `tail.<name>_tail_versions`:
+/// their names, or `None` when the pieces are not held in memory.
+async fn scoped_tail(
+    ctx: &SessionContext,
+    tail: &HistoryTail,
+    keys: &[i64],
+    name: &str,
+) -> Result<Option<[String; 2]>> {
     let wanted: HashSet<i64> = keys.iter().copied().collect();
-    let mut names = Vec::with_capacity(2);
-    for (relation, column, part) in [(&tail.first, "k", "first"), (&tail.versions, tail.spec.key.as_str(), "versions")]
+    let mut names = [String::new(), String::new()];
+    for ((relation, column, part), out) in
+        [(&tail.first, "k", "first"), (&tail.versions, tail.spec.key.as_str(), "versions")].into_iter().zip(&mut names)
     {
-        let provider = ctx.table_provider(relation.as_str()).await?;
-        let Some((schema, batches)) = crate::held_batches(&provider).await else {
-            return Ok((tail.first.clone(), tail.versions.clone()));
-        };
+        let Some(batches) = held_relation(ctx, relation).await else { return Ok(None) };
+        let schema = ctx.table_provider(relation.as_str()).await?.schema();
         let mut rows = Vec::new();
         for batch in &batches {
             let kept = arrow::compute::filter_record_batch(batch, &membership(batch, column, &wanted, true)?)?;
@@ -450,12 +453,10 @@ async fn scoped_tail(ctx: &SessionContext, tail: &HistoryTail, keys: &[i64], nam
                 rows.push(kept);
             }
         }
-        let scoped = format!("{TAIL_SCHEMA}.{name}_tail_{part}");
-        ctx.register_table(scoped.as_str(), Arc::new(datafusion::datasource::MemTable::try_new(schema, vec![rows])?))?;
-        names.push(scoped);
+        *out = format!("{TAIL_SCHEMA}.{name}_tail_{part}");
+        ctx.register_table(out.as_str(), Arc::new(datafusion::datasource::MemTable::try_new(schema, vec![rows])?))?;
     }
-    let versions = names.pop().unwrap_or_default();
-    Ok((names.pop().unwrap_or_default(), versions))
+    Ok(Some(names))
 }
 
 /// The quoted column names of a relation, comma-separated.
