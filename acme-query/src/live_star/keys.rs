@@ -38,15 +38,9 @@ pub(super) async fn visible_rows(
     wanted: &impl Fn(&RecordBatch) -> Result<BooleanArray>,
 ) -> Result<Vec<RecordBatch>> {
     let Some((keys, rows)) = held else { return Ok(stored.to_vec()) };
-    // The held keys sorted (as a handle holds them): a stored row's key is searched among them,
-    // instead of a set of every key the tail touched being built at each call.
-    let mut held_keys = Vec::new();
-    for batch in held_rows(keys).await? {
-        held_keys.extend(int64s(&batch, "k")?.iter().flatten());
-    }
-    if !held_keys.is_sorted() {
-        held_keys.sort_unstable();
-    }
+    // The held keys sorted: a stored row's key is searched among them, instead of a set of
+    // every key the tail touched being built at each call.
+    let held_keys = held_values(keys, "k").await?;
     let mut out = Vec::new();
     for batch in stored {
         let ids = int64s(batch, key)?;
