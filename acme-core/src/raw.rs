@@ -27,6 +27,26 @@ pub const SNAPSHOT_APP: &str = "acme-snapshot";
 /// Application id of raw-layer commits made by the change stream.
 pub const CDC_APP: &str = "acme-cdc";
 
+/// The columns a raw table keeps Delta file statistics for (`delta.dataSkippingStatsColumns`):
+/// the change's position ([`LSN`], [`SEQ`]) and time ([`COMMIT_TS`]), which readers prune the
+/// tail and the changes after a position by, and the source's primary key (`key`), whose null
+/// count tells the files holding a `TRUNCATE` (stored with a null key) apart. The raw files
+/// are in change order, so the other columns' ranges span nearly every file and prune nothing,
+/// while every reader and writer of the table parses the statistics of every file at each new
+/// version (ten a second under load). `None` (statistics on every column, Delta's default)
+/// without a primary key.
+pub fn stats_columns(key: &[String]) -> Option<Vec<String>> {
+    if key.is_empty() {
+        return None;
+    }
+    // A name other than letters, digits and underscores is quoted, as Delta reads the list.
+    let quoted = |name: &str| match name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        true => name.to_string(),
+        false => format!("`{}`", name.replace('`', "``")),
+    };
+    Some([LSN, SEQ, COMMIT_TS].into_iter().chain(key.iter().map(String::as_str)).map(quoted).collect())
+}
+
 /// What happened to a row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Operation {

@@ -21,8 +21,8 @@ use url::Url;
 
 use crate::error::{Error, Result};
 pub use crate::table::{
-    CHECKPOINT_INTERVAL, CommitMode, CommitOutcome, LayerTable, LayerWriter, PAGE_ROWS, ROW_GROUP_ROWS, align_batch,
-    writer_properties,
+    CHECKPOINT_INTERVAL, CommitMode, CommitOutcome, LayerTable, LayerWriter, PAGE_ROWS, RAW_LOG_RETENTION,
+    ROW_GROUP_ROWS, align_batch, writer_properties,
 };
 /// The three layers of the warehouse.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -354,6 +354,24 @@ impl Storage {
 
     /// Open a layer table, creating it with `schema` when it does not exist yet.
     pub async fn open_or_create(&self, layer: Layer, table: &str, schema: &Schema) -> Result<LayerTable> {
+        self.open_or_create_with_stats(layer, table, schema, None).await
+    }
+
+    /// Open the raw table of a source table whose primary key is `key`, creating it with
+    /// `schema` when it does not exist yet, with file statistics on the columns of
+    /// [`crate::raw::stats_columns`] only.
+    pub async fn open_or_create_raw(&self, table: &str, schema: &Schema, key: &[String]) -> Result<LayerTable> {
+        self.open_or_create_with_stats(Layer::Raw, table, schema, crate::raw::stats_columns(key)).await
+    }
+
+    /// [`Storage::open_or_create`], keeping file statistics on `stats_columns` only when given.
+    async fn open_or_create_with_stats(
+        &self,
+        layer: Layer,
+        table: &str,
+        schema: &Schema,
+        stats_columns: Option<Vec<String>>,
+    ) -> Result<LayerTable> {
         if let Some(existing) = self.open(layer, table).await? {
             return Ok(existing);
         }
@@ -373,6 +391,17 @@ impl Storage {
             .with_configuration_property(
                 deltalake::TableProperty::CheckpointInterval,
                 Some(CHECKPOINT_INTERVAL.to_string()),
+            )
+            // The raw tables commit a version per micro-batch, ten a second under load: with
+            // Delta's default of 30 days, their logs would grow by hundreds of thousands of
+            // files a day, and every commit and every reader lists them.
+            .with_configuration_property(
+                deltalake::TableProperty::LogRetentionDuration,
+                (layer == Layer::Raw).then(|| RAW_LOG_RETENTION.to_string()),
+            )
+            .with_configuration_property(
+                deltalake::TableProperty::DataSkippingStatsColumns,
+                stats_columns.map(|columns| columns.join(",")),
             )
             .with_save_mode(deltalake::protocol::SaveMode::Ignore)
             .await;

@@ -175,3 +175,137 @@ async fn a_compaction_larger_than_its_memory_bound_spills_and_completes() {
         batches.iter().flat_map(|b| b.column(0).as_primitive::<Int64Type>().values().to_vec()).collect();
     assert_eq!(read, (0..10 * rows_per_file).collect::<Vec<_>>(), "every row once, sorted by id");
 }
+
+/// The Delta log entries of `table` under `root` (commits and checkpoints), by file name.
+fn log_entries(root: &std::path::Path, table: &str) -> Vec<String> {
+    let log = root.join(Layer::Raw.dir()).join(table).join("_delta_log");
+    let mut names: Vec<String> = std::fs::read_dir(log)
+        .expect("log")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".json") || n.ends_with(".parquet"))
+        .collect();
+    names.sort();
+    names
+}
+
+/// A raw table commits a version per micro-batch: its log entries older than
+/// `RAW_LOG_RETENTION` are removed with the next checkpoint, so the log (which every commit
+/// and every refresh lists) does not grow with the pipeline's uptime, and readers, a stale
+/// handle among them, still read every row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_raw_tables_log_keeps_only_its_retention_and_every_reader_still_reads_every_row() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let storage = Storage::new(&dir.path().display().to_string(), Default::default()).expect("storage");
+    let mut table = storage.open_or_create(Layer::Raw, "numbers", &schema()).await.expect("table");
+    for round in 0..25i64 {
+        append(&mut table, (round * 10..(round + 1) * 10).collect(), round + 1).await;
+    }
+    let stale = storage.open_at(Layer::Raw, "numbers", 5).await.expect("open").expect("exists");
+    let before = log_entries(dir.path(), "numbers");
+    assert!(before.contains(&format!("{:020}.json", 0)), "nothing expired yet: {before:?}");
+    // Age every entry past the retention (it is minutes; the test does not wait them out).
+    let aged = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+    let log = dir.path().join(Layer::Raw.dir()).join("numbers").join("_delta_log");
+    for name in &before {
+        std::fs::File::options().write(true).open(log.join(name)).expect("entry").set_modified(aged).expect("age");
+    }
+    // Versions 26 to 30; the checkpoint after version 29 cleans up.
+    for round in 25..30i64 {
+        append(&mut table, (round * 10..(round + 1) * 10).collect(), round + 1).await;
+    }
+    let after = log_entries(dir.path(), "numbers");
+    let commits = |names: &[String]| names.iter().filter(|n| n.ends_with(".json")).count();
+    assert!(!after.contains(&format!("{:020}.json", 0)), "expired entries removed: {after:?}");
+    assert!(commits(&after) <= 12, "about one checkpoint interval of commits left: {after:?}");
+    assert!(commits(&before) >= 25);
+    let ctx = SessionContext::new();
+    let all: Vec<i64> = (0..300).collect();
+    let reopened = storage.open(Layer::Raw, "numbers").await.expect("open").expect("exists");
+    assert_eq!(ids(&ctx, &reopened).await, all, "a new reader");
+    assert_eq!(reopened.position("test").await.expect("position"), Some(30));
+    let refreshed = storage.reopen_pinned(Layer::Raw, "numbers", None, Some(&stale)).await.expect("reopen");
+    assert_eq!(ids(&ctx, &refreshed.expect("exists")).await, all, "a handle from before the clean-up, refreshed");
+}
+
+/// The change stream's micro-batch files are LZ4, and compaction merges them into the raw
+/// layer's codec (zstd).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn micro_batch_files_are_lz4_and_compaction_writes_the_layers_codec() {
+    use parquet::basic::Compression;
+    let dir = tempfile::tempdir().expect("tmp");
+    let storage = Storage::new(&dir.path().display().to_string(), Default::default()).expect("storage");
+    let mut table = storage.open_or_create(Layer::Raw, "numbers", &schema()).await.expect("table");
+    for round in 0..8i64 {
+        let ids: Vec<i64> = (round * 10..(round + 1) * 10).collect();
+        let names: Vec<String> = ids.iter().map(|i| format!("n{i}")).collect();
+        let batch =
+            RecordBatch::try_new(schema(), vec![Arc::new(Int64Array::from(ids)), Arc::new(StringArray::from(names))])
+                .expect("batch");
+        let mut writer = table.micro_batch_writer(1 << 20).expect("writer");
+        writer.write(table.name(), batch).await.expect("write");
+        let files = writer.finish(table.name()).await.expect("finish");
+        table.commit(files, &Position::new("test", round + 1), CommitMode::Append).await.expect("commit");
+    }
+    let codecs = |table: &acme_core::LayerTable| -> Vec<Compression> {
+        let root = dir.path().join(Layer::Raw.dir()).join("numbers");
+        table
+            .data_files()
+            .expect("files")
+            .iter()
+            .map(|f| {
+                let file = std::fs::File::open(root.join(&f.path)).expect("file");
+                let reader = parquet::file::reader::SerializedFileReader::new(file).expect("parquet");
+                use parquet::file::reader::FileReader;
+                reader.metadata().row_group(0).column(0).compression()
+            })
+            .collect()
+    };
+    assert!(codecs(&table).iter().all(|c| *c == Compression::LZ4_RAW), "{:?}", codecs(&table));
+    let ctx = SessionContext::new();
+    table.compact(&ctx, &CompactOptions::sorted_by(&["id"])).await.expect("compact");
+    assert!(matches!(codecs(&table)[..], [Compression::ZSTD(_)]), "{:?}", codecs(&table));
+    assert_eq!(ids(&ctx, &table).await, (0..80).collect::<Vec<_>>());
+}
+
+/// A raw table keeps file statistics on the change's position and time and on the source's
+/// key only (`raw::stats_columns`): what readers prune by, and what tells a `TRUNCATE` apart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_raw_table_keeps_statistics_on_its_position_and_key_only() {
+    use acme_core::raw::{COMMIT_TS, LSN, SEQ};
+    use arrow::array::TimestampMicrosecondArray;
+    use arrow::datatypes::TimeUnit;
+    let schema = Arc::new(Schema::new(vec![
+        Field::new(LSN, DataType::Int64, false),
+        Field::new(SEQ, DataType::Int64, false),
+        Field::new(COMMIT_TS, DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())), true),
+        Field::new("id", DataType::Int64, true),
+        Field::new("count", DataType::Int64, true),
+    ]));
+    let dir = tempfile::tempdir().expect("tmp");
+    let storage = Storage::new(&dir.path().display().to_string(), Default::default()).expect("storage");
+    let mut table = storage.open_or_create_raw("numbers", &schema, &["id".to_string()]).await.expect("table");
+    let batch = RecordBatch::try_new(
+        Arc::clone(&schema),
+        vec![
+            Arc::new(Int64Array::from(vec![10, 11, 12])),
+            Arc::new(Int64Array::from(vec![0, 0, 1])),
+            Arc::new(TimestampMicrosecondArray::from(vec![1_000, 2_000, 3_000]).with_timezone("UTC")),
+            Arc::new(Int64Array::from(vec![Some(7), None, Some(9)])),
+            Arc::new(Int64Array::from(vec![100, 200, 300])),
+        ],
+    )
+    .expect("batch");
+    let mut writer = table.micro_batch_writer(1 << 20).expect("writer");
+    writer.write(table.name(), batch).await.expect("write");
+    let files = writer.finish(table.name()).await.expect("finish");
+    table.commit(files, &Position::new("test", 1), CommitMode::Append).await.expect("commit");
+    let reopened = storage.open(Layer::Raw, "numbers").await.expect("open").expect("exists");
+    let files = reopened.data_files().expect("files");
+    assert_eq!(files.len(), 1);
+    let file = &files[0];
+    assert_eq!((file.min_i64(LSN), file.max_i64(LSN)), (Some(10), Some(12)));
+    assert_eq!(file.max_i64(SEQ), Some(1));
+    assert_eq!(file.null_count("id"), Some(1), "the key's null count: a TRUNCATE's row");
+    assert_eq!((file.min_i64("count"), file.null_count("count")), (None, None), "no statistics on other columns");
+    assert_eq!(file.rows, Some(3));
+}

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use acme_core::deltalake::kernel::Add;
 use acme_core::raw;
 use acme_core::storage::{Manifest, manifests};
-use acme_core::{AcmeConfig, CommitMode, CommitOutcome, Layer, LayerTable, Position, Storage};
+use acme_core::{AcmeConfig, CommitMode, CommitOutcome, LayerTable, Position, Storage};
 use arrow::array::RecordBatch;
 use futures::StreamExt;
 use tokio::sync::{Mutex, mpsc};
@@ -206,7 +206,7 @@ impl Snapshot {
         }
         let mut layer_tables = Vec::with_capacity(tables.len());
         for table in &tables {
-            layer_tables.push(storage.open_or_create(Layer::Raw, &table.name, &table.raw_schema()).await?);
+            layer_tables.push(storage.open_or_create_raw(&table.name, &table.raw_schema(), &table.primary_key).await?);
         }
         let mut stored = Vec::with_capacity(tables.len());
         for layer in &layer_tables {

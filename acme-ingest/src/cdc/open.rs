@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use acme_core::raw;
-use acme_core::{AcmeConfig, CdcMode, Layer, LayerTable, Lsn, Storage};
+use acme_core::{AcmeConfig, CdcMode, LayerTable, Lsn, Storage};
 use tokio_postgres::Client;
 
 use super::{CAPTURE_META, PUBLICATION_META, SLOT_META, sql};
@@ -50,7 +50,7 @@ pub(super) async fn bootstrap(config: &AcmeConfig, progress: Option<Arc<Snapshot
     let mut layers = Vec::with_capacity(sources.len());
     for table in &sources {
         let schema = table.raw_schema();
-        let mut layer = storage.open_or_create(Layer::Raw, &table.name, &schema).await?;
+        let mut layer = storage.open_or_create_raw(&table.name, &schema, &table.primary_key).await?;
         // Columns added to the source while acme was not running.
         let fields: Vec<_> = schema.fields().iter().map(|f| f.as_ref().clone()).collect();
         layer.add_columns(&fields).await?;

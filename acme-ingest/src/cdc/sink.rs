@@ -42,7 +42,7 @@ impl TableState {
         if let Some(batch) = self.builder.finish()? {
             let writer = match self.writer.as_mut() {
                 Some(w) => w,
-                None => self.writer.insert(self.layer.writer(target_file_bytes)?),
+                None => self.writer.insert(self.layer.micro_batch_writer(target_file_bytes)?),
             };
             writer.write(self.layer.name(), batch).await?;
         }
