@@ -372,7 +372,11 @@ impl Storage {
         schema: &Schema,
         stats_columns: Option<Vec<String>>,
     ) -> Result<LayerTable> {
-        if let Some(existing) = self.open(layer, table).await? {
+        if let Some(mut existing) = self.open(layer, table).await? {
+            if layer == Layer::Raw {
+                // A raw table an earlier acme created: its log settings, in a metadata commit.
+                existing.set_raw_properties(stats_columns).await?;
+            }
             return Ok(existing);
         }
         let url = self.table_url(layer, table)?;

@@ -5,12 +5,12 @@ use std::sync::Arc;
 
 use arrow::array::RecordBatch;
 use arrow::datatypes::Schema;
-use deltalake::DeltaTable;
 use deltalake::kernel::engine::arrow_conversion::TryIntoKernel;
 use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
 use deltalake::kernel::{Action, Add, StructType, Transaction};
 use deltalake::protocol::{DeltaOperation, SaveMode};
 use deltalake::writer::{DeltaWriter, RecordBatchWriter};
+use deltalake::{DeltaTable, TableProperty};
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
 
@@ -88,6 +88,32 @@ impl LayerTable {
             .with_fields(kernel.fields().cloned().collect::<Vec<_>>())
             .await
             .map_err(Error::delta(&self.name, "add columns"))?;
+        self.delta = updated;
+        Ok(())
+    }
+
+    /// Give a raw table created by an earlier acme the raw layer's log settings, in one
+    /// metadata commit when it lacks any: [`RAW_LOG_RETENTION`], and statistics on
+    /// `stats_columns` only (when given; files written before keep theirs).
+    pub async fn set_raw_properties(&mut self, stats_columns: Option<Vec<String>>) -> Result<()> {
+        let config = self.delta.snapshot().map_err(Error::delta(&self.name, "read properties"))?.table_config();
+        let mut missing = std::collections::HashMap::new();
+        if config.log_retention_duration.is_none() {
+            missing.insert(TableProperty::LogRetentionDuration.as_ref().to_string(), RAW_LOG_RETENTION.to_string());
+        }
+        if let (None, Some(columns)) = (&config.data_skipping_stats_columns, stats_columns) {
+            missing.insert(TableProperty::DataSkippingStatsColumns.as_ref().to_string(), columns.join(","));
+        }
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let updated = self
+            .delta
+            .clone()
+            .set_tbl_properties()
+            .with_properties(missing)
+            .await
+            .map_err(Error::delta(&self.name, "set the raw layer's table properties"))?;
         self.delta = updated;
         Ok(())
     }

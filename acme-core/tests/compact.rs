@@ -309,3 +309,30 @@ async fn a_raw_table_keeps_statistics_on_its_position_and_key_only() {
     assert_eq!((file.min_i64("count"), file.null_count("count")), (None, None), "no statistics on other columns");
     assert_eq!(file.rows, Some(3));
 }
+
+/// A raw table an earlier acme created (Delta's default log retention and statistics on every
+/// column) gets the raw layer's settings when the pipeline opens it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_raw_table_from_an_earlier_acme_gets_the_raw_layers_log_settings() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let storage = Storage::new(&dir.path().display().to_string(), Default::default()).expect("storage");
+    let config = |table: &acme_core::LayerTable| table.delta().snapshot().expect("snapshot").table_config().clone();
+    // (As an earlier acme created it: no raw-layer settings.)
+    let mut old = storage.open_or_create(Layer::Intermediate, "numbers", &schema()).await.expect("table");
+    append(&mut old, vec![1, 2, 3], 1).await;
+    std::fs::rename(dir.path().join(Layer::Intermediate.dir()), dir.path().join(Layer::Raw.dir())).expect("move");
+    let before = storage.open(Layer::Raw, "numbers").await.expect("open").expect("exists");
+    assert_eq!(config(&before).log_retention_duration, None);
+    let opened = storage.open_or_create_raw("numbers", &schema(), &["id".to_string()]).await.expect("open");
+    let settings = config(&opened);
+    assert_eq!(settings.log_retention_duration, Some(std::time::Duration::from_secs(60)));
+    let columns: Vec<String> =
+        settings.data_skipping_stats_columns.expect("stats columns").iter().map(|c| c.to_string()).collect();
+    assert_eq!(columns, ["_lsn", "_seq", "_commit_ts", "id"]);
+    // Opened again: nothing more to set (no new version).
+    let version = opened.version();
+    let again = storage.open_or_create_raw("numbers", &schema(), &["id".to_string()]).await.expect("open");
+    assert_eq!(again.version(), version);
+    let ctx = SessionContext::new();
+    assert_eq!(ids(&ctx, &again).await, vec![1, 2, 3]);
+}

@@ -9,6 +9,9 @@ pub const BROADCAST_JOIN_BYTES: usize = 128 * 1024 * 1024;
 /// Largest build side, in rows, of a join that is broadcast rather than repartitioned.
 pub const BROADCAST_JOIN_ROWS: usize = 8 * 1024 * 1024;
 
+/// The [`Warehouse`] handles alive in this process ([`Warehouse::live_handles`]).
+static LIVE_HANDLES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 /// A warehouse opened for queries.
 pub struct Warehouse {
     pub(crate) ctx: SessionContext,
@@ -77,6 +80,12 @@ pub(crate) struct Shared {
     pub(crate) session: SessionConfig,
     /// The caller's setup, run on every handle's context.
     pub(crate) setup: Vec<Setup>,
+}
+
+impl Drop for Warehouse {
+    fn drop(&mut self) {
+        LIVE_HANDLES.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 impl std::fmt::Debug for Warehouse {
@@ -390,6 +399,7 @@ impl Warehouse {
         if let Some((previous_ctx, previous_registered)) = previous.context {
             previous_registered.carry_over(previous_ctx, &ctx).await?;
         }
+        LIVE_HANDLES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(Self {
             ctx,
             registered,
@@ -407,6 +417,13 @@ impl Warehouse {
             kept_pending: Default::default(),
             providers: Arc::new(providers),
         })
+    }
+
+    /// How many handles are alive in this process: each holds its own context and the rows it
+    /// recomputed for its tail (the rows it shares with the handle it was refreshed from are
+    /// held once). For diagnosing memory: readers that keep old handles keep their rows.
+    pub fn live_handles() -> usize {
+        LIVE_HANDLES.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The source position (commit LSN) the handle answers at: the raw layer's last complete

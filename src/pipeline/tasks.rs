@@ -278,6 +278,8 @@ pub(super) async fn refresh(
                     raw_position = %newer.raw_position().unwrap_or_default(),
                     model_position = %newer.model_position().unwrap_or_default(),
                     elapsed_ms = started.elapsed().as_millis() as u64,
+                    held_bytes = newer.tail().map_or(0, |t| t.held_bytes),
+                    live_handles = Warehouse::live_handles(),
                     "warehouse refreshed"
                 );
                 status.send_modify(|s| {
