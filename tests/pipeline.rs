@@ -130,15 +130,18 @@ async fn a_pipeline_keeps_the_reports_fresh_while_the_model_is_maintained_beside
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn maintenance_folds_the_tail_in_only_once_it_reaches_the_fold_ratio() {
+async fn maintenance_folds_the_tail_in_only_once_it_reaches_the_fold_ratio_or_the_held_limit() {
     let url = acme_testkit::acme_database("pipeline_fold", Some((0.003, 43))).await.expect("source");
     let dir = tempfile::tempdir().expect("tmp");
     let config = support::config(&url, dir.path());
     let interval = Duration::from_millis(200);
+    // A handle holds at most 200 tail changes in memory: the tail is folded at 100 whatever
+    // the ratio.
     let pipeline = Pipeline::builder(config)
         .model_interval(interval)
         .fold_ratio(acme::DEFAULT_FOLD_RATIO)
         .max_model_lag(Duration::from_secs(3600))
+        .tail_limit(200)
         .start()
         .await
         .expect("start");
@@ -169,6 +172,25 @@ async fn maintenance_folds_the_tail_in_only_once_it_reaches_the_fold_ratio() {
     assert_eq!(now.model_builds, builds_at_start, "a small tail is applied on read, not folded in: {now:?}");
     let w = pipeline.warehouse();
     assert!(w.model_position() < w.raw_position(), "the stored model trails the reports");
+    assert_eq!(w.tail_limit(), 200);
+
+    // Changes to 150 items: below 5% of the model, but past half of what a handle holds in
+    // memory. A build folds them in.
+    client
+        .batch_execute(
+            "UPDATE operations.order_items SET quanity = quanity + 1 \
+             WHERE order_item_id IN (SELECT order_item_id FROM operations.order_items ORDER BY order_item_id LIMIT 150)",
+        )
+        .await
+        .expect("medium update");
+    assert!(155.0 < acme::DEFAULT_FOLD_RATIO * model_rows as f64, "{model_rows} model rows");
+    tokio::time::timeout(Duration::from_secs(120), status.wait_for(|s| s.model_builds > builds_at_start))
+        .await
+        .expect("a build folded the tail in within 120 s")
+        .expect("status");
+    let w = pipeline.caught_up().await.expect("caught up");
+    assert_eq!(acme_reports(&w).await, source_reports(&client).await, "reports after the fold at the limit");
+    let builds_at_start = pipeline.status().borrow().model_builds;
 
     // Changes to a fifth of the items: past 5% of the model. A build folds them in.
     client

@@ -419,6 +419,14 @@ impl Warehouse {
         })
     }
 
+    /// The largest tail (raw changes after the stored model's position) a handle holds in
+    /// memory and extends from one refresh to the next ([`WarehouseBuilder::tail_limit`],
+    /// [`MAX_MATERIALIZED_TAIL`] by default). Past it, every refresh and query computes the
+    /// tail from the raw files: seconds instead of a few hundred milliseconds at SF1.
+    pub fn tail_limit(&self) -> u64 {
+        self.shared.max_tail_in_memory
+    }
+
     /// How many handles are alive in this process: each holds its own context and the rows it
     /// recomputed for its tail (the rows it shares with the handle it was refreshed from are
     /// held once). For diagnosing memory: readers that keep old handles keep their rows.

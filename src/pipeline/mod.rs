@@ -13,7 +13,9 @@
 //!   compaction, not the freshness path: it runs when the tail reaches
 //!   [`PipelineBuilder::fold_ratio`] of the model's rows (or the model is older than
 //!   [`PipelineBuilder::max_model_lag`]), which keeps its cost per change constant at any
-//!   table size and the tail each report applies a small fraction of what it reads anyway.
+//!   table size and the tail each report applies a small fraction of what it reads anyway,
+//!   and in any case once the tail reaches half of what a handle holds in memory
+//!   ([`Warehouse::tail_limit`]), so that refreshes keep extending the tail in memory.
 //! - **refresh**: a new [`Warehouse`] handle after every commit round of either writer,
 //!   published for [`Pipeline::warehouse`].
 //! - **lag probe** (logical decoding only): the source's WAL position twice a second, for the
@@ -107,6 +109,7 @@ pub struct PipelineBuilder {
     fold: FoldPolicy,
     idle_wait: Duration,
     progress: Option<Arc<SnapshotProgress>>,
+    tail_limit: u64,
 }
 
 /// When maintenance folds the tail into the stored model.
@@ -129,6 +132,9 @@ impl PipelineBuilder {
     /// keeps its cost per change the same at any table size; a larger ratio spends less CPU on
     /// builds and more on each report. `0.0` builds whenever there is a tail, every
     /// [`PipelineBuilder::model_interval`]. Negative or non-finite values count as `0.0`.
+    /// Whatever the ratio, the tail is folded once it reaches half the tail a handle holds in
+    /// memory ([`Warehouse::tail_limit`]): past that, each refresh recomputes it from the raw
+    /// files.
     pub fn fold_ratio(mut self, ratio: f64) -> Self {
         self.fold.ratio = if ratio.is_finite() { ratio.max(0.0) } else { 0.0 };
         self
@@ -139,6 +145,15 @@ impl PipelineBuilder {
     /// tables, `model.<table>`) trail the reports.
     pub fn max_model_lag(mut self, lag: Duration) -> Self {
         self.fold.max_lag = lag;
+        self
+    }
+
+    /// Hold at most this many tail changes in memory per warehouse handle (default
+    /// [`acme_query::MAX_MATERIALIZED_TAIL`], see [`Warehouse::tail_limit`]); maintenance folds
+    /// the tail in once it reaches half of it. A lower limit holds less memory and folds more
+    /// often.
+    pub fn tail_limit(mut self, changes: u64) -> Self {
+        self.tail_limit = changes;
         self
     }
 
@@ -172,7 +187,9 @@ impl PipelineBuilder {
     pub async fn start(self) -> Result<Pipeline> {
         let config = self.config;
         let stream = ChangeStream::open_with_progress(config.clone(), self.progress).await?;
-        let warehouse = Warehouse::open_with_options(&config.storage_url, config.storage_options.clone()).await?;
+        let warehouse =
+            Warehouse::open_with_tail_limit(&config.storage_url, config.storage_options.clone(), self.tail_limit)
+                .await?;
         let initial = PipelineStatus {
             confirmed_lsn: Lsn(stream.snapshot_point().lsn),
             raw_position: warehouse.raw_position(),
@@ -283,6 +300,7 @@ impl Pipeline {
             fold: FoldPolicy { ratio: DEFAULT_FOLD_RATIO, max_lag: DEFAULT_MAX_MODEL_LAG },
             idle_wait: Duration::from_millis(100),
             progress: None,
+            tail_limit: acme_query::MAX_MATERIALIZED_TAIL,
         }
     }
 
