@@ -93,7 +93,8 @@ impl WarehouseBuilder {
 
     /// Hold at most `changes` raw changes after the stored model in memory (default
     /// [`MAX_MATERIALIZED_TAIL`]); a larger tail is applied by each query from the raw
-    /// tables (with `0`, every non-empty tail is).
+    /// tables (with `0`, every non-empty tail is). A handle refreshed from one that holds the
+    /// tail goes on extending it up to [`crate::HELD_TAIL_GRACE`] times this.
     pub fn tail_limit(mut self, changes: u64) -> Self {
         self.max_tail_in_memory = changes;
         self

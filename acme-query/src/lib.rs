@@ -85,7 +85,7 @@ use sql::*;
 use tail::*;
 pub use tail::{MAX_MATERIALIZED_TAIL, MODEL_SCHEMA, TAIL_SCHEMA, Tail};
 use warehouse::Shared;
-pub use warehouse::{BROADCAST_JOIN_BYTES, BROADCAST_JOIN_ROWS, Warehouse};
+pub use warehouse::{BROADCAST_JOIN_BYTES, BROADCAST_JOIN_ROWS, HELD_TAIL_GRACE, Warehouse};
 
 /// Result alias with [`QueryError`] as the default error type.
 pub type Result<T, E = QueryError> = std::result::Result<T, E>;

@@ -9,6 +9,11 @@ pub const BROADCAST_JOIN_BYTES: usize = 128 * 1024 * 1024;
 /// Largest build side, in rows, of a join that is broadcast rather than repartitioned.
 pub const BROADCAST_JOIN_ROWS: usize = 8 * 1024 * 1024;
 
+/// How far past [`Warehouse::tail_limit`] a handle that already holds the tail keeps extending
+/// it (a multiple of the limit): a new handle, or one whose tail the limit let go, starts
+/// holding it only within the limit.
+pub const HELD_TAIL_GRACE: u64 = 2;
+
 /// The [`Warehouse`] handles alive in this process ([`Warehouse::live_handles`]).
 static LIVE_HANDLES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
@@ -307,7 +312,15 @@ impl Warehouse {
             let files = raw_tail_files(&tables, position)?;
             tail.changes = count_tail(&ctx, &files, position).await?;
             let counted = started.elapsed();
-            let materialize = tail.changes <= shared.max_tail_in_memory;
+            // A handle that extends a held tail keeps holding it up to twice the limit: a fold
+            // started at half the limit (see `acme::Pipeline`) lands before that, while the
+            // tail goes on growing, instead of every refresh recomputing it from the raw files.
+            let extending = previous.tail.as_deref().is_some_and(|t| t.model_position == position);
+            let limit = match extending {
+                true => shared.max_tail_in_memory.saturating_mul(HELD_TAIL_GRACE),
+                false => shared.max_tail_in_memory,
+            };
+            let materialize = tail.changes <= limit;
             register_tail_files(&ctx, &files)?;
             let raw_position = raw_manifest.as_ref().map(|m| m.position);
             // The previous handle's tail, when it starts at the same model position: only the
@@ -420,9 +433,11 @@ impl Warehouse {
     }
 
     /// The largest tail (raw changes after the stored model's position) a handle holds in
-    /// memory and extends from one refresh to the next ([`WarehouseBuilder::tail_limit`],
-    /// [`MAX_MATERIALIZED_TAIL`] by default). Past it, every refresh and query computes the
-    /// tail from the raw files: seconds instead of a few hundred milliseconds at SF1.
+    /// memory and starts extending from one refresh to the next ([`WarehouseBuilder::tail_limit`],
+    /// [`MAX_MATERIALIZED_TAIL`] by default); a handle refreshed from one that holds it goes on
+    /// extending it up to [`HELD_TAIL_GRACE`] times this. Past that, every refresh and query
+    /// computes the tail from the raw files: seconds instead of a few hundred milliseconds at
+    /// SF1.
     pub fn tail_limit(&self) -> u64 {
         self.shared.max_tail_in_memory
     }

@@ -71,6 +71,7 @@ async fn reports_apply_the_raw_tail_exactly_between_model_builds() {
         client.query_one("SELECT max(customer_id) + 100 FROM operations.customers", &[]).await.expect("max").get(0);
     let late_product: i64 =
         client.query_one("SELECT max(product_id) + 100 FROM operations.products", &[]).await.expect("max").get(0);
+    let mut bounded: Option<(u64, Warehouse)> = None;
     for round in 0..5u64 {
         acme_testkit::run_workload(&url, &workload(800 + round, 150, 2)).await.expect("workload");
         match round {
@@ -138,6 +139,26 @@ async fn reports_apply_the_raw_tail_exactly_between_model_builds() {
             Some(newer) => newer,
             None => refreshed,
         };
+        // A handle whose limit the tail has just reached keeps extending it past that limit
+        // (up to `HELD_TAIL_GRACE` times), with the same answers; a new handle with that limit
+        // does not start holding it.
+        match (round, bounded.take()) {
+            (3, _) => {
+                let limit = refreshed.tail().expect("a model").changes;
+                let handle = Warehouse::open_with_tail_limit(&config.storage_url, Default::default(), limit);
+                bounded = Some((limit, handle.await.expect("open")));
+            }
+            (4, Some((limit, handle))) => {
+                let extended = handle.refreshed().await.expect("refresh").expect("newer");
+                let tail = extended.tail().expect("a model");
+                assert!(tail.changes > limit && tail.changes <= limit * acme_query::HELD_TAIL_GRACE, "{tail:?}");
+                assert!(tail.held_bytes > 0, "still held past the limit: {tail:?}");
+                assert_eq!(acme(&extended, 3, None).await, oracle(&client, 3).await, "round {round}, past the limit");
+                let new = Warehouse::open_with_tail_limit(&config.storage_url, Default::default(), limit);
+                assert_eq!(new.await.expect("open").tail().map(|t| t.held_bytes), Some(0));
+            }
+            _ => {}
+        }
         // The same with the tail applied by each query instead of held in memory.
         let lazy = Warehouse::open_with_tail_limit(&config.storage_url, Default::default(), 0).await.expect("open");
         for (how, handle) in [("refreshed", &refreshed), ("tail not held", &lazy)] {
