@@ -129,6 +129,14 @@ async fn a_pipeline_keeps_the_reports_fresh_while_the_model_is_maintained_beside
     pipeline.shutdown().await.expect("shutdown again");
 }
 
+/// Wait (up to 120 s) until maintenance has run more than `builds` model builds.
+async fn wait_for_a_build(status: &mut tokio::sync::watch::Receiver<acme::PipelineStatus>, builds: u64) {
+    tokio::time::timeout(Duration::from_secs(120), status.wait_for(|s| s.model_builds > builds))
+        .await
+        .expect("a build folded the tail in within 120 s")
+        .expect("status");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn maintenance_folds_the_tail_in_only_once_it_reaches_the_fold_ratio_or_the_held_limit() {
     let url = acme_testkit::acme_database("pipeline_fold", Some((0.003, 43))).await.expect("source");
@@ -184,10 +192,7 @@ async fn maintenance_folds_the_tail_in_only_once_it_reaches_the_fold_ratio_or_th
         .await
         .expect("medium update");
     assert!(155.0 < acme::DEFAULT_FOLD_RATIO * model_rows as f64, "{model_rows} model rows");
-    tokio::time::timeout(Duration::from_secs(120), status.wait_for(|s| s.model_builds > builds_at_start))
-        .await
-        .expect("a build folded the tail in within 120 s")
-        .expect("status");
+    wait_for_a_build(&mut status, builds_at_start).await;
     let w = pipeline.caught_up().await.expect("caught up");
     assert_eq!(acme_reports(&w).await, source_reports(&client).await, "reports after the fold at the limit");
     let builds_at_start = pipeline.status().borrow().model_builds;
@@ -197,10 +202,7 @@ async fn maintenance_folds_the_tail_in_only_once_it_reaches_the_fold_ratio_or_th
         .batch_execute("UPDATE operations.order_items SET quanity = quanity + 1 WHERE order_item_id % 5 = 0")
         .await
         .expect("large update");
-    tokio::time::timeout(Duration::from_secs(120), status.wait_for(|s| s.model_builds > builds_at_start))
-        .await
-        .expect("a build folded the tail in within 120 s")
-        .expect("status");
+    wait_for_a_build(&mut status, builds_at_start).await;
     let w = pipeline.caught_up().await.expect("caught up");
     assert_eq!(acme_reports(&w).await, source_reports(&client).await, "reports after the fold");
     // The stored model (not only the live view) now holds the updated items' new versions.

@@ -77,11 +77,20 @@ async fn compaction_merges_small_files_without_changing_any_version() {
 
 /// Commit one file of the rows `ids` at position `position`.
 async fn append(table: &mut acme_core::LayerTable, ids: Vec<i64>, position: i64) {
+    append_with(table, ids, position, false).await
+}
+
+/// [`append`], written as the change stream writes its micro-batches when `micro_batch`.
+async fn append_with(table: &mut acme_core::LayerTable, ids: Vec<i64>, position: i64, micro_batch: bool) {
     let names: Vec<String> = ids.iter().map(|i| format!("n{i}")).collect();
     let batch =
         RecordBatch::try_new(schema(), vec![Arc::new(Int64Array::from(ids)), Arc::new(StringArray::from(names))])
             .expect("batch");
-    let mut writer = table.writer(1 << 20).expect("writer");
+    let mut writer = match micro_batch {
+        true => table.micro_batch_writer(1 << 20),
+        false => table.writer(1 << 20),
+    }
+    .expect("writer");
     writer.write(table.name(), batch).await.expect("write");
     let files = writer.finish(table.name()).await.expect("finish");
     table.commit(files, &Position::new("test", position), CommitMode::Append).await.expect("commit");
@@ -236,15 +245,7 @@ async fn micro_batch_files_are_lz4_and_compaction_writes_the_layers_codec() {
     let storage = Storage::new(&dir.path().display().to_string(), Default::default()).expect("storage");
     let mut table = storage.open_or_create(Layer::Raw, "numbers", &schema()).await.expect("table");
     for round in 0..8i64 {
-        let ids: Vec<i64> = (round * 10..(round + 1) * 10).collect();
-        let names: Vec<String> = ids.iter().map(|i| format!("n{i}")).collect();
-        let batch =
-            RecordBatch::try_new(schema(), vec![Arc::new(Int64Array::from(ids)), Arc::new(StringArray::from(names))])
-                .expect("batch");
-        let mut writer = table.micro_batch_writer(1 << 20).expect("writer");
-        writer.write(table.name(), batch).await.expect("write");
-        let files = writer.finish(table.name()).await.expect("finish");
-        table.commit(files, &Position::new("test", round + 1), CommitMode::Append).await.expect("commit");
+        append_with(&mut table, (round * 10..(round + 1) * 10).collect(), round + 1, true).await;
     }
     let codecs = |table: &acme_core::LayerTable| -> Vec<Compression> {
         let root = dir.path().join(Layer::Raw.dir()).join("numbers");
