@@ -8,7 +8,6 @@
 //! stored files are read as they are (joined with small tables of the tail's keys), never
 //! rewritten.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use acme_core::raw;
@@ -17,7 +16,7 @@ use crate::catalog::ModelTable;
 use arrow::array::{Array, ArrayRef, AsArray, BooleanArray, RecordBatch, UInt32Array};
 use arrow::compute::kernels::boolean::{and, not};
 use arrow::compute::kernels::zip::zip;
-use arrow::compute::{SortColumn, SortOptions, cast, concat_batches, lexsort_to_indices, partition, take};
+use arrow::compute::{SortColumn, SortOptions, cast, lexsort_to_indices, partition, take};
 use arrow::datatypes::{DataType, SchemaRef};
 use arrow::error::ArrowError;
 use arrow::row::{RowConverter, SortField};
@@ -248,12 +247,16 @@ pub fn new_orders_sql(orders: &str, history: &str) -> String {
 /// yet is added; a held version still open is closed by its key's first new change (as
 /// [`live_history_sql`] closes stored versions); the versions the new changes open follow,
 /// each closed by the next change of its key (as [`history_sql`]).
+///
+/// Each piece comes back as the held batches followed by one new batch (when it has rows): a
+/// held batch none of whose versions the changes close is passed on as it is, not copied, so
+/// what a refresh copies follows its changes more than the tail it extends.
 pub fn extend_tail_pieces(
     spec: &HistorySpec,
     changes: &RecordBatch,
     first: (&SchemaRef, &[RecordBatch]),
     versions: (&SchemaRef, &[RecordBatch]),
-) -> Result<(RecordBatch, RecordBatch), ArrowError> {
+) -> Result<(Vec<RecordBatch>, Vec<RecordBatch>), ArrowError> {
     let column = |batch: &RecordBatch, name: &str| {
         batch.column_by_name(name).cloned().ok_or_else(|| {
             ArrowError::SchemaError(format!("the tail of {} has no column `{name}`", spec.history_table()))
@@ -315,7 +318,8 @@ pub fn extend_tail_pieces(
     let key_type = versions_schema.field_with_name(&spec.key)?.data_type().clone();
     let converter = RowConverter::new(vec![SortField::new(key_type.clone())])?;
     let new_rows = converter.convert_columns(&[cast(&new_keys, &key_type)?])?;
-    let position: HashMap<&[u8], u32> = (0..new_rows.num_rows()).map(|i| (new_rows.row(i).data(), i as u32)).collect();
+    let position: foldhash::HashMap<&[u8], u32> =
+        (0..new_rows.num_rows()).map(|i| (new_rows.row(i).data(), i as u32)).collect();
 
     // Held first changes, then the new keys' first changes.
     // (The held keys are many, the new ones few: each held key is looked up among the new
@@ -336,9 +340,11 @@ pub fn extend_tail_pieces(
         .zip(first_schema.fields())
         .map(|(array, field)| cast(&take(array?.as_ref(), &unseen, None)?, field.data_type()))
         .collect::<Result<Vec<_>, ArrowError>>()?;
-    let mut first_batches = held_first.to_vec();
-    first_batches.push(RecordBatch::try_new(Arc::clone(first_schema), added)?);
-    let first = concat_batches(first_schema, &first_batches)?;
+    let mut first = held_first.to_vec();
+    let added = RecordBatch::try_new(Arc::clone(first_schema), added)?;
+    if added.num_rows() > 0 {
+        first.push(added);
+    }
 
     // Held versions: an open one is closed by its key's first new change.
     let closing = |field: &str| -> Result<ArrayRef, ArrowError> {
@@ -361,6 +367,11 @@ pub fn extend_tail_pieces(
                 false => None,
             })
             .collect();
+        if by.null_count() == by.len() {
+            // None of this batch's versions is closed: passed on as it is.
+            version_batches.push(batch.clone());
+            continue;
+        }
         let closed = BooleanArray::from_iter(by.iter().map(|b| Some(b.is_some())));
         let mut columns = batch.columns().to_vec();
         for (name, by_first) in [(VALID_TO, &close_ts), (VALID_TO_LSN, &close_lsn), (CLOSED_BY, &close_op)] {
@@ -371,7 +382,8 @@ pub fn extend_tail_pieces(
         columns[index] = Arc::new(and(open, &not(&closed)?)?);
         version_batches.push(RecordBatch::try_new(batch.schema(), columns)?);
     }
-    version_batches.push(opened);
-    let versions = concat_batches(versions_schema, &version_batches)?;
-    Ok((first, versions))
+    if opened.num_rows() > 0 {
+        version_batches.push(opened);
+    }
+    Ok((first, version_batches))
 }

@@ -128,6 +128,7 @@ impl WarehouseBuilder {
             max_tail_in_memory: self.max_tail_in_memory,
             session: self.session.unwrap_or_else(Warehouse::default_session_config),
             setup: self.setup,
+            straddle_counts: Default::default(),
         };
         Warehouse::open_storage(storage, &self.url, shared).await
     }

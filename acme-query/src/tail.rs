@@ -63,21 +63,45 @@ pub(crate) fn raw_tail_files(tables: &[acme_core::LayerTable], position: i64) ->
 /// The raw changes after `position`: the rows of the files wholly after it, from their
 /// statistics, plus those after it in the files that straddle it (raw compaction merges small
 /// files across the model's position, the snapshot's among them), counted by a query on their
-/// LSN column that the files' row-group statistics prune.
-pub(crate) async fn count_tail(ctx: &SessionContext, tails: &[TailFiles<'_>], position: i64) -> Result<u64> {
+/// LSN column that the files' row-group statistics prune. A straddling file's count is kept in
+/// `counted` (data files never change), so each is queried once per model position, not at
+/// every refresh.
+pub(crate) async fn count_tail(
+    ctx: &SessionContext,
+    tails: &[TailFiles<'_>],
+    position: i64,
+    counted: &StraddleCounts,
+) -> Result<u64> {
     let mut changes = 0;
     for tail in tails {
         let (after, straddling): (Vec<_>, Vec<_>) =
             tail.files.iter().cloned().partition(|f| f.min_i64(acme_core::raw::LSN).is_some_and(|min| min > position));
         changes += after.iter().map(|f| f.rows.unwrap_or(0)).sum::<u64>();
-        if !straddling.is_empty() {
-            let lsn = datafusion::prelude::col(acme_core::raw::LSN);
-            let df = ctx.read_table(tail.raw.provider(Some(&straddling))?)?;
-            changes += df.filter(lsn.gt(datafusion::prelude::lit(position)))?.count().await? as u64;
+        for file in straddling {
+            let key = (tail.table.clone(), file.path.clone(), position);
+            let known = counted.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(&key).copied();
+            let count = match known {
+                Some(count) => count,
+                None => {
+                    let lsn = datafusion::prelude::col(acme_core::raw::LSN);
+                    let df = ctx.read_table(tail.raw.provider(Some(std::slice::from_ref(&file)))?)?;
+                    let count = df.filter(lsn.gt(datafusion::prelude::lit(position)))?.count().await? as u64;
+                    let mut counted = counted.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    // Only the current model position's counts are worth keeping.
+                    counted.retain(|(_, _, at), _| *at == position);
+                    counted.insert(key, count);
+                    count
+                }
+            };
+            changes += count;
         }
     }
     Ok(changes)
 }
+
+/// The changes after a model position in the raw files that straddle it, by (source table,
+/// file, position): see [`count_tail`].
+pub(crate) type StraddleCounts = Arc<std::sync::Mutex<HashMap<(String, String, i64), u64>>>;
 
 /// How far the stored model trails a [`Warehouse`] handle ([`Warehouse::tail`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
@@ -290,19 +314,55 @@ pub(crate) async fn extend_in_memory(
         .select(columns.collect::<Vec<_>>())?;
     let schema = Arc::new(changes.schema().as_arrow().clone());
     let changes = arrow::compute::concat_batches(&schema, &changes.collect().await?)?;
-    let (first, versions) = live::extend_tail_pieces(spec, &changes, (&first.0, &first.1), (&versions.0, &versions.1))?;
-    let (first, versions) = (compact_views(first)?, compact_views(versions)?);
-    let bytes = first.get_array_memory_size() + versions.get_array_memory_size();
-    let table = |batch: RecordBatch| -> Result<Arc<dyn datafusion::catalog::TableProvider>> {
-        Ok(Arc::new(datafusion::datasource::MemTable::try_new(batch.schema(), vec![vec![batch]])?))
+    let held_counts = (first.1.len(), versions.1.len());
+    let (first_schema, versions_schema) = (Arc::clone(&first.0), Arc::clone(&versions.0));
+    let (extended_first, extended_versions) =
+        live::extend_tail_pieces(spec, &changes, (&first.0, &first.1), (&versions.0, &versions.1))?;
+    let first = held_piece(&first_schema, extended_first, held_counts.0)?;
+    let versions = held_piece(&versions_schema, extended_versions, held_counts.1)?;
+    let bytes = held_bytes(&first) + held_bytes(&versions);
+    let table = |schema: &arrow::datatypes::SchemaRef, batches: Vec<RecordBatch>| -> Result<_> {
+        let table: Arc<dyn datafusion::catalog::TableProvider> =
+            Arc::new(datafusion::datasource::MemTable::try_new(Arc::clone(schema), vec![batches])?);
+        Ok(table)
     };
     Ok(Some(HeldPieces {
         attributes: held.attributes.clone(),
         truncates: held.truncates.clone(),
-        first: table(first)?,
-        versions: table(versions)?,
+        first: table(&first_schema, first)?,
+        versions: table(&versions_schema, versions)?,
         bytes,
     }))
+}
+
+/// The most batches a held tail piece keeps before they are merged into one: each refresh adds
+/// one (its changes' rows), and merging copies the whole piece, so merging every this many
+/// refreshes copies each held row a few times over a fold's tail, instead of at every refresh.
+pub(crate) const HELD_PIECE_BATCHES: usize = 32;
+
+/// A held piece extended by [`live::extend_tail_pieces`]: the batches from `held` on are new,
+/// and get string buffers of their own ([`compact_views`]: they point into the Parquet pages
+/// they were read from); the held ones are already compact. Merged into one batch past
+/// [`HELD_PIECE_BATCHES`].
+fn held_piece(
+    schema: &arrow::datatypes::SchemaRef,
+    batches: Vec<RecordBatch>,
+    held: usize,
+) -> Result<Vec<RecordBatch>> {
+    let batches = batches
+        .into_iter()
+        .enumerate()
+        .map(|(i, batch)| if i >= held { compact_views(batch) } else { Ok(batch) })
+        .collect::<Result<Vec<_>>>()?;
+    if batches.len() <= HELD_PIECE_BATCHES {
+        return Ok(batches);
+    }
+    Ok(vec![compact_views(arrow::compute::concat_batches(schema, &batches)?)?])
+}
+
+/// The memory `batches` hold.
+fn held_bytes(batches: &[RecordBatch]) -> usize {
+    batches.iter().map(RecordBatch::get_array_memory_size).sum()
 }
 
 /// The schema and rows of a relation [`hold_in_memory`] holds; `None` for another kind.
@@ -439,4 +499,27 @@ pub(crate) async fn first_valid_from(ctx: &SessionContext, table: &str) -> dataf
         .map(|b| b.column(0).as_primitive::<Int64Type>().clone())
         .filter(|a| a.len() == 1 && !a.is_null(0))
         .map(|a| a.value(0)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch(from: i64, rows: i64) -> RecordBatch {
+        let schema = Arc::new(Schema::new(vec![arrow::datatypes::Field::new("k", DataType::Int64, false)]));
+        let keys = arrow::array::Int64Array::from_iter_values(from..from + rows);
+        RecordBatch::try_new(schema, vec![Arc::new(keys)]).expect("batch")
+    }
+
+    #[test]
+    fn a_held_piece_keeps_its_batches_until_there_are_too_many_then_merges_them() {
+        let schema = batch(0, 1).schema();
+        let few: Vec<_> = (0..HELD_PIECE_BATCHES as i64).map(|i| batch(i * 10, 10)).collect();
+        let kept = held_piece(&schema, few.clone(), few.len() - 1).expect("piece");
+        assert_eq!(kept, few);
+        let many: Vec<_> = (0..=HELD_PIECE_BATCHES as i64).map(|i| batch(i * 10, 10)).collect();
+        let merged = held_piece(&schema, many.clone(), many.len() - 1).expect("piece");
+        assert_eq!(merged.len(), 1);
+        assert_eq!(merged[0], arrow::compute::concat_batches(&schema, &many).expect("concat"));
+    }
 }

@@ -85,6 +85,8 @@ pub(crate) struct Shared {
     pub(crate) session: SessionConfig,
     /// The caller's setup, run on every handle's context.
     pub(crate) setup: Vec<Setup>,
+    /// The tail's changes in the raw files that straddle the model's position, counted once.
+    pub(crate) straddle_counts: StraddleCounts,
 }
 
 impl Drop for Warehouse {
@@ -310,7 +312,7 @@ impl Warehouse {
         let mut tail = model_manifest.as_ref().map(|_| Tail { changes: 0, model_rows: stored_rows, held_bytes: 0 });
         if let (Some(position), Some(tail)) = (tail_after, tail.as_mut()) {
             let files = raw_tail_files(&tables, position)?;
-            tail.changes = count_tail(&ctx, &files, position).await?;
+            tail.changes = count_tail(&ctx, &files, position, &shared.straddle_counts).await?;
             let counted = started.elapsed();
             // A handle that extends a held tail keeps holding it up to twice the limit: a fold
             // started at half the limit (see `acme::Pipeline`) lands before that, while the

@@ -45,7 +45,7 @@ pub(super) async fn pending_items(
     // new delivery date) counts its untouched items alike on both sides: only the orders whose
     // count moved (placed, deleted, completed or reopened) need their items looked up, which is
     // the dearest lookup of the step (the items are stored in item order, not order order).
-    let touched_orders: HashSet<i64> = orders.iter().copied().collect();
+    let touched_orders: KeySet = orders.iter().copied().collect();
     let of_touched =
         |batch: &RecordBatch| -> Result<BooleanArray> { membership(batch, "order_id", &touched_orders, true) };
     let mut stored_orders = touched.stored.clone();
@@ -59,7 +59,7 @@ pub(super) async fn pending_items(
         false => Some(fact_lookup(inputs, held, items_table, "order_id").await?),
     };
     // The stored rows of the touched items and of the moved orders' items.
-    let item_set: HashSet<i64> = items.iter().copied().collect();
+    let item_set: KeySet = items.iter().copied().collect();
     let mut stored_items = looked_up_rows(&items_index, &items, items_table, item_columns).await?;
     if let Some(items_by_order) = &items_by_order {
         for batch in looked_up_rows(items_by_order, &moved, items_table, item_columns).await? {
@@ -67,7 +67,7 @@ pub(super) async fn pending_items(
             stored_items.push(arrow::compute::filter_record_batch(&batch, &mask)?);
         }
     }
-    let moved: HashSet<i64> = moved.into_iter().collect();
+    let moved: KeySet = moved.into_iter().collect();
     let affected = |batch: &RecordBatch| -> Result<BooleanArray> {
         let (ids, order_ids) = (int64s(batch, "order_item_id")?, int64s(batch, "order_id")?);
         Ok(ids
@@ -92,7 +92,7 @@ pub(super) async fn pending_items(
     others.sort_unstable();
     others.dedup();
     stored_orders.extend(looked_up_rows(&orders_index, &others, orders_table, order_columns).await?);
-    let wanted: HashSet<i64> = touched_orders.iter().chain(&others).copied().collect();
+    let wanted: KeySet = touched_orders.iter().chain(&others).copied().collect();
     let of_wanted = |batch: &RecordBatch| -> Result<BooleanArray> { membership(batch, "order_id", &wanted, true) };
     for ((side, sign), items) in sides.into_iter().zip(side_items) {
         let open =
@@ -233,7 +233,7 @@ impl TouchedOrders {
     async fn sides(&self, previous: &HeldStar, held: &HeldStar) -> Result<&[Vec<RecordBatch>; 2]> {
         self.sides
             .get_or_try_init(|| async {
-                let wanted: HashSet<i64> = self.keys.iter().copied().collect();
+                let wanted: KeySet = self.keys.iter().copied().collect();
                 let of_wanted = |batch: &RecordBatch| membership(batch, "order_id", &wanted, true);
                 let table = tables::FACT_ORDERS;
                 Ok::<_, crate::QueryError>([

@@ -12,7 +12,7 @@
 //! holds them recomputes only the keys the new changes touch; R3 and R4 on the current state
 //! are kept by difference the same way ([`PENDING_ITEMS`], [`CUSTOMER_ORDERS`]).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use acme_core::LayerTable;

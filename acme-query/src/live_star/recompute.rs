@@ -85,7 +85,7 @@ pub(super) async fn register_one(
                     None => int64_column(ctx, &format!("SELECT k FROM {} p WHERE k IS NOT NULL", placed_sql())).await?,
                 };
                 let stored = index.rows(&placed, Some(&[orders.spec.key.as_str()])).await?;
-                let stored: std::collections::HashSet<i64> = stored
+                let stored: KeySet = stored
                     .iter()
                     .flat_map(|b| b.column(0).as_primitive::<Int64Type>().iter().flatten().collect::<Vec<_>>())
                     .collect();
@@ -185,35 +185,68 @@ pub(super) async fn register_one(
 }
 
 /// A star table's held keys and rows extended with a refresh's recomputed rows: `previous`'s
-/// rows of the keys not in `touched`, then `fresh`; and the union of the keys.
+/// rows of the keys not in `touched`, then `fresh`; and the union of the keys. The held batches
+/// none of whose keys is touched are passed on as they are, not copied; the batches are merged
+/// into one past [`crate::HELD_PIECE_BATCHES`].
 pub(super) async fn extend_rows(
     previous: (&Arc<dyn TableProvider>, &Arc<dyn TableProvider>),
     key: &str,
     touched: &Arc<dyn TableProvider>,
     fresh: &Arc<dyn TableProvider>,
 ) -> Result<KeysAndRows> {
-    let touched_keys: HashSet<i64> = held_values(touched, "k").await?.into_iter().collect();
+    let touched_keys = held_values(touched, "k").await?;
+    let touched_set: KeySet = touched_keys.iter().copied().collect();
     // One schema for both (the statement's batches may differ from each other in nullability).
     let schema = Arc::new(Schema::new(
         fresh.schema().fields().iter().map(|f| f.as_ref().clone().with_nullable(true)).collect::<Vec<_>>(),
     ));
     let mut rows = Vec::new();
     for batch in held_rows(previous.1).await? {
-        let kept = membership(&batch, key, &touched_keys, false)?;
-        rows.push(arrow::compute::filter_record_batch(&batch, &kept)?);
+        let kept = membership(&batch, key, &touched_set, false)?;
+        let batch = match kept.true_count() == batch.num_rows() {
+            true => batch,
+            false => arrow::compute::filter_record_batch(&batch, &kept)?,
+        };
+        rows.push(batch);
     }
     rows.extend(held_rows(fresh).await?);
-    let rows = rows
+    let mut rows = rows
         .into_iter()
+        .filter(|batch| batch.num_rows() > 0)
         .map(|batch| RecordBatch::try_new(Arc::clone(&schema), batch.columns().to_vec()))
         .collect::<std::result::Result<Vec<_>, _>>()?;
-    let rows = arrow::compute::concat_batches(&schema, &rows)?;
-    let mut all_keys = held_values(previous.0, "k").await?;
-    all_keys.extend(touched_keys);
-    all_keys.sort_unstable();
-    all_keys.dedup();
-    let rows: Arc<dyn TableProvider> = Arc::new(datafusion::datasource::MemTable::try_new(schema, vec![vec![rows]])?);
+    if rows.len() > crate::HELD_PIECE_BATCHES {
+        rows = vec![arrow::compute::concat_batches(&schema, &rows)?];
+    }
+    let all_keys = merge_sorted(&held_values(previous.0, "k").await?, &touched_keys);
+    let rows: Arc<dyn TableProvider> = Arc::new(datafusion::datasource::MemTable::try_new(schema, vec![rows])?);
     Ok((key_table(&all_keys)?.0, rows))
+}
+
+/// The union of two sorted lists of distinct keys, sorted.
+fn merge_sorted(a: &[i64], b: &[i64]) -> Vec<i64> {
+    let mut out = Vec::with_capacity(a.len() + b.len());
+    let (mut i, mut j) = (0, 0);
+    while i < a.len() && j < b.len() {
+        match a[i].cmp(&b[j]) {
+            std::cmp::Ordering::Less => {
+                out.push(a[i]);
+                i += 1;
+            }
+            std::cmp::Ordering::Greater => {
+                out.push(b[j]);
+                j += 1;
+            }
+            std::cmp::Ordering::Equal => {
+                out.push(a[i]);
+                i += 1;
+                j += 1;
+            }
+        }
+    }
+    out.extend_from_slice(&a[i..]);
+    out.extend_from_slice(&b[j..]);
+    out
 }
 
 /// The rows of the keys in `keys` (a registered relation of `ctx`), computed by the table's
@@ -439,7 +472,7 @@ async fn scoped_tail(
     keys: &[i64],
     name: &str,
 ) -> Result<Option<[String; 2]>> {
-    let wanted: HashSet<i64> = keys.iter().copied().collect();
+    let wanted: KeySet = keys.iter().copied().collect();
     let mut names = [String::new(), String::new()];
     for ((relation, column, part), out) in
         [(&tail.first, "k", "first"), (&tail.versions, tail.spec.key.as_str(), "versions")].into_iter().zip(&mut names)
@@ -519,7 +552,7 @@ pub(super) async fn scoped_dimension(
     let Some(index) = lock(held).lookups.get(dimension).cloned() else { return Ok(None) };
     let stored = looked_up_rows(&index, ids, dimension, Some(columns)).await?;
     let recomputed = lock(held).tables.get(dimension).cloned();
-    let wanted: HashSet<i64> = ids.iter().copied().collect();
+    let wanted: KeySet = ids.iter().copied().collect();
     let of_wanted = |batch: &RecordBatch| membership(batch, star.key, &wanted, true);
     let rows = visible_rows(&stored, star.key, recomputed.as_ref(), &of_wanted).await?;
     // One schema (the stored table's columns, nullable) for the looked-up and the held rows.
@@ -546,4 +579,16 @@ pub(super) async fn scoped_dimension(
         })
         .collect::<Result<Vec<_>>>()?;
     Ok(Some(Arc::new(datafusion::datasource::MemTable::try_new(schema, vec![rows])?)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::merge_sorted;
+
+    #[test]
+    fn merging_sorted_keys_gives_their_sorted_union() {
+        assert_eq!(merge_sorted(&[1, 4, 9], &[2, 4, 10, 11]), vec![1, 2, 4, 9, 10, 11]);
+        assert_eq!(merge_sorted(&[], &[3]), vec![3]);
+        assert_eq!(merge_sorted(&[-5, 7], &[]), vec![-5, 7]);
+    }
 }
