@@ -182,47 +182,63 @@ pub(crate) async fn register(ctx: &SessionContext, inputs: &LiveInputs<'_>) -> R
         None => None,
     };
     let since_keys = since_keys.as_ref();
-    // The dimensions, then the facts that look them up; the tables of each group concurrently.
+    // Each dimension, then the facts that look it up (a chain per dimension, the chains
+    // concurrently); then the tables that read no dimension or several.
     let held = std::sync::Mutex::new(held);
-    let mut bytes = 0u64;
-    for dimensions in [true, false] {
-        let group = MODEL.iter().filter(|s| s.recomputed_per_key() && s.surrogate_key().is_some() == dimensions);
-        let steps = group.filter(|s| inputs.found.contains_key(s.name)).map(|star| {
-            let held = &held;
-            async move {
-                if star.sources.iter().any(|s| tail_of(inputs.tails, s).is_none()) {
-                    // A history without its raw table: the stored rows as they are.
-                    let provider = ctx.table_provider(format!("{MODEL_SCHEMA}.{}", star.name).as_str()).await?;
-                    ctx.register_table(star.name, provider)?;
-                    return Ok(0);
-                }
-                if truncated {
-                    ctx.register_table(star.name, ctx.sql(&statement(star, None, 0)?).await?.into_view())?;
-                    return Ok(0);
-                }
-                if star.name == tables::FACT_ORDER_STATUS {
-                    // No report reads it: its touched rows are computed by the queries that read
-                    // it, not by every refresh.
-                    register_lazy(ctx, inputs, star).await?;
-                    return Ok(0);
-                }
-                let started = std::time::Instant::now();
-                let (table_bytes, kept) = register_one(ctx, inputs, star, held, since_keys).await?;
-                tracing::debug!(
-                    table = star.name,
-                    extended = inputs.previous.is_some(),
-                    held_bytes = table_bytes,
-                    ms = started.elapsed().as_millis() as u64,
-                    "live star table"
-                );
-                if let Some(kept) = kept {
-                    lock(held).tables.insert(star.name, kept);
-                }
-                Ok::<_, crate::QueryError>(table_bytes)
+    let step = |star: &'static ModelTable| {
+        let held = &held;
+        async move {
+            if !inputs.found.contains_key(star.name) {
+                return Ok(0);
             }
+            if star.sources.iter().any(|s| tail_of(inputs.tails, s).is_none()) {
+                // A history without its raw table: the stored rows as they are.
+                let provider = ctx.table_provider(format!("{MODEL_SCHEMA}.{}", star.name).as_str()).await?;
+                ctx.register_table(star.name, provider)?;
+                return Ok(0);
+            }
+            if truncated {
+                ctx.register_table(star.name, ctx.sql(&statement(star, None, 0)?).await?.into_view())?;
+                return Ok(0);
+            }
+            if star.name == tables::FACT_ORDER_STATUS {
+                // No report reads it: its touched rows are computed by the queries that read
+                // it, not by every refresh.
+                register_lazy(ctx, inputs, star).await?;
+                return Ok(0);
+            }
+            let started = std::time::Instant::now();
+            let (table_bytes, kept) = register_one(ctx, inputs, star, held, since_keys).await?;
+            tracing::debug!(
+                table = star.name,
+                extended = inputs.previous.is_some(),
+                held_bytes = table_bytes,
+                ms = started.elapsed().as_millis() as u64,
+                "live star table"
+            );
+            if let Some(kept) = kept {
+                lock(held).tables.insert(star.name, kept);
+            }
+            Ok::<_, crate::QueryError>(table_bytes)
+        }
+    };
+    let per_key: Vec<&'static ModelTable> = MODEL.iter().filter(|s| s.recomputed_per_key()).collect();
+    let dimensions: Vec<&'static ModelTable> =
+        per_key.iter().copied().filter(|s| s.surrogate_key().is_some()).collect();
+    let chained = |fact: &ModelTable| {
+        fact_dimension(fact.name).is_some_and(|(dimension, ..)| dimensions.iter().any(|d| d.name == dimension))
+    };
+    let chains = dimensions.iter().map(|dimension| async {
+        let mut bytes = step(dimension).await?;
+        let facts = per_key.iter().filter(|f| {
+            f.surrogate_key().is_none() && fact_dimension(f.name).is_some_and(|(d, ..)| d == dimension.name)
         });
-        bytes += futures::future::try_join_all(steps).await?.into_iter().sum::<u64>();
-    }
+        bytes += futures::future::try_join_all(facts.map(|f| step(f))).await?.into_iter().sum::<u64>();
+        Ok::<_, crate::QueryError>(bytes)
+    });
+    let mut bytes = futures::future::try_join_all(chains).await?.into_iter().sum::<u64>();
+    let others = per_key.iter().filter(|f| f.surrogate_key().is_none() && !chained(f));
+    bytes += futures::future::try_join_all(others.map(|f| step(f))).await?.into_iter().sum::<u64>();
     let mut held = held.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner);
     if !truncated
         && [tables::FACT_ORDERS, tables::FACT_ORDER_ITEMS].iter().all(|t| inputs.stored.contains_key(*t))

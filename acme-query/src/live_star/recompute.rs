@@ -272,8 +272,28 @@ pub(super) async fn recompute(
     scoped.register_table("scope_keys", ctx.table_provider(keys).await?)?;
     let own = tail_of(inputs.tails, star.source()).ok_or_else(|| missing_tail(star.source()))?;
     let lookup = |tail: &HistoryTail| lock(held).lookups.get(&tail.spec.history_table()).cloned();
-    let (mut own_history, touched_keys) =
-        scoped_history(ctx, own, lookup(own), keys, &format!("{}_own", star.name), true).await?;
+    // A dimension's own stored versions of the keys (`model_previous` below, for the keys its
+    // versions already have) are looked up beside its history's.
+    let stored_dimension = async {
+        if star.surrogate_key().is_none() {
+            return Ok(None);
+        }
+        let index = lock(held).lookups.get(star.name).cloned();
+        let stored = match index {
+            Some(index) => {
+                let touched = relation_keys(ctx, keys).await?;
+                let name = format!("{TAIL_SCHEMA}.{}_stored_touched", star.name);
+                looked_up(ctx, &index, &touched, &name, star.name).await?
+            }
+            None => format!("{MODEL_SCHEMA}.{}", star.name),
+        };
+        Ok::<_, crate::QueryError>(Some(stored))
+    };
+    let ((mut own_history, _), stored_dimension) = futures::future::try_join(
+        scoped_history(ctx, own, lookup(own), keys, &format!("{}_own", star.name), true),
+        stored_dimension,
+    )
+    .await?;
     let own_rows = format!("{TAIL_SCHEMA}.{}_own_rows", star.name);
     if star.surrogate_key().is_none() {
         // Held: the statement reads it, and the dimension lookup below reads its members.
@@ -300,19 +320,7 @@ pub(super) async fn recompute(
     // ones of the same keys), not read from the whole dimension.
     // Only the dimension columns the fact statements read (`acme_model::star`): a lookup
     // decodes each page it reads of each column it reads.
-    let fact_dimension: Option<(&str, &str, &[&str])> = match star.name {
-        tables::FACT_ORDERS => Some((
-            tables::DIM_CUSTOMER,
-            "customer_id",
-            &["customer_sk", "customer_id", "valid_from_lsn", "valid_to_lsn"],
-        )),
-        tables::FACT_ORDER_ITEMS => Some((
-            tables::DIM_PRODUCT,
-            "product_id",
-            &["product_sk", "product_id", "unity_price", "valid_from_lsn", "valid_to_lsn"],
-        )),
-        _ => None,
-    };
+    let fact_dimension = fact_dimension(star.name);
     let dimensions = async {
         let mut out = Vec::new();
         for dimension in [tables::DIM_CUSTOMER, tables::DIM_PRODUCT] {
@@ -356,19 +364,7 @@ pub(super) async fn recompute(
         // The versions numbered so far (stored, and recomputed for an earlier part of the tail)
         // keep their keys; new ones are numbered after the highest.
         // The stored versions of the touched keys only (`model_previous` is joined with them).
-        let index = lock(held).lookups.get(star.name).cloned();
-        let stored = match index {
-            Some(index) => {
-                // (Read once: the history's lookup above read the same keys.)
-                let touched = match &touched_keys {
-                    Some(touched) => touched.clone(),
-                    None => relation_keys(ctx, keys).await?,
-                };
-                let name = format!("{TAIL_SCHEMA}.{}_stored_touched", star.name);
-                looked_up(ctx, &index, &touched, &name, star.name).await?
-            }
-            None => format!("{MODEL_SCHEMA}.{}", star.name),
-        };
+        let stored = stored_dimension.unwrap_or_else(|| format!("{MODEL_SCHEMA}.{}", star.name));
         let numbered = match previous_rows {
             None => stored,
             Some((rows, keys)) => {
@@ -399,6 +395,26 @@ pub(super) async fn recompute(
         };
     }
     Ok(hold_in_memory(&scoped, &statement(star, Some("scope_keys"), base)?).await?.0)
+}
+
+/// The one dimension a fact table's statement reads (`acme_model::star`), by the business key
+/// its rows look it up with, and the dimension columns the statement reads (a lookup decodes
+/// each page it reads of each column it reads); `None` for a table that reads no dimension or
+/// more than one.
+pub(super) fn fact_dimension(star: &str) -> Option<(&'static str, &'static str, &'static [&'static str])> {
+    match star {
+        tables::FACT_ORDERS => Some((
+            tables::DIM_CUSTOMER,
+            "customer_id",
+            &["customer_sk", "customer_id", "valid_from_lsn", "valid_to_lsn"],
+        )),
+        tables::FACT_ORDER_ITEMS => Some((
+            tables::DIM_PRODUCT,
+            "product_id",
+            &["product_sk", "product_id", "unity_price", "valid_from_lsn", "valid_to_lsn"],
+        )),
+        _ => None,
+    }
 }
 
 /// Register `star` (keyed by its source's key, with no late-arriving keys) as a view that
