@@ -69,14 +69,9 @@ pub(super) async fn pending_items(
     }
     let moved: KeySet = moved.into_iter().collect();
     let affected = |batch: &RecordBatch| -> Result<BooleanArray> {
-        let (ids, order_ids) = (int64s(batch, "order_item_id")?, int64s(batch, "order_id")?);
-        Ok(ids
-            .iter()
-            .zip(order_ids.iter())
-            .map(|(id, order)| {
-                Some(id.is_some_and(|id| item_set.contains(&id)) || order.is_some_and(|o| moved.contains(&o)))
-            })
-            .collect())
+        let touched = mask(&int64s(batch, "order_item_id")?, |id| item_set.contains(&id), false);
+        let of_moved = mask(&int64s(batch, "order_id")?, |order| moved.contains(&order), false);
+        Ok(arrow::compute::or(&touched, &of_moved)?)
     };
     // Each side: the affected items as the previous handle saw them, and as this one sees them.
     let sides = [(previous, -1), (&*held, 1)];
