@@ -22,7 +22,7 @@ use url::Url;
 use crate::error::{Error, Result};
 pub use crate::table::{
     CHECKPOINT_INTERVAL, CommitMode, CommitOutcome, LayerTable, LayerWriter, PAGE_ROWS, RAW_LOG_RETENTION,
-    RAW_PAGE_ROWS, ROW_GROUP_ROWS, align_batch, writer_properties,
+    ROW_GROUP_ROWS, align_batch, writer_properties,
 };
 /// The three layers of the warehouse.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -138,7 +138,7 @@ impl LayerTable {
         let inner = RecordBatchWriter::for_table(&self.delta)
             .map_err(Error::delta(&self.name, "create writer"))?
             .with_target_file_size(target_file_bytes)
-            .with_writer_properties(compressed_properties(compression, page_rows(self.layer()), &schema));
+            .with_writer_properties(compressed_properties(compression, &schema));
         Ok(LayerWriter { inner, rows: 0, schema, file_rows: None, in_file: 0, done: Vec::new() })
     }
 
@@ -170,31 +170,15 @@ pub const RAW_LOG_RETENTION: &str = "interval 1 minute";
 /// core (row groups are the unit of parallel scanning), large enough to compress well.
 pub const ROW_GROUP_ROWS: usize = 128 * 1024;
 
-/// Rows per Parquet data page (at most) of the model's tables (intermediate and presentation).
-/// They are stored in key order, and a key lookup ([`crate::KeyIndex`]) reads only the pages
-/// whose key range holds a looked-up key: the page is the unit a lookup decodes, so a lookup of
-/// `n` random keys decodes up to about `n` times this many rows per column, and once a table
-/// has more pages than a step has keys, that is what each lookup decodes (the Parquet default,
-/// 20,000, made each lookup of a few hundred keys decode most of a large table; 2,048 made a
-/// refresh under the SF1 live workload decode about 400,000 looked-up rows).
-pub const PAGE_ROWS: usize = 512;
-
-/// Rows per Parquet data page (at most) of the raw layer's files, which are read by commit
-/// position (their pages' LSN ranges), not by key, and scanned whole by the model's builds:
-/// larger pages, fewer page headers to decode per scan.
-pub const RAW_PAGE_ROWS: usize = 2048;
-
-/// The page size of `layer`'s files (raw: [`RAW_PAGE_ROWS`], the model's: [`PAGE_ROWS`]).
-fn page_rows(layer: Option<Layer>) -> usize {
-    match layer {
-        Some(Layer::Intermediate | Layer::Presentation) => PAGE_ROWS,
-        Some(Layer::Raw) | None => RAW_PAGE_ROWS,
-    }
-}
+/// Rows per Parquet data page (at most). Model tables are stored in key order, and a key
+/// lookup ([`crate::KeyIndex`]) reads only the pages whose key range holds a looked-up key:
+/// the page is the unit a lookup decodes, so a lookup of `n` keys decodes about `n` times this
+/// many rows per column, whatever the table's size (the Parquet default, 20,000, made each
+/// lookup of a few hundred keys decode most of a large table).
+pub const PAGE_ROWS: usize = 2048;
 
 /// Parquet settings of the files of a table of `layer` with `schema`: page statistics,
-/// [`PAGE_ROWS`] rows per page ([`RAW_PAGE_ROWS`] for the raw layer), [`ROW_GROUP_ROWS`] rows
-/// per row group, and integer and
+/// [`PAGE_ROWS`] rows per page, [`ROW_GROUP_ROWS`] rows per row group, and integer and
 /// timestamp columns delta-encoded instead of dictionary-encoded. Keys, LSNs and timestamps
 /// are mostly increasing with many distinct values: delta encoding makes those files about a
 /// third smaller and decodes about 20% faster (R3's item scan at SF1: 114 -> 93 ms). Dates,
@@ -209,7 +193,7 @@ fn page_rows(layer: Option<Layer>) -> usize {
 ///   40 ms with LZ4, for files 15-25% larger. Every Parquet reader (delta-rs, Spark, DuckDB,
 ///   Trino) reads `LZ4_RAW`.
 pub fn writer_properties(layer: Layer, schema: &Schema) -> WriterProperties {
-    compressed_properties(layer_compression(layer), page_rows(Some(layer)), schema)
+    compressed_properties(layer_compression(layer), schema)
 }
 
 /// The codec of `layer`'s files (see [`writer_properties`]).
@@ -220,14 +204,12 @@ fn layer_compression(layer: Layer) -> Compression {
     }
 }
 
-/// [`writer_properties`] with `compression` and `page_rows` rows per page.
-fn compressed_properties(compression: Compression, page_rows: usize, schema: &Schema) -> WriterProperties {
+/// [`writer_properties`] with `compression`.
+fn compressed_properties(compression: Compression, schema: &Schema) -> WriterProperties {
     let mut builder = WriterProperties::builder()
         .set_compression(compression)
         .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
-        .set_data_page_row_count_limit(page_rows)
-        // (The writer checks the page's row limit once per this many rows: 1,024 by default.)
-        .set_write_batch_size(page_rows.min(1024));
+        .set_data_page_row_count_limit(PAGE_ROWS);
     for field in schema.fields() {
         use arrow::datatypes::DataType as T;
         if matches!(field.data_type(), T::Int32 | T::Int64 | T::UInt32 | T::UInt64 | T::Timestamp(_, _)) {
