@@ -354,6 +354,15 @@ fn held_piece(
         .enumerate()
         .map(|(i, batch)| if i >= held { compact_views(batch) } else { Ok(batch) })
         .collect::<Result<Vec<_>>>()?;
+    merged_past_limit(schema, batches)
+}
+
+/// `batches` as they are, or merged into one batch (with string buffers of its own) once they
+/// are more than [`HELD_PIECE_BATCHES`].
+pub(crate) fn merged_past_limit(
+    schema: &arrow::datatypes::SchemaRef,
+    batches: Vec<RecordBatch>,
+) -> Result<Vec<RecordBatch>> {
     if batches.len() <= HELD_PIECE_BATCHES {
         return Ok(batches);
     }

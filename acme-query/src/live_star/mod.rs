@@ -225,19 +225,19 @@ pub(crate) async fn register(ctx: &SessionContext, inputs: &LiveInputs<'_>) -> R
     let per_key: Vec<&'static ModelTable> = MODEL.iter().filter(|s| s.recomputed_per_key()).collect();
     let dimensions: Vec<&'static ModelTable> =
         per_key.iter().copied().filter(|s| s.surrogate_key().is_some()).collect();
-    let chained = |fact: &ModelTable| {
-        fact_dimension(fact.name).is_some_and(|(dimension, ..)| dimensions.iter().any(|d| d.name == dimension))
+    // The dimension a fact table is recomputed after, when it reads one.
+    let after = |fact: &ModelTable| {
+        let (dimension, ..) = fact_dimension(fact.name)?;
+        dimensions.iter().find(|d| d.name == dimension).map(|d| d.name)
     };
     let chains = dimensions.iter().map(|dimension| async {
         let mut bytes = step(dimension).await?;
-        let facts = per_key.iter().filter(|f| {
-            f.surrogate_key().is_none() && fact_dimension(f.name).is_some_and(|(d, ..)| d == dimension.name)
-        });
+        let facts = per_key.iter().filter(|f| f.surrogate_key().is_none() && after(f) == Some(dimension.name));
         bytes += futures::future::try_join_all(facts.map(|f| step(f))).await?.into_iter().sum::<u64>();
         Ok::<_, crate::QueryError>(bytes)
     });
     let mut bytes = futures::future::try_join_all(chains).await?.into_iter().sum::<u64>();
-    let others = per_key.iter().filter(|f| f.surrogate_key().is_none() && !chained(f));
+    let others = per_key.iter().filter(|f| f.surrogate_key().is_none() && after(f).is_none());
     bytes += futures::future::try_join_all(others.map(|f| step(f))).await?.into_iter().sum::<u64>();
     let mut held = held.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner);
     if !truncated

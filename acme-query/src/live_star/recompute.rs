@@ -210,14 +210,12 @@ pub(super) async fn extend_rows(
         rows.push(batch);
     }
     rows.extend(held_rows(fresh).await?);
-    let mut rows = rows
+    let rows = rows
         .into_iter()
         .filter(|batch| batch.num_rows() > 0)
         .map(|batch| RecordBatch::try_new(Arc::clone(&schema), batch.columns().to_vec()))
         .collect::<std::result::Result<Vec<_>, _>>()?;
-    if rows.len() > crate::HELD_PIECE_BATCHES {
-        rows = vec![arrow::compute::concat_batches(&schema, &rows)?];
-    }
+    let rows = crate::merged_past_limit(&schema, rows)?;
     let all_keys = merge_sorted(&held_values(previous.0, "k").await?, &touched_keys);
     let rows: Arc<dyn TableProvider> = Arc::new(datafusion::datasource::MemTable::try_new(schema, vec![rows])?);
     Ok((key_table(&all_keys)?.0, rows))
