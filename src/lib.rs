@@ -89,6 +89,6 @@ where
 }
 
 pub use pipeline::{
-    DEFAULT_FOLD_RATIO, DEFAULT_MAX_MODEL_LAG, DEFAULT_MODEL_INTERVAL, Pipeline, PipelineBuilder, PipelineError,
-    PipelineStatus, Severity,
+    DEFAULT_FOLD_RATIO, DEFAULT_MAINTENANCE_NICENESS, DEFAULT_MAX_MODEL_LAG, DEFAULT_MODEL_INTERVAL, Pipeline,
+    PipelineBuilder, PipelineError, PipelineStatus, Severity,
 };

@@ -37,6 +37,18 @@ async fn a_pipeline_keeps_the_reports_fresh_while_the_model_is_maintained_beside
     // `fold_ratio(0.0)`: fold whenever there is a tail, so that builds run beside the stream.
     let pipeline = Pipeline::builder(config.clone()).fold_ratio(0.0).start().await.expect("start");
     assert!(pipeline.warehouse().model_position().is_some(), "start returns once a model exists");
+    // Maintenance runs at the lower priority, and only maintenance does.
+    let own = niceness("self").expect("this thread's niceness");
+    let threads = thread_niceness();
+    let maintenance: Vec<_> = threads.iter().filter(|(name, _)| name.starts_with("acme-model")).collect();
+    assert!(maintenance.len() >= 2, "the maintenance runtime's worker and driver threads: {threads:?}");
+    for (name, nice) in &maintenance {
+        assert_eq!(*nice, own.max(acme::DEFAULT_MAINTENANCE_NICENESS), "thread {name}");
+    }
+    assert!(
+        threads.iter().filter(|(name, _)| !name.starts_with("acme-model")).all(|(_, nice)| *nice == own),
+        "every other thread keeps the process's priority: {threads:?}"
+    );
     let builds_at_start = pipeline.status().borrow().model_builds;
     let client = acme_testkit::connect(&url).await.expect("connect");
 
@@ -57,7 +69,11 @@ async fn a_pipeline_keeps_the_reports_fresh_while_the_model_is_maintained_beside
     };
     let mut reads = 0;
     let mut positions = std::collections::BTreeSet::new();
-    while !writer.is_finished() {
+    // Until the workload is done and a build folded changes in beside it (maintenance runs at
+    // a lower priority: on a busy machine it may finish after the workload).
+    let started = std::time::Instant::now();
+    while !writer.is_finished() || pipeline.status().borrow().model_builds <= builds_at_start {
+        assert!(started.elapsed() < Duration::from_secs(120), "no build folded the workload in within 120 s");
         let w = pipeline.warehouse();
         let open = "SELECT count(*) FROM orders_current WHERE status <> 'COMPLETED'";
         let aggregated = "SELECT sum(orders) FROM agg_orders_by_delivery_date WHERE status <> 'COMPLETED'";
@@ -127,6 +143,29 @@ async fn a_pipeline_keeps_the_reports_fresh_while_the_model_is_maintained_beside
     let w = pipeline.caught_up().await.expect("caught up again");
     assert_eq!(acme_reports(&w).await, source_reports(&client).await, "reports vs the source after a restart");
     pipeline.shutdown().await.expect("shutdown again");
+}
+
+/// The niceness of the thread `/proc/thread-self/task/<id>` (or `self`: the calling thread),
+/// from its `stat` (the 19th field, counted after the parenthesised name).
+fn niceness(thread: &str) -> Option<i32> {
+    let path =
+        if thread == "self" { "/proc/thread-self/stat".to_string() } else { format!("/proc/self/task/{thread}/stat") };
+    let stat = std::fs::read_to_string(path).ok()?;
+    stat.rsplit_once(')')?.1.split_whitespace().nth(16)?.parse().ok()
+}
+
+/// The name and niceness of every thread of this process.
+fn thread_niceness() -> Vec<(String, i32)> {
+    let mut threads = Vec::new();
+    for entry in std::fs::read_dir("/proc/self/task").expect("/proc/self/task").flatten() {
+        let id = entry.file_name().to_string_lossy().to_string();
+        let name = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default().trim().to_string();
+        // (A thread that ended since the listing has no stat any more.)
+        if let Some(nice) = niceness(&id) {
+            threads.push((name, nice));
+        }
+    }
+    threads
 }
 
 /// Wait (up to 120 s) until maintenance has run more than `builds` model builds.

@@ -5,7 +5,9 @@
 //! - **capture**: the change stream, committing micro-batches to the raw layer (raw-file
 //!   compaction runs beside it, see [`ChangeStream::run_until`]). It never waits for the model.
 //! - **maintenance**: model builds, on a runtime of their own (one worker thread), so that
-//!   their CPU-bound plans do not hold up the stream's task. A build folds the raw changes
+//!   their CPU-bound plans do not hold up the stream's task, and on Linux at a lower
+//!   scheduling priority ([`PipelineBuilder::maintenance_niceness`]), so that they take the CPU
+//!   the capture, the refreshes and the source leave. A build folds the raw changes
 //!   after the stored model's position (the tail) into the stored histories and star schema.
 //!   The reports do not wait for it: a [`Warehouse`] applies the tail on read
 //!   (`acme_model::live`), at a cost that follows the tail. A build rewrites the files that
@@ -101,12 +103,17 @@ pub struct PipelineStatus {
     pub running: bool,
 }
 
+/// The niceness of the maintenance threads, by default
+/// ([`PipelineBuilder::maintenance_niceness`]).
+pub const DEFAULT_MAINTENANCE_NICENESS: i32 = 10;
+
 /// Builder of a [`Pipeline`].
 #[derive(Debug, Clone)]
 pub struct PipelineBuilder {
     config: AcmeConfig,
     model_interval: Duration,
     fold: FoldPolicy,
+    niceness: i32,
     idle_wait: Duration,
     progress: Option<Arc<SnapshotProgress>>,
     tail_limit: u64,
@@ -154,6 +161,21 @@ impl PipelineBuilder {
     /// often.
     pub fn tail_limit(mut self, changes: u64) -> Self {
         self.tail_limit = changes;
+        self
+    }
+
+    /// Run model maintenance (the builds that fold the tail into the stored model) at this
+    /// niceness, from 0 (the process's own priority) to 19 (the lowest); default
+    /// [`DEFAULT_MAINTENANCE_NICENESS`]. Linux only; elsewhere the setting is ignored.
+    ///
+    /// A fold takes a core for seconds at SF1 and minutes at SF10. Where the source, the
+    /// capture and the refreshes share the machine's cores with it, every report would wait
+    /// behind it: at a lower priority it takes the CPU they leave, and the freshness path keeps
+    /// its cores. A fold that takes longer lets the tail grow (each refresh then applies more
+    /// changes): `0` keeps maintenance at the process's priority. A niceness below the
+    /// process's own is not applied (raising a priority needs privileges).
+    pub fn maintenance_niceness(mut self, niceness: i32) -> Self {
+        self.niceness = niceness.clamp(0, 19);
         self
     }
 
@@ -213,7 +235,12 @@ impl PipelineBuilder {
         ));
         let maintenance = spawn_maintenance(
             config.clone(),
-            Maintenance { interval: self.model_interval, fold: self.fold, warehouses: warehouses.clone() },
+            Maintenance {
+                interval: self.model_interval,
+                fold: self.fold,
+                niceness: self.niceness,
+                warehouses: warehouses.clone(),
+            },
             Arc::clone(&status_tx),
             cancel.clone(),
             Arc::clone(&committed),
@@ -298,6 +325,7 @@ impl Pipeline {
             config,
             model_interval: DEFAULT_MODEL_INTERVAL,
             fold: FoldPolicy { ratio: DEFAULT_FOLD_RATIO, max_lag: DEFAULT_MAX_MODEL_LAG },
+            niceness: DEFAULT_MAINTENANCE_NICENESS,
             idle_wait: Duration::from_millis(100),
             progress: None,
             tail_limit: acme_query::MAX_MATERIALIZED_TAIL,

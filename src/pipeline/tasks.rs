@@ -77,11 +77,15 @@ pub(super) async fn capture(
 pub(super) struct Maintenance {
     pub(super) interval: Duration,
     pub(super) fold: FoldPolicy,
+    /// The niceness of the maintenance threads ([`PipelineBuilder::maintenance_niceness`]).
+    pub(super) niceness: i32,
     /// The published handles: their file statistics tell how large the tail is.
     pub(super) warehouses: watch::Receiver<Arc<Warehouse>>,
 }
 
-/// Model builds on a runtime of their own (one worker thread), when [`Maintenance::due`].
+/// Model builds on a runtime of their own (one worker thread, and the blocking threads the
+/// Delta log reader and the Parquet files use), when [`Maintenance::due`]; every thread of it
+/// at the maintenance niceness.
 pub(super) fn spawn_maintenance(
     config: AcmeConfig,
     maintenance: Maintenance,
@@ -90,15 +94,18 @@ pub(super) fn spawn_maintenance(
     committed: Arc<Notify>,
 ) -> Result<oneshot::Receiver<Result<()>>> {
     let (done_tx, done) = oneshot::channel();
+    let niceness = maintenance.niceness;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .thread_name("acme-model")
+        .on_thread_start(move || lower_priority(niceness))
         .enable_all()
         .build()
         .map_err(|e| PipelineError::Task { task: "maintenance", message: e.to_string() })?;
     std::thread::Builder::new()
         .name("acme-model-driver".into())
         .spawn(move || {
+            lower_priority(niceness);
             let result = runtime.block_on(maintain(config, maintenance, status, cancel, committed));
             // Abandon a build in flight: its tasks are dropped with the runtime. The Delta log
             // reader runs parts of a build on blocking threads that hand futures back to this
@@ -109,6 +116,23 @@ pub(super) fn spawn_maintenance(
         })
         .map_err(|e| PipelineError::Task { task: "maintenance", message: e.to_string() })?;
     Ok(done)
+}
+
+/// Lower the calling thread's scheduling priority to `niceness` (Linux; a thread's niceness is
+/// its own there). Not below its current priority: that needs privileges.
+fn lower_priority(niceness: i32) {
+    #[cfg(target_os = "linux")]
+    {
+        let thread = Some(rustix::thread::gettid());
+        let current = rustix::process::getpriority_process(thread).unwrap_or(0);
+        if niceness > current
+            && let Err(error) = rustix::process::setpriority_process(thread, niceness)
+        {
+            tracing::warn!(%error, niceness, "maintenance runs at the process's priority: setpriority failed");
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = niceness;
 }
 
 /// How long a stopping maintenance runtime waits for in-flight work handed to it.
