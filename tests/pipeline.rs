@@ -35,18 +35,17 @@ async fn a_pipeline_keeps_the_reports_fresh_while_the_model_is_maintained_beside
     let dir = tempfile::tempdir().expect("tmp");
     let config = support::config(&url, dir.path());
     // `fold_ratio(0.0)`: fold whenever there is a tail, so that builds run beside the stream.
-    let pipeline = Pipeline::builder(config.clone()).fold_ratio(0.0).start().await.expect("start");
+    let pipeline =
+        Pipeline::builder(config.clone()).fold_ratio(0.0).maintenance_niceness(10).start().await.expect("start");
     assert!(pipeline.warehouse().model_position().is_some(), "start returns once a model exists");
-    // Maintenance runs at the lower priority, and only maintenance does.
+    // Maintenance runs at the lower priority asked for, and only maintenance does. (The other
+    // tests of this binary run pipelines at the default priority beside this one.)
     let own = niceness("self").expect("this thread's niceness");
     let threads = thread_niceness();
-    let maintenance: Vec<_> = threads.iter().filter(|(name, _)| name.starts_with("acme-model")).collect();
-    assert!(maintenance.len() >= 2, "the maintenance runtime's worker and driver threads: {threads:?}");
-    for (name, nice) in &maintenance {
-        assert_eq!(*nice, own.max(acme::DEFAULT_MAINTENANCE_NICENESS), "thread {name}");
-    }
+    let lowered = threads.iter().filter(|(name, nice)| name.starts_with("acme-model") && *nice == own.max(10));
+    assert!(lowered.count() >= 2, "this pipeline's maintenance worker and driver threads, lowered: {threads:?}");
     assert!(
-        threads.iter().filter(|(name, _)| !name.starts_with("acme-model")).all(|(_, nice)| *nice == own),
+        threads.iter().all(|(name, nice)| *nice == own || (name.starts_with("acme-model") && *nice == own.max(10))),
         "every other thread keeps the process's priority: {threads:?}"
     );
     let builds_at_start = pipeline.status().borrow().model_builds;

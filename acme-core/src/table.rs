@@ -152,7 +152,11 @@ impl LayerTable {
     }
 }
 
-/// Commits between two Delta checkpoints of a layer table.
+/// Commits between two Delta checkpoints of a layer table. Each commit's update of the
+/// table's state replays the log since the last checkpoint, so a longer interval makes every
+/// commit dearer: under the SF1 live workload a raw table's commit took 22-27 ms at this
+/// interval and 26-48 ms (growing with the commits since the checkpoint) at Delta's default
+/// of 100, against 95 ms here and 276 ms there for a commit that writes a checkpoint.
 pub const CHECKPOINT_INTERVAL: u64 = 10;
 
 /// How long the log entries of a raw table (`delta.logRetentionDuration`) are kept once a
@@ -250,6 +254,31 @@ impl LayerTable {
     /// of every layer. When `position` is already stored, nothing is committed.
     pub async fn commit(&mut self, adds: Vec<Add>, position: &Position, mode: CommitMode) -> Result<CommitOutcome> {
         self.refresh().await?;
+        self.commit_on_loaded(adds, position, mode).await
+    }
+
+    /// [`LayerTable::commit`] for the table's only writer, whose loaded version is the latest
+    /// (the change stream's raw tables): the log is not listed first. Should another writer
+    /// have committed meanwhile, the commit finds its version taken and is retried on top of
+    /// the newer ones after Delta's conflict check (which refuses a second writer of the same
+    /// position's application), as with any concurrent commit.
+    pub async fn commit_as_only_writer(
+        &mut self,
+        adds: Vec<Add>,
+        position: &Position,
+        mode: CommitMode,
+    ) -> Result<CommitOutcome> {
+        self.commit_on_loaded(adds, position, mode).await
+    }
+
+    /// [`LayerTable::commit`] on the loaded version.
+    async fn commit_on_loaded(
+        &mut self,
+        adds: Vec<Add>,
+        position: &Position,
+        mode: CommitMode,
+    ) -> Result<CommitOutcome> {
+        let started = std::time::Instant::now();
         let files = adds.len();
         let mut actions: Vec<Action> = Vec::with_capacity(files);
         if mode == CommitMode::ReplaceAll {
@@ -265,7 +294,9 @@ impl LayerTable {
             partition_by: None,
             predicate: None,
         };
-        self.commit_actions(actions, files, operation, Some(position)).await
+        let outcome = self.commit_actions(actions, files, operation, Some(position)).await?;
+        tracing::trace!(table = %self.name, ms = started.elapsed().as_millis() as u64, "layer table committed");
+        Ok(outcome)
     }
 
     /// Commit `actions` on the loaded version as one new table version, with `position` (when
@@ -293,12 +324,14 @@ impl LayerTable {
             properties = properties.with_application_transaction(Transaction::new(&position.app_id, position.version));
         }
         let snapshot = self.delta.snapshot().map_err(Error::delta(&self.name, "commit"))?;
+        let started = std::time::Instant::now();
         let finalized = CommitBuilder::from(properties)
             .with_actions(actions)
             .build(Some(snapshot), self.delta.log_store(), operation)
             .await
             .map_err(Error::delta(&self.name, "commit"))?;
         let version = finalized.version();
+        tracing::trace!(table = %self.name, version, ms = started.elapsed().as_millis() as u64, "delta commit built");
         self.delta.state = Some(finalized.snapshot());
         Ok(CommitOutcome::Committed { version, files })
     }

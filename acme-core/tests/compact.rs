@@ -82,6 +82,17 @@ async fn append(table: &mut acme_core::LayerTable, ids: Vec<i64>, position: i64)
 
 /// [`append`], written as the change stream writes its micro-batches when `micro_batch`.
 async fn append_with(table: &mut acme_core::LayerTable, ids: Vec<i64>, position: i64, micro_batch: bool) {
+    let files = written(table, ids, micro_batch).await;
+    table.commit(files, &Position::new("test", position), CommitMode::Append).await.expect("commit");
+}
+
+/// Files of `ids` (as the change stream writes its micro-batches when `micro_batch`), written
+/// but not committed.
+async fn written(
+    table: &acme_core::LayerTable,
+    ids: Vec<i64>,
+    micro_batch: bool,
+) -> Vec<acme_core::deltalake::kernel::Add> {
     let names: Vec<String> = ids.iter().map(|i| format!("n{i}")).collect();
     let batch =
         RecordBatch::try_new(schema(), vec![Arc::new(Int64Array::from(ids)), Arc::new(StringArray::from(names))])
@@ -92,8 +103,40 @@ async fn append_with(table: &mut acme_core::LayerTable, ids: Vec<i64>, position:
     }
     .expect("writer");
     writer.write(table.name(), batch).await.expect("write");
-    let files = writer.finish(table.name()).await.expect("finish");
-    table.commit(files, &Position::new("test", position), CommitMode::Append).await.expect("commit");
+    writer.finish(table.name()).await.expect("finish")
+}
+
+/// The stream commits its raw tables without listing their logs first: should another writer
+/// have committed meanwhile, the commit lands on top of it, unless that writer committed a
+/// position of the same application (a second stream), which is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_only_writers_commit_lands_on_top_of_a_concurrent_one_and_refuses_a_second_stream() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let storage = Storage::new(&dir.path().display().to_string(), Default::default()).expect("storage");
+    let mut stream = storage.open_or_create(Layer::Raw, "numbers", &schema()).await.expect("table");
+    append(&mut stream, vec![1, 2], 1).await;
+    // Another writer commits a version the stream's loaded table does not know.
+    let mut other = storage.open(Layer::Raw, "numbers").await.expect("open").expect("exists");
+    let files = written(&other, vec![3], true).await;
+    other.commit(files, &Position::new("other", 1), CommitMode::Append).await.expect("other commit");
+    let files = written(&stream, vec![4], true).await;
+    let outcome =
+        stream.commit_as_only_writer(files, &Position::new("test", 2), CommitMode::Append).await.expect("commit");
+    assert!(matches!(outcome, acme_core::CommitOutcome::Committed { version: 3, files: 1 }), "{outcome:?}");
+    let reopened = storage.open(Layer::Raw, "numbers").await.expect("open").expect("exists");
+    let ctx = SessionContext::new();
+    assert_eq!(ids(&ctx, &reopened).await, vec![1, 2, 3, 4]);
+    assert_eq!(reopened.position("test").await.expect("position"), Some(2));
+    // A second stream (same application) commits a position: the first one's next commit fails
+    // and leaves the table as it was.
+    let mut second = storage.open(Layer::Raw, "numbers").await.expect("open").expect("exists");
+    let files = written(&second, vec![5], true).await;
+    second.commit(files, &Position::new("test", 3), CommitMode::Append).await.expect("second stream");
+    let files = written(&stream, vec![6], true).await;
+    let refused = stream.commit_as_only_writer(files, &Position::new("test", 4), CommitMode::Append).await;
+    assert!(refused.is_err(), "a commit beside a second stream of the same application: {refused:?}");
+    let reopened = storage.open(Layer::Raw, "numbers").await.expect("open").expect("exists");
+    assert_eq!(ids(&ctx, &reopened).await, vec![1, 2, 3, 4, 5]);
 }
 
 /// The two halves of a compaction apart, as the change stream runs them: the merge on a copy

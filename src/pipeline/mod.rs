@@ -5,10 +5,10 @@
 //! - **capture**: the change stream, committing micro-batches to the raw layer (raw-file
 //!   compaction runs beside it, see [`ChangeStream::run_until`]). It never waits for the model.
 //! - **maintenance**: model builds, on a runtime of their own (one worker thread), so that
-//!   their CPU-bound plans do not hold up the stream's task, and on Linux at a lower
-//!   scheduling priority ([`PipelineBuilder::maintenance_niceness`]), so that they take the CPU
-//!   the capture, the refreshes and the source leave. A build folds the raw changes
-//!   after the stored model's position (the tail) into the stored histories and star schema.
+//!   their CPU-bound plans do not hold up the stream's task (on Linux, optionally at a lower
+//!   scheduling priority: [`PipelineBuilder::maintenance_niceness`]). A build folds the raw
+//!   changes after the stored model's position (the tail) into the stored histories and star
+//!   schema.
 //!   The reports do not wait for it: a [`Warehouse`] applies the tail on read
 //!   (`acme_model::live`), at a cost that follows the tail. A build rewrites the files that
 //!   hold the changed keys, which costs about as much as the table, so it is background
@@ -104,8 +104,8 @@ pub struct PipelineStatus {
 }
 
 /// The niceness of the maintenance threads, by default
-/// ([`PipelineBuilder::maintenance_niceness`]).
-pub const DEFAULT_MAINTENANCE_NICENESS: i32 = 10;
+/// ([`PipelineBuilder::maintenance_niceness`]): the process's own priority.
+pub const DEFAULT_MAINTENANCE_NICENESS: i32 = 0;
 
 /// Builder of a [`Pipeline`].
 #[derive(Debug, Clone)]
@@ -169,11 +169,14 @@ impl PipelineBuilder {
     /// [`DEFAULT_MAINTENANCE_NICENESS`]. Linux only; elsewhere the setting is ignored.
     ///
     /// A fold takes a core for seconds at SF1 and minutes at SF10. Where the source, the
-    /// capture and the refreshes share the machine's cores with it, every report would wait
-    /// behind it: at a lower priority it takes the CPU they leave, and the freshness path keeps
-    /// its cores. A fold that takes longer lets the tail grow (each refresh then applies more
-    /// changes): `0` keeps maintenance at the process's priority. A niceness below the
-    /// process's own is not applied (raising a priority needs privileges).
+    /// capture and the refreshes share the machine's cores with it, the reports wait behind
+    /// it; at a lower priority it takes the CPU they leave. That suits bursts of load: a fold
+    /// that takes longer lets the tail grow meanwhile, and under sustained load on cores that
+    /// are busy anyway the folds fall behind the tail, which then outgrows what a handle holds
+    /// in memory and every refresh slows down (bench-report.md, twentieth figures: at SF1 on 2
+    /// cores, niceness 10 cut the reports' median over one minute and multiplied their p99 by
+    /// five over five). Hence the default of 0. A niceness below the process's own is not
+    /// applied (raising a priority needs privileges).
     pub fn maintenance_niceness(mut self, niceness: i32) -> Self {
         self.niceness = niceness.clamp(0, 19);
         self

@@ -347,7 +347,9 @@ impl Streamed {
         link: &Link,
         sink: &mut RawSink,
     ) -> Result<PollReport> {
+        let asked_at = Instant::now();
         let upto = link.flush_lsn().await?.0;
+        let flush_lsn_ms = asked_at.elapsed().as_millis() as u64;
         if self.stream.is_none() {
             let replication = ReplicationConnection::connect(&link.url).await?;
             let start = replication.start_logical(&slot.name, slot.confirmed.0, &slot.publication);
@@ -415,6 +417,7 @@ impl Streamed {
         // Once committed: the end of the last transaction, or the server's sent position when
         // it was reached between transactions.
         self.to_confirm = cursor.last_end.unwrap_or(0).max(if cursor.tx.is_none() { idle_end.unwrap_or(0) } else { 0 });
+        tracing::trace!(flush_lsn_ms, read_ms = started.elapsed().as_millis() as u64, "replication stream read");
         Ok(cursor.report)
     }
 }

@@ -242,6 +242,7 @@ impl RawSink {
         let target_file_bytes = self.target_file_bytes;
         let commits = self.tables.iter_mut().map(|state| async move {
             let Some(lsn) = state.pending_lsn.take() else { return Ok::<_, IngestError>(None) };
+            let started = std::time::Instant::now();
             state.spill(target_file_bytes).await?;
             let counts = state.builder.take_counts();
             let mut files = std::mem::take(&mut state.carried);
@@ -254,7 +255,17 @@ impl RawSink {
             if files.is_empty() {
                 return Ok(None);
             }
-            state.layer.commit(files, &Position::new(raw::CDC_APP, lsn as i64), CommitMode::Append).await?;
+            let written = started.elapsed();
+            // (The stream is the raw tables' only writer: its loaded versions are the latest.)
+            let position = Position::new(raw::CDC_APP, lsn as i64);
+            state.layer.commit_as_only_writer(files, &position, CommitMode::Append).await?;
+            tracing::trace!(
+                table = %state.layer.name(),
+                rows,
+                write_ms = written.as_millis() as u64,
+                commit_ms = (started.elapsed() - written).as_millis() as u64,
+                "raw table committed"
+            );
             state.stored = Some(lsn);
             record_captured(&state.builder.table().qualified(), &counts);
             // (Stops the round's task: the tables whose commits have not finished stay behind.)
@@ -276,7 +287,9 @@ impl RawSink {
             // it). Not the highest table position: a table behind it would get the rest of
             // those transactions after readers and model builds took the position as complete.
             self.complete = self.complete.max(round);
+            let started = std::time::Instant::now();
             self.record_manifest(self.complete.unwrap_or_default() as i64).await?;
+            tracing::trace!(ms = started.elapsed().as_millis() as u64, "raw manifest recorded");
             self.uncompacted_rounds += 1;
         }
         Ok(())
