@@ -144,7 +144,7 @@ async fn a_pipeline_keeps_the_reports_fresh_while_the_model_is_maintained_beside
     pipeline.shutdown().await.expect("shutdown again");
 }
 
-/// The niceness of the thread `/proc/thread-self/task/<id>` (or `self`: the calling thread),
+/// The niceness of the thread `/proc/self/task/<thread>` (or of the calling thread, for `self`),
 /// from its `stat` (the 19th field, counted after the parenthesised name).
 fn niceness(thread: &str) -> Option<i32> {
     let path =

@@ -254,7 +254,7 @@ impl LayerTable {
     /// of every layer. When `position` is already stored, nothing is committed.
     pub async fn commit(&mut self, adds: Vec<Add>, position: &Position, mode: CommitMode) -> Result<CommitOutcome> {
         self.refresh().await?;
-        self.commit_on_loaded(adds, position, mode).await
+        self.commit_as_only_writer(adds, position, mode).await
     }
 
     /// [`LayerTable::commit`] for the table's only writer, whose loaded version is the latest
@@ -268,17 +268,6 @@ impl LayerTable {
         position: &Position,
         mode: CommitMode,
     ) -> Result<CommitOutcome> {
-        self.commit_on_loaded(adds, position, mode).await
-    }
-
-    /// [`LayerTable::commit`] on the loaded version.
-    async fn commit_on_loaded(
-        &mut self,
-        adds: Vec<Add>,
-        position: &Position,
-        mode: CommitMode,
-    ) -> Result<CommitOutcome> {
-        let started = std::time::Instant::now();
         let files = adds.len();
         let mut actions: Vec<Action> = Vec::with_capacity(files);
         if mode == CommitMode::ReplaceAll {
@@ -294,9 +283,7 @@ impl LayerTable {
             partition_by: None,
             predicate: None,
         };
-        let outcome = self.commit_actions(actions, files, operation, Some(position)).await?;
-        tracing::trace!(table = %self.name, ms = started.elapsed().as_millis() as u64, "layer table committed");
-        Ok(outcome)
+        self.commit_actions(actions, files, operation, Some(position)).await
     }
 
     /// Commit `actions` on the loaded version as one new table version, with `position` (when
