@@ -28,6 +28,7 @@
 //! # Ok(()) }
 //! ```
 
+mod committed;
 pub mod compact;
 pub mod config;
 pub mod error;

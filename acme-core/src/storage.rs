@@ -326,8 +326,9 @@ impl Storage {
 
     /// [`Storage::open_pinned`], reusing `loaded`, an earlier handle of the same table: it is
     /// moved forward to the version the manifest names (or to the latest, when the manifest
-    /// names none), reading only the commits after its own. A table the manifest pins at an
-    /// older version than `loaded` is opened afresh.
+    /// names none), reading only the commits after its own, or nothing when a writer of this
+    /// process committed that version (it takes that writer's state). A table the manifest
+    /// pins at an older version than `loaded` is opened afresh.
     pub async fn reopen_pinned(
         &self,
         layer: Layer,
@@ -344,9 +345,14 @@ impl Storage {
         match pinned {
             // Already at the pinned version (a model table between builds): nothing to read.
             Some(version) if reused.version() == Some(version) => {}
-            Some(version) => {
-                reused.delta.load_version(version).await.map_err(Error::delta(&name, "load a pinned version"))?
-            }
+            // The state a writer of this process left at that version, when it committed it;
+            // else the log entries since the loaded version, replayed.
+            Some(version) => match crate::committed::recall(&reused.delta, version) {
+                Some(state) => reused.delta.state = Some(state),
+                None => {
+                    reused.delta.load_version(version).await.map_err(Error::delta(&name, "load a pinned version"))?
+                }
+            },
             None => reused.refresh().await?,
         }
         Ok(Some(reused))

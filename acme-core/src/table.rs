@@ -320,6 +320,7 @@ impl LayerTable {
         let version = finalized.version();
         tracing::trace!(table = %self.name, version, ms = started.elapsed().as_millis() as u64, "delta commit built");
         self.delta.state = Some(finalized.snapshot());
+        crate::committed::remember(&self.delta);
         Ok(CommitOutcome::Committed { version, files })
     }
 }

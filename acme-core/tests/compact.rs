@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use acme_core::storage::Manifest;
 use acme_core::{CommitMode, CompactOptions, Layer, Position, Replace, Storage};
 use arrow::array::{Array, AsArray, Int64Array, RecordBatch, StringArray};
 use arrow::datatypes::{DataType, Field, Int64Type, Schema};
@@ -137,6 +138,52 @@ async fn an_only_writers_commit_lands_on_top_of_a_concurrent_one_and_refuses_a_s
     assert!(refused.is_err(), "a commit beside a second stream of the same application: {refused:?}");
     let reopened = storage.open(Layer::Raw, "numbers").await.expect("open").expect("exists");
     assert_eq!(ids(&ctx, &reopened).await, vec![1, 2, 3, 4, 5]);
+}
+
+/// A reader moved forward to a version a writer of the same process committed takes that
+/// writer's state instead of replaying the log: with the commit's log entry gone it still
+/// reads the version's rows, the same rows and position a reader loading them from the log
+/// gets; a version this process did not commit is still read from the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_takes_the_state_its_process_committed_instead_of_replaying_the_log() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let storage = Storage::new(&dir.path().display().to_string(), Default::default()).expect("storage");
+    let mut writer = storage.open_or_create(Layer::Raw, "numbers", &schema()).await.expect("table");
+    append(&mut writer, vec![1, 2], 1).await;
+    let reader = storage.open(Layer::Raw, "numbers").await.expect("open").expect("exists");
+    append(&mut writer, vec![3], 2).await;
+    append(&mut writer, vec![4, 5], 3).await;
+    let pinned = |table: &acme_core::LayerTable| {
+        let mut manifest = Manifest::new(0);
+        manifest.record(table);
+        manifest
+    };
+    let at_3 = pinned(&writer);
+    let ctx = SessionContext::new();
+    let from_log = storage.open_pinned(Layer::Raw, "numbers", Some(&at_3)).await.expect("open").expect("exists");
+    assert_eq!(ids(&ctx, &from_log).await, vec![1, 2, 3, 4, 5]);
+    // Without the last commit's log entry, only the writer's state has that version.
+    let log = dir.path().join(Layer::Raw.dir()).join("numbers").join("_delta_log");
+    let last = log.join(format!("{:020}.json", 3));
+    let entry = std::fs::read(&last).expect("the last commit's entry");
+    std::fs::remove_file(&last).expect("remove it");
+    let moved = storage.reopen_pinned(Layer::Raw, "numbers", Some(&at_3), Some(&reader)).await.expect("reopen");
+    let moved = moved.expect("exists");
+    assert_eq!(moved.version(), Some(3));
+    assert_eq!(ids(&ctx, &moved).await, ids(&ctx, &from_log).await);
+    // (Positions are read from the log's entries when asked for.)
+    std::fs::write(&last, entry).expect("put the entry back");
+    assert_eq!(moved.position("test").await.expect("position"), Some(3));
+    // A version committed too many commits ago is no longer held: read from the log.
+    for round in 4..12i64 {
+        append(&mut writer, vec![round + 2], round).await;
+    }
+    let mut at_4 = Manifest::new(0);
+    at_4.tables.insert(writer.name().to_string(), 4);
+    let from_log = storage.open_pinned(Layer::Raw, "numbers", Some(&at_4)).await.expect("open").expect("exists");
+    let moved = storage.reopen_pinned(Layer::Raw, "numbers", Some(&at_4), Some(&moved)).await.expect("reopen");
+    assert_eq!(ids(&ctx, &moved.expect("exists")).await, ids(&ctx, &from_log).await);
+    assert_eq!(ids(&ctx, &from_log).await, vec![1, 2, 3, 4, 5, 6]);
 }
 
 /// The two halves of a compaction apart, as the change stream runs them: the merge on a copy
