@@ -75,6 +75,7 @@ mod builder;
 #[cfg(feature = "ballista")]
 pub mod distributed;
 mod live_star;
+mod plans;
 mod reports;
 pub mod sql;
 mod tail;

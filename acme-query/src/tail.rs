@@ -247,7 +247,7 @@ pub(crate) async fn register_live_views(
         let history = spec.history_table();
         let stored = format!("{MODEL_SCHEMA}.{history}");
         let sql = live::live_history_sql(spec, &stored, first, versions, attributes, truncates);
-        ctx.register_table(history.as_str(), ctx.sql(&sql).await?.into_view())?;
+        ctx.register_table(history.as_str(), crate::plans::sql(ctx, &sql).await?.into_view())?;
     }
     let aggregate = tables::AGG_ORDERS_BY_DELIVERY_DATE;
     let orders = pieces.iter().find(|(spec, ..)| spec.table == "orders");
@@ -263,7 +263,7 @@ pub(crate) async fn register_live_views(
                 state_predicate(None)
             )
         };
-        ctx.register_table(aggregate, ctx.sql(&sql).await?.into_view())?;
+        ctx.register_table(aggregate, crate::plans::sql(ctx, &sql).await?.into_view())?;
     }
     let mut tails = Vec::new();
     let mut held = HashMap::new();
@@ -427,7 +427,7 @@ pub(crate) async fn hold_in_memory(
     sql: &str,
 ) -> Result<(Arc<dyn datafusion::catalog::TableProvider>, usize)> {
     let started = std::time::Instant::now();
-    let df = ctx.sql(sql).await?;
+    let df = crate::plans::sql(ctx, sql).await?;
     let planned = Arc::clone(df.schema().inner());
     let batches = if tracing::enabled!(target: "acme_query::plans", tracing::Level::TRACE) {
         // Each held relation's plan with its operators' metrics: where a refresh spends its time.
@@ -502,7 +502,10 @@ pub(crate) async fn first_instant(ctx: &SessionContext) -> datafusion::error::Re
 
 /// The earliest `valid_from` of the history `table` (microseconds), `None` when it is empty.
 pub(crate) async fn first_valid_from(ctx: &SessionContext, table: &str) -> datafusion::error::Result<Option<i64>> {
-    let batches = ctx.sql(&format!("SELECT CAST(min(valid_from) AS BIGINT) FROM {table}")).await?.collect().await?;
+    let batches = crate::plans::sql(ctx, &format!("SELECT CAST(min(valid_from) AS BIGINT) FROM {table}"))
+        .await?
+        .collect()
+        .await?;
     Ok(batches
         .first()
         .map(|b| b.column(0).as_primitive::<Int64Type>().clone())

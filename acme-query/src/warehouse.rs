@@ -367,6 +367,8 @@ impl Warehouse {
                 count_ms = (counted - opened).as_millis() as u64,
                 views_ms = (viewed - counted).as_millis() as u64,
                 star_ms = (started.elapsed() - viewed).as_millis() as u64,
+                plans_kept = crate::plans::uses().0,
+                plans_afresh = crate::plans::uses().1,
                 "warehouse handle loaded with a raw tail"
             );
         }

@@ -202,12 +202,14 @@ pub(super) async fn register_customer_orders(ctx: &SessionContext, counts: &Cust
     let orders: Int64Array = counts.delta.values().map(|n| Some(*n)).collect();
     let columns: Vec<ArrayRef> = vec![Arc::new(customers), Arc::new(statuses), Arc::new(orders)];
     register_differences(ctx, &delta, &counts.base, columns)?;
-    let view = ctx
-        .sql(&format!(
+    let view = crate::plans::sql(
+        ctx,
+        &format!(
             "SELECT customer_id, status, status <> 'COMPLETED' AS is_open, status = 'PENDING' AS is_pending, orders \
              FROM (SELECT * FROM {base} UNION ALL SELECT * FROM {delta}) c"
-        ))
-        .await?;
+        ),
+    )
+    .await?;
     ctx.register_table(CUSTOMER_ORDERS, view.into_view())?;
     Ok(())
 }
@@ -383,13 +385,15 @@ async fn register_delivery_counts(ctx: &SessionContext, counts: &DeliveryCounts)
     let orders: Int64Array = counts.delta.values().map(|n| Some(*n)).collect();
     let columns: Vec<ArrayRef> = vec![Arc::new(dates), Arc::new(statuses), Arc::new(orders)];
     register_differences(ctx, &delta, &counts.base, columns)?;
-    let view = ctx
-        .sql(&format!(
+    let view = crate::plans::sql(
+        ctx,
+        &format!(
             "SELECT delivery_date, status, CAST(sum(orders) AS BIGINT) AS orders \
              FROM (SELECT * FROM {base} UNION ALL SELECT * FROM {delta}) c \
              GROUP BY delivery_date, status HAVING sum(orders) <> 0"
-        ))
-        .await?;
+        ),
+    )
+    .await?;
     ctx.register_table(aggregate, view.into_view())?;
     Ok(())
 }
@@ -453,7 +457,7 @@ pub(super) async fn new_lookup(inputs: &LiveInputs<'_>, table: &str, key: &str) 
 /// Per product id: the three counts of [`PendingItems`] a query returns.
 pub(super) async fn collect_counts(ctx: &SessionContext, sql: &str) -> Result<PendingItems> {
     let mut out = PendingItems::new();
-    for batch in ctx.sql(sql).await?.collect().await? {
+    for batch in crate::plans::sql(ctx, sql).await?.collect().await? {
         let columns = batch
             .columns()
             .iter()

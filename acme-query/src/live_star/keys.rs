@@ -91,7 +91,7 @@ pub(super) async fn held_values(provider: &Arc<dyn TableProvider>, column: &str)
 /// The first column of a query's rows, as Int64 values (nulls left out).
 pub(super) async fn int64_column(ctx: &SessionContext, sql: &str) -> Result<Vec<i64>> {
     let mut out = Vec::new();
-    for batch in ctx.sql(sql).await?.collect().await? {
+    for batch in crate::plans::sql(ctx, sql).await?.collect().await? {
         let column = arrow::compute::cast(batch.column(0), &arrow::datatypes::DataType::Int64)?;
         out.extend(column.as_primitive::<Int64Type>().iter().flatten());
     }
@@ -261,7 +261,7 @@ pub(super) fn key_table(keys: &[i64]) -> Result<(Arc<dyn TableProvider>, usize)>
 
 /// The first row of a query, as Int64 values.
 pub(super) async fn int64_row(ctx: &SessionContext, sql: &str) -> Result<Vec<Option<i64>>> {
-    let batches = ctx.sql(sql).await?.collect().await?;
+    let batches = crate::plans::sql(ctx, sql).await?.collect().await?;
     let Some(batch) = batches.iter().find(|b| b.num_rows() > 0) else { return Ok(Vec::new()) };
     Ok(batch
         .columns()

@@ -198,7 +198,7 @@ pub(crate) async fn register(ctx: &SessionContext, inputs: &LiveInputs<'_>) -> R
                 return Ok(0);
             }
             if truncated {
-                ctx.register_table(star.name, ctx.sql(&statement(star, None, 0)?).await?.into_view())?;
+                ctx.register_table(star.name, crate::plans::sql(ctx, &statement(star, None, 0)?).await?.into_view())?;
                 return Ok(0);
             }
             if star.name == tables::FACT_ORDER_STATUS {

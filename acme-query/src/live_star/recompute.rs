@@ -180,7 +180,7 @@ pub(super) async fn register_one(
     ctx.register_table(name("keys").as_str(), Arc::clone(&all_keys))?;
     ctx.register_table(name("rows").as_str(), Arc::clone(&rows))?;
     let view = replaced_sql(&stored_name, star.key, &name("keys"), &name("rows"), &column_list(&rows));
-    ctx.register_table(star.name, ctx.sql(&view).await?.into_view())?;
+    ctx.register_table(star.name, crate::plans::sql(ctx, &view).await?.into_view())?;
     Ok((memory(&all_keys) + memory(&rows), Some((all_keys, rows))))
 }
 
@@ -371,7 +371,7 @@ pub(super) async fn recompute(
                 format!("({})", replaced_sql(&stored, star.key, keys, rows, &columns))
             }
         };
-        let view = ctx.sql(&format!("SELECT * FROM {numbered} n")).await?.into_view();
+        let view = crate::plans::sql(ctx, &format!("SELECT * FROM {numbered} n")).await?.into_view();
         scoped.register_table("model_previous", view)?;
         let max = |sql: String| async move {
             Ok::<_, crate::QueryError>(int64_row(ctx, &sql).await?.first().copied().flatten().unwrap_or(0))
@@ -420,7 +420,8 @@ pub(super) fn fact_dimension(star: &str) -> Option<(&'static str, &'static str, 
 pub(super) async fn register_lazy(ctx: &SessionContext, inputs: &LiveInputs<'_>, star: &ModelTable) -> Result<()> {
     let tail = tail_of(inputs.tails, star.source()).ok_or_else(|| missing_tail(star.source()))?;
     let keys = format!("{TAIL_SCHEMA}.{}_keys", star.name);
-    let keys_view = ctx.sql(&format!("SELECT DISTINCT k FROM {} f WHERE k IS NOT NULL", tail.first)).await?;
+    let keys_view =
+        crate::plans::sql(ctx, &format!("SELECT DISTINCT k FROM {} f WHERE k IS NOT NULL", tail.first)).await?;
     ctx.register_table(keys.as_str(), keys_view.into_view())?;
     let scoped = SessionContext::new_with_config_rt(SessionConfig::new(), Arc::clone(inputs.runtime));
     scoped.register_table("scope_keys", ctx.table_provider(keys.as_str()).await?)?;
@@ -431,10 +432,13 @@ pub(super) async fn register_lazy(ctx: &SessionContext, inputs: &LiveInputs<'_>,
     let (history, _) = scoped_history(ctx, tail, None, &keys, star.name, false).await?;
     scoped.register_table(tail.spec.history_table().as_str(), history)?;
     let rows = format!("{TAIL_SCHEMA}.{}_rows", star.name);
-    ctx.register_table(rows.as_str(), scoped.sql(&statement(star, Some("scope_keys"), 0)?).await?.into_view())?;
+    ctx.register_table(
+        rows.as_str(),
+        crate::plans::sql(&scoped, &statement(star, Some("scope_keys"), 0)?).await?.into_view(),
+    )?;
     let columns = column_list(&ctx.table_provider(rows.as_str()).await?);
     let view = replaced_sql(&format!("{MODEL_SCHEMA}.{}", star.name), star.key, &keys, &rows, &columns);
-    ctx.register_table(star.name, ctx.sql(&view).await?.into_view())?;
+    ctx.register_table(star.name, crate::plans::sql(ctx, &view).await?.into_view())?;
     Ok(())
 }
 
@@ -474,7 +478,7 @@ pub(super) async fn scoped_history(
     };
     let [first, versions] = scoped.unwrap_or_else(|| [tail.first.clone(), tail.versions.clone()]);
     let sql = live::live_history_sql(&tail.spec, &stored, &first, &versions, &tail.attributes, &tail.truncates);
-    Ok((ctx.sql(&sql).await?.into_view(), values))
+    Ok((crate::plans::sql(ctx, &sql).await?.into_view(), values))
 }
 
 /// The rows of `tail`'s held pieces (its first changes and the versions it opens) whose key is
