@@ -8,7 +8,9 @@
 //! logical plan of each statement text is kept here with its tables unbound (their schemas
 //! only), and bound to the relations the names stand for in the context that plans it again.
 //! A name whose relation has another schema than when the plan was made (or none) makes the
-//! text planned afresh. The optimizers and the physical planner still run on every use.
+//! text planned afresh. A statement that reads a view is not kept: planning inlines the view's
+//! plan, made in another context or from another text, under names this one may bind to other
+//! relations. The optimizers and the physical planner still run on every use.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -49,12 +51,20 @@ pub(crate) async fn sql(ctx: &SessionContext, sql: &str) -> Result<DataFrame> {
         return ctx.execute_logical_plan(bound).await;
     }
     USES[1].fetch_add(1, Ordering::Relaxed);
-    let plan = ctx.state().create_logical_plan(sql).await?;
-    if matches!(plan, LogicalPlan::Ddl(_) | LogicalPlan::Dml(_) | LogicalPlan::Statement(_) | LogicalPlan::Copy(_)) {
-        return ctx.execute_logical_plan(plan).await;
+    let state = ctx.state();
+    let statement = state.sql_to_statement(sql, &state.config().options().sql_parser.dialect)?;
+    // A statement over a view is not kept: planning inlines the view's own plan, whose tables
+    // were resolved where the view was made and which may differ by then under the same text.
+    let mut over_views = false;
+    for name in state.resolve_table_references(&statement)? {
+        over_views |= ctx.table_provider(name).await.is_ok_and(|p| p.get_logical_plan().is_some());
     }
-    let unbound = unbind(plan.clone())?;
-    keep(sql, unbound);
+    let plan = state.statement_to_plan(statement).await?;
+    let query =
+        !matches!(plan, LogicalPlan::Ddl(_) | LogicalPlan::Dml(_) | LogicalPlan::Statement(_) | LogicalPlan::Copy(_));
+    if query && !over_views {
+        keep(sql, unbind(plan.clone())?);
+    }
     ctx.execute_logical_plan(plan).await
 }
 
@@ -107,7 +117,9 @@ async fn bind(ctx: &SessionContext, plan: LogicalPlan) -> Result<Option<LogicalP
     let bound = plan
         .transform_up_with_subqueries(|node| match node {
             LogicalPlan::TableScan(mut scan) => match providers.get(&scan.table_name) {
-                Some(provider) if provider.schema() == scan.source.schema() => {
+                Some(provider)
+                    if provider.schema() == scan.source.schema() && provider.get_logical_plan().is_none() =>
+                {
                     scan.source = provider_as_source(Arc::clone(provider));
                     Ok(Transformed::yes(LogicalPlan::TableScan(scan)))
                 }
@@ -179,6 +191,16 @@ mod tests {
             .expect("t");
         third.register_table("plans_test_u", table("id", vec![8])).expect("u");
         assert_eq!(values(&third, sql).await, vec![8]);
+        // A view under the same name and schema, made from another text in each context: each
+        // reads its own definition (planning inlines a view, so a statement over one is not kept).
+        let over_view = "SELECT id FROM plans_test_v ORDER BY id";
+        for (bound, expected) in [(1, vec![2, 3, 4]), (3, vec![4])] {
+            let ctx = SessionContext::new();
+            ctx.register_table("plans_test_t", table("id", vec![1, 2, 3, 4])).expect("t");
+            let view = ctx.sql(&format!("SELECT id FROM plans_test_t WHERE id > {bound}")).await.expect("view");
+            ctx.register_table("plans_test_v", view.into_view()).expect("v");
+            assert_eq!(values(&ctx, over_view).await, expected, "the view's own definition, id > {bound}");
+        }
         // A name with no relation: the error names it, as planning the text would.
         let fourth = SessionContext::new();
         fourth.register_table("plans_test_t", table("id", vec![1])).expect("t");
