@@ -143,7 +143,7 @@ async fn an_only_writers_commit_lands_on_top_of_a_concurrent_one_and_refuses_a_s
 /// A reader moved forward to a version a writer of the same process committed takes that
 /// writer's state instead of replaying the log: with the commit's log entry gone it still
 /// reads the version's rows, the same rows and position a reader loading them from the log
-/// gets; a version this process did not commit is still read from the log.
+/// gets; a version committed too many commits ago (no longer held) is read from the log.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reader_takes_the_state_its_process_committed_instead_of_replaying_the_log() {
     let dir = tempfile::tempdir().expect("tmp");

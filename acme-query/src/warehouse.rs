@@ -357,6 +357,7 @@ impl Warehouse {
             held_star = star.map(Arc::new);
             tail.held_bytes =
                 star_bytes + held.as_ref().map_or(0, |h| h.tables.values().map(|p| p.bytes as u64).sum::<u64>());
+            let plans_used = crate::plans::uses();
             tracing::debug!(
                 tail = tail.changes,
                 held_in_memory = materialize,
@@ -367,8 +368,8 @@ impl Warehouse {
                 count_ms = (counted - opened).as_millis() as u64,
                 views_ms = (viewed - counted).as_millis() as u64,
                 star_ms = (started.elapsed() - viewed).as_millis() as u64,
-                plans_kept = crate::plans::uses().0,
-                plans_afresh = crate::plans::uses().1,
+                plans_kept = plans_used.0,
+                plans_afresh = plans_used.1,
                 "warehouse handle loaded with a raw tail"
             );
         }
