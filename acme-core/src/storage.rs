@@ -21,8 +21,8 @@ use url::Url;
 
 use crate::error::{Error, Result};
 pub use crate::table::{
-    CHECKPOINT_INTERVAL, CommitMode, CommitOutcome, LayerTable, LayerWriter, PAGE_ROWS, RAW_LOG_RETENTION,
-    ROW_GROUP_ROWS, align_batch, writer_properties,
+    CHECKPOINT_INTERVAL, CommitMode, CommitOutcome, LayerTable, LayerWriter, MODEL_DICTIONARY_BYTES, PAGE_ROWS,
+    RAW_LOG_RETENTION, ROW_GROUP_ROWS, align_batch, writer_properties,
 };
 /// The three layers of the warehouse.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -135,10 +135,11 @@ impl LayerTable {
 
     fn writer_compressed(&self, target_file_bytes: u64, compression: Compression) -> Result<LayerWriter> {
         let schema = self.schema()?;
+        let layer = self.layer().unwrap_or(Layer::Raw);
         let inner = RecordBatchWriter::for_table(&self.delta)
             .map_err(Error::delta(&self.name, "create writer"))?
             .with_target_file_size(target_file_bytes)
-            .with_writer_properties(compressed_properties(compression, &schema));
+            .with_writer_properties(compressed_properties(layer, compression, &schema));
         Ok(LayerWriter { inner, rows: 0, schema, file_rows: None, in_file: 0, done: Vec::new() })
     }
 
@@ -183,7 +184,8 @@ pub const PAGE_ROWS: usize = 2048;
 
 /// Parquet settings of the files of a table of `layer` with `schema`: page statistics,
 /// [`PAGE_ROWS`] rows per page, [`ROW_GROUP_ROWS`] rows per row group, and integer and
-/// timestamp columns delta-encoded instead of dictionary-encoded. Keys, LSNs and timestamps
+/// timestamp columns delta-encoded instead of dictionary-encoded (and, in model tables,
+/// dictionaries of at most [`MODEL_DICTIONARY_BYTES`]). Keys, LSNs and timestamps
 /// are mostly increasing with many distinct values: delta encoding makes those files about a
 /// third smaller and decodes about 20% faster (R3's item scan at SF1: 114 -> 93 ms). Dates,
 /// with few distinct values, keep their dictionary.
@@ -197,8 +199,17 @@ pub const PAGE_ROWS: usize = 2048;
 ///   40 ms with LZ4, for files 15-25% larger. Every Parquet reader (delta-rs, Spark, DuckDB,
 ///   Trino) reads `LZ4_RAW`.
 pub fn writer_properties(layer: Layer, schema: &Schema) -> WriterProperties {
-    compressed_properties(layer_compression(layer), schema)
+    compressed_properties(layer, layer_compression(layer), schema)
 }
+
+/// The largest dictionary page of a column chunk in a model table (intermediate and
+/// presentation layers); past it, the rest of the chunk is written plain. A key lookup
+/// ([`crate::KeyIndex`]) that reads one page of a column decodes the chunk's whole dictionary
+/// first. At the Parquet default (1 MiB) a column of distinct strings (a customer's name or
+/// address) filled it: each lookup decoded about a megabyte of strings per column and row
+/// group it touched, most of the lookups' CPU under the SF10 live workload. Columns of few
+/// distinct values (a status, a date) keep a dictionary well under this bound.
+pub const MODEL_DICTIONARY_BYTES: usize = 32 * 1024;
 
 /// The codec of `layer`'s files (see [`writer_properties`]).
 fn layer_compression(layer: Layer) -> Compression {
@@ -209,11 +220,14 @@ fn layer_compression(layer: Layer) -> Compression {
 }
 
 /// [`writer_properties`] with `compression`.
-fn compressed_properties(compression: Compression, schema: &Schema) -> WriterProperties {
+fn compressed_properties(layer: Layer, compression: Compression, schema: &Schema) -> WriterProperties {
     let mut builder = WriterProperties::builder()
         .set_compression(compression)
         .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
         .set_data_page_row_count_limit(PAGE_ROWS);
+    if matches!(layer, Layer::Intermediate | Layer::Presentation) {
+        builder = builder.set_dictionary_page_size_limit(MODEL_DICTIONARY_BYTES);
+    }
     for field in schema.fields() {
         use arrow::datatypes::DataType as T;
         if matches!(field.data_type(), T::Int32 | T::Int64 | T::UInt32 | T::UInt64 | T::Timestamp(_, _)) {

@@ -83,3 +83,65 @@ async fn a_lookup_reads_the_rows_of_its_keys_from_their_pages_only() {
     assert!(read <= 2 * 5 * PAGE_ROWS, "{read} rows read for 5 keys (pages of {PAGE_ROWS} rows)");
     assert!(read < index.rows_indexed() / 4, "{read} of {} rows read", index.rows_indexed());
 }
+
+/// A model table's column of distinct strings keeps a small dictionary (a lookup decodes the
+/// whole dictionary of each column chunk it reads a page of), while a column of few values
+/// stays dictionary-encoded; a lookup reads the same rows either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_tables_dictionaries_stay_small() {
+    use parquet::basic::Encoding;
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    let dir = tempfile::tempdir().expect("tmp");
+    let storage = Storage::new(&dir.path().display().to_string(), Default::default()).expect("storage");
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("id", DataType::Int64, true),
+        Field::new("name", DataType::Utf8, true),
+        Field::new("status", DataType::Utf8, true),
+    ]));
+    let mut table = storage.open_or_create(Layer::Intermediate, "people", &schema).await.expect("table");
+    let rows = 50_000i64;
+    let names: Vec<String> = (0..rows).map(|i| format!("customer number {i} of a long list of names")).collect();
+    let statuses: Vec<&str> = (0..rows).map(|i| ["PENDING", "SHIPPED", "COMPLETED"][(i % 3) as usize]).collect();
+    let batch = RecordBatch::try_new(
+        Arc::clone(&schema),
+        vec![
+            Arc::new(Int64Array::from_iter_values(0..rows)),
+            Arc::new(StringArray::from(names.clone())),
+            Arc::new(StringArray::from(statuses)),
+        ],
+    )
+    .expect("batch");
+    let mut writer = table.writer(1 << 30).expect("writer");
+    writer.write(table.name(), batch).await.expect("write");
+    let files = writer.finish(table.name()).await.expect("finish");
+    table.commit(files, &Position::new("test", 1), CommitMode::Append).await.expect("commit");
+    let root = dir.path().join(Layer::Intermediate.dir()).join("people");
+    let files = table.data_files().expect("files");
+    assert_eq!(files.len(), 1);
+    let reader =
+        SerializedFileReader::new(std::fs::File::open(root.join(&files[0].path)).expect("file")).expect("parquet");
+    let chunk = reader.metadata().row_group(0).clone();
+    // The dictionary page's compressed bytes: from its offset to the first data page's.
+    let dictionary_bytes = |column: usize| {
+        let c = chunk.column(column);
+        c.dictionary_page_offset().map(|at| c.data_page_offset() - at).unwrap_or(0) as usize
+    };
+    let (name, status) = (chunk.column(1), chunk.column(2));
+    assert!(
+        name.uncompressed_size() > 4 * acme_core::storage::MODEL_DICTIONARY_BYTES as i64,
+        "a column worth bounding"
+    );
+    assert!(
+        dictionary_bytes(1) <= acme_core::storage::MODEL_DICTIONARY_BYTES + 1024,
+        "the names' dictionary page takes {} bytes",
+        dictionary_bytes(1)
+    );
+    assert!(name.encodings().any(|e| e == Encoding::PLAIN), "past the bound the names are written plain");
+    assert!(status.encodings().any(|e| e == Encoding::RLE_DICTIONARY), "the statuses keep their dictionary");
+    let index = table.key_index("id").await.expect("index");
+    let keys = [3i64, 49_999, 20_000];
+    let found = index.rows(&keys, Some(&["id", "name"])).await.expect("lookup");
+    let mut expected: Vec<(i64, String)> = keys.iter().map(|k| (*k, names[*k as usize].clone())).collect();
+    expected.sort();
+    assert_eq!(pairs(&found), expected);
+}
