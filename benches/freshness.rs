@@ -4,7 +4,8 @@
 //! model, then capture, model maintenance and warehouse refresh side by side) follows it while
 //! the live workload writes at `ACME_BENCH_TPS` (default 1,000) transactions per second for
 //! `ACME_BENCH_SECONDS` (default 30), checking every `ACME_BENCH_MODEL_INTERVAL_MS` whether a model
-//! build is due, folding the tail in at `ACME_BENCH_FOLD_RATIO` of the model (defaults acme's). Meanwhile a probe commits stamped transactions that touch
+//! build is due, folding the tail in at `ACME_BENCH_FOLD_RATIO` of the model and holding at most
+//! `ACME_BENCH_TAIL_LIMIT` tail changes in memory (defaults acme's). Meanwhile a probe commits stamped transactions that touch
 //! all four tables (a new customer, a new product, pending orders of that customer with a
 //! delivery date no other order has, more of them than any customer has, see `stamp_orders`,
 //! and an item of that product in each) and measures, from each commit, until R1, R3 and R4
@@ -257,8 +258,14 @@ async fn main() {
         Duration::from_millis(env("ACME_BENCH_MODEL_INTERVAL_MS", acme::DEFAULT_MODEL_INTERVAL.as_millis() as u64));
     let fold_ratio =
         std::env::var("ACME_BENCH_FOLD_RATIO").ok().and_then(|v| v.parse().ok()).unwrap_or(acme::DEFAULT_FOLD_RATIO);
-    let pipeline =
-        Pipeline::builder(config).model_interval(interval).fold_ratio(fold_ratio).start().await.expect("pipeline");
+    let tail_limit = env("ACME_BENCH_TAIL_LIMIT", acme::query::MAX_MATERIALIZED_TAIL);
+    let pipeline = Pipeline::builder(config)
+        .model_interval(interval)
+        .fold_ratio(fold_ratio)
+        .tail_limit(tail_limit)
+        .start()
+        .await
+        .expect("pipeline");
     let startup = started.elapsed();
     // The answers, checked before anything is timed (and again at the end).
     let w = pipeline.caught_up().await.expect("caught up");
@@ -363,7 +370,7 @@ async fn main() {
          | path | p50 | p95 | p99 | max | stamps |\n|---|---|---|---|---|---|\n\
          | `Pipeline::warehouse()` {}\n| HTTP service {}\n| baseline: the raw layer (`raw_orders`) {}\n\n\
          Model maintenance beside the stream (checked every {interval:?}; a build folds the tail in once it \
-         reaches {fold_ratio} of the model's rows): {} builds, the last {:.1?}; tail at the end {} changes; \
+         reaches {fold_ratio} of the model's rows or half the {tail_limit} changes a handle holds in memory): {} builds, the last {:.1?}; tail at the end {} changes; \
          {} raw compactions; \
          lag at the end {:?} bytes / {:.2?} s; {} retries.\n\
          Peak RSS of the bench process (pipeline, HTTP service, workload driver and probe): {:.0} MiB up to the \
