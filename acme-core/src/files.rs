@@ -5,20 +5,10 @@
 use std::sync::Arc;
 
 use arrow::datatypes::{DataType, Field, Schema};
-use datafusion::catalog::Session;
 use datafusion::catalog::TableProvider;
-use datafusion::common::Statistics;
 use datafusion::datasource::empty::EmptyTable;
-use datafusion::datasource::file_format::FileFormat;
-use datafusion::datasource::file_format::file_compression_type::FileCompressionType;
 use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::{ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl};
-use datafusion::datasource::physical_plan::ParquetSource;
-use datafusion::datasource::physical_plan::parquet::DefaultParquetFileReaderFactory;
-use datafusion::datasource::physical_plan::parquet::metadata::DFParquetMetadata;
-use datafusion::datasource::physical_plan::{FileScanConfig, FileScanConfigBuilder, FileSource};
-use datafusion::datasource::source::DataSourceExec;
-use datafusion::physical_plan::ExecutionPlan;
 use deltalake::kernel::{Action, Add, Remove};
 use deltalake::protocol::DeltaOperation;
 use futures::StreamExt;
@@ -82,82 +72,6 @@ impl DataFile {
             (None, Some(nulls), Some(rows)) => nulls == rows,
             _ => false,
         }
-    }
-}
-
-/// DataFusion's Parquet format without its cache of file footers, for the raw layer.
-///
-/// DataFusion keeps the footers it reads (with their page indexes) in its runtime's metadata
-/// cache, least recently used first out, 50 MiB by default. A stored model table's footers are
-/// read by every refresh and key lookup, and keeping them saves parsing them again. A raw file's
-/// footer is read a few times at most: the capture writes a micro-batch file per table every
-/// few hundred milliseconds, a refresh reads the newest ones into the tail it holds in memory,
-/// and the raw layer's compaction soon replaces them. Cached, those footers filled the cache
-/// under the live workload (bench-report.md, "twenty-second figures") and pushed the model's
-/// out. This format reads them without keeping them; everything else is `ParquetFormat`'s.
-#[derive(Debug, Default)]
-struct UncachedFooters(ParquetFormat);
-
-#[async_trait::async_trait]
-impl FileFormat for UncachedFooters {
-    fn get_ext(&self) -> String {
-        self.0.get_ext()
-    }
-
-    fn get_ext_with_compression(&self, compression: &FileCompressionType) -> datafusion::error::Result<String> {
-        self.0.get_ext_with_compression(compression)
-    }
-
-    fn compression_type(&self) -> Option<FileCompressionType> {
-        self.0.compression_type()
-    }
-
-    /// `ParquetFormat`'s (which caches the footers it reads): only called for a table without a
-    /// schema, and acme gives every scan its table's schema.
-    async fn infer_schema(
-        &self,
-        state: &dyn Session,
-        store: &Arc<dyn object_store::ObjectStore>,
-        objects: &[object_store::ObjectMeta],
-    ) -> datafusion::error::Result<Arc<Schema>> {
-        self.0.infer_schema(state, store, objects).await
-    }
-
-    async fn infer_stats(
-        &self,
-        _state: &dyn Session,
-        store: &Arc<dyn object_store::ObjectStore>,
-        table_schema: Arc<Schema>,
-        object: &object_store::ObjectMeta,
-    ) -> datafusion::error::Result<Statistics> {
-        DFParquetMetadata::new(store.as_ref(), object)
-            .with_metadata_size_hint(self.0.metadata_size_hint())
-            .fetch_statistics(&table_schema)
-            .await
-    }
-
-    async fn create_physical_plan(
-        &self,
-        state: &dyn Session,
-        conf: FileScanConfig,
-    ) -> datafusion::error::Result<Arc<dyn ExecutionPlan>> {
-        let Some(source) = conf.file_source().downcast_ref::<ParquetSource>() else {
-            return Err(datafusion::error::DataFusionError::Internal("a Parquet scan without a Parquet source".into()));
-        };
-        let store = state.runtime_env().object_store(&conf.object_store_url)?;
-        let mut source = source
-            .clone()
-            .with_table_parquet_options(self.0.options().clone())
-            .with_parquet_file_reader_factory(Arc::new(DefaultParquetFileReaderFactory::new(store)));
-        if let Some(hint) = self.0.metadata_size_hint() {
-            source = source.with_metadata_size_hint(hint);
-        }
-        let conf = FileScanConfigBuilder::from(conf).with_source(Arc::new(source)).build();
-        Ok(DataSourceExec::from_data_source(conf))
-    }
-
-    fn file_source(&self, table_schema: datafusion::datasource::table_schema::TableSchema) -> Arc<dyn FileSource> {
-        self.0.file_source(table_schema)
     }
 }
 
@@ -269,12 +183,7 @@ impl LayerTable {
             .iter()
             .map(|f| ListingTableUrl::parse(&f.uri).map_err(|e| query(Box::new(e))))
             .collect::<Result<Vec<_>>>()?;
-        // The raw layer's footers stay out of the runtime's cache: see `UncachedFooters`.
-        let format: Arc<dyn FileFormat> = match self.layer() {
-            Some(crate::storage::Layer::Raw) => Arc::new(UncachedFooters::default()),
-            _ => Arc::new(ParquetFormat::default()),
-        };
-        let options = ListingOptions::new(format).with_file_extension(".parquet");
+        let options = ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
         let config = ListingTableConfig::new_with_multi_paths(urls).with_listing_options(options).with_schema(schema);
         Ok(Arc::new(ListingTable::try_new(config).map_err(|e| query(Box::new(e)))?.with_cache(cache)))
     }

@@ -1,8 +1,6 @@
 //! Key lookups on real files: the rows of a few keys, read from the pages that hold them,
 //! equal a filter over the whole table, in sorted and unsorted files alike, and a lookup in
-//! a table sorted by key reads a number of rows that follows the keys, not the table. Model
-//! files keep small dictionaries, and the query engine caches their footers, not the raw
-//! layer's.
+//! a table sorted by key reads a number of rows that follows the keys, not the table.
 
 use std::sync::Arc;
 
@@ -146,46 +144,4 @@ async fn a_model_tables_dictionaries_stay_small() {
     let mut expected: Vec<(i64, String)> = keys.iter().map(|k| (*k, names[*k as usize].clone())).collect();
     expected.sort();
     assert_eq!(pairs(&found), expected);
-}
-
-/// The query engine's cache of Parquet footers keeps the stored model's (read by every refresh
-/// and lookup) and not the raw layer's (each micro-batch file is read into the tail a few times
-/// at most): scans of both read the same rows either way.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn only_the_models_footers_are_cached() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let storage = Storage::new(&dir.path().display().to_string(), Default::default()).expect("storage");
-    let mut raw = storage.open_or_create(Layer::Raw, "orders", &schema()).await.expect("raw table");
-    let mut model = storage.open_or_create(Layer::Intermediate, "orders_history", &schema()).await.expect("model");
-    for position in 1..=3 {
-        let ids = (0..1_000).map(|i| Some(i * 3 + position)).collect::<Vec<_>>();
-        append(&mut raw, ids.clone(), position).await;
-        append(&mut model, ids, position).await;
-    }
-    let ctx = SessionContext::new();
-    storage.register_object_store(&ctx);
-    let cache = ctx.runtime_env().cache_manager.get_file_metadata_cache();
-    assert_eq!(cache.len(), 0);
-    let filter = |table: &acme_core::LayerTable| {
-        let df = ctx.read_table(table.provider(None).expect("provider")).expect("read");
-        df.filter(datafusion::prelude::col("id").gt_eq(datafusion::prelude::lit(1_500i64))).expect("filter")
-    };
-    let (from_raw, from_model) =
-        (filter(&raw).collect().await.expect("raw"), filter(&model).collect().await.expect("model"));
-    let expected: Vec<(i64, String)> = (0..1_000i64)
-        .flat_map(|i| (1..=3).map(move |p| i * 3 + p))
-        .filter(|id| *id >= 1_500)
-        .map(|id| (id, format!("n{:?}", Some(id))))
-        .collect::<std::collections::BTreeSet<_>>()
-        .into_iter()
-        .collect();
-    assert_eq!(pairs(&from_raw), expected, "the raw files' rows");
-    assert_eq!(pairs(&from_model), expected, "the model files' rows");
-    let cached: Vec<String> = cache.list_entries().into_keys().map(|path| path.to_string()).collect();
-    assert_eq!(
-        cached.iter().filter(|p| p.contains(&format!("{}/", Layer::Intermediate.dir()))).count(),
-        3,
-        "each model file's footer is cached: {cached:?}"
-    );
-    assert!(!cached.iter().any(|p| p.contains(&format!("{}/", Layer::Raw.dir()))), "no raw footer is: {cached:?}");
 }
