@@ -256,8 +256,7 @@ async fn main() {
     let started = Instant::now();
     let interval =
         Duration::from_millis(env("ACME_BENCH_MODEL_INTERVAL_MS", acme::DEFAULT_MODEL_INTERVAL.as_millis() as u64));
-    let fold_ratio =
-        std::env::var("ACME_BENCH_FOLD_RATIO").ok().and_then(|v| v.parse().ok()).unwrap_or(acme::DEFAULT_FOLD_RATIO);
+    let fold_ratio = env("ACME_BENCH_FOLD_RATIO", acme::DEFAULT_FOLD_RATIO);
     let tail_limit = env("ACME_BENCH_TAIL_LIMIT", acme::query::MAX_MATERIALIZED_TAIL);
     let pipeline = Pipeline::builder(config)
         .model_interval(interval)
