@@ -231,11 +231,27 @@ fn status_mib(field: &str) -> f64 {
         .map_or(f64::NAN, |kb| kb / 1024.0)
 }
 
-/// Samples this process's RSS every `every` on a thread of its own until stopped; `stop`
-/// returns the first, largest and last samples, in MiB.
+/// Samples this process's RSS every `every` on a thread of its own until stopped.
 pub struct RssSampler {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    thread: std::thread::JoinHandle<(f64, f64, f64)>,
+    thread: std::thread::JoinHandle<Vec<f64>>,
+}
+
+/// What an [`RssSampler`] saw, in MiB. The largest sample is a transient whose size depends
+/// on what happened to run at that instant (a fold, a refresh, a compaction); the median and
+/// the 90th percentile say what the process holds most of the time.
+#[derive(Debug, Clone, Copy)]
+pub struct RssSamples {
+    /// The sample taken when sampling started.
+    pub first: f64,
+    /// The median sample.
+    pub p50: f64,
+    /// The 90th percentile sample.
+    pub p90: f64,
+    /// The largest sample.
+    pub max: f64,
+    /// The last sample.
+    pub last: f64,
 }
 
 impl RssSampler {
@@ -244,22 +260,25 @@ impl RssSampler {
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = std::sync::Arc::clone(&stop);
         let thread = std::thread::spawn(move || {
-            let first = rss_mib();
-            let (mut max, mut last) = (first, first);
+            let mut samples = vec![rss_mib()];
             while !flag.load(std::sync::atomic::Ordering::Relaxed) {
                 std::thread::sleep(every);
-                last = rss_mib();
-                max = max.max(last);
+                samples.push(rss_mib());
             }
-            (first, max, last)
+            samples
         });
         Self { stop, thread }
     }
 
-    /// Stop, and return the first, largest and last samples (MiB).
-    pub fn stop(self) -> (f64, f64, f64) {
+    /// Stop, and summarise the samples.
+    pub fn stop(self) -> RssSamples {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        self.thread.join().unwrap_or((f64::NAN, f64::NAN, f64::NAN))
+        let samples = self.thread.join().unwrap_or_else(|_| vec![f64::NAN]);
+        let (first, last) = (samples[0], samples[samples.len() - 1]);
+        let mut sorted = samples;
+        sorted.sort_by(f64::total_cmp);
+        let at = |q: f64| sorted[((sorted.len() - 1) as f64 * q).round() as usize];
+        RssSamples { first, p50: at(0.5), p90: at(0.9), max: at(1.0), last }
     }
 }
 
