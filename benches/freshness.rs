@@ -151,8 +151,13 @@ fn get(addr: std::net::SocketAddr, path: &str) -> Option<String> {
     write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").expect("send");
     let mut response = String::new();
     stream.read_to_string(&mut response).expect("read");
-    let (head, body) = response.split_once("\r\n\r\n")?;
-    head.starts_with("HTTP/1.1 200").then(|| body.to_string())
+    let body = response.find("\r\n\r\n")? + 4;
+    if !response.starts_with("HTTP/1.1 200") {
+        return None;
+    }
+    // The head dropped in place: the body is not copied.
+    response.drain(..body);
+    Some(response)
 }
 
 /// Whether a report's JSON body (an array of objects, as the service writes it: compact,
