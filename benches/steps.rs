@@ -88,10 +88,6 @@ struct Step {
     fold: Duration,
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
-}
-
 /// With `ACME_BENCH_STEP_PERF=<dir>`, a `perf record` of this process (call graphs, unwound with
 /// DWARF unless `ACME_BENCH_STEP_PERF_CALLS` says otherwise, e.g. `fp`), written to
 /// `<dir>/perf-sf<SF>-<size>.data`, that counts only while steady-state live steps run: after
@@ -312,17 +308,17 @@ async fn main() {
             let mut changes: Vec<u64> = steps.iter().map(|s| s.changes).collect();
             changes.sort();
             let median_changes = changes[changes.len() / 2];
-            let (live50, fold50) = (percentile(&live, 0.5), percentile(&fold, 0.5));
+            let (live50, fold50) = (common::percentile(&live, 0.5), common::percentile(&fold, 0.5));
             let _ = writeln!(
                 table,
                 "| SF{sf} | {}k | {median_changes} | {:.0} / {:.0} | {:.0} | {:.0} | {:.0} / {:.0} | {:.1}x |",
                 target / 1000,
                 live50.as_secs_f64() * 1e3,
-                percentile(&live, 0.9).as_secs_f64() * 1e3,
+                common::percentile(&live, 0.9).as_secs_f64() * 1e3,
                 median_changes as f64 / live50.as_secs_f64(),
-                percentile(&first, 0.5).as_secs_f64() * 1e3,
+                common::percentile(&first, 0.5).as_secs_f64() * 1e3,
                 fold50.as_secs_f64() * 1e3,
-                percentile(&fold, 0.9).as_secs_f64() * 1e3,
+                common::percentile(&fold, 0.9).as_secs_f64() * 1e3,
                 fold50.as_secs_f64() / live50.as_secs_f64(),
             );
         }

@@ -231,6 +231,12 @@ fn status_mib(field: &str) -> f64 {
         .map_or(f64::NAN, |kb| kb / 1024.0)
 }
 
+/// The `p` quantile (0 to 1) of `sorted`, which must not be empty: the value at the nearest
+/// index of `p` times the last index.
+pub fn percentile<T: Copy>(sorted: &[T], p: f64) -> T {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
 /// Samples this process's RSS every `every` on a thread of its own until stopped.
 pub struct RssSampler {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
@@ -277,7 +283,7 @@ impl RssSampler {
         let (first, last) = (samples[0], samples[samples.len() - 1]);
         let mut sorted = samples;
         sorted.sort_by(f64::total_cmp);
-        let at = |q: f64| sorted[((sorted.len() - 1) as f64 * q).round() as usize];
+        let at = |q| percentile(&sorted, q);
         RssSamples { first, p50: at(0.5), p90: at(0.9), max: at(1.0), last }
     }
 }
