@@ -30,7 +30,11 @@ pub struct DataFile {
     pub(crate) location: object_store::path::Path,
     uri: String,
     stats: Option<serde_json::Value>,
-    remove: Remove,
+    pub(crate) remove: Remove,
+    /// The file's add action, which a commit marking rows deleted repeats with a new vector.
+    pub(crate) add: Add,
+    /// The file's deletion vector, when rows of it are marked deleted.
+    pub deletion_vector: Option<deltalake::kernel::DeletionVectorDescriptor>,
 }
 
 impl DataFile {
@@ -103,6 +107,9 @@ impl LayerTable {
                     location,
                     stats: file.stats().and_then(|s| serde_json::from_str(&s).ok()),
                     remove: file.remove_action(true),
+                    #[allow(deprecated)] // the add action is what a deletion-vector commit repeats
+                    add: file.add_action(),
+                    deletion_vector: file.deletion_vector_descriptor(),
                 }
             })
             .collect())
@@ -183,9 +190,20 @@ impl LayerTable {
             .iter()
             .map(|f| ListingTableUrl::parse(&f.uri).map_err(|e| query(Box::new(e))))
             .collect::<Result<Vec<_>>>()?;
+        // Where the listing finds each file, for the files with deletion vectors.
+        let marked: Vec<(object_store::path::Path, DataFile)> = urls
+            .iter()
+            .zip(files)
+            .filter(|(_, f)| f.deletion_vector.is_some())
+            .map(|(url, f)| (url.prefix().clone(), f.clone()))
+            .collect();
         let options = ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
         let config = ListingTableConfig::new_with_multi_paths(urls).with_listing_options(options).with_schema(schema);
-        Ok(Arc::new(ListingTable::try_new(config).map_err(|e| query(Box::new(e)))?.with_cache(cache)))
+        let listing = Arc::new(ListingTable::try_new(config).map_err(|e| query(Box::new(e)))?.with_cache(cache));
+        if marked.is_empty() {
+            return Ok(listing);
+        }
+        Ok(Arc::new(crate::deletion::WithDeletions::new(listing, self.clone(), marked)))
     }
 
     /// Stream the rows of one data file, only `columns` when given. `ctx` must be able to

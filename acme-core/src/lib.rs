@@ -31,6 +31,7 @@
 mod committed;
 pub mod compact;
 pub mod config;
+pub mod deletion;
 pub mod error;
 pub mod failpoint;
 pub mod files;

@@ -58,6 +58,8 @@ struct IndexedFile {
     /// Leaf index of the key column.
     key_leaf: usize,
     row_groups: Vec<RowGroupKeys>,
+    /// Rows a deletion vector marks deleted, which lookups leave out.
+    deleted: Option<Arc<roaring::RoaringBitmap>>,
 }
 
 /// The key pages of every data file of one loaded table version, for reading the rows of a
@@ -84,13 +86,15 @@ impl LayerTable {
             read.fields().iter().map(|f| f.as_ref().clone().with_nullable(true)).collect::<Vec<_>>(),
         ));
         let files = self.data_files()?;
+        let mut deleted = self.deleted_rows(&files).await?;
         // (Futures collected first: a stream over a closure that borrows is not provably `Send`.)
         let reads: Vec<_> = files
             .into_iter()
             .map(|file| {
+                let marked = deleted.remove(&file.path);
                 let read =
                     index_file(Arc::clone(&store), table.clone(), key.to_string(), file.location, file.path, file.size);
-                spawned(read)
+                spawned(async move { Ok(IndexedFile { deleted: marked, ..read.await? }) })
             })
             .collect();
         let started = std::time::Instant::now();
@@ -153,7 +157,7 @@ async fn index_file(
     let footer = ParquetMetaDataBuilder::new_from_metadata(parquet.as_ref().clone()).set_column_index(None).build();
     let metadata =
         ArrowReaderMetadata::try_new(Arc::new(footer), ArrowReaderOptions::new()).map_err(|e| bad(e.to_string()))?;
-    Ok(IndexedFile { location, path, size, metadata, key_leaf, row_groups })
+    Ok(IndexedFile { location, path, size, metadata, key_leaf, row_groups, deleted: None })
 }
 
 /// Whether a sorted, deduplicated `keys` has a key in `[min, max]`.
@@ -198,6 +202,73 @@ fn selection(row_groups: &[RowGroupKeys], keys: &[i64]) -> Option<(Vec<usize>, R
     (!groups.is_empty()).then(|| (groups, RowSelection::from(selectors)))
 }
 
+impl IndexedFile {
+    /// The row groups of the file and their rows that may hold one of `keys` (sorted,
+    /// deduplicated), without the rows a deletion vector marks deleted.
+    fn select(&self, keys: &[i64]) -> Option<(Vec<usize>, RowSelection)> {
+        let (groups, selected) = selection(&self.row_groups, keys)?;
+        let Some(deleted) = &self.deleted else {
+            return Some((groups, selected));
+        };
+        let starts = self.group_starts();
+        let mut kept = Vec::new();
+        for &g in &groups {
+            kept.extend(crate::deletion::kept_in(deleted, starts[g], self.row_groups[g].rows as u64));
+        }
+        let selected = selected.intersection(&RowSelection::from(kept));
+        selected.selects_any().then_some((groups, selected))
+    }
+
+    /// The first row of each row group, in the file.
+    fn group_starts(&self) -> Vec<u64> {
+        let mut at = 0u64;
+        self.row_groups
+            .iter()
+            .map(|g| {
+                let start = at;
+                at += g.rows as u64;
+                start
+            })
+            .collect()
+    }
+
+    /// The file positions of the rows `selection` selects over the row groups `groups`, as
+    /// runs `(first position, rows)` in order.
+    fn selected_runs(&self, groups: &[usize], selection: &RowSelection) -> Vec<(u64, u64)> {
+        let starts = self.group_starts();
+        // The chosen groups one after the other: (start in that sequence, start in the file, rows).
+        let mut spans = Vec::with_capacity(groups.len());
+        let mut at = 0u64;
+        for &g in groups {
+            let rows = self.row_groups[g].rows as u64;
+            spans.push((at, starts[g], rows));
+            at += rows;
+        }
+        let mut runs = Vec::new();
+        let (mut cursor, mut span) = (0u64, 0usize);
+        for selector in selection.iter() {
+            let mut left = selector.row_count as u64;
+            while left > 0 && span < spans.len() {
+                let (seq_start, file_start, rows) = spans[span];
+                let in_span = (seq_start + rows - cursor).min(left);
+                if !selector.skip {
+                    let first = file_start + (cursor - seq_start);
+                    match runs.last_mut() {
+                        Some((start, len)) if *start + *len == first => *len += in_span,
+                        _ => runs.push((first, in_span)),
+                    }
+                }
+                cursor += in_span;
+                left -= in_span;
+                if cursor == seq_start + rows {
+                    span += 1;
+                }
+            }
+        }
+        runs
+    }
+}
+
 impl KeyIndex {
     /// The schema of the rows a lookup returns (the table's, strings as views).
     pub fn schema(&self) -> SchemaRef {
@@ -225,7 +296,7 @@ impl KeyIndex {
         let mut keys = keys.to_vec();
         keys.sort_unstable();
         keys.dedup();
-        self.files.iter().filter_map(|f| selection(&f.row_groups, &keys)).map(|(_, s)| s.row_count()).sum()
+        self.files.iter().filter_map(|f| f.select(&keys)).map(|(_, s)| s.row_count()).sum()
     }
 
     /// Rows in the indexed files.
@@ -263,7 +334,7 @@ impl KeyIndex {
             .files
             .iter()
             .filter_map(|file| {
-                let (groups, selected) = selection(&file.row_groups, &keys.sorted)?;
+                let (groups, selected) = file.select(&keys.sorted)?;
                 let read =
                     self.file_read().read(Arc::clone(file), groups, selected, Arc::clone(&keys), Arc::clone(&schema));
                 // Spawned when the stream below first polls it; aborted if the lookup is dropped.
@@ -273,6 +344,34 @@ impl KeyIndex {
         let batches: Vec<Vec<RecordBatch>> =
             futures::stream::iter(reads).buffer_unordered(CONCURRENT_FILES).try_collect().await?;
         Ok(batches.into_iter().flatten().collect())
+    }
+
+    /// Where the rows whose key is one of `keys` are: per data file (by [`crate::DataFile::path`])
+    /// their positions in the file's row order, from 0. With `flag`, only rows whose boolean
+    /// column `flag` is true. Rows a deletion vector marks deleted are left out. Reads the key
+    /// column (and `flag`) of the pages that may hold a key, as [`KeyIndex::rows`] does.
+    pub async fn positions(&self, keys: &[i64], flag: Option<&str>) -> Result<Vec<(String, roaring::RoaringBitmap)>> {
+        let mut keys = keys.to_vec();
+        keys.sort_unstable();
+        keys.dedup();
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys = Arc::new(KeySet::new(keys));
+        let flag: Option<Arc<str>> = flag.map(Arc::from);
+        let reads: Vec<_> = self
+            .files
+            .iter()
+            .filter_map(|file| {
+                let (groups, selected) = file.select(&keys.sorted)?;
+                let read =
+                    self.file_read().positions(Arc::clone(file), groups, selected, Arc::clone(&keys), flag.clone());
+                Some(spawned(read))
+            })
+            .collect();
+        let found: Vec<Option<(String, roaring::RoaringBitmap)>> =
+            futures::stream::iter(reads).buffer_unordered(CONCURRENT_FILES).try_collect().await?;
+        Ok(found.into_iter().flatten().collect())
     }
 
     /// What reading a file needs of the index (not its files).
@@ -340,6 +439,76 @@ impl FileRead {
             }
         }
         Ok(out)
+    }
+}
+
+impl FileRead {
+    /// [`KeyIndex::positions`] in one file.
+    async fn positions(
+        self,
+        file: Arc<IndexedFile>,
+        groups: Vec<usize>,
+        selection: RowSelection,
+        keys: Arc<KeySet>,
+        flag: Option<Arc<str>>,
+    ) -> Result<Option<(String, roaring::RoaringBitmap)>> {
+        let bad = |message: String| Error::DataFile { table: self.table.to_string(), file: file.path.clone(), message };
+        let reader = FileReader { store: Arc::clone(&self.store), location: file.location.clone(), size: file.size };
+        let parquet_schema = file.metadata.parquet_schema();
+        let flag_leaf = match &flag {
+            None => None,
+            Some(name) => Some(
+                (0..parquet_schema.num_columns())
+                    .find(|&i| parquet_schema.column(i).path().parts() == [name.as_ref()])
+                    .ok_or_else(|| bad(format!("no column `{name}`")))?,
+            ),
+        };
+        let mut leaves = vec![file.key_leaf];
+        leaves.extend(flag_leaf);
+        let runs = file.selected_runs(&groups, &selection);
+        let mut stream = ParquetRecordBatchStreamBuilder::new_with_metadata(reader, file.metadata.clone())
+            .with_projection(ProjectionMask::leaves(parquet_schema, leaves))
+            .with_row_groups(groups)
+            .with_row_selection(selection)
+            .with_batch_size(8192)
+            .build()
+            .map_err(|e| bad(e.to_string()))?;
+        let mut found = roaring::RoaringBitmap::new();
+        let mut runs = runs.into_iter();
+        let (mut run_at, mut run_left) = (0u64, 0u64);
+        while let Some(batch) = stream.next().await {
+            let batch = batch.map_err(|e| bad(e.to_string()))?;
+            let key_name = parquet_schema.column(file.key_leaf).name().to_string();
+            let values = batch
+                .column_by_name(&key_name)
+                .and_then(|c| c.as_primitive_opt::<Int64Type>())
+                .ok_or_else(|| bad(format!("key column `{}` is not a BIGINT", self.key)))?;
+            let hits = keys.mask(values);
+            let open = match &flag {
+                None => None,
+                Some(name) => Some(
+                    batch
+                        .column_by_name(name)
+                        .and_then(|c| c.as_boolean_opt())
+                        .ok_or_else(|| bad(format!("column `{name}` is not a BOOLEAN")))?
+                        .clone(),
+                ),
+            };
+            for i in 0..batch.num_rows() {
+                while run_left == 0 {
+                    let (start, len) = runs.next().ok_or_else(|| bad("more rows read than selected".into()))?;
+                    (run_at, run_left) = (start, len);
+                }
+                let position = run_at;
+                run_at += 1;
+                run_left -= 1;
+                let flagged = open.as_ref().is_none_or(|o| o.is_valid(i) && o.value(i));
+                if hits.value(i) && flagged {
+                    found.insert(u32::try_from(position).map_err(|_| bad(format!("row {position} past 2^32")))?);
+                }
+            }
+        }
+        Ok((!found.is_empty()).then(|| (file.path.clone(), found)))
     }
 }
 

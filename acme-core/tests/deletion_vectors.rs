@@ -126,3 +126,178 @@ print(json.dumps(duckdb.connect().execute("SELECT list(id ORDER BY id) FROM rows
     let outside: Vec<i64> = serde_json::from_slice(&output.stdout).expect("JSON ids");
     assert_eq!(outside, expected, "delta-rs Python's QueryBuilder applies the vector; DuckDB reads the result");
 }
+
+/// (id, open) rows of a table: `id` keys, several versions each, one open.
+fn versions_schema() -> Arc<Schema> {
+    Arc::new(Schema::new(vec![
+        Field::new("id", DataType::Int64, true),
+        Field::new("version", DataType::Int64, true),
+        Field::new("open", DataType::Boolean, true),
+    ]))
+}
+
+async fn append_versions(table: &mut acme_core::LayerTable, rows: &[(i64, i64, bool)], position: i64) {
+    let batch = RecordBatch::try_new(
+        versions_schema(),
+        vec![
+            Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.0))),
+            Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.1))),
+            Arc::new(arrow::array::BooleanArray::from_iter(rows.iter().map(|r| Some(r.2)))),
+        ],
+    )
+    .expect("batch");
+    let mut writer = table.writer(1 << 30).expect("writer");
+    writer.write(table.name(), batch).await.expect("write");
+    let adds = writer.finish(table.name()).await.expect("finish");
+    table
+        .commit(adds, &acme_core::Position::new("test", position), acme_core::CommitMode::Append)
+        .await
+        .expect("commit");
+}
+
+/// The (id, version, open) rows a query over acme's scan of the table returns, sorted.
+async fn scanned(table: &acme_core::LayerTable) -> Vec<(i64, i64, bool)> {
+    let ctx = datafusion::prelude::SessionContext::new();
+    ctx.register_table("t", table.provider(None).expect("provider")).expect("register");
+    let batches = ctx.sql("SELECT id, version, open FROM t ORDER BY id, version").await.expect("plan");
+    let batches = batches.collect().await.expect("rows");
+    batches
+        .iter()
+        .flat_map(|b| {
+            let (id, v, o) = (
+                b.column(0).as_primitive::<Int64Type>(),
+                b.column(1).as_primitive::<Int64Type>(),
+                b.column(2).as_boolean(),
+            );
+            (0..b.num_rows()).map(|i| (id.value(i), v.value(i), o.value(i))).collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+async fn count(table: &acme_core::LayerTable) -> i64 {
+    let ctx = datafusion::prelude::SessionContext::new();
+    ctx.register_table("t", table.provider(None).expect("provider")).expect("register");
+    let batches = ctx.sql("SELECT count(*) FROM t").await.expect("plan").collect().await.expect("count");
+    batches[0].column(0).as_primitive::<Int64Type>().value(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acme_marks_superseded_rows_with_deletion_vectors_and_every_reader_leaves_them_out() {
+    let dir = tempfile::tempdir().expect("dir");
+    let storage = acme_core::Storage::new(&dir.path().display().to_string(), Default::default()).expect("storage");
+    let mut table =
+        storage.open_or_create(acme_core::Layer::Intermediate, "versions", &versions_schema()).await.expect("table");
+    // Three files of 2,000 rows: ids 0..1000, two versions each (version 1 closed, 2 open),
+    // then a third file repeating some ids' open versions in another order.
+    let mut expected: Vec<(i64, i64, bool)> = Vec::new();
+    for part in 0..2i64 {
+        let rows: Vec<(i64, i64, bool)> = (part * 500..(part + 1) * 500)
+            .flat_map(|id| [(id, 1, false), (id, 2, true)])
+            .flat_map(|r| [r, r])
+            .collect();
+        let rows: Vec<_> = rows.chunks(2).map(|c| c[0]).collect();
+        expected.extend(&rows);
+        append_versions(&mut table, &rows, part + 1).await;
+    }
+    assert!(!table.supports_deletion_vectors());
+    table.enable_deletion_vectors().await.expect("enable");
+    assert!(table.supports_deletion_vectors());
+
+    // Close the open versions of some ids: their open rows are marked, new rows appended.
+    let closed = [3i64, 4, 499, 500, 998, 999, 12_345];
+    let index = table.key_index("id").await.expect("index");
+    let positions = index.positions(&closed, Some("open")).await.expect("positions");
+    assert_eq!(positions.iter().map(|(_, rows)| rows.len()).sum::<u64>(), 6, "one open row per stored id");
+    let files = table.data_files().expect("files");
+    let deletions = positions
+        .into_iter()
+        .map(|(path, rows)| (files.iter().find(|f| f.path == path).expect("a file").clone(), rows))
+        .collect();
+    let replacement: Vec<(i64, i64, bool)> =
+        closed.iter().filter(|id| **id < 1000).flat_map(|id| [(*id, 2, false), (*id, 3, true)]).collect();
+    let mut writer = table.writer(1 << 30).expect("writer");
+    writer
+        .write(
+            table.name(),
+            RecordBatch::try_new(
+                versions_schema(),
+                vec![
+                    Arc::new(Int64Array::from_iter_values(replacement.iter().map(|r| r.0))),
+                    Arc::new(Int64Array::from_iter_values(replacement.iter().map(|r| r.1))),
+                    Arc::new(arrow::array::BooleanArray::from_iter(replacement.iter().map(|r| Some(r.2)))),
+                ],
+            )
+            .expect("batch"),
+        )
+        .await
+        .expect("write");
+    let adds = writer.finish(table.name()).await.expect("finish");
+    table.commit_deletions(deletions, adds, Some(&acme_core::Position::new("test", 3))).await.expect("commit");
+    expected.retain(|r| !(closed.contains(&r.0) && r.2));
+    expected.extend(&replacement);
+    expected.sort();
+    assert_eq!(table.position("test").await.expect("position"), Some(3));
+    let marked = table.data_files().expect("files").iter().filter(|f| f.deletion_vector.is_some()).count();
+    assert_eq!(marked, 2, "both stored files marked, the new one not");
+
+    // acme's scan, a count (statistics no longer exact), key lookups, and delta-rs agree.
+    assert_eq!(scanned(&table).await, expected);
+    assert_eq!(count(&table).await, expected.len() as i64);
+    let index = table.key_index("id").await.expect("index");
+    let found = index.rows(&[3, 4, 500, 7], Some(&["id", "version", "open"])).await.expect("lookup");
+    let mut found: Vec<(i64, i64, bool)> = found
+        .iter()
+        .flat_map(|b| {
+            let (id, v, o) = (
+                b.column(0).as_primitive::<Int64Type>(),
+                b.column(1).as_primitive::<Int64Type>(),
+                b.column(2).as_boolean(),
+            );
+            (0..b.num_rows()).map(|i| (id.value(i), v.value(i), o.value(i))).collect::<Vec<_>>()
+        })
+        .collect();
+    found.sort();
+    let wanted: Vec<_> = expected.iter().filter(|r| [3, 4, 500, 7].contains(&r.0)).copied().collect();
+    assert_eq!(found, wanted, "a key lookup leaves marked rows out");
+    assert!(index.positions(&[3], Some("open")).await.expect("positions").iter().all(|(_, rows)| rows.len() == 1));
+    let delta_rs = ids(table.delta()).await;
+    assert_eq!(delta_rs, expected.iter().map(|r| r.0).collect::<Vec<_>>(), "delta-rs applies acme's vectors");
+
+    // A second marking of a file adds to its vector.
+    let index = table.key_index("id").await.expect("index");
+    let positions = index.positions(&[10], None).await.expect("positions");
+    let files = table.data_files().expect("files");
+    let deletions = positions
+        .into_iter()
+        .map(|(path, rows)| (files.iter().find(|f| f.path == path).expect("a file").clone(), rows))
+        .collect();
+    table.commit_deletions(deletions, Vec::new(), None).await.expect("commit");
+    expected.retain(|r| r.0 != 10);
+    assert_eq!(scanned(&table).await, expected);
+
+    // Outside: delta-rs's Python binding, then DuckDB.
+    let python = acme_testkit::outside::python().expect("the Python environment of .ci/run");
+    let script = r#"
+import sys, json, duckdb, pyarrow as pa
+from deltalake import DeltaTable, QueryBuilder
+t = DeltaTable(sys.argv[1])
+rows = pa.table(QueryBuilder().register("t", t).execute("SELECT id, version FROM t").read_all())
+print(json.dumps(duckdb.connect().execute("SELECT count(*), sum(id * 10 + version) FROM rows").fetchone()))
+"#;
+    let output = std::process::Command::new(python)
+        .arg("-c")
+        .arg(script)
+        .arg(dir.path().join("intermediate/versions"))
+        .output()
+        .expect("run the outside reader");
+    assert!(output.status.success(), "outside reader failed: {}", String::from_utf8_lossy(&output.stderr));
+    let outside: (i64, i64) = serde_json::from_slice(&output.stdout).expect("JSON");
+    assert_eq!(outside, (expected.len() as i64, expected.iter().map(|r| r.0 * 10 + r.1).sum::<i64>()));
+
+    // Compaction rewrites the rows readers see, without the marked ones.
+    let ctx = datafusion::prelude::SessionContext::new();
+    let options = acme_core::CompactOptions { min_files: 2, ..acme_core::CompactOptions::sorted_by(&["id"]) };
+    table.compact(&ctx, &options).await.expect("compact");
+    assert!(table.data_files().expect("files").iter().all(|f| f.deletion_vector.is_none()));
+    assert_eq!(scanned(&table).await, expected);
+}
