@@ -41,7 +41,16 @@ pub struct CompactOptions {
     /// true, or mixed are merged only among themselves (e.g. closed and open history versions,
     /// so that rewrites of open versions never touch closed ones).
     pub split_by: Option<String>,
+    /// Files whose deletion vector marks at least this fraction of their rows are candidates
+    /// whatever their size, and a round rewrites them even when fewer than `min_files`
+    /// candidates are found: their marked rows are then dropped for good.
+    pub purge_fraction: f64,
 }
+
+/// The default [`CompactOptions::purge_fraction`]: a file is rewritten once a quarter of its
+/// rows are marked deleted, so each stored row is written again at most about four times per
+/// its own replacement on average, and scans skip at most a quarter of what they read.
+pub const DEFAULT_PURGE_FRACTION: f64 = 0.25;
 
 impl CompactOptions {
     /// Defaults: candidates under 8 MiB, at least 8 of them, at most 64 MiB per round, merged
@@ -55,6 +64,7 @@ impl CompactOptions {
             file_rows: None,
             sort_by: sort_by.iter().map(|c| c.to_string()).collect(),
             split_by: None,
+            purge_fraction: DEFAULT_PURGE_FRACTION,
         }
     }
 
@@ -128,9 +138,16 @@ impl LayerTable {
         let files = self.data_files()?;
         let columns: Vec<String> = self.schema()?.fields().iter().map(|f| f.name().clone()).collect();
         let mut groups: [Vec<DataFile>; 3] = Default::default();
-        let small = |f: &DataFile| match (options.file_rows, f.rows) {
-            (Some(limit), Some(rows)) => rows < limit / 2,
-            _ => f.size < options.small_file_bytes,
+        let purge = |f: &DataFile| match (&f.deletion_vector, f.rows) {
+            (Some(vector), Some(rows)) => vector.cardinality as f64 >= rows as f64 * options.purge_fraction,
+            _ => false,
+        };
+        let small = |f: &DataFile| {
+            purge(f)
+                || match (options.file_rows, f.rows) {
+                    (Some(limit), Some(rows)) => rows < limit / 2,
+                    _ => f.size < options.small_file_bytes,
+                }
         };
         for file in files.into_iter().filter(small) {
             let group = match &options.split_by {
@@ -158,7 +175,7 @@ impl LayerTable {
                 bytes += file.size;
                 picked.push(file);
             }
-            if picked.len() < options.min_files.max(2) {
+            if picked.len() < options.min_files.max(2) && !picked.iter().any(purge) {
                 continue;
             }
             let (rows, adds) = self.merge(ctx, &picked, options).await?;

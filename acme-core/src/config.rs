@@ -93,6 +93,12 @@ pub struct AcmeConfig {
     /// the rows it replaces, so smaller files rewrite fewer rows when changes are scattered
     /// over the keys, at the cost of more files to scan.
     pub model_file_rows: u64,
+    /// Whether incremental model steps mark the rows they supersede with Delta deletion
+    /// vectors (default) instead of rewriting the files that hold them. With vectors a step
+    /// costs what its changes cost; compaction rewrites files whose vectors have grown. The
+    /// model's tables then need readers that support the `deletionVectors` table feature
+    /// (delta-rs, Spark, DuckDB's `delta` extension; delta-rs Python through `QueryBuilder`).
+    pub deletion_vectors: bool,
     /// Memory the model build's query engine may hold (sorts and aggregations spill to the
     /// temporary directory beyond it).
     pub memory_limit_bytes: u64,
@@ -122,6 +128,7 @@ impl Default for AcmeConfig {
             max_batch_changes: DEFAULT_MAX_BATCH_CHANGES,
             cdc_mode: CdcMode::default(),
             model_file_rows: DEFAULT_MODEL_FILE_ROWS,
+            deletion_vectors: true,
             memory_limit_bytes: DEFAULT_MEMORY_LIMIT_BYTES,
             source_timeout: DEFAULT_SOURCE_TIMEOUT,
         }
@@ -294,6 +301,13 @@ impl AcmeConfigBuilder {
         self
     }
 
+    /// Whether incremental model steps mark superseded rows with deletion vectors (see
+    /// [`AcmeConfig::deletion_vectors`]).
+    pub fn deletion_vectors(mut self, on: bool) -> Self {
+        self.config.deletion_vectors = on;
+        self
+    }
+
     /// Longest wait for an answer from the source before its connection is replaced.
     pub fn source_timeout(mut self, timeout: Duration) -> Self {
         self.config.source_timeout = timeout;
@@ -410,6 +424,7 @@ impl std::fmt::Debug for AcmeConfig {
             .field("max_batch_changes", &self.max_batch_changes)
             .field("cdc_mode", &self.cdc_mode)
             .field("model_file_rows", &self.model_file_rows)
+            .field("deletion_vectors", &self.deletion_vectors)
             .field("memory_limit_bytes", &self.memory_limit_bytes)
             .field("source_timeout", &self.source_timeout)
             .finish()

@@ -192,12 +192,19 @@ pub(crate) struct Replaced {
     pub files_rewritten: usize,
     /// Rows written again from rewritten files.
     pub rows_kept: u64,
+    /// Files whose replaced rows were marked in a deletion vector.
+    pub files_marked: usize,
+    /// Rows so marked.
+    pub rows_marked: u64,
 }
 
 /// Replace the rows `target` names by the rows of `new_rows`, committing at `position`.
 ///
-/// With [`Keys::All`] every file is replaced. Memory stays bounded: files and new rows are
-/// streamed batch by batch into the writer.
+/// With [`Keys::All`] every file is replaced. With a set of keys and `marks` on a table that
+/// supports deletion vectors, the replaced rows are marked in vectors and the new rows
+/// appended ([`mark_and_append`]); otherwise the files holding replaced rows are rewritten.
+/// Memory stays bounded: files and new rows are streamed batch by batch into the writer.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn replace(
     ctx: &SessionContext,
     table: &mut LayerTable,
@@ -206,7 +213,14 @@ pub(crate) async fn replace(
     split: Option<&str>,
     files: (u64, u64),
     position: &Position,
+    marks: bool,
 ) -> Result<Replaced> {
+    if let Keys::Set(keys) = &target.keys
+        && marks
+        && table.supports_deletion_vectors()
+    {
+        return mark_and_append(table, target, keys, new_rows, split, files, position).await;
+    }
     let (target_file_bytes, file_rows) = files;
     let name = table.name().to_string();
     let started = std::time::Instant::now();
@@ -300,6 +314,68 @@ pub(crate) async fn replace(
         "model.step"
     });
     match table.commit_replace(&removed, adds, Some(position), Replace::Rewrite).await? {
+        CommitOutcome::Committed { .. } => Ok(replaced),
+        CommitOutcome::AlreadyCommitted => Ok(Replaced::default()),
+    }
+}
+
+/// [`replace`] by deletion vectors: find the stored rows of `keys` (the open ones, for a
+/// history) through the table's key index, write the new rows as new files, and commit both
+/// at once: each file holding replaced rows gains a vector naming them, and no stored row is
+/// written again. The cost follows the keys, not the files that hold them.
+async fn mark_and_append(
+    table: &mut LayerTable,
+    target: &Target<'_>,
+    keys: &HashSet<i64>,
+    new_rows: DataFrame,
+    split: Option<&str>,
+    files: (u64, u64),
+    position: &Position,
+) -> Result<Replaced> {
+    let (target_file_bytes, file_rows) = files;
+    let name = table.name().to_string();
+    let started = std::time::Instant::now();
+    let keys: Vec<i64> = keys.iter().copied().collect();
+    let index = table.key_index(target.key).await?;
+    let found = index.positions(&keys, target.open).await?;
+    let stored: std::collections::HashMap<String, DataFile> =
+        table.data_files()?.into_iter().map(|f| (f.path.clone(), f)).collect();
+    let mut marked_rows = 0u64;
+    let mut deletions = Vec::with_capacity(found.len());
+    for (path, rows) in found {
+        let file = stored
+            .get(&path)
+            .cloned()
+            .ok_or_else(|| ModelError::Internal(format!("{name}: indexed file {path} is not in the table")))?;
+        marked_rows += rows.len();
+        deletions.push((file, rows));
+    }
+    let scanned = started.elapsed();
+    // Written sorted by the table's order column, as every model file is (see `replace`).
+    let new_rows = new_rows.sort(vec![datafusion::prelude::ident(target.order).sort(true, true)])?;
+    let mut writer = SplitWriter::new(table, split, target_file_bytes, file_rows)?;
+    let mut stream = new_rows.execute_stream().await?;
+    while let Some(batch) = stream.next().await {
+        writer.write(batch?).await?;
+    }
+    let replaced = Replaced {
+        rows: writer.rows(),
+        files_marked: deletions.len(),
+        rows_marked: marked_rows,
+        ..Replaced::default()
+    };
+    let adds = writer.finish().await?;
+    tracing::debug!(
+        table = %name,
+        files_marked = deletions.len(),
+        rows_marked = marked_rows,
+        rows_new = replaced.rows,
+        find_ms = scanned.as_millis() as u64,
+        write_ms = (started.elapsed() - scanned).as_millis() as u64,
+        "marked and appended rows"
+    );
+    acme_core::failpoint::hit("model.step");
+    match table.commit_deletions(deletions, adds, Some(position)).await? {
         CommitOutcome::Committed { .. } => Ok(replaced),
         CommitOutcome::AlreadyCommitted => Ok(Replaced::default()),
     }

@@ -76,6 +76,10 @@ pub struct TableBuild {
     pub rows: u64,
     /// Existing files rewritten because they held replaced rows.
     pub files_rewritten: usize,
+    /// Existing files whose replaced rows were marked in a deletion vector instead.
+    pub files_marked: usize,
+    /// Rows so marked.
+    pub rows_marked: u64,
     /// Wall time of the table's step.
     pub elapsed: Duration,
 }

@@ -51,13 +51,20 @@ impl Build<'_> {
         split: Option<&str>,
         step: Step,
     ) -> Result<()> {
-        let replaced = replace(self.ctx, &mut table, target, df, split, self.files(), &self.commit).await?;
+        if self.config.deletion_vectors && matches!(target.keys, Keys::Set(_)) {
+            // The first incremental step on a table: its protocol gains deletion vectors.
+            table.enable_deletion_vectors().await?;
+        }
+        let marks = self.config.deletion_vectors;
+        let replaced = replace(self.ctx, &mut table, target, df, split, self.files(), &self.commit, marks).await?;
         self.report.tables.push(TableBuild {
             table: table.name().to_string(),
             incremental: step.incremental,
             keys: step.keys,
             rows: replaced.rows,
             files_rewritten: replaced.files_rewritten,
+            files_marked: replaced.files_marked,
+            rows_marked: replaced.rows_marked,
             elapsed: step.started.elapsed(),
         });
         self.register(name, &table)

@@ -10,6 +10,10 @@ position even while a build is half-way through its commits (the latest version 
 would mix two builds). With no manifest (a warehouse with no model build yet, or `--latest`),
 the latest versions are read.
 
+acme marks the rows a model step supersedes with Delta deletion vectors. delta-rs's
+`QueryBuilder` applies them (its `to_pyarrow_dataset` refuses a table with the feature), so
+each table is read through it and handed to DuckDB as Arrow.
+
 Usage: python presentation_reports.py <warehouse directory> [--latest]
 """
 
@@ -18,7 +22,8 @@ import os
 import sys
 
 import duckdb
-from deltalake import DeltaTable
+import pyarrow as pa
+from deltalake import DeltaTable, QueryBuilder
 
 warehouse = sys.argv[1]
 manifest_path = os.path.join(warehouse, "_acme", "model.json")
@@ -30,7 +35,8 @@ con = duckdb.connect()
 for table in ["fact_orders", "fact_order_items", "dim_customer"]:
     version = manifest["tables"].get(f"presentation/{table}") if manifest else None
     delta = DeltaTable(f"{warehouse}/presentation/{table}", version=version)
-    con.register(table, delta.to_pyarrow_dataset())
+    rows = QueryBuilder().register(table, delta).execute(f"SELECT * FROM {table}").read_all()
+    con.register(table, pa.table(rows))
 
 r1 = con.execute(
     """SELECT CAST(f.delivery_date AS VARCHAR), f.status, count(*)
