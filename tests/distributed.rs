@@ -62,6 +62,8 @@ async fn reports_on_a_ballista_cluster_equal_the_embedded_warehouse_and_postgres
     let mut config = support::config(&url, dir.path());
     config.storage_url = "s3://acme-ballista/warehouse".into();
     config.storage_options = moto.storage_options();
+    // A cluster's Parquet scan does not apply deletion vectors: steps rewrite files instead.
+    config.deletion_vectors = false;
     let options: HashMap<String, String> = config.storage_options.clone();
     let client = acme_testkit::connect(&url).await.expect("connect");
 
@@ -158,9 +160,17 @@ async fn reports_on_a_ballista_cluster_equal_the_embedded_warehouse_and_postgres
     assert!(matches!(no_model, Err(QueryError::MissingTable { .. })), "{no_model:?}");
     let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port();
     let closed = format!("df://127.0.0.1:{port}");
-    let unreachable = DistributedWarehouse::connect(&closed, &config.storage_url, options).await;
+    let unreachable = DistributedWarehouse::connect(&closed, &config.storage_url, options.clone()).await;
     match unreachable {
         Err(e @ QueryError::Cluster { .. }) => assert!(e.to_string().contains(&closed), "{e}"),
         other => panic!("no scheduler at {closed}: {other:?}"),
+    }
+    // A model whose steps marked rows with deletion vectors is refused, naming the setting.
+    acme_testkit::run_workload(&url, &workload(60, 200)).await.expect("workload");
+    stream.catch_up().await.expect("catch up");
+    ModelBuild::new(acme::core::AcmeConfig { deletion_vectors: true, ..config.clone() }).await.expect("model build");
+    match DistributedWarehouse::connect(&cluster.url(), &config.storage_url, options).await {
+        Err(e @ QueryError::DeletionVectors { .. }) => assert!(e.to_string().contains("deletion_vectors"), "{e}"),
+        other => panic!("a model with deletion vectors: {other:?}"),
     }
 }

@@ -164,6 +164,15 @@ impl LayerTable {
     }
 }
 
+impl DataFile {
+    /// The file holding this data file's deletion vector, relative to the table's root
+    /// (`None` without a vector, or with one stored inline in the log).
+    pub fn vector_file(&self) -> Option<String> {
+        let descriptor = self.deletion_vector.as_ref()?;
+        vector_location(descriptor).ok().map(|p| p.to_string())
+    }
+}
+
 /// Append one vector of `rows` to a vector file's bytes; returns its size as the descriptor
 /// records it (magic number and bitmap, without the size field and the checksum).
 fn append_vector(out: &mut Vec<u8>, rows: &RoaringBitmap) -> usize {

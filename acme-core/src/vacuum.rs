@@ -76,7 +76,11 @@ impl Storage {
                     if table.version().is_some_and(|latest| version < latest)
                         && let Some(old) = self.open_at(layer, &name, version).await?
                     {
-                        keep.extend(old.data_files()?.into_iter().map(|f| f.path));
+                        for file in old.data_files()? {
+                            // And the deletion vectors those versions read.
+                            keep.extend(file.vector_file());
+                            keep.insert(file.path);
+                        }
                     }
                 }
                 // The candidates, as Delta's vacuum lists them (without deleting anything).

@@ -294,6 +294,11 @@ print(json.dumps(duckdb.connect().execute("SELECT count(*), sum(id * 10 + versio
     let outside: (i64, i64) = serde_json::from_slice(&output.stdout).expect("JSON");
     assert_eq!(outside, (expected.len() as i64, expected.iter().map(|r| r.0 * 10 + r.1).sum::<i64>()));
 
+    // A vacuum keeps the vectors the latest version reads.
+    storage.vacuum(std::time::Duration::ZERO, false).await.expect("vacuum");
+    table.refresh().await.expect("refresh");
+    assert_eq!(scanned(&table).await, expected, "after a vacuum");
+
     // Compaction rewrites the rows readers see, without the marked ones.
     let ctx = datafusion::prelude::SessionContext::new();
     let options = acme_core::CompactOptions { min_files: 2, ..acme_core::CompactOptions::sorted_by(&["id"]) };

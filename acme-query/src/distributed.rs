@@ -141,6 +141,9 @@ impl DistributedWarehouse {
             let Some(pinned) = storage.open_pinned(table.layer, table.name, Some(&manifest)).await? else {
                 continue;
             };
+            if pinned.data_files()?.iter().any(|f| f.deletion_vector.is_some()) {
+                return Err(QueryError::DeletionVectors { table: pinned.name().to_string() });
+            }
             // Plain strings, not views: a view array sliced out of a batch carries the whole batch's
             // string buffers through every shuffle and result (R4 at SF1: 2.2 s with views).
             ctx.register_table(table.name, pinned.plain_provider()?)?;

@@ -133,6 +133,17 @@ pub enum QueryError {
         /// What the cluster or the client library said.
         message: String,
     },
+    /// A table read by a Ballista cluster has rows marked deleted by Delta deletion vectors,
+    /// which the cluster's Parquet scan would return.
+    #[error(
+        "table `{table}` has rows marked deleted by deletion vectors, which a Ballista cluster's Parquet scan does \
+         not apply: build the model with `AcmeConfig::deletion_vectors` set to false for a warehouse that a cluster \
+         queries (steps then rewrite files), or compact the table with `CompactOptions::purge_fraction` 0.0 first"
+    )]
+    DeletionVectors {
+        /// `layer/table`.
+        table: String,
+    },
     /// Storage failed.
     #[error(transparent)]
     Core(#[from] acme_core::Error),
