@@ -52,6 +52,11 @@ struct Args {
     /// Fold them in, however few, once the stored model is this many seconds old.
     #[arg(long, env = "ACME_MAX_MODEL_LAG_S", default_value_t = acme::DEFAULT_MAX_MODEL_LAG.as_secs())]
     max_model_lag_s: u64,
+    /// Fold by rewriting the files that hold superseded rows instead of marking them with
+    /// Delta deletion vectors: for a warehouse that a Ballista cluster queries (its Parquet
+    /// scan does not apply vectors). Each fold then costs about as much as the table.
+    #[arg(long, env = "ACME_REWRITE_FOLDS")]
+    rewrite_folds: bool,
     /// Seconds between two status lines while streaming.
     #[arg(long, env = "ACME_STATUS_INTERVAL", default_value_t = 5)]
     status_interval: u64,
@@ -100,6 +105,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .publication(&args.publication)
         .cdc_mode(args.cdc_mode)
         .memory_limit_bytes(args.memory_limit_mib * 1024 * 1024)
+        .deletion_vectors(!args.rewrite_folds)
         .build()?;
     let started = Instant::now();
     let progress = Arc::new(SnapshotProgress::default());
