@@ -109,6 +109,17 @@ impl LayerTable {
             )));
         }
         let existing = self.deleted_rows(&deletions.iter().map(|(f, _)| f.clone()).collect::<Vec<_>>()).await?;
+        // The marked files' add actions, which the commit repeats with their new vectors (taken
+        // from the log here, not kept with every listed file).
+        let wanted: std::collections::HashSet<&str> = deletions.iter().map(|(f, _)| f.path.as_str()).collect();
+        let snapshot = self.delta().snapshot().map_err(Error::delta(self.name(), "list files"))?;
+        #[allow(deprecated)] // the add action is what a deletion-vector commit repeats
+        let mut stored: HashMap<String, deltalake::kernel::Add> = snapshot
+            .log_data()
+            .iter()
+            .filter(|f| wanted.contains(f.path().as_ref()))
+            .map(|f| (f.path().into_owned(), f.add_action()))
+            .collect();
         let now = chrono::Utc::now().timestamp_millis();
         let uuid = uuid::Uuid::new_v4();
         let file_name = format!("deletion_vector_{uuid}.bin");
@@ -137,7 +148,9 @@ impl LayerTable {
             }
             let offset = vectors.len();
             let size = append_vector(&mut vectors, &rows);
-            let mut add = file.add.clone();
+            let mut add = stored.remove(&file.path).ok_or_else(|| {
+                Error::Internal(format!("{}: file {} is not in the loaded version", self.name(), file.path))
+            })?;
             add.data_change = true;
             add.modification_time = now;
             add.deletion_vector = Some(DeletionVectorDescriptor {

@@ -31,8 +31,6 @@ pub struct DataFile {
     uri: String,
     stats: Option<serde_json::Value>,
     pub(crate) remove: Remove,
-    /// The file's add action, which a commit marking rows deleted repeats with a new vector.
-    pub(crate) add: Add,
     /// The file's deletion vector, when rows of it are marked deleted.
     pub deletion_vector: Option<deltalake::kernel::DeletionVectorDescriptor>,
 }
@@ -107,8 +105,6 @@ impl LayerTable {
                     location,
                     stats: file.stats().and_then(|s| serde_json::from_str(&s).ok()),
                     remove: file.remove_action(true),
-                    #[allow(deprecated)] // the add action is what a deletion-vector commit repeats
-                    add: file.add_action(),
                     deletion_vector: file.deletion_vector_descriptor(),
                 }
             })
