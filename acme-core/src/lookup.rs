@@ -331,14 +331,11 @@ impl KeyIndex {
         }
         let keys = Arc::new(KeySet::new(keys));
         let reads: Vec<_> = self
-            .files
-            .iter()
-            .filter_map(|file| {
-                let (groups, selected) = file.select(&keys.sorted)?;
-                let read =
-                    self.file_read().read(Arc::clone(file), groups, selected, Arc::clone(&keys), Arc::clone(&schema));
+            .selected(&keys)
+            .map(|(file, groups, selected)| {
+                let read = self.file_read().read(file, groups, selected, Arc::clone(&keys), Arc::clone(&schema));
                 // Spawned when the stream below first polls it; aborted if the lookup is dropped.
-                Some(spawned(read))
+                spawned(read)
             })
             .collect();
         let batches: Vec<Vec<RecordBatch>> =
@@ -360,18 +357,25 @@ impl KeyIndex {
         let keys = Arc::new(KeySet::new(keys));
         let flag: Option<Arc<str>> = flag.map(Arc::from);
         let reads: Vec<_> = self
-            .files
-            .iter()
-            .filter_map(|file| {
-                let (groups, selected) = file.select(&keys.sorted)?;
-                let read =
-                    self.file_read().positions(Arc::clone(file), groups, selected, Arc::clone(&keys), flag.clone());
-                Some(spawned(read))
+            .selected(&keys)
+            .map(|(file, groups, selected)| {
+                spawned(self.file_read().positions(file, groups, selected, Arc::clone(&keys), flag.clone()))
             })
             .collect();
         let found: Vec<Option<(String, roaring::RoaringBitmap)>> =
             futures::stream::iter(reads).buffer_unordered(CONCURRENT_FILES).try_collect().await?;
         Ok(found.into_iter().flatten().collect())
+    }
+
+    /// The files that may hold one of `keys`, each with its row groups and rows to read.
+    fn selected<'a>(
+        &'a self,
+        keys: &'a KeySet,
+    ) -> impl Iterator<Item = (Arc<IndexedFile>, Vec<usize>, RowSelection)> + 'a {
+        self.files.iter().filter_map(|file| {
+            let (groups, selected) = file.select(&keys.sorted)?;
+            Some((Arc::clone(file), groups, selected))
+        })
     }
 
     /// What reading a file needs of the index (not its files).

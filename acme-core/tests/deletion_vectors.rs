@@ -160,7 +160,11 @@ async fn scanned(table: &acme_core::LayerTable) -> Vec<(i64, i64, bool)> {
     let ctx = datafusion::prelude::SessionContext::new();
     ctx.register_table("t", table.provider(None).expect("provider")).expect("register");
     let batches = ctx.sql("SELECT id, version, open FROM t ORDER BY id, version").await.expect("plan");
-    let batches = batches.collect().await.expect("rows");
+    triples(&batches.collect().await.expect("rows"))
+}
+
+/// The (id, version, open) rows of batches of those three columns, in their order.
+fn triples(batches: &[RecordBatch]) -> Vec<(i64, i64, bool)> {
     batches
         .iter()
         .flat_map(|b| {
@@ -245,17 +249,7 @@ async fn acme_marks_superseded_rows_with_deletion_vectors_and_every_reader_leave
     assert_eq!(count(&table).await, expected.len() as i64);
     let index = table.key_index("id").await.expect("index");
     let found = index.rows(&[3, 4, 500, 7], Some(&["id", "version", "open"])).await.expect("lookup");
-    let mut found: Vec<(i64, i64, bool)> = found
-        .iter()
-        .flat_map(|b| {
-            let (id, v, o) = (
-                b.column(0).as_primitive::<Int64Type>(),
-                b.column(1).as_primitive::<Int64Type>(),
-                b.column(2).as_boolean(),
-            );
-            (0..b.num_rows()).map(|i| (id.value(i), v.value(i), o.value(i))).collect::<Vec<_>>()
-        })
-        .collect();
+    let mut found = triples(&found);
     found.sort();
     let wanted: Vec<_> = expected.iter().filter(|r| [3, 4, 500, 7].contains(&r.0)).copied().collect();
     assert_eq!(found, wanted, "a key lookup leaves marked rows out");
