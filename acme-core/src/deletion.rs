@@ -305,7 +305,8 @@ pub(crate) fn kept_in(
 /// [`datafusion::datasource::listing::ListingTable`] over the files plans, with each such
 /// file's kept rows handed to the Parquet reader as a row selection (so the marked rows are
 /// never decoded), and its statistics made inexact (its row count includes the marked rows).
-/// The vectors are read at the first scan and kept for the provider's life.
+/// The vectors are read at the first scan and kept for the provider's life. A key scan
+/// ([`LayerTable::key_scan`]) gives every file's rows to read instead.
 #[derive(Debug)]
 pub(crate) struct WithDeletions {
     inner: Arc<dyn datafusion::catalog::TableProvider>,
@@ -325,6 +326,17 @@ impl WithDeletions {
     ) -> Self {
         let files = files.into_iter().filter(|(_, f)| f.deletion_vector.is_some()).collect();
         Self { inner, table, files, kept: tokio::sync::OnceCell::new() }
+    }
+
+    /// `inner` scans files of which only the rows `selections` gives (by each file's location
+    /// as the listing names it) are read.
+    pub(crate) fn selected(
+        inner: Arc<dyn datafusion::catalog::TableProvider>,
+        table: LayerTable,
+        selections: HashMap<Path, parquet::arrow::arrow_reader::RowSelection>,
+    ) -> Self {
+        let kept = tokio::sync::OnceCell::new_with(Some(Arc::new(selections)));
+        Self { inner, table, files: HashMap::new(), kept }
     }
 
     async fn kept(&self) -> Result<Arc<HashMap<Path, parquet::arrow::arrow_reader::RowSelection>>> {

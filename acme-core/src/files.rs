@@ -164,11 +164,44 @@ impl LayerTable {
         )))
     }
 
+    /// [`LayerTable::provider`] restricted to the rows of `keys` (integers of the key column
+    /// `index` was made on), read from the pages that may hold them: the scan reads about as
+    /// many pages as there are keys, whatever the table's size. The scan also returns other
+    /// rows of those pages, so a query filters on the key as it would on a whole table (a
+    /// join on the keys, say). `index` must be of this table's loaded version
+    /// ([`LayerTable::key_index`]).
+    pub fn key_scan(&self, index: &crate::KeyIndex, keys: &[i64]) -> Result<Arc<dyn TableProvider>> {
+        let indexed: std::collections::HashSet<&str> = index.paths().collect();
+        let files = self.data_files()?;
+        if let Some(file) = files.iter().find(|f| !indexed.contains(f.path.as_str())) {
+            return Err(Error::Internal(format!(
+                "{}: the key index does not know data file {} (an index of another version)",
+                self.name(),
+                file.path
+            )));
+        }
+        let selections = index.file_selections(keys);
+        let files: Vec<DataFile> = files.into_iter().filter(|f| selections.contains_key(&f.path)).collect();
+        self.scan_selected(Some(&files), None, self.read_schema()?, Some(selections))
+    }
+
     fn scan(
         &self,
         files: Option<&[DataFile]>,
         cache: Option<Arc<datafusion::execution::cache::cache_manager::FileStatisticsCache>>,
         schema: Arc<Schema>,
+    ) -> Result<Arc<dyn TableProvider>> {
+        self.scan_selected(files, cache, schema, None)
+    }
+
+    /// [`LayerTable::scan`], reading of each file only the rows `selections` gives for it (by
+    /// path; they already leave out the rows a deletion vector marks) when given.
+    fn scan_selected(
+        &self,
+        files: Option<&[DataFile]>,
+        cache: Option<Arc<datafusion::execution::cache::cache_manager::FileStatisticsCache>>,
+        schema: Arc<Schema>,
+        selections: Option<std::collections::HashMap<String, parquet::arrow::arrow_reader::RowSelection>>,
     ) -> Result<Arc<dyn TableProvider>> {
         let all;
         let files = match files {
@@ -193,9 +226,19 @@ impl LayerTable {
             .filter(|(_, f)| f.deletion_vector.is_some())
             .map(|(url, f)| (url.prefix().clone(), f.clone()))
             .collect();
+        // The rows to read of each file, by its location, for a key scan.
+        let given: Option<std::collections::HashMap<_, _>> = selections.map(|mut selections| {
+            urls.iter()
+                .zip(files)
+                .filter_map(|(url, f)| Some((url.prefix().clone(), selections.remove(&f.path)?)))
+                .collect()
+        });
         let options = ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
         let config = ListingTableConfig::new_with_multi_paths(urls).with_listing_options(options).with_schema(schema);
         let listing = Arc::new(ListingTable::try_new(config).map_err(|e| query(Box::new(e)))?.with_cache(cache));
+        if let Some(given) = given {
+            return Ok(Arc::new(crate::deletion::WithDeletions::selected(listing, self.clone(), given)));
+        }
         if marked.is_empty() {
             return Ok(listing);
         }

@@ -9,6 +9,7 @@
 //! before compaction) just select more pages; the answer is exact either way, since the rows
 //! read are filtered by key.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use arrow::array::{Array, ArrayRef, AsArray, BooleanArray, RecordBatch, new_null_array};
@@ -86,23 +87,70 @@ impl LayerTable {
             read.fields().iter().map(|f| f.as_ref().clone().with_nullable(true)).collect::<Vec<_>>(),
         ));
         let files = self.data_files()?;
+        let started = std::time::Instant::now();
         let mut deleted = self.deleted_rows(&files).await?;
+        let cache_key = (self.delta().table_url().to_string(), key.to_string());
+        let known = indexed_files().lock().map(|c| c.get(&cache_key).cloned().unwrap_or_default()).unwrap_or_default();
+        let mut reused = 0usize;
         // (Futures collected first: a stream over a closure that borrows is not provably `Send`.)
         let reads: Vec<_> = files
             .into_iter()
             .map(|file| {
                 let marked = deleted.remove(&file.path);
-                let read =
-                    index_file(Arc::clone(&store), table.clone(), key.to_string(), file.location, file.path, file.size);
-                spawned(async move { Ok(IndexedFile { deleted: marked, ..read.await? }) })
+                let hit = known.get(&file.path).filter(|f| f.size == file.size).map(Arc::clone);
+                reused += usize::from(hit.is_some());
+                let read = (hit.is_none()).then(|| {
+                    index_file(Arc::clone(&store), table.clone(), key.to_string(), file.location, file.path, file.size)
+                });
+                async move {
+                    let plain = match (hit, read) {
+                        (Some(hit), _) => hit,
+                        (None, Some(read)) => Arc::new(spawned(read).await?),
+                        (None, None) => unreachable!("a file is either indexed already or read"),
+                    };
+                    let file = match marked {
+                        Some(marked) => Arc::new(IndexedFile { deleted: Some(marked), ..plain.as_ref().clone() }),
+                        None => Arc::clone(&plain),
+                    };
+                    Ok::<_, Error>((plain, file))
+                }
             })
             .collect();
-        let started = std::time::Instant::now();
         let indexed = futures::stream::iter(reads).buffered(CONCURRENT_FILES).try_collect::<Vec<_>>().await?;
-        tracing::debug!(table, key, files = indexed.len(), ms = started.elapsed().as_millis() as u64, "key index made");
-        let files = indexed.into_iter().map(Arc::new).collect();
+        tracing::debug!(
+            table,
+            key,
+            files = indexed.len(),
+            reused,
+            ms = started.elapsed().as_millis() as u64,
+            "key index made"
+        );
+        let plain: HashMap<String, Arc<IndexedFile>> =
+            indexed.iter().map(|(plain, _)| (plain.path.clone(), Arc::clone(plain))).collect();
+        if let Ok(mut cache) = indexed_files().lock() {
+            if cache.len() >= CACHED_TABLES && !cache.contains_key(&cache_key) {
+                cache.clear();
+            }
+            cache.insert(cache_key, plain);
+        }
+        let files = indexed.into_iter().map(|(_, file)| file).collect();
         Ok(KeyIndex { table: table.into(), key: key.into(), store, schema, files })
     }
+}
+
+/// The key pages of the files indexed so far, by table (its URL) and key column, then by
+/// file path, without deletion vectors (which change between versions; a file's pages do not).
+/// Each table keeps the files of the version it was last indexed at, so files that compaction
+/// removed leave the cache when the table is next indexed, and versions that share files
+/// (every step keeps most of them) index only their new ones.
+type IndexedFiles = HashMap<(String, String), HashMap<String, Arc<IndexedFile>>>;
+
+/// Tables (with a key) whose files [`indexed_files`] keeps; beyond, it starts over.
+const CACHED_TABLES: usize = 64;
+
+fn indexed_files() -> &'static std::sync::Mutex<IndexedFiles> {
+    static INDEXED: std::sync::OnceLock<std::sync::Mutex<IndexedFiles>> = std::sync::OnceLock::new();
+    INDEXED.get_or_init(Default::default)
 }
 
 async fn index_file(
@@ -365,6 +413,39 @@ impl KeyIndex {
         let found: Vec<Option<(String, roaring::RoaringBitmap)>> =
             futures::stream::iter(reads).buffer_unordered(CONCURRENT_FILES).try_collect().await?;
         Ok(found.into_iter().flatten().collect())
+    }
+
+    /// The rows of each file that may hold one of `keys` (without the rows a deletion vector
+    /// marks), by [`crate::DataFile::path`], each as a selection over the whole file's rows:
+    /// what a scan restricted to the pages of some keys reads ([`LayerTable::key_scan`]).
+    pub(crate) fn file_selections(&self, keys: &[i64]) -> HashMap<String, RowSelection> {
+        let mut keys = keys.to_vec();
+        keys.sort_unstable();
+        keys.dedup();
+        let mut selections = HashMap::new();
+        for file in &self.files {
+            let Some((groups, selected)) = file.select(&keys) else { continue };
+            let total: u64 = file.row_groups.iter().map(|g| g.rows as u64).sum();
+            let mut selectors = Vec::new();
+            let mut at = 0u64;
+            for (first, rows) in file.selected_runs(&groups, &selected) {
+                if first > at {
+                    selectors.push(RowSelector::skip((first - at) as usize));
+                }
+                selectors.push(RowSelector::select(rows as usize));
+                at = first + rows;
+            }
+            if total > at {
+                selectors.push(RowSelector::skip((total - at) as usize));
+            }
+            selections.insert(file.path.clone(), RowSelection::from(selectors));
+        }
+        selections
+    }
+
+    /// The paths of the indexed files.
+    pub(crate) fn paths(&self) -> impl Iterator<Item = &str> {
+        self.files.iter().map(|f| f.path.as_str())
     }
 
     /// The files that may hold one of `keys`, each with its row groups and rows to read.

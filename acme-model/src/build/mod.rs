@@ -202,6 +202,7 @@ impl ModelBuild {
             target: position,
             commit: Position::new(MODEL_APP, position),
             report: ModelReport { position: Lsn::from_stored(position), ..ModelReport::default() },
+            registered: Default::default(),
         };
         // Up to date: every table covers the position (a build that died after its last
         // commit but before its manifest only needs the manifest).

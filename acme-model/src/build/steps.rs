@@ -1,6 +1,8 @@
 //! One build's steps, table by table: a history from its raw changes, a star table from the
 //! keys whose history changed, the aggregate by difference, then compaction and the manifest.
 
+use std::collections::HashSet;
+
 use super::*;
 
 /// How a table step went, for its [`TableBuild`] entry.
@@ -20,6 +22,8 @@ pub(super) struct Build<'a> {
     pub(super) target: i64,
     pub(super) commit: Position,
     pub(super) report: ModelReport,
+    /// The table versions registered in `ctx`, by name.
+    pub(super) registered: std::sync::Mutex<std::collections::HashMap<String, LayerTable>>,
 }
 
 impl Build<'_> {
@@ -78,7 +82,74 @@ impl Build<'_> {
     pub(super) fn register(&self, name: &str, table: &LayerTable) -> Result<()> {
         let _ = self.ctx.deregister_table(name)?;
         self.ctx.register_table(name, table.provider(None)?)?;
+        if let Ok(mut registered) = self.registered.lock() {
+            registered.insert(name.to_string(), table.clone());
+        }
         Ok(())
+    }
+
+    /// The table version registered as `name`.
+    fn registered(&self, name: &str) -> Option<LayerTable> {
+        self.registered.lock().ok().and_then(|r| r.get(name).cloned())
+    }
+
+    /// Register as `relation` the rows of `table` that its key column `key` may hold `keys`
+    /// in: the pages of its key index that hold one of them, so that a step reading a few keys'
+    /// rows reads about as many pages as keys instead of the whole table. Statements read the
+    /// relation joined to the keys, as they would the whole table.
+    async fn register_key_scan(
+        &self,
+        relation: &str,
+        table: &LayerTable,
+        key: &str,
+        keys: &HashSet<i64>,
+    ) -> Result<()> {
+        let started = Instant::now();
+        let index = table.key_index(key).await?;
+        let keys: Vec<i64> = keys.iter().copied().collect();
+        let provider = table.key_scan(&index, &keys)?;
+        tracing::debug!(
+            relation,
+            table = table.name(),
+            keys = keys.len(),
+            rows_selected = index.selected_rows(&keys),
+            rows_stored = index.rows_indexed(),
+            ms = started.elapsed().as_millis() as u64,
+            "key scan registered"
+        );
+        let _ = self.ctx.deregister_table(relation)?;
+        self.ctx.register_table(relation, provider)?;
+        Ok(())
+    }
+
+    /// Plan `sql` with `history` (a history keyed by `key`) restricted to the pages of `keys`
+    /// when given, then register the whole history again. Only for statements that read
+    /// `history` joined to `keys` alone.
+    async fn planned_with_key_scan<T, F>(
+        &self,
+        history: &str,
+        key: &str,
+        keys: Option<&HashSet<i64>>,
+        plan: F,
+    ) -> Result<T>
+    where
+        F: std::future::Future<Output = Result<T>>,
+    {
+        let restricted = match keys {
+            Some(keys) => match self.registered(history) {
+                Some(table) => {
+                    self.register_key_scan(history, &table, key, keys).await?;
+                    Some(table)
+                }
+                None => None,
+            },
+            None => None,
+        };
+        let planned = plan.await;
+        if let Some(table) = restricted {
+            self.register(history, &table)?;
+        }
+        planned
     }
 
     /// Apply the raw changes of one source table to its history.
@@ -137,10 +208,16 @@ impl Build<'_> {
             (Some(keys), true) => {
                 register_keys(self.ctx, "changed_keys", keys)?;
                 let scope = if truncates.is_empty() { Some((spec.key.as_str(), "changed_keys")) } else { None };
+                // The changed keys' open versions, read from the pages that may hold them.
+                let mut open = name.as_str();
+                if let (Some(_), Some(table)) = (scope, existing.as_ref()) {
+                    self.register_key_scan("open_history", table, &spec.key, keys).await?;
+                    open = "open_history";
+                }
                 format!(
                     "({} UNION ALL {})",
                     raw_changes("raw_changes", &attributes),
-                    open_versions_as_changes(&name, &attributes, scope)
+                    open_versions_as_changes(open, &attributes, scope)
                 )
             }
             _ => format!("({})", raw_changes("raw_changes", &attributes)),
@@ -305,6 +382,12 @@ impl Build<'_> {
                 .collect::<Vec<_>>()
                 .join(" UNION ");
             keys = collect_keys(self.ctx.sql(&union).await?, MAX_INCREMENTAL_KEYS).await?;
+            tracing::debug!(
+                table = name,
+                keys = keys.as_ref().map(|k| k.len()),
+                ms = started.elapsed().as_millis() as u64,
+                "changed keys found"
+            );
             if keys.as_ref().is_some_and(|k| k.is_empty()) {
                 return Ok(());
             }
@@ -315,7 +398,12 @@ impl Build<'_> {
         // Written in the table's sort order (a whole table's joins leave it in their own order).
         let order = model.sort.join(", ");
         let sql = |scope: Option<&str>| format!("SELECT * FROM ({}) s ORDER BY {order}", sql(scope));
-        let mut df = plan_star(self.ctx, &sql(keys.as_ref().map(|_| "scope_keys")), keys.is_some()).await?;
+        // The statement reads its own history joined to the keys: only their pages are read.
+        let history = format!("{}_history", model.source());
+        let scoped = sql(keys.as_ref().map(|_| "scope_keys"));
+        let mut df = self
+            .planned_with_key_scan(&history, key, keys.as_ref(), plan_star(self.ctx, &scoped, keys.is_some()))
+            .await?;
         // A table written by an older acme without some column is recomputed whole.
         if keys.is_some()
             && let Some(table) = &existing
@@ -382,7 +470,8 @@ impl Build<'_> {
         };
         // Written in the table's declared order (the rewrite sorts by it), like every model table.
         let order = table.sort[0];
-        let df = self.ctx.sql(&sql).await?;
+        let planned = async { Ok(self.ctx.sql(&sql).await?) };
+        let df = self.planned_with_key_scan("orders_history", "order_id", keys.as_ref(), planned).await?;
         let table = self.table(existing, Layer::Presentation, name, &df).await?;
         let target = Target { key: "orders", order, keys: Keys::All, open: None };
         let step = Step { incremental: keys.is_some(), keys: keys.as_ref().map_or(0, |k| k.len()), started };
