@@ -238,7 +238,8 @@ impl Build<'_> {
                 windowed = Some("windowed_keys");
             }
         }
-        let df = self.ctx.sql(&history_sql(spec, &changes, &attributes, &truncates, windowed)).await?;
+        let sql = history_sql(spec, &changes, &attributes, &truncates, windowed);
+        let df = if incremental { plan_scoped(self.ctx, &sql).await? } else { self.ctx.sql(&sql).await? };
         let target = Target {
             key: &spec.key,
             order: &spec.key,
@@ -381,7 +382,7 @@ impl Build<'_> {
                 })
                 .collect::<Vec<_>>()
                 .join(" UNION ");
-            keys = collect_keys(self.ctx.sql(&union).await?, MAX_INCREMENTAL_KEYS).await?;
+            keys = collect_keys(plan_scoped(self.ctx, &union).await?, MAX_INCREMENTAL_KEYS).await?;
             tracing::debug!(
                 table = name,
                 keys = keys.as_ref().map(|k| k.len()),
@@ -470,7 +471,12 @@ impl Build<'_> {
         };
         // Written in the table's declared order (the rewrite sorts by it), like every model table.
         let order = table.sort[0];
-        let planned = async { Ok(self.ctx.sql(&sql).await?) };
+        let planned = async {
+            match keys {
+                Some(_) => plan_scoped(self.ctx, &sql).await,
+                None => Ok(self.ctx.sql(&sql).await?),
+            }
+        };
         let df = self.planned_with_key_scan("orders_history", "order_id", keys.as_ref(), planned).await?;
         let table = self.table(existing, Layer::Presentation, name, &df).await?;
         let target = Target { key: "orders", order, keys: Keys::All, open: None };
@@ -524,11 +530,27 @@ pub(super) fn storage_schema(df: &DataFrame) -> SchemaRef {
 /// with the source (an order's versions with its per-order aggregate, items with their
 /// orders): those joins sort and merge, since a hash join holds its build side whole and
 /// cannot spill, while sorts spill beyond the memory pool. A scoped recompute joins a small
-/// key set, where hashing is cheaper. (A DataFrame keeps the settings it was planned with.)
+/// key set, where hashing is cheaper, and reads its inputs as [`plan_scoped`] does.
 pub(super) async fn plan_star(ctx: &SessionContext, sql: &str, scoped: bool) -> Result<DataFrame> {
+    if scoped {
+        return plan_scoped(ctx, sql).await;
+    }
     let hash_joins = |on: bool| ctx.state_ref().write().config_mut().options_mut().optimizer.prefer_hash_join = on;
-    hash_joins(scoped);
+    hash_joins(false);
     let planned = ctx.sql(sql).await;
     hash_joins(true);
+    Ok(planned?)
+}
+
+/// Plan a statement that reads the rows of a few keys (joined to a small key table): the
+/// Parquet reader applies the filters, and the key set the join pushes down to the scan of
+/// the big side, to each row as it decodes the filters' columns, and decodes the other
+/// columns only for the rows that pass. (A DataFrame keeps the settings it was planned with.)
+pub(super) async fn plan_scoped(ctx: &SessionContext, sql: &str) -> Result<DataFrame> {
+    let pushdown =
+        |on: bool| ctx.state_ref().write().config_mut().options_mut().execution.parquet.pushdown_filters = on;
+    pushdown(true);
+    let planned = ctx.sql(sql).await;
+    pushdown(false);
     Ok(planned?)
 }
