@@ -45,6 +45,19 @@ pub mod tables {
     pub const FACT_ORDER_ITEMS: &str = "fact_order_items";
     /// Aggregate: current orders per (delivery_date, status), for R1 and R2.
     pub const AGG_ORDERS_BY_DELIVERY_DATE: &str = "agg_orders_by_delivery_date";
+    /// Aggregate: R3 on the current state, per product id: the sum of the quantities of the
+    /// current items of current open orders (`total_items`), how many of those quantities are
+    /// not null (`counted`), and how many such items there are (`items`, always positive).
+    pub const AGG_PENDING_ITEMS_BY_PRODUCT: &str = "agg_pending_items_by_product";
+}
+
+/// Which aggregate an [`Plan::Aggregate`] table is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Aggregate {
+    /// [`tables::AGG_ORDERS_BY_DELIVERY_DATE`].
+    OrdersByDeliveryDate,
+    /// [`tables::AGG_PENDING_ITEMS_BY_PRODUCT`].
+    PendingItemsByProduct,
 }
 
 /// How a model table is computed.
@@ -72,8 +85,8 @@ pub enum Plan {
     /// `fact_order_status`: a fact whose full build first collects the orders that entered
     /// more than one status ([`star::fact_order_status_sql`]).
     StatusTransitions,
-    /// An aggregate maintained by difference (the orders per delivery date and status).
-    Aggregate,
+    /// An aggregate maintained by difference.
+    Aggregate(Aggregate),
 }
 
 /// One model table (see the module documentation).
@@ -137,7 +150,7 @@ impl ModelTable {
             Plan::Dimension { sql, .. } => Some(sql(previous, base, scope)),
             Plan::Fact { sql, .. } => Some(sql(scope)),
             Plan::StatusTransitions => Some(star::fact_order_status_sql(scope, None)),
-            Plan::History | Plan::Aggregate => None,
+            Plan::History | Plan::Aggregate(_) => None,
         }
     }
 
@@ -171,8 +184,8 @@ const fn history(name: &'static str, source: &'static [&'static str], sort: &'st
 }
 
 /// Every model table, in build order: the histories, then the star schema with dimensions
-/// before the facts that look them up, the aggregate last.
-pub const MODEL: [ModelTable; 10] = [
+/// before the facts that look them up, the aggregates last.
+pub const MODEL: [ModelTable; 11] = [
     history("customers_history", &["customers"], &["customer_id", history::VALID_FROM_LSN]),
     history("products_history", &["products"], &["product_id", history::VALID_FROM_LSN]),
     history("orders_history", &["orders"], &["order_id", history::VALID_FROM_LSN]),
@@ -252,7 +265,20 @@ pub const MODEL: [ModelTable; 10] = [
         split: None,
         sources: &["orders"],
         changed: &["SELECT order_id FROM orders_history WHERE {changed}"],
-        plan: Plan::Aggregate,
+        plan: Plan::Aggregate(Aggregate::OrdersByDeliveryDate),
+    },
+    ModelTable {
+        layer: Layer::Presentation,
+        name: tables::AGG_PENDING_ITEMS_BY_PRODUCT,
+        key: "product_id",
+        sort: &["product_id"],
+        split: None,
+        sources: &["order_items", "products", "orders", "customers"],
+        changed: &[
+            "SELECT order_item_id FROM fact_order_items WHERE {changed}",
+            "SELECT order_id FROM fact_orders WHERE {changed}",
+        ],
+        plan: Plan::Aggregate(Aggregate::PendingItemsByProduct),
     },
 ];
 

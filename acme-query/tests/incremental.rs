@@ -10,7 +10,7 @@ use acme_query::Warehouse;
 use crate::{pipeline, scalar, warehouse_config, workload};
 
 /// Every model table with the columns to order its rows by.
-const MODEL_TABLES: [&str; 10] = [
+const MODEL_TABLES: [&str; 11] = [
     "customers_history",
     "products_history",
     "orders_history",
@@ -21,6 +21,7 @@ const MODEL_TABLES: [&str; 10] = [
     "fact_orders",
     "fact_order_items",
     "agg_orders_by_delivery_date",
+    "agg_pending_items_by_product",
 ];
 
 /// All rows of `table`, rendered and sorted.

@@ -29,7 +29,7 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::prelude::{DataFrame, SessionConfig, SessionContext};
 use tracing::Instrument;
 
-use crate::catalog::{Catalog, ModelTable, Plan};
+use crate::catalog::{Aggregate, Catalog, ModelTable, Plan};
 use crate::error::{ModelError, Result};
 use crate::history::{self, HistorySpec, attribute_columns, history_sql, open_versions_as_changes, raw_changes};
 use crate::rewrite::{Keys, Target, collect_keys, register_keys, replace};
@@ -233,7 +233,8 @@ impl ModelBuild {
                 Plan::Dimension { surrogate_key, sql } => build.dimension(table, surrogate_key, sql).await?,
                 Plan::StatusTransitions => build.order_status(table).await?,
                 Plan::Fact { sql, .. } => build.star(table, sql).await?,
-                Plan::Aggregate => build.orders_aggregate(table).await?,
+                Plan::Aggregate(Aggregate::OrdersByDeliveryDate) => build.orders_aggregate(table).await?,
+                Plan::Aggregate(Aggregate::PendingItemsByProduct) => build.pending_items_aggregate(table).await?,
                 Plan::History => {}
             }
         }

@@ -135,19 +135,29 @@ impl Build<'_> {
     where
         F: std::future::Future<Output = Result<T>>,
     {
-        let restricted = match keys {
-            Some(keys) => match self.registered(history) {
-                Some(table) => {
-                    self.register_key_scan(history, &table, key, keys).await?;
-                    Some(table)
-                }
-                None => None,
-            },
-            None => None,
-        };
+        match keys {
+            Some(keys) => self.planned_with_key_scans(&[(history, key, keys)], plan).await,
+            None => plan.await,
+        }
+    }
+
+    /// Plan `sql` with each registered table of `scans` restricted to the pages of its keys (by
+    /// its integer column), then register the whole tables again. Only for statements that
+    /// read each such table joined to its keys alone.
+    async fn planned_with_key_scans<T, F>(&self, scans: &[(&str, &str, &HashSet<i64>)], plan: F) -> Result<T>
+    where
+        F: std::future::Future<Output = Result<T>>,
+    {
+        let mut restricted = Vec::new();
+        for (name, key, keys) in scans {
+            if let Some(table) = self.registered(name) {
+                self.register_key_scan(name, &table, key, keys).await?;
+                restricted.push((*name, table));
+            }
+        }
         let planned = plan.await;
-        if let Some(table) = restricted {
-            self.register(history, &table)?;
+        for (name, table) in restricted {
+            self.register(name, &table)?;
         }
         planned
     }
@@ -482,6 +492,124 @@ impl Build<'_> {
         let target = Target { key: "orders", order, keys: Keys::All, open: None };
         let step = Step { incremental: keys.is_some(), keys: keys.as_ref().map_or(0, |k| k.len()), started };
         self.apply(table, name, &target, df, None, step).await
+    }
+
+    /// R3 on the current state per product ([`tables::AGG_PENDING_ITEMS_BY_PRODUCT`]),
+    /// maintained by difference as the orders per delivery date are: the items whose row
+    /// changed since the aggregate's position, and every item of an order whose row changed,
+    /// are counted off as they stood at that position and counted again as they stand now. An
+    /// item's count depends on its own row and its order's alone, so no other item's moves.
+    /// Those rows are read through key scans (the changed orders' items through the pages of
+    /// `fact_order_items`' order ids, which follow its item ids closely).
+    pub(super) async fn pending_items_aggregate(&mut self, table: &ModelTable) -> Result<()> {
+        let started = Instant::now();
+        let name = table.name;
+        let (items, orders) = (crate::tables::FACT_ORDER_ITEMS, crate::tables::FACT_ORDERS);
+        let (existing, from) = self.built(Layer::Presentation, name).await?;
+        if from >= self.target {
+            return Ok(());
+        }
+        let counts = |state: &dyn Fn(&str) -> String, scope: &str| {
+            format!(
+                "SELECT i.product_id, CAST(coalesce(sum(i.quantity), 0) AS BIGINT) AS total_items, \
+                   CAST(count(i.quantity) AS BIGINT) AS counted, CAST(count(*) AS BIGINT) AS items \
+                 FROM {items} i{scope} JOIN {orders} o ON o.order_id = i.order_id \
+                 WHERE {} AND {} AND o.is_open GROUP BY i.product_id",
+                state("i"),
+                state("o")
+            )
+        };
+        let now = |t: &str| format!("{t}.is_current");
+        let then = |t: &str| {
+            format!("{t}.valid_from_lsn <= {from} AND ({t}.valid_to_lsn IS NULL OR {t}.valid_to_lsn > {from})")
+        };
+        let mut scope = None;
+        if let Some(stored) = &existing
+            && from > 0
+        {
+            self.register(name, stored)?;
+            scope = self.pending_items_scope(table, from).await?;
+            if scope.as_ref().is_some_and(|(items, _)| items.is_empty()) {
+                return Ok(());
+            }
+        }
+        let df = match &scope {
+            // (The sum of no quantity is null, as R3 shows it.)
+            None => {
+                plan_star(
+                    self.ctx,
+                    &counts(&now, "").replacen("coalesce(sum(i.quantity), 0)", "sum(i.quantity)", 1),
+                    false,
+                )
+                .await?
+            }
+            Some((item_keys, order_keys)) => {
+                register_keys(self.ctx, "scope_keys", item_keys)?;
+                let scoped = " JOIN scope_keys scope ON scope.k = i.order_item_id";
+                let sql = format!(
+                    "SELECT product_id, CASE WHEN sum(counted) > 0 THEN CAST(sum(total_items) AS BIGINT) END \
+                       AS total_items, CAST(sum(counted) AS BIGINT) AS counted, CAST(sum(items) AS BIGINT) AS items \
+                     FROM ( \
+                       SELECT product_id, coalesce(total_items, 0) AS total_items, counted, items FROM {name} \
+                       UNION ALL SELECT product_id, -total_items, -counted, -items FROM ({}) b \
+                       UNION ALL {}) d \
+                     GROUP BY product_id HAVING sum(items) <> 0",
+                    counts(&then, scoped),
+                    counts(&now, scoped)
+                );
+                let scans = [(items, "order_item_id", item_keys), (orders, "order_id", order_keys)];
+                self.planned_with_key_scans(&scans, plan_scoped(self.ctx, &sql)).await?
+            }
+        };
+        let table_keys = scope.as_ref().map(|(items, _)| items.len());
+        let table = self.table(existing, Layer::Presentation, name, &df).await?;
+        let target = Target { key: "items", order: "product_id", keys: Keys::All, open: None };
+        let step = Step { incremental: scope.is_some(), keys: table_keys.unwrap_or(0), started };
+        self.apply(table, name, &target, df, None, step).await
+    }
+
+    /// The items [`Build::pending_items_aggregate`] counts again, and their orders: the items
+    /// and orders whose rows changed since `from` (the table's `changed` queries), the items of
+    /// those orders, and the orders of those items. `None` when there are too many (the
+    /// aggregate is then counted whole).
+    async fn pending_items_scope(&self, table: &ModelTable, from: i64) -> Result<Option<(HashSet<i64>, HashSet<i64>)>> {
+        let items = crate::tables::FACT_ORDER_ITEMS;
+        let changed = |q: &str| q.replace("{changed}", &format!("valid_from_lsn > {from} OR valid_to_lsn > {from}"));
+        let [changed_items, changed_orders] = table.changed else {
+            return Err(ModelError::Internal(format!("{}: two changed-key queries expected", table.name)));
+        };
+        let Some(mut item_keys) =
+            collect_keys(plan_scoped(self.ctx, &changed(changed_items)).await?, MAX_INCREMENTAL_KEYS).await?
+        else {
+            return Ok(None);
+        };
+        let Some(mut order_keys) =
+            collect_keys(plan_scoped(self.ctx, &changed(changed_orders)).await?, MAX_INCREMENTAL_KEYS).await?
+        else {
+            return Ok(None);
+        };
+        let Some(stored_items) = self.registered(items) else { return Ok(None) };
+        // The changed orders' items, through the pages of their order ids.
+        if !order_keys.is_empty() {
+            self.register_key_scan("items_of_orders", &stored_items, "order_id", &order_keys).await?;
+            register_keys(self.ctx, "order_keys", &order_keys)?;
+            let sql = "SELECT i.order_item_id FROM items_of_orders i JOIN order_keys o ON o.k = i.order_id";
+            match collect_keys(plan_scoped(self.ctx, sql).await?, MAX_INCREMENTAL_KEYS).await? {
+                Some(of_orders) => item_keys.extend(of_orders),
+                None => return Ok(None),
+            }
+        }
+        // And every order of those items (on either side of the position).
+        if !item_keys.is_empty() {
+            self.register_key_scan("scoped_items", &stored_items, "order_item_id", &item_keys).await?;
+            register_keys(self.ctx, "item_keys", &item_keys)?;
+            let sql = "SELECT i.order_id FROM scoped_items i JOIN item_keys k ON k.k = i.order_item_id";
+            match collect_keys(plan_scoped(self.ctx, sql).await?, MAX_INCREMENTAL_KEYS).await? {
+                Some(of_items) => order_keys.extend(of_items),
+                None => return Ok(None),
+            }
+        }
+        Ok(Some((item_keys, order_keys)))
     }
 
     /// Merge the small files incremental builds leave, in each table's declared order.

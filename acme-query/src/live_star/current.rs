@@ -135,7 +135,8 @@ fn open_rows(orders: &[RecordBatch]) -> Result<HashMap<i64, i64>> {
 /// many of those quantities are not null, and how many items count ([`PendingItems`]).
 pub(super) fn pending_counts_sql() -> String {
     format!(
-        "SELECT i.product_id, CAST(sum(i.quantity) AS BIGINT), count(i.quantity), count(*) FROM {} i \
+        "SELECT i.product_id, CAST(sum(i.quantity) AS BIGINT) AS total_items, \
+           CAST(count(i.quantity) AS BIGINT) AS counted, CAST(count(*) AS BIGINT) AS items FROM {} i \
          JOIN {} o ON o.order_id = i.order_id WHERE i.is_current AND o.is_current AND o.is_open \
          GROUP BY i.product_id",
         tables::FACT_ORDER_ITEMS,
@@ -485,6 +486,28 @@ pub(super) async fn collect_counts(ctx: &SessionContext, sql: &str) -> Result<Pe
 /// quantities is known, as SQL's `sum` gives it).
 pub(super) fn register_pending(ctx: &SessionContext, totals: &PendingItems) -> Result<()> {
     register_pending_as(ctx, PENDING_ITEMS, totals)
+}
+
+/// Register the live `agg_pending_items_by_product` (R3's counts as the model keeps them:
+/// `product_id`, `total_items`, `counted`, `items`) from `totals`.
+pub(super) fn register_pending_aggregate(ctx: &SessionContext, totals: &PendingItems) -> Result<()> {
+    use arrow::array::{ArrayRef, Int64Array};
+    use arrow::datatypes::{DataType, Field};
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("product_id", DataType::Int64, true),
+        Field::new("total_items", DataType::Int64, true),
+        Field::new("counted", DataType::Int64, false),
+        Field::new("items", DataType::Int64, false),
+    ]));
+    let products: Int64Array = totals.keys().copied().collect();
+    let sums: Int64Array = totals.values().map(|[sum, counted, _]| (*counted > 0).then_some(*sum)).collect();
+    let counted: Int64Array = totals.values().map(|[_, counted, _]| Some(*counted)).collect();
+    let rows: Int64Array = totals.values().map(|[_, _, rows]| Some(*rows)).collect();
+    let columns: Vec<ArrayRef> = vec![Arc::new(products), Arc::new(sums), Arc::new(counted), Arc::new(rows)];
+    let batch = arrow::array::RecordBatch::try_new(Arc::clone(&schema), columns)?;
+    let table = Arc::new(datafusion::datasource::MemTable::try_new(schema, vec![vec![batch]])?);
+    ctx.register_table(tables::AGG_PENDING_ITEMS_BY_PRODUCT, table)?;
+    Ok(())
 }
 
 /// [`register_pending`] under `name`.

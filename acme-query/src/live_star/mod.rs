@@ -136,6 +136,27 @@ pub(crate) async fn register(ctx: &SessionContext, inputs: &LiveInputs<'_>) -> R
     // A truncation in the tail touches every key: the star tables are then computed whole on
     // read, from the live histories (a truncation is rare, and the next build folds it in).
     let truncated = inputs.tails.iter().any(|t| !t.truncates.is_empty());
+    // The first handle on a stored model that keeps R3's counts (`agg_pending_items_by_product`)
+    // starts from them, as a handle extending one at the model's own position (no tail, no rows
+    // held) would: its counts then follow the tail, not the tables.
+    let start;
+    let first;
+    let inputs = match (inputs.previous, truncated) {
+        (None, false) => match stored_pending_items(ctx, inputs).await? {
+            Some(totals) => {
+                start = HeldStar {
+                    model_position: inputs.model_position,
+                    raw_position: inputs.model_position,
+                    pending: Some(Arc::new(totals)),
+                    ..HeldStar::default()
+                };
+                first = LiveInputs { previous: Some(&start), ..*inputs };
+                &first
+            }
+            None => inputs,
+        },
+        _ => inputs,
+    };
     let mut held = HeldStar {
         model_position: inputs.model_position,
         raw_position: inputs.raw_position,
@@ -253,6 +274,9 @@ pub(crate) async fn register(ctx: &SessionContext, inputs: &LiveInputs<'_>) -> R
             ms = started.elapsed().as_millis() as u64,
             "R3 on the current state maintained"
         );
+        if inputs.found.contains_key(tables::AGG_PENDING_ITEMS_BY_PRODUCT) {
+            register_pending_aggregate(ctx, &pending)?;
+        }
         held.pending = Some(Arc::new(pending));
         let started = std::time::Instant::now();
         let counts = customer_orders(ctx, inputs, &held, touched.as_ref()).await?;
@@ -276,7 +300,25 @@ pub(crate) async fn register(ctx: &SessionContext, inputs: &LiveInputs<'_>) -> R
             held.delivery_counts = Some(Arc::new(counts));
         }
     }
+    // The stored R3 counts, live: from the counts above, or (when they were not kept) counted
+    // over the live facts on read.
+    let aggregate = tables::AGG_PENDING_ITEMS_BY_PRODUCT;
+    if inputs.found.contains_key(aggregate) && !ctx.table_exist(aggregate)? {
+        ctx.register_table(aggregate, crate::plans::sql(ctx, &pending_counts_sql()).await?.into_view())?;
+    }
     Ok((bytes, (!truncated).then_some(held)))
+}
+
+/// R3's counts as the stored model keeps them, when it does (and the facts they follow are
+/// stored too).
+async fn stored_pending_items(ctx: &SessionContext, inputs: &LiveInputs<'_>) -> Result<Option<PendingItems>> {
+    let aggregate = tables::AGG_PENDING_ITEMS_BY_PRODUCT;
+    let needed = [aggregate, tables::FACT_ORDERS, tables::FACT_ORDER_ITEMS];
+    if !needed.iter().all(|t| inputs.stored.contains_key(*t)) {
+        return Ok(None);
+    }
+    let sql = format!("SELECT product_id, total_items, counted, items FROM {MODEL_SCHEMA}.{aggregate}");
+    Ok(Some(collect_counts(ctx, &sql).await?))
 }
 
 /// The held rows being assembled (a panic elsewhere cannot leave them half-written: each
