@@ -49,6 +49,8 @@ pub mod tables {
     /// current items of current open orders (`total_items`), how many of those quantities are
     /// not null (`counted`), and how many such items there are (`items`, always positive).
     pub const AGG_PENDING_ITEMS_BY_PRODUCT: &str = "agg_pending_items_by_product";
+    /// Aggregate: current orders per (customer_id, status), for R4.
+    pub const AGG_ORDERS_BY_CUSTOMER: &str = "agg_orders_by_customer";
 }
 
 /// Which aggregate an [`Plan::Aggregate`] table is.
@@ -58,6 +60,8 @@ pub enum Aggregate {
     OrdersByDeliveryDate,
     /// [`tables::AGG_PENDING_ITEMS_BY_PRODUCT`].
     PendingItemsByProduct,
+    /// [`tables::AGG_ORDERS_BY_CUSTOMER`].
+    OrdersByCustomer,
 }
 
 /// How a model table is computed.
@@ -185,7 +189,7 @@ const fn history(name: &'static str, source: &'static [&'static str], sort: &'st
 
 /// Every model table, in build order: the histories, then the star schema with dimensions
 /// before the facts that look them up, the aggregates last.
-pub const MODEL: [ModelTable; 11] = [
+pub const MODEL: [ModelTable; 12] = [
     history("customers_history", &["customers"], &["customer_id", history::VALID_FROM_LSN]),
     history("products_history", &["products"], &["product_id", history::VALID_FROM_LSN]),
     history("orders_history", &["orders"], &["order_id", history::VALID_FROM_LSN]),
@@ -266,6 +270,16 @@ pub const MODEL: [ModelTable; 11] = [
         sources: &["orders"],
         changed: &["SELECT order_id FROM orders_history WHERE {changed}"],
         plan: Plan::Aggregate(Aggregate::OrdersByDeliveryDate),
+    },
+    ModelTable {
+        layer: Layer::Presentation,
+        name: tables::AGG_ORDERS_BY_CUSTOMER,
+        key: "customer_id",
+        sort: &["customer_id", "status"],
+        split: None,
+        sources: &["orders", "customers"],
+        changed: &["SELECT order_id FROM fact_orders WHERE {changed}"],
+        plan: Plan::Aggregate(Aggregate::OrdersByCustomer),
     },
     ModelTable {
         layer: Layer::Presentation,

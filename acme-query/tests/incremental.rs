@@ -10,7 +10,7 @@ use acme_query::Warehouse;
 use crate::{pipeline, scalar, warehouse_config, workload};
 
 /// Every model table with the columns to order its rows by.
-const MODEL_TABLES: [&str; 11] = [
+const MODEL_TABLES: [&str; 12] = [
     "customers_history",
     "products_history",
     "orders_history",
@@ -22,6 +22,7 @@ const MODEL_TABLES: [&str; 11] = [
     "fact_order_items",
     "agg_orders_by_delivery_date",
     "agg_pending_items_by_product",
+    "agg_orders_by_customer",
 ];
 
 /// All rows of `table`, rendered and sorted.

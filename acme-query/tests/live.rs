@@ -12,7 +12,7 @@ use crate::incremental::{full_rebuild_of_a_copy, rows};
 use crate::{acme, oracle, pipeline, scalar, workload};
 
 /// The tables applied on read.
-const LIVE_TABLES: [&str; 11] = [
+const LIVE_TABLES: [&str; 12] = [
     "customers_history",
     "products_history",
     "orders_history",
@@ -24,6 +24,7 @@ const LIVE_TABLES: [&str; 11] = [
     "fact_orders",
     "fact_order_items",
     "agg_pending_items_by_product",
+    "agg_orders_by_customer",
 ];
 
 /// R4 as the source answers it, with the orders `predicate` selects (the oracle's R4 counts the

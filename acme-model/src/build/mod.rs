@@ -235,6 +235,7 @@ impl ModelBuild {
                 Plan::Fact { sql, .. } => build.star(table, sql).await?,
                 Plan::Aggregate(Aggregate::OrdersByDeliveryDate) => build.orders_aggregate(table).await?,
                 Plan::Aggregate(Aggregate::PendingItemsByProduct) => build.pending_items_aggregate(table).await?,
+                Plan::Aggregate(Aggregate::OrdersByCustomer) => build.customer_orders_aggregate(table).await?,
                 Plan::History => {}
             }
         }

@@ -612,6 +612,80 @@ impl Build<'_> {
         Ok(Some((item_keys, order_keys)))
     }
 
+    /// Current orders per customer and status ([`tables::AGG_ORDERS_BY_CUSTOMER`]), kept by
+    /// difference per customer: the orders whose `fact_orders` rows changed since the
+    /// aggregate's position are counted off as they stood then and counted again as they stand
+    /// now, and only the rows of their customers (on either side) are replaced. Rows are read
+    /// through key scans.
+    pub(super) async fn customer_orders_aggregate(&mut self, table: &ModelTable) -> Result<()> {
+        let started = Instant::now();
+        let (name, orders) = (table.name, crate::tables::FACT_ORDERS);
+        let (existing, from) = self.built(Layer::Presentation, name).await?;
+        if from >= self.target {
+            return Ok(());
+        }
+        let counts = |state: &str, scope: &str| {
+            format!(
+                "SELECT o.customer_id, o.status, CAST(count(*) AS BIGINT) AS orders FROM {orders} o{scope} \
+                 WHERE {state} GROUP BY o.customer_id, o.status"
+            )
+        };
+        let now = "o.is_current";
+        let then = format!("o.valid_from_lsn <= {from} AND (o.valid_to_lsn IS NULL OR o.valid_to_lsn > {from})");
+        let mut scope = None;
+        if let Some(stored) = &existing
+            && from > 0
+        {
+            self.register(name, stored)?;
+            let changed = table
+                .changed
+                .first()
+                .map(|q| q.replace("{changed}", &format!("valid_from_lsn > {from} OR valid_to_lsn > {from}")));
+            let changed = changed.ok_or_else(|| ModelError::Internal(format!("{name}: no changed-key query")))?;
+            if let Some(order_keys) = collect_keys(plan_scoped(self.ctx, &changed).await?, MAX_INCREMENTAL_KEYS).await?
+            {
+                if order_keys.is_empty() {
+                    return Ok(());
+                }
+                register_keys(self.ctx, "order_keys", &order_keys)?;
+                // Their customers on either side (a null customer: the aggregate is counted whole).
+                let customers = format!(
+                    "SELECT DISTINCT coalesce(o.customer_id, {NULL_KEY}) FROM {orders} o \
+                     JOIN order_keys k ON k.k = o.order_id WHERE ({now}) OR ({then})"
+                );
+                let found =
+                    async { collect_keys(plan_scoped(self.ctx, &customers).await?, MAX_INCREMENTAL_KEYS).await };
+                let customers = self.planned_with_key_scan(orders, "order_id", Some(&order_keys), found).await?;
+                scope = customers.filter(|c| !c.contains(&NULL_KEY)).map(|c| (order_keys, c));
+            }
+        }
+        let df = match &scope {
+            None => plan_star(self.ctx, &counts(now, ""), false).await?,
+            Some((order_keys, customer_keys)) => {
+                register_keys(self.ctx, "customer_keys", customer_keys)?;
+                let scoped = " JOIN order_keys k ON k.k = o.order_id";
+                let sql = format!(
+                    "SELECT customer_id, status, CAST(sum(orders) AS BIGINT) AS orders FROM ( \
+                       SELECT a.customer_id, a.status, a.orders FROM {name} a JOIN customer_keys c ON c.k = a.customer_id \
+                       UNION ALL SELECT customer_id, status, -orders FROM ({}) b \
+                       UNION ALL {}) d \
+                     GROUP BY customer_id, status HAVING sum(orders) <> 0",
+                    counts(&then, scoped),
+                    counts(now, scoped)
+                );
+                let scans = [(name, "customer_id", customer_keys), (orders, "order_id", order_keys)];
+                self.planned_with_key_scans(&scans, plan_scoped(self.ctx, &sql)).await?
+            }
+        };
+        let key_count = scope.as_ref().map_or(0, |(_, customers)| customers.len());
+        let incremental = scope.is_some();
+        let table = self.table(existing, Layer::Presentation, name, &df).await?;
+        let keys = scope.map_or(Keys::All, |(_, customers)| Keys::Set(customers));
+        let target = Target { key: "customer_id", order: "customer_id", keys, open: None };
+        let step = Step { incremental, keys: key_count, started };
+        self.apply(table, name, &target, df, None, step).await
+    }
+
     /// Merge the small files incremental builds leave, in each table's declared order.
     pub(super) async fn compact(&mut self, catalog: &Catalog) -> Result<()> {
         for model in catalog.tables() {
@@ -633,6 +707,10 @@ impl Build<'_> {
         Ok(())
     }
 }
+
+/// Stands for a null key among collected keys (a key that is the lowest BIGINT only costs a
+/// whole recount).
+const NULL_KEY: i64 = i64::MIN;
 
 /// The stored schema of a model table computed by `df`: plain strings and binaries (the
 /// engine may hand out views), every column nullable.

@@ -142,19 +142,22 @@ pub(crate) async fn register(ctx: &SessionContext, inputs: &LiveInputs<'_>) -> R
     let start;
     let first;
     let inputs = match (inputs.previous, truncated) {
-        (None, false) => match stored_pending_items(ctx, inputs).await? {
-            Some(totals) => {
+        (None, false) => {
+            let (pending, customer_orders) = stored_counts(ctx, inputs).await?;
+            if pending.is_some() || customer_orders.is_some() {
                 start = HeldStar {
                     model_position: inputs.model_position,
                     raw_position: inputs.model_position,
-                    pending: Some(Arc::new(totals)),
+                    pending: pending.map(Arc::new),
+                    customer_orders: customer_orders.map(Arc::new),
                     ..HeldStar::default()
                 };
                 first = LiveInputs { previous: Some(&start), ..*inputs };
                 &first
+            } else {
+                inputs
             }
-            None => inputs,
-        },
+        }
         _ => inputs,
     };
     let mut held = HeldStar {
@@ -285,6 +288,13 @@ pub(crate) async fn register(ctx: &SessionContext, inputs: &LiveInputs<'_>) -> R
             ms = started.elapsed().as_millis() as u64,
             "orders per customer on the current state maintained"
         );
+        if inputs.found.contains_key(tables::AGG_ORDERS_BY_CUSTOMER) {
+            let sql = format!(
+                "SELECT customer_id, status, CAST(sum(orders) AS BIGINT) AS orders FROM {CUSTOMER_ORDERS} \
+                 GROUP BY customer_id, status HAVING sum(orders) <> 0"
+            );
+            ctx.register_table(tables::AGG_ORDERS_BY_CUSTOMER, crate::plans::sql(ctx, &sql).await?.into_view())?;
+        }
         held.customer_orders = Some(Arc::new(counts));
         // R1's and R2's aggregate, where the tail registered its live view.
         if inputs.found.contains_key(tables::AGG_ORDERS_BY_DELIVERY_DATE)
@@ -306,19 +316,45 @@ pub(crate) async fn register(ctx: &SessionContext, inputs: &LiveInputs<'_>) -> R
     if inputs.found.contains_key(aggregate) && !ctx.table_exist(aggregate)? {
         ctx.register_table(aggregate, crate::plans::sql(ctx, &pending_counts_sql()).await?.into_view())?;
     }
+    let aggregate = tables::AGG_ORDERS_BY_CUSTOMER;
+    if inputs.found.contains_key(aggregate) && !ctx.table_exist(aggregate)? {
+        let sql = format!(
+            "SELECT customer_id, status, CAST(count(*) AS BIGINT) AS orders FROM {} WHERE is_current \
+             GROUP BY customer_id, status",
+            tables::FACT_ORDERS
+        );
+        ctx.register_table(aggregate, crate::plans::sql(ctx, &sql).await?.into_view())?;
+    }
     Ok((bytes, (!truncated).then_some(held)))
 }
 
-/// R3's counts as the stored model keeps them, when it does (and the facts they follow are
-/// stored too).
-async fn stored_pending_items(ctx: &SessionContext, inputs: &LiveInputs<'_>) -> Result<Option<PendingItems>> {
-    let aggregate = tables::AGG_PENDING_ITEMS_BY_PRODUCT;
-    let needed = [aggregate, tables::FACT_ORDERS, tables::FACT_ORDER_ITEMS];
-    if !needed.iter().all(|t| inputs.stored.contains_key(*t)) {
-        return Ok(None);
+/// R3's counts and R4's orders per customer as the stored model keeps them, where it does
+/// (and the facts they follow are stored too).
+async fn stored_counts(
+    ctx: &SessionContext,
+    inputs: &LiveInputs<'_>,
+) -> Result<(Option<PendingItems>, Option<CustomerOrders>)> {
+    let stored = |t: &str| inputs.stored.contains_key(t);
+    if !stored(tables::FACT_ORDERS) || !stored(tables::FACT_ORDER_ITEMS) {
+        return Ok((None, None));
     }
-    let sql = format!("SELECT product_id, total_items, counted, items FROM {MODEL_SCHEMA}.{aggregate}");
-    Ok(Some(collect_counts(ctx, &sql).await?))
+    let mut pending = None;
+    let aggregate = tables::AGG_PENDING_ITEMS_BY_PRODUCT;
+    if stored(aggregate) {
+        let sql = format!("SELECT product_id, total_items, counted, items FROM {MODEL_SCHEMA}.{aggregate}");
+        pending = Some(collect_counts(ctx, &sql).await?);
+    }
+    let mut customer_orders = None;
+    let aggregate = tables::AGG_ORDERS_BY_CUSTOMER;
+    if stored(aggregate) {
+        let sql = format!("SELECT customer_id, status, orders FROM {MODEL_SCHEMA}.{aggregate}");
+        customer_orders = Some(CustomerOrders {
+            base: crate::hold_in_memory(ctx, &sql).await?.0,
+            delta: HashMap::new(),
+            ranked: Arc::default(),
+        });
+    }
+    Ok((pending, customer_orders))
 }
 
 /// The held rows being assembled (a panic elsewhere cannot leave them half-written: each
