@@ -17,7 +17,10 @@
 //! // computed from them alone.
 //! let some = Catalog::for_sources(&["customers".to_string(), "orders".to_string()]);
 //! let names: Vec<&str> = some.tables().iter().map(|t| t.name).collect();
-//! assert_eq!(names, ["customers_history", "orders_history", "dim_customer", "fact_order_status", "fact_orders", "agg_orders_by_delivery_date"]);
+//! assert_eq!(
+//!     names,
+//!     ["customers_history", "orders_history", "dim_customer", "fact_order_status", "fact_orders", "agg_orders_by_delivery_date", "agg_orders_by_customer"]
+//! );
 //! assert!(matches!(orders.plan, Plan::Fact { .. }));
 //! // Histories come first: every star table reads them.
 //! assert_eq!(catalog.tables()[0].name, "customers_history");

@@ -1,5 +1,5 @@
 //! One build's steps, table by table: a history from its raw changes, a star table from the
-//! keys whose history changed, the aggregate by difference, then compaction and the manifest.
+//! keys whose history changed, the aggregates by difference, then compaction and the manifest.
 
 use std::collections::HashSet;
 
@@ -122,9 +122,9 @@ impl Build<'_> {
         Ok(())
     }
 
-    /// Plan `sql` with `history` (a history keyed by `key`) restricted to the pages of `keys`
-    /// when given, then register the whole history again. Only for statements that read
-    /// `history` joined to `keys` alone.
+    /// Run `plan` (which plans a statement) with `history` (a history keyed by `key`)
+    /// restricted to the pages of `keys` when given, then register the whole history again.
+    /// Only for statements that read `history` joined to `keys` alone.
     async fn planned_with_key_scan<T, F>(
         &self,
         history: &str,
@@ -141,7 +141,7 @@ impl Build<'_> {
         }
     }
 
-    /// Plan `sql` with each registered table of `scans` restricted to the pages of its keys (by
+    /// Run `plan` with each registered table of `scans` restricted to the pages of its keys (by
     /// its integer column), then register the whole tables again. Only for statements that
     /// read each such table joined to its keys alone.
     async fn planned_with_key_scans<T, F>(&self, scans: &[(&str, &str, &HashSet<i64>)], plan: F) -> Result<T>
