@@ -122,6 +122,24 @@ impl Build<'_> {
         Ok(())
     }
 
+    /// The values of the integer column `column` in the rows of `table` whose integer column
+    /// `key` holds one of `keys`, read through a key scan registered as `relation` (`None`:
+    /// more than a build recomputes by key).
+    async fn values_of_keys(
+        &self,
+        relation: &str,
+        table: &LayerTable,
+        key: &str,
+        keys: &HashSet<i64>,
+        column: &str,
+    ) -> Result<Option<HashSet<i64>>> {
+        self.register_key_scan(relation, table, key, keys).await?;
+        let looked_up = format!("{relation}_keys");
+        register_keys(self.ctx, &looked_up, keys)?;
+        let sql = format!("SELECT t.{column} FROM {relation} t JOIN {looked_up} k ON k.k = t.{key}");
+        collect_keys(plan_scoped(self.ctx, &sql).await?, MAX_INCREMENTAL_KEYS).await
+    }
+
     /// Run `plan` (which plans a statement) with `history` (a history keyed by `key`)
     /// restricted to the pages of `keys` when given, then register the whole history again.
     /// Only for statements that read `history` joined to `keys` alone.
@@ -589,25 +607,18 @@ impl Build<'_> {
             return Ok(None);
         };
         let Some(stored_items) = self.registered(items) else { return Ok(None) };
-        // The changed orders' items, through the pages of their order ids.
+        // The changed orders' items, through the pages of their order ids; then every order of
+        // those items (on either side of the position).
         if !order_keys.is_empty() {
-            self.register_key_scan("items_of_orders", &stored_items, "order_id", &order_keys).await?;
-            register_keys(self.ctx, "order_keys", &order_keys)?;
-            let sql = "SELECT i.order_item_id FROM items_of_orders i JOIN order_keys o ON o.k = i.order_id";
-            match collect_keys(plan_scoped(self.ctx, sql).await?, MAX_INCREMENTAL_KEYS).await? {
-                Some(of_orders) => item_keys.extend(of_orders),
-                None => return Ok(None),
-            }
+            let of_orders =
+                self.values_of_keys("items_of_orders", &stored_items, "order_id", &order_keys, "order_item_id");
+            let Some(of_orders) = of_orders.await? else { return Ok(None) };
+            item_keys.extend(of_orders);
         }
-        // And every order of those items (on either side of the position).
         if !item_keys.is_empty() {
-            self.register_key_scan("scoped_items", &stored_items, "order_item_id", &item_keys).await?;
-            register_keys(self.ctx, "item_keys", &item_keys)?;
-            let sql = "SELECT i.order_id FROM scoped_items i JOIN item_keys k ON k.k = i.order_item_id";
-            match collect_keys(plan_scoped(self.ctx, sql).await?, MAX_INCREMENTAL_KEYS).await? {
-                Some(of_items) => order_keys.extend(of_items),
-                None => return Ok(None),
-            }
+            let of_items = self.values_of_keys("scoped_items", &stored_items, "order_item_id", &item_keys, "order_id");
+            let Some(of_items) = of_items.await? else { return Ok(None) };
+            order_keys.extend(of_items);
         }
         Ok(Some((item_keys, order_keys)))
     }

@@ -491,38 +491,31 @@ pub(super) fn register_pending(ctx: &SessionContext, totals: &PendingItems) -> R
 /// Register the live `agg_pending_items_by_product` (R3's counts as the model keeps them:
 /// `product_id`, `total_items`, `counted`, `items`) from `totals`.
 pub(super) fn register_pending_aggregate(ctx: &SessionContext, totals: &PendingItems) -> Result<()> {
-    use arrow::array::{ArrayRef, Int64Array};
-    use arrow::datatypes::{DataType, Field};
-    let schema = Arc::new(Schema::new(vec![
-        Field::new("product_id", DataType::Int64, true),
-        Field::new("total_items", DataType::Int64, true),
-        Field::new("counted", DataType::Int64, false),
-        Field::new("items", DataType::Int64, false),
-    ]));
-    let products: Int64Array = totals.keys().copied().collect();
-    let sums: Int64Array = totals.values().map(|[sum, counted, _]| (*counted > 0).then_some(*sum)).collect();
-    let counted: Int64Array = totals.values().map(|[_, counted, _]| Some(*counted)).collect();
-    let rows: Int64Array = totals.values().map(|[_, _, rows]| Some(*rows)).collect();
-    let columns: Vec<ArrayRef> = vec![Arc::new(products), Arc::new(sums), Arc::new(counted), Arc::new(rows)];
-    let batch = arrow::array::RecordBatch::try_new(Arc::clone(&schema), columns)?;
-    let table = Arc::new(datafusion::datasource::MemTable::try_new(schema, vec![vec![batch]])?);
-    ctx.register_table(tables::AGG_PENDING_ITEMS_BY_PRODUCT, table)?;
-    Ok(())
+    register_totals(ctx, tables::AGG_PENDING_ITEMS_BY_PRODUCT, totals, true)
 }
 
 /// [`register_pending`] under `name`.
 pub(super) fn register_pending_as(ctx: &SessionContext, name: &str, totals: &PendingItems) -> Result<()> {
+    register_totals(ctx, name, totals, false)
+}
+
+/// Register `totals` as `name` (`product_id`, `total_items`, then `counted` when asked for,
+/// then `items`); `total_items` is null where no quantity counts, as SQL's sum of none.
+fn register_totals(ctx: &SessionContext, name: &str, totals: &PendingItems, with_counted: bool) -> Result<()> {
     use arrow::array::{ArrayRef, Int64Array};
     use arrow::datatypes::{DataType, Field};
-    let schema = Arc::new(Schema::new(vec![
-        Field::new("product_id", DataType::Int64, true),
-        Field::new("total_items", DataType::Int64, true),
-        Field::new("items", DataType::Int64, false),
-    ]));
+    let mut fields =
+        vec![Field::new("product_id", DataType::Int64, true), Field::new("total_items", DataType::Int64, true)];
     let products: Int64Array = totals.keys().copied().collect();
-    let sums: Int64Array = totals.values().map(|[sum, nonnull, _]| (*nonnull > 0).then_some(*sum)).collect();
-    let rows: Int64Array = totals.values().map(|[_, _, rows]| Some(*rows)).collect();
-    let columns: Vec<ArrayRef> = vec![Arc::new(products), Arc::new(sums), Arc::new(rows)];
+    let sums: Int64Array = totals.values().map(|[sum, counted, _]| (*counted > 0).then_some(*sum)).collect();
+    let mut columns: Vec<ArrayRef> = vec![Arc::new(products), Arc::new(sums)];
+    if with_counted {
+        fields.push(Field::new("counted", DataType::Int64, false));
+        columns.push(Arc::new(totals.values().map(|[_, counted, _]| Some(*counted)).collect::<Int64Array>()));
+    }
+    fields.push(Field::new("items", DataType::Int64, false));
+    columns.push(Arc::new(totals.values().map(|[_, _, rows]| Some(*rows)).collect::<Int64Array>()));
+    let schema = Arc::new(Schema::new(fields));
     let batch = arrow::array::RecordBatch::try_new(Arc::clone(&schema), columns)?;
     ctx.register_table(name, Arc::new(datafusion::datasource::MemTable::try_new(schema, vec![vec![batch]])?))?;
     Ok(())
