@@ -255,9 +255,12 @@ pub const MODEL: [ModelTable; 12] = [
             // version opened at or before the position and changed since has that version closed
             // since, so the changed versions alone tell (a superset: an order truncated before
             // the position and inserted again after it counts as arrived, and its items are
-            // recomputed to what they were), and the whole history is not read.
-            "SELECT order_item_id FROM fact_order_items WHERE order_id IN (SELECT order_id FROM orders_history \
-             WHERE {changed} GROUP BY order_id HAVING min(valid_from_lsn) > {position})",
+            // recomputed to what they were), and the whole history is not read. The few orders
+            // come first, as the join's build side: the items' order ids are then only probed
+            // (an `IN` built its hash table from every item: 5 s at SF10).
+            "SELECT i.order_item_id FROM (SELECT order_id FROM orders_history WHERE {changed} \
+             GROUP BY order_id HAVING min(valid_from_lsn) > {position}) arrived \
+             JOIN fact_order_items i ON i.order_id = arrived.order_id",
             // Items waiting for a late product that just arrived.
             "SELECT order_item_id FROM fact_order_items WHERE product_sk = -1 AND product_id IN \
              (SELECT product_id FROM products_history WHERE {changed})",
