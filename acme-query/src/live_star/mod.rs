@@ -136,9 +136,10 @@ pub(crate) async fn register(ctx: &SessionContext, inputs: &LiveInputs<'_>) -> R
     // A truncation in the tail touches every key: the star tables are then computed whole on
     // read, from the live histories (a truncation is rare, and the next build folds it in).
     let truncated = inputs.tails.iter().any(|t| !t.truncates.is_empty());
-    // The first handle on a stored model that keeps R3's counts (`agg_pending_items_by_product`)
-    // starts from them, as a handle extending one at the model's own position (no tail, no rows
-    // held) would: its counts then follow the tail, not the tables.
+    // The first handle on a stored model that keeps R3's and R4's counts
+    // (`agg_pending_items_by_product`, `agg_orders_by_customer`) starts from them, as a handle
+    // extending one at the model's own position (no tail, no rows held) would: its counts then
+    // follow the tail, not the tables.
     let start;
     let first;
     let inputs = match (inputs.previous, truncated) {
