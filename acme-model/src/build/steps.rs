@@ -402,21 +402,31 @@ impl Build<'_> {
         }
         let mut keys = None;
         if existing.is_some() && from > 0 {
-            let union = changed
-                .iter()
-                .map(|q| {
-                    q.replace("{changed}", &format!("valid_from_lsn > {from} OR valid_to_lsn > {from}"))
-                        .replace("{position}", &from.to_string())
-                })
-                .collect::<Vec<_>>()
-                .join(" UNION ");
-            keys = collect_keys(plan_scoped(self.ctx, &union).await?, MAX_INCREMENTAL_KEYS).await?;
-            tracing::debug!(
-                table = name,
-                keys = keys.as_ref().map(|k| k.len()),
-                ms = started.elapsed().as_millis() as u64,
-                "changed keys found"
-            );
+            // Each query on its own (their union is the set of keys), timed apart.
+            let mut found = Some(HashSet::new());
+            for (query, sql) in changed.iter().enumerate() {
+                let sql = sql
+                    .replace("{changed}", &format!("valid_from_lsn > {from} OR valid_to_lsn > {from}"))
+                    .replace("{position}", &from.to_string());
+                let asked = Instant::now();
+                let part = collect_keys(plan_scoped(self.ctx, &sql).await?, MAX_INCREMENTAL_KEYS).await?;
+                tracing::debug!(
+                    table = name,
+                    query,
+                    keys = part.as_ref().map(|k| k.len()),
+                    ms = asked.elapsed().as_millis() as u64,
+                    "changed keys found"
+                );
+                match (found.as_mut(), part) {
+                    (Some(all), Some(part)) => all.extend(part),
+                    _ => found = None,
+                }
+                if found.as_ref().is_none_or(|all| all.len() > MAX_INCREMENTAL_KEYS) {
+                    found = None;
+                    break;
+                }
+            }
+            keys = found;
             if keys.as_ref().is_some_and(|k| k.is_empty()) {
                 return Ok(());
             }
