@@ -405,9 +405,7 @@ impl Build<'_> {
             // Each query on its own (their union is the set of keys), timed apart.
             let mut found = Some(HashSet::new());
             for (query, sql) in changed.iter().enumerate() {
-                let sql = sql
-                    .replace("{changed}", &format!("valid_from_lsn > {from} OR valid_to_lsn > {from}"))
-                    .replace("{position}", &from.to_string());
+                let sql = changed_since(sql, from);
                 let asked = Instant::now();
                 let part = collect_keys(plan_scoped(self.ctx, &sql).await?, MAX_INCREMENTAL_KEYS).await?;
                 tracing::debug!(
@@ -602,7 +600,7 @@ impl Build<'_> {
     /// aggregate is then counted whole).
     async fn pending_items_scope(&self, table: &ModelTable, from: i64) -> Result<Option<(HashSet<i64>, HashSet<i64>)>> {
         let items = crate::tables::FACT_ORDER_ITEMS;
-        let changed = |q: &str| q.replace("{changed}", &format!("valid_from_lsn > {from} OR valid_to_lsn > {from}"));
+        let changed = |q: &str| changed_since(q, from);
         let [changed_items, changed_orders] = table.changed else {
             return Err(ModelError::Internal(format!("{}: two changed-key queries expected", table.name)));
         };
@@ -658,10 +656,7 @@ impl Build<'_> {
             && from > 0
         {
             self.register(name, stored)?;
-            let changed = table
-                .changed
-                .first()
-                .map(|q| q.replace("{changed}", &format!("valid_from_lsn > {from} OR valid_to_lsn > {from}")));
+            let changed = table.changed.first().map(|q| changed_since(q, from));
             let changed = changed.ok_or_else(|| ModelError::Internal(format!("{name}: no changed-key query")))?;
             if let Some(order_keys) = collect_keys(plan_scoped(self.ctx, &changed).await?, MAX_INCREMENTAL_KEYS).await?
             {
@@ -727,6 +722,14 @@ impl Build<'_> {
         self.storage.put_manifest(manifests::MODEL, &manifest).await?;
         Ok(())
     }
+}
+
+/// A model table's `changed` query ([`ModelTable::changed`]) at the position `from`:
+/// `{changed}` becomes "a version opened or closed after it", `{position}` the position.
+fn changed_since(query: &str, from: i64) -> String {
+    query
+        .replace("{changed}", &format!("valid_from_lsn > {from} OR valid_to_lsn > {from}"))
+        .replace("{position}", &from.to_string())
 }
 
 /// Stands for a null key among collected keys (a key that is the lowest BIGINT only costs a
