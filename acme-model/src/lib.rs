@@ -26,6 +26,6 @@ mod rewrite;
 pub mod star;
 
 pub use build::{MAX_INCREMENTAL_KEYS, MODEL_APP, ModelBuild, ModelReport, TableBuild};
-pub use catalog::{Catalog, ModelTable, Plan, tables};
+pub use catalog::{Catalog, Changed, ModelTable, Plan, tables};
 pub use error::{ModelError, Result};
 pub use history::{HistorySpec, state_predicate};

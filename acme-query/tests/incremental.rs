@@ -66,6 +66,8 @@ async fn incremental_builds_equal_a_full_rebuild_and_correct_late_keys() {
     let late_product: i64 =
         client.query_one("SELECT max(product_id) + 100 FROM operations.products", &[]).await.expect("max").get(0);
     let mut late_order = 0i64;
+    let early_order: i64 =
+        client.query_one("SELECT max(order_id) + 1000 FROM operations.orders", &[]).await.expect("max").get(0);
     let mut deleted_customer = 0i64;
     let mut partial_rewrites = 0;
     for round in 0..5u64 {
@@ -90,6 +92,15 @@ async fn incremental_builds_equal_a_full_rebuild_and_correct_late_keys() {
                     )
                     .await
                     .expect("late item");
+                // An item stored before its order.
+                client
+                    .execute(
+                        "INSERT INTO operations.order_items (order_id, product_id, quanity, created_at) \
+                         VALUES ($1, 1, 4, now())",
+                        &[&early_order],
+                    )
+                    .await
+                    .expect("early item");
             }
             // The customer and the product arrive.
             2 => {
@@ -109,6 +120,16 @@ async fn incremental_builds_equal_a_full_rebuild_and_correct_late_keys() {
                     )
                     .await
                     .expect("late product");
+                // The early item's order arrives after its product's price changed: the item
+                // takes the price in force when its order was placed.
+                client
+                    .batch_execute(&format!(
+                        "UPDATE operations.products SET unity_price = unity_price + 2 WHERE product_id = 1; \
+                         INSERT INTO operations.orders (order_id, order_date, delivery_date, customer_id, status, \
+                           created_at) VALUES ({early_order}, current_date, current_date + 5, 1, 'PENDING', now())"
+                    ))
+                    .await
+                    .expect("early item's order");
             }
             // Test environments truncate.
             3 => client.batch_execute("TRUNCATE operations.order_items").await.expect("truncate"),
@@ -175,6 +196,16 @@ async fn incremental_builds_equal_a_full_rebuild_and_correct_late_keys() {
                      AND f.is_current"
                 );
                 assert_eq!(scalar(&w, &sql).await, 1, "the item now names its product and price");
+                let cents: i64 = client
+                    .query_one("SELECT (unity_price * 100)::bigint FROM operations.products WHERE product_id = 1", &[])
+                    .await
+                    .expect("price")
+                    .get(0);
+                let sql = format!(
+                    "SELECT count(*) FROM fact_order_items WHERE order_id = {early_order} AND is_current \
+                     AND CAST(unit_price * 100 AS BIGINT) = {cents}"
+                );
+                assert_eq!(scalar(&w, &sql).await, 1, "the early item takes the price at its order's placing");
             }
             3 => {
                 let items: i64 =

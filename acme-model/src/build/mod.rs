@@ -29,7 +29,7 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::prelude::{DataFrame, SessionConfig, SessionContext};
 use tracing::Instrument;
 
-use crate::catalog::{Aggregate, Catalog, ModelTable, Plan};
+use crate::catalog::{Aggregate, Catalog, Changed, ModelTable, Plan};
 use crate::error::{ModelError, Result};
 use crate::history::{self, HistorySpec, attribute_columns, history_sql, open_versions_as_changes, raw_changes};
 use crate::rewrite::{Keys, Target, collect_keys, register_keys, replace};

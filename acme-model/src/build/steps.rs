@@ -140,6 +140,21 @@ impl Build<'_> {
         collect_keys(plan_scoped(self.ctx, &sql).await?, MAX_INCREMENTAL_KEYS).await
     }
 
+    /// The keys of `model` one of its [`Changed`] ways finds since `from` (`None`: more than a
+    /// build recomputes by key).
+    async fn changed_keys(&self, model: &ModelTable, changed: &Changed, from: i64) -> Result<Option<HashSet<i64>>> {
+        let values = collect_keys(plan_scoped(self.ctx, &changed.query_since(from)).await?, MAX_INCREMENTAL_KEYS);
+        let Some(values) = values.await? else { return Ok(None) };
+        match changed {
+            Changed::Query(_) => Ok(Some(values)),
+            Changed::Lookup { table, by, .. } => match self.registered(table) {
+                _ if values.is_empty() => Ok(Some(values)),
+                Some(stored) => self.values_of_keys("changed_lookup", &stored, by, &values, model.key).await,
+                None => Err(ModelError::Internal(format!("{}: {table} is not registered", model.name))),
+            },
+        }
+    }
+
     /// Run `plan` (which plans a statement) with `history` (a history keyed by `key`)
     /// restricted to the pages of `keys` when given, then register the whole history again.
     /// Only for statements that read `history` joined to `keys` alone.
@@ -404,10 +419,9 @@ impl Build<'_> {
         if existing.is_some() && from > 0 {
             // Each query on its own (their union is the set of keys), timed apart.
             let mut found = Some(HashSet::new());
-            for (query, sql) in changed.iter().enumerate() {
-                let sql = changed_since(sql, from);
+            for (query, way) in changed.iter().enumerate() {
                 let asked = Instant::now();
-                let part = collect_keys(plan_scoped(self.ctx, &sql).await?, MAX_INCREMENTAL_KEYS).await?;
+                let part = self.changed_keys(model, way, from).await?;
                 tracing::debug!(
                     table = name,
                     query,
@@ -600,18 +614,13 @@ impl Build<'_> {
     /// aggregate is then counted whole).
     async fn pending_items_scope(&self, table: &ModelTable, from: i64) -> Result<Option<(HashSet<i64>, HashSet<i64>)>> {
         let items = crate::tables::FACT_ORDER_ITEMS;
-        let changed = |q: &str| changed_since(q, from);
         let [changed_items, changed_orders] = table.changed else {
             return Err(ModelError::Internal(format!("{}: two changed-key queries expected", table.name)));
         };
-        let Some(mut item_keys) =
-            collect_keys(plan_scoped(self.ctx, &changed(changed_items)).await?, MAX_INCREMENTAL_KEYS).await?
-        else {
+        let Some(mut item_keys) = self.changed_keys(table, changed_items, from).await? else {
             return Ok(None);
         };
-        let Some(mut order_keys) =
-            collect_keys(plan_scoped(self.ctx, &changed(changed_orders)).await?, MAX_INCREMENTAL_KEYS).await?
-        else {
+        let Some(mut order_keys) = self.changed_keys(table, changed_orders, from).await? else {
             return Ok(None);
         };
         let Some(stored_items) = self.registered(items) else { return Ok(None) };
@@ -656,10 +665,9 @@ impl Build<'_> {
             && from > 0
         {
             self.register(name, stored)?;
-            let changed = table.changed.first().map(|q| changed_since(q, from));
+            let changed = table.changed.first();
             let changed = changed.ok_or_else(|| ModelError::Internal(format!("{name}: no changed-key query")))?;
-            if let Some(order_keys) = collect_keys(plan_scoped(self.ctx, &changed).await?, MAX_INCREMENTAL_KEYS).await?
-            {
+            if let Some(order_keys) = self.changed_keys(table, changed, from).await? {
                 if order_keys.is_empty() {
                     return Ok(());
                 }
@@ -722,14 +730,6 @@ impl Build<'_> {
         self.storage.put_manifest(manifests::MODEL, &manifest).await?;
         Ok(())
     }
-}
-
-/// A model table's `changed` query ([`ModelTable::changed`]) at the position `from`:
-/// `{changed}` becomes "a version opened or closed after it", `{position}` the position.
-fn changed_since(query: &str, from: i64) -> String {
-    query
-        .replace("{changed}", &format!("valid_from_lsn > {from} OR valid_to_lsn > {from}"))
-        .replace("{position}", &from.to_string())
 }
 
 /// Stands for a null key among collected keys (a key that is the lowest BIGINT only costs a
