@@ -101,6 +101,17 @@ async fn incremental_builds_equal_a_full_rebuild_and_correct_late_keys() {
                     )
                     .await
                     .expect("early item");
+                // An item of an open order moves to a completed one, neither order changing: R3
+                // counts it off.
+                client
+                    .batch_execute(
+                        "UPDATE operations.order_items SET order_id = \
+                           (SELECT min(order_id) FROM operations.orders WHERE status = 'COMPLETED') \
+                         WHERE order_item_id = (SELECT min(i.order_item_id) FROM operations.order_items i \
+                           JOIN operations.orders o ON o.order_id = i.order_id WHERE o.status <> 'COMPLETED')",
+                    )
+                    .await
+                    .expect("an item moves to another order");
             }
             // The customer and the product arrive.
             2 => {
@@ -177,11 +188,16 @@ async fn incremental_builds_equal_a_full_rebuild_and_correct_late_keys() {
             partial_rewrites += usize::from(items.files_marked > 0);
         }
         let w = Warehouse::open(&config.storage_url).await.expect("open");
+        // R3 and R4 start from the stored aggregates, kept by difference.
+        assert_eq!(crate::acme(&w, 3, None).await, crate::oracle(&client, 3).await, "round {round}: reports");
         match round {
             1 => {
                 let sql = format!("SELECT customer_sk FROM fact_orders WHERE order_id = {late_order}");
                 assert_eq!(scalar(&w, &sql).await, -1, "a late customer maps to the unknown member");
-                let sql = format!("SELECT product_sk FROM fact_order_items WHERE order_id = {late_order}");
+                let sql = format!(
+                    "SELECT product_sk FROM fact_order_items WHERE order_id = {late_order} \
+                     AND product_id = {late_product}"
+                );
                 assert_eq!(scalar(&w, &sql).await, -1, "a late product maps to the unknown member");
             }
             2 => {

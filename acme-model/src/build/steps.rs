@@ -12,6 +12,16 @@ pub(super) struct Step {
     started: Instant,
 }
 
+/// The rows [`Build::pending_items_aggregate`] counts again (see [`Build::pending_items_scope`]).
+struct PendingScope {
+    /// The items whose rows changed.
+    items: HashSet<i64>,
+    /// The orders whose rows changed.
+    orders: HashSet<i64>,
+    /// Those orders and every order of the changed items.
+    all_orders: HashSet<i64>,
+}
+
 /// One run's state.
 pub(super) struct Build<'a> {
     pub(super) storage: &'a Storage,
@@ -539,8 +549,13 @@ impl Build<'_> {
     /// changed since the aggregate's position, and every item of an order whose row changed,
     /// are counted off as they stood at that position and counted again as they stand now. An
     /// item's count depends on its own row and its order's alone, so no other item's moves.
-    /// Those rows are read through key scans (the changed orders' items through the pages of
-    /// `fact_order_items`' order ids, which follow its item ids closely).
+    ///
+    /// Those rows are read through two key scans of `fact_order_items`, each once: the changed
+    /// orders' items through the pages of its order ids (which follow its item ids closely), and
+    /// the changed items through the pages of its item ids, less the rows the first holds. An
+    /// item found through an order only needs that order's rows: unless the item changed, the
+    /// version in force at the position is its current one, so it is counted the same on both
+    /// sides whenever its order did not change.
     pub(super) async fn pending_items_aggregate(&mut self, table: &ModelTable) -> Result<()> {
         let started = Instant::now();
         let name = table.name;
@@ -549,11 +564,11 @@ impl Build<'_> {
         if from >= self.target {
             return Ok(());
         }
-        let counts = |state: &dyn Fn(&str) -> String, scope: &str| {
+        let counts = |state: &dyn Fn(&str) -> String, items: &str| {
             format!(
                 "SELECT i.product_id, CAST(coalesce(sum(i.quantity), 0) AS BIGINT) AS total_items, \
                    CAST(count(i.quantity) AS BIGINT) AS counted, CAST(count(*) AS BIGINT) AS items \
-                 FROM {items} i{scope} JOIN {orders} o ON o.order_id = i.order_id \
+                 FROM {items} i JOIN {orders} o ON o.order_id = i.order_id \
                  WHERE {} AND {} AND o.is_open GROUP BY i.product_id",
                 state("i"),
                 state("o")
@@ -569,7 +584,7 @@ impl Build<'_> {
         {
             self.register(name, stored)?;
             scope = self.pending_items_scope(table, from).await?;
-            if scope.as_ref().is_some_and(|(items, _)| items.is_empty()) {
+            if scope.as_ref().is_some_and(|s| s.items.is_empty() && s.orders.is_empty()) {
                 return Ok(());
             }
         }
@@ -578,14 +593,17 @@ impl Build<'_> {
             None => {
                 plan_star(
                     self.ctx,
-                    &counts(&now, "").replacen("coalesce(sum(i.quantity), 0)", "sum(i.quantity)", 1),
+                    &counts(&now, items).replacen("coalesce(sum(i.quantity), 0)", "sum(i.quantity)", 1),
                     false,
                 )
                 .await?
             }
-            Some((item_keys, order_keys)) => {
-                register_keys(self.ctx, "scope_keys", item_keys)?;
-                let scoped = " JOIN scope_keys scope ON scope.k = i.order_item_id";
+            Some(scope) => {
+                register_keys(self.ctx, "scope_orders", &scope.orders)?;
+                register_keys(self.ctx, "scope_items", &scope.items)?;
+                let scoped = "(SELECT i.* FROM items_of_orders i JOIN scope_orders k ON k.k = i.order_id \
+                     UNION ALL SELECT i.* FROM changed_items i JOIN scope_items k ON k.k = i.order_item_id \
+                       LEFT JOIN scope_orders o ON o.k = i.order_id WHERE o.k IS NULL)";
                 let sql = format!(
                     "SELECT product_id, CASE WHEN sum(counted) > 0 THEN CAST(sum(total_items) AS BIGINT) END \
                        AS total_items, CAST(sum(counted) AS BIGINT) AS counted, CAST(sum(items) AS BIGINT) AS items \
@@ -597,47 +615,38 @@ impl Build<'_> {
                     counts(&then, scoped),
                     counts(&now, scoped)
                 );
-                let scans = [(items, "order_item_id", item_keys), (orders, "order_id", order_keys)];
+                let scans = [(orders, "order_id", &scope.all_orders)];
                 self.planned_with_key_scans(&scans, plan_scoped(self.ctx, &sql)).await?
             }
         };
-        let table_keys = scope.as_ref().map(|(items, _)| items.len());
+        let table_keys = scope.as_ref().map(|s| s.items.len() + s.orders.len());
         let table = self.table(existing, Layer::Presentation, name, &df).await?;
         let target = Target { key: "items", order: "product_id", keys: Keys::All, open: None };
         let step = Step { incremental: scope.is_some(), keys: table_keys.unwrap_or(0), started };
         self.apply(table, name, &target, df, None, step).await
     }
 
-    /// The items [`Build::pending_items_aggregate`] counts again, and their orders: the items
-    /// and orders whose rows changed since `from` (the table's `changed` queries), the items of
-    /// those orders, and the orders of those items. `None` when there are too many (the
-    /// aggregate is then counted whole).
-    async fn pending_items_scope(&self, table: &ModelTable, from: i64) -> Result<Option<(HashSet<i64>, HashSet<i64>)>> {
-        let items = crate::tables::FACT_ORDER_ITEMS;
+    /// What [`Build::pending_items_aggregate`] counts again: the items and orders whose rows
+    /// changed since `from` (the table's `changed` queries), with `fact_order_items` read
+    /// through key scans registered as `items_of_orders` (by the changed orders) and
+    /// `changed_items` (by the changed items), and the orders of both. `None` when there are
+    /// too many (the aggregate is then counted whole).
+    async fn pending_items_scope(&self, table: &ModelTable, from: i64) -> Result<Option<PendingScope>> {
         let [changed_items, changed_orders] = table.changed else {
             return Err(ModelError::Internal(format!("{}: two changed-key queries expected", table.name)));
         };
-        let Some(mut item_keys) = self.changed_keys(table, changed_items, from).await? else {
+        let Some(items) = self.changed_keys(table, changed_items, from).await? else {
             return Ok(None);
         };
-        let Some(mut order_keys) = self.changed_keys(table, changed_orders, from).await? else {
+        let Some(orders) = self.changed_keys(table, changed_orders, from).await? else {
             return Ok(None);
         };
-        let Some(stored_items) = self.registered(items) else { return Ok(None) };
-        // The changed orders' items, through the pages of their order ids; then every order of
-        // those items (on either side of the position).
-        if !order_keys.is_empty() {
-            let of_orders =
-                self.values_of_keys("items_of_orders", &stored_items, "order_id", &order_keys, "order_item_id");
-            let Some(of_orders) = of_orders.await? else { return Ok(None) };
-            item_keys.extend(of_orders);
-        }
-        if !item_keys.is_empty() {
-            let of_items = self.values_of_keys("scoped_items", &stored_items, "order_item_id", &item_keys, "order_id");
-            let Some(of_items) = of_items.await? else { return Ok(None) };
-            order_keys.extend(of_items);
-        }
-        Ok(Some((item_keys, order_keys)))
+        let Some(stored_items) = self.registered(crate::tables::FACT_ORDER_ITEMS) else { return Ok(None) };
+        self.register_key_scan("items_of_orders", &stored_items, "order_id", &orders).await?;
+        let of_items = self.values_of_keys("changed_items", &stored_items, "order_item_id", &items, "order_id");
+        let Some(mut all_orders) = of_items.await? else { return Ok(None) };
+        all_orders.extend(&orders);
+        Ok(Some(PendingScope { items, orders, all_orders }))
     }
 
     /// Current orders per customer and status ([`tables::AGG_ORDERS_BY_CUSTOMER`]), kept by
