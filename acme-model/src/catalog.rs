@@ -101,6 +101,15 @@ pub enum Plan {
 /// and `{position}` for the position.
 #[derive(Debug, Clone, Copy)]
 pub enum Changed {
+    /// The keys `key` of the history `history` with a version opened or closed after the
+    /// position. When the history's own step in the same build started from that position,
+    /// they are the keys it applied raw changes to, taken from it instead of read again.
+    History {
+        /// The history table.
+        history: &'static str,
+        /// Its key column.
+        key: &'static str,
+    },
     /// A statement returning the keys.
     Query(&'static str),
     /// The keys of the stored rows of `table` whose integer column `by` holds one of the
@@ -119,7 +128,10 @@ pub enum Changed {
 impl Changed {
     /// The statement, with `{changed}` and `{position}` standing for the position `from`.
     pub fn query_since(&self, from: i64) -> String {
-        let (Changed::Query(query) | Changed::Lookup { query, .. }) = self;
+        let query = match self {
+            Changed::History { history, key } => format!("SELECT {key} FROM {history} WHERE {{changed}}"),
+            Changed::Query(query) | Changed::Lookup { query, .. } => query.to_string(),
+        };
         query
             .replace("{changed}", &format!("valid_from_lsn > {from} OR valid_to_lsn > {from}"))
             .replace("{position}", &from.to_string())
@@ -233,7 +245,7 @@ pub const MODEL: [ModelTable; 12] = [
         sort: &["customer_sk"],
         split: None,
         sources: &["customers"],
-        changed: &[Changed::Query("SELECT customer_id FROM customers_history WHERE {changed}")],
+        changed: &[Changed::History { history: "customers_history", key: "customer_id" }],
         plan: Plan::Dimension { surrogate_key: "customer_sk", sql: star::dim_customer_sql },
     },
     ModelTable {
@@ -243,7 +255,7 @@ pub const MODEL: [ModelTable; 12] = [
         sort: &["product_sk"],
         split: None,
         sources: &["products"],
-        changed: &[Changed::Query("SELECT product_id FROM products_history WHERE {changed}")],
+        changed: &[Changed::History { history: "products_history", key: "product_id" }],
         plan: Plan::Dimension { surrogate_key: "product_sk", sql: star::dim_product_sql },
     },
     ModelTable {
@@ -253,7 +265,7 @@ pub const MODEL: [ModelTable; 12] = [
         sort: &["order_id", "entered_lsn"],
         split: None,
         sources: &["orders"],
-        changed: &[Changed::Query("SELECT order_id FROM orders_history WHERE {changed}")],
+        changed: &[Changed::History { history: "orders_history", key: "order_id" }],
         plan: Plan::StatusTransitions,
     },
     ModelTable {
@@ -264,7 +276,7 @@ pub const MODEL: [ModelTable; 12] = [
         split: None,
         sources: &["orders", "customers"],
         changed: &[
-            Changed::Query("SELECT order_id FROM orders_history WHERE {changed}"),
+            Changed::History { history: "orders_history", key: "order_id" },
             // Orders waiting for a late customer that just arrived.
             Changed::Query(
                 "SELECT order_id FROM fact_orders WHERE customer_sk = -1 AND customer_id IN \
@@ -281,7 +293,7 @@ pub const MODEL: [ModelTable; 12] = [
         split: None,
         sources: &["order_items", "products", "orders"],
         changed: &[
-            Changed::Query("SELECT order_item_id FROM order_items_history WHERE {changed}"),
+            Changed::History { history: "order_items_history", key: "order_item_id" },
             // Items that arrived before their order, whose order just arrived. An order with a
             // version opened at or before the position and changed since has that version closed
             // since, so the changed versions alone tell (a superset: an order truncated before
@@ -311,7 +323,7 @@ pub const MODEL: [ModelTable; 12] = [
         sort: &["delivery_date"],
         split: None,
         sources: &["orders"],
-        changed: &[Changed::Query("SELECT order_id FROM orders_history WHERE {changed}")],
+        changed: &[Changed::History { history: "orders_history", key: "order_id" }],
         plan: Plan::Aggregate(Aggregate::OrdersByDeliveryDate),
     },
     ModelTable {

@@ -203,6 +203,7 @@ impl ModelBuild {
             commit: Position::new(MODEL_APP, position),
             report: ModelReport { position: Lsn::from_stored(position), ..ModelReport::default() },
             registered: Default::default(),
+            history_keys: Default::default(),
         };
         // Up to date: every table covers the position (a build that died after its last
         // commit but before its manifest only needs the manifest).

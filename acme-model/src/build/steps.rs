@@ -34,6 +34,9 @@ pub(super) struct Build<'a> {
     pub(super) report: ModelReport,
     /// The table versions registered in `ctx`, by name.
     pub(super) registered: std::sync::Mutex<std::collections::HashMap<String, LayerTable>>,
+    /// Per history built incrementally by key in this build: the position it started from and
+    /// the keys it applied raw changes to ([`Changed::History`]).
+    pub(super) history_keys: std::collections::HashMap<String, (i64, HashSet<i64>)>,
 }
 
 impl Build<'_> {
@@ -153,10 +156,16 @@ impl Build<'_> {
     /// The keys of `model` one of its [`Changed`] ways finds since `from` (`None`: more than a
     /// build recomputes by key).
     async fn changed_keys(&self, model: &ModelTable, changed: &Changed, from: i64) -> Result<Option<HashSet<i64>>> {
+        if let Changed::History { history, .. } = changed
+            && let Some((started, keys)) = self.history_keys.get(*history)
+            && *started == from
+        {
+            return Ok(Some(keys.clone()));
+        }
         let values = collect_keys(plan_scoped(self.ctx, &changed.query_since(from)).await?, MAX_INCREMENTAL_KEYS);
         let Some(values) = values.await? else { return Ok(None) };
         match changed {
-            Changed::Query(_) => Ok(Some(values)),
+            Changed::History { .. } | Changed::Query(_) => Ok(Some(values)),
             Changed::Lookup { table, by, .. } => match self.registered(table) {
                 _ if values.is_empty() => Ok(Some(values)),
                 Some(stored) => self.values_of_keys("changed_lookup", &stored, by, &values, model.key).await,
@@ -303,7 +312,12 @@ impl Build<'_> {
             open: incremental.then_some(history::IS_CURRENT),
         };
         let key_count = match &target.keys {
-            Keys::Set(keys) => keys.len(),
+            Keys::Set(keys) => {
+                // (Every version opened or closed since `from` is one of these keys': a key
+                // without a real change is recomputed to what it was.)
+                self.history_keys.insert(name.clone(), (from, keys.clone()));
+                keys.len()
+            }
             Keys::All => 0,
         };
         let table = self.table(existing, Layer::Intermediate, &name, &df).await?;
