@@ -3,6 +3,8 @@
 
 use std::collections::HashSet;
 
+use arrow::array::AsArray;
+
 use super::*;
 
 /// How a table step went, for its [`TableBuild`] entry.
@@ -570,6 +572,8 @@ impl Build<'_> {
     /// item found through an order only needs that order's rows: unless the item changed, the
     /// version in force at the position is its current one, so it is counted the same on both
     /// sides whenever its order did not change.
+    ///
+    /// Only the rows of the products those counts move are replaced (marked and appended).
     pub(super) async fn pending_items_aggregate(&mut self, table: &ModelTable) -> Result<()> {
         let started = Instant::now();
         let name = table.name;
@@ -602,7 +606,46 @@ impl Build<'_> {
                 return Ok(());
             }
         }
-        let df = match &scope {
+        // What the changed rows move, per product (at most one row per product, held in
+        // memory): only those products' stored rows are replaced. A null product id: the
+        // aggregate is counted whole.
+        let mut products = None;
+        if let Some(scope) = &scope {
+            register_keys(self.ctx, "scope_orders", &scope.orders)?;
+            register_keys(self.ctx, "scope_items", &scope.items)?;
+            let scoped = "(SELECT i.* FROM items_of_orders i JOIN scope_orders k ON k.k = i.order_id \
+                 UNION ALL SELECT i.* FROM changed_items i JOIN scope_items k ON k.k = i.order_item_id \
+                   LEFT JOIN scope_orders o ON o.k = i.order_id WHERE o.k IS NULL)";
+            let moved = format!(
+                "SELECT product_id, CAST(sum(total_items) AS BIGINT) AS total_items, \
+                   CAST(sum(counted) AS BIGINT) AS counted, CAST(sum(items) AS BIGINT) AS items \
+                 FROM (SELECT product_id, -total_items AS total_items, -counted AS counted, -items AS items \
+                   FROM ({}) b UNION ALL {}) d \
+                 GROUP BY product_id HAVING sum(items) <> 0 OR sum(counted) <> 0 OR sum(total_items) <> 0",
+                counts(&then, scoped),
+                counts(&now, scoped)
+            );
+            let scans = [(orders, "order_id", &scope.all_orders)];
+            let moved = self.planned_with_key_scans(&scans, plan_scoped(self.ctx, &moved)).await?;
+            let schema = Arc::new(moved.schema().as_arrow().clone());
+            let batches = moved.collect().await?;
+            let mut found = HashSet::new();
+            for batch in &batches {
+                let ids = arrow::compute::cast(batch.column(0), &DataType::Int64)
+                    .map_err(|source| ModelError::Arrow { table: name.to_string(), source })?;
+                found.extend(ids.as_primitive::<arrow::datatypes::Int64Type>().iter().map(|id| id.unwrap_or(NULL_KEY)));
+            }
+            if found.is_empty() {
+                return Ok(());
+            }
+            if !found.contains(&NULL_KEY) {
+                let moved = datafusion::datasource::MemTable::try_new(schema, vec![batches])?;
+                let _ = self.ctx.deregister_table("pending_moved")?;
+                self.ctx.register_table("pending_moved", Arc::new(moved))?;
+                products = Some(found);
+            }
+        }
+        let df = match &products {
             // (The sum of no quantity is null, as R3 shows it.)
             None => {
                 plan_star(
@@ -612,31 +655,25 @@ impl Build<'_> {
                 )
                 .await?
             }
-            Some(scope) => {
-                register_keys(self.ctx, "scope_orders", &scope.orders)?;
-                register_keys(self.ctx, "scope_items", &scope.items)?;
-                let scoped = "(SELECT i.* FROM items_of_orders i JOIN scope_orders k ON k.k = i.order_id \
-                     UNION ALL SELECT i.* FROM changed_items i JOIN scope_items k ON k.k = i.order_item_id \
-                       LEFT JOIN scope_orders o ON o.k = i.order_id WHERE o.k IS NULL)";
+            Some(products) => {
+                register_keys(self.ctx, "product_keys", products)?;
                 let sql = format!(
                     "SELECT product_id, CASE WHEN sum(counted) > 0 THEN CAST(sum(total_items) AS BIGINT) END \
                        AS total_items, CAST(sum(counted) AS BIGINT) AS counted, CAST(sum(items) AS BIGINT) AS items \
                      FROM ( \
-                       SELECT product_id, coalesce(total_items, 0) AS total_items, counted, items FROM {name} \
-                       UNION ALL SELECT product_id, -total_items, -counted, -items FROM ({}) b \
-                       UNION ALL {}) d \
-                     GROUP BY product_id HAVING sum(items) <> 0",
-                    counts(&then, scoped),
-                    counts(&now, scoped)
+                       SELECT a.product_id, coalesce(a.total_items, 0) AS total_items, a.counted, a.items \
+                         FROM {name} a JOIN product_keys k ON k.k = a.product_id \
+                       UNION ALL SELECT product_id, total_items, counted, items FROM pending_moved) d \
+                     GROUP BY product_id HAVING sum(items) <> 0"
                 );
-                let scans = [(orders, "order_id", &scope.all_orders)];
+                let scans = [(name, "product_id", products)];
                 self.planned_with_key_scans(&scans, plan_scoped(self.ctx, &sql)).await?
             }
         };
-        let table_keys = scope.as_ref().map(|s| s.items.len() + s.orders.len());
         let table = self.table(existing, Layer::Presentation, name, &df).await?;
-        let target = Target { key: "items", order: "product_id", keys: Keys::All, open: None };
-        let step = Step { incremental: scope.is_some(), keys: table_keys.unwrap_or(0), started };
+        let step = Step { incremental: products.is_some(), keys: products.as_ref().map_or(0, |p| p.len()), started };
+        let keys = products.map_or(Keys::All, Keys::Set);
+        let target = Target { key: "product_id", order: "product_id", keys, open: None };
         self.apply(table, name, &target, df, None, step).await
     }
 
