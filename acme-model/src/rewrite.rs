@@ -505,16 +505,20 @@ pub(crate) async fn collect_keys(df: DataFrame, limit: usize) -> Result<Option<H
     let mut stream = df.execute_stream().await?;
     while let Some(batch) = stream.next().await {
         let batch = batch?;
-        let column = batch.column(0);
-        let values = arrow::compute::cast(column, &arrow::datatypes::DataType::Int64)
-            .map_err(|source| ModelError::Arrow { table: "the changed keys".into(), source })?;
-        let values = values.as_primitive::<Int64Type>();
-        keys.extend(values.iter().flatten());
+        keys.extend(key_column(&batch, "the changed keys")?.iter().flatten());
         if keys.len() > limit {
             return Ok(None);
         }
     }
     Ok(Some(keys))
+}
+
+/// The first column of `batch`, an integer key, as `BIGINT` values (`table` names it in an
+/// error).
+pub(crate) fn key_column(batch: &RecordBatch, table: &str) -> Result<arrow::array::Int64Array> {
+    let values = arrow::compute::cast(batch.column(0), &arrow::datatypes::DataType::Int64)
+        .map_err(|source| ModelError::Arrow { table: table.to_string(), source })?;
+    Ok(values.as_primitive::<Int64Type>().clone())
 }
 
 /// Register `keys` as a one-column table `name(k BIGINT)`.

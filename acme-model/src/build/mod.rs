@@ -32,7 +32,7 @@ use tracing::Instrument;
 use crate::catalog::{Aggregate, Catalog, Changed, ModelTable, Plan};
 use crate::error::{ModelError, Result};
 use crate::history::{self, HistorySpec, attribute_columns, history_sql, open_versions_as_changes, raw_changes};
-use crate::rewrite::{Keys, Target, collect_keys, register_keys, replace};
+use crate::rewrite::{Keys, Target, collect_keys, key_column, register_keys, replace};
 use crate::star;
 
 mod steps;

@@ -3,8 +3,6 @@
 
 use std::collections::HashSet;
 
-use arrow::array::AsArray;
-
 use super::*;
 
 /// How a table step went, for its [`TableBuild`] entry.
@@ -631,9 +629,7 @@ impl Build<'_> {
             let batches = moved.collect().await?;
             let mut found = HashSet::new();
             for batch in &batches {
-                let ids = arrow::compute::cast(batch.column(0), &DataType::Int64)
-                    .map_err(|source| ModelError::Arrow { table: name.to_string(), source })?;
-                found.extend(ids.as_primitive::<arrow::datatypes::Int64Type>().iter().map(|id| id.unwrap_or(NULL_KEY)));
+                found.extend(key_column(batch, name)?.iter().map(|id| id.unwrap_or(NULL_KEY)));
             }
             if found.is_empty() {
                 return Ok(());
