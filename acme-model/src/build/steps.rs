@@ -513,13 +513,13 @@ impl Build<'_> {
              GROUP BY delivery_date, status"
         );
         let mut keys = None;
-        if let Some(table) = &existing
+        if let Some(stored) = &existing
             && from > 0
         {
-            self.register(name, table)?;
-            let changed =
-                format!("SELECT order_id FROM orders_history WHERE valid_from_lsn > {from} OR valid_to_lsn > {from}");
-            keys = collect_keys(self.ctx.sql(&changed).await?, MAX_INCREMENTAL_KEYS).await?;
+            self.register(name, stored)?;
+            let changed = table.changed.first();
+            let changed = changed.ok_or_else(|| ModelError::Internal(format!("{name}: no changed-key query")))?;
+            keys = self.changed_keys(table, changed, from).await?;
             if keys.as_ref().is_some_and(|k| k.is_empty()) {
                 return Ok(());
             }
