@@ -66,8 +66,14 @@ async fn incremental_builds_equal_a_full_rebuild_and_correct_late_keys() {
     let late_product: i64 =
         client.query_one("SELECT max(product_id) + 100 FROM operations.products", &[]).await.expect("max").get(0);
     let mut late_order = 0i64;
+    // A customer and a product inserted and deleted in one transaction (no visible version,
+    // only a tombstone), named by an order and an item, and inserted again later.
+    let (ghost_customer, ghost_product) = (late_customer + 1, late_product + 1);
+    let mut ghost_order = 0i64;
     let early_order: i64 =
         client.query_one("SELECT max(order_id) + 1000 FROM operations.orders", &[]).await.expect("max").get(0);
+    // An order inserted and deleted in one transaction, with an item that waits for it.
+    let ghost_early_order = early_order + 1;
     let mut deleted_customer = 0i64;
     let mut partial_rewrites = 0;
     for round in 0..5u64 {
@@ -92,6 +98,41 @@ async fn incremental_builds_equal_a_full_rebuild_and_correct_late_keys() {
                     )
                     .await
                     .expect("late item");
+                client
+                    .batch_execute(&format!(
+                        "BEGIN; \
+                         INSERT INTO operations.customers (customer_id, customer_name, is_active, created_at) \
+                           VALUES ({ghost_customer}, 'Ghost customer', true, now()); \
+                         INSERT INTO operations.products (product_id, product_name, barcode, unity_price, is_active) \
+                           VALUES ({ghost_product}, 'Ghost product', '321', 4.00, true); \
+                         INSERT INTO operations.orders (order_id, order_date, delivery_date, customer_id, status, \
+                           created_at) VALUES ({ghost_early_order}, current_date, current_date + 5, 1, 'PENDING', now()); \
+                         DELETE FROM operations.customers WHERE customer_id = {ghost_customer}; \
+                         DELETE FROM operations.products WHERE product_id = {ghost_product}; \
+                         DELETE FROM operations.orders WHERE order_id = {ghost_early_order}; \
+                         INSERT INTO operations.order_items (order_id, product_id, quanity, created_at) \
+                           VALUES ({ghost_early_order}, 1, 5, now()); \
+                         COMMIT"
+                    ))
+                    .await
+                    .expect("a customer and a product that never were visible");
+                ghost_order = client
+                    .query_one(
+                        "INSERT INTO operations.orders (order_date, delivery_date, customer_id, status, created_at) \
+                         VALUES (current_date, current_date + 10, $1, 'PENDING', now()) RETURNING order_id",
+                        &[&ghost_customer],
+                    )
+                    .await
+                    .expect("ghost order")
+                    .get(0);
+                client
+                    .execute(
+                        "INSERT INTO operations.order_items (order_id, product_id, quanity, created_at) \
+                         VALUES ($1, $2, 2, now())",
+                        &[&ghost_order, &ghost_product],
+                    )
+                    .await
+                    .expect("ghost item");
                 // An item stored before its order.
                 client
                     .execute(
@@ -131,6 +172,22 @@ async fn incremental_builds_equal_a_full_rebuild_and_correct_late_keys() {
                     )
                     .await
                     .expect("late product");
+                client
+                    .batch_execute(&format!(
+                        "INSERT INTO operations.customers (customer_id, customer_name, is_active, created_at) \
+                           VALUES ({ghost_customer}, 'Ghost customer', true, now()); \
+                         INSERT INTO operations.products (product_id, product_name, barcode, unity_price, is_active) \
+                           VALUES ({ghost_product}, 'Ghost product', '321', 4.00, true)"
+                    ))
+                    .await
+                    .expect("the ghosts arrive for good");
+                client
+                    .batch_execute(&format!(
+                        "INSERT INTO operations.orders (order_id, order_date, delivery_date, customer_id, status, \
+                           created_at) VALUES ({ghost_early_order}, current_date, current_date + 5, 1, 'PENDING', now())"
+                    ))
+                    .await
+                    .expect("the ghost order arrives for good");
                 // The early item's order arrives after its product's price changed: the item
                 // takes the price in force when its order was placed.
                 client
@@ -199,6 +256,8 @@ async fn incremental_builds_equal_a_full_rebuild_and_correct_late_keys() {
                      AND product_id = {late_product}"
                 );
                 assert_eq!(scalar(&w, &sql).await, -1, "a late product maps to the unknown member");
+                let sql = format!("SELECT customer_sk FROM fact_orders WHERE order_id = {ghost_order}");
+                assert_eq!(scalar(&w, &sql).await, -1, "a customer never visible maps to the unknown member");
             }
             2 => {
                 let sql = format!(
@@ -212,6 +271,17 @@ async fn incremental_builds_equal_a_full_rebuild_and_correct_late_keys() {
                      AND f.is_current"
                 );
                 assert_eq!(scalar(&w, &sql).await, 1, "the item now names its product and price");
+                let sql = format!(
+                    "SELECT count(*) FROM fact_orders f JOIN dim_customer d ON d.customer_sk = f.customer_sk \
+                     WHERE f.order_id = {ghost_order} AND d.customer_id = {ghost_customer} AND f.is_current"
+                );
+                assert_eq!(scalar(&w, &sql).await, 1, "the order names the customer that arrived after a tombstone");
+                let sql = format!(
+                    "SELECT count(*) FROM fact_order_items f JOIN dim_product d ON d.product_sk = f.product_sk \
+                     WHERE f.order_id = {ghost_order} AND d.product_id = {ghost_product} AND f.amount = 8 \
+                     AND f.is_current"
+                );
+                assert_eq!(scalar(&w, &sql).await, 1, "the item names the product that arrived after a tombstone");
                 let cents: i64 = client
                     .query_one("SELECT (unity_price * 100)::bigint FROM operations.products WHERE product_id = 1", &[])
                     .await
