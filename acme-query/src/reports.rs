@@ -54,7 +54,7 @@ impl Warehouse {
         {
             check_limit(*limit)?;
             self.valid("c", None)?;
-            let ranked = live_star::top_customers(counts, filter, *limit).instrument(span.clone()).await?;
+            let ranked = live_star::top_customers(&self.ctx, counts, filter, *limit).instrument(span.clone()).await?;
             if ranked.len() <= MAX_NAMED_BY_LIST {
                 return self.named_customers(&ranked).instrument(span).await;
             }
