@@ -234,7 +234,20 @@ impl Warehouse {
         };
         let loaded =
             Self::load(self.storage.clone(), &self.url, (raw_manifest, model_manifest), previous, self.shared.clone());
-        Ok(Some(loaded.await?))
+        let loaded = loaded.await?;
+        // The first handle on a newly stored model ranks its R4 base for the status filters
+        // this handle's base was ranked for, here (beside the published handles, for a
+        // pipeline) instead of in the first R4 query on it.
+        if live_state
+            && !same_model
+            && let (Some(new), Some(old)) = (
+                loaded.star.as_ref().and_then(|s| s.customer_orders.as_ref()),
+                self.star.as_ref().and_then(|s| s.customer_orders.as_ref()),
+            )
+        {
+            live_star::rank_like(&loaded.ctx, new, old).await?;
+        }
+        Ok(Some(loaded))
     }
 
     /// Register every table pinned to the manifests, reusing the handles in `loaded`.

@@ -36,7 +36,7 @@ mod recompute;
 use current::*;
 pub(crate) use current::{CUSTOMER_ORDERS, PENDING_ITEMS, keep_stored_pending_items};
 use keys::*;
-pub(crate) use ranking::top_customers;
+pub(crate) use ranking::{rank_like, top_customers};
 use recompute::*;
 
 /// One history's tail, as [`crate::register_live_views`] registered it.
@@ -88,7 +88,7 @@ pub(crate) struct CustomerOrders {
     delta: HashMap<(Option<i64>, Option<String>), i64>,
     /// Per status filter, the base's customers ranked (see [`ranking`]), made on first use and
     /// shared with every handle on the same base.
-    ranked: Arc<std::sync::Mutex<HashMap<String, Arc<ranking::Ranked>>>>,
+    ranked: Arc<std::sync::Mutex<HashMap<String, (crate::StatusFilter, Arc<ranking::Ranked>)>>>,
 }
 
 /// Current orders per (delivery date, status) at a handle's raw position, the live state of

@@ -68,11 +68,25 @@ fn report_order(a: &(Option<i64>, i64), b: &(Option<i64>, i64)) -> Ordering {
     })
 }
 
+/// Rank the base of `counts` for each status filter the base of `like` was ranked for (and
+/// is not yet).
+pub(crate) async fn rank_like(ctx: &SessionContext, counts: &CustomerOrders, like: &CustomerOrders) -> Result<()> {
+    let filters: Vec<StatusFilter> = lock_ranked(like).values().map(|(filter, _)| filter.clone()).collect();
+    for filter in filters {
+        ranked_base(ctx, counts, &filter).await?;
+    }
+    Ok(())
+}
+
+fn lock_ranked(counts: &CustomerOrders) -> std::sync::MutexGuard<'_, HashMap<String, (StatusFilter, Arc<Ranked>)>> {
+    counts.ranked.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// The base of `counts` ranked under `filter`, made on first use, from its rows streamed
 /// through `ctx` (the stored aggregate is read from its files, a batch at a time).
 async fn ranked_base(ctx: &SessionContext, counts: &CustomerOrders, filter: &StatusFilter) -> Result<Arc<Ranked>> {
     let key = format!("{filter:?}");
-    let cached = counts.ranked.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(&key).cloned();
+    let cached = lock_ranked(counts).get(&key).map(|(_, ranked)| Arc::clone(ranked));
     if let Some(ranked) = cached {
         return Ok(ranked);
     }
@@ -96,7 +110,7 @@ async fn ranked_base(ctx: &SessionContext, counts: &CustomerOrders, filter: &Sta
         ms = started.elapsed().as_millis() as u64,
         "R4's base ranked"
     );
-    counts.ranked.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(key, Arc::clone(&ranked));
+    lock_ranked(counts).insert(key, (filter.clone(), Arc::clone(&ranked)));
     Ok(ranked)
 }
 
