@@ -89,7 +89,8 @@ impl LayerTable {
         let files = self.data_files()?;
         let started = std::time::Instant::now();
         let mut deleted = self.deleted_rows(&files).await?;
-        let cache_key = (self.delta().table_url().to_string(), key.to_string());
+        let url = self.delta().table_url().to_string();
+        let cache_key = (url.clone(), key.to_string());
         let known = indexed_files().lock().map(|c| c.get(&cache_key).cloned().unwrap_or_default()).unwrap_or_default();
         let mut reused = 0usize;
         // (Futures collected first: a stream over a closure that borrows is not provably `Send`.)
@@ -100,7 +101,16 @@ impl LayerTable {
                 let hit = known.get(&file.path).filter(|f| f.size == file.size).map(Arc::clone);
                 reused += usize::from(hit.is_some());
                 let read = (hit.is_none()).then(|| {
-                    index_file(Arc::clone(&store), table.clone(), key.to_string(), file.location, file.path, file.size)
+                    let file_url = format!("{}/{}", url.trim_end_matches('/'), file.path);
+                    index_file(
+                        Arc::clone(&store),
+                        table.clone(),
+                        key.to_string(),
+                        file.location,
+                        file.path,
+                        file.size,
+                        file_url,
+                    )
                 });
                 async move {
                     let plain = match (hit, read) {
@@ -133,6 +143,10 @@ impl LayerTable {
             }
             cache.insert(cache_key, plain);
         }
+        // Footers no index holds any more (their files left every cached index).
+        if let Ok(mut footers) = shared_footers().lock() {
+            footers.retain(|_, footer| Arc::strong_count(footer.metadata()) > 1);
+        }
         let files = indexed.into_iter().map(|(_, file)| file).collect();
         Ok(KeyIndex { table: table.into(), key: key.into(), store, schema, files })
     }
@@ -153,6 +167,18 @@ fn indexed_files() -> &'static std::sync::Mutex<IndexedFiles> {
     INDEXED.get_or_init(Default::default)
 }
 
+/// The footers of indexed files (without their column index), by file URL and size, shared by
+/// the indexes of each column a file is indexed by: a model build and the live state index
+/// `fact_order_items`' files by item id, order id and product id, and a footer is most of what
+/// an indexed file holds (its offset index alone is 24 bytes per page and column: 23 KB for a
+/// 128k-row file of 15 columns). Footers no index holds any more are dropped as indexes are made.
+type SharedFooters = HashMap<(String, u64), ArrowReaderMetadata>;
+
+fn shared_footers() -> &'static std::sync::Mutex<SharedFooters> {
+    static FOOTERS: std::sync::OnceLock<std::sync::Mutex<SharedFooters>> = std::sync::OnceLock::new();
+    FOOTERS.get_or_init(Default::default)
+}
+
 async fn index_file(
     store: Arc<dyn ObjectStore>,
     table: String,
@@ -160,6 +186,7 @@ async fn index_file(
     location: Path,
     path: String,
     size: u64,
+    file_url: String,
 ) -> Result<IndexedFile> {
     let key = key.as_str();
     let bad = |message: String| Error::DataFile { table: table.clone(), file: path.clone(), message };
@@ -202,9 +229,23 @@ async fn index_file(
     // The reader keeps the offset index (where each page of each column is), so that a lookup
     // fetches only the pages it selects, not whole column chunks; the column index (the
     // pages' statistics) is only needed above.
-    let footer = ParquetMetaDataBuilder::new_from_metadata(parquet.as_ref().clone()).set_column_index(None).build();
-    let metadata =
-        ArrowReaderMetadata::try_new(Arc::new(footer), ArrowReaderOptions::new()).map_err(|e| bad(e.to_string()))?;
+    let shared_key = (file_url, size);
+    let shared = shared_footers().lock().ok().and_then(|footers| footers.get(&shared_key).cloned());
+    let metadata = match shared {
+        Some(shared) => shared,
+        None => {
+            let parquet = Arc::clone(parquet);
+            drop(full);
+            let footer = Arc::try_unwrap(parquet).unwrap_or_else(|shared| shared.as_ref().clone());
+            let footer = ParquetMetaDataBuilder::new_from_metadata(footer).set_column_index(None).build();
+            let metadata = ArrowReaderMetadata::try_new(Arc::new(footer), ArrowReaderOptions::new())
+                .map_err(|e| bad(e.to_string()))?;
+            if let Ok(mut footers) = shared_footers().lock() {
+                footers.insert(shared_key, metadata.clone());
+            }
+            metadata
+        }
+    };
     Ok(IndexedFile { location, path, size, metadata, key_leaf, row_groups, deleted: None })
 }
 
@@ -345,6 +386,20 @@ impl KeyIndex {
         keys.sort_unstable();
         keys.dedup();
         self.files.iter().filter_map(|f| f.select(&keys)).map(|(_, s)| s.row_count()).sum()
+    }
+
+    /// How many of this index's files hold the same footer in memory as `other`'s file of
+    /// the same path (indexes of one table by different columns share them).
+    pub fn footers_shared_with(&self, other: &KeyIndex) -> usize {
+        self.files
+            .iter()
+            .filter(|f| {
+                other
+                    .files
+                    .iter()
+                    .any(|o| o.path == f.path && Arc::ptr_eq(o.metadata.metadata(), f.metadata.metadata()))
+            })
+            .count()
     }
 
     /// Rows in the indexed files.

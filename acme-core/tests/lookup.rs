@@ -84,6 +84,57 @@ async fn a_lookup_reads_the_rows_of_its_keys_from_their_pages_only() {
     assert!(read < index.rows_indexed() / 4, "{read} of {} rows read", index.rows_indexed());
 }
 
+/// Indexes of one table by two columns find the rows of each, and hold one footer per file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn indexes_by_two_columns_share_each_files_footer() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let storage = Storage::new(&dir.path().display().to_string(), Default::default()).expect("storage");
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("id", DataType::Int64, true),
+        Field::new("other", DataType::Int64, true),
+    ]));
+    let mut table = storage.open_or_create(Layer::Presentation, "pairs", &schema).await.expect("table");
+    for part in 0..3i64 {
+        let ids: Vec<i64> = (part * 10_000..(part + 1) * 10_000).collect();
+        let others: Vec<i64> = ids.iter().map(|i| (i * 7_919) % 30_000).collect();
+        let batch = RecordBatch::try_new(
+            Arc::clone(&schema),
+            vec![Arc::new(Int64Array::from(ids)), Arc::new(Int64Array::from(others))],
+        )
+        .expect("batch");
+        let mut writer = table.writer(1 << 30).expect("writer");
+        writer.write(table.name(), batch).await.expect("write");
+        let files = writer.finish(table.name()).await.expect("finish");
+        table.commit(files, &Position::new("test", part + 1), CommitMode::Append).await.expect("commit");
+    }
+    let by_id = table.key_index("id").await.expect("by id");
+    let by_other = table.key_index("other").await.expect("by other");
+    assert_eq!(by_other.footers_shared_with(&by_id), 3, "one footer per file, shared");
+    let ids = |batches: &[RecordBatch]| {
+        let mut out: Vec<(i64, i64)> = batches
+            .iter()
+            .flat_map(|b| {
+                let id = b.column_by_name("id").expect("id").as_primitive::<Int64Type>().clone();
+                let other = b.column_by_name("other").expect("other").as_primitive::<Int64Type>().clone();
+                (0..b.num_rows()).map(move |i| (id.value(i), other.value(i)))
+            })
+            .collect();
+        out.sort();
+        out
+    };
+    assert_eq!(
+        ids(&by_id.rows(&[5, 29_999], None).await.expect("ids")),
+        vec![(5, 5 * 7_919 % 30_000), (29_999, 29_999 * 7_919 % 30_000)]
+    );
+    // 7,919 is prime to 30,000: each `other` value names one id.
+    let wanted = [0i64, 7_919, 12_345];
+    let found = ids(&by_other.rows(&wanted, None).await.expect("others"));
+    let mut expected: Vec<(i64, i64)> =
+        (0..30_000i64).map(|i| (i, i * 7_919 % 30_000)).filter(|(_, o)| wanted.contains(o)).collect();
+    expected.sort();
+    assert_eq!(found, expected);
+}
+
 /// A model table's column of distinct strings keeps a small dictionary (a lookup decodes the
 /// whole dictionary of each column chunk it reads a page of), while a column of few values
 /// stays dictionary-encoded; a lookup reads the same rows either way.

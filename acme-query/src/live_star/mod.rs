@@ -88,8 +88,11 @@ pub(crate) struct CustomerOrders {
     delta: HashMap<(Option<i64>, Option<String>), i64>,
     /// Per status filter, the base's customers ranked (see [`ranking`]), made on first use and
     /// shared with every handle on the same base.
-    ranked: Arc<std::sync::Mutex<HashMap<String, (crate::StatusFilter, Arc<ranking::Ranked>)>>>,
+    ranked: Arc<std::sync::Mutex<RankedBases>>,
 }
+
+/// A base's rankings by status filter (keyed by the filter's debug text).
+type RankedBases = HashMap<String, (crate::StatusFilter, Arc<ranking::Ranked>)>;
 
 /// Current orders per (delivery date, status) at a handle's raw position, the live state of
 /// `agg_orders_by_delivery_date` that R1 and R2 read: the stored aggregate (`base`, held once
