@@ -53,6 +53,37 @@ pub(crate) async fn full_rebuild_of_a_copy(
     (full_dir, full_config, report)
 }
 
+/// A new order of `customer` with one item of `product`; returns the order's id.
+async fn order_with_item(client: &tokio_postgres::Client, customer: i64, product: i64, quantity: i32) -> i64 {
+    let order: i64 = client
+        .query_one(
+            "INSERT INTO operations.orders (order_date, delivery_date, customer_id, status, created_at) \
+             VALUES (current_date, current_date + 10, $1, 'PENDING', now()) RETURNING order_id",
+            &[&customer],
+        )
+        .await
+        .expect("order")
+        .get(0);
+    client
+        .execute(
+            "INSERT INTO operations.order_items (order_id, product_id, quanity, created_at) VALUES ($1, $2, $3, now())",
+            &[&order, &product, &quantity],
+        )
+        .await
+        .expect("item");
+    order
+}
+
+/// Statements inserting the ghost customer and product (see the test below).
+fn ghost_rows(customer: i64, product: i64) -> String {
+    format!(
+        "INSERT INTO operations.customers (customer_id, customer_name, is_active, created_at) \
+           VALUES ({customer}, 'Ghost customer', true, now()); \
+         INSERT INTO operations.products (product_id, product_name, barcode, unity_price, is_active) \
+           VALUES ({product}, 'Ghost product', '321', 4.00, true);"
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn incremental_builds_equal_a_full_rebuild_and_correct_late_keys() {
     let (url, dir, mut config, mut stream) = pipeline("incremental", 0.003, 23).await;
@@ -81,30 +112,10 @@ async fn incremental_builds_equal_a_full_rebuild_and_correct_late_keys() {
         match round {
             // An order naming a customer and a product that do not exist yet.
             1 => {
-                late_order = client
-                    .query_one(
-                        "INSERT INTO operations.orders (order_date, delivery_date, customer_id, status, created_at) \
-                         VALUES (current_date, current_date + 10, $1, 'PENDING', now()) RETURNING order_id",
-                        &[&late_customer],
-                    )
-                    .await
-                    .expect("late order")
-                    .get(0);
-                client
-                    .execute(
-                        "INSERT INTO operations.order_items (order_id, product_id, quanity, created_at) \
-                         VALUES ($1, $2, 3, now())",
-                        &[&late_order, &late_product],
-                    )
-                    .await
-                    .expect("late item");
+                late_order = order_with_item(&client, late_customer, late_product, 3).await;
                 client
                     .batch_execute(&format!(
-                        "BEGIN; \
-                         INSERT INTO operations.customers (customer_id, customer_name, is_active, created_at) \
-                           VALUES ({ghost_customer}, 'Ghost customer', true, now()); \
-                         INSERT INTO operations.products (product_id, product_name, barcode, unity_price, is_active) \
-                           VALUES ({ghost_product}, 'Ghost product', '321', 4.00, true); \
+                        "BEGIN; {} \
                          INSERT INTO operations.orders (order_id, order_date, delivery_date, customer_id, status, \
                            created_at) VALUES ({ghost_early_order}, current_date, current_date + 5, 1, 'PENDING', now()); \
                          DELETE FROM operations.customers WHERE customer_id = {ghost_customer}; \
@@ -112,27 +123,12 @@ async fn incremental_builds_equal_a_full_rebuild_and_correct_late_keys() {
                          DELETE FROM operations.orders WHERE order_id = {ghost_early_order}; \
                          INSERT INTO operations.order_items (order_id, product_id, quanity, created_at) \
                            VALUES ({ghost_early_order}, 1, 5, now()); \
-                         COMMIT"
+                         COMMIT",
+                        ghost_rows(ghost_customer, ghost_product)
                     ))
                     .await
                     .expect("a customer and a product that never were visible");
-                ghost_order = client
-                    .query_one(
-                        "INSERT INTO operations.orders (order_date, delivery_date, customer_id, status, created_at) \
-                         VALUES (current_date, current_date + 10, $1, 'PENDING', now()) RETURNING order_id",
-                        &[&ghost_customer],
-                    )
-                    .await
-                    .expect("ghost order")
-                    .get(0);
-                client
-                    .execute(
-                        "INSERT INTO operations.order_items (order_id, product_id, quanity, created_at) \
-                         VALUES ($1, $2, 2, now())",
-                        &[&ghost_order, &ghost_product],
-                    )
-                    .await
-                    .expect("ghost item");
+                ghost_order = order_with_item(&client, ghost_customer, ghost_product, 2).await;
                 // An item stored before its order.
                 client
                     .execute(
@@ -173,12 +169,7 @@ async fn incremental_builds_equal_a_full_rebuild_and_correct_late_keys() {
                     .await
                     .expect("late product");
                 client
-                    .batch_execute(&format!(
-                        "INSERT INTO operations.customers (customer_id, customer_name, is_active, created_at) \
-                           VALUES ({ghost_customer}, 'Ghost customer', true, now()); \
-                         INSERT INTO operations.products (product_id, product_name, barcode, unity_price, is_active) \
-                           VALUES ({ghost_product}, 'Ghost product', '321', 4.00, true)"
-                    ))
+                    .batch_execute(&ghost_rows(ghost_customer, ghost_product))
                     .await
                     .expect("the ghosts arrive for good");
                 client
