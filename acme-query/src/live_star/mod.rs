@@ -83,7 +83,8 @@ pub(crate) struct HeldStar {
 /// the first handle on the stored model (`base`, counted once and shared by every later handle)
 /// plus the differences since (`delta`, which follows the changes, not the table).
 pub(crate) struct CustomerOrders {
-    /// The stored aggregate (a view over its files), or the counts over the live facts (held).
+    /// The stored aggregate's table (read from its files where it is read), or, for a stored
+    /// model without it, the counts over the live facts (held).
     base: Arc<dyn TableProvider>,
     delta: HashMap<(Option<i64>, Option<String>), i64>,
     /// Per status filter, the base's customers ranked (see [`ranking`]), made on first use and
