@@ -74,6 +74,23 @@ async fn order_with_item(client: &tokio_postgres::Client, customer: i64, product
     order
 }
 
+/// Counts the current `fact_orders` rows of `order` that name a version of `customer`.
+fn names_customer(order: i64, customer: i64) -> String {
+    format!(
+        "SELECT count(*) FROM fact_orders f JOIN dim_customer d ON d.customer_sk = f.customer_sk \
+         WHERE f.order_id = {order} AND d.customer_id = {customer} AND f.is_current"
+    )
+}
+
+/// Counts the current `fact_order_items` rows of `order` that name a version of `product`, at
+/// `amount`.
+fn names_product(order: i64, product: i64, amount: &str) -> String {
+    format!(
+        "SELECT count(*) FROM fact_order_items f JOIN dim_product d ON d.product_sk = f.product_sk \
+         WHERE f.order_id = {order} AND d.product_id = {product} AND f.amount = {amount} AND f.is_current"
+    )
+}
+
 /// Statements inserting the ghost customer and product (see the test below).
 fn ghost_rows(customer: i64, product: i64) -> String {
     format!(
@@ -251,27 +268,13 @@ async fn incremental_builds_equal_a_full_rebuild_and_correct_late_keys() {
                 assert_eq!(scalar(&w, &sql).await, -1, "a customer never visible maps to the unknown member");
             }
             2 => {
-                let sql = format!(
-                    "SELECT count(*) FROM fact_orders f JOIN dim_customer d ON d.customer_sk = f.customer_sk \
-                     WHERE f.order_id = {late_order} AND d.customer_id = {late_customer} AND f.is_current"
-                );
+                let sql = names_customer(late_order, late_customer);
                 assert_eq!(scalar(&w, &sql).await, 1, "the order now names its customer");
-                let sql = format!(
-                    "SELECT count(*) FROM fact_order_items f JOIN dim_product d ON d.product_sk = f.product_sk \
-                     WHERE f.order_id = {late_order} AND d.product_id = {late_product} AND f.amount = 37.5 \
-                     AND f.is_current"
-                );
+                let sql = names_product(late_order, late_product, "37.5");
                 assert_eq!(scalar(&w, &sql).await, 1, "the item now names its product and price");
-                let sql = format!(
-                    "SELECT count(*) FROM fact_orders f JOIN dim_customer d ON d.customer_sk = f.customer_sk \
-                     WHERE f.order_id = {ghost_order} AND d.customer_id = {ghost_customer} AND f.is_current"
-                );
+                let sql = names_customer(ghost_order, ghost_customer);
                 assert_eq!(scalar(&w, &sql).await, 1, "the order names the customer that arrived after a tombstone");
-                let sql = format!(
-                    "SELECT count(*) FROM fact_order_items f JOIN dim_product d ON d.product_sk = f.product_sk \
-                     WHERE f.order_id = {ghost_order} AND d.product_id = {ghost_product} AND f.amount = 8 \
-                     AND f.is_current"
-                );
+                let sql = names_product(ghost_order, ghost_product, "8");
                 assert_eq!(scalar(&w, &sql).await, 1, "the item names the product that arrived after a tombstone");
                 let cents: i64 = client
                     .query_one("SELECT (unity_price * 100)::bigint FROM operations.products WHERE product_id = 1", &[])
