@@ -20,7 +20,8 @@
 //!
 //! The bench process's peak RSS is given twice: up to the first caught-up handle (the source's
 //! load, the snapshot, the first model build), and under the live workload after it.
-//! `ACME_BENCH_MEMORY_LIMIT_MB` sets the model build's memory pool (`memory_limit_bytes`).
+//! `ACME_BENCH_MEMORY_LIMIT_MB` sets the model build's memory pool (`memory_limit_bytes`), and
+//! `ACME_BENCH_FLUSH_MS` the capture's micro-batch interval (`flush_interval`).
 //!
 //! Run: `cargo bench --bench freshness`. Writes `bench-data/freshness-sf<SF>.md`.
 
@@ -268,6 +269,11 @@ async fn main() {
         config.memory_limit_bytes = mib << 20;
     }
     let memory_limit_mib = config.memory_limit_bytes >> 20;
+    // The capture's micro-batch interval (`flush_interval`, acme's default unless set).
+    if let Some(ms) = std::env::var("ACME_BENCH_FLUSH_MS").ok().and_then(|v| v.parse::<u64>().ok()) {
+        config.flush_interval = Duration::from_millis(ms);
+    }
+    let flush_ms = config.flush_interval.as_millis();
     let started = Instant::now();
     let interval =
         Duration::from_millis(env("ACME_BENCH_MODEL_INTERVAL_MS", acme::DEFAULT_MODEL_INTERVAL.as_millis() as u64));
@@ -390,7 +396,7 @@ async fn main() {
          Peak RSS of the bench process (pipeline, HTTP service, workload driver and probe): {:.0} MiB up to the \
          first caught-up handle (the source's load, the snapshot and the first model build); {} under the live \
          workload after it (RSS sampled every 250 ms: {:.0} MiB as the workload started, median {:.0} MiB, 90th \
-         percentile {:.0} MiB, {:.0} MiB at most, {:.0} MiB at the end). Model build memory pool: {memory_limit_mib} MiB.\n\
+         percentile {:.0} MiB, {:.0} MiB at most, {:.0} MiB at the end). Model build memory pool: {memory_limit_mib} MiB; capture micro-batches every {flush_ms} ms.\n\
          Answers checked: R1, R2, R3 and R4 of the caught-up warehouse equal PostgreSQL's, before the \
          workload and after it.\n",
         load.customers + load.products + load.orders + load.order_items,
