@@ -167,20 +167,51 @@ impl Storage {
         ctx
     }
 
+    /// DataFusion's cache of this storage's Parquet footers (with their page indexes), one per
+    /// storage root in the process, bounded as DataFusion bounds one runtime's (50 MiB). Each
+    /// runtime acme makes for a storage ([`Storage::runtime_builder`]: the warehouse's, each
+    /// model build's, each background merge's) uses it, instead of a cache of its own: a model
+    /// build folds the tail in beside the published warehouse, and each held footers of the
+    /// same files twice (the SF10 live heap held 30-50 MB in the build's cache alone).
+    pub fn footer_cache(&self) -> Arc<datafusion::execution::cache::cache_manager::FileMetadataCache> {
+        type Caches = HashMap<String, Arc<datafusion::execution::cache::cache_manager::FileMetadataCache>>;
+        static CACHES: std::sync::OnceLock<std::sync::Mutex<Caches>> = std::sync::OnceLock::new();
+        let mut caches = match CACHES.get_or_init(Default::default).lock() {
+            Ok(caches) => caches,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        match caches.get(self.root.as_str()) {
+            Some(cache) => Arc::clone(cache),
+            None => {
+                // The cache a default runtime makes (DataFusion's type and bound).
+                let limit = datafusion::execution::cache::cache_manager::DEFAULT_METADATA_CACHE_LIMIT;
+                let cache: Arc<datafusion::execution::cache::cache_manager::FileMetadataCache> = Arc::new(
+                    datafusion::execution::cache::default_cache::DefaultCache::new(limit)
+                        .with_name("acme's shared footer cache"),
+                );
+                caches.insert(self.root.to_string(), Arc::clone(&cache));
+                cache
+            }
+        }
+    }
+
+    /// A DataFusion runtime builder whose footer cache is this storage's shared one
+    /// ([`Storage::footer_cache`]); the rest (memory pool, disk manager) as DataFusion's default.
+    pub fn runtime_builder(&self) -> datafusion::execution::runtime_env::RuntimeEnvBuilder {
+        let caches = datafusion::execution::cache::cache_manager::CacheManagerConfig::default()
+            .with_file_metadata_cache(Some(self.footer_cache()));
+        datafusion::execution::runtime_env::RuntimeEnvBuilder::new().with_cache_manager(caches)
+    }
+
     /// A context for background work that should hold little memory (compaction): like
     /// [`Storage::session_context`], with the query engine's memory bounded to `limit_bytes`
     /// (sorts beyond it spill to the temporary directory) and one partition, so that one sort
-    /// has the whole bound.
+    /// has the whole bound. Its footer cache is the storage's ([`Storage::footer_cache`]).
     pub fn background_session_context(&self, limit_bytes: usize) -> Result<datafusion::prelude::SessionContext> {
         let pool = datafusion::execution::memory_pool::FairSpillPool::new(limit_bytes);
-        let runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::new()
-            .with_memory_pool(Arc::new(pool))
-            .build_arc()
-            .map_err(|e| Error::Query {
-                table: self.root.to_string(),
-                context: "starting a query engine",
-                source: Box::new(e),
-            })?;
+        let runtime = self.runtime_builder().with_memory_pool(Arc::new(pool)).build_arc().map_err(|e| {
+            Error::Query { table: self.root.to_string(), context: "starting a query engine", source: Box::new(e) }
+        })?;
         // The share of the bound a sort keeps back for merging what it spilled.
         let config = datafusion::prelude::SessionConfig::new()
             .with_target_partitions(1)

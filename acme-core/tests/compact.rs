@@ -427,3 +427,33 @@ async fn a_raw_table_from_an_earlier_acme_gets_the_raw_layers_log_settings() {
     let ctx = SessionContext::new();
     assert_eq!(ids(&ctx, &again).await, vec![1, 2, 3]);
 }
+
+/// Every runtime made for one storage (background merges, model builds, the warehouse) caches
+/// footers in the storage's one cache, so a footer one of them read is not read and held again
+/// by the next; another storage has a cache of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runtimes_made_for_one_storage_share_its_footer_cache() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let storage = Storage::new(&dir.path().display().to_string(), Default::default()).expect("storage");
+    let mut table = storage.open_or_create(Layer::Raw, "numbers", &schema()).await.expect("table");
+    append(&mut table, (0..100).collect(), 1).await;
+    let cache = storage.footer_cache();
+    assert!(cache.is_empty(), "nothing read yet");
+
+    let background = storage.background_session_context(64 << 20).expect("context");
+    assert_eq!(ids(&background, &table).await, (0..100).collect::<Vec<_>>());
+    assert_eq!(cache.len(), 1, "the background query's footer is in the storage's cache");
+
+    let runtime = storage.runtime_builder().build_arc().expect("runtime");
+    let seen = runtime.cache_manager.get_file_metadata_cache();
+    assert!(Arc::ptr_eq(&seen, &cache), "a new runtime of the storage uses the same cache");
+    assert_eq!(seen.len(), 1);
+    // Opened again (another handle on the same root): still the same cache.
+    let again = Storage::new(&dir.path().display().to_string(), Default::default()).expect("storage");
+    assert!(Arc::ptr_eq(&again.footer_cache(), &cache));
+
+    let other_dir = tempfile::tempdir().expect("tmp");
+    let other = Storage::new(&other_dir.path().display().to_string(), Default::default()).expect("storage");
+    assert!(!Arc::ptr_eq(&other.footer_cache(), &cache), "another storage has a cache of its own");
+    assert!(other.footer_cache().is_empty());
+}

@@ -4,7 +4,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
+use datafusion::execution::runtime_env::RuntimeEnv;
 use datafusion::prelude::{SessionConfig, SessionContext};
 use object_store::ObjectStore;
 
@@ -120,8 +120,9 @@ impl WarehouseBuilder {
         };
         let runtime = match (self.runtime, self.memory_limit) {
             (Some(runtime), _) => runtime,
-            (None, Some(bytes)) => RuntimeEnvBuilder::new().with_memory_limit(bytes, 1.0).build_arc()?,
-            (None, None) => RuntimeEnvBuilder::new().build_arc()?,
+            // The storage's footer cache, shared with the model builds and merges of this process.
+            (None, Some(bytes)) => storage.runtime_builder().with_memory_limit(bytes, 1.0).build_arc()?,
+            (None, None) => storage.runtime_builder().build_arc()?,
         };
         let shared = crate::Shared {
             runtime,

@@ -165,9 +165,8 @@ impl ModelBuild {
             ),
             std::num::NonZeroUsize::MIN.saturating_add(4),
         );
-        let runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::new()
-            .with_memory_pool(Arc::new(pool))
-            .build_arc()?;
+        // The storage's footer cache, shared with the warehouse that reads the same files.
+        let runtime = storage.runtime_builder().with_memory_pool(Arc::new(pool)).build_arc()?;
         let ctx = SessionContext::new_with_config_rt(SessionConfig::new().with_information_schema(false), runtime);
         storage.register_object_store(&ctx);
 
