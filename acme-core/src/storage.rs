@@ -168,31 +168,30 @@ impl Storage {
     }
 
     /// DataFusion's cache of this storage's Parquet footers (with their page indexes), one per
-    /// storage root in the process, bounded as DataFusion bounds one runtime's (50 MiB). Each
-    /// runtime acme makes for a storage ([`Storage::runtime_builder`]: the warehouse's, each
-    /// model build's, each background merge's) uses it, instead of a cache of its own: a model
-    /// build folds the tail in beside the published warehouse, and each held footers of the
-    /// same files twice (the SF10 live heap held 30-50 MB in the build's cache alone).
+    /// storage root in the process while any runtime uses it, bounded as DataFusion bounds one
+    /// runtime's (50 MiB). Each runtime acme makes for a storage ([`Storage::runtime_builder`]:
+    /// the warehouse's, each model build's, each background merge's) uses it instead of a cache
+    /// of its own: a model build folds the tail in beside the published warehouse, and each
+    /// kept a copy of the same files' footers (about 30 MB in the build's cache, in a heap
+    /// profile of the SF10 live workload). Once no runtime holds it, the cache is dropped.
     pub fn footer_cache(&self) -> Arc<datafusion::execution::cache::cache_manager::FileMetadataCache> {
-        type Caches = HashMap<String, Arc<datafusion::execution::cache::cache_manager::FileMetadataCache>>;
-        static CACHES: std::sync::OnceLock<std::sync::Mutex<Caches>> = std::sync::OnceLock::new();
+        type Cache = datafusion::execution::cache::cache_manager::FileMetadataCache;
+        static CACHES: std::sync::OnceLock<std::sync::Mutex<HashMap<String, std::sync::Weak<Cache>>>> =
+            std::sync::OnceLock::new();
         let mut caches = match CACHES.get_or_init(Default::default).lock() {
             Ok(caches) => caches,
             Err(poisoned) => poisoned.into_inner(),
         };
-        match caches.get(self.root.as_str()) {
-            Some(cache) => Arc::clone(cache),
-            None => {
-                // The cache a default runtime makes (DataFusion's type and bound).
-                let limit = datafusion::execution::cache::cache_manager::DEFAULT_METADATA_CACHE_LIMIT;
-                let cache: Arc<datafusion::execution::cache::cache_manager::FileMetadataCache> = Arc::new(
-                    datafusion::execution::cache::default_cache::DefaultCache::new(limit)
-                        .with_name("acme's shared footer cache"),
-                );
-                caches.insert(self.root.to_string(), Arc::clone(&cache));
-                cache
-            }
+        if let Some(cache) = caches.get(self.root.as_str()).and_then(std::sync::Weak::upgrade) {
+            return cache;
         }
+        // The cache a default runtime makes (DataFusion's type and bound).
+        let limit = datafusion::execution::cache::cache_manager::DEFAULT_METADATA_CACHE_LIMIT;
+        let cache: Arc<Cache> =
+            Arc::new(datafusion::execution::cache::default_cache::DefaultCache::new(limit).with_name("acme footers"));
+        caches.retain(|_, cache| cache.strong_count() > 0);
+        caches.insert(self.root.to_string(), Arc::downgrade(&cache));
+        cache
     }
 
     /// A DataFusion runtime builder whose footer cache is this storage's shared one

@@ -454,6 +454,11 @@ async fn runtimes_made_for_one_storage_share_its_footer_cache() {
 
     let other_dir = tempfile::tempdir().expect("tmp");
     let other = Storage::new(&other_dir.path().display().to_string(), Default::default()).expect("storage");
-    assert!(!Arc::ptr_eq(&other.footer_cache(), &cache), "another storage has a cache of its own");
-    assert!(other.footer_cache().is_empty());
+    let other_cache = other.footer_cache();
+    assert!(!Arc::ptr_eq(&other_cache, &cache), "another storage has a cache of its own");
+    assert!(other_cache.is_empty());
+
+    // Once nothing holds a storage's cache, it is dropped; the next runtime starts a new one.
+    drop((cache, seen, runtime, background));
+    assert!(storage.footer_cache().is_empty(), "a dropped cache is not kept for the storage");
 }
