@@ -332,7 +332,14 @@ impl LayerTable {
             .await
             .map_err(Error::delta(&self.name, "commit"))?;
         let version = finalized.version();
-        tracing::trace!(table = %self.name, version, ms = started.elapsed().as_millis() as u64, "delta commit built");
+        tracing::trace!(
+            table = %self.name,
+            version,
+            ms = started.elapsed().as_millis() as u64,
+            checkpoint = finalized.metrics.new_checkpoint_created,
+            logs_removed = finalized.metrics.num_log_files_cleaned_up,
+            "delta commit built"
+        );
         self.delta.state = Some(finalized.snapshot());
         crate::committed::remember(&self.delta);
         Ok(CommitOutcome::Committed { version, files })
