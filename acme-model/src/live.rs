@@ -227,6 +227,89 @@ pub fn touched_keys_sql(star: &ModelTable, touched: &Touched) -> String {
     }
 }
 
+/// Whether keys of `key_type` are looked up as 64-bit integers by [`NewKeys`].
+fn integer_key(key_type: &DataType) -> bool {
+    matches!(
+        key_type,
+        DataType::Int8
+            | DataType::Int16
+            | DataType::Int32
+            | DataType::Int64
+            | DataType::UInt8
+            | DataType::UInt16
+            | DataType::UInt32
+    )
+}
+
+/// The distinct keys of a refresh's new changes, by position, looked up by the held pieces'
+/// keys: as integers when the key is one (every ACME table's; a lookup is a hash of the value),
+/// else by their row format. Each refresh looks up every held key among them.
+enum NewKeys<'a> {
+    Integers { at: foldhash::HashMap<i64, u32>, null_at: Option<u32> },
+    Rows { key_type: &'a DataType, converter: &'a RowConverter, at: foldhash::HashMap<&'a [u8], u32> },
+}
+
+impl<'a> NewKeys<'a> {
+    /// The positions of `keys` (distinct); `rows`, their row format, when they are not integers.
+    fn new(
+        keys: &ArrayRef,
+        key_type: &'a DataType,
+        rows: Option<&'a (RowConverter, arrow::row::Rows)>,
+    ) -> Result<Self, ArrowError> {
+        Ok(match rows {
+            Some((converter, rows)) => NewKeys::Rows {
+                key_type,
+                converter,
+                at: (0..rows.num_rows()).map(|i| (rows.row(i).data(), i as u32)).collect(),
+            },
+            None => {
+                let keys = cast(keys, &DataType::Int64)?;
+                let keys = keys.as_primitive::<arrow::datatypes::Int64Type>();
+                let mut at = foldhash::HashMap::default();
+                let mut null_at = None;
+                for (i, key) in keys.iter().enumerate() {
+                    match key {
+                        Some(key) => {
+                            at.insert(key, i as u32);
+                        }
+                        None => null_at = Some(i as u32),
+                    }
+                }
+                NewKeys::Integers { at, null_at }
+            }
+        })
+    }
+
+    /// Calls `found(row, position)` for each row of `keys` (a held key column) whose key is
+    /// among the new ones (a null key matches a null one, as the row format compares them).
+    fn find(&self, keys: &ArrayRef, mut found: impl FnMut(usize, u32)) -> Result<(), ArrowError> {
+        match self {
+            NewKeys::Integers { at, null_at } => {
+                let keys = cast(keys, &DataType::Int64)?;
+                let keys = keys.as_primitive::<arrow::datatypes::Int64Type>();
+                for (i, key) in keys.iter().enumerate() {
+                    let position = match key {
+                        Some(key) => at.get(&key).copied(),
+                        None => *null_at,
+                    };
+                    if let Some(position) = position {
+                        found(i, position);
+                    }
+                }
+            }
+            NewKeys::Rows { key_type, converter, at } => {
+                let rows = converter.convert_columns(&[cast(keys, key_type)?])?;
+                for i in 0..rows.num_rows() {
+                    if let Some(position) = at.get(rows.row(i).data()) {
+                        found(i, *position);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The orders among `orders` (a relation with column `k`) that have no version in the stored
 /// `history`: orders placed after the model's position.
 pub fn new_orders_sql(orders: &str, history: &str) -> String {
@@ -316,25 +399,25 @@ pub fn extend_tail_pieces(
     let [new_keys, new_lsn, new_ts, new_op] = new_first;
     let new_keys = new_keys?;
     let key_type = versions_schema.field_with_name(&spec.key)?.data_type().clone();
-    let converter = RowConverter::new(vec![SortField::new(key_type.clone())])?;
-    let new_rows = converter.convert_columns(&[cast(&new_keys, &key_type)?])?;
-    let position: foldhash::HashMap<&[u8], u32> =
-        (0..new_rows.num_rows()).map(|i| (new_rows.row(i).data(), i as u32)).collect();
+    let new_rows = match integer_key(&key_type) {
+        true => None,
+        false => {
+            let converter = RowConverter::new(vec![SortField::new(key_type.clone())])?;
+            let rows = converter.convert_columns(&[cast(&new_keys, &key_type)?])?;
+            Some((converter, rows))
+        }
+    };
+    let probe = NewKeys::new(&new_keys, &key_type, new_rows.as_ref())?;
 
     // Held first changes, then the new keys' first changes.
     // (The held keys are many, the new ones few: each held key is looked up among the new
     // ones, and no set of the held keys is built.)
     let (first_schema, held_first) = first;
-    let mut seen = vec![false; new_rows.num_rows()];
+    let mut seen = vec![false; new_keys.len()];
     for batch in held_first {
-        let rows = converter.convert_columns(&[cast(batch.column(0), &key_type)?])?;
-        for i in 0..rows.num_rows() {
-            if let Some(at) = position.get(rows.row(i).data()) {
-                seen[*at as usize] = true;
-            }
-        }
+        probe.find(batch.column(0), |_, at| seen[at as usize] = true)?;
     }
-    let unseen = UInt32Array::from_iter_values((0..new_rows.num_rows()).filter(|i| !seen[*i]).map(|i| i as u32));
+    let unseen = UInt32Array::from_iter_values((0..new_keys.len()).filter(|i| !seen[*i]).map(|i| i as u32));
     let added = [Ok(new_keys), new_lsn, new_ts, new_op]
         .into_iter()
         .zip(first_schema.fields())
@@ -358,20 +441,24 @@ pub fn extend_tail_pieces(
     let (close_ts, close_lsn, close_op) = (closing(VALID_TO)?, closing(VALID_TO_LSN)?, closing(CLOSED_BY)?);
     let mut version_batches = Vec::with_capacity(held_versions.len() + 1);
     for batch in held_versions {
-        let rows = converter.convert_columns(&[cast(&column(batch, &spec.key)?, &key_type)?])?;
         let open = column(batch, IS_CURRENT)?;
         let open = open.as_boolean();
-        let by: UInt32Array = (0..batch.num_rows())
-            .map(|i| match open.is_valid(i) && open.value(i) {
-                true => position.get(rows.row(i).data()).copied(),
-                false => None,
-            })
-            .collect();
-        if by.null_count() == by.len() {
+        // (Made on the first version closed: most held batches have none.)
+        let mut closing: Vec<Option<u32>> = Vec::new();
+        probe.find(&column(batch, &spec.key)?, |i, at| {
+            if open.is_valid(i) && open.value(i) {
+                if closing.is_empty() {
+                    closing = vec![None; batch.num_rows()];
+                }
+                closing[i] = Some(at);
+            }
+        })?;
+        if closing.is_empty() {
             // None of this batch's versions is closed: passed on as it is.
             version_batches.push(batch.clone());
             continue;
         }
+        let by = UInt32Array::from(closing);
         let closed = BooleanArray::from_iter(by.iter().map(|b| Some(b.is_some())));
         let mut columns = batch.columns().to_vec();
         for (name, by_first) in [(VALID_TO, &close_ts), (VALID_TO_LSN, &close_lsn), (CLOSED_BY, &close_op)] {

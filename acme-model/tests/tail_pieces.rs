@@ -89,12 +89,28 @@ fn lines(batches: &[RecordBatch]) -> Vec<String> {
     rows
 }
 
+/// `batch` with its key column `id` cast to `key_type`.
+fn keyed_by(batch: RecordBatch, key_type: &DataType) -> RecordBatch {
+    let mut fields: Vec<Field> = batch.schema().fields().iter().map(|f| f.as_ref().clone()).collect();
+    fields[0] = Field::new("id", key_type.clone(), true);
+    let mut columns = batch.columns().to_vec();
+    columns[0] = arrow::compute::cast(&columns[0], key_type).expect("cast the key");
+    RecordBatch::try_new(Arc::new(Schema::new(fields)), columns).expect("batch")
+}
+
+/// Integer keys (looked up as integers) and text keys (looked up by their row format) alike.
 #[tokio::test]
 async fn extending_held_pieces_equals_computing_them_over_all_changes() {
+    for key_type in [DataType::Int64, DataType::Int32, DataType::Utf8] {
+        extending_held_pieces_equals_computing_them_with(&key_type).await;
+    }
+}
+
+async fn extending_held_pieces_equals_computing_them_with(key_type: &DataType) {
     let spec = HistorySpec::new("items", "id");
     let attributes = vec!["id".to_string(), "name".to_string(), "qty".to_string()];
     for seed in 0..40u64 {
-        let all = changes(seed, 10 + (seed as usize % 5) * 15);
+        let all = keyed_by(changes(seed, 10 + (seed as usize % 5) * 15), key_type);
         let ctx = SessionContext::new();
         let table = MemTable::try_new(all.schema(), vec![vec![all.clone()]]).expect("table");
         ctx.register_table("all_changes", Arc::new(table)).expect("register");
@@ -122,11 +138,19 @@ async fn extending_held_pieces_equals_computing_them_over_all_changes() {
 
         let (first, versions) =
             extend_tail_pieces(&spec, &after, (&first_schema, &held_first), (&versions_schema, &held_versions))
-                .unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+                .unwrap_or_else(|e| panic!("seed {seed}, {key_type} keys: {e}"));
 
         let (_, want_first) = query(&ctx, &first_changes_sql(&spec, "all_changes", &attributes, 0)).await;
         let (_, want_versions) = query(&ctx, &tail_versions_sql(&spec, "all_changes", &attributes, 0, &[])).await;
-        assert_eq!(lines(&first), lines(&want_first), "first changes, seed {seed}, held up to {split}");
-        assert_eq!(lines(&versions), lines(&want_versions), "versions, seed {seed}, held up to {split}");
+        assert_eq!(
+            lines(&first),
+            lines(&want_first),
+            "first changes, seed {seed}, {key_type} keys, held up to {split}"
+        );
+        assert_eq!(
+            lines(&versions),
+            lines(&want_versions),
+            "versions, seed {seed}, {key_type} keys, held up to {split}"
+        );
     }
 }

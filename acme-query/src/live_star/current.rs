@@ -68,10 +68,13 @@ pub(super) async fn pending_items(
         }
     }
     let moved: KeySet = moved.into_iter().collect();
+    // (One pass over each held batch: every refresh tests every held item.)
     let affected = |batch: &RecordBatch| -> Result<BooleanArray> {
-        let touched = mask(&int64s(batch, "order_item_id")?, |id| item_set.contains(&id), false);
-        let of_moved = mask(&int64s(batch, "order_id")?, |order| moved.contains(&order), false);
-        Ok(arrow::compute::or(&touched, &of_moved)?)
+        let (items, orders) = (int64s(batch, "order_item_id")?, int64s(batch, "order_id")?);
+        let touched = |i: usize| items.is_valid(i) && item_set.contains(&items.value(i));
+        let of_moved = |i: usize| !moved.is_empty() && orders.is_valid(i) && moved.contains(&orders.value(i));
+        let bits = arrow::buffer::BooleanBuffer::collect_bool(batch.num_rows(), |i| touched(i) || of_moved(i));
+        Ok(BooleanArray::new(bits, None))
     };
     // Each side: the affected items as the previous handle saw them, and as this one sees them.
     let sides = [(previous, -1), (&*held, 1)];
@@ -424,7 +427,7 @@ fn register_differences(
 pub(super) async fn touched_since(ctx: &SessionContext, table: &str) -> Result<Vec<i64>> {
     let relation = format!("{TAIL_SCHEMA}.{table}_touched");
     match ctx.table_exist(relation.as_str())? {
-        true => held_values(&ctx.table_provider(relation.as_str()).await?, "k").await,
+        true => Ok(held_values(&ctx.table_provider(relation.as_str()).await?, "k").await?.to_vec()),
         false => Ok(Vec::new()),
     }
 }

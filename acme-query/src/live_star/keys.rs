@@ -78,14 +78,29 @@ pub(super) fn column<'a>(batch: &'a RecordBatch, name: &str) -> Result<&'a arrow
 }
 
 /// The distinct non-null values of integer column `column` of a held relation, sorted.
-pub(super) async fn held_values(provider: &Arc<dyn TableProvider>, column: &str) -> Result<Vec<i64>> {
+///
+/// A relation of one batch whose column already holds them (a key relation as [`key_table`]
+/// makes it: a handle's held keys, read several times by every refresh) is not copied: its
+/// values buffer is shared.
+pub(super) async fn held_values(
+    provider: &Arc<dyn TableProvider>,
+    column: &str,
+) -> Result<arrow::buffer::ScalarBuffer<i64>> {
+    let batches = held_rows(provider).await?;
+    if let [batch] = &batches[..]
+        && let Some(values) = self::column(batch, column)?.as_primitive_opt::<Int64Type>()
+        && values.null_count() == 0
+        && values.values().windows(2).all(|pair| pair[0] < pair[1])
+    {
+        return Ok(values.values().clone());
+    }
     let mut values = Vec::new();
-    for batch in held_rows(provider).await? {
-        values.extend(int64s(&batch, column)?.iter().flatten());
+    for batch in &batches {
+        values.extend(int64s(batch, column)?.iter().flatten());
     }
     values.sort_unstable();
     values.dedup();
-    Ok(values)
+    Ok(values.into())
 }
 
 /// The first column of a query's rows, as Int64 values (nulls left out).
@@ -247,12 +262,17 @@ pub(super) async fn stored_lookup(
 
 /// A one-column relation `k` of `keys`, held in memory, and the memory it takes.
 pub(super) fn key_table(keys: &[i64]) -> Result<(Arc<dyn TableProvider>, usize)> {
+    owned_key_table(keys.to_vec())
+}
+
+/// [`key_table`] of keys the caller no longer needs (not copied).
+pub(super) fn owned_key_table(keys: Vec<i64>) -> Result<(Arc<dyn TableProvider>, usize)> {
     let schema =
         Arc::new(Schema::new(vec![arrow::datatypes::Field::new("k", arrow::datatypes::DataType::Int64, true)]));
     let batches = if keys.is_empty() {
         Vec::new()
     } else {
-        let column = Arc::new(arrow::array::Int64Array::from(keys.to_vec())) as arrow::array::ArrayRef;
+        let column = Arc::new(arrow::array::Int64Array::from(keys)) as arrow::array::ArrayRef;
         vec![arrow::array::RecordBatch::try_new(Arc::clone(&schema), vec![column])?]
     };
     let bytes = batches.iter().map(arrow::array::RecordBatch::get_array_memory_size).sum();

@@ -218,7 +218,7 @@ pub(super) async fn extend_rows(
     let rows = crate::merged_past_limit(&schema, rows)?;
     let all_keys = merge_sorted(&held_values(previous.0, "k").await?, &touched_keys);
     let rows: Arc<dyn TableProvider> = Arc::new(datafusion::datasource::MemTable::try_new(schema, vec![rows])?);
-    Ok((key_table(&all_keys)?.0, rows))
+    Ok((owned_key_table(all_keys)?.0, rows))
 }
 
 /// The union of two sorted lists of distinct keys, sorted.
