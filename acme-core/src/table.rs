@@ -414,7 +414,16 @@ fn checkpoint_beside(table: DeltaTable, name: &str, version: u64) {
     tokio::spawn(async move {
         let started = std::time::Instant::now();
         let written = async {
-            deltalake::checkpoints::create_checkpoint(&table, None).await?;
+            // (Delta writes the checkpoint file synchronously on the calling thread, for tens of
+            // milliseconds: on the blocking pool, not on a worker the stream and the reports
+            // share.)
+            let runtime = tokio::runtime::Handle::current();
+            let checkpointed = table.clone();
+            tokio::task::spawn_blocking(move || {
+                runtime.block_on(deltalake::checkpoints::create_checkpoint(&checkpointed, None))
+            })
+            .await
+            .map_err(|e| deltalake::DeltaTableError::Generic(format!("the checkpoint task stopped: {e}")))??;
             let retention = table.snapshot()?.table_config().log_retention_duration();
             let cutoff = chrono::Utc::now().timestamp_millis() - retention.as_millis() as i64;
             deltalake::checkpoints::cleanup_expired_logs_for(version, table.log_store().as_ref(), cutoff, None).await
