@@ -9,7 +9,6 @@ use deltalake::kernel::engine::arrow_conversion::TryIntoKernel;
 use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
 use deltalake::kernel::{Action, Add, StructType, Transaction};
 use deltalake::protocol::{DeltaOperation, SaveMode};
-use deltalake::table::config::TablePropertiesExt as _;
 use deltalake::writer::{DeltaWriter, RecordBatchWriter};
 use deltalake::{DeltaTable, TableProperty};
 use parquet::basic::{Compression, ZstdLevel};
@@ -158,8 +157,7 @@ impl LayerTable {
 /// table's state replays the log since the last checkpoint, so a longer interval makes every
 /// commit dearer: under the SF1 live workload a raw table's commit took 22-27 ms at this
 /// interval and 26-48 ms (growing with the commits since the checkpoint) at Delta's default
-/// of 100, against 95 ms here and 276 ms there for a commit that writes a checkpoint (which
-/// [`LayerTable::commit`] now leaves to a task beside the writer).
+/// of 100, against 95 ms here and 276 ms there for a commit that writes a checkpoint.
 pub const CHECKPOINT_INTERVAL: u64 = 10;
 
 /// How long the log entries of a raw table (`delta.logRetentionDuration`) are kept once a
@@ -268,10 +266,6 @@ pub enum CommitMode {
 impl LayerTable {
     /// Commit `adds` and `position` atomically as one new table version: the one commit path
     /// of every layer. When `position` is already stored, nothing is committed.
-    ///
-    /// A checkpoint due at the new version, and the clean-up of expired log entries after it,
-    /// are written by a task beside the writer once the commit returns (see the note on
-    /// [`CHECKPOINT_INTERVAL`]); none is lost if that task does not finish.
     pub async fn commit(&mut self, adds: Vec<Add>, position: &Position, mode: CommitMode) -> Result<CommitOutcome> {
         self.refresh().await?;
         self.commit_as_only_writer(adds, position, mode).await
@@ -303,7 +297,7 @@ impl LayerTable {
             partition_by: None,
             predicate: None,
         };
-        self.commit_with(actions, files, operation, Some(position), Checkpoints::Beside).await
+        self.commit_actions(actions, files, operation, Some(position)).await
     }
 
     /// Commit `actions` on the loaded version as one new table version, with `position` (when
@@ -316,35 +310,12 @@ impl LayerTable {
         operation: DeltaOperation,
         position: Option<&Position>,
     ) -> Result<CommitOutcome> {
-        self.commit_with(actions, files, operation, position, Checkpoints::InCommit).await
-    }
-
-    /// [`LayerTable::commit_actions`], with the table's checkpoints written as `checkpoints` says.
-    async fn commit_with(
-        &mut self,
-        actions: Vec<Action>,
-        files: usize,
-        operation: DeltaOperation,
-        position: Option<&Position>,
-        checkpoints: Checkpoints,
-    ) -> Result<CommitOutcome> {
         // Expired log entries are cleaned up with each checkpoint, not at every commit: the
         // clean-up lists the whole log, and it removes entries only up to a checkpoint. (Delta
         // checkpoints after version `v` when `v + 1` is a multiple of the interval.)
         let next = self.version().map_or(0, |v| v + 1);
-        let interval = self
-            .delta
-            .snapshot()
-            .map(|s| s.table_config().checkpoint_interval().get())
-            .unwrap_or(CHECKPOINT_INTERVAL)
-            .max(1);
-        let due = (next + 1).is_multiple_of(interval);
-        let mut properties = match checkpoints {
-            Checkpoints::InCommit => CommitProperties::default().with_cleanup_expired_logs(Some(due)),
-            Checkpoints::Beside => {
-                CommitProperties::default().with_create_checkpoint(false).with_cleanup_expired_logs(Some(false))
-            }
-        };
+        let mut properties =
+            CommitProperties::default().with_cleanup_expired_logs(Some((next + 1).is_multiple_of(CHECKPOINT_INTERVAL)));
         if let Some(position) = position {
             if let Some(stored) = self.position(&position.app_id).await?
                 && stored >= position.version
@@ -371,81 +342,8 @@ impl LayerTable {
         );
         self.delta.state = Some(finalized.snapshot());
         crate::committed::remember(&self.delta);
-        if checkpoints == Checkpoints::Beside && (version + 1).is_multiple_of(interval) {
-            checkpoint_beside(self.delta.clone(), &self.name, version);
-        }
         Ok(CommitOutcome::Committed { version, files })
     }
-}
-
-/// Where a commit's checkpoint (when one is due) and the expired log clean-up that follows it
-/// are written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Checkpoints {
-    /// By the commit itself, before it returns (Delta's post-commit hook).
-    InCommit,
-    /// By a task beside the writer ([`checkpoint_beside`]), after the commit returns.
-    Beside,
-}
-
-/// The tables (by location) with a checkpoint being written beside their writer.
-static CHECKPOINTS_IN_FLIGHT: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
-
-/// Write `table`'s checkpoint at `version` (its loaded version), then remove the log entries
-/// older than its log retention that the checkpoint covers, in a task beside the writer: the
-/// change stream's raw tables commit several versions a second, and a commit that wrote the
-/// checkpoint itself took three to four times as long as one that did not (95 against 25 ms
-/// under the SF1 live workload, for each of the four tables of the same micro-batch), delaying
-/// every change of that micro-batch. (Delta's own clean-up then also reloads the table's
-/// whole state from the log, which the writer does not need: its state is the one its commit
-/// left.) One checkpoint per table at a time; a due checkpoint that finds one in flight is
-/// skipped, and the next interval writes a newer one. A checkpoint is an optimisation of
-/// reading the log: one not written (a failure, a process stopped meanwhile) loses nothing.
-fn checkpoint_beside(table: DeltaTable, name: &str, version: u64) {
-    let location = table.table_url().to_string();
-    {
-        let mut in_flight = CHECKPOINTS_IN_FLIGHT.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if in_flight.contains(&location) {
-            return;
-        }
-        in_flight.push(location.clone());
-    }
-    let name = name.to_string();
-    tokio::spawn(async move {
-        let started = std::time::Instant::now();
-        let written = async {
-            // (Delta writes the checkpoint file synchronously on the calling thread, for tens of
-            // milliseconds: on the blocking pool, not on a worker the stream and the reports
-            // share.)
-            let runtime = tokio::runtime::Handle::current();
-            let checkpointed = table.clone();
-            tokio::task::spawn_blocking(move || {
-                runtime.block_on(deltalake::checkpoints::create_checkpoint(&checkpointed, None))
-            })
-            .await
-            .map_err(|e| deltalake::DeltaTableError::Generic(format!("the checkpoint task stopped: {e}")))??;
-            let retention = table.snapshot()?.table_config().log_retention_duration();
-            let cutoff = chrono::Utc::now().timestamp_millis() - retention.as_millis() as i64;
-            deltalake::checkpoints::cleanup_expired_logs_for(version, table.log_store().as_ref(), cutoff, None).await
-        }
-        .await;
-        CHECKPOINTS_IN_FLIGHT.lock().unwrap_or_else(std::sync::PoisonError::into_inner).retain(|l| l != &location);
-        match written {
-            Ok(removed) => tracing::trace!(
-                table = %name,
-                version,
-                logs_removed = removed,
-                ms = started.elapsed().as_millis() as u64,
-                "checkpoint written beside the commits"
-            ),
-            Err(error) => tracing::warn!(
-                table = %name,
-                version,
-                %error,
-                "writing a checkpoint beside the commits failed; a later one is written at the next interval"
-            ),
-        }
-    });
 }
 
 /// Streams record batches into Parquet files of one layer table; nothing is visible to

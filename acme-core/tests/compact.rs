@@ -140,64 +140,6 @@ async fn an_only_writers_commit_lands_on_top_of_a_concurrent_one_and_refuses_a_s
     assert_eq!(ids(&ctx, &reopened).await, vec![1, 2, 3, 4, 5]);
 }
 
-/// The change stream's commits leave the raw table's checkpoints, and the clean-up of its
-/// expired log entries, to a task beside them: the checkpoints appear at Delta's interval, the
-/// entries older than the retention that a checkpoint covers go, and the writer goes on
-/// committing on the state its commits left while readers open the table from the checkpoint.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_streams_checkpoints_and_log_clean_up_are_written_beside_its_commits() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let storage = Storage::new(&dir.path().display().to_string(), Default::default()).expect("storage");
-    let created = storage.open_or_create(Layer::Raw, "numbers", &schema()).await.expect("table");
-    // A retention of a second, so that the test sees entries expire.
-    let properties = [("delta.logRetentionDuration".to_string(), "interval 1 second".to_string())];
-    created.delta().clone().set_tbl_properties().with_properties(properties.into()).await.expect("retention");
-    let mut stream = storage.open(Layer::Raw, "numbers").await.expect("open").expect("exists");
-    let log = dir.path().join("raw/numbers/_delta_log");
-    let entry = |version: u64, kind: &str| log.join(format!("{version:020}.{kind}"));
-    let mut expected = Vec::new();
-    let mut commit_up_to = async |stream: &mut acme_core::LayerTable, version: u64| {
-        while stream.version().expect("loaded") < version {
-            let id = stream.version().expect("loaded") as i64;
-            let files = written(stream, vec![id], true).await;
-            stream.commit_as_only_writer(files, &Position::new("test", id), CommitMode::Append).await.expect("commit");
-            expected.push(id);
-        }
-    };
-    commit_up_to(&mut stream, 9).await;
-    let appeared = |path: std::path::PathBuf| async move {
-        for _ in 0..300 {
-            if path.exists() {
-                return true;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        }
-        false
-    };
-    assert!(appeared(entry(9, "checkpoint.parquet")).await, "the checkpoint at version 9 was written");
-    // The entries up to it expire; the next checkpoint's clean-up removes them.
-    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
-    assert!(entry(1, "json").exists());
-    commit_up_to(&mut stream, 19).await;
-    assert!(appeared(entry(19, "checkpoint.parquet")).await, "the checkpoint at version 19 was written");
-    let mut removed = false;
-    for _ in 0..300 {
-        removed = !entry(1, "json").exists();
-        if removed {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    assert!(removed, "the expired entries the checkpoint covers were removed");
-    assert!(entry(19, "json").exists(), "the newest entries stay");
-    // The writer goes on from the state its commits left; a reader opens from the checkpoint.
-    commit_up_to(&mut stream, 23).await;
-    let reader = storage.open(Layer::Raw, "numbers").await.expect("open").expect("exists");
-    assert_eq!(reader.version(), Some(23));
-    assert_eq!(ids(&SessionContext::new(), &reader).await, expected);
-    assert_eq!(reader.position("test").await.expect("position"), Some(22));
-}
-
 /// A reader moved forward to a version a writer of the same process committed takes that
 /// writer's state instead of replaying the log: with the commit's log entry gone it still
 /// reads the version's rows, the same rows and position a reader loading them from the log
@@ -366,19 +308,11 @@ async fn a_raw_tables_log_keeps_only_its_retention_and_every_reader_still_reads_
     for name in &before {
         std::fs::File::options().write(true).open(log.join(name)).expect("entry").set_modified(aged).expect("age");
     }
-    // Versions 26 to 30; the checkpoint after version 29 cleans up (beside the commits: the
-    // test waits for it).
+    // Versions 26 to 30; the checkpoint after version 29 cleans up.
     for round in 25..30i64 {
         append(&mut table, (round * 10..(round + 1) * 10).collect(), round + 1).await;
     }
-    let mut after = log_entries(dir.path(), "numbers");
-    for _ in 0..300 {
-        if !after.contains(&format!("{:020}.json", 0)) {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        after = log_entries(dir.path(), "numbers");
-    }
+    let after = log_entries(dir.path(), "numbers");
     let commits = |names: &[String]| names.iter().filter(|n| n.ends_with(".json")).count();
     assert!(!after.contains(&format!("{:020}.json", 0)), "expired entries removed: {after:?}");
     assert!(commits(&after) <= 12, "about one checkpoint interval of commits left: {after:?}");
