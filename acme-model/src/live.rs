@@ -443,6 +443,11 @@ pub fn extend_tail_pieces(
     for batch in held_versions {
         let open = column(batch, IS_CURRENT)?;
         let open = open.as_boolean();
+        if open.true_count() == 0 {
+            // Only closed versions: none to close (not looked up).
+            version_batches.push(batch.clone());
+            continue;
+        }
         // (Made on the first version closed: most held batches have none.)
         let mut closing: Vec<Option<u32>> = Vec::new();
         probe.find(&column(batch, &spec.key)?, |i, at| {
