@@ -53,11 +53,12 @@ fn workload(seed: u64, tps: f64, seconds: u64) -> WorkloadConfig {
     }
 }
 
-/// How many pending orders the first stamp's customer places: more than any customer has when
-/// the run starts, with a margin; each later stamp places 10 more than the one before (the
-/// workload places orders for recent customers too, the stamps' among them), so that each
-/// stamp's customer ranks first in R4 and shows in its top 3, as a user asks for it, rather than
-/// in a list of every customer with a pending order.
+/// How many pending orders each stamp's customer places: more than any customer has when the
+/// run starts, with a margin, so that the stamp's customer ranks first in R4 and shows in its top
+/// 3, as a user asks for it, rather than in a list of every customer with a pending order. Each
+/// stamp completes the previous stamp's orders, so the stamps stay this size and typical of the
+/// source's transactions: before, each stamp placed 10 more orders than the one before it, and
+/// by the end of a run the stamps were most of the changes the pipeline followed.
 async fn stamp_orders(client: &tokio_postgres::Client) -> i64 {
     let row = client
         .query_one(
@@ -70,9 +71,18 @@ async fn stamp_orders(client: &tokio_postgres::Client) -> i64 {
     row.get::<_, i64>(0) + 20
 }
 
-/// Commit one stamp of `orders` orders; returns (customer id, product id, delivery date) and the
-/// commit instant.
-async fn stamp(client: &tokio_postgres::Client, n: u64, orders: i64) -> ((i64, i64, String), Instant) {
+/// A stamp: (customer id, product id, delivery date).
+type Stamp = (i64, i64, String);
+
+/// Commit stamp `n` of `orders` orders, which also completes the orders of the stamp before it
+/// (`previous`, by order id); returns the stamp, its order ids, the rows it changed and the commit
+/// instant.
+async fn stamp(
+    client: &tokio_postgres::Client,
+    n: u64,
+    orders: i64,
+    previous: &[i64],
+) -> (Stamp, Vec<i64>, u64, Instant) {
     let delivery = format!("DATE '2300-01-01' + {n}");
     let row = client
         .query_one(
@@ -85,18 +95,22 @@ async fn stamp(client: &tokio_postgres::Client, n: u64, orders: i64) -> ((i64, i
                    SELECT current_date, {delivery}, customer_id, 'PENDING', now() FROM c, generate_series(1, {orders}) \
                    RETURNING order_id), \
                  i AS (INSERT INTO operations.order_items (order_id, product_id, quanity, created_at) \
-                   SELECT order_id, product_id, 9, now() FROM o, p RETURNING product_id) \
-                 SELECT (SELECT customer_id FROM c), (SELECT DISTINCT product_id FROM i), CAST({delivery} AS text)"
+                   SELECT order_id, product_id, 9, now() FROM o, p RETURNING product_id), \
+                 done AS (UPDATE operations.orders SET status = 'COMPLETED', updated_at = now() \
+                   WHERE order_id = ANY($1) AND status IS DISTINCT FROM 'COMPLETED' RETURNING order_id) \
+                 SELECT (SELECT customer_id FROM c), (SELECT DISTINCT product_id FROM i), CAST({delivery} AS text), \
+                   (SELECT array_agg(order_id) FROM o), (SELECT count(*) FROM done)"
             ),
-            &[],
+            &[&previous],
         )
         .await
         .expect("stamp");
-    ((row.get(0), row.get(1), row.get(2)), Instant::now())
+    let completed: i64 = row.get(4);
+    ((row.get(0), row.get(1), row.get(2)), row.get(3), 2 + 2 * orders as u64 + completed as u64, Instant::now())
 }
 
 /// Whether R1, R3 and R4 of `w` show the stamp.
-async fn shown(w: &Warehouse, (customer, product, date): &(i64, i64, String)) -> bool {
+async fn shown(w: &Warehouse, (customer, product, date): &Stamp) -> bool {
     let r1 = w.open_orders(StatusFilter::Open, None).await.expect("R1");
     if !r1.iter().any(|r| r.delivery_date.is_some_and(|d| &d.to_string() == date)) {
         return false;
@@ -107,7 +121,7 @@ async fn shown(w: &Warehouse, (customer, product, date): &(i64, i64, String)) ->
 }
 
 /// What each report and table holds of a stamp that was not shown.
-async fn diagnose(w: &Warehouse, (customer, product, date): &(i64, i64, String)) -> String {
+async fn diagnose(w: &Warehouse, (customer, product, date): &Stamp) -> String {
     let r1 = w.open_orders(StatusFilter::Open, None).await.expect("R1");
     let r3 = w.pending_items_by_product(None).await.expect("R3");
     let r4 = w.top_customers(3, StatusFilter::Pending, None).await.expect("R4");
@@ -175,7 +189,7 @@ fn has(body: Option<String>, field: &str, value: &str) -> bool {
 }
 
 /// Whether the service's R1, R3 and R4 show the stamp.
-fn shown_http(addr: std::net::SocketAddr, (customer, product, date): &(i64, i64, String)) -> bool {
+fn shown_http(addr: std::net::SocketAddr, (customer, product, date): &Stamp) -> bool {
     has(get(addr, "/analytics/orders?status=open"), "delivery_date", &format!("\"{date}\""))
         && has(get(addr, "/analytics/orders/product"), "product_id", &product.to_string())
         && has(get(addr, "/analytics/orders/customers?status=pending&limit=3"), "customer_id", &customer.to_string())
@@ -240,6 +254,16 @@ fn percentiles(mut v: Vec<Duration>) -> String {
     format!("| {} ms | {} ms | {} ms | {} ms | {} |", at(0.5), at(0.95), at(0.99), at(1.0), v.len())
 }
 
+/// The median and 90th percentile of a probe's query times, and how many.
+fn spread(mut v: Vec<Duration>) -> String {
+    if v.is_empty() {
+        return "not run".into();
+    }
+    v.sort();
+    let at = |q| common::percentile(&v, q).as_millis();
+    format!("median {} ms, 90th percentile {} ms ({} looks)", at(0.5), at(0.9), v.len())
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     // `RUST_LOG=acme=debug,acme_ingest=debug,acme_query=debug` shows each commit round and refresh.
@@ -302,16 +326,25 @@ async fn main() {
     let server = tokio::spawn(async move { axum::serve(listener, router(state)).await });
 
     let orders_per_stamp = stamp_orders(&client).await;
+    let mut previous_orders: Vec<i64> = Vec::new();
+    let mut stamp_changes = 0u64;
     let writer = {
         let url = url.clone();
         tokio::spawn(async move { acme_testkit::run_workload(&url, &workload(11, tps, seconds)).await })
     };
     let (mut library, mut http, mut raw) = (Vec::new(), Vec::new(), Vec::new());
+    // The same stamps as measured before the probe timed each query on its own: until the end of
+    // the look, the raw-layer baseline's query included.
+    let (mut library_whole, mut http_whole) = (Vec::new(), Vec::new());
+    // What each look cost the probe: the raw-layer query, and the reports (R1, then R3 and R4).
+    let (mut raw_query, mut report_looks) = (Vec::new(), Vec::new());
     let mut n = 0u64;
     let deadline = Duration::from_secs(120);
     while !writer.is_finished() {
         n += 1;
-        let (stamp, committed) = stamp(&client, n, orders_per_stamp + 10 * n as i64).await;
+        let (stamp, placed, changed, committed) = stamp(&client, n, orders_per_stamp, &previous_orders).await;
+        previous_orders = placed;
+        stamp_changes += changed;
         let mut raw_seen = None;
         let mut looked_at = None;
         loop {
@@ -327,6 +360,10 @@ async fn main() {
                 continue;
             }
             looked_at = Some(w.raw_position());
+            // Each path's figure is the time this handle was taken plus that path's own
+            // queries: the reports a user asks of this handle do not wait for the baseline's
+            // query, which the probe runs first.
+            let taken = committed.elapsed();
             if raw_seen.is_none() {
                 // Only the files after the stored model's position (pruned by their LSN range).
                 let sql = format!(
@@ -334,29 +371,35 @@ async fn main() {
                     w.model_position().map(|p| p.as_stored()).unwrap_or_default(),
                     stamp.2
                 );
+                let started = Instant::now();
                 let batches = w.sql(&sql).await.expect("raw").collect().await.expect("raw rows");
                 let count = batches[0]
                     .column(0)
                     .as_any()
                     .downcast_ref::<acme::query::datafusion::arrow::array::Int64Array>()
                     .map(|a| a.value(0));
+                raw_query.push(started.elapsed());
                 if count.unwrap_or(0) > 0 {
-                    raw_seen = Some(committed.elapsed());
+                    raw_seen = Some(taken + started.elapsed());
                 }
             }
+            let started = Instant::now();
             let seen = if n % 2 == 1 {
                 shown(&w, &stamp).await
             } else {
                 let stamp = stamp.clone();
                 tokio::task::spawn_blocking(move || shown_http(addr, &stamp)).await.expect("HTTP look")
             };
+            report_looks.push(started.elapsed());
             if seen {
-                let elapsed = committed.elapsed();
+                let elapsed = taken + started.elapsed();
                 raw.push(raw_seen.unwrap_or(elapsed));
                 if n % 2 == 1 {
-                    library.push(elapsed)
+                    library.push(elapsed);
+                    library_whole.push(committed.elapsed());
                 } else {
-                    http.push(elapsed)
+                    http.push(elapsed);
+                    http_whole.push(committed.elapsed());
                 }
                 break;
             }
@@ -383,12 +426,18 @@ async fn main() {
         "## Report freshness, SF{sf} ({} source rows), `Pipeline` under the live workload\n\n\
          Pipeline start (snapshot and first model): {:.1?}. Workload target {tps} tx/s over 4 connections: \
          {reached_tps:.0} tx/s reached beside acme ({} transactions in {:.1?}); the same workload alone \
-         (5 s, no capture): {alone_tps:.0} tx/s.\n\n\
+         (5 s, no capture): {alone_tps:.0} tx/s. The workload changed {} rows; the probe's {n} stamps \
+         ({orders_per_stamp} orders each) {stamp_changes}.\n\n\
          From the commit of a transaction touching all four tables until R1, R3 and R4 all show it (probe \
          pause 100 ms between stamps; a look runs the reports on each new handle the pipeline publishes, R3 and R4 \
          only once R1 shows the stamp):\n\n\
          | path | p50 | p95 | p99 | max | stamps |\n|---|---|---|---|---|---|\n\
-         | `Pipeline::warehouse()` {}\n| HTTP service {}\n| baseline: the raw layer (`raw_orders`) {}\n\n\
+         | `Pipeline::warehouse()` {}\n| HTTP service {}\n| baseline: the raw layer (`raw_orders`) {}\n\
+         | `Pipeline::warehouse()`, until the end of the look (the baseline's query included) {}\n\
+         | HTTP service, until the end of the look {}\n\n\
+         A path's figure is the instant the look took the handle plus that path's own queries (the probe runs \
+         the raw layer's query first, then the reports). What a look cost the probe: the raw layer's query \
+         {}; the reports {}.\n\n\
          Model maintenance beside the stream (checked every {interval:?}; a build folds the tail in once it \
          reaches {fold_ratio} of the model's rows or half the {tail_limit} changes a handle holds in memory): {} builds, the last {:.1?}; tail at the end {} changes; \
          {} raw compactions; \
@@ -403,9 +452,14 @@ async fn main() {
         startup,
         written.transactions,
         written.elapsed,
+        written.total_changes(),
         percentiles(library),
         percentiles(http),
         percentiles(raw),
+        percentiles(library_whole),
+        percentiles(http_whole),
+        spread(raw_query),
+        spread(report_looks),
         status.model_builds,
         status.last_model_build.unwrap_or_default(),
         status.tail_changes,
