@@ -491,6 +491,17 @@ impl Warehouse {
         self.tail
     }
 
+    /// The key lookups of stored model tables this handle holds, sorted: a table by its key
+    /// (`dim_customer`) or by a column (`fact_orders.order_id`). Each is made once per stored
+    /// model (it reads the page index of every file) and passed on to the handles refreshed
+    /// from this one; a pipeline's first handle on a newly stored model makes them beside the
+    /// published handles.
+    pub fn stored_lookups(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.star.iter().flat_map(|s| s.lookups.keys().cloned()).collect();
+        names.sort();
+        names
+    }
+
     /// Read every data file of the pinned tables and fail with
     /// [`acme_core::Error::DataFile`] naming the first that cannot be read (missing, truncated
     /// or corrupt). Query engines report such files without naming them: the reports call this

@@ -292,3 +292,20 @@ async fn reports_apply_the_raw_tail_exactly_between_model_builds() {
         assert_eq!(rows(&refreshed, table).await, expected, "{table}: live star (extended by a refresh) vs rebuild");
     }
 }
+
+/// A pipeline's first handle on a newly stored model (`refreshed_with_live_state`, made beside
+/// the published handles) makes the stored facts' lookups that R3's and R4's counts read, so
+/// that the first refresh touching an order does not make them while the reports wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_live_handle_on_a_stored_model_makes_the_facts_lookups() {
+    let (_url, _dir, config, _stream) = pipeline("lookups", 0.003, 41).await;
+    let before = Warehouse::open(&config.storage_url).await.expect("open before the build");
+    assert_eq!(before.model_position(), None, "no model yet");
+    ModelBuild::new(config.clone()).await.expect("build");
+    let first = before.refreshed_with_live_state().await.expect("refresh").expect("a stored model");
+    assert_eq!(first.tail().map(|t| t.changes), Some(0), "no raw change after the model");
+    let lookups = first.stored_lookups();
+    for wanted in ["fact_order_items.order_item_id", "fact_order_items.order_id", "fact_orders.order_id"] {
+        assert!(lookups.iter().any(|l| l == wanted), "{wanted} not among the lookups held: {lookups:?}");
+    }
+}
