@@ -195,8 +195,9 @@ pub(crate) async fn register(ctx: &SessionContext, inputs: &LiveInputs<'_>) -> R
     // And the stored facts' lookups that R3's and R4's counts read (items by item and by order,
     // orders by order), here with the others: otherwise the first refresh that touches an order
     // makes them, and the reports wait for it (1.6 s for `fact_order_items` by item at SF10,
-    // 649 files). A pipeline's first handle on a newly stored model has an empty tail and is made
-    // beside the published handles, so they are made off the reports' path.
+    // 649 files). A pipeline's first handle at start (an empty tail, made before the first
+    // caught-up handle) and its first handle on each newly stored model (made beside the
+    // published handles) then make them off the reports' path.
     if maintains_counts(inputs, truncated) {
         for (table, key) in FACT_LOOKUPS {
             fact_lookup(inputs, &mut held, table, key).await?;
