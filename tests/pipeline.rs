@@ -360,7 +360,7 @@ async fn every_handle_read_during_maintenance_and_compaction_equals_the_source_a
     let url = acme_testkit::acme_database("pipeline_readers", Some((0.002, seed))).await.expect("source");
     let dir = tempfile::tempdir().expect("tmp");
     let mut config = support::config(&url, dir.path());
-    // Short commit rounds: raw compactions (every 50 rounds) happen while the readers read.
+    // Short commit rounds: raw compactions (every 10 rounds) happen while the readers read.
     config.flush_interval = Duration::from_millis(40);
     // `fold_ratio(0.0)` and a short interval: model steps run back to back beside the stream.
     let pipeline = Pipeline::builder(config.clone())
