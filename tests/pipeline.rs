@@ -265,7 +265,9 @@ async fn maintenance_folds_the_tail_in_only_once_it_reaches_the_fold_ratio_or_th
 /// raw orders table names its transaction id), then one to three of: a new order with items
 /// (for an existing customer, or for one that arrives later), a status move (forward or back,
 /// sometimes twice in the transaction), an item's quantity, an item deleted, an order deleted
-/// with its items, a customer renamed, a late customer arriving. Returns the transaction id.
+/// with its items, a customer renamed, a late customer arriving, a primary key changed (an order
+/// with its items, a customer with or without its orders, a product, an item). Returns the
+/// transaction id.
 async fn random_transaction(
     client: &mut tokio_postgres::Client,
     rng: &mut acme_testkit::rng::SplitMix64,
@@ -281,7 +283,7 @@ async fn random_transaction(
         pick(PICK_ORDER, rng.range(1, 3_000))
     )];
     for _ in 0..rng.range(1, 3) {
-        let statement = match rng.range(0, 7) {
+        let statement = match rng.range(0, 8) {
             0 => {
                 let customer = if rng.chance(0.2) {
                     let id = 1_000_000 + rng.range(0, 1_000) as i64;
@@ -331,6 +333,41 @@ async fn random_transaction(
                 rng.next_u64() % 1000,
                 rng.range(1, 200)
             ),
+            // A new key is the old one plus 10,000,000: above every generated and late key,
+            // and never one that exists (the key it came from is gone).
+            8 => match rng.range(0, 3) {
+                0 => {
+                    let order = pick(PICK_ORDER, rng.range(1, 3_000));
+                    format!(
+                        "UPDATE operations.order_items SET order_id = order_id + 10000000 WHERE order_id = {order}; \
+                         UPDATE operations.orders SET order_id = order_id + 10000000 WHERE order_id = {order}"
+                    )
+                }
+                1 => {
+                    let customer = rng.range(1, 200);
+                    let orders = if rng.chance(0.5) {
+                        format!(
+                            "UPDATE operations.orders SET customer_id = customer_id + 10000000 \
+                             WHERE customer_id = {customer}; "
+                        )
+                    } else {
+                        String::new()
+                    };
+                    format!(
+                        "{orders}UPDATE operations.customers SET customer_id = customer_id + 10000000 \
+                         WHERE customer_id = {customer}"
+                    )
+                }
+                2 => format!(
+                    "UPDATE operations.products SET product_id = product_id + 10000000 WHERE product_id = {}",
+                    rng.range(1, 25)
+                ),
+                _ => format!(
+                    "UPDATE operations.order_items SET order_item_id = order_item_id + 10000000 \
+                     WHERE order_item_id = {}",
+                    pick(PICK_ITEM, rng.range(1, 20_000))
+                ),
+            },
             _ => match late_customers.pop() {
                 Some(id) => format!(
                     "INSERT INTO operations.customers (customer_id, customer_name, created_at) \

@@ -2,7 +2,9 @@
 //!
 //! A raw table `raw/<table>` has the change metadata columns below, then the source columns
 //! with their values after the change (for a delete: the deleted row), then the source columns
-//! again prefixed with [`OLD_PREFIX`] holding the row before an update or delete.
+//! again prefixed with [`OLD_PREFIX`] holding the row before an update or delete. An update that
+//! changes the primary key is stored as a delete of the old key, then an insert of the new one
+//! at the next [`SEQ`].
 
 use std::sync::Arc;
 

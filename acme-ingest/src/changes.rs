@@ -70,6 +70,8 @@ pub struct ChangeBuilder {
     commit_ts: TimestampMicrosecondBuilder,
     values: Vec<ColumnBuilder>,
     old: Vec<ColumnBuilder>,
+    /// The primary-key columns, as indexes into the table's columns.
+    key: Vec<usize>,
     rows: usize,
     /// Rows appended per operation (indexed as [`Operation::ALL`]) since they were last taken.
     counts: [u64; Operation::ALL.len()],
@@ -81,6 +83,7 @@ impl ChangeBuilder {
         let schema = table.raw_schema();
         let values = table.columns.iter().map(|c| ColumnBuilder::new(c.ty, capacity)).collect();
         let old = table.columns.iter().map(|c| ColumnBuilder::new(c.ty, capacity)).collect();
+        let key = table.primary_key.iter().filter_map(|k| table.columns.iter().position(|c| &c.name == k)).collect();
         Self {
             qualified: table.qualified(),
             table,
@@ -92,6 +95,7 @@ impl ChangeBuilder {
             commit_ts: TimestampMicrosecondBuilder::with_capacity(capacity).with_timezone("UTC"),
             values,
             old,
+            key,
             rows: 0,
             counts: [0; Operation::ALL.len()],
         }
@@ -109,12 +113,57 @@ impl ChangeBuilder {
 
     /// Append one change. `new` is the row after the change (inserts and updates), `old` the
     /// row before it (updates and deletes). For a delete the value columns hold the deleted row.
+    ///
+    /// An update that changes the primary key is stored as two changes, as other change-data
+    /// capture tools store it: a delete of the old key (at `meta.seq`) and an insert of the
+    /// new one (at `meta.seq + 1`), so that every reader keyed by the primary key closes the
+    /// old key's row. Returns the number of rows appended (1, or 2 for such an update); the
+    /// caller numbers the transaction's next change after them.
     pub fn append(
         &mut self,
         meta: ChangeMeta,
         map: &ColumnMap,
         new: Option<TupleData<'_>>,
         old: Option<TupleData<'_>>,
+    ) -> Result<usize> {
+        if meta.op == Operation::Update
+            && let (Some(new), Some(old)) = (new, old)
+            && self.key_changed(map, new, old)?
+        {
+            self.append_row(ChangeMeta { op: Operation::Delete, ..meta }, map, None, Some(old), true)?;
+            let insert = ChangeMeta { op: Operation::Insert, seq: meta.seq + 1, ..meta };
+            // (The old row still supplies the new one's unchanged TOASTed values.)
+            self.append_row(insert, map, Some(new), Some(old), false)?;
+            return Ok(2);
+        }
+        self.append_row(meta, map, new, old, true)?;
+        Ok(1)
+    }
+
+    /// Whether a primary-key column differs between `new` and `old` (a table without a
+    /// primary key has none to change).
+    fn key_changed(&self, map: &ColumnMap, new: TupleData<'_>, old: TupleData<'_>) -> Result<bool> {
+        if self.key.is_empty() {
+            return Ok(false);
+        }
+        for (i, (new, old)) in new.fields().zip(old.fields()).enumerate() {
+            let Some(Some(target)) = map.targets.get(i) else { continue };
+            if self.key.contains(target) && new? != old? {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// One change row; `old` fills the old-value columns when `old_columns`, and supplies the
+    /// new row's unchanged TOASTed values either way.
+    fn append_row(
+        &mut self,
+        meta: ChangeMeta,
+        map: &ColumnMap,
+        new: Option<TupleData<'_>>,
+        old: Option<TupleData<'_>>,
+        old_columns: bool,
     ) -> Result<()> {
         self.append_meta(meta);
         let row = self.rows;
@@ -132,7 +181,7 @@ impl ChangeBuilder {
                 append_field(&mut self.values[*target], &self.table, *target, &self.qualified, field)?;
             }
         }
-        if let Some(old) = old {
+        if let Some(old) = old.filter(|_| old_columns) {
             for (i, field) in old.fields().enumerate() {
                 let field = field?;
                 let Some(Some(target)) = map.targets.get(i) else { continue };

@@ -8,7 +8,9 @@
 //! - `acme_cdc.<slot>_changes`: one row per change, with the row before and after it as
 //!   `jsonb`, the writing transaction (`pg_current_xact_id()`) and the clock time;
 //! - `acme_cdc.<slot>_capture()`: the trigger function;
-//! - triggers `<slot>_capture` (`AFTER INSERT OR UPDATE OR DELETE ... FOR EACH ROW`) and
+//! - triggers `<slot>_capture` (`AFTER INSERT OR UPDATE OR DELETE ... FOR EACH ROW`, with the
+//!   table's primary-key columns as arguments: an update of the key is logged as a delete of
+//!   the old key and an insert of the new one, as logical decoding's changes are stored) and
 //!   `<slot>_capture_truncate` (`AFTER TRUNCATE ... FOR EACH STATEMENT`) on every table.
 //!
 //! Polling, exactly once:
@@ -137,12 +139,31 @@ impl Changelog {
         }
         objects.push_str(&format!(
             "CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql AS $acme$
+             DECLARE
+                 new_row jsonb;
+                 old_row jsonb;
+                 key_column text;
+                 key_changed boolean := false;
              BEGIN
                  IF TG_OP = 'INSERT' THEN
                      INSERT INTO {log} (table_name, op, new_row) VALUES (TG_TABLE_NAME, 'insert', to_jsonb(NEW));
                  ELSIF TG_OP = 'UPDATE' THEN
-                     INSERT INTO {log} (table_name, op, new_row, old_row)
-                     VALUES (TG_TABLE_NAME, 'update', to_jsonb(NEW), to_jsonb(OLD));
+                     new_row := to_jsonb(NEW);
+                     old_row := to_jsonb(OLD);
+                     -- The trigger's arguments name the primary-key columns: an update of the
+                     -- key is logged as a delete of the old key and an insert of the new one.
+                     IF TG_NARGS > 0 THEN
+                         FOREACH key_column IN ARRAY TG_ARGV LOOP
+                             key_changed := key_changed OR (new_row -> key_column) IS DISTINCT FROM (old_row -> key_column);
+                         END LOOP;
+                     END IF;
+                     IF key_changed THEN
+                         INSERT INTO {log} (table_name, op, old_row) VALUES (TG_TABLE_NAME, 'delete', old_row);
+                         INSERT INTO {log} (table_name, op, new_row) VALUES (TG_TABLE_NAME, 'insert', new_row);
+                     ELSE
+                         INSERT INTO {log} (table_name, op, new_row, old_row)
+                         VALUES (TG_TABLE_NAME, 'update', new_row, old_row);
+                     END IF;
                  ELSIF TG_OP = 'DELETE' THEN
                      INSERT INTO {log} (table_name, op, old_row) VALUES (TG_TABLE_NAME, 'delete', to_jsonb(OLD));
                  ELSE
@@ -157,30 +178,45 @@ impl Changelog {
         run_script(client, &objects, "creating the changelog").await?;
 
         // Triggers: created where missing, enabled where disabled (an earlier attempt may have
-        // left some); the others are kept as they are.
+        // left some), created again where their arguments (the row trigger's: the table's
+        // primary-key columns) differ, as when an earlier version of acme installed them; the
+        // others are kept as they are. (Dropping and creating a trigger again in the locked
+        // transaction below loses no change.)
         let mut script = String::new();
+        let mut replacing = false;
         let events = [
-            "AFTER INSERT OR UPDATE OR DELETE ON {t} FOR EACH ROW EXECUTE FUNCTION {f}()",
+            "AFTER INSERT OR UPDATE OR DELETE ON {t} FOR EACH ROW EXECUTE FUNCTION {f}({args})",
             "AFTER TRUNCATE ON {t} FOR EACH STATEMENT EXECUTE FUNCTION {f}()",
         ];
         for table in tables {
-            for (name, create) in self.trigger_names().into_iter().zip(events) {
-                let state: Option<String> = client
+            for (row_trigger, (name, create)) in
+                [true, false].into_iter().zip(self.trigger_names().into_iter().zip(events))
+            {
+                let wanted: Vec<String> = if row_trigger { table.primary_key.clone() } else { Vec::new() };
+                let state: Option<(String, Vec<u8>)> = client
                     .query_opt(
-                        "SELECT tgenabled::text FROM pg_trigger WHERE tgrelid = $1::int8::oid AND tgname = $2",
+                        "SELECT tgenabled::text, tgargs FROM pg_trigger WHERE tgrelid = $1::int8::oid AND tgname = $2",
                         &[&i64::from(table.oid), &name],
                     )
                     .await
                     .map_err(sql("looking for the capture triggers"))?
-                    .map(|row| row.get(0));
-                let create = create.replace("{t}", &table.quoted()).replace("{f}", &self.function);
-                match state.as_deref() {
-                    None => script.push_str(&format!("CREATE TRIGGER {} {create};", quote_ident(&name))),
-                    Some("D") => script.push_str(&format!(
-                        "ALTER TABLE {} ENABLE TRIGGER {};",
-                        table.quoted(),
-                        quote_ident(&name)
-                    )),
+                    .map(|row| (row.get(0), row.get(1)));
+                let args = wanted.iter().map(|k| crate::teardown::quote_literal(k)).collect::<Vec<_>>().join(", ");
+                let create =
+                    create.replace("{t}", &table.quoted()).replace("{f}", &self.function).replace("{args}", &args);
+                let (trigger, on) = (quote_ident(&name), table.quoted());
+                match state {
+                    None => script.push_str(&format!("CREATE TRIGGER {trigger} {create};")),
+                    // `tgargs`: each argument followed by a NUL byte.
+                    Some((_, stored))
+                        if stored != wanted.iter().flat_map(|k| k.bytes().chain([0])).collect::<Vec<_>>() =>
+                    {
+                        script.push_str(&format!("DROP TRIGGER {trigger} ON {on}; CREATE TRIGGER {trigger} {create};"));
+                        replacing = true;
+                    }
+                    Some((enabled, _)) if enabled == "D" => {
+                        script.push_str(&format!("ALTER TABLE {on} ENABLE TRIGGER {trigger};"))
+                    }
                     Some(_) => {}
                 }
             }
@@ -188,7 +224,10 @@ impl Changelog {
         if script.is_empty() {
             return Ok(());
         }
-        with_table_locks(client, tables, "SHARE ROW EXCLUSIVE", &script, "installing the capture triggers").await
+        // Dropping a trigger takes the table's strongest lock: taken up front, by the bounded
+        // attempts, rather than by an upgrade that would wait unbounded behind the readers.
+        let mode = if replacing { "ACCESS EXCLUSIVE" } else { "SHARE ROW EXCLUSIVE" };
+        with_table_locks(client, tables, mode, &script, "installing the capture triggers").await
     }
 
     /// Remove the triggers from `tables`, then the function and the changelog: run it when a

@@ -604,6 +604,37 @@ async fn the_trigger_fallback_captures_the_same_changes_as_logical_decoding_with
         )
         .await
         .expect("truncate");
+    // Primary keys changed: a customer's (alone), an order's with its items (then the moved
+    // order updated again in the same transaction), and a chain: a product's key changed twice.
+    let (customer, order, product): (i64, i64, i64) = {
+        let row = client
+            .query_one(
+                "SELECT (SELECT min(customer_id) FROM operations.customers), \
+                        (SELECT min(order_id) FROM operations.orders), \
+                        (SELECT min(product_id) FROM operations.products)",
+                &[],
+            )
+            .await
+            .expect("keys");
+        (row.get(0), row.get(1), row.get(2))
+    };
+    client
+        .batch_execute(&format!(
+            "UPDATE operations.customers SET customer_id = {moved_customer} WHERE customer_id = {customer}; \
+             BEGIN; \
+             UPDATE operations.order_items SET order_id = {moved_order} WHERE order_id = {order}; \
+             UPDATE operations.orders SET order_id = {moved_order} WHERE order_id = {order}; \
+             UPDATE operations.orders SET status = 'PROCESSING' WHERE order_id = {moved_order}; COMMIT; \
+             BEGIN; \
+             UPDATE operations.products SET product_id = {moved_product} WHERE product_id = {product}; \
+             UPDATE operations.products SET product_id = {moved_product} + 1 WHERE product_id = {moved_product}; \
+             COMMIT",
+            moved_customer = customer + 10_000_000,
+            moved_order = order + 10_000_000,
+            moved_product = product + 10_000_000,
+        ))
+        .await
+        .expect("keys changed");
     acme_testkit::run_workload(&url, &workload(103, 100)).await.expect("workload");
     let report = triggers.catch_up().await.expect("catch up");
     assert!(report.confirmed.0 > triggers.snapshot_point().lsn);
@@ -618,14 +649,66 @@ async fn the_trigger_fallback_captures_the_same_changes_as_logical_decoding_with
         assert!(!from_triggers.is_empty(), "{table}: changes captured");
         assert_eq!(from_triggers, from_decoding, "{table}: triggers and logical decoding agree");
     }
+    // A changed key is a delete of the old key, then an insert of the new one, one position
+    // after it in the same transaction.
+    for (table, key, old, new) in [
+        ("customers", "customer_id", customer, customer + 10_000_000),
+        ("orders", "order_id", order, order + 10_000_000),
+        ("products", "product_id", product, product + 10_000_000),
+        ("products", "product_id", product + 10_000_000, product + 10_000_001),
+    ] {
+        for dir in [logical_dir.path(), trigger_dir.path()] {
+            let history = change_history(dir, table, key).await;
+            let (closed, opened) = (&history[&old.to_string()], &history[&new.to_string()]);
+            let closing = closed.last().expect("the old key's changes");
+            assert!(closing.starts_with("_op=delete"), "{table} {old}: {closing}");
+            assert!(opened[0].starts_with("_op=insert"), "{table} {new}: {}", opened[0]);
+            let seq = |change: &str| -> i64 {
+                let field = change.split(' ').find_map(|f| f.strip_prefix("_seq=")).expect("a _seq field");
+                field.parse().expect("a number")
+            };
+            assert_eq!(seq(&opened[0]), seq(closing) + 1, "{table}: {closing} then {}", opened[0]);
+        }
+    }
     assert_eq!(triggers.poll().await.expect("idle poll").changes, 0);
 
-    // A restart resumes exactly where the warehouse stands.
+    // A restart resumes exactly where the warehouse stands. The orders' row trigger is put
+    // back as an earlier version of acme created it (no key columns as arguments): reopening
+    // creates it again with them, so the key change after it is split too.
     drop(triggers);
+    client
+        .batch_execute(&format!(
+            "DROP TRIGGER {slot}_capture ON operations.orders; \
+             CREATE TRIGGER {slot}_capture AFTER INSERT OR UPDATE OR DELETE ON operations.orders \
+               FOR EACH ROW EXECUTE FUNCTION acme_cdc.{slot}_capture()",
+            slot = trigger_cfg.slot
+        ))
+        .await
+        .expect("an earlier version's trigger");
     acme_testkit::run_workload(&url, &workload(104, 100)).await.expect("workload");
     let mut triggers = ChangeStream::open(trigger_cfg.clone()).await.expect("reopen");
+    let arguments: i16 = client
+        .query_one(
+            "SELECT tgnargs FROM pg_trigger WHERE tgname = $1 AND tgrelid = 'operations.orders'::regclass",
+            &[&format!("{}_capture", trigger_cfg.slot)],
+        )
+        .await
+        .expect("the orders' trigger")
+        .get(0);
+    assert_eq!(arguments, 1, "the orders' trigger names its key column again");
+    let moved: i64 = client
+        .query_one(
+            "UPDATE operations.orders SET order_id = order_id + 20000000 \
+             WHERE order_id = (SELECT max(order_id) FROM operations.orders WHERE order_id < 10000000) RETURNING order_id",
+            &[],
+        )
+        .await
+        .expect("a key changed after the restart")
+        .get(0);
     triggers.catch_up().await.expect("catch up after the restart");
     assert_raw_equals_source(&url, trigger_dir.path()).await;
+    let history = change_history(trigger_dir.path(), "orders", "order_id").await;
+    assert!(history[&moved.to_string()][0].starts_with("_op=insert"), "{:?}", history[&moved.to_string()]);
     assert!(triggers.slot_lag_bytes().await.expect("changelog size") > 0);
 
     // The warehouse cannot switch capture methods; a dropped trigger stops the capture.

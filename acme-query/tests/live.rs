@@ -1,8 +1,8 @@
 //! Merge-on-read: between model builds a warehouse applies the raw changes the stored model
 //! does not cover yet (the tail). Its reports, now and as of any instant, equal the source's
 //! answers, and its histories and aggregate equal what a full rebuild of the same raw layer
-//! writes, under updates, deletes, late-arriving keys, status moving back and forth and a
-//! truncation, all in the tail.
+//! writes, under updates, deletes, late-arriving keys, status moving back and forth, primary
+//! keys changed and a truncation, all in the tail.
 
 use acme_model::ModelBuild;
 use acme_query::{Report, StatusFilter, Warehouse};
@@ -77,6 +77,21 @@ async fn reports_apply_the_raw_tail_exactly_between_model_builds() {
     for round in 0..5u64 {
         acme_testkit::run_workload(&url, &workload(800 + round, 150, 2)).await.expect("workload");
         match round {
+            // Primary keys changed: an order with its items, a customer (its orders keep naming
+            // the old key), a product, an item; each is a delete of the old key and an insert
+            // of the new one in the raw layer.
+            0 => client
+                .batch_execute(
+                    "BEGIN; \
+                     UPDATE operations.order_items SET order_id = order_id + 10000000 WHERE order_id = 5; \
+                     UPDATE operations.orders SET order_id = order_id + 10000000 WHERE order_id = 5; COMMIT; \
+                     UPDATE operations.customers SET customer_id = customer_id + 10000000 WHERE customer_id = 3; \
+                     UPDATE operations.products SET product_id = product_id + 10000000 WHERE product_id = 4; \
+                     UPDATE operations.order_items SET order_item_id = order_item_id + 10000000 \
+                       WHERE order_item_id = (SELECT max(order_item_id) FROM operations.order_items)",
+                )
+                .await
+                .expect("keys changed"),
             // An order of a customer, with an item of a product, that do not exist yet.
             1 => client
                 .batch_execute(&format!(

@@ -209,7 +209,9 @@ impl Decoder {
         if t.skip || sink.covers(*i, t.lsn) {
             return Ok(());
         }
-        let full = sink.append(*i, t.meta(op, seq), map, new, old)?;
+        let (full, rows) = sink.append(*i, t.meta(op, seq), map, new, old)?;
+        // An update of the primary key took two rows, and a position for each.
+        t.seq += rows as i64 - 1;
         cursor.report.changes_seen += 1;
         if full {
             sink.spill_full().await?;

@@ -80,6 +80,9 @@ pub(super) async fn bootstrap(config: &AcmeConfig, progress: Option<Arc<Snapshot
             if let Some(table) = changelog.missing_trigger(&client, &sources).await? {
                 return Err(IngestError::CaptureTriggerMissing { table });
             }
+            // Every trigger is in place: this brings the function and the triggers' arguments
+            // to this version's (an earlier version's did not split key changes).
+            changelog.install(&client, &sources).await?;
         } else {
             // Triggers first: every transaction that commits after the snapshot is captured.
             storage.put_meta(CAPTURE_META, method.as_bytes().to_vec()).await?;

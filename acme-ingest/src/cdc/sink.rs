@@ -148,7 +148,8 @@ impl RawSink {
     }
 
     /// Append a decoded pgoutput change to table `i`. Returns whether its builder is full
-    /// (the caller then calls [`RawSink::spill_full`]).
+    /// (the caller then calls [`RawSink::spill_full`]), and how many change rows it took (see
+    /// [`crate::changes::ChangeBuilder::append`]: two for an update of the primary key).
     pub(crate) fn append(
         &mut self,
         i: usize,
@@ -156,11 +157,11 @@ impl RawSink {
         map: &ColumnMap,
         new: Option<TupleData<'_>>,
         old: Option<TupleData<'_>>,
-    ) -> Result<bool> {
+    ) -> Result<(bool, usize)> {
         let state = &mut self.tables[i];
-        state.builder.append(meta, map, new, old)?;
+        let rows = state.builder.append(meta, map, new, old)?;
         state.pending_lsn = Some(meta.lsn);
-        Ok(state.builder.rows() >= self.batch_rows)
+        Ok((state.builder.rows() >= self.batch_rows, rows))
     }
 
     /// Append a change given as binary values in table `i`'s column order (`None`: NULL).
