@@ -143,13 +143,18 @@ impl ChangeBuilder {
     /// Whether a primary-key column differs between `new` and `old` (a table without a
     /// primary key has none to change).
     fn key_changed(&self, map: &ColumnMap, new: TupleData<'_>, old: TupleData<'_>) -> Result<bool> {
-        if self.key.is_empty() {
-            return Ok(false);
-        }
+        // (Every update passes here: the fields are read only up to the last key column.)
+        let mut left = self.key.len();
         for (i, (new, old)) in new.fields().zip(old.fields()).enumerate() {
+            if left == 0 {
+                break;
+            }
             let Some(Some(target)) = map.targets.get(i) else { continue };
-            if self.key.contains(target) && new? != old? {
-                return Ok(true);
+            if self.key.contains(target) {
+                if new? != old? {
+                    return Ok(true);
+                }
+                left -= 1;
             }
         }
         Ok(false)
