@@ -184,15 +184,14 @@ impl Changelog {
         // transaction below loses no change.)
         let mut script = String::new();
         let mut replacing = false;
+        // (Each event with whether its trigger takes the key columns as arguments.)
         let events = [
-            "AFTER INSERT OR UPDATE OR DELETE ON {t} FOR EACH ROW EXECUTE FUNCTION {f}({args})",
-            "AFTER TRUNCATE ON {t} FOR EACH STATEMENT EXECUTE FUNCTION {f}()",
+            ("AFTER INSERT OR UPDATE OR DELETE ON {t} FOR EACH ROW EXECUTE FUNCTION {f}({args})", true),
+            ("AFTER TRUNCATE ON {t} FOR EACH STATEMENT EXECUTE FUNCTION {f}()", false),
         ];
         for table in tables {
-            for (row_trigger, (name, create)) in
-                [true, false].into_iter().zip(self.trigger_names().into_iter().zip(events))
-            {
-                let wanted: Vec<String> = if row_trigger { table.primary_key.clone() } else { Vec::new() };
+            for (name, (create, keyed)) in self.trigger_names().into_iter().zip(events) {
+                let wanted: &[String] = if keyed { &table.primary_key } else { &[] };
                 let state: Option<(String, Vec<u8>)> = client
                     .query_opt(
                         "SELECT tgenabled::text, tgargs FROM pg_trigger WHERE tgrelid = $1::int8::oid AND tgname = $2",
