@@ -44,7 +44,7 @@ pub mod task;
 pub mod telemetry;
 pub mod vacuum;
 
-pub use compact::{CompactOptions, CompactReport, MergedFiles};
+pub use compact::{CompactOptions, CompactReport, MergedFiles, Tiering};
 pub use config::{AcmeConfig, AcmeConfigBuilder, CdcMode};
 pub use error::{Error, Result};
 pub use files::{DataFile, Replace};

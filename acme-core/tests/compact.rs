@@ -462,3 +462,57 @@ async fn runtimes_made_for_one_storage_share_its_footer_cache() {
     drop((cache, seen, runtime, background));
     assert!(storage.footer_cache().is_empty(), "a dropped cache is not kept for the storage");
 }
+
+/// Tiered rounds on real files, as the change stream merges its raw tables: each round merges
+/// the newest micro-batches and reaches back only to merged files small next to them, so the
+/// older merged files are left alone, every row is still read once, and the merged files cover
+/// neighbouring, disjoint key ranges.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tiered_rounds_leave_large_merged_files_alone_and_keep_every_row_once() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let storage = Storage::new(&dir.path().display().to_string(), Default::default()).expect("storage");
+    let mut table = storage.open_or_create(Layer::Raw, "numbers", &schema()).await.expect("table");
+    let ctx = SessionContext::new();
+    // A larger first file (a snapshot) than the rounds below append in all: left alone.
+    append_with(&mut table, (0..100_000).collect(), 1, true).await;
+    let snapshot = table.data_files().expect("files")[0].path.clone();
+    // No floor: micro-batches of even sizes are taken by the ratio alone.
+    let tiering = acme_core::Tiering { floor_rows: 0, ratio: 2.0 };
+    let options = CompactOptions { min_files: 4, ..CompactOptions::sorted_by(&["id"]) }.tiered(tiering);
+    let (mut next, mut position, mut rewritten, mut appended) = (100_000i64, 1i64, 0u64, 0u64);
+    let (mut left_alone, mut untiered) = (0, 0u64);
+    for _round in 0..24 {
+        for _ in 0..4 {
+            position += 1;
+            append_with(&mut table, (next..next + 500).collect(), position, true).await;
+            next += 500;
+            appended += 500;
+        }
+        let before = table.data_files().expect("files").len();
+        let report = table.compact(&ctx, &options).await.expect("compact");
+        assert!(report.files_removed >= 4, "each round merges at least its new micro-batches: {report:?}");
+        // (Besides the first file: an earlier merged file the round did not take.)
+        left_alone += usize::from(before - report.files_removed > 1);
+        rewritten += report.rows;
+        // What a round merging every small file would have rewritten: every row appended so far.
+        untiered += appended;
+    }
+    assert!(
+        table.data_files().expect("files").iter().any(|f| f.path == snapshot),
+        "the large first file was never rewritten"
+    );
+    assert!(left_alone > 0, "some rounds left an earlier merged file alone");
+    assert!(
+        rewritten * 2 < untiered,
+        "{rewritten} rows rewritten for {appended} appended (merging every small file: {untiered})"
+    );
+    assert_eq!(ids(&ctx, &table).await, (0..next).collect::<Vec<_>>(), "every row once");
+    let mut ranges: Vec<(i64, i64)> = table
+        .data_files()
+        .expect("files")
+        .iter()
+        .map(|f| (f.min_i64("id").expect("min"), f.max_i64("id").expect("max")))
+        .collect();
+    ranges.sort_unstable();
+    assert!(ranges.windows(2).all(|w| w[0].1 < w[1].0), "merged files hold disjoint, neighbouring ranges: {ranges:?}");
+}

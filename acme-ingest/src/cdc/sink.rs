@@ -11,7 +11,7 @@ use acme_core::raw::{self, Operation};
 use acme_core::storage::{Manifest, manifests};
 use acme_core::telemetry;
 use acme_core::{
-    CommitMode, CompactOptions, CompactReport, LayerTable, LayerWriter, Lsn, MergedFiles, Position, Storage,
+    CommitMode, CompactOptions, CompactReport, LayerTable, LayerWriter, Lsn, MergedFiles, Position, Storage, Tiering,
 };
 use tracing::Instrument;
 
@@ -331,7 +331,10 @@ impl RawSink {
     }
 
     fn compact_options(&self) -> CompactOptions {
+        // Newest first: the stream merges every few rounds, and merged files stay small for
+        // a long time (see `acme_core::compact::Tiering`).
         CompactOptions { target_file_bytes: self.target_file_bytes, ..CompactOptions::sorted_by(&[raw::LSN, raw::SEQ]) }
+            .tiered(Tiering::default())
     }
 
     /// Merge the raw tables' small files now (see [`super::ChangeStream::compact`]).
