@@ -234,24 +234,27 @@ impl LayerTable {
             if let Some(first) = options.sort_by.first() {
                 group.sort_by_key(|f| f.min_i64(first).unwrap_or(i64::MIN));
             }
-            let mut picked = Vec::new();
-            let mut bytes = 0u64;
-            if let Some(tiering) = &options.tiering {
-                let sizes: Vec<(Option<u64>, u64)> = group.iter().map(|f| (f.rows, f.size)).collect();
-                let start = tiered_start(&sizes, tiering, options.max_input_bytes);
-                // (For append-only tables: a file marked for purging older than the run is
-                // left to a round without tiering.)
-                picked = group.split_off(start);
-                bytes = picked.iter().map(|f| f.size).sum();
-            } else {
-                for file in group {
-                    if bytes + file.size > options.max_input_bytes && !picked.is_empty() {
-                        break;
-                    }
-                    bytes += file.size;
-                    picked.push(file);
+            let picked = match &options.tiering {
+                Some(tiering) => {
+                    let sizes: Vec<(Option<u64>, u64)> = group.iter().map(|f| (f.rows, f.size)).collect();
+                    // (For append-only tables: a file marked for purging older than the run is
+                    // left to a round without tiering.)
+                    group.split_off(tiered_start(&sizes, tiering, options.max_input_bytes))
                 }
-            }
+                None => {
+                    let mut picked = Vec::new();
+                    let mut bytes = 0u64;
+                    for file in group {
+                        if bytes + file.size > options.max_input_bytes && !picked.is_empty() {
+                            break;
+                        }
+                        bytes += file.size;
+                        picked.push(file);
+                    }
+                    picked
+                }
+            };
+            let bytes = picked.iter().map(|f| f.size).sum();
             if picked.len() < options.min_files.max(2) && !picked.iter().any(purge) {
                 continue;
             }
