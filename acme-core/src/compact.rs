@@ -91,7 +91,7 @@ impl Default for Tiering {
 /// older file is within the floor or at most the ratio times the rows taken, and the round's
 /// bytes stay within `max_bytes`. Returns the index of the first file taken (the round takes
 /// every file from there on); `files.len()` when there is none.
-pub fn tiered_start(files: &[(Option<u64>, u64)], tiering: &Tiering, max_bytes: u64) -> usize {
+pub(crate) fn tiered_start(files: &[(Option<u64>, u64)], tiering: &Tiering, max_bytes: u64) -> usize {
     let mut start = files.len();
     let (mut rows_taken, mut bytes_taken) = (0u64, 0u64);
     for (i, &(rows, bytes)) in files.iter().enumerate().rev() {
